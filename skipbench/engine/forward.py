@@ -1,0 +1,120 @@
+"""The skip-aware forward pass: embed, positions, `for layer ...` with a gate, final norm, head.
+
+It reads like `LlamaModel.forward`; the only addition is the gate each layer asks the policy for.
+A skipped layer is the identity on the residual stream. For a token that skips layer i the KV mode
+decides what the cache gets: `fill` writes the K/V that layer would compute from the hidden state the
+token carries, `none` writes nothing (and later queries at layer i do not see the token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from skipbench.engine.cache import KVCache
+from skipbench.models.adapters import Adapter
+from skipbench.policies.base import Gate, Policy
+
+
+@dataclass
+class ForwardOut:
+    logits: torch.Tensor  # [B, T or 1, vocab]
+    executed: torch.Tensor | None  # [B, T, L] bool: which layers each token ran (when recorded)
+    hidden: list[torch.Tensor] | None  # the residual stream entering each layer, plus the last one
+
+
+class Engine:
+    def __init__(self, adapter: Adapter, kv_mode: str = "fill") -> None:
+        if kv_mode not in ("fill", "none"):
+            from skipbench.errors import SkipbenchError
+
+            raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
+        self.ad = adapter
+        self.kv_mode = kv_mode
+        self.gqa = adapter.num_heads != adapter.num_kv_heads
+
+    def new_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
+        ad = self.ad
+        return KVCache.allocate(ad.num_layers, batch, ad.num_kv_heads, ad.head_dim, capacity, self.kv_mode, device, dtype)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        cache: KVCache,
+        policy: Policy | None = None,
+        present: torch.Tensor | None = None,
+        skippable: torch.Tensor | None = None,
+        record: bool = False,
+        keep_hidden: bool = False,
+        last_only: bool = False,
+    ) -> ForwardOut:
+        """Run `ids` [B, T] through the model, appending to `cache`.
+
+        policy None runs every layer. `present` [B, T] marks real tokens (False for padding);
+        `skippable` [B, T] limits the policy to some tokens (the rest run every layer).
+        """
+        ad, num_tokens = self.ad, ids.shape[1]
+        positions = cache.positions(num_tokens)
+        h = ad.embed(ids, positions)
+        pos = ad.position_embeddings(h, positions)
+        real = True if present is None else present
+        if self.kv_mode == "fill":  # every real token writes K/V at every layer
+            cache.mark(range(ad.num_layers), real, num_tokens)
+        if policy is not None:
+            policy.new_step(ids.shape[0], num_tokens, ids.device)
+        executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None
+        hidden = [] if keep_hidden else None
+
+        for i in range(ad.num_layers):
+            if keep_hidden:
+                hidden.append(h)
+            gate = True if policy is None else policy.gate(i, h)
+            if skippable is not None and gate is not True:
+                gate = skippable.logical_not() | gate
+            if record:
+                executed[:, :, i] = gate
+            h = self.layer(i, h, pos, cache, gate, real)
+
+        if keep_hidden:
+            hidden.append(h)
+        cache.length += num_tokens
+        if last_only:
+            h = h[:, -1:]
+        logits = ad.head(ad.final_norm(h))
+        return ForwardOut(logits=logits, executed=executed, hidden=hidden)
+
+    def layer(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: Gate, real) -> torch.Tensor:
+        """One decoder layer under a gate: run it, skip it, or run it for some tokens only."""
+        ad, num_tokens = self.ad, h.shape[1]
+        if gate is False:
+            if self.kv_mode == "fill":
+                cache.write(i, *ad.kv(i, ad.attn_norm(i, h), pos))
+            else:  # `none`: nothing is written, nothing is computed
+                cache.mark([i], False, num_tokens)
+            return h
+        if self.kv_mode == "none":
+            cache.mark([i], _both(gate, real), num_tokens)
+        x = ad.attn_norm(i, h)
+        q, k, v = ad.qkv(i, x, pos)
+        keys, values = cache.write(i, k, v)
+        mask = cache.layer_mask(i, num_tokens)
+        a = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=ad.scale, is_causal=mask is None and num_tokens > 1, enable_gqa=self.gqa
+        )
+        out = h + ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
+        out = out + ad.mlp_block(i, out)
+        if gate is True:
+            return out
+        # some tokens skip: compute-then-select (the gather path lives in the decode step)
+        return torch.where(gate[..., None], out, h)
+
+
+def _both(a: Gate, b: Gate) -> Gate:
+    if a is True:
+        return b
+    if b is True:
+        return a
+    return a & b

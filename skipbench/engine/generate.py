@@ -1,0 +1,137 @@
+"""The decode loop: full-depth prompt, then one token per step under the policy.
+
+Per-token accounting follows one convention, named `input` in outputs: the layers recorded for a
+generated token are the layers that token ran through when it was fed back to produce the next one
+(its hidden state and its K/V). The last generated token is never fed back, so a sequence of N new
+tokens has N-1 records (none when N=1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from skipbench.engine.forward import Engine
+from skipbench.errors import SkipbenchError
+from skipbench.models.loading import LoadedModel
+from skipbench.policies.base import Policy
+
+LAYERS_CONVENTION = "input"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SkipbenchError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SkipbenchError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # new tokens per sequence, up to and including EOS
+    layers: list[list[list[int]]]  # per sequence, per fed-back generated token: executed 0-based layers
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def cost_mean(self, row: int) -> float:
+        rec = self.layers[row]
+        return sum(map(len, rec)) / len(rec) if rec else float("nan")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    present = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p) :] = torch.tensor(p)
+            present[r, width - len(p) :] = True
+    return ids.to(device), present.to(device)
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def eos_ids(lm: LoadedModel) -> set[int]:
+    ids = set()
+    for src in (getattr(lm.model, "generation_config", None), lm.model.config, lm.tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids
+
+
+def pad_id(lm: LoadedModel) -> int:
+    pid = getattr(lm.tokenizer, "pad_token_id", None)
+    if pid is None:
+        pid = min(eos_ids(lm)) if eos_ids(lm) else 0
+    return pid
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    policy: Policy,
+    max_new_tokens: int = 64,
+    kv_mode: str = "fill",
+    sampling: Sampling = Sampling(),
+    row_keys: list[int] | None = None,
+    stop_at_eos: bool = True,
+) -> Generation:
+    if max_new_tokens < 1:
+        raise SkipbenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise SkipbenchError("empty prompt: every prompt needs at least one token")
+    engine = Engine(lm.adapter, kv_mode)
+    dev = lm.device
+    ids, present = left_pad(prompts, pad_id(lm), dev)
+    batch, width = ids.shape
+    cache = engine.new_cache(batch, width + max_new_tokens, dev, lm.dtype)
+    cache.pad = (~present).sum(1)
+    stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+
+    out = engine.forward(ids, cache, None, present=present, last_only=True)  # the prompt, full depth
+    policy.begin(batch, row_keys)
+    done = torch.zeros(batch, dtype=torch.bool, device=dev)
+    tokens, records = [], []
+    lengths = torch.zeros(batch, dtype=torch.long, device=dev)
+    fill = torch.full((batch,), pad_id(lm), dtype=torch.long, device=dev)
+    for step in range(max_new_tokens):
+        tok = torch.where(done, fill, next_token(out.logits[:, -1], sampling, gen))
+        tokens.append(tok)
+        lengths += (~done).long()
+        fed = ~done & ~torch.isin(tok, stops)  # tokens that are fed back and get a layer record
+        done = ~fed
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        out = engine.forward(tok[:, None], cache, policy, record=True)
+        records.append((fed, out.executed[:, 0]))
+    return _collect(tokens, lengths, records, prompts)
+
+
+def _collect(tokens, lengths, records, prompts) -> Generation:
+    rows = torch.stack(tokens, 1).tolist()
+    toks = [row[:n] for row, n in zip(rows, lengths.tolist())]
+    layers: list[list[list[int]]] = [[] for _ in toks]
+    for fed, executed in records:
+        ex = executed.cpu()
+        for r in torch.nonzero(fed.cpu()).flatten().tolist():
+            layers[r].append(torch.nonzero(ex[r]).flatten().tolist())
+    return Generation(tokens=toks, layers=layers, prompt_tokens=[len(p) for p in prompts])

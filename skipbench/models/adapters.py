@@ -1,0 +1,200 @@
+"""One small adapter per architecture family: the primitives the engine's layer loop needs.
+
+All version-sensitive access to transformers internals lives here (tested against the transformers
+range pinned in pyproject.toml). An adapter reads the Hugging Face modules' weights and calls their
+norms and MLPs; the engine owns the layer loop, the attention and the KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from skipbench.errors import SkipbenchError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — incl. SmolLM2) and OPT (pre-LN)"
+
+
+class Adapter:
+    """Primitives of one decoder-only family. Shapes: h [B, T, hidden]; q/k/v [B, heads, T, head_dim]."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def position_embeddings(self, h: torch.Tensor, positions: torch.Tensor):
+        return None
+
+    def attn_norm(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qkv(self, i: int, x: torch.Tensor, pos) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def kv(self, i: int, x: torch.Tensor, pos) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of normed hidden states x at layer i (the `fill` mode for skipped tokens)."""
+        raise NotImplementedError
+
+    def attn_out(self, i: int, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        """MLP(Norm(h)), the second residual branch."""
+        raise NotImplementedError
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _split_heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.view(b, s, n, self.head_dim).transpose(1, 2)
+
+
+class LlamaAdapter(Adapter):
+    """Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMS norms over the head dim)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = model.config
+        self.family = cfg.model_type
+        self.base = model.model
+        self.layers = list(self.base.layers)
+        self.num_layers = len(self.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.attn = [layer.self_attn for layer in self.layers]
+        self.q_norm = [getattr(a, "q_norm", None) for a in self.attn]
+        self.k_norm = [getattr(a, "k_norm", None) for a in self.attn]
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+        self._rotary, self._rotate_half = apply_rotary_pos_emb, rotate_half
+
+    def embed(self, ids, positions):
+        return self.base.embed_tokens(ids)
+
+    def position_embeddings(self, h, positions):
+        return self.base.rotary_emb(h, position_ids=positions)
+
+    def attn_norm(self, i, h):
+        return self.layers[i].input_layernorm(h)
+
+    def _heads(self, i, proj: nn.Linear, norm, x, n):
+        t = proj(x)
+        b, s, _ = t.shape
+        t = t.view(b, s, n, self.head_dim)
+        if norm is not None:
+            t = norm(t)
+        return t.transpose(1, 2)
+
+    def qkv(self, i, x, pos):
+        a = self.attn[i]
+        q = self._heads(i, a.q_proj, self.q_norm[i], x, self.num_heads)
+        k = self._heads(i, a.k_proj, self.k_norm[i], x, self.num_kv_heads)
+        v = self._split_heads(a.v_proj(x), self.num_kv_heads)
+        cos, sin = pos
+        q, k = self._rotary(q, k, cos, sin)
+        return q, k, v
+
+    def kv(self, i, x, pos):
+        a = self.attn[i]
+        k = self._heads(i, a.k_proj, self.k_norm[i], x, self.num_kv_heads)
+        v = self._split_heads(a.v_proj(x), self.num_kv_heads)
+        cos, sin = pos
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return k * cos + self._rotate_half(k) * sin, v
+
+    def attn_out(self, i, a):
+        return self.attn[i].o_proj(a)
+
+    def mlp_block(self, i, h):
+        layer = self.layers[i]
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+    def final_norm(self, h):
+        return self.base.norm(h)
+
+    def head(self, h):
+        return self.model.lm_head(h)
+
+
+class OPTAdapter(Adapter):
+    """OPT with pre-LN layers (125m, 1.3b, 2.7b, ...). Post-LN OPT-350m is refused at load time."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = model.config
+        if not cfg.do_layer_norm_before:
+            raise SkipbenchError(
+                "this OPT checkpoint is post-LN (do_layer_norm_before=False, e.g. opt-350m); "
+                "skipbench supports pre-LN OPT only (opt-125m, opt-1.3b, opt-2.7b, ...)"
+            )
+        self.family = "opt"
+        self.dec = model.model.decoder
+        self.layers = list(self.dec.layers)
+        self.num_layers = len(self.layers)
+        self.num_heads = self.num_kv_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        # HF OPT scales q after its projection and calls attention with scale 1; we pass the scale to
+        # SDPA instead (same maths, differs only in float rounding).
+        self.scale = self.head_dim**-0.5
+
+    def embed(self, ids, positions):
+        h = self.dec.embed_tokens(ids)
+        if self.dec.project_in is not None:
+            h = self.dec.project_in(h)
+        pe = self.dec.embed_positions
+        return h + nn.functional.embedding(positions + pe.offset, pe.weight)
+
+    def attn_norm(self, i, h):
+        return self.layers[i].self_attn_layer_norm(h)
+
+    def qkv(self, i, x, pos):
+        a = self.layers[i].self_attn
+        q = self._split_heads(a.q_proj(x), self.num_heads)
+        k, v = self.kv(i, x, pos)
+        return q, k, v
+
+    def kv(self, i, x, pos):
+        a = self.layers[i].self_attn
+        return self._split_heads(a.k_proj(x), self.num_heads), self._split_heads(a.v_proj(x), self.num_heads)
+
+    def attn_out(self, i, a):
+        return self.layers[i].self_attn.out_proj(a)
+
+    def mlp_block(self, i, h):
+        layer = self.layers[i]
+        return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h))))
+
+    def final_norm(self, h):
+        if self.dec.final_layer_norm is not None:
+            h = self.dec.final_layer_norm(h)
+        return h
+
+    def head(self, h):
+        if self.dec.project_out is not None:
+            h = self.dec.project_out(h)
+        return self.model.lm_head(h)
+
+
+def make_adapter(model: nn.Module) -> Adapter:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type in LLAMA_FAMILY:
+        return LlamaAdapter(model)
+    if model_type == "opt":
+        return OPTAdapter(model)
+    raise SkipbenchError(f"unsupported architecture '{model_type}'; supported: {SUPPORTED_FAMILIES}")

