@@ -64,7 +64,7 @@ class Engine:
         if self.kv_mode == "fill":  # every real token writes K/V at every layer
             cache.mark(range(ad.num_layers), real, num_tokens)
         if policy is not None:
-            policy.new_step(ids.shape[0], num_tokens, ids.device)
+            policy.new_step(positions)
         executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None
         hidden = [] if keep_hidden else None
 

@@ -93,9 +93,17 @@ def generate(
     sampling: Sampling = Sampling(),
     row_keys: list[int] | None = None,
     stop_at_eos: bool = True,
+    prompt_depth: str = "full",
 ) -> Generation:
+    """Greedy or sampled decoding of left-padded prompts under `policy`.
+
+    prompt_depth `full` (default, as in both papers) runs the prompt through every layer; `policy`
+    runs it under the policy too (a static plan then equals the physically smaller model).
+    """
     if max_new_tokens < 1:
         raise SkipbenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if prompt_depth not in ("full", "policy"):
+        raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     if any(len(p) == 0 for p in prompts):
         raise SkipbenchError("empty prompt: every prompt needs at least one token")
     engine = Engine(lm.adapter, kv_mode)
@@ -107,8 +115,9 @@ def generate(
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
-    out = engine.forward(ids, cache, None, present=present, last_only=True)  # the prompt, full depth
     policy.begin(batch, row_keys)
+    prompt_policy = policy if prompt_depth == "policy" else None
+    out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)

@@ -132,9 +132,31 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick connection attempt, so an offline machine fails at once instead of after retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_id(hub_id: str) -> tuple[str, dict]:
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read the local cache only, without network retries
+        import huggingface_hub.constants as hc
+
+        hc.HF_HUB_OFFLINE = True
+    return hub_id, {}
+
+
 def _hub_or_dir(name: str) -> tuple[str, dict]:
     if name in ALIASES:
-        return ALIASES[name][0], {}
+        return _hub_id(ALIASES[name][0])
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -145,7 +167,7 @@ def _hub_or_dir(name: str) -> tuple[str, dict]:
             raise SkipbenchError(f"{name} is a directory but has no config.json (not a Hugging Face model folder)")
         return str(path), {}
     if "/" in name and not name.startswith((".", "/")) and name.count("/") == 1:
-        return name, {}
+        return _hub_id(name)
     known = ", ".join(ALIASES)
     raise SkipbenchError(f"unknown model '{name}': not an alias ({known}), a hub id (org/name), a local directory or a .gguf file")
 

@@ -39,8 +39,8 @@ class Policy:
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         """Called once per batch of sequences before generation (per-sequence draws go here)."""
 
-    def new_step(self, batch_size: int, num_tokens: int, device: torch.device) -> None:
-        """Called before each forward over skippable tokens (per-token draws go here)."""
+    def new_step(self, positions: torch.Tensor) -> None:
+        """Called before each forward with the tokens' positions [B, T] (per-token draws go here)."""
 
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
         raise NotImplementedError

@@ -81,55 +81,54 @@ def random_layers(rng: np.random.Generator, num_layers: int, cost: int, first_la
 class RandomPolicy(Policy):
     """Random layer skipping: exactly c layers, one draw per sequence (default) or per token.
 
-    Draws are reproducible: sequence r uses numpy's generator seeded with (seed, row key), where the
-    row key is the row index unless the caller passes stable keys (evaluate passes item hashes), so a
-    sequence gets the same layers whatever batch it lands in.
+    Draws are reproducible and independent of batching: a sequence draws from numpy's generator
+    seeded with (seed, row key), a token from (seed, row key, position). The row key is the row index
+    unless the caller passes stable keys (evaluate passes item hashes). Keying per-token draws by
+    position makes an incremental decode and a whole-sequence recomputation skip the same layers.
     """
 
     def __init__(self, num_layers: int, cost: int, seed: int, per_token: bool, first_layer: bool) -> None:
         super().__init__(num_layers)
-        if first_layer and cost < 1:
-            raise SkipbenchError("random skipping with the first layer kept needs cost >= 1")
         self.cost, self.seed, self.per_token, self.first_layer = cost, seed, per_token, first_layer
         self.static = False
         self.name = f"random{'-token' if per_token else ''}:{cost}"
-        self._rngs: list[np.random.Generator] = []
-        self._run: torch.Tensor | None = None  # [L, B, T] for the current step
+        self._keys: list[int] | None = None
+        self._seq_plan: np.ndarray | None = None  # [L, B]
+        self._gates: list[Gate] = []
+
+    def _draw(self, *key: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, *(int(k) % (2**63) for k in key)])
+        return random_layers(rng, self.num_layers, self.cost, self.first_layer)
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
-        keys = row_keys if row_keys is not None else list(range(batch_size))
-        self._rngs = [np.random.default_rng([self.seed, int(k) % (2**63)]) for k in keys]
+        self._keys = list(row_keys) if row_keys is not None else list(range(batch_size))
         self._seq_plan = None
         if not self.per_token:
             plan = np.zeros((self.num_layers, batch_size), dtype=bool)
-            for r, rng in enumerate(self._rngs):
-                plan[random_layers(rng, self.num_layers, self.cost, self.first_layer), r] = True
-            self._seq_plan = torch.from_numpy(plan)
+            for r, key in enumerate(self._keys):
+                plan[self._draw(key), r] = True
+            self._seq_plan = plan
 
-    def new_step(self, batch_size: int, num_tokens: int, device: torch.device) -> None:
-        if not self._rngs:
-            self.begin(batch_size)
+    def new_step(self, positions: torch.Tensor) -> None:
+        batch, num_tokens = positions.shape
+        if self._keys is None or len(self._keys) != batch:
+            self.begin(batch)
         if self._seq_plan is not None:
-            run = self._seq_plan[:, :, None].expand(-1, -1, num_tokens)
+            plan = np.repeat(self._seq_plan[:, :, None], num_tokens, axis=2)
         else:
-            plan = np.zeros((self.num_layers, batch_size, num_tokens), dtype=bool)
-            for r, rng in enumerate(self._rngs):
-                for t in range(num_tokens):
-                    plan[random_layers(rng, self.num_layers, self.cost, self.first_layer), r, t] = True
-            run = torch.from_numpy(plan)
-        self._run = run.to(device)
+            plan = np.zeros((self.num_layers, batch, num_tokens), dtype=bool)
+            for (r, t), p in np.ndenumerate(positions.cpu().numpy()):
+                plan[self._draw(self._keys[r], p), r, t] = True
+        # python bools where a whole layer agrees: the engine then runs or skips it outright
+        run = torch.from_numpy(plan).to(positions.device)
+        self._gates = [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
 
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
-        g = self._run[layer]
-        if bool(g.all()):
-            return True
-        if not bool(g.any()):
-            return False
-        return g
+        return self._gates[layer]
 
     def executed_layers(self) -> list[int] | None:
         if self._seq_plan is not None and self._seq_plan.shape[1] == 1:
-            return torch.nonzero(self._seq_plan[:, 0]).flatten().tolist()
+            return np.nonzero(self._seq_plan[:, 0])[0].tolist()
         return None
 
 

@@ -1,0 +1,3 @@
+from skipbench.cli import main
+
+main()

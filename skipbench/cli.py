@@ -1,0 +1,175 @@
+"""The command line: thin Typer commands that build a frozen config and call the recipe's `run(cfg)`.
+
+Defaults live only here, in the command signatures. A user mistake raises `SkipbenchError`, shown
+as one line on stderr with exit code 1 (click's own usage errors are shown the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from skipbench.errors import SkipbenchError
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+class SkipbenchGroup(TyperGroup):
+    """Maps user mistakes to one line on stderr and exit code 1, never a traceback."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SkipbenchError as exc:
+            _fail(str(exc))
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            rv = 0
+        except ClickException as exc:
+            _fail(exc.format_message())
+        except typer.Abort:
+            _fail("aborted")
+        code = rv if isinstance(rv, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    sys.exit(1)
+
+
+app = typer.Typer(
+    cls=SkipbenchGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Run pre-trained decoder-only LLMs under layer-skipping policies and measure what skipping costs and saves.",
+)
+console = Console(stderr=True)
+
+EMBEDDED = "smollm2-135m"
+ModelOpt = typer.Option(EMBEDDED, "--model", "-m", help="alias, hub id, local directory or .gguf file")
+DeviceOpt = typer.Option("auto", help="auto | cpu | cuda")
+DtypeOpt = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+KvOpt = typer.Option("fill", help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _policy(policy: str, cost, exit_layer, keep, seed, per_token, first_layer):
+    from skipbench.experiments.common import PolicyConfig
+    from skipbench.policies.base import parse_int_list
+
+    return PolicyConfig(
+        name=policy, cost=cost, exit_layer=exit_layer, keep=parse_int_list(keep) if keep else None,
+        seed=seed, per_token=per_token, first_layer=first_layer,
+    )
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="the user instruction (the chat template is applied when the model has one)"),
+    model: str = ModelOpt,
+    policy: str = typer.Option("full", help="full | early-exit | uniform | random | layers"),
+    cost: Optional[int] = typer.Option(None, help="layers executed per generated token (uniform, random)"),
+    exit_layer: Optional[int] = typer.Option(None, help="early-exit: number of layers run before the exit"),
+    keep: Optional[str] = typer.Option(None, help="layers: comma-separated 0-based layer indices"),
+    seed: int = typer.Option(0, help="seed of random skipping and of sampling"),
+    per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw for every token"),
+    first_layer: bool = typer.Option(True, help="random: always run layer 0"),
+    max_new_tokens: int = typer.Option(64),
+    kv_mode: str = KvOpt,
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+) -> None:
+    """Generate text under a layer-skipping policy.
+
+    Example: skipbench generate --policy uniform --cost 15 --prompt "Please calculate the sum of 99, 45 and 12."
+    """
+    from skipbench.engine import Sampling
+    from skipbench.experiments.generate import GenerateConfig, run
+
+    _quiet_transformers()
+    cfg = GenerateConfig(
+        prompt=prompt, model=model, policy=_policy(policy, cost, exit_layer, keep, seed, per_token, first_layer),
+        max_new_tokens=max_new_tokens, kv_mode=kv_mode, sampling=Sampling(temperature, top_p, seed),
+        device=device, dtype=dtype,
+    )
+    result = run(cfg)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(result["text"])
+    mean = result["cost_mean"]
+    console.print(
+        f"[dim]{result['policy']} · {len(result['token_ids'])} new tokens · "
+        f"mean executed layers {mean:.2f} of {result['num_layers']}[/dim]" if mean is not None else
+        f"[dim]{result['policy']} · {len(result['token_ids'])} new tokens[/dim]"
+    )
+
+
+@app.command()
+def plan(
+    layers: int = typer.Option(..., help="number of decoder layers L"),
+    cost: Optional[int] = typer.Option(None, help="layers to execute c"),
+    policy: str = typer.Option("uniform", help="uniform | early-exit | random | layers | full"),
+    exit_layer: Optional[int] = typer.Option(None),
+    keep: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    first_layer: bool = typer.Option(True),
+) -> None:
+    """Print the 0-based layer indices a static plan executes.
+
+    Example: skipbench plan --layers 24 --cost 12 --policy uniform   # 0 2 4 ... 22
+    """
+    if layers < 1:
+        raise SkipbenchError(f"--layers must be >= 1, got {layers}")
+    if policy == "early-exit" and exit_layer is None:
+        exit_layer = cost
+    pol = _policy(policy, cost, exit_layer, keep, seed, False, first_layer).build(layers)
+    pol.begin(1)
+    executed = pol.executed_layers()
+    if executed is None:
+        raise SkipbenchError(f"policy '{policy}' has no static plan")
+    typer.echo(" ".join(map(str, executed)))
+
+
+@app.command()
+def models() -> None:
+    """List the known model aliases, their families, and which load offline.
+
+    Example: skipbench models
+    """
+    from skipbench.models.loading import ALIASES, available_offline
+
+    table = Table(title="skipbench models")
+    for col in ("alias", "hub id", "family", "offline"):
+        table.add_column(col)
+    for alias, (hub_id, family) in ALIASES.items():
+        table.add_row(alias, hub_id, family, "yes" if available_offline(alias) else "no")
+    Console().print(table)
+    typer.echo("Also accepted: any hub id (org/name), a local model directory, or a .gguf file.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

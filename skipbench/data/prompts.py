@@ -1,0 +1,16 @@
+"""Turn a user instruction into prompt token ids: the model's chat template when it has one."""
+
+from __future__ import annotations
+
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        # transformers returns a list of ids, or a BatchEncoding, depending on version and tokenizer
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer(ALPACA_TEMPLATE.format(instruction=text))["input_ids"])

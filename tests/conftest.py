@@ -1,0 +1,81 @@
+"""Tiny random models built from configs (no download) and a tiny tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CORPUS = [
+    "Please calculate the sum of 99, 45 and 12.",
+    "Copy the paragraph: Anna walked to the market in Lisbon on Monday.",
+    "Summarize the text in one sentence. The river flooded the old town.",
+    "Repeat the list 5 times: 12, 34, 56, 78.",
+    "What is the product of 13, 27 and 41? Answer with a number.",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_config(family: str, vocab: int, layers: int = 6):
+    from transformers import AutoConfig
+
+    common = dict(vocab_size=vocab, num_hidden_layers=layers, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    if family == "opt":
+        return AutoConfig.for_model(
+            "opt", hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+            max_position_embeddings=256, do_layer_norm_before=True, **common,
+        )
+    extra = {"qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None), "qwen2": dict(use_sliding_window=False)}
+    return AutoConfig.for_model(
+        family, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=False, **extra.get(family, {}), **common,
+    )
+
+
+def tiny_model(family: str, vocab: int, layers: int = 6, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab, layers), attn_implementation="sdpa")
+    # random init gives near-uniform logits; a larger scale makes greedy choices well separated
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tokenizer, tmp_path_factory):
+    """Each family saved as a local model directory (for the CLI), keyed by family."""
+    out = {}
+    for family in ("llama", "qwen3", "opt"):
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        tiny_model(family, len(tokenizer)).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[family] = path
+    return out
+
+
+def prompts(tokenizer, n: int = 3) -> list[list[int]]:
+    return [tokenizer(text)["input_ids"] for text in CORPUS[:n]]

@@ -1,0 +1,97 @@
+"""The CLI end to end through Typer's runner: JSON read back, bad input = one line and exit code 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from skipbench.cli import app
+from skipbench.policies.static import uniform_plan
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_plan_prints_eq2():
+    res = invoke("plan", "--layers", 24, "--cost", 12, "--policy", "uniform")
+    assert res.exit_code == 0
+    assert res.stdout.split() == [str(i) for i in range(0, 24, 2)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+def test_generate_json_uniform(tiny_dirs, family):
+    res = invoke("generate", "--model", tiny_dirs[family], "--policy", "uniform", "--cost", 3,
+                 "--prompt", "Please calculate the sum of 99, 45 and 12.", "--max-new-tokens", 12, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert set(out) >= {"text", "token_ids", "layers_per_token", "cost_mean"}
+    assert len(out["layers_per_token"]) == len(out["token_ids"]) - 1
+    assert all(layers == uniform_plan(6, 3) for layers in out["layers_per_token"])
+    assert out["cost_mean"] == 3.0
+
+
+def test_generate_json_random_per_token(tiny_dirs):
+    res = invoke("generate", "--model", tiny_dirs["llama"], "--policy", "random", "--cost", 4, "--per-token",
+                 "--seed", 3, "--prompt", "Repeat the list 5 times: 12, 34.", "--max-new-tokens", 10, "--json")
+    out = json.loads(res.stdout)
+    assert all(len(layers) == 4 and layers[0] == 0 for layers in out["layers_per_token"])
+    assert len({tuple(x) for x in out["layers_per_token"]}) > 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["plan", "--layers", 24, "--cost", 30], "--cost must be between 1 and 24"),
+        (["plan", "--layers", 24, "--cost", "x"], "Invalid value for '--cost'"),
+        (["plan", "--layers", 24, "--cost", 3, "--policy", "nope"], "unknown policy 'nope'"),
+        (["generate", "--model", "no-such-alias", "--prompt", "hi"], "unknown model 'no-such-alias'"),
+        (["generate", "--model", "some-org/not-cached-anywhere", "--prompt", "hi"], "not in the local Hugging Face cache"),
+        (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
+        (["generate", "--prompt", "hi", "--kv-mode", "maybe", "--model", "{llama}"], "--kv-mode must be"),
+        (["generate", "--prompt", "hi", "--policy", "uniform", "--model", "{llama}"], "needs --cost"),
+        (["generate", "--prompt", "hi", "--policy", "uniform", "--cost", 7, "--model", "{llama}"], "between 1 and 6"),
+        (["generate", "--prompt", "hi", "--device", "tpu", "--model", "{llama}"], "--device must be"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(args, message, tiny_dirs):
+    args = [str(a).replace("{llama}", str(tiny_dirs["llama"])) for a in args]
+    res = invoke(*args)
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_unsupported_architecture(tmp_path, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt2", n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    res = invoke("generate", "--model", tmp_path, "--prompt", "hi")
+    assert res.exit_code == 1
+    assert "unsupported architecture 'gpt2'" in res.stderr and "OPT" in res.stderr
+
+
+def test_post_ln_opt_is_refused(tmp_path, tokenizer):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("opt", len(tokenizer))
+    cfg.do_layer_norm_before = False
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    res = invoke("generate", "--model", tmp_path, "--prompt", "hi")
+    assert res.exit_code == 1 and "post-LN" in res.stderr
+
+
+def test_models_lists_aliases():
+    res = invoke("models")
+    assert res.exit_code == 0
+    for alias in ("smollm2-135m", "opt-1.3b", "llama-3-8b-instruct", "qwen3-4b"):
+        assert alias in res.stdout

