@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest
 
+# grows into `skipbench reproduce --preset $(PRESET)` as the experiment commands land
 reproduce: setup
-	$(VENV)/bin/skipbench reproduce --preset $(PRESET)
+	$(VENV)/bin/skipbench generate --policy full --max-new-tokens 48 --prompt "Please calculate the sum of 99, 45 and 12."
+	$(VENV)/bin/skipbench generate --policy uniform --cost 15 --max-new-tokens 48 --prompt "Please calculate the sum of 99, 45 and 12."
 
 bench: setup
 	$(VENV)/bin/skipbench bench

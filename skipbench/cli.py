@@ -167,6 +167,56 @@ def models() -> None:
     typer.echo("Also accepted: any hub id (org/name), a local model directory, or a .gguf file.")
 
 
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    from skipbench.policies.base import parse_int_list
+
+    values = parse_int_list(text)
+    if not values:
+        raise SkipbenchError(f"{what} needs at least one integer")
+    return values
+
+
+@app.command()
+def bench(
+    model: str = ModelOpt,
+    batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
+    new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
+    cost: int = typer.Option(15, help="layers of the uniform plan compared with the physically smaller model"),
+    repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
+    warmup: int = typer.Option(1, help="untimed warm-up rounds"),
+    kv_mode: str = typer.Option("none", help="KV mode of the skipping runs"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    seed: int = typer.Option(0),
+    out: Optional[str] = typer.Option(None, help="parquet file for the per-repeat timings (manifest beside it)"),
+) -> None:
+    """Measure wall-clock speed side by side in one process: skipbench vs model.generate, a static plan vs
+    the same model with the skipped layers removed.
+
+    Example: skipbench bench --model smollm2-135m --batch-sizes 1,8 --new-tokens 64 --cost 15
+    """
+    from rich.progress import Progress
+
+    from skipbench.experiments.bench import BenchConfig, run
+
+    _quiet_transformers()
+    cfg = BenchConfig(model=model, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), new_tokens=new_tokens,
+                      cost=cost, repeats=repeats, warmup=warmup, kv_mode=kv_mode, device=device, dtype=dtype,
+                      seed=seed, out=out)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("bench", total=len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * 4)
+        result = run(cfg, progress=lambda: bar.advance(task))
+    table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
+    for col in ("batch", "variant", "tokens/s", "ratio", "vs", "speedup vs full"):
+        table.add_column(col, justify="right" if col not in ("variant", "vs") else "left")
+    for r in result.summary.itertuples():
+        table.add_row(str(r.batch_size), r.variant, f"{r.tokens_per_s_median:.1f}", f"{r.ratio:.3f}",
+                      r.compared_to, f"{r.speedup_vs_full:.3f}")
+    Console().print(table)
+    if result.path:
+        console.print(f"wrote {result.path}")
+
+
 def main() -> None:
     app()
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from conftest import prompts, tiny_model
 from skipbench.engine import Engine, generate
 from skipbench.engine.generate import left_pad
 from skipbench.models import wrap_model
+from skipbench.models.loading import remove_layers
 from skipbench.policies import Policy, make_policy
 from skipbench.policies.base import PolicyOptions
 
@@ -57,21 +56,6 @@ def test_full_greedy_equals_hf_generate(family, tokenizer):
     assert all(len(rec) == lm.num_layers for row in ours.layers for rec in row)
 
 
-def remove_layers(model, keep: list[int]):
-    """The same model with the other decoder layers physically removed."""
-    small = copy.deepcopy(model)
-    stack = small.model.decoder if small.config.model_type == "opt" else small.model
-    stack.layers = torch.nn.ModuleList([stack.layers[i] for i in keep])
-    for new_idx, layer in enumerate(stack.layers):
-        attn = layer.self_attn
-        if hasattr(attn, "layer_idx"):
-            attn.layer_idx = new_idx
-    small.config.num_hidden_layers = len(keep)
-    if getattr(small.config, "layer_types", None):
-        small.config.layer_types = [small.config.layer_types[i] for i in keep]
-    return small
-
-
 STATIC_SPECS = [("uniform", 3), ("early-exit", 4), ("layers", (0, 2, 5)), ("random", 4)]
 
 
@@ -93,7 +77,7 @@ def test_static_plan_equals_smaller_model(family, spec, kv_mode, tokenizer):
     assert len(keep) < lm.num_layers
     ps = prompts(tokenizer, 1)  # batch 1: one random draw, so one smaller model
     ours = generate(lm, ps, policy, max_new_tokens=16, kv_mode=kv_mode, prompt_depth="policy")
-    ref = hf_generate(remove_layers(lm.model, keep), ps, 16, pad_id=0, eos_id=1)
+    ref = hf_generate(remove_layers(lm.model, keep, share_weights=False), ps, 16, pad_id=0, eos_id=1)
     assert ours.tokens == ref
     assert all(rec == keep for row in ours.layers for rec in row)
 

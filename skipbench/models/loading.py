@@ -195,6 +195,42 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     return wrap_model(model, tokenizer, name, dev)
 
 
+def remove_layers(model: nn.Module, keep: list[int], share_weights: bool = True) -> nn.Module:
+    """The same model with only the decoder layers `keep`: the bound for static skipping.
+
+    share_weights keeps the original layer modules (no copy; for timing through the engine).
+    Otherwise the model is deep-copied and attention layer indices renumbered, so transformers'
+    own `generate` and cache work on the smaller model (the reference in tests).
+    """
+    import copy
+
+    def shallow(module: nn.Module) -> nn.Module:
+        twin = copy.copy(module)
+        twin._modules = dict(module._modules)
+        return twin
+
+    if share_weights:
+        small = shallow(model)
+        small.model = shallow(model.model)
+        stack = small.model
+        if model.config.model_type == "opt":
+            stack.decoder = shallow(model.model.decoder)
+            stack = stack.decoder
+    else:
+        small = copy.deepcopy(model)
+        stack = small.model.decoder if model.config.model_type == "opt" else small.model
+    stack.layers = nn.ModuleList([stack.layers[i] for i in keep])
+    if not share_weights:
+        for new_idx, layer in enumerate(stack.layers):
+            if hasattr(layer.self_attn, "layer_idx"):
+                layer.self_attn.layer_idx = new_idx
+    small.config = copy.deepcopy(model.config)
+    small.config.num_hidden_layers = len(keep)
+    if getattr(small.config, "layer_types", None):
+        small.config.layer_types = [small.config.layer_types[i] for i in keep]
+    return small
+
+
 def wrap_model(model: nn.Module, tokenizer, name: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Wrap an already built transformers model (tests build tiny random ones from configs)."""
     device = torch.device(device)

@@ -1,0 +1,106 @@
+"""Tidy parquet with a JSON manifest beside it, written atomically (temporary name, then rename).
+
+Every command's rows carry `run_id` and every config field as columns; the manifest holds the config,
+git sha, package versions, device and seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from skipbench.errors import SkipbenchError
+
+PACKAGES = ("skipbench", "torch", "transformers", "numpy", "pandas", "pyarrow", "scipy", "rouge-score")
+
+
+def config_dict(cfg: Any) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def flat_config(cfg: Any, prefix: str = "") -> dict:
+    """Config fields as scalar columns (nested configs joined with '_', lists as strings)."""
+    out = {}
+    for key, value in config_dict(cfg).items():
+        name = prefix + key
+        if isinstance(value, dict):
+            for k, v in value.items():
+                out[f"{name}_{k}"] = v if isinstance(v, (int, float, str, bool, type(None))) else json.dumps(v)
+        elif isinstance(value, list):
+            out[name] = ",".join(map(str, value))
+        else:
+            out[name] = value
+    return out
+
+
+def run_id(cfg: Any) -> str:
+    return hashlib.sha1(json.dumps(config_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def git_sha() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info(device: str | None = None) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def manifest(cfg: Any, device: str | None = None, **extra: Any) -> dict:
+    return {"run_id": run_id(cfg), "config": config_dict(cfg), "git_sha": git_sha(), "versions": versions(),
+            "device": device_info(device), "seed": getattr(cfg, "seed", None), **extra}
+
+
+def check_out_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise SkipbenchError(f"--out must end in .parquet, got '{path}'")
+    if path.exists() and path.is_dir():
+        raise SkipbenchError(f"--out '{path}' is a directory")
+    return path
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write parquet (and its manifest) under a temporary name, then rename: never a half-written file."""
+    path = check_out_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.to_parquet(tmp, index=False)
+    if meta is not None:
+        mtmp = tmp.with_suffix(".json")
+        mtmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(mtmp, manifest_path(path))
+    os.replace(tmp, path)
+    return path
