@@ -92,6 +92,7 @@ def generate(
     first_layer: bool = typer.Option(True, help="random: always run layer 0"),
     max_new_tokens: int = typer.Option(64),
     kv_mode: str = KvOpt,
+    prompt_depth: str = typer.Option("full", help="full (the prompt runs every layer) | policy (the prompt is skipped too)"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
     device: str = DeviceOpt,
@@ -108,7 +109,7 @@ def generate(
     _quiet_transformers()
     cfg = GenerateConfig(
         prompt=prompt, model=model, policy=_policy(policy, cost, exit_layer, keep, seed, per_token, first_layer),
-        max_new_tokens=max_new_tokens, kv_mode=kv_mode, sampling=Sampling(temperature, top_p, seed),
+        max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature, top_p, seed),
         device=device, dtype=dtype,
     )
     result = run(cfg)

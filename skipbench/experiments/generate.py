@@ -17,6 +17,7 @@ class GenerateConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     max_new_tokens: int = 64
     kv_mode: str = "fill"
+    prompt_depth: str = "full"
     sampling: Sampling = field(default_factory=Sampling)
     device: str = "auto"
     dtype: str = "auto"
@@ -26,13 +27,15 @@ def run(cfg: GenerateConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     policy = cfg.policy.build(lm.num_layers)
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
-    out = generate(lm, [ids], policy, cfg.max_new_tokens, cfg.kv_mode, cfg.sampling)
+    out = generate(lm, [ids], policy, cfg.max_new_tokens, cfg.kv_mode, cfg.sampling,
+                   prompt_depth=cfg.prompt_depth)
     tokens = out.tokens[0]
     return {
         "model": cfg.model,
         "policy": policy.describe(),
         "num_layers": lm.num_layers,
         "kv_mode": cfg.kv_mode,
+        "prompt_depth": cfg.prompt_depth,
         "prompt_tokens": len(ids),
         "text": lm.tokenizer.decode(tokens, skip_special_tokens=True),
         "token_ids": tokens,
