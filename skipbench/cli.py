@@ -62,6 +62,33 @@ DtypeOpt = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32
 KvOpt = typer.Option("fill", help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none")
 
 
+class Bar:
+    """A rich progress bar with ETA that appears only once the work starts (after inputs are checked)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.progress, self.task = label, None, None
+
+    def start(self, total: int | None) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is None:
+            self.start(None)
+        self.progress.advance(self.task, n)
+
+    def __enter__(self) -> "Bar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
 def _quiet_transformers() -> None:
     import transformers
 
@@ -196,17 +223,14 @@ def bench(
 
     Example: skipbench bench --model smollm2-135m --batch-sizes 1,8 --new-tokens 64 --cost 15
     """
-    from rich.progress import Progress
-
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
     cfg = BenchConfig(model=model, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), new_tokens=new_tokens,
                       cost=cost, repeats=repeats, warmup=warmup, kv_mode=kv_mode, device=device, dtype=dtype,
                       seed=seed, out=out)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("bench", total=len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * 4)
-        result = run(cfg, progress=lambda: bar.advance(task))
+    with Bar("bench") as bar:
+        result = run(cfg, progress=bar.advance, start=bar.start)
     table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
     for col in ("batch", "variant", "tokens/s", "ratio", "vs", "speedup vs full"):
         table.add_column(col, justify="right" if col not in ("variant", "vs") else "left")
@@ -216,6 +240,90 @@ def bench(
     Console().print(table)
     if result.path:
         console.print(f"wrote {result.path}")
+
+
+def _slug(text: str) -> str:
+    import re
+    from pathlib import Path
+
+    name = Path(text).stem if ("/" in text and Path(text).exists()) or text.endswith((".json", ".jsonl", ".csv", ".parquet", ".gguf")) else text
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.replace("/", "_")).strip("_") or "x"
+
+
+def default_out(command: str, model: str, dataset: str) -> str:
+    return f"results/{command}-{_slug(model)}-{_slug(dataset)}.parquet"
+
+
+DatasetOpt = typer.Option("text", "--dataset", "-d", help="arith | text | alpaca | cnn_dailymail | xsum | a file; comma-separated to mix")
+
+
+@app.command()
+def evaluate(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("all", help="all | train | validation | test (a seeded 70/15/15 split)"),
+    limit: int = typer.Option(100, help="first N items of the split (0 = all)"),
+    policy: str = typer.Option("uniform", help="full | early-exit | uniform | random"),
+    costs: str = typer.Option("", help="comma-separated layer counts (default: L/4, L/2, 3L/4); full always runs too"),
+    seed: int = typer.Option(0, help="seed of random skipping and of the data split"),
+    per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
+    max_new_tokens: int = typer.Option(96),
+    max_prompt_tokens: int = typer.Option(1024, help="longer instructions are truncated (counted in the manifest)"),
+    batch_size: int = typer.Option(0, help="sequences per batch (0: 8 on CPU, 32 on CUDA)"),
+    kv_mode: str = KvOpt,
+    prompt_depth: str = typer.Option("full", help="full | policy"),
+    prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt (files)"),
+    reference_field: Optional[str] = typer.Option(None, help="column holding the reference (files)"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    out: Optional[str] = typer.Option(None, help="parquet output (default results/evaluate-<model>-<dataset>.parquet)"),
+    resume: bool = typer.Option(True, help="reuse finished (policy, cost) parts of an earlier run"),
+) -> None:
+    """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
+
+    Example: skipbench evaluate --dataset arith --policy uniform --costs 8,15,22,30 --limit 100
+    """
+    from skipbench.data import DataSpec
+    from skipbench.experiments.evaluate import EvalConfig, run
+
+    _quiet_transformers()
+    cfg = EvalConfig(
+        model=model,
+        data=DataSpec(dataset, split, limit or None, seed, prompt_field, reference_field),
+        policy=policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed, per_token=per_token,
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
+        kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
+        out=out or default_out("evaluate", model, dataset), resume=resume,
+    )
+    with Bar("evaluate") as bar:
+        result = run(cfg, progress=bar.advance, start=bar.start)
+    _print_frame(result.summary, f"evaluate · {model} · {dataset}")
+    console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused)")
+
+
+def _print_frame(df, title: str) -> None:
+    table = Table(title=title)
+    for col in df.columns:
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left")
+    for row in df.itertuples(index=False):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(table)
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in and hub datasets with sizes and fields.
+
+    Example: skipbench datasets
+    """
+    import pandas as pd
+
+    from skipbench.data import catalogue
+
+    df = pd.DataFrame(catalogue()).fillna("")
+    df["items"] = [str(int(x)) if x != "" else "(hub)" for x in df["items"]]
+    _print_frame(df, "skipbench datasets")
+    typer.echo("Files: Alpaca JSON/JSONL (instruction, input, output), or JSONL/CSV/parquet with --prompt-field/--reference-field.")
 
 
 def main() -> None:

@@ -43,12 +43,12 @@ def tiny_config(family: str, vocab: int, layers: int = 6):
     if family == "opt":
         return AutoConfig.for_model(
             "opt", hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
-            max_position_embeddings=256, do_layer_norm_before=True, **common,
+            max_position_embeddings=1024, do_layer_norm_before=True, **common,
         )
     extra = {"qwen3": dict(head_dim=16), "mistral": dict(sliding_window=None), "qwen2": dict(use_sliding_window=False)}
     return AutoConfig.for_model(
         family, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=False, **extra.get(family, {}), **common,
+        max_position_embeddings=1024, tie_word_embeddings=False, **extra.get(family, {}), **common,
     )
 
 

@@ -8,6 +8,16 @@ ALPACA_TEMPLATE = (
 )
 
 
+def truncate(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bool]:
+    """Cut the instruction itself (not the chat template around it) to `max_tokens` tokens."""
+    if not max_tokens:
+        return text, False
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text, False
+    return tokenizer.decode(ids[:max_tokens]), True
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)

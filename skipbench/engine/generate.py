@@ -110,6 +110,12 @@ def generate(
     dev = lm.device
     ids, present = left_pad(prompts, pad_id(lm), dev)
     batch, width = ids.shape
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if lm.adapter.family == "opt" and limit and width + max_new_tokens > limit:  # learned positions end there
+        raise SkipbenchError(
+            f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
+            "lower --max-prompt-tokens or --max-new-tokens"
+        )
     cache = engine.new_cache(batch, width + max_new_tokens, dev, lm.dtype)
     cache.pad = (~present).sum(1)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)

@@ -89,7 +89,7 @@ def _variants(lm: LoadedModel, cfg: BenchConfig):
     }
 
 
-def run(cfg: BenchConfig, progress=None) -> BenchResult:
+def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
@@ -98,6 +98,8 @@ def run(cfg: BenchConfig, progress=None) -> BenchResult:
     variants = _variants(lm, cfg)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
     rows = []
+    if start:
+        start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(variants))
     for batch in cfg.batch_sizes:
         prompts = [encoded[i % len(encoded)] for i in range(batch)]
         for rep in range(-cfg.warmup, cfg.repeats):  # round-robin, so drift hits every variant alike

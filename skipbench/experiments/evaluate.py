@@ -1,0 +1,182 @@
+"""`skipbench evaluate`: generation quality of a policy at several costs, one tidy row per (policy, cost, item).
+
+Each (policy, cost) point is written as its own parquet part (atomically) beside the output; a rerun
+skips finished parts, so an interrupted sweep resumes. The full model always runs once per item, so
+`full_rougeL` (agreement with the full model's own output, no reference needed) is defined for every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from skipbench.data import DataSpec, Item, load_items
+from skipbench.data.prompts import encode_prompt, truncate
+from skipbench.engine import LAYERS_CONVENTION, generate
+from skipbench.errors import SkipbenchError
+from skipbench.experiments.common import PolicyConfig
+from skipbench.metrics import exact_match, rouge_l
+from skipbench.models import load_model
+from skipbench.models.loading import LoadedModel
+from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: DataSpec
+    policy: str = "uniform"
+    costs: tuple[int, ...] = ()  # empty: L/4, L/2, 3L/4
+    seed: int = 0
+    per_token: bool = False
+    max_new_tokens: int = 96
+    max_prompt_tokens: int = 1024
+    batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
+    kv_mode: str = "fill"
+    prompt_depth: str = "full"
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class Point:
+    policy: str
+    cost: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}:{self.cost}"
+
+
+@dataclass
+class EvalResult:
+    rows: pd.DataFrame
+    summary: pd.DataFrame
+    path: Path
+    reused_parts: int
+
+
+def default_costs(num_layers: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
+    pts = [Point("full", num_layers)]
+    if cfg.policy != "full":
+        for c in cfg.costs or default_costs(num_layers):
+            pts.append(Point(cfg.policy, c))
+    for p in pts:  # every point is checked before any generation starts
+        policy_config(cfg, p).build(num_layers)
+    return pts
+
+
+def policy_config(cfg: EvalConfig, p: Point) -> PolicyConfig:
+    return PolicyConfig(name=p.policy, cost=p.cost, exit_layer=p.cost if p.policy == "early-exit" else None,
+                        seed=cfg.seed, per_token=cfg.per_token)
+
+
+def part_path(cfg: EvalConfig, p: Point) -> Path:
+    """Parts of one configuration (costs, output and batch size aside) share a key, so they can be reused."""
+    ident = config_dict(replace(cfg, costs=(), out="", resume=True, batch_size=None))
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(cfg.out)
+    return out.with_name(out.stem + ".parts") / f"{p.policy}-{p.cost}-{key}.parquet"
+
+
+def encode_items(lm: LoadedModel, items: list[Item], max_prompt_tokens: int) -> tuple[list[list[int]], int]:
+    encoded, truncated = [], 0
+    for it in items:
+        text, cut = truncate(lm.tokenizer, it.prompt, max_prompt_tokens)
+        truncated += cut
+        encoded.append(encode_prompt(lm.tokenizer, text))
+    return encoded, truncated
+
+
+def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, progress: Callable | None) -> pd.DataFrame:
+    policy = policy_config(cfg, p).build(lm.num_layers)
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
+    rows = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        gen = generate(lm, [encoded[i] for i in idx], policy, cfg.max_new_tokens, cfg.kv_mode,
+                       row_keys=[items[i].key for i in idx], prompt_depth=cfg.prompt_depth)
+        for r, i in enumerate(idx):
+            rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])))
+        if progress:
+            progress(len(idx))
+    return pd.DataFrame(rows).sort_values("item_id", kind="stable").reset_index(drop=True)
+
+
+def _row(lm, item: Item, p: Point, tokens: list[int], layers: list[list[int]], prompt_tokens: int) -> dict:
+    output = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    use = np.zeros(lm.num_layers, dtype=np.int64)
+    for rec in layers:
+        use[rec] += 1
+    return {
+        "item_id": item.item_id, "subtask": item.subtask, "policy": p.policy, "cost": p.cost,
+        "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
+        "layer_use": use.tolist(), "skipped_tokens": len(layers),
+        "prompt_tokens": prompt_tokens, "new_tokens": len(tokens), "output": output, "reference": item.reference,
+        "rougeL": rouge_l(output, item.reference), "exact_match": exact_match(item.subtask, output, item.answer),
+    }
+
+
+def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | None = None,
+        start: Callable | None = None) -> EvalResult:
+    """progress(n) after each batch; on_part(point) after each finished part; start(total) once."""
+    out = check_out_path(cfg.out)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    pts = points(cfg, lm.num_layers)
+    items = load_items(cfg.data)
+    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
+    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    if batch_size < 1:
+        raise SkipbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    todo = [p for p in pts if not (cfg.resume and part_path(cfg, p).exists())]
+    if start:
+        start(len(todo) * len(items))
+    for p in todo:
+        df = run_point(lm, items, encoded, cfg, p, batch_size, progress)
+        write_atomic(df, part_path(cfg, p))
+        if on_part:
+            on_part(p)
+    rows = _merge(cfg, pts, items)
+    rid = run_id(cfg)
+    rows.insert(0, "run_id", rid)
+    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "split": cfg.data.split, "seed": cfg.seed}.items():
+        rows[key] = value
+    for key, value in flat_config(cfg).items():
+        if key not in rows.columns and key not in ("out", "resume"):
+            rows[key] = value
+    meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
+                    layers_convention=LAYERS_CONVENTION, points=[p.label for p in pts], batch_size=batch_size)
+    path = write_atomic(rows, out, meta)
+    return EvalResult(rows, summarise(rows), path, len(pts) - len(todo))
+
+
+def _merge(cfg: EvalConfig, pts: list[Point], items: list[Item]) -> pd.DataFrame:
+    parts = {p: pd.read_parquet(part_path(cfg, p)) for p in pts}
+    ids = {it.item_id for it in items}
+    full = parts[pts[0]].set_index("item_id")["output"]
+    frames = []
+    for p, df in parts.items():
+        df = df[df["item_id"].isin(ids)].copy()
+        df["full_rougeL"] = [rouge_l(o, full[i]) for o, i in zip(df["output"], df["item_id"])]
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    return (rows.groupby(["policy", "cost"], sort=False)
+            .agg(items=("item_id", "count"), layers_mean=("layers_mean", "mean"), rougeL=("rougeL", "mean"),
+                 full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"), new_tokens=("new_tokens", "mean"))
+            .reset_index())
