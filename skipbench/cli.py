@@ -326,6 +326,80 @@ def datasets() -> None:
     typer.echo("Files: Alpaca JSON/JSONL (instruction, input, output), or JSONL/CSV/parquet with --prompt-field/--reference-field.")
 
 
+def _float_list(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SkipbenchError(f"{what} expects comma-separated numbers, got '{text}'") from None
+    return values
+
+
+@app.command()
+def oracle(
+    runs: Optional[list[str]] = typer.Option(None, "--runs", help="evaluate parquet file(s); default: results/evaluate-*.parquet"),
+    budget: Optional[float] = typer.Option(None, help="mean executed layers per token allowed"),
+    curve: bool = typer.Option(False, "--curve", help="every budget from the cheapest to the dearest configuration"),
+    budgets: str = typer.Option("", help="the curve's budgets, comma-separated (default: every integer)"),
+    metric: str = typer.Option("rougeL", help="rougeL | full_rougeL | exact_match | any numeric column"),
+    policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
+    out: Optional[str] = typer.Option(None, help="parquet of (budget, method) rows; -assign.parquet and PNGs beside it"),
+) -> None:
+    """The exact sequence-level knapsack oracle and the greedy oracle (Glavas et al. Sec. 3.3).
+
+    Example: skipbench oracle --runs results/eval-alpaca.parquet --budget 6
+             skipbench oracle --runs results/eval-alpaca.parquet --curve --out results/oracle.parquet
+    """
+    from skipbench.experiments.oracle import OracleConfig, run
+
+    cfg = OracleConfig(runs=tuple(runs or ()), metric=metric, budget=budget, curve=curve,
+                       budgets=_float_list(budgets, "--budgets") if budgets else (),
+                       policies=tuple(p for p in policies.split(",") if p), out=out)
+    result = run(cfg)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    t = result.table
+    if budget is not None:
+        shown = t[t["budget"] == budget]
+        _print_frame(shown[["method", "value", "mean_cost", "exact", "gap"]], f"oracle · budget {budget:g} · {metric}")
+        shares = shown[shown["method"].isin(["oracle", "greedy"])].set_index("method").filter(like="share:")
+        shares = shares.T.rename(index=lambda c: c.removeprefix("share:")).reset_index(names="configuration")
+        _print_frame(shares, "share of items per configuration")
+    if curve:
+        wide = t[t["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
+        _print_frame(wide, f"oracle curve · {metric}")
+        if result.star is not None:
+            typer.echo(f"oracle matches {result.full} at budget {result.star:.3f} layers "
+                       f"({100 * result.star / max(result.costs):.1f}% of {max(result.costs)})")
+        else:
+            typer.echo(f"oracle never reaches {result.full}'s mean {metric}")
+    if result.length_test and result.length_test.get("p_value") is not None:
+        lt = result.length_test
+        typer.echo(f"length check at budget {lt['budget']:g}: chi2={lt['statistic']:.2f}, dof={lt['dof']}, "
+                   f"p={lt['p_value']:.3g} (label-length bins of {lt['bin_width']} {lt['unit']})")
+    if result.path:
+        console.print(f"wrote {result.path}")
+
+
+@app.command("bench-oracle")
+def bench_oracle(
+    items: int = typer.Option(7800, help="items (the paper's Alpaca test size)"),
+    costs: str = typer.Option("4,8,12,24"),
+    metric: str = typer.Option("rouge", help="rouge (continuous) | binary (0/1, tie-heavy)"),
+    big_items: int = typer.Option(1_000_000, help="a large instance run by the oracle alone (0 to skip)"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Time the exact oracle against scipy's HiGHS MILP on the same instance (one process).
+
+    Example: skipbench bench-oracle --items 7800 --costs 4,8,12,24
+    """
+    from skipbench.experiments.oracle_bench import OracleBenchConfig, run
+
+    if metric not in ("rouge", "binary"):
+        raise SkipbenchError(f"--metric must be rouge or binary, got '{metric}'")
+    df = run(OracleBenchConfig(items=items, costs=_int_list(costs, "--costs"), metric=metric, big_items=big_items, seed=seed))
+    _print_frame(df, f"bench-oracle · {metric} · costs {costs}")
+
+
 def main() -> None:
     app()
 

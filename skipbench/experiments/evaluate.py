@@ -126,6 +126,7 @@ def _row(lm, item: Item, p: Point, tokens: list[int], layers: list[list[int]], p
         "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
         "layer_use": use.tolist(), "skipped_tokens": len(layers),
         "prompt_tokens": prompt_tokens, "new_tokens": len(tokens), "output": output, "reference": item.reference,
+        "reference_tokens": len(lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]),
         "rougeL": rouge_l(output, item.reference), "exact_match": exact_match(item.subtask, output, item.answer),
     }
 
