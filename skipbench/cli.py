@@ -397,7 +397,19 @@ def bench_oracle(
     if metric not in ("rouge", "binary"):
         raise SkipbenchError(f"--metric must be rouge or binary, got '{metric}'")
     df = run(OracleBenchConfig(items=items, costs=_int_list(costs, "--costs"), metric=metric, big_items=big_items, seed=seed))
-    _print_frame(df, f"bench-oracle · {metric} · costs {costs}")
+    table = Table(title=f"bench-oracle · {metric} · costs {costs}")
+    for col in ("what", "items", "seconds", "mean value", "note"):
+        table.add_column(col, justify="left" if col in ("what", "note") else "right")
+    for r in df.to_dict("records"):
+        if "speedup" in r and r["speedup"] == r["speedup"]:
+            note = f"{r['speedup']:.0f}x slower than the oracle; same value: {r['same_value']}"
+        elif r.get("exact") is True or r.get("exact") is False:
+            note = "exact" if r["exact"] else f"certified gap {r['gap']:.2e}"
+        else:
+            note = ""
+        value = r.get("value")
+        table.add_row(r["what"], str(r["items"]), f"{r['seconds']:.3f}", "" if value is None or value != value else f"{value:.6f}", note)
+    Console(width=120).print(table)
 
 
 def main() -> None:
