@@ -311,6 +311,48 @@ def _print_frame(df, title: str) -> None:
 
 
 @app.command()
+def cosine(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("all"),
+    limit: int = typer.Option(100, help="first N items (0 = all)"),
+    costs: str = typer.Option("", help="comma-separated costs (default: about L/5, L/3, L/2, 2L/3, 4L/5)"),
+    strategies: str = typer.Option("early-exit,uniform,random"),
+    seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
+    per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
+    teacher: str = typer.Option("full", help="full (the full model's greedy response) | reference"),
+    max_new_tokens: int = typer.Option(64),
+    max_prompt_tokens: int = typer.Option(1024),
+    batch_size: int = typer.Option(0, help="0: 8 on CPU, 32 on CUDA"),
+    kv_mode: str = KvOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    out: Optional[str] = typer.Option(None, help="detailed parquet (default results/cosine-<model>-<dataset>.parquet); "
+                                      "-agg.parquet and .png beside it"),
+) -> None:
+    """Hidden-state cosine similarity of early exit, uniform and random skipping vs the full model (Fig. 1a).
+
+    Example: skipbench cosine --dataset text --costs 6,10,15,20,25 --limit 200
+    """
+    from skipbench.data import DataSpec
+    from skipbench.experiments.cosine import CosineConfig, run
+
+    _quiet_transformers()
+    cfg = CosineConfig(
+        model=model, data=DataSpec(dataset, split, limit or None), costs=_int_list(costs, "--costs") if costs else (),
+        strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()), seeds=seeds, per_token=per_token,
+        teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+        batch_size=batch_size or None, kv_mode=kv_mode, device=device, dtype=dtype,
+        out=out or default_out("cosine", model, dataset),
+    )
+    with Bar("cosine") as bar:
+        result = run(cfg, progress=bar.advance, start=bar.start)
+    shown = result.agg[["strategy", "cost", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
+    _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
+    console.print(f"wrote {result.path}, {result.agg_path.name}, {result.figure.name}")
+
+
+@app.command()
 def datasets() -> None:
     """List the built-in and hub datasets with sizes and fields.
 

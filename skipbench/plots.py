@@ -58,3 +58,29 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+STRATEGY_STYLE = {"early-exit": ("C0", "early exit (EE)"), "uniform": ("C3", "uniform skipping (ULS)"),
+                  "random": ("C2", "random skipping (RLS)")}
+
+
+def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
+    """Figure 1a of Glavas et al.: final-state and layerwise cosine similarity vs cost, 95% CI bands."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, measure, title in zip(axes, ("cos_final", "cos_layerwise"),
+                                  ("final hidden state", "layerwise (states K/V come from)")):
+        for strategy, g in agg.groupby("strategy"):
+            g = g.sort_values("cost")
+            color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
+            ax.plot(g["cost"], g[measure], "o-", color=color, label=label)
+            ax.fill_between(g["cost"], g[f"{measure}_lo"], g[f"{measure}_hi"], color=color, alpha=0.2)
+        ax.set_title(f"cosine to the full model: {title}", fontsize=10)
+        ax.set_xlabel(f"cost: executed layers per token (of {num_layers})")
+        ax.set_ylabel("cosine similarity")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: hidden-state fidelity of skipping (cf. Glavas et al. Fig. 1a); bands: 95% CI", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -38,6 +38,13 @@ class KVCache:
         pad = torch.zeros(batch, dtype=torch.long, device=device)
         return cls(k, v, valid, [True] * num_layers, pad, mode)
 
+    def clone(self) -> "KVCache":
+        """An independent copy (e.g. one full-depth prompt reused by several policies)."""
+        copies: dict[int, torch.Tensor] = {}
+        valid = [copies.setdefault(id(t), t.clone()) for t in self.valid]  # keeps `fill` mode's sharing
+        return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], valid, list(self.all_valid),
+                       self.pad.clone(), self.mode, self.length)
+
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]

@@ -1,0 +1,233 @@
+"""`skipbench cosine`: hidden-state fidelity of early exit vs uniform vs random skipping (Glavas et al. Sec. 3.1).
+
+For each item the full model's greedy response (or the reference, `--teacher reference`) is fed back
+teacher-forced, the prompt at full depth. Every strategy and cost then gives, per response token:
+
+* cos_final      cosine of the last layer's output state with the full model's;
+* cos_layerwise  mean over layers 1..L-1 of the cosine of the state entering each layer (what that layer
+                 caches K/V from) with the full model's — the KV-cache propagation error;
+* kl_next        KL(p_full || p_strategy) of the next-token distributions;
+* top1_agree     whether both pick the same next token.
+
+Convention: raw residual-stream states everywhere (no norm applied), named in the manifest. The prompt
+is run once per batch and its cache cloned for every strategy, so only response tokens are recomputed,
+and static plans skip the layers they skip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from skipbench.data import DataSpec, load_items
+from skipbench.engine import Engine, generate
+from skipbench.engine.generate import eos_ids, left_pad, pad_id
+from skipbench.errors import SkipbenchError
+from skipbench.experiments.common import PolicyConfig
+from skipbench.experiments.evaluate import encode_items
+from skipbench.metrics import kl_divergence
+from skipbench.models import load_model
+from skipbench.results import check_out_path, flat_config, manifest, run_id, write_atomic
+
+CONVENTION = "residual (raw residual-stream states entering each layer and after the last; no norm applied)"
+STRATEGIES = ("early-exit", "uniform", "random")
+MEASURES = ("cos_final", "cos_layerwise", "kl_next", "top1_agree")
+CI = "95% t-interval over per-item means (items are the unit)"
+
+
+@dataclass(frozen=True)
+class CosineConfig:
+    model: str
+    data: DataSpec
+    costs: tuple[int, ...] = ()  # empty: about L/5, L/3, L/2, 2L/3, 4L/5
+    strategies: tuple[str, ...] = STRATEGIES
+    seeds: int = 3  # random skipping is repeated with seeds 0..seeds-1
+    per_token: bool = False
+    teacher: str = "full"  # full | reference
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 1024
+    batch_size: int | None = None
+    kv_mode: str = "fill"
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""
+
+
+@dataclass
+class CosineResult:
+    rows: pd.DataFrame
+    agg: pd.DataFrame
+    path: Path
+    agg_path: Path
+    figure: Path | None
+
+
+def default_costs(num_layers: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(num_layers * f)) for f in (0.2, 0.35, 0.5, 0.65, 0.8)}))
+
+
+def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
+    out = []
+    for strategy in cfg.strategies:
+        if strategy not in STRATEGIES:
+            raise SkipbenchError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
+        for cost in cfg.costs or default_costs(num_layers):
+            for seed in range(cfg.seeds if strategy == "random" else 1):
+                _policy(strategy, cost, seed, cfg.per_token).build(num_layers)  # checks the cost
+                out.append((strategy, cost, seed))
+    return out
+
+
+def _policy(strategy: str, cost: int, seed: int, per_token: bool) -> PolicyConfig:
+    return PolicyConfig(name=strategy, cost=cost, exit_layer=cost if strategy == "early-exit" else None,
+                        seed=seed, per_token=per_token)
+
+
+def cosines(h_a: list[torch.Tensor], h_b: list[torch.Tensor]) -> torch.Tensor:
+    """Per-token cosine at every depth: [depth, B, T] (depth L+1: entering each layer, then the output)."""
+    return torch.stack([F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in zip(h_a, h_b)])
+
+
+def measures(full, other, num_layers: int) -> dict[str, torch.Tensor]:
+    cos = cosines(full.hidden, other.hidden)
+    return {
+        "cos_final": cos[num_layers],
+        "cos_layerwise": cos[1:num_layers].mean(0),
+        "kl_next": kl_divergence(full.logits, other.logits),
+        "top1_agree": (full.logits.argmax(-1) == other.logits.argmax(-1)).float(),
+    }
+
+
+def early_exit_from_full(adapter, full, exit_layer: int):
+    """Early exit at E, read off the full pass: with every earlier layer run by every token, the states
+    entering layers <= E and the caches they read are the full model's, so only the head is new."""
+    from skipbench.engine import ForwardOut
+
+    h = full.hidden[exit_layer]
+    hidden = full.hidden[: exit_layer + 1] + [h] * (adapter.num_layers - exit_layer)
+    return ForwardOut(logits=adapter.head(adapter.final_norm(h)), executed=None, hidden=hidden)
+
+
+def teacher_responses(lm, items, encoded, cfg: CosineConfig, batch_size: int) -> list[list[int]]:
+    if cfg.teacher == "reference":
+        return [lm.tokenizer(it.reference, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens] for it in items]
+    if cfg.teacher != "full":
+        raise SkipbenchError(f"--teacher must be 'full' or 'reference', got '{cfg.teacher}'")
+    full = PolicyConfig("full").build(lm.num_layers)
+    stops = eos_ids(lm)
+    out: list[list[int]] = [[] for _ in items]
+    for start in range(0, len(items), batch_size):
+        idx = list(range(start, min(start + batch_size, len(items))))
+        gen = generate(lm, [encoded[i] for i in idx], full, cfg.max_new_tokens)
+        for r, i in enumerate(idx):
+            out[i] = [t for t in gen.tokens[r] if t not in stops]
+    return out
+
+
+@torch.no_grad()
+def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dict]:
+    engine = Engine(lm.adapter, cfg.kv_mode)
+    ids, present = left_pad(prompts, pad_id(lm), lm.device)
+    width = max(map(len, responses))
+    resp = torch.full((len(responses), width), pad_id(lm), dtype=torch.long)
+    for r, toks in enumerate(responses):
+        resp[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+    resp = resp.to(lm.device)
+    cache = engine.new_cache(len(prompts), ids.shape[1] + width, lm.device, lm.dtype)
+    cache.pad = (~present).sum(1)
+    engine.forward(ids, cache, None, present=present, last_only=True)  # the prompt, full depth, once
+    full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
+    rows = []
+    for strategy, cost, seed in plan:
+        if strategy == "early-exit":
+            other = early_exit_from_full(lm.adapter, full, cost)
+        else:
+            policy = _policy(strategy, cost, seed, cfg.per_token).build(lm.num_layers)
+            policy.begin(len(prompts), keys)
+            other = engine.forward(resp, cache.clone(), policy, keep_hidden=True)
+        m = {k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers).items()}
+        for r, toks in enumerate(responses):
+            for t in range(len(toks)):
+                rows.append({"row": r, "token": t, "strategy": strategy, "cost": cost, "seed": seed,
+                             **{k: float(m[k][r, t]) for k in MEASURES}})
+    return rows
+
+
+def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | None = None) -> CosineResult:
+    out = check_out_path(cfg.out)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    plan = passes(cfg, lm.num_layers)
+    items = load_items(cfg.data)
+    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
+    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    if start:
+        start(2 * len(items))
+    responses = []
+    for s in range(0, len(items), batch_size):  # teacher responses, then the teacher-forced passes
+        responses += teacher_responses(lm, items[s : s + batch_size], encoded[s : s + batch_size], cfg, batch_size)
+        if progress:
+            progress(len(items[s : s + batch_size]))
+    rows = []
+    for s in range(0, len(items), batch_size):
+        idx = [i for i in range(s, min(s + batch_size, len(items))) if responses[i]]
+        if idx:
+            batch_rows = run_batch(lm, [encoded[i] for i in idx], [responses[i] for i in idx],
+                                   [items[i].key for i in idx], plan, cfg)
+            for row in batch_rows:
+                row["item_id"] = items[idx[row.pop("row")]].item_id
+            rows += batch_rows
+        if progress:
+            progress(min(batch_size, len(items) - s))
+    if not rows:
+        raise SkipbenchError("no item produced a response to compare on")
+    df = pd.DataFrame(rows)
+    df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
+    rid = run_id(cfg)
+    df.insert(0, "run_id", rid)
+    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "num_layers": lm.num_layers}.items():
+        df[key] = value
+    agg = aggregate(df)
+    agg.insert(0, "run_id", rid)
+    meta = manifest(cfg, str(lm.device), hidden_state_convention=CONVENTION, confidence_interval=CI,
+                    num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated)
+    for key, value in flat_config(cfg).items():
+        if key not in df.columns and key != "out":
+            df[key] = value
+    agg_path = out.with_name(out.stem + "-agg.parquet")
+    from skipbench.plots import cosine_figure
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)
+    write_atomic(agg, agg_path, meta)
+    path = write_atomic(df, out, meta)
+    return CosineResult(df, agg, path, agg_path, figure)
+
+
+def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a Student-t confidence interval (the interval collapses when there is no spread)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (strategy, cost): mean and 95% CI of each measure over per-item means (seeds pooled per item)."""
+    per_item = df.groupby(["strategy", "cost", "item_id"])[list(MEASURES)].mean().reset_index()
+    rows = []
+    for (strategy, cost), g in per_item.groupby(["strategy", "cost"]):
+        row = {"strategy": strategy, "cost": int(cost), "items": len(g)}
+        for m in MEASURES:
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = t_interval(g[m].to_numpy())
+        rows.append(row)
+    return pd.DataFrame(rows)
