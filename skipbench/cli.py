@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any, Optional
 
+import numpy as np
 import typer
 from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from rich.console import Console
@@ -278,6 +279,8 @@ def evaluate(
     dtype: str = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet output (default results/evaluate-<model>-<dataset>.parquet)"),
     resume: bool = typer.Option(True, help="reuse finished (policy, cost) parts of an earlier run"),
+    controller: Optional[str] = typer.Option(None, help="policy controller: folder written by 'controllers train'"),
+    gate: str = typer.Option("sample", help="policy controller: sample (as in the paper) | argmax"),
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
 
@@ -293,7 +296,7 @@ def evaluate(
         policy=policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed, per_token=per_token,
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
-        out=out or default_out("evaluate", model, dataset), resume=resume,
+        out=out or default_out("evaluate", model, dataset), resume=resume, controller=controller, gate=gate,
     )
     with Bar("evaluate") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
@@ -350,6 +353,118 @@ def cosine(
     shown = result.agg[["strategy", "cost", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
     _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
     console.print(f"wrote {result.path}, {result.agg_path.name}, {result.figure.name}")
+
+
+controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
+                              help="Gumbel-softmax skip controllers: hidden-state vs constant input (Glavas et al.).")
+app.add_typer(controllers_app, name="controllers")
+
+
+def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
+                  device, dtype, out):
+    from skipbench.data import DataSpec
+    from skipbench.training import TrainConfig
+
+    return TrainConfig(model=model, data=DataSpec(dataset, split, limit or None), steps=steps, batch_size=batch_size,
+                       lr=lr, seed=seed, loss=loss, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
+                       device=device, dtype=dtype, out=out)
+
+
+class TrainBar(Bar):
+    """Progress with the loss parts and mean executed layers of the last step."""
+
+    def start(self, total, done=0) -> None:
+        super().start(total)
+        self.progress.advance(self.task, done)
+
+    def step(self, rec: dict) -> None:
+        parts = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "seconds"))
+        self.progress.update(self.task, description=parts)
+        self.advance(1)
+
+
+@controllers_app.command("train")
+def controllers_train(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    split: str = typer.Option("train", help="training items (a seeded 70/15/15 split)"),
+    limit: int = typer.Option(0, help="first N training items (0 = all)"),
+    input: str = typer.Option("hidden", help="hidden (the detached hidden state) | constant (all ones)"),
+    alpha: float = typer.Option(4.0, help="weight of the mean fraction of layers executed"),
+    tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
+    steps: int = typer.Option(300),
+    batch_size: int = typer.Option(4),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    loss: str = typer.Option("kl", help="kl (distil the full model's responses) | ce (reference tokens)"),
+    max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
+    max_seq_len: int = typer.Option(256, help="prompt + response tokens per example"),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    out: str = typer.Option("runs/controllers", help="checkpoint folder (resumed when it holds a checkpoint)"),
+) -> None:
+    """Train one set of skip controllers (frozen backbone).
+
+    Example: skipbench controllers train --dataset text --input hidden --alpha 4 --steps 300 --out runs/ctrl-hidden-a4
+    """
+    from skipbench.experiments.controllers import ControllerTrainConfig, run_train
+
+    _quiet_transformers()
+    tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
+                         max_seq_len, device, dtype, out)
+    with TrainBar("train") as bar:
+        result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
+    if result.log:
+        last = result.log[-1]
+        secs = np.median([r["seconds"] for r in result.log])
+        typer.echo(f"step {last['step']}: loss {last['loss']:.4f}, task {last['task']:.4f}, mean layers "
+                   f"{last['layers']:.2f}; median {secs:.2f} s/step; saved to {result.out}")
+
+
+@controllers_app.command("sweep")
+def controllers_sweep(
+    model: str = ModelOpt,
+    dataset: str = DatasetOpt,
+    train_limit: int = typer.Option(0, help="training items (0 = the whole train split)"),
+    eval_limit: int = typer.Option(50, help="held-out test items evaluated per run"),
+    alphas: str = typer.Option("2,4,6,10"),
+    inputs: str = typer.Option("hidden,constant"),
+    seeds: int = typer.Option(3),
+    tau: float = typer.Option(1.0),
+    gate: str = typer.Option("sample"),
+    steps: int = typer.Option(300),
+    batch_size: int = typer.Option(4),
+    lr: float = typer.Option(1e-3),
+    loss: str = typer.Option("kl"),
+    max_new_tokens: int = typer.Option(64),
+    max_seq_len: int = typer.Option(256),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("float32"),
+    out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
+) -> None:
+    """Train and evaluate controllers for every (input, alpha, seed); Figures 1b and 6; hidden vs constant test.
+
+    Example: skipbench controllers sweep --dataset text --alphas 2,4,6,10 --inputs hidden,constant --seeds 3
+    """
+    from skipbench.data import DataSpec
+    from skipbench.experiments.controllers import SweepConfig, run_sweep
+
+    _quiet_transformers()
+    tcfg = _train_config(model, dataset, "train", train_limit, steps, batch_size, lr, 0, loss, max_new_tokens,
+                         max_seq_len, device, dtype, "")
+    cfg = SweepConfig(train=tcfg, eval_data=DataSpec(dataset, "test", eval_limit or None),
+                      inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
+                      alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, gate=gate,
+                      eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
+    with Bar("sweep") as bar:
+        res = run_sweep(cfg, progress=bar.advance, start=bar.start)
+    shown = res["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
+    _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
+    c = res["comparison"]
+    if "p_value" in c:
+        typer.echo(f"hidden vs constant at matched cost: effect {c['hidden_effect']:+.4f} full_rougeL "
+                   f"(SE {c['std_error']:.4f}), t={c['t']:.2f}, p={c['p_value']:.3g} [{c['test']}]")
+    console.print(f"wrote {res['path']}")
 
 
 @app.command()

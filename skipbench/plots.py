@@ -84,3 +84,49 @@ def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+INPUT_STYLE = {"hidden": ("C3", "-", "hidden-state input"), "constant": ("C0", "--", "constant input")}
+
+
+def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:
+    """Figure 1b (cost vs quality per input, 95% CI over seeds) and Figure 6 (per-layer skip ratio)."""
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in zip(axes, ("full_rougeL", "kl"), ("ROUGE-L vs the full model's output", "KL(full || controlled), nats/token")):
+        for input_kind, g in agg.groupby("input"):
+            g = g.sort_values("layers_mean")
+            color, style, name = INPUT_STYLE.get(input_kind, ("C7", "-", input_kind))
+            ax.errorbar(g["layers_mean"], g[metric], xerr=[g["layers_mean"] - g["layers_mean_lo"], g["layers_mean_hi"] - g["layers_mean"]],
+                        yerr=[g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]], fmt="o" + style,
+                        color=color, capsize=3, label=name)
+            for r in g.itertuples():
+                ax.annotate(f"α={r.alpha:g}", (r.layers_mean, getattr(r, metric)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"mean executed layers per token (of {num_layers})")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Skip controllers: hidden state vs constant input (cf. Glavas et al. Fig. 1b); bars: 95% CI over seeds", fontsize=10)
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "-fig1b.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    mean = layers.groupby(["input", "alpha", "layer"])["skip_ratio"].mean().reset_index()
+    alphas = sorted(mean["alpha"].unique())
+    cmap = plt.get_cmap("viridis", max(2, len(alphas)))
+    for (input_kind, alpha), g in mean.groupby(["input", "alpha"]):
+        _, style, name = INPUT_STYLE.get(input_kind, ("C7", "-", input_kind))
+        ax.plot(g["layer"], g["skip_ratio"], style, color=cmap(alphas.index(alpha)), label=f"{name}, α={alpha:g}")
+    ax.set_xlabel("layer (0-based)")
+    ax.set_ylabel("share of tokens skipping the layer")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Per-layer skip ratio of trained controllers (cf. Glavas et al. Fig. 6)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(stem.with_name(stem.name + "-fig6.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths

@@ -97,19 +97,54 @@ class Engine:
             return h
         if self.kv_mode == "none":
             cache.mark([i], _both(gate, real), num_tokens)
-        x = ad.attn_norm(i, h)
-        q, k, v = ad.qkv(i, x, pos)
+        out = h + self.attend(i, h, pos, cache)
+        out = out + ad.mlp_block(i, out)
+        if gate is True:
+            return out
+        # some tokens skip: the layer is computed for all of them, then selected
+        return torch.where(gate[..., None], out, h)
+
+    def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache) -> torch.Tensor:
+        """Attention of layer i for every token of h (writing their K/V): the first residual branch."""
+        ad, num_tokens = self.ad, h.shape[1]
+        q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
         keys, values = cache.write(i, k, v)
         mask = cache.layer_mask(i, num_tokens)
         a = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=ad.scale, is_causal=mask is None and num_tokens > 1, enable_gqa=self.gqa
         )
-        out = h + ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
-        out = out + ad.mlp_block(i, out)
-        if gate is True:
-            return out
-        # some tokens skip: compute-then-select (the gather path lives in the decode step)
-        return torch.where(gate[..., None], out, h)
+        return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
+
+    def forward_soft(self, ids: torch.Tensor, cache: KVCache, gate_fn, layer_fn=None) -> tuple[torch.Tensor, list]:
+        """A differentiable pass for training skip policies, appending `ids` to a (prefilled) cache.
+
+        gate_fn(i, h) returns None (the layer runs) or float gates [B, T] in [0, 1] (straight-through
+        hard samples): h <- g * layer(h) + (1 - g) * h. Only the `fill` KV mode is trainable this way:
+        every token writes the K/V its carried state gives, which is what the blend computes.
+        layer_fn(i, h, pos, cache, gate) replaces the whole gated layer (FlexiDepth's routed layer).
+        Returns the logits and the list of gates used.
+        """
+        if self.kv_mode != "fill":
+            from skipbench.errors import SkipbenchError
+
+            raise SkipbenchError("training skip policies needs --kv-mode fill")
+        ad, num_tokens = self.ad, ids.shape[1]
+        positions = cache.positions(num_tokens)
+        h = ad.embed(ids, positions)
+        pos = ad.position_embeddings(h, positions)
+        cache.mark(range(ad.num_layers), True, num_tokens)
+        gates = []
+        for i in range(ad.num_layers):
+            g = gate_fn(i, h)
+            if g is not None and layer_fn is not None:
+                h = layer_fn(i, h, pos, cache, g)
+            else:
+                out = self.layer(i, h, pos, cache, True, True)
+                h = out if g is None else g[..., None] * out + (1 - g[..., None]) * h
+            if g is not None:
+                gates.append(g)
+        cache.length += num_tokens
+        return ad.head(ad.final_norm(h)), gates
 
 
 def _both(a: Gate, b: Gate) -> Gate:

@@ -16,10 +16,13 @@ class PolicyConfig:
     seed: int = 0
     per_token: bool = False
     first_layer: bool = True
+    controller: str | None = None  # folder of trained controllers (policy "controller")
+    gate: str = "sample"  # controllers at evaluation: sample | argmax
 
     def build(self, num_layers: int) -> Policy:
         opts = PolicyOptions(
             cost=self.cost, exit_layer=self.exit_layer, keep=self.keep, seed=self.seed,
             per_token=self.per_token, first_layer=self.first_layer,
+            extra={"path": self.controller, "gate": self.gate},
         )
         return make_policy(self.name, num_layers, opts)

@@ -131,8 +131,10 @@ def teacher_responses(lm, items, encoded, cfg: CosineConfig, batch_size: int) ->
 
 
 @torch.no_grad()
-def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dict]:
-    engine = Engine(lm.adapter, cfg.kv_mode)
+def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill"):
+    """Teacher-forced passes over the responses, the prompt at full depth once: yields, per variant,
+    (label, {measure: [B, T] array}). A variant is (label, policy) or (label, ("early-exit", E))."""
+    engine = Engine(lm.adapter, kv_mode)
     ids, present = left_pad(prompts, pad_id(lm), lm.device)
     width = max(map(len, responses))
     resp = torch.full((len(responses), width), pad_id(lm), dtype=torch.long)
@@ -143,15 +145,21 @@ def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dic
     cache.pad = (~present).sum(1)
     engine.forward(ids, cache, None, present=present, last_only=True)  # the prompt, full depth, once
     full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
-    rows = []
-    for strategy, cost, seed in plan:
-        if strategy == "early-exit":
-            other = early_exit_from_full(lm.adapter, full, cost)
+    for label, policy in variants:
+        if isinstance(policy, tuple):
+            other = early_exit_from_full(lm.adapter, full, policy[1])
         else:
-            policy = _policy(strategy, cost, seed, cfg.per_token).build(lm.num_layers)
             policy.begin(len(prompts), keys)
             other = engine.forward(resp, cache.clone(), policy, keep_hidden=True)
-        m = {k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers).items()}
+        yield label, {k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers).items()}
+
+
+def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dict]:
+    variants = [((strategy, cost, seed), ("early-exit", cost) if strategy == "early-exit"
+                 else _policy(strategy, cost, seed, cfg.per_token).build(lm.num_layers))
+                for strategy, cost, seed in plan]
+    rows = []
+    for (strategy, cost, seed), m in compare_to_full(lm, prompts, responses, keys, variants, cfg.kv_mode):
         for r, toks in enumerate(responses):
             for t in range(len(toks)):
                 rows.append({"row": r, "token": t, "strategy": strategy, "cost": cost, "seed": seed,

@@ -45,6 +45,11 @@ class EvalConfig:
     dtype: str = "auto"
     out: str = ""
     resume: bool = True
+    controller: str | None = None  # policy "controller": folder of trained controllers
+    gate: str = "sample"  # policy "controller": sample | argmax
+
+
+LEARNED = ("controller",)  # policies without a nominal cost: `cost` is their measured mean, rounded
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
 
 def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
     pts = [Point("full", num_layers)]
-    if cfg.policy != "full":
+    if cfg.policy in LEARNED:
+        pts.append(Point(cfg.policy, 0))
+    elif cfg.policy != "full":
         for c in cfg.costs or default_costs(num_layers):
             pts.append(Point(cfg.policy, c))
     for p in pts:  # every point is checked before any generation starts
@@ -80,8 +87,9 @@ def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
 
 
 def policy_config(cfg: EvalConfig, p: Point) -> PolicyConfig:
-    return PolicyConfig(name=p.policy, cost=p.cost, exit_layer=p.cost if p.policy == "early-exit" else None,
-                        seed=cfg.seed, per_token=cfg.per_token)
+    return PolicyConfig(name=p.policy, cost=p.cost if p.policy not in LEARNED else None,
+                        exit_layer=p.cost if p.policy == "early-exit" else None, seed=cfg.seed,
+                        per_token=cfg.per_token, controller=cfg.controller, gate=cfg.gate)
 
 
 def part_path(cfg: EvalConfig, p: Point) -> Path:
@@ -113,7 +121,10 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, pr
             rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])))
         if progress:
             progress(len(idx))
-    return pd.DataFrame(rows).sort_values("item_id", kind="stable").reset_index(drop=True)
+    df = pd.DataFrame(rows).sort_values("item_id", kind="stable").reset_index(drop=True)
+    if p.policy in LEARNED:  # no nominal cost: the measured mean executed layers, rounded
+        df["cost"] = int(round(df["layers_mean"].mean()))
+    return df
 
 
 def _row(lm, item: Item, p: Point, tokens: list[int], layers: list[list[int]], prompt_tokens: int) -> dict:
@@ -132,10 +143,11 @@ def _row(lm, item: Item, p: Point, tokens: list[int], layers: list[list[int]], p
 
 
 def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | None = None,
-        start: Callable | None = None) -> EvalResult:
-    """progress(n) after each batch; on_part(point) after each finished part; start(total) once."""
+        start: Callable | None = None, lm: LoadedModel | None = None) -> EvalResult:
+    """progress(n) after each batch; on_part(point) after each finished part; start(total) once.
+    `lm`: an already loaded model (sweeps reuse one)."""
     out = check_out_path(cfg.out)
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     pts = points(cfg, lm.num_layers)
     items = load_items(cfg.data)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)

@@ -1,0 +1,169 @@
+"""`skipbench controllers train | sweep`: Gumbel skip controllers, hidden-state vs constant input.
+
+train: controllers for one (input, alpha, seed), saved as safetensors + JSON (resumable).
+sweep: train every (input, alpha, seed), evaluate each on held-out items (`evaluate --policy controller`
+plus a teacher-forced KL pass), then aggregate: Figure 1b (cost vs quality, hidden vs constant),
+Figure 6 (per-layer skip ratio), and a test of whether the hidden state helps at matched cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from skipbench.data import DataSpec, load_items
+from skipbench.engine.generate import eos_ids
+from skipbench.errors import SkipbenchError
+from skipbench.experiments import evaluate as ev
+from skipbench.experiments.cosine import compare_to_full, t_interval
+from skipbench.models import load_model
+from skipbench.policies.controller import INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers
+from skipbench.results import check_out_path, manifest, run_id, write_atomic
+from skipbench.training import TrainConfig, TrainResult, train
+
+
+@dataclass(frozen=True)
+class ControllerTrainConfig:
+    train: TrainConfig
+    input: str = "hidden"
+    alpha: float = 4.0
+    tau: float = 1.0
+
+
+def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
+    lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
+    hidden = lm.model.config.hidden_size
+    method = ControllerMethod(Controllers(hidden, lm.num_layers, cfg.input), cfg.alpha, cfg.tau)
+    return train(lm, method, cfg.train, progress, start)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    train: TrainConfig  # model, training data (split train), steps, batch size, ...
+    eval_data: DataSpec  # held-out items (split test)
+    inputs: tuple[str, ...] = INPUTS
+    alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 10.0)
+    seeds: int = 3
+    tau: float = 1.0
+    gate: str = "sample"
+    eval_max_new_tokens: int = 64
+    out: str = ""
+
+
+def run_dir(cfg: SweepConfig, input_kind: str, alpha: float, seed: int) -> Path:
+    out = Path(cfg.out)
+    return out.with_name(out.stem + ".runs") / f"{input_kind}-a{alpha:g}-s{seed}"
+
+
+def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callable | None = None) -> dict:
+    out = check_out_path(cfg.out)
+    bad = [i for i in cfg.inputs if i not in INPUTS]
+    if bad or not cfg.alphas or cfg.seeds < 1:
+        raise SkipbenchError(f"sweep needs inputs from {', '.join(INPUTS)}, at least one alpha and --seeds >= 1")
+    lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
+    grid = [(i, a, s) for i in cfg.inputs for a in cfg.alphas for s in range(cfg.seeds)]
+    if start:
+        start(len(grid))
+    frames, layer_rows = [], []
+    for input_kind, alpha, seed in grid:
+        folder = run_dir(cfg, input_kind, alpha, seed)
+        tcfg = replace(cfg.train, seed=seed, out=str(folder))
+        run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau), lm)
+        rows = evaluate_run(cfg, lm, folder, seed)
+        rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed
+        frames.append(rows)
+        use = np.stack(rows["layer_use"].to_numpy()).sum(0) / max(1, rows["skipped_tokens"].sum())
+        layer_rows += [{"input": input_kind, "alpha": alpha, "seed": seed, "layer": l, "skip_ratio": 1 - u}
+                       for l, u in enumerate(use)]
+        if progress:
+            progress(1)
+    items = pd.concat(frames, ignore_index=True)
+    items.insert(0, "run_id", run_id(cfg))
+    layers = pd.DataFrame(layer_rows)
+    agg = aggregate(items)
+    test = compare_inputs(items)
+    meta = manifest(cfg, str(lm.device), comparison=test, confidence_interval="95% t-interval over seed means",
+                    cost_term="alpha * mean fraction of layers executed per response token")
+    from skipbench.plots import controller_figures
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = controller_figures(agg, layers, lm.num_layers, out.with_name(out.stem))
+    write_atomic(layers, out.with_name(out.stem + "-layers.parquet"))
+    write_atomic(agg, out.with_name(out.stem + "-agg.parquet"))
+    path = write_atomic(items, out, meta)
+    return {"items": items, "agg": agg, "layers": layers, "comparison": test, "path": path, "figures": figures}
+
+
+def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
+    """Generation quality (evaluate) and teacher-forced KL of one trained controller on held-out items."""
+    ecfg = ev.EvalConfig(model=cfg.train.model, data=cfg.eval_data, policy="controller", controller=str(folder),
+                         gate=cfg.gate, seed=seed, max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
+                         dtype=cfg.train.dtype, out=str(folder / "eval.parquet"))
+    rows = ev.run(ecfg, lm=lm).rows
+    rows = rows[rows["policy"] == "controller"].copy()
+    rows["kl"] = rows["item_id"].map(kl_per_item(cfg, lm, folder, seed, rows))
+    return rows[["item_id", "subtask", "layers_mean", "layer_use", "skipped_tokens", "rougeL", "full_rougeL", "kl"]]
+
+
+def kl_per_item(cfg: SweepConfig, lm, folder: Path, seed: int, rows: pd.DataFrame) -> dict:
+    """KL(p_full || p_controller) averaged over the full model's response tokens, per item."""
+    items = {it.item_id: it for it in load_items(cfg.eval_data)}
+    full_out = pd.read_parquet(folder / "eval.parquet")
+    full_out = full_out[full_out["policy"] == "full"].set_index("item_id")["output"]
+    controllers, meta = load_controllers(str(folder))
+    policy = ControllerPolicy(controllers, cfg.gate, seed, meta.get("tau", 1.0))
+    from skipbench.data.prompts import encode_prompt
+
+    stops, out = eos_ids(lm), {}
+    responses = {i: [t for t in lm.tokenizer(full_out[i], add_special_tokens=False)["input_ids"] if t not in stops]
+                 for i in rows["item_id"] if i in items}
+    ids = [i for i, r in responses.items() if r]  # an empty full response leaves nothing to compare (KL NaN)
+    for s in range(0, len(ids), 8):
+        chunk = ids[s : s + 8]
+        prompts = [encode_prompt(lm.tokenizer, items[i].prompt) for i in chunk]
+        resp = [responses[i] for i in chunk]
+        for _, m in compare_to_full(lm, prompts, resp, [items[i].key for i in chunk], [("c", policy)]):
+            for r, i in enumerate(chunk):
+                out[i] = float(m["kl_next"][r, : len(resp[r])].mean())
+    return out
+
+
+def aggregate(items: pd.DataFrame) -> pd.DataFrame:
+    """Per (input, alpha): means with 95% t-intervals over seeds (each seed: its mean over items)."""
+    per_seed = items.groupby(["input", "alpha", "seed"])[["layers_mean", "rougeL", "full_rougeL", "kl"]].mean().reset_index()
+    rows = []
+    for (input_kind, alpha), g in per_seed.groupby(["input", "alpha"]):
+        row = {"input": input_kind, "alpha": alpha, "seeds": len(g)}
+        for m in ("layers_mean", "rougeL", "full_rougeL", "kl"):
+            row[m], row[f"{m}_lo"], row[f"{m}_hi"] = t_interval(g[m].to_numpy())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL") -> dict:
+    """Does the hidden-state input help at matched cost? OLS of the per-item metric on executed layers plus
+    an indicator of the hidden input (an ANCOVA); the indicator's coefficient, its t statistic and p-value."""
+    from scipy.stats import t as student_t
+
+    d = items.dropna(subset=[metric, "layers_mean"])
+    if d["input"].nunique() < 2:
+        return {"test": "ols", "note": "needs both inputs"}
+    X = np.column_stack([np.ones(len(d)), d["layers_mean"].to_numpy(), (d["input"] == "hidden").to_numpy(float)])
+    y = d[metric].to_numpy()
+    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ beta
+    dof = len(y) - X.shape[1]
+    if dof <= 0:
+        return {"test": "ols", "note": "too few rows"}
+    sigma2 = resid @ resid / dof
+    cov = sigma2 * np.linalg.pinv(X.T @ X)
+    se = float(np.sqrt(cov[2, 2]))
+    tstat = float(beta[2] / se) if se > 0 else float("nan")
+    p = float(2 * student_t.sf(abs(tstat), dof)) if se > 0 else float("nan")
+    return {"test": f"OLS {metric} ~ 1 + layers_mean + hidden (ANCOVA over items x seeds x alphas)",
+            "hidden_effect": float(beta[2]), "std_error": se, "t": tstat, "p_value": p, "dof": int(dof),
+            "rows": int(len(y))}

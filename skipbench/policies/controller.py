@@ -1,0 +1,143 @@
+"""Gumbel-softmax skip controllers (Glavas et al. Sec. 3.2, App. A.4).
+
+One linear controller per gated layer (every layer but the first and the last) maps its input to two
+logits (skip, execute). Input `hidden`: the detached hidden state entering the layer; input
+`constant`: an all-ones vector of the same size, which can only learn a per-layer skip rate.
+Training uses straight-through hard Gumbel samples at temperature tau; evaluation samples (`sample`,
+as in the paper) or thresholds (`argmax`).
+
+Cost term: alpha times the mean *fraction* of layers executed per response token (first and last layer
+included), so alpha is in units of "loss per 100% of the depth".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipbench.errors import SkipbenchError
+from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions
+
+INPUTS = ("hidden", "constant")
+GATES = ("sample", "argmax")
+
+
+class Controllers(nn.Module):
+    def __init__(self, hidden_size: int, num_layers: int, input_kind: str = "hidden", init_execute: float = 3.0) -> None:
+        super().__init__()
+        if input_kind not in INPUTS:
+            raise SkipbenchError(f"--input must be one of {', '.join(INPUTS)}, got '{input_kind}'")
+        if num_layers < 3:
+            raise SkipbenchError("skip controllers need a model of at least 3 layers (the first and last always run)")
+        self.input_kind, self.num_layers, self.hidden_size = input_kind, num_layers, hidden_size
+        self.gated = list(range(1, num_layers - 1))
+        self.linears = nn.ModuleList([nn.Linear(hidden_size, 2) for _ in self.gated])
+        with torch.no_grad():  # start close to the full model: execute with probability ~0.95
+            for lin in self.linears:
+                lin.weight.mul_(0.01)
+                lin.bias.copy_(torch.tensor([0.0, init_execute]))
+        self.slot = {layer: j for j, layer in enumerate(self.gated)}
+
+    def logits(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        lin = self.linears[self.slot[layer]]
+        if self.input_kind == "constant":
+            x = torch.ones(hidden.shape, dtype=lin.weight.dtype, device=hidden.device)
+        else:
+            x = hidden.detach().to(lin.weight.dtype)
+        return lin(x)
+
+
+class ControllerMethod:
+    """The trainable side, for skipbench.training."""
+
+    kind = "controllers"
+    layer_fn = None
+
+    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0) -> None:
+        if tau <= 0:
+            raise SkipbenchError(f"--tau must be > 0, got {tau}")
+        self.controllers, self.alpha, self.tau = controllers, alpha, tau
+
+    def module(self) -> nn.Module:
+        return self.controllers
+
+    def gate_fn(self):
+        c = self.controllers
+
+        def gate(layer: int, hidden: torch.Tensor):
+            if layer not in c.slot:
+                return None
+            return F.gumbel_softmax(c.logits(layer, hidden), tau=self.tau, hard=True)[..., 1].to(hidden.dtype)
+
+        return gate
+
+    def regulariser(self, gates, mask):
+        m = mask.to(gates[0].dtype)
+        executed = torch.stack(gates).sum(0) + (self.controllers.num_layers - len(gates))
+        frac = (executed * m).sum() / m.sum() / self.controllers.num_layers
+        return self.alpha * frac, {"layers": float(frac.detach()) * self.controllers.num_layers}
+
+    def config(self) -> dict:
+        c = self.controllers
+        return {"input": c.input_kind, "alpha": self.alpha, "tau": self.tau, "hidden_size": c.hidden_size,
+                "num_layers": c.num_layers, "gated_layers": c.gated,
+                "cost_term": "alpha * mean fraction of layers executed per response token"}
+
+
+class ControllerPolicy(Policy):
+    """Trained controllers deciding per token at evaluation time."""
+
+    static = False
+
+    def __init__(self, controllers: Controllers, gate: str = "sample", seed: int = 0, tau: float = 1.0) -> None:
+        super().__init__(controllers.num_layers)
+        if gate not in GATES:
+            raise SkipbenchError(f"--gate must be one of {', '.join(GATES)}, got '{gate}'")
+        self.c, self.mode, self.seed, self.tau = controllers.eval(), gate, seed, tau
+        self.name = f"controller-{controllers.input_kind}"
+        self._gen: torch.Generator | None = None
+
+    def begin(self, batch_size: int, row_keys=None) -> None:
+        self._gen = None
+
+    @torch.no_grad()
+    def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
+        if layer not in self.c.slot:
+            return True
+        if next(self.c.parameters()).device != hidden.device:
+            self.c.to(hidden.device)
+        logits = self.c.logits(layer, hidden).float()
+        if self.mode == "argmax":
+            run = logits[..., 1] > logits[..., 0]
+        else:  # hard Gumbel sample: the argmax of noisy logits (tau does not change the argmax)
+            if self._gen is None:
+                self._gen = torch.Generator(device=hidden.device).manual_seed(self.seed)
+            u = torch.rand(logits.shape, generator=self._gen, device=hidden.device).clamp_(1e-10, 1 - 1e-10)
+            noisy = logits - torch.log(-torch.log(u))
+            run = noisy[..., 1] > noisy[..., 0]
+        if bool(run.all()):
+            return True
+        if not bool(run.any()):
+            return False
+        return run
+
+
+def load_controllers(path: str) -> tuple[Controllers, dict]:
+    from skipbench.training import load_checkpoint
+
+    meta, weights = load_checkpoint(path, "controllers")
+    c = Controllers(meta["hidden_size"], meta["num_layers"], meta["input"])
+    c.load_state_dict(weights)
+    return c, meta
+
+
+@POLICIES.register("controller")
+def controller(num_layers: int, opts: PolicyOptions) -> Policy:
+    path = opts.extra.get("path")
+    if not path:
+        raise SkipbenchError("policy 'controller' needs --controller DIR (a folder written by 'controllers train')")
+    c, meta = load_controllers(path)
+    if c.num_layers != num_layers:
+        raise SkipbenchError(f"controllers in '{path}' were trained for {c.num_layers} layers; this model has {num_layers}")
+    return ControllerPolicy(c, opts.extra.get("gate", "sample"), opts.seed, meta.get("tau", 1.0))

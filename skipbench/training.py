@@ -1,0 +1,219 @@
+"""The training loop shared by skip controllers (Glavas et al.) and FlexiDepth routers.
+
+A `Method` owns the trainable modules, the gate function of the differentiable pass and its loss
+term; this module owns the rest: items, the full model's responses (distillation needs no labels),
+batching, the full-depth prompt prefill, the task loss, AdamW, checkpoints and resuming.
+
+Training runs on response tokens only. The prompt runs at full depth and nothing trainable reads it
+(gate inputs are detached), so it is prefilled once per batch without gradients — exactly the same
+numbers as a pass over the whole sequence, at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from skipbench.data import DataSpec, load_items
+from skipbench.data.prompts import encode_prompt
+from skipbench.engine import Engine, generate
+from skipbench.engine.generate import eos_ids, left_pad, pad_id
+from skipbench.errors import SkipbenchError
+from skipbench.metrics import kl_divergence
+from skipbench.models.loading import LoadedModel
+from skipbench.policies import make_policy
+from skipbench.results import config_dict
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    data: DataSpec
+    steps: int = 300
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 0
+    loss: str = "kl"  # kl: distil from the full model's own responses | ce: reference tokens
+    max_new_tokens: int = 64  # length of the full model's responses used as training data
+    max_seq_len: int = 256  # prompt + response tokens per example
+    save_every: int = 50
+    device: str = "auto"
+    dtype: str = "float32"
+    out: str = ""
+
+
+class Method:
+    """What a trainable skip method provides to the loop."""
+
+    kind: str = "method"
+
+    def module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def gate_fn(self) -> Callable:
+        raise NotImplementedError
+
+    layer_fn: Callable | None = None
+
+    def regulariser(self, gates: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+
+@dataclass
+class Example:
+    prompt: list[int]
+    response: list[int]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    log: list[dict] = field(default_factory=list)
+    out: Path | None = None
+
+
+def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list[Example]:
+    """Prompts with the full model's greedy responses (loss kl) or the references (loss ce)."""
+    if cfg.loss not in ("kl", "ce"):
+        raise SkipbenchError(f"--loss must be 'kl' or 'ce', got '{cfg.loss}'")
+    items = load_items(cfg.data)
+    prompts = [encode_prompt(lm.tokenizer, it.prompt) for it in items]
+    keep = [i for i, p in enumerate(prompts) if len(p) < cfg.max_seq_len - 1]
+    if not keep:
+        raise SkipbenchError(f"every prompt is longer than --max-seq-len {cfg.max_seq_len}")
+    if cfg.loss == "ce":
+        responses = {i: lm.tokenizer(items[i].reference, add_special_tokens=False)["input_ids"] for i in keep}
+    else:
+        responses = _teacher(lm, items, prompts, keep, cfg, cache_file)
+    out = []
+    for i in keep:
+        resp = responses[i][: cfg.max_seq_len - len(prompts[i])]
+        if len(resp) >= 2:
+            out.append(Example(prompts[i], resp))
+    if not out:
+        raise SkipbenchError("no training example has a response of at least 2 tokens")
+    return out
+
+
+def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None) -> dict[int, list[int]]:
+    cached = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    todo = [i for i in keep if items[i].item_id not in cached]
+    full, stops = make_policy("full", lm.num_layers), eos_ids(lm)
+    for s in range(0, len(todo), 8):
+        idx = todo[s : s + 8]
+        gen = generate(lm, [prompts[i] for i in idx], full, cfg.max_new_tokens)
+        for r, i in enumerate(idx):
+            cached[items[i].item_id] = [t for t in gen.tokens[r] if t not in stops]
+    if cache_file is not None and todo:
+        cache_file.write_text(json.dumps(cached))
+    return {i: cached[items[i].item_id] for i in keep}
+
+
+def batch_tensors(lm, batch: list[Example]):
+    ids, present = left_pad([e.prompt for e in batch], pad_id(lm), lm.device)
+    width = max(len(e.response) for e in batch)
+    resp = torch.full((len(batch), width), pad_id(lm), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.bool)
+    for r, e in enumerate(batch):
+        resp[r, : len(e.response)] = torch.tensor(e.response)
+        mask[r, : len(e.response)] = True
+    return ids, present, resp.to(lm.device), mask.to(lm.device)
+
+
+def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str):
+    """One differentiable pass over the responses; returns (loss, parts)."""
+    ids, present, resp, mask = batch_tensors(lm, batch)
+    with torch.no_grad():
+        cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
+        cache.pad = (~present).sum(1)
+        engine.forward(ids, cache, None, present=present, last_only=True)
+        target = engine.forward(resp, cache.clone(), None).logits if loss_kind == "kl" else None
+    logits, gates = engine.forward_soft(resp, cache, method.gate_fn(), method.layer_fn)
+    if loss_kind == "kl":  # KL(p_hat || p_full) at every response position
+        per_token, weight = kl_divergence(logits, target), mask
+    else:  # next-token cross-entropy on the response
+        per_token = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), resp[:, 1:].flatten(),
+                                                reduction="none").view(len(batch), -1)
+        weight = mask[:, 1:] & mask[:, :-1]
+        per_token = torch.cat([per_token, torch.zeros_like(per_token[:, :1])], 1)
+        weight = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1)
+    task = (per_token * weight).sum() / weight.sum()
+    reg, parts = method.regulariser(gates, mask)
+    return task + reg, {"task": float(task.detach()), **parts}
+
+
+def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable | None = None,
+          start: Callable | None = None) -> TrainResult:
+    """Train `method` for cfg.steps steps, saving to cfg.out every save_every steps (resumable)."""
+    from safetensors.torch import load_file, save_file
+
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise SkipbenchError("--steps and --batch-size must be >= 1")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    module = method.module().to(lm.device)
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
+    done, log = 0, []
+    state_file = out / "trainer.pt"
+    if state_file.exists() and (out / "weights.safetensors").exists():
+        module.load_state_dict(load_file(out / "weights.safetensors", device=str(lm.device)))
+        state = torch.load(state_file, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        done, log = state["step"], state["log"]
+    data = examples(lm, cfg, out / "teacher.json")
+    engine = Engine(lm.adapter, "fill")
+    if start:
+        start(cfg.steps, done)
+    module.train()
+    for step in range(done, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])  # the batch depends on the step alone: resumable
+        batch = [data[i] for i in rng.choice(len(data), size=min(cfg.batch_size, len(data)), replace=False)]
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise per step, also after a resume
+        t0 = time.perf_counter()
+        loss, parts = step_loss(lm, engine, method, batch, cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append({"step": step + 1, "loss": float(loss), **parts, "seconds": time.perf_counter() - t0})
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            _save(out, module, opt, step + 1, log, method, cfg, save_file)
+        if progress:
+            progress(log[-1])
+    module.eval()
+    return TrainResult(cfg.steps, log, out)
+
+
+def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file) -> None:
+    tmp = out / "weights.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(out / "weights.safetensors")
+    meta = {"kind": method.kind, **method.config(), "train": config_dict(cfg), "step": step}
+    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, default=str))
+    (out / "config.json.tmp").replace(out / "config.json")
+    torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, out / "trainer.pt.tmp")
+    (out / "trainer.pt.tmp").replace(out / "trainer.pt")
+
+
+def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
+    """(config, weights) of a saved method; a clear error when the folder is not one."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    cfg_file, weights = folder / "config.json", folder / "weights.safetensors"
+    if not cfg_file.exists() or not weights.exists():
+        raise SkipbenchError(f"'{path}' is not a trained {kind} folder (needs config.json and weights.safetensors)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("kind") != kind:
+        raise SkipbenchError(f"'{path}' holds a '{meta.get('kind')}' checkpoint, not '{kind}'")
+    return meta, load_file(str(weights))
