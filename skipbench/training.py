@@ -61,6 +61,7 @@ class Method:
         raise NotImplementedError
 
     layer_fn: Callable | None = None
+    kv_mode: str = "fill"
 
     def regulariser(self, gates: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
@@ -137,6 +138,7 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
         cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
         cache.pad = (~present).sum(1)
         engine.forward(ids, cache, None, present=present, last_only=True)
+        # the distillation target: every layer runs, so the KV mode of the cache does not matter
         target = engine.forward(resp, cache.clone(), None).logits if loss_kind == "kl" else None
     logits, gates = engine.forward_soft(resp, cache, method.gate_fn(), method.layer_fn)
     if loss_kind == "kl":  # KL(p_hat || p_full) at every response position
@@ -172,7 +174,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
     data = examples(lm, cfg, out / "teacher.json")
-    engine = Engine(lm.adapter, "fill")
+    engine = Engine(lm.adapter, method.kv_mode)
     if start:
         start(cfg.steps, done)
     module.train()
@@ -185,7 +187,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step + 1, "loss": float(loss), **parts, "seconds": time.perf_counter() - t0})
+        log.append({"step": step + 1, "loss": float(loss.detach()), **parts, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             _save(out, module, opt, step + 1, log, method, cfg, save_file)
         if progress:

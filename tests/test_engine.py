@@ -179,3 +179,24 @@ def test_sampling_is_reproducible_from_seed(tokenizer):
     greedy = generate(lm, ps, full, 12)
     assert a.tokens == b.tokens
     assert a.tokens != c.tokens or a.tokens != greedy.tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("policy_name", ["random-seq", "random-token", "sign"])
+def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer):
+    """--impl gather and --impl mask give identical tokens and per-token layer records for the same gates."""
+    lm = lm_for(family, tokenizer)
+    ps = prompts(tokenizer, 4)
+
+    def make():
+        if policy_name == "sign":
+            return SignGate(lm.num_layers)
+        return make_policy("random", lm.num_layers, PolicyOptions(cost=3, seed=2, per_token=policy_name == "random-token"))
+
+    runs = {}
+    for impl in ("gather", "mask"):
+        runs[impl] = generate(lm, ps, make(), 12, kv_mode=kv_mode, impl=impl)
+    assert runs["gather"].tokens == runs["mask"].tokens
+    assert runs["gather"].layers == runs["mask"].layers
+    assert any(len(rec) < lm.num_layers for row in runs["gather"].layers for rec in row)

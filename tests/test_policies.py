@@ -71,7 +71,7 @@ def test_invalid_costs(cost):
 
 
 def test_unknown_policy_lists_known():
-    with pytest.raises(SkipbenchError, match="known: early-exit, full, layers, random, uniform"):
+    with pytest.raises(SkipbenchError, match="known: controller, early-exit, flexidepth, full, layers, random, uniform"):
         make_policy("nope", 10)
 
 

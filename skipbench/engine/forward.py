@@ -25,14 +25,23 @@ class ForwardOut:
     hidden: list[torch.Tensor] | None  # the residual stream entering each layer, plus the last one
 
 
-class Engine:
-    def __init__(self, adapter: Adapter, kv_mode: str = "fill") -> None:
-        if kv_mode not in ("fill", "none"):
-            from skipbench.errors import SkipbenchError
+IMPLS = ("gather", "mask")
 
+
+class Engine:
+    """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
+    for every token and then selects (kept to measure what gathering saves; both give the same tokens)."""
+
+    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "gather") -> None:
+        from skipbench.errors import SkipbenchError
+
+        if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
+        if impl not in IMPLS:
+            raise SkipbenchError(f"--impl must be 'gather' or 'mask', got '{impl}'")
         self.ad = adapter
         self.kv_mode = kv_mode
+        self.impl = impl
         self.gqa = adapter.num_heads != adapter.num_kv_heads
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
@@ -71,12 +80,16 @@ class Engine:
         for i in range(ad.num_layers):
             if keep_hidden:
                 hidden.append(h)
-            gate = True if policy is None else policy.gate(i, h)
-            if skippable is not None and gate is not True:
-                gate = skippable.logical_not() | gate
+            own = policy.layer(self, i, h, pos, cache, real) if policy is not None else None
+            if own is not None:  # the policy runs this layer itself (FlexiDepth's routed layers)
+                h, gate = own
+            else:
+                gate = True if policy is None else policy.gate(i, h)
+                if skippable is not None and gate is not True:
+                    gate = skippable.logical_not() | gate
+                h = self.layer(i, h, pos, cache, gate, real)
             if record:
                 executed[:, :, i] = gate
-            h = self.layer(i, h, pos, cache, gate, real)
 
         if keep_hidden:
             hidden.append(h)
@@ -97,6 +110,8 @@ class Engine:
             return h
         if self.kv_mode == "none":
             cache.mark([i], _both(gate, real), num_tokens)
+        if gate is not True and self.impl == "gather":
+            return self._gathered(i, h, pos, cache, gate)
         out = h + self.attend(i, h, pos, cache)
         out = out + ad.mlp_block(i, out)
         if gate is True:
@@ -104,12 +119,39 @@ class Engine:
         # some tokens skip: the layer is computed for all of them, then selected
         return torch.where(gate[..., None], out, h)
 
-    def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache) -> torch.Tensor:
-        """Attention of layer i for every token of h (writing their K/V): the first residual branch."""
+    def _gathered(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: torch.Tensor) -> torch.Tensor:
+        """Attention for the rows with a running token, the MLP for the running tokens only, scattered back.
+        Rows where every token skips only get their K/V (`fill`) or nothing (`none`)."""
+        ad = self.ad
+        row_runs = gate.any(1)
+        rows = row_runs.nonzero().flatten()
+        if self.kv_mode == "fill" and rows.numel() < h.shape[0]:
+            others = (~row_runs).nonzero().flatten()
+            cache.write(i, *ad.kv(i, ad.attn_norm(i, h[others]), _take(pos, others)), rows=others)
+        if rows.numel() == 0:
+            return h
+        every_row = rows.numel() == h.shape[0]
+        hr = h if every_row else h[rows]
+        hr_attn = hr + (self.attend(i, hr, pos, cache) if every_row else self.attend(i, hr, _take(pos, rows), cache, rows))
+        g = gate if every_row else gate[rows]
+        if bool(g.all()):
+            hr_out = hr_attn + ad.mlp_block(i, hr_attn)
+        else:  # per-token: the MLP runs on the routed tokens only; the others keep their state
+            sel = g.nonzero(as_tuple=True)
+            x = hr_attn[sel]
+            hr_out = hr.index_put(sel, x + ad.mlp_block(i, x))
+        return hr_out if every_row else h.index_copy(0, rows, hr_out)
+
+    def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of layer i for every token of h (writing their K/V): the first residual branch.
+        `rows`: h holds only these rows of the batch."""
         ad, num_tokens = self.ad, h.shape[1]
         q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
-        keys, values = cache.write(i, k, v)
+        keys, values = cache.write(i, k, v, rows)
         mask = cache.layer_mask(i, num_tokens)
+        if rows is not None:
+            keys, values = keys[rows], values[rows]
+            mask = None if mask is None else mask[rows]
         a = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, scale=ad.scale, is_causal=mask is None and num_tokens > 1, enable_gqa=self.gqa
         )
@@ -121,23 +163,24 @@ class Engine:
         gate_fn(i, h) returns None (the layer runs) or float gates [B, T] in [0, 1] (straight-through
         hard samples): h <- g * layer(h) + (1 - g) * h. Only the `fill` KV mode is trainable this way:
         every token writes the K/V its carried state gives, which is what the blend computes.
-        layer_fn(i, h, pos, cache, gate) replaces the whole gated layer (FlexiDepth's routed layer).
+        layer_fn(engine, i, h, pos, cache, gate) replaces the whole gated layer (FlexiDepth's routed layer).
         Returns the logits and the list of gates used.
         """
-        if self.kv_mode != "fill":
+        if self.kv_mode != "fill" and layer_fn is None:
             from skipbench.errors import SkipbenchError
 
-            raise SkipbenchError("training skip policies needs --kv-mode fill")
+            raise SkipbenchError("training skip controllers needs --kv-mode fill")
         ad, num_tokens = self.ad, ids.shape[1]
         positions = cache.positions(num_tokens)
         h = ad.embed(ids, positions)
         pos = ad.position_embeddings(h, positions)
-        cache.mark(range(ad.num_layers), True, num_tokens)
+        if self.kv_mode == "fill":
+            cache.mark(range(ad.num_layers), True, num_tokens)
         gates = []
         for i in range(ad.num_layers):
             g = gate_fn(i, h)
             if g is not None and layer_fn is not None:
-                h = layer_fn(i, h, pos, cache, g)
+                h = layer_fn(self, i, h, pos, cache, g)
             else:
                 out = self.layer(i, h, pos, cache, True, True)
                 h = out if g is None else g[..., None] * out + (1 - g[..., None]) * h
@@ -145,6 +188,13 @@ class Engine:
                 gates.append(g)
         cache.length += num_tokens
         return ad.head(ad.final_norm(h)), gates
+
+
+def _take(pos, rows: torch.Tensor):
+    """Position embeddings of some rows (a (cos, sin) pair for rotary models, None for OPT)."""
+    if pos is None:
+        return None
+    return tuple(p[rows] for p in pos)
 
 
 def _both(a: Gate, b: Gate) -> Gate:

@@ -94,6 +94,7 @@ def generate(
     row_keys: list[int] | None = None,
     stop_at_eos: bool = True,
     prompt_depth: str = "full",
+    impl: str = "gather",
 ) -> Generation:
     """Greedy or sampled decoding of left-padded prompts under `policy`.
 
@@ -106,7 +107,7 @@ def generate(
         raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     if any(len(p) == 0 for p in prompts):
         raise SkipbenchError("empty prompt: every prompt needs at least one token")
-    engine = Engine(lm.adapter, kv_mode)
+    engine = Engine(lm.adapter, policy.kv_mode or kv_mode, impl)
     dev = lm.device
     ids, present = left_pad(prompts, pad_id(lm), dev)
     batch, width = ids.shape

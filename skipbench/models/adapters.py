@@ -48,9 +48,15 @@ class Adapter:
     def attn_out(self, i: int, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def mlp_norm(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def mlp_block(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """MLP(Norm(h)), the second residual branch."""
-        raise NotImplementedError
+        return self.mlp(i, self.mlp_norm(i, h))
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -121,9 +127,11 @@ class LlamaAdapter(Adapter):
     def attn_out(self, i, a):
         return self.attn[i].o_proj(a)
 
-    def mlp_block(self, i, h):
-        layer = self.layers[i]
-        return layer.mlp(layer.post_attention_layernorm(h))
+    def mlp_norm(self, i, h):
+        return self.layers[i].post_attention_layernorm(h)
+
+    def mlp(self, i, x):
+        return self.layers[i].mlp(x)
 
     def final_norm(self, h):
         return self.base.norm(h)
@@ -176,9 +184,12 @@ class OPTAdapter(Adapter):
     def attn_out(self, i, a):
         return self.layers[i].self_attn.out_proj(a)
 
-    def mlp_block(self, i, h):
+    def mlp_norm(self, i, h):
+        return self.layers[i].final_layer_norm(h)
+
+    def mlp(self, i, x):
         layer = self.layers[i]
-        return layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(h))))
+        return layer.fc2(layer.activation_fn(layer.fc1(x)))
 
     def final_norm(self, h):
         if self.dec.final_layer_norm is not None:

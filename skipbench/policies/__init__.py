@@ -9,5 +9,6 @@ bools, so skipping a layer costs nothing; per-token policies answer with tensors
 from skipbench.policies.base import Gate, Policy, POLICIES, make_policy, parse_policy_spec
 from skipbench.policies import static as _static  # noqa: F401  (registers the static policies)
 from skipbench.policies import controller as _controller  # noqa: F401  (registers "controller")
+from skipbench.policies import flexidepth as _flexidepth  # noqa: F401  (registers "flexidepth")
 
 __all__ = ["Gate", "Policy", "POLICIES", "make_policy", "parse_policy_spec"]

@@ -32,6 +32,8 @@ class Policy:
     name: str = "policy"
     #: a static policy returns the same python bool for every token of a layer
     static: bool = True
+    #: a KV mode the policy requires (e.g. FlexiDepth trained without K/V for skipped tokens), else None
+    kv_mode: str | None = None
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -44,6 +46,10 @@ class Policy:
 
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
         raise NotImplementedError
+
+    def layer(self, engine, i: int, h: torch.Tensor, pos, cache, real):
+        """A policy may run layer i itself: return (new hidden state, gate recorded), or None (the default)."""
+        return None
 
     def executed_layers(self) -> list[int] | None:
         """For plans that run the same layers for every token: those layers, else None."""

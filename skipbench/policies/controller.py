@@ -53,6 +53,7 @@ class ControllerMethod:
 
     kind = "controllers"
     layer_fn = None
+    kv_mode = "fill"
 
     def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0) -> None:
         if tau <= 0:

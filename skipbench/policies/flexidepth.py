@@ -1,0 +1,178 @@
+"""FlexiDepth (Luo, Wang, Yan): a plug-in router and adapter per routed layer, KV-preserving skipping.
+
+For a routed layer, G = sigmoid(Router(Norm(X))) with Router(z) = W_r (W_up Norm(tanh(W_down z))) (a
+bottleneck of hidden/16; `linear` gives Router(z) = W_r z). A token runs the full layer when G > tau:
+
+    full path  h' = h + Attn(LN1 h);  out = h' + G * MLP(LN2 h')
+    skip path  out = h + (1 - G) * Adapter(LN2 h)      (attention output dropped)
+
+A skipped token's K/V at the layer are still computed and cached (KV-preserving skipping), unless
+`no_kv`, where it writes none and later tokens do not see it there. The gate scaling gives the router a
+gradient; the original weights stay frozen. L_skip = mean_t (sum_l G_t^l)^2 over the routed layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipbench.errors import SkipbenchError
+from skipbench.policies.base import POLICIES, Policy, PolicyOptions
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, reduction: int = 16, linear: bool = False, init_open: float = 3.0) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=1e-6)
+        self.linear = linear
+        if linear:
+            self.out = nn.Linear(hidden, 1)
+        else:
+            small = max(1, hidden // reduction)
+            self.down = nn.Linear(hidden, small, bias=False)
+            self.inner = nn.RMSNorm(small, eps=1e-6)
+            self.up = nn.Linear(small, hidden, bias=False)
+            self.out = nn.Linear(hidden, 1)
+        with torch.no_grad():  # start open: G = sigmoid(init_open) ~ 0.95, close to the base model
+            self.out.weight.mul_(0.01)
+            self.out.bias.fill_(init_open)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.norm(h.to(self.out.weight.dtype))
+        if not self.linear:
+            z = self.up(self.inner(torch.tanh(self.down(z))))
+        return torch.sigmoid(self.out(z)).squeeze(-1)
+
+
+class Adapter(nn.Module):
+    """A small SwiGLU MLP on the skip path; its output projection starts at zero (the skip is the identity)."""
+
+    def __init__(self, hidden: int, reduction: int = 16) -> None:
+        super().__init__()
+        small = max(1, hidden // reduction)
+        self.gate_proj = nn.Linear(hidden, small, bias=False)
+        self.up_proj = nn.Linear(hidden, small, bias=False)
+        self.down_proj = nn.Linear(small, hidden, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down_proj.weight.dtype)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FlexiDepth(nn.Module):
+    def __init__(self, hidden: int, num_layers: int, routed: list[int] | None = None, reduction: int = 16,
+                 tau: float = 0.5, adapter: bool = True, kv: bool = True, linear_router: bool = False) -> None:
+        super().__init__()
+        routed = sorted(set(routed)) if routed else list(range(num_layers // 2, num_layers))
+        if not routed or any(not 0 <= l < num_layers for l in routed):
+            raise SkipbenchError(f"--routed-layers must be within 0..{num_layers - 1}")
+        if not 0 < tau < 1:
+            raise SkipbenchError(f"--tau must be in (0, 1), got {tau}")
+        self.hidden, self.num_layers, self.routed, self.reduction = hidden, num_layers, routed, reduction
+        self.tau, self.use_adapter, self.kv, self.linear_router = tau, adapter, kv, linear_router
+        self.routers = nn.ModuleDict({str(l): Router(hidden, reduction, linear_router) for l in routed})
+        self.adapters = nn.ModuleDict({str(l): Adapter(hidden, reduction) for l in routed} if adapter else {})
+        self.force_open = False  # tests: G = 1 everywhere makes the routed model the base model
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden, "num_layers": self.num_layers, "routed_layers": self.routed,
+                "reduction": self.reduction, "tau": self.tau, "adapter": self.use_adapter, "kv": self.kv,
+                "linear_router": self.linear_router}
+
+    def gate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        if self.force_open:
+            return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
+        return self.routers[str(layer)](h).to(h.dtype)
+
+    def routed_layer(self, engine, i: int, h: torch.Tensor, pos, cache, g: torch.Tensor, real=True):
+        """The layer for every token of h, routed by gate values g [B, T]; returns (out, run mask)."""
+        ad = engine.ad
+        run = g > self.tau
+        if not self.kv:  # skipped tokens write no K/V here (the cache must be in `none` mode)
+            cache.mark([i], run if real is True else run & real, h.shape[1])
+        h_attn = h + engine.attend(i, h, pos, cache)
+        full = h_attn + g[..., None] * ad.mlp_block(i, h_attn)
+        if self.use_adapter:
+            skip = h + (1 - g[..., None]) * self.adapters[str(i)](ad.mlp_norm(i, h)).to(h.dtype)
+        else:
+            skip = h
+        return torch.where(run[..., None], full, skip), run
+
+
+class FlexiMethod:
+    """The trainable side, for skipbench.training: routers and adapters; L = alpha * L_skip + L_task."""
+
+    kind = "flexidepth"
+
+    def __init__(self, flexi: FlexiDepth, alpha: float) -> None:
+        self.flexi, self.alpha = flexi, alpha
+        self.kv_mode = "fill" if flexi.kv else "none"
+
+    def module(self) -> nn.Module:
+        return self.flexi
+
+    def gate_fn(self):
+        f = self.flexi
+        return lambda layer, h: f.gate(layer, h) if layer in f.routed else None
+
+    def layer_fn(self, engine, i, h, pos, cache, g):
+        return self.flexi.routed_layer(engine, i, h, pos, cache, g)[0]
+
+    def regulariser(self, gates, mask):
+        m = mask.to(gates[0].dtype)
+        total = torch.stack(gates).sum(0)  # sum over routed layers of G, per token
+        l_skip = ((total**2) * m).sum() / m.sum()
+        executed = (torch.stack(gates) > self.flexi.tau).sum(0) + (self.flexi.num_layers - len(gates))
+        layers = float((executed * m).sum() / m.sum())
+        return self.alpha * l_skip, {"l_skip": float(l_skip.detach()), "layers": layers}
+
+    def config(self) -> dict:
+        return {**self.flexi.config(), "alpha": self.alpha,
+                "skip_loss": "mean over response tokens of (sum over routed layers of G)^2"}
+
+
+class FlexiPolicy(Policy):
+    """Trained routers deciding per token at generation time."""
+
+    static = False
+
+    def __init__(self, flexi: FlexiDepth) -> None:
+        super().__init__(flexi.num_layers)
+        self.f = flexi.eval()
+        self.name = "flexidepth"
+        self.kv_mode = "fill" if flexi.kv else "none"  # the checkpoint decides what skipped tokens write
+
+    def gate(self, layer, hidden):
+        return True
+
+    @torch.no_grad()
+    def layer(self, engine, i, h, pos, cache, real):
+        if i not in self.f.routed:
+            return None
+        if next(self.f.parameters()).device != h.device:
+            self.f.to(h.device)
+        out, run = self.f.routed_layer(engine, i, h, pos, cache, self.f.gate(i, h), real)
+        return out, run
+
+
+def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
+    from skipbench.training import load_checkpoint
+
+    meta, weights = load_checkpoint(path, "flexidepth")
+    f = FlexiDepth(meta["hidden_size"], meta["num_layers"], meta["routed_layers"], meta["reduction"], meta["tau"],
+                   meta["adapter"], meta["kv"], meta["linear_router"])
+    f.load_state_dict(weights)
+    return f, meta
+
+
+@POLICIES.register("flexidepth")
+def flexidepth(num_layers: int, opts: PolicyOptions) -> Policy:
+    path = opts.extra.get("path")
+    if not path:
+        raise SkipbenchError("policy 'flexidepth' needs --router DIR (a folder written by 'flexidepth train')")
+    f, _ = load_flexidepth(path)
+    if f.num_layers != num_layers:
+        raise SkipbenchError(f"routers in '{path}' were trained for {f.num_layers} layers; this model has {num_layers}")
+    return FlexiPolicy(f)
