@@ -281,6 +281,7 @@ def evaluate(
     resume: bool = typer.Option(True, help="reuse finished (policy, cost) parts of an earlier run"),
     controller: Optional[str] = typer.Option(None, help="policy controller: folder written by 'controllers train'"),
     gate: str = typer.Option("sample", help="policy controller: sample (as in the paper) | argmax"),
+    router: Optional[str] = typer.Option(None, help="policy flexidepth: folder written by 'flexidepth train'"),
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
 
@@ -297,6 +298,7 @@ def evaluate(
         max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume, controller=controller, gate=gate,
+        router=router,
     )
     with Bar("evaluate") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
@@ -361,13 +363,21 @@ app.add_typer(controllers_app, name="controllers")
 
 
 def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
-                  device, dtype, out):
+                  device, dtype, out, targets="full"):
     from skipbench.data import DataSpec
     from skipbench.training import TrainConfig
 
     return TrainConfig(model=model, data=DataSpec(dataset, split, limit or None), steps=steps, batch_size=batch_size,
-                       lr=lr, seed=seed, loss=loss, max_new_tokens=max_new_tokens, max_seq_len=max_seq_len,
-                       device=device, dtype=dtype, out=out)
+                       lr=lr, seed=seed, loss=loss, targets=targets, max_new_tokens=max_new_tokens,
+                       max_seq_len=max_seq_len, device=device, dtype=dtype, out=out)
+
+
+def _report_training(result) -> None:
+    if result.log:
+        last = result.log[-1]
+        secs = np.median([r["seconds"] for r in result.log])
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "seconds"))
+        typer.echo(f"step {last['step']}: {parts}; median {secs:.2f} s/step; saved to {result.out}")
 
 
 class TrainBar(Bar):
@@ -414,11 +424,7 @@ def controllers_train(
                          max_seq_len, device, dtype, out)
     with TrainBar("train") as bar:
         result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
-    if result.log:
-        last = result.log[-1]
-        secs = np.median([r["seconds"] for r in result.log])
-        typer.echo(f"step {last['step']}: loss {last['loss']:.4f}, task {last['task']:.4f}, mean layers "
-                   f"{last['layers']:.2f}; median {secs:.2f} s/step; saved to {result.out}")
+    _report_training(result)
 
 
 @controllers_app.command("sweep")
@@ -465,6 +471,103 @@ def controllers_sweep(
         typer.echo(f"hidden vs constant at matched cost: effect {c['hidden_effect']:+.4f} full_rougeL "
                    f"(SE {c['std_error']:.4f}), t={c['t']:.2f}, p={c['p_value']:.3g} [{c['test']}]")
     console.print(f"wrote {res['path']}")
+
+
+flexi_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
+                        help="FlexiDepth: plug-in routers and adapters, KV-preserving skipping, depth maps (Luo et al.).")
+app.add_typer(flexi_app, name="flexidepth")
+RouterOpt = typer.Option("runs/flexidepth", "--router", help="folder written by 'flexidepth train'")
+
+
+@flexi_app.command("train")
+def flexidepth_train(
+    model: str = ModelOpt,
+    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
+    split: str = typer.Option("train"),
+    limit: int = typer.Option(0, help="first N training items (0 = all)"),
+    alpha: float = typer.Option(1e-3, help="weight of L_skip = mean_t (sum_l G)^2"),
+    routed_layers: str = typer.Option("", help="0-based layers to route (default: the second half)"),
+    router_reduction: int = typer.Option(16, help="bottleneck = hidden / reduction (router and adapter)"),
+    tau: float = typer.Option(0.5, help="a token runs the full layer when G > tau"),
+    adapter: bool = typer.Option(True, help="--no-adapter: the skip path is the identity"),
+    kv: bool = typer.Option(True, help="--no-kv: skipped tokens write no K/V at routed layers"),
+    linear_router: bool = typer.Option(False, "--linear-router", help="Router(z) = W_r z"),
+    steps: int = typer.Option(400),
+    batch_size: int = typer.Option(4),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    loss: str = typer.Option("ce", help="ce (next-token cross-entropy) | kl (distil the full model)"),
+    targets: str = typer.Option("full", help="full (the full model's own responses) | reference"),
+    max_new_tokens: int = typer.Option(64),
+    max_seq_len: int = typer.Option(256),
+    device: str = DeviceOpt,
+    dtype: str = typer.Option("float32"),
+    out: str = typer.Option("runs/flexidepth", help="checkpoint folder (resumed when it holds a checkpoint)"),
+) -> None:
+    """Train FlexiDepth routers and adapters on a frozen model.
+
+    Example: skipbench flexidepth train --dataset text,arith --alpha 1e-3 --steps 400 --out runs/flexi-smollm2
+    """
+    from skipbench.experiments.flexidepth import FlexiTrainConfig, run_train
+
+    _quiet_transformers()
+    tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
+                         max_seq_len, device, dtype, out, targets)
+    cfg = FlexiTrainConfig(tcfg, alpha, _int_list(routed_layers, "--routed-layers") if routed_layers else (),
+                           router_reduction, tau, adapter, kv, linear_router)
+    with TrainBar("train") as bar:
+        result = run_train(cfg, progress=bar.step, start=bar.start)
+    _report_training(result)
+
+
+@flexi_app.command("usage")
+def flexidepth_usage(
+    model: str = ModelOpt,
+    router: str = RouterOpt,
+    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
+    split: str = typer.Option("test"),
+    limit: int = typer.Option(50, help="items per run (0 = all)"),
+    max_new_tokens: int = typer.Option(64),
+    batch_size: int = typer.Option(8),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    out: Optional[str] = typer.Option(None, help="parquet (default results/flexi-usage-<model>.parquet)"),
+) -> None:
+    """Layers used per generated token, with token text and subtask; mean and variance per subtask.
+
+    Example: skipbench flexidepth usage --router runs/flexi-smollm2 --dataset text,arith --out results/flexi-usage.parquet
+    """
+    from skipbench.data import DataSpec
+    from skipbench.experiments.flexidepth import UsageConfig, run_usage
+
+    _quiet_transformers()
+    cfg = UsageConfig(model, router, DataSpec(dataset, split, limit or None), max_new_tokens, batch_size, device, dtype,
+                      out or f"results/flexi-usage-{_slug(model)}.parquet")
+    with Bar("usage") as bar:
+        res = run_usage(cfg, progress=bar.advance, start=bar.start)
+    _print_frame(res["agg"], f"FlexiDepth layers used per subtask · {model}")
+    console.print(f"wrote {res['path']}")
+
+
+@flexi_app.command("depthmap")
+def flexidepth_depthmap(
+    prompt: str = typer.Option(..., help="the instruction to answer"),
+    model: str = ModelOpt,
+    router: str = RouterOpt,
+    max_new_tokens: int = typer.Option(64),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    out: str = typer.Option("results/depthmap.html", help="HTML page (a PNG is written beside it)"),
+) -> None:
+    """Colour each generated token by the number of layers it used (HTML and PNG).
+
+    Example: skipbench flexidepth depthmap --router runs/flexi-smollm2 --prompt "Please calculate the sum of 99, 45, 12 and 78."
+    """
+    from skipbench.experiments.flexidepth import DepthmapConfig, run_depthmap
+
+    _quiet_transformers()
+    res = run_depthmap(DepthmapConfig(model, router, prompt, max_new_tokens, device, dtype, out))
+    console.print(f"wrote {res['html']} and {res['png'].name}")
 
 
 @app.command()

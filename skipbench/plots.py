@@ -130,3 +130,28 @@ def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def depthmap_png(texts: list[str], used: list, num_layers: int, path: Path) -> Path:
+    """Generated tokens as coloured boxes, wrapped into lines (the HTML page's picture)."""
+    from matplotlib import colormaps
+
+    vals = [u for u in used if u is not None]
+    lo, hi = (min(vals), max(vals)) if vals else (0, num_layers)
+    cmap = colormaps["RdYlGn_r"]
+    fig = plt.figure(figsize=(10, 1 + 0.35 * (1 + sum(len(t) for t in texts) // 90)))
+    renderer = fig.canvas.get_renderer()
+    x, y, line = 0.01, 0.95, 0.09 * 5 / max(5, fig.get_figheight() * 2)
+    for text, u in zip(texts, used):
+        shown = "".join(c if c.isprintable() else "·" for c in text.replace("\n", "⏎"))
+        colour = "#dddddd" if u is None else cmap(0.1 + 0.8 * (0 if hi == lo else (u - lo) / (hi - lo)))
+        t = fig.text(x, y, shown, fontsize=9, family="monospace", va="top",
+                     bbox={"facecolor": colour, "edgecolor": "none", "pad": 1.5})
+        width = t.get_window_extent(renderer).width / fig.bbox.width
+        x += width + 0.004
+        if x > 0.93:
+            x, y = 0.01, y - line
+    fig.text(0.01, 0.01, f"colour: layers used (of {num_layers}), green = fewer; grey = never fed back", fontsize=8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -40,7 +40,8 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-3
     seed: int = 0
-    loss: str = "kl"  # kl: distil from the full model's own responses | ce: reference tokens
+    loss: str = "kl"  # kl: distil the full model's next-token distributions | ce: cross-entropy on the targets
+    targets: str = "full"  # full: the full model's own greedy responses (no labels needed) | reference
     max_new_tokens: int = 64  # length of the full model's responses used as training data
     max_seq_len: int = 256  # prompt + response tokens per example
     save_every: int = 50
@@ -84,15 +85,17 @@ class TrainResult:
 
 
 def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list[Example]:
-    """Prompts with the full model's greedy responses (loss kl) or the references (loss ce)."""
+    """Prompts with the full model's greedy responses (targets full) or the references."""
     if cfg.loss not in ("kl", "ce"):
         raise SkipbenchError(f"--loss must be 'kl' or 'ce', got '{cfg.loss}'")
+    if cfg.targets not in ("full", "reference"):
+        raise SkipbenchError(f"--targets must be 'full' or 'reference', got '{cfg.targets}'")
     items = load_items(cfg.data)
     prompts = [encode_prompt(lm.tokenizer, it.prompt) for it in items]
     keep = [i for i, p in enumerate(prompts) if len(p) < cfg.max_seq_len - 1]
     if not keep:
         raise SkipbenchError(f"every prompt is longer than --max-seq-len {cfg.max_seq_len}")
-    if cfg.loss == "ce":
+    if cfg.targets == "reference":
         responses = {i: lm.tokenizer(items[i].reference, add_special_tokens=False)["input_ids"] for i in keep}
     else:
         responses = _teacher(lm, items, prompts, keep, cfg, cache_file)

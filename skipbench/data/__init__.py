@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from skipbench.data import synthetic
@@ -27,11 +28,10 @@ class DataSpec:
 
 
 def load_items(spec: DataSpec) -> list[Item]:
-    """Items of one or more datasets (comma-separated names), split, then cut to `limit`."""
-    items: list[Item] = []
-    for name in [n.strip() for n in spec.name.split(",") if n.strip()]:
-        items.extend(_load_one(name, spec))
-    items = split_items(items, spec.split, spec.seed)
+    """Items of one or more datasets (comma-separated names, interleaved round-robin so that `limit`
+    takes from each), split, then cut to `limit`."""
+    sources = [split_items(_load_one(n.strip(), spec), spec.split, spec.seed) for n in spec.name.split(",") if n.strip()]
+    items = [it for group in itertools.zip_longest(*sources) for it in group if it is not None]
     if spec.limit is not None:
         if spec.limit < 1:
             raise SkipbenchError(f"--limit must be >= 1, got {spec.limit}")

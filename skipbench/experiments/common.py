@@ -16,7 +16,7 @@ class PolicyConfig:
     seed: int = 0
     per_token: bool = False
     first_layer: bool = True
-    controller: str | None = None  # folder of trained controllers (policy "controller")
+    controller: str | None = None  # checkpoint folder of a learned policy ("controller", "flexidepth")
     gate: str = "sample"  # controllers at evaluation: sample | argmax
 
     def build(self, num_layers: int) -> Policy:

@@ -47,9 +47,10 @@ class EvalConfig:
     resume: bool = True
     controller: str | None = None  # policy "controller": folder of trained controllers
     gate: str = "sample"  # policy "controller": sample | argmax
+    router: str | None = None  # policy "flexidepth": folder of trained routers and adapters
 
 
-LEARNED = ("controller",)  # policies without a nominal cost: `cost` is their measured mean, rounded
+LEARNED = ("controller", "flexidepth")  # policies without a nominal cost: `cost` is their measured mean, rounded
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
 def policy_config(cfg: EvalConfig, p: Point) -> PolicyConfig:
     return PolicyConfig(name=p.policy, cost=p.cost if p.policy not in LEARNED else None,
                         exit_layer=p.cost if p.policy == "early-exit" else None, seed=cfg.seed,
-                        per_token=cfg.per_token, controller=cfg.controller, gate=cfg.gate)
+                        per_token=cfg.per_token, controller=cfg.controller or cfg.router, gate=cfg.gate)
 
 
 def part_path(cfg: EvalConfig, p: Point) -> Path:

@@ -87,18 +87,26 @@ class FlexiDepth(nn.Module):
         return self.routers[str(layer)](h).to(h.dtype)
 
     def routed_layer(self, engine, i: int, h: torch.Tensor, pos, cache, g: torch.Tensor, real=True):
-        """The layer for every token of h, routed by gate values g [B, T]; returns (out, run mask)."""
+        """The layer for every token of h, routed by gate values g [B, T]; returns (out, run mask).
+
+        Every token's K/V are computed and cached (KV-preserving) unless `no_kv`; the MLP runs only for
+        the tokens that take the full path and the adapter only for those that skip."""
         ad = engine.ad
         run = g > self.tau
-        if not self.kv:  # skipped tokens write no K/V here (the cache must be in `none` mode)
+        if not self.kv:  # skipped tokens write no K/V here (the cache is in `none` mode)
             cache.mark([i], run if real is True else run & real, h.shape[1])
         h_attn = h + engine.attend(i, h, pos, cache)
-        full = h_attn + g[..., None] * ad.mlp_block(i, h_attn)
-        if self.use_adapter:
-            skip = h + (1 - g[..., None]) * self.adapters[str(i)](ad.mlp_norm(i, h)).to(h.dtype)
-        else:
-            skip = h
-        return torch.where(run[..., None], full, skip), run
+        out = torch.empty_like(h)
+        full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
+        if full[0].numel():
+            x = h_attn[full]
+            out = out.index_put(full, x + g[full][:, None] * ad.mlp_block(i, x))
+        if skip[0].numel():
+            y = h[skip]
+            if self.use_adapter:
+                y = y + (1 - g[skip])[:, None] * self.adapters[str(i)](ad.mlp_norm(i, y)).to(h.dtype)
+            out = out.index_put(skip, y)
+        return out, run
 
 
 class FlexiMethod:
