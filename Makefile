@@ -21,10 +21,9 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest
 
-# grows into `skipbench reproduce --preset $(PRESET)` as the experiment commands land
+# the exact sequence of CLI calls of experiments/$(PRESET).toml (quick: CPU, embedded model and data)
 reproduce: setup
-	$(VENV)/bin/skipbench generate --policy full --max-new-tokens 48 --prompt "Please calculate the sum of 99, 45 and 12."
-	$(VENV)/bin/skipbench generate --policy uniform --cost 15 --max-new-tokens 48 --prompt "Please calculate the sum of 99, 45 and 12."
+	$(VENV)/bin/skipbench reproduce --preset $(PRESET)
 
 bench: setup
 	$(VENV)/bin/skipbench bench

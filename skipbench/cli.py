@@ -208,37 +208,45 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: str = ModelOpt,
+    policies: str = typer.Option("full,uniform:15", help="comma-separated: full, uniform:C, early-exit:E, random:C, "
+                                 "random-token:C, layers:0;3;5, flexidepth[:DIR], controller:DIR"),
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
     new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
-    cost: int = typer.Option(15, help="layers of the uniform plan compared with the physically smaller model"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
     warmup: int = typer.Option(1, help="untimed warm-up rounds"),
     kv_mode: str = typer.Option("none", help="KV mode of the skipping runs"),
+    impl: str = typer.Option("gather", help="gather | mask | both (per-token policies are run under both)"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     seed: int = typer.Option(0),
-    out: Optional[str] = typer.Option(None, help="parquet file for the per-repeat timings (manifest beside it)"),
+    out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
 ) -> None:
-    """Measure wall-clock speed side by side in one process: skipbench vs model.generate, a static plan vs
-    the same model with the skipped layers removed.
+    """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
+    memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound.
 
-    Example: skipbench bench --model smollm2-135m --batch-sizes 1,8 --new-tokens 64 --cost 15
+    Example: skipbench bench --policies full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl both
     """
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
-    cfg = BenchConfig(model=model, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), new_tokens=new_tokens,
-                      cost=cost, repeats=repeats, warmup=warmup, kv_mode=kv_mode, device=device, dtype=dtype,
-                      seed=seed, out=out)
+    specs = tuple(p.strip().replace(";", ",") if p.strip().startswith("layers:") else p.strip()
+                  for p in policies.split(",") if p.strip())
+    cfg = BenchConfig(model=model, policies=specs, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+                      new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
+                      compile=compile, device=device, dtype=dtype, seed=seed, out=out)
     with Bar("bench") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
     table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
-    for col in ("batch", "variant", "tokens/s", "ratio", "vs", "speedup vs full"):
-        table.add_column(col, justify="right" if col not in ("variant", "vs") else "left")
+    cols = ("batch", "variant", "phase", "tok/s", "p50 ms", "p90 ms", "layers", "speedup", "ideal", "real/ideal", "vs generate")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("variant", "phase") else "right")
+    fmt = lambda v, f: "" if v != v else f.format(v)  # noqa: E731  (NaN -> blank)
     for r in result.summary.itertuples():
-        table.add_row(str(r.batch_size), r.variant, f"{r.tokens_per_s_median:.1f}", f"{r.ratio:.3f}",
-                      r.compared_to, f"{r.speedup_vs_full:.3f}")
-    Console().print(table)
+        table.add_row(str(r.batch_size), r.variant, r.phase, f"{r.tokens_per_s:.1f}", fmt(r.step_p50 * 1e3, "{:.1f}"),
+                      fmt(r.step_p90 * 1e3, "{:.1f}"), f"{r.layers_mean:.1f}", fmt(r.speedup, "{:.3f}"),
+                      fmt(r.ideal_speedup, "{:.3f}"), fmt(r.realized_over_ideal, "{:.3f}"), fmt(r.vs_generate, "{:.3f}"))
+    Console(width=160).print(table)
     if result.path:
         console.print(f"wrote {result.path}")
 
@@ -406,7 +414,8 @@ def controllers_train(
     batch_size: int = typer.Option(4),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
-    loss: str = typer.Option("kl", help="kl (distil the full model's responses) | ce (reference tokens)"),
+    loss: str = typer.Option("kl", help="kl (distil the full model's distributions) | ce (cross-entropy)"),
+    targets: str = typer.Option("full", help="full (the full model's own responses) | reference"),
     max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
     max_seq_len: int = typer.Option(256, help="prompt + response tokens per example"),
     device: str = DeviceOpt,
@@ -421,7 +430,7 @@ def controllers_train(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
-                         max_seq_len, device, dtype, out)
+                         max_seq_len, device, dtype, out, targets)
     with TrainBar("train") as bar:
         result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
     _report_training(result)
@@ -568,6 +577,52 @@ def flexidepth_depthmap(
     _quiet_transformers()
     res = run_depthmap(DepthmapConfig(model, router, prompt, max_new_tokens, device, dtype, out))
     console.print(f"wrote {res['html']} and {res['png'].name}")
+
+
+@app.command()
+def reproduce(
+    preset: str = typer.Option("quick", help="smoke | quick | paper, or a path to a .toml preset"),
+    results: Optional[str] = typer.Option(None, help="results folder (default: the preset's)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the commands without running them"),
+) -> None:
+    """Run a preset's experiments as a sequence of skipbench commands; finished stages are skipped.
+
+    Example: skipbench reproduce --preset quick      # what `make reproduce` runs
+    """
+    import time
+
+    from skipbench.experiments.reproduce import load_preset, stages
+
+    plan = stages(load_preset(preset), results)
+    for stage in plan:
+        if stage.name != "report" and stage.done():
+            console.print(f"[dim]skip (done): {stage.command()}[/dim]")
+            continue
+        console.print(f"[bold]$ {stage.command()}[/bold]")
+        if dry_run:
+            continue
+        start = time.perf_counter()
+        code = app(list(stage.argv), standalone_mode=False)
+        if code:
+            raise SkipbenchError(f"stage '{stage.name}' failed (exit code {code})")
+        console.print(f"[dim]{stage.name}: {time.perf_counter() - start:.0f} s[/dim]")
+
+
+@app.command()
+def report(
+    results: str = typer.Option("results", help="folder holding skipbench outputs"),
+    out: Optional[str] = typer.Option(None, help="Markdown file (default <results>/REPORT.md)"),
+) -> None:
+    """Write a Markdown report (figures, tables, the papers' numbers beside ours, verdicts).
+
+    Example: skipbench report --results results/ --out results/REPORT.md
+    """
+    from pathlib import Path
+
+    from skipbench.report import write_report
+
+    path = write_report(results, out or str(Path(results) / "REPORT.md"))
+    console.print(f"wrote {path}")
 
 
 @app.command()

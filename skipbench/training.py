@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     out: str = ""
+    teacher_cache: str | None = None  # JSON of the full model's responses (default <out>/teacher.json; sweeps share one)
 
 
 class Method:
@@ -110,7 +111,9 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list
 
 
 def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None) -> dict[int, list[int]]:
-    cached = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
+    # keyed by (model, response length), then item: one cache file serves every run of a sweep
+    key = f"{cfg.model}|{cfg.max_new_tokens}"
+    cached = json.loads(cache_file.read_text()).get(key, {}) if cache_file and cache_file.exists() else {}
     todo = [i for i in keep if items[i].item_id not in cached]
     full, stops = make_policy("full", lm.num_layers), eos_ids(lm)
     for s in range(0, len(todo), 8):
@@ -119,7 +122,11 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
         for r, i in enumerate(idx):
             cached[items[i].item_id] = [t for t in gen.tokens[r] if t not in stops]
     if cache_file is not None and todo:
-        cache_file.write_text(json.dumps(cached))
+        tmp = cache_file.with_name(cache_file.name + ".tmp")
+        everything = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        everything[key] = cached
+        tmp.write_text(json.dumps(everything))
+        tmp.replace(cache_file)
     return {i: cached[items[i].item_id] for i in keep}
 
 
@@ -176,7 +183,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         state = torch.load(state_file, weights_only=False)
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
-    data = examples(lm, cfg, out / "teacher.json")
+    data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json")
     engine = Engine(lm.adapter, method.kv_mode)
     if start:
         start(cfg.steps, done)

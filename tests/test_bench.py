@@ -13,17 +13,24 @@ from skipbench.cli import app
 def test_bench_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "bench.parquet"
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1,2",
-                                   "--new-tokens", "4", "--cost", "3", "--repeats", "2", "--warmup", "0",
-                                   "--out", str(out)])
+                                   "--policies", "full,uniform:3,random-token:4", "--impl", "both",
+                                   "--new-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    assert len(df) == 2 * 4 * 2
-    assert set(df["variant"]) == {"hf-generate", "full", "uniform:3", "removed:3"}
-    assert (df["tokens_per_s"] > 0).all() and df["run_id"].nunique() == 1
-    assert set(df.loc[df["variant"] == "uniform:3", "layers"]) == {3}
+    variants = {"hf-generate", "full", "uniform:3", "random-token:4 [gather]", "random-token:4 [mask]", "removed:uniform:3"}
+    assert set(df["variant"]) == variants
+    assert len(df) == 2 * len(variants) * 2 * 2  # batch sizes x variants x repeats x phases
+    decode = df[df["phase"] == "decode"]
+    assert (decode["steps"] == 3).all() and (df["tokens_per_s"] > 0).all() and df["run_id"].nunique() == 1
+    assert set(decode.loc[decode["variant"] == "uniform:3", "layers_mean"]) == {3.0}
+    assert (decode.loc[decode["variant"].str.startswith("random-token"), "layers_mean"] == 4.0).all()
+    assert (df["step_p90"] >= df["step_p50"]).all()
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["config"]["cost"] == 3 and meta["versions"]["torch"] and len(meta["summary"]) == 8
-    assert "ratio" in res.stdout
+    summary = pd.DataFrame(meta["summary"])
+    full = summary[(summary["variant"] == "full") & (summary["phase"] == "decode")]
+    assert (full["speedup"] == 1.0).all() and (full["ideal_speedup"].round(9) == 1.0).all()
+    assert set(meta["fixed_part_seconds"]) == {"1", "2"} or set(meta["fixed_part_seconds"]) == {1, 2}
+    assert "real/ideal" in res.stdout
 
 
 def test_removed_layers_model_equals_plan(tokenizer):

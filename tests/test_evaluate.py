@@ -55,7 +55,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_dirs, tmp_path):
     with pytest.raises(Interrupt):
         ev.run(cfg, on_part=stop_after_first)
     assert not out.exists()  # no half-written result
-    assert len(list(out.with_name("sweep.parts").glob("*.parquet"))) == 1
+    assert len(list((tmp_path / ".skipbench-parts").glob("*.parquet"))) == 1
 
     res = cli("evaluate", "--model", tiny_dirs["opt"], "--dataset", "text", "--limit", 5, "--policy", "early-exit",
               "--costs", "2,3,5", "--max-new-tokens", 6, "--batch-size", 2, "--out", out)

@@ -203,3 +203,15 @@ def _both(a: Gate, b: Gate) -> Gate:
     if b is True:
         return a
     return a & b
+
+
+def enable_compile(adapter: Adapter) -> None:
+    """torch.compile the per-layer dense maths (projections, norms, MLP) of an adapter, in place.
+
+    The layer loop, gates and cache writes stay in Python (their shapes change every step); what is
+    compiled are pure tensor functions, with dynamic shapes so a growing batch or sequence does not
+    recompile them. On CUDA, `mode="max-autotune-no-cudagraphs"` picks tuned kernels.
+    """
+    mode = "max-autotune-no-cudagraphs" if next(adapter.model.parameters()).is_cuda else None
+    for name in ("qkv", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
+        setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=True, mode=mode))

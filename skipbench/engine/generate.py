@@ -95,11 +95,14 @@ def generate(
     stop_at_eos: bool = True,
     prompt_depth: str = "full",
     impl: str = "gather",
+    timings: list | None = None,
 ) -> Generation:
     """Greedy or sampled decoding of left-padded prompts under `policy`.
 
     prompt_depth `full` (default, as in both papers) runs the prompt through every layer; `policy`
     runs it under the policy too (a static plan then equals the physically smaller model).
+    timings: when a list, receives ("prefill", seconds) and one ("decode", seconds) per later token,
+    each measured from the previous token's choice to this one's (CUDA synchronised).
     """
     if max_new_tokens < 1:
         raise SkipbenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -124,6 +127,7 @@ def generate(
 
     policy.begin(batch, row_keys)
     prompt_policy = policy if prompt_depth == "policy" else None
+    clock = _Clock(dev) if timings is not None else None
     out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
@@ -131,6 +135,8 @@ def generate(
     fill = torch.full((batch,), pad_id(lm), dtype=torch.long, device=dev)
     for step in range(max_new_tokens):
         tok = torch.where(done, fill, next_token(out.logits[:, -1], sampling, gen))
+        if clock is not None:
+            timings.append(("prefill" if step == 0 else "decode", clock.lap()))
         tokens.append(tok)
         lengths += (~done).long()
         fed = ~done & ~torch.isin(tok, stops)  # tokens that are fed back and get a layer record
@@ -140,6 +146,24 @@ def generate(
         out = engine.forward(tok[:, None], cache, policy, record=True)
         records.append((fed, out.executed[:, 0]))
     return _collect(tokens, lengths, records, prompts)
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        import time
+
+        self.device, self.now = device, time.perf_counter
+        self.last = self._read()
+
+    def _read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.now()
+
+    def lap(self) -> float:
+        t = self._read()
+        seconds, self.last = t - self.last, t
+        return seconds
 
 
 def _collect(tokens, lengths, records, prompts) -> Generation:

@@ -1,30 +1,40 @@
-"""`skipbench bench`: wall-clock cost of skipping, measured side by side in one process.
+"""`skipbench bench`: the wall-clock cost of skipping, measured side by side in one process.
 
-Variants, timed round-robin on the same prompts after warm-up (medians over repeats):
-  hf-generate     transformers' own `model.generate` at full depth (the baseline)
-  full            skipbench at full depth
-  uniform:C       skipbench with the U(l,C) plan (prompt under the plan too, so the work equals ...)
-  removed:C       ... the same model with the other layers physically removed, run by skipbench (the bound)
-Every variant generates exactly `new_tokens` tokens (EOS does not stop it).
+Every variant generates exactly `new_tokens` tokens (EOS does not stop it) on the same prompts, after
+warm-up, round-robin over the variants so drift hits all alike, CUDA synchronised before each clock read.
+Prefill (the prompt and the first token) and decode (each later token) are timed separately.
+
+Rows:
+  hf-generate           transformers' own `model.generate` at full depth (the baseline)
+  <policy>              skipbench under each policy (`full`, `uniform:15`, `random-token:22`, `flexidepth:DIR`, ...);
+                        per-token policies also as `<policy> [mask]` with `--impl both`
+  removed:<plan>        for a static plan: the same model with the other layers physically removed (the bound)
+
+Speedups are of decode tokens/s over `full`. The ideal speedup counts layers: a decode step costs a fixed
+part F (embedding, final norm, head, sampling; timed on its own) plus L layers, so running m layers on
+average ideally takes F + (m / L)(T_full - F).
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import generate
-from skipbench.engine.generate import left_pad, pad_id
+from skipbench.engine.generate import left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
-from skipbench.policies import make_policy
-from skipbench.policies.base import PolicyOptions
+from skipbench.policies import make_policy, parse_policy_spec
+from skipbench.policies.base import Policy, PolicyOptions
 from skipbench.results import flat_config, manifest, run_id, write_atomic
 
 PROMPTS = [
@@ -42,12 +52,14 @@ PROMPTS = [
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = EMBEDDED
+    policies: tuple[str, ...] = ("full", "uniform:15")
     batch_sizes: tuple[int, ...] = (1, 8)
     new_tokens: int = 64
-    cost: int = 15
     repeats: int = 3
     warmup: int = 1
     kv_mode: str = "none"
+    impl: str = "gather"  # gather | mask | both (per-token policies run under both)
+    compile: bool = False
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -55,10 +67,89 @@ class BenchConfig:
 
 
 @dataclass
-class BenchResult:
-    rows: pd.DataFrame  # one row per (variant, batch size, repeat)
-    summary: pd.DataFrame  # one row per (variant, batch size): medians and ratios
-    path: str | None
+class Variant:
+    name: str
+    run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean)
+    kind: str  # baseline | policy | bound
+
+
+def build_policy(spec: str, num_layers: int, seed: int) -> Policy:
+    name, _, arg = spec.partition(":")
+    if name in ("flexidepth", "controller"):
+        path = arg or ("runs/flexidepth" if name == "flexidepth" else "runs/controllers")
+        return make_policy(name, num_layers, PolicyOptions(seed=seed, extra={"path": path}))
+    return parse_policy_spec(spec, num_layers, seed)
+
+
+def _hf_variant(lm: LoadedModel, n: int) -> Variant:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamp(LogitsProcessor):  # called once per generated token: its timestamps time the steps
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if scores.is_cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(prompts):
+        ids, present = left_pad(prompts, pad_id(lm), lm.device)
+        stamp = Stamp()
+        _sync(lm.device)
+        start = time.perf_counter()
+        lm.model.generate(input_ids=ids, attention_mask=present.long(), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=pad_id(lm), logits_processor=LogitsProcessorList([stamp]))
+        marks = [start, *stamp.times]
+        return [("prefill" if j == 0 else "decode", b - a) for j, (a, b) in enumerate(zip(marks, marks[1:]))], lm.num_layers
+
+    return Variant("hf-generate", run, "baseline")
+
+
+def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str) -> Callable:
+    def run(prompts):
+        timings: list = []
+        gen = generate(lm, prompts, policy, cfg.new_tokens, cfg.kv_mode, stop_at_eos=False, impl=impl, timings=timings)
+        layers = [len(rec) for row in gen.layers for rec in row]
+        return timings, float(np.mean(layers)) if layers else float(lm.num_layers)
+
+    return run
+
+
+def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
+    out = [_hf_variant(lm, cfg.new_tokens)]
+    bounds = []
+    for spec in cfg.policies:
+        policy = build_policy(spec, lm.num_layers, cfg.seed)
+        impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
+        for impl in impls:
+            name = spec if len(impls) == 1 else f"{spec} [{impl}]"
+            out.append(Variant(name, _ours(lm, policy, cfg, impl), "policy"))
+        keep = policy.executed_layers() if policy.static else None
+        if keep is not None and len(keep) < lm.num_layers:
+            small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
+            bounds.append(Variant(f"removed:{spec}", _ours(small, make_policy("full", len(keep)), cfg, "gather"), "bound"))
+    return out + bounds
+
+
+def fixed_part(lm: LoadedModel, batch: int, reps: int = 20) -> float:
+    """Seconds of one decode step outside the layers: embedding, final norm, head and token choice."""
+    ad = lm.adapter
+    ids = torch.zeros((batch, 1), dtype=torch.long, device=lm.device)
+    pos = torch.zeros((batch, 1), dtype=torch.long, device=lm.device)
+    times = []
+    with torch.no_grad():
+        for r in range(reps + 3):
+            _sync(lm.device)
+            t = time.perf_counter()
+            h = ad.embed(ids, pos)
+            ad.position_embeddings(h, pos)
+            next_token(ad.head(ad.final_norm(h))[:, -1], Sampling(), None)
+            _sync(lm.device)
+            if r >= 3:
+                times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _sync(device: torch.device) -> None:
@@ -66,56 +157,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _variants(lm: LoadedModel, cfg: BenchConfig):
-    full = make_policy("full", lm.num_layers)
-    uniform = make_policy("uniform", lm.num_layers, PolicyOptions(cost=cfg.cost))
-    small = wrap_model(remove_layers(lm.model, uniform.executed_layers()), lm.tokenizer, "removed", lm.device)
-    small_full = make_policy("full", small.num_layers)
-    n = cfg.new_tokens
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (never decreases)
 
-    def hf(prompts):
-        ids, present = left_pad(prompts, pad_id(lm), lm.device)
-        lm.model.generate(input_ids=ids, attention_mask=present.long(), max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=pad_id(lm))
 
-    def ours(model, policy, depth):
-        return lambda prompts: generate(model, prompts, policy, n, cfg.kv_mode, stop_at_eos=False, prompt_depth=depth)
-
-    return {
-        "hf-generate": (hf, lm.num_layers),
-        "full": (ours(lm, full, "full"), lm.num_layers),
-        f"uniform:{cfg.cost}": (ours(lm, uniform, "policy"), cfg.cost),
-        f"removed:{cfg.cost}": (ours(small, small_full, "full"), cfg.cost),
-    }
+@dataclass
+class BenchResult:
+    rows: pd.DataFrame  # one row per (variant, batch size, repeat, phase)
+    summary: pd.DataFrame  # one row per (variant, batch size, phase)
+    path: str | None
 
 
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
+    if cfg.impl not in ("gather", "mask", "both"):
+        raise SkipbenchError(f"--impl must be gather, mask or both, got '{cfg.impl}'")
+    if not cfg.policies:
+        raise SkipbenchError("--policies needs at least one policy")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    make_policy("uniform", lm.num_layers, PolicyOptions(cost=cfg.cost))  # validates --cost early
+    if cfg.compile:
+        from skipbench.engine.forward import enable_compile
+
+        enable_compile(lm.adapter)
     torch.manual_seed(cfg.seed)
-    variants = _variants(lm, cfg)
+    vs = variants(lm, cfg)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
-    rows = []
+    rows, fixed = [], {}
     if start:
-        start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(variants))
+        start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(vs))
     for batch in cfg.batch_sizes:
         prompts = [encoded[i % len(encoded)] for i in range(batch)]
-        for rep in range(-cfg.warmup, cfg.repeats):  # round-robin, so drift hits every variant alike
-            for name, (fn, layers) in variants.items():
-                _sync(lm.device)
-                start = time.perf_counter()
-                fn(prompts)
-                _sync(lm.device)
-                seconds = time.perf_counter() - start
+        fixed[batch] = fixed_part(lm, batch)
+        for rep in range(-cfg.warmup, cfg.repeats):
+            for v in vs:
+                if lm.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                timings, layers = v.run(prompts)
                 if rep >= 0:
-                    rows.append({"variant": name, "batch_size": batch, "repeat": rep, "layers": layers,
-                                 "seconds": seconds, "tokens_per_s": batch * cfg.new_tokens / seconds})
+                    for phase in ("prefill", "decode"):
+                        secs = [t for p, t in timings if p == phase]
+                        rows.append({"variant": v.name, "kind": v.kind, "batch_size": batch, "repeat": rep, "phase": phase,
+                                     "seconds": float(sum(secs)), "steps": len(secs), "step_p50": float(np.median(secs)),
+                                     "step_p90": float(np.percentile(secs, 90)), "layers_mean": layers,
+                                     "peak_memory_mb": _peak_memory_mb(lm.device),
+                                     "tokens_per_s": batch * (len(secs) if phase == "decode" else sum(map(len, prompts)) / len(secs)) / sum(secs)})
                 if progress:
                     progress()
     df = pd.DataFrame(rows)
-    summary = summarise(df, cfg)
+    summary = summarise(df, fixed, lm.num_layers)
     rid = run_id(cfg)
     for frame in (df, summary):
         frame.insert(0, "run_id", rid)
@@ -123,17 +215,33 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.out:
         for key, value in flat_config(cfg).items():
             df[key] = value
-        path = str(write_atomic(df, cfg.out, manifest(cfg, str(lm.device), summary=summary.to_dict("records"))))
+        meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, fixed_part_seconds=fixed,
+                        summary=summary.to_dict("records"),
+                        memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
+        path = str(write_atomic(df, cfg.out, meta))
     return BenchResult(df, summary, path)
 
 
-def summarise(df: pd.DataFrame, cfg: BenchConfig) -> pd.DataFrame:
-    med = df.groupby(["batch_size", "variant"], sort=False)["tokens_per_s"].median().rename("tokens_per_s_median")
-    out = med.reset_index()
-    ref = {"full": "hf-generate", f"uniform:{cfg.cost}": f"removed:{cfg.cost}", f"removed:{cfg.cost}": "full",
-           "hf-generate": "hf-generate"}
-    out["compared_to"] = out["variant"].map(ref)
-    lookup = {(b, v): t for b, v, t in zip(out["batch_size"], out["variant"], out["tokens_per_s_median"])}
-    out["ratio"] = [t / lookup[(b, c)] for b, c, t in zip(out["batch_size"], out["compared_to"], out["tokens_per_s_median"])]
-    out["speedup_vs_full"] = [t / lookup[(b, "full")] for b, t in zip(out["batch_size"], out["tokens_per_s_median"])]
+def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
+    g = df.groupby(["batch_size", "variant", "kind", "phase"], sort=False)
+    out = g.agg(tokens_per_s=("tokens_per_s", "median"), step_p50=("step_p50", "median"), step_p90=("step_p90", "median"),
+                layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max")).reset_index()
+    realized, ideal = [], []
+    for r in out.itertuples():
+        full = out[(out.batch_size == r.batch_size) & (out.variant == "full") & (out.phase == r.phase)]
+        if full.empty:
+            realized.append(np.nan)
+            ideal.append(np.nan)
+            continue
+        realized.append(r.tokens_per_s / float(full.tokens_per_s.iloc[0]))
+        if r.phase == "decode":
+            t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
+            ideal.append(t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0)))
+        else:
+            ideal.append(np.nan)
+    out["speedup"] = realized
+    out["ideal_speedup"] = ideal
+    out["realized_over_ideal"] = out["speedup"] / out["ideal_speedup"]
+    out["vs_generate"] = [r.tokens_per_s / float(out[(out.batch_size == r.batch_size) & (out.variant == "hf-generate")
+                                                    & (out.phase == r.phase)].tokens_per_s.iloc[0]) for r in out.itertuples()]
     return out

@@ -66,12 +66,13 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
         raise SkipbenchError(f"sweep needs inputs from {', '.join(INPUTS)}, at least one alpha and --seeds >= 1")
     lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     grid = [(i, a, s) for i in cfg.inputs for a in cfg.alphas for s in range(cfg.seeds)]
+    Path(cfg.out).with_name(Path(cfg.out).stem + ".runs").mkdir(parents=True, exist_ok=True)
     if start:
         start(len(grid))
     frames, layer_rows = [], []
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
-        tcfg = replace(cfg.train, seed=seed, out=str(folder))
+        tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
         run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau), lm)
         rows = evaluate_run(cfg, lm, folder, seed)
         rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed

@@ -94,11 +94,14 @@ def policy_config(cfg: EvalConfig, p: Point) -> PolicyConfig:
 
 
 def part_path(cfg: EvalConfig, p: Point) -> Path:
-    """Parts of one configuration (costs, output and batch size aside) share a key, so they can be reused."""
-    ident = config_dict(replace(cfg, costs=(), out="", resume=True, batch_size=None))
-    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(cfg.out)
-    return out.with_name(out.stem + ".parts") / f"{p.policy}-{p.cost}-{key}.parquet"
+    """Where a point's part lives: `.skipbench-parts/` beside the output, keyed by everything that changes
+    its rows (not the costs, the output name or the batch size), so reruns and other sweeps reuse it.
+    The full-depth point does not depend on the policy being swept, so every sweep shares it."""
+    ident = replace(cfg, costs=(), out="", resume=True, batch_size=None)
+    if p.policy == "full":
+        ident = replace(ident, policy="full", per_token=False, controller=None, gate="sample", router=None, seed=0)
+    key = hashlib.sha1(json.dumps(config_dict(ident), sort_keys=True).encode()).hexdigest()[:10]
+    return Path(cfg.out).parent / ".skipbench-parts" / f"{p.policy}-{p.cost}-{key}.parquet"
 
 
 def encode_items(lm: LoadedModel, items: list[Item], max_prompt_tokens: int) -> tuple[list[list[int]], int]:

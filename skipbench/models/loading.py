@@ -19,10 +19,12 @@ from skipbench.errors import SkipbenchError
 from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
 
 EMBEDDED = "smollm2-135m"
+TINY = "tiny-random"  # a 4-layer random Llama with the embedded tokenizer: the smoke preset's model
 
 #: alias -> (hub id, family, note)
 ALIASES: dict[str, tuple[str, str]] = {
     EMBEDDED: ("HuggingFaceTB/SmolLM2-135M-Instruct", "llama"),
+    TINY: ("(built locally: 4-layer random Llama, for smoke tests)", "llama"),
     "opt-125m": ("facebook/opt-125m", "opt"),
     "opt-1.3b": ("facebook/opt-1.3b", "opt"),
     "opt-2.7b": ("facebook/opt-2.7b", "opt"),
@@ -90,7 +92,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def available_offline(alias: str) -> bool:
-    if alias == EMBEDDED:
+    if alias in (EMBEDDED, TINY):
         return embedded_gguf() is not None or (cache_dir() / EMBEDDED / "config.json").exists()
     hub_id = ALIASES[alias][0]
     try:
@@ -145,6 +147,28 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _tiny_dir() -> Path:
+    """A tiny random model (fixed seed) with the embedded model's tokenizer, built once into the cache."""
+    target = cache_dir() / TINY
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_embedded_dir())
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
 def _hub_id(hub_id: str) -> tuple[str, dict]:
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not hub_reachable():
         os.environ["HF_HUB_OFFLINE"] = "1"  # read the local cache only, without network retries
@@ -179,6 +203,8 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     dt = resolve_dtype(dtype, dev)
     if name == EMBEDDED:
         source, extra = str(_embedded_dir()), {}
+    elif name == TINY:
+        source, extra = str(_tiny_dir()), {}
     else:
         source, extra = _hub_or_dir(name)
     try:

@@ -1,0 +1,120 @@
+"""`skipbench reproduce --preset NAME`: the papers' experiments as the exact sequence of CLI calls.
+
+A preset (experiments/NAME.toml) names the model, datasets, costs, budgets, alphas, steps and limits;
+this module turns it into `skipbench ...` argument lists. A stage whose output exists is skipped, so an
+interrupted run resumes (evaluate also resumes inside a stage, point by point).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from skipbench.errors import SkipbenchError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    argv: tuple[str, ...]
+    output: Path
+
+    def done(self) -> bool:
+        if self.output.name == "config.json":  # a training run: finished when it reached its steps
+            if not self.output.exists():
+                return False
+            meta = json.loads(self.output.read_text())
+            return meta.get("step") == meta.get("train", {}).get("steps")
+        return self.output.exists()
+
+    def command(self) -> str:
+        import shlex
+
+        return "skipbench " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+def load_preset(name: str) -> dict:
+    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise SkipbenchError(f"unknown preset '{name}'; known: {known} (or a path to a .toml file)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SkipbenchError(f"cannot read preset {path}: {exc}") from None
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def stages(preset: dict, results: str | None = None) -> list[Stage]:
+    model = preset["model"]
+    r = Path(results or preset.get("results", "results"))
+    out: list[Stage] = []
+    ev, cs, orc, ct, fx, bn = (preset.get(k, {}) for k in ("evaluate", "cosine", "oracle", "controllers", "flexidepth", "bench"))
+
+    def split(section):
+        return ["--split", section["split"]] if "split" in section else []
+
+    for dataset in ev.get("datasets", []):
+        for policy in ev.get("policies", ["uniform"]):
+            target = r / f"evaluate-{policy}-{dataset}.parquet"
+            out.append(Stage(f"evaluate {policy} {dataset}", (
+                "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", policy,
+                "--costs", _csv(ev["costs"]), "--limit", str(ev.get("limit", 0)),
+                "--max-new-tokens", str(ev.get("max_new_tokens", 64)), "--out", str(target)), target))
+    if cs:
+        target = r / f"cosine-{cs['dataset']}.parquet"
+        out.append(Stage("cosine", (
+            "cosine", "--model", model, "--dataset", cs["dataset"], *split(cs), "--costs", _csv(cs["costs"]),
+            "--seeds", str(cs.get("seeds", 3)), "--limit", str(cs.get("limit", 0)),
+            "--max-new-tokens", str(cs.get("max_new_tokens", 64)), "--out", str(target)), target))
+    if orc:
+        target = r / f"oracle-{orc['dataset']}.parquet"
+        out.append(Stage("oracle", (
+            "oracle", "--runs", str(r / f"evaluate-uniform-{orc['dataset']}.parquet"), "--curve",
+            "--metric", orc.get("metric", "rougeL"), "--out", str(target)), target))
+    if ct:
+        target = r / f"controllers-{ct['dataset']}.parquet"
+        out.append(Stage("controllers sweep", (
+            "controllers", "sweep", "--model", model, "--dataset", ct["dataset"], "--inputs", _csv(ct["inputs"]),
+            "--alphas", _csv(ct["alphas"]), "--seeds", str(ct.get("seeds", 1)), "--steps", str(ct["steps"]),
+            "--train-limit", str(ct.get("train_limit", 0)), "--eval-limit", str(ct.get("eval_limit", 0)),
+            "--max-new-tokens", str(ct.get("max_new_tokens", 64)), "--out", str(target)), target))
+    flexi_run = None
+    if fx:
+        fmodel = fx.get("model", model)
+        flexi_run = r / "flexidepth-run"
+        out.append(Stage("flexidepth train", (
+            "flexidepth", "train", "--model", fmodel, "--dataset", fx["datasets"], "--alpha", str(fx["alpha"]),
+            "--steps", str(fx["steps"]), "--limit", str(fx.get("train_limit", 0)),
+            "--max-new-tokens", str(fx.get("max_new_tokens", 64)), "--out", str(flexi_run)), flexi_run / "config.json"))
+        first = fx["datasets"].split(",")[-1]
+        target = r / f"evaluate-flexidepth-{first}.parquet"
+        out.append(Stage("evaluate flexidepth", (
+            "evaluate", "--model", fmodel, "--dataset", first, "--policy", "flexidepth", "--router", str(flexi_run),
+            "--limit", str(fx.get("usage_limit", 0)), "--max-new-tokens", str(fx.get("max_new_tokens", 64)),
+            "--out", str(target)), target))
+        target = r / "flexi-usage.parquet"
+        out.append(Stage("flexidepth usage", (
+            "flexidepth", "usage", "--model", fmodel, "--router", str(flexi_run), "--dataset", fx["datasets"],
+            "--limit", str(fx.get("usage_limit", 0)), "--max-new-tokens", str(fx.get("max_new_tokens", 64)),
+            "--out", str(target)), target))
+        target = r / "depthmap.html"
+        out.append(Stage("flexidepth depthmap", (
+            "flexidepth", "depthmap", "--model", fmodel, "--router", str(flexi_run), "--prompt", fx["prompt"],
+            "--max-new-tokens", str(fx.get("max_new_tokens", 64)), "--out", str(target)), target))
+    if bn:
+        policies = [f"flexidepth:{flexi_run}" if p == "flexidepth" and flexi_run else p for p in bn["policies"]]
+        target = r / "bench.parquet"
+        out.append(Stage("bench", (
+            "bench", "--model", bn.get("model", model), "--policies", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
+            "--new-tokens", str(bn.get("new_tokens", 64)), "--repeats", str(bn.get("repeats", 3)),
+            "--warmup", str(bn.get("warmup", 1)), "--impl", "both", "--out", str(target)), target))
+    out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
+    return out

