@@ -66,6 +66,17 @@ def make_policy(name: str, num_layers: int, opts: PolicyOptions | None = None) -
     return POLICIES.get(name)(num_layers, opts or PolicyOptions())
 
 
+def checkpoint_module(opts: PolicyOptions, num_layers: int, policy: str, flag: str, load: Callable):
+    """The trained module of a learned policy (`--controller DIR`, `--router DIR`), checked against the model."""
+    path = opts.extra.get("path")
+    if not path:
+        raise SkipbenchError(f"policy '{policy}' needs {flag} DIR (a folder written by its 'train' command)")
+    module, meta = load(path)
+    if module.num_layers != num_layers:
+        raise SkipbenchError(f"'{path}' was trained for {module.num_layers} layers; this model has {num_layers}")
+    return module, meta
+
+
 def check_cost(cost: int | None, num_layers: int) -> int:
     if cost is None:
         raise SkipbenchError("this policy needs --cost C (the number of layers to execute)")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipbench.errors import SkipbenchError
-from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions
+from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, checkpoint_module
 
 INPUTS = ("hidden", "constant")
 GATES = ("sample", "argmax")
@@ -135,10 +135,5 @@ def load_controllers(path: str) -> tuple[Controllers, dict]:
 
 @POLICIES.register("controller")
 def controller(num_layers: int, opts: PolicyOptions) -> Policy:
-    path = opts.extra.get("path")
-    if not path:
-        raise SkipbenchError("policy 'controller' needs --controller DIR (a folder written by 'controllers train')")
-    c, meta = load_controllers(path)
-    if c.num_layers != num_layers:
-        raise SkipbenchError(f"controllers in '{path}' were trained for {c.num_layers} layers; this model has {num_layers}")
+    c, meta = checkpoint_module(opts, num_layers, "controller", "--controller", load_controllers)
     return ControllerPolicy(c, opts.extra.get("gate", "sample"), opts.seed, meta.get("tau", 1.0))

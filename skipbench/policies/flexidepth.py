@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipbench.errors import SkipbenchError
-from skipbench.policies.base import POLICIES, Policy, PolicyOptions
+from skipbench.policies.base import POLICIES, Policy, PolicyOptions, checkpoint_module
 
 
 class Router(nn.Module):
@@ -177,10 +177,5 @@ def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
 
 @POLICIES.register("flexidepth")
 def flexidepth(num_layers: int, opts: PolicyOptions) -> Policy:
-    path = opts.extra.get("path")
-    if not path:
-        raise SkipbenchError("policy 'flexidepth' needs --router DIR (a folder written by 'flexidepth train')")
-    f, _ = load_flexidepth(path)
-    if f.num_layers != num_layers:
-        raise SkipbenchError(f"routers in '{path}' were trained for {f.num_layers} layers; this model has {num_layers}")
+    f, _ = checkpoint_module(opts, num_layers, "flexidepth", "--router", load_flexidepth)
     return FlexiPolicy(f)
