@@ -155,3 +155,31 @@ def depthmap_png(texts: list[str], used: list, num_layers: int, path: Path) -> P
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def speedup_figure(summary, num_layers: int, path: Path) -> Path:
+    """Decode speedup over full depth: realized (markers) vs the layer-count ideal (line), per batch size."""
+    import numpy as np
+
+    d = summary[(summary["phase"] == "decode") & (summary["kind"] != "baseline")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for j, (batch, g) in enumerate(d.groupby("batch_size")):
+        color = f"C{j}"
+        ideal = g.dropna(subset=["ideal_speedup"]).sort_values("layers_mean")
+        ax.plot(ideal["layers_mean"], ideal["ideal_speedup"], "-", color=color, alpha=0.5, label=f"ideal, batch {batch}")
+        for r in g.itertuples():
+            marker = "s" if r.kind == "bound" else ("x" if "[mask]" in r.variant else "o")
+            ax.scatter(r.layers_mean, r.speedup, marker=marker, color=color, zorder=3)
+            ax.annotate(r.variant, (r.layers_mean, r.speedup), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xlabel(f"mean executed layers per token (of {num_layers})")
+    ax.set_ylabel("decode tokens/s relative to full depth")
+    ax.set_title("Realized (markers: o skipbench, x --impl mask, ■ layers removed) vs ideal speedup", fontsize=9)
+    ax.set_xlim(0, num_layers + 1)
+    ax.set_ylim(0, max(1.5, float(np.nanmax(d[["speedup", "ideal_speedup"]].to_numpy())) * 1.1))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -31,6 +31,7 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert (full["speedup"] == 1.0).all() and (full["ideal_speedup"].round(9) == 1.0).all()
     assert set(meta["fixed_part_seconds"]) == {"1", "2"} or set(meta["fixed_part_seconds"]) == {1, 2}
     assert "real/ideal" in res.stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
 def test_removed_layers_model_equals_plan(tokenizer):

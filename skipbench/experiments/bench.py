@@ -218,6 +218,12 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, fixed_part_seconds=fixed,
                         summary=summary.to_dict("records"),
                         memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
+        from pathlib import Path
+
+        from skipbench.plots import speedup_figure
+
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))
         path = str(write_atomic(df, cfg.out, meta))
     return BenchResult(df, summary, path)
 
