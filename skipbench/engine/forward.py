@@ -212,6 +212,10 @@ def enable_compile(adapter: Adapter) -> None:
     compiled are pure tensor functions, with dynamic shapes so a growing batch or sequence does not
     recompile them. On CUDA, `mode="max-autotune-no-cudagraphs"` picks tuned kernels.
     """
+    import torch._dynamo
+
+    # each layer index is its own guard: allow one compiled graph per layer and shape family
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * adapter.num_layers)
     mode = "max-autotune-no-cudagraphs" if next(adapter.model.parameters()).is_cuda else None
     for name in ("qkv", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
         setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=True, mode=mode))
