@@ -371,12 +371,12 @@ app.add_typer(controllers_app, name="controllers")
 
 
 def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
-                  device, dtype, out, targets="full"):
+                  device, dtype, out, targets="full", grad_accum=1):
     from skipbench.data import DataSpec
     from skipbench.training import TrainConfig
 
     return TrainConfig(model=model, data=DataSpec(dataset, split, limit or None), steps=steps, batch_size=batch_size,
-                       lr=lr, seed=seed, loss=loss, targets=targets, max_new_tokens=max_new_tokens,
+                       grad_accum=grad_accum, lr=lr, seed=seed, loss=loss, targets=targets, max_new_tokens=max_new_tokens,
                        max_seq_len=max_seq_len, device=device, dtype=dtype, out=out)
 
 
@@ -412,6 +412,7 @@ def controllers_train(
     tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
     steps: int = typer.Option(300),
     batch_size: int = typer.Option(4),
+    grad_accum: int = typer.Option(1, help="micro-batches per step (losses normalised over the step's tokens)"),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     loss: str = typer.Option("kl", help="kl (distil the full model's distributions) | ce (cross-entropy)"),
@@ -430,7 +431,7 @@ def controllers_train(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
-                         max_seq_len, device, dtype, out, targets)
+                         max_seq_len, device, dtype, out, targets, grad_accum)
     with TrainBar("train") as bar:
         result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
     _report_training(result)
@@ -503,6 +504,7 @@ def flexidepth_train(
     linear_router: bool = typer.Option(False, "--linear-router", help="Router(z) = W_r z"),
     steps: int = typer.Option(400),
     batch_size: int = typer.Option(4),
+    grad_accum: int = typer.Option(1, help="micro-batches per step (L_skip and L_lm normalised over the step's tokens)"),
     lr: float = typer.Option(1e-3),
     seed: int = typer.Option(0),
     loss: str = typer.Option("ce", help="ce (next-token cross-entropy) | kl (distil the full model)"),
@@ -521,7 +523,7 @@ def flexidepth_train(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
-                         max_seq_len, device, dtype, out, targets)
+                         max_seq_len, device, dtype, out, targets, grad_accum)
     cfg = FlexiTrainConfig(tcfg, alpha, _int_list(routed_layers, "--routed-layers") if routed_layers else (),
                            router_reduction, tau, adapter, kv, linear_router)
     with TrainBar("train") as bar:

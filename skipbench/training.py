@@ -38,6 +38,7 @@ class TrainConfig:
     data: DataSpec
     steps: int = 300
     batch_size: int = 4
+    grad_accum: int = 1  # micro-batches per optimiser step; losses are normalised over the whole step
     lr: float = 1e-3
     seed: int = 0
     loss: str = "kl"  # kl: distil the full model's next-token distributions | ce: cross-entropy on the targets
@@ -66,6 +67,7 @@ class Method:
     kv_mode: str = "fill"
 
     def regulariser(self, gates: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(the cost term summed over the response tokens in `mask`, per-token means for the log)."""
         raise NotImplementedError
 
     def config(self) -> dict:
@@ -141,8 +143,16 @@ def batch_tensors(lm, batch: list[Example]):
     return ids, present, resp.to(lm.device), mask.to(lm.device)
 
 
-def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str):
-    """One differentiable pass over the responses; returns (loss, parts)."""
+def task_weight(batch: list[Example], loss_kind: str) -> int:
+    """Response positions the task loss counts: all of them for KL, all but each last one for CE."""
+    return sum(len(e.response) - (loss_kind == "ce") for e in batch)
+
+
+def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str, denominator: float | None = None):
+    """One differentiable pass over the responses; returns (loss, parts).
+
+    The task loss and the method's cost term are summed over tokens and divided by `denominator`, the
+    token count of the whole optimiser step, so micro-batches of a step add up to the step's mean."""
     ids, present, resp, mask = batch_tensors(lm, batch)
     with torch.no_grad():
         cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
@@ -159,9 +169,10 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
         weight = mask[:, 1:] & mask[:, :-1]
         per_token = torch.cat([per_token, torch.zeros_like(per_token[:, :1])], 1)
         weight = torch.cat([weight, torch.zeros_like(weight[:, :1])], 1)
-    task = (per_token * weight).sum() / weight.sum()
-    reg, parts = method.regulariser(gates, mask)
-    return task + reg, {"task": float(task.detach()), **parts}
+    denominator = denominator or float(weight.sum())
+    task = (per_token * weight).sum() / denominator
+    reg, parts = method.regulariser(gates, weight)
+    return task + reg / denominator, {"task": float(task.detach()), **parts}
 
 
 def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable | None = None,
@@ -169,8 +180,8 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     """Train `method` for cfg.steps steps, saving to cfg.out every save_every steps (resumable)."""
     from safetensors.torch import load_file, save_file
 
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise SkipbenchError("--steps and --batch-size must be >= 1")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise SkipbenchError("--steps, --batch-size and --grad-accum must be >= 1")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -193,11 +204,17 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         batch = [data[i] for i in rng.choice(len(data), size=min(cfg.batch_size, len(data)), replace=False)]
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise per step, also after a resume
         t0 = time.perf_counter()
-        loss, parts = step_loss(lm, engine, method, batch, cfg.loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, loss, parts = task_weight(batch, cfg.loss), 0.0, []
+        for micro in np.array_split(np.arange(len(batch)), min(cfg.grad_accum, len(batch))):
+            part_loss, part = step_loss(lm, engine, method, [batch[i] for i in micro], cfg.loss, total)
+            part_loss.backward()
+            loss += float(part_loss.detach())
+            parts.append((task_weight([batch[i] for i in micro], cfg.loss), part))
         opt.step()
-        log.append({"step": step + 1, "loss": float(loss.detach()), **parts, "seconds": time.perf_counter() - t0})
+        summary = {k: sum(w * p[k] for w, p in parts) / total for k in parts[0][1] if k != "task"}
+        summary["task"] = sum(p["task"] for _, p in parts)  # each part is already divided by the step's tokens
+        log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             _save(out, module, opt, step + 1, log, method, cfg, save_file)
         if progress:

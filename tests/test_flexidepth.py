@@ -77,10 +77,10 @@ def test_skip_loss_by_hand_and_gradients(tokenizer):
     loss, parts = method.regulariser(gates, mask)
     sums = [0.2 + 0.4 + 1.0, 0.9 + 0.8 + 0.0, 0.6 + 0.3 + 0.5]  # the masked token is left out
     assert parts["l_skip"] == pytest.approx(sum(x * x for x in sums) / 3)
-    assert float(loss) == pytest.approx(0.5 * parts["l_skip"])
+    assert float(loss) == pytest.approx(0.5 * parts["l_skip"] * 3)  # a token sum: the trainer divides by tokens
 
     lm = tiny(tokenizer)
-    from skipbench.training import TrainConfig, examples, step_loss
+    from skipbench.training import TrainConfig, examples, step_loss, task_weight
     from skipbench.data import DataSpec
 
     cfg = TrainConfig(model="tiny", data=DataSpec("arith", limit=4), loss="ce", max_new_tokens=6)
@@ -93,6 +93,15 @@ def test_skip_loss_by_hand_and_gradients(tokenizer):
     total.backward()
     assert all(r.out.weight.grad is not None and r.out.weight.grad.abs().sum() > 0 for r in flexi.routers.values())
     assert all(p.grad is None for p in lm.model.parameters())
+
+    # gradient accumulation: two micro-batches normalised by the step's tokens == one pass over the batch
+    whole = [p.grad.clone() for p in flexi.parameters() if p.grad is not None]
+    flexi.zero_grad()
+    denominator = task_weight(data, "ce")
+    for micro in (data[:2], data[2:]):
+        step_loss(lm, Engine(lm.adapter), FlexiMethod(flexi, 1e-2), micro, "ce", denominator)[0].backward()
+    accumulated = [p.grad for p in flexi.parameters() if p.grad is not None]
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, accumulated))
 
 
 def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):

@@ -76,8 +76,9 @@ class ControllerMethod:
     def regulariser(self, gates, mask):
         m = mask.to(gates[0].dtype)
         executed = torch.stack(gates).sum(0) + (self.controllers.num_layers - len(gates))
-        frac = (executed * m).sum() / m.sum() / self.controllers.num_layers
-        return self.alpha * frac, {"layers": float(frac.detach()) * self.controllers.num_layers}
+        frac = executed / self.controllers.num_layers
+        layers = float((executed * m).sum().detach() / m.sum())
+        return self.alpha * (frac * m).sum(), {"layers": layers}
 
     def config(self) -> dict:
         c = self.controllers

@@ -131,10 +131,10 @@ class FlexiMethod:
     def regulariser(self, gates, mask):
         m = mask.to(gates[0].dtype)
         total = torch.stack(gates).sum(0)  # sum over routed layers of G, per token
-        l_skip = ((total**2) * m).sum() / m.sum()
+        skip_sum = ((total**2) * m).sum()  # L_skip times the token count: the trainer divides
         executed = (torch.stack(gates) > self.flexi.tau).sum(0) + (self.flexi.num_layers - len(gates))
-        layers = float((executed * m).sum() / m.sum())
-        return self.alpha * l_skip, {"l_skip": float(l_skip.detach()), "layers": layers}
+        n = m.sum()
+        return self.alpha * skip_sum, {"l_skip": float(skip_sum.detach() / n), "layers": float((executed * m).sum() / n)}
 
     def config(self) -> dict:
         return {**self.flexi.config(), "alpha": self.alpha,
