@@ -30,7 +30,7 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
                     label=f"oracle reaches full model at {result.star:.2f} layers ({100 * result.star / n_layers:.1f}%)")
     top.set_ylabel(f"mean {metric}")
     top.set_title("Sequence-level oracle (cf. Glavas et al. Fig. 2)")
-    top.legend(fontsize=8, loc="lower right")
+    top.legend(fontsize=8, loc="center right")
     top.grid(alpha=0.3)
     shares = [c for c in oracle.columns if c.startswith("share:")]
     bottom.stackplot(oracle["budget"], *[oracle[c] for c in shares], labels=[c.removeprefix("share:") for c in shares], alpha=0.8)

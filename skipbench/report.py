@@ -44,7 +44,8 @@ def section_evaluate(folder: Path) -> list[str]:
     if not files:
         return []
     frames = [pd.read_parquet(p).assign(file=p.stem) for p in files]
-    df = pd.concat(frames, ignore_index=True)
+    # every evaluate file carries the full-depth rows of its items: count each (point, item) once
+    df = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "policy", "cost", "item_id"])
     rows = (df.groupby(["dataset", "policy", "cost"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
             rougeL=("rougeL", "mean"), full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"))
             .reset_index().sort_values(["dataset", "policy", "cost"]))
