@@ -140,3 +140,15 @@ def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):
     text = page.read_text()
     assert text.count('class="t"') >= 8 and "layers" in text
     assert page.with_suffix(".png").stat().st_size > 2000
+
+
+def test_usage_refuses_routers_of_another_depth(tiny_dirs, tmp_path, tokenizer):
+    from safetensors.torch import save_file
+
+    flexi = FlexiDepth(64, 8, reduction=4)  # trained for 8 layers; the tiny model has 6
+    (tmp_path / "r").mkdir()
+    save_file({k: v.contiguous() for k, v in flexi.state_dict().items()}, str(tmp_path / "r" / "weights.safetensors"))
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"kind": "flexidepth", **flexi.config()}))
+    for cmd in (["usage", "--out", str(tmp_path / "u.parquet")], ["depthmap", "--prompt", "hi", "--out", str(tmp_path / "d.html")]):
+        res = CliRunner().invoke(app, ["flexidepth", cmd[0], "--model", str(tiny_dirs["llama"]), "--router", str(tmp_path / "r"), *cmd[1:]])
+        assert res.exit_code == 1 and "trained for 8 layers; this model has 6" in res.stderr, res.output

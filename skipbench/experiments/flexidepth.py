@@ -20,7 +20,7 @@ from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, generate
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
-from skipbench.policies.base import parse_int_list
+from skipbench.policies.base import PolicyOptions, checkpoint_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
 from skipbench.results import check_out_path, manifest, run_id, write_atomic
 from skipbench.training import TrainConfig, TrainResult, train
@@ -57,6 +57,11 @@ class UsageConfig:
     out: str = ""
 
 
+def _routers(path: str, num_layers: int):
+    """Trained routers for this model, with the same checks as `--policy flexidepth`."""
+    return checkpoint_module(PolicyOptions(extra={"path": path}), num_layers, "flexidepth", "--router", load_flexidepth)
+
+
 def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dict]:
     """One row per generated token that ran through the model (the `input` convention)."""
     return [{"item_id": item.item_id, "subtask": item.subtask, "token": t, "token_id": tokens[t],
@@ -67,9 +72,7 @@ def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dic
 def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callable | None = None) -> dict:
     out = check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    flexi, meta = load_flexidepth(cfg.router)
-    if flexi.num_layers != lm.num_layers:
-        raise SkipbenchError(f"routers in '{cfg.router}' were trained for {flexi.num_layers} layers; this model has {lm.num_layers}")
+    flexi, meta = _routers(cfg.router, lm.num_layers)
     policy = FlexiPolicy(flexi)
     items = load_items(cfg.data)
     if start:
@@ -112,7 +115,7 @@ def run_depthmap(cfg: DepthmapConfig) -> dict:
     if out.suffix != ".html":
         raise SkipbenchError(f"--out must end in .html, got '{out}'")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    flexi, _ = load_flexidepth(cfg.router)
+    flexi, _ = _routers(cfg.router, lm.num_layers)
     gen = generate(lm, [encode_prompt(lm.tokenizer, cfg.prompt)], FlexiPolicy(flexi), cfg.max_new_tokens)
     tokens, layers = gen.tokens[0], gen.layers[0]
     texts = [lm.tokenizer.decode([t]) for t in tokens]
