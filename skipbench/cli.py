@@ -371,13 +371,13 @@ app.add_typer(controllers_app, name="controllers")
 
 
 def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
-                  device, dtype, out, targets="full", grad_accum=1):
+                  device, dtype, out, targets="full", grad_accum=1, **extra):
     from skipbench.data import DataSpec
     from skipbench.training import TrainConfig
 
     return TrainConfig(model=model, data=DataSpec(dataset, split, limit or None), steps=steps, batch_size=batch_size,
                        grad_accum=grad_accum, lr=lr, seed=seed, loss=loss, targets=targets, max_new_tokens=max_new_tokens,
-                       max_seq_len=max_seq_len, device=device, dtype=dtype, out=out)
+                       max_seq_len=max_seq_len, device=device, dtype=dtype, out=out, **extra)
 
 
 def _report_training(result) -> None:
@@ -419,19 +419,24 @@ def controllers_train(
     targets: str = typer.Option("full", help="full (the full model's own responses) | reference"),
     max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
     max_seq_len: int = typer.Option(256, help="prompt + response tokens per example"),
+    train_backbone: bool = typer.Option(False, "--train-backbone",
+                                        help="fine-tune the model jointly (saved to OUT/backbone; the target stays the original)"),
+    backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     out: str = typer.Option("runs/controllers", help="checkpoint folder (resumed when it holds a checkpoint)"),
 ) -> None:
-    """Train one set of skip controllers (frozen backbone).
+    """Train one set of skip controllers (frozen backbone, or jointly with it: --train-backbone).
 
     Example: skipbench controllers train --dataset text --input hidden --alpha 4 --steps 300 --out runs/ctrl-hidden-a4
+    Jointly trained controllers are evaluated on their backbone: evaluate --model OUT/backbone --controller OUT
     """
     from skipbench.experiments.controllers import ControllerTrainConfig, run_train
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
-                         max_seq_len, device, dtype, out, targets, grad_accum)
+                         max_seq_len, device, dtype, out, targets, grad_accum,
+                         train_backbone=train_backbone, backbone_lr=backbone_lr)
     with TrainBar("train") as bar:
         result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
     _report_training(result)

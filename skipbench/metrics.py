@@ -51,6 +51,7 @@ def exact_match(subtask: str, output: str, answer: str | None) -> float:
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the last dimension, from logits."""
-    logp = torch.log_softmax(logits_p.float(), -1)
-    logq = torch.log_softmax(logits_q.float(), -1)
+    dtype = torch.promote_types(logits_p.dtype, torch.float32)  # at least fp32 (float64 stays float64)
+    logp = torch.log_softmax(logits_p.to(dtype), -1)
+    logq = torch.log_softmax(logits_q.to(dtype), -1)
     return (logp.exp() * (logp - logq)).sum(-1)

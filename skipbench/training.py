@@ -4,9 +4,13 @@ A `Method` owns the trainable modules, the gate function of the differentiable p
 term; this module owns the rest: items, the full model's responses (distillation needs no labels),
 batching, the full-depth prompt prefill, the task loss, AdamW, checkpoints and resuming.
 
-Training runs on response tokens only. The prompt runs at full depth and nothing trainable reads it
-(gate inputs are detached), so it is prefilled once per batch without gradients — exactly the same
-numbers as a pass over the whole sequence, at a fraction of the cost.
+Training runs on response tokens only. The prompt runs at full depth and, with a frozen backbone,
+nothing trainable reads it (gate inputs are detached), so it is prefilled once per batch without
+gradients — exactly the same numbers as a pass over the whole sequence, at a fraction of the cost.
+
+With `train_backbone` (the paper's joint fine-tuning) the prompt's K/V depend on the trained weights,
+so prompt and response run in one differentiable pass (only the response is gated), and the
+distillation target comes from a frozen copy of the original model.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class TrainConfig:
     dtype: str = "float32"
     out: str = ""
     teacher_cache: str | None = None  # JSON of the full model's responses (default <out>/teacher.json; sweeps share one)
+    train_backbone: bool = False  # fine-tune the model jointly (saved to <out>/backbone); the target stays the original
+    backbone_lr: float = 1e-5
 
 
 class Method:
@@ -148,19 +154,30 @@ def task_weight(batch: list[Example], loss_kind: str) -> int:
     return sum(len(e.response) - (loss_kind == "ce") for e in batch)
 
 
-def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str, denominator: float | None = None):
+def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str, denominator: float | None = None,
+              teacher: Engine | None = None):
     """One differentiable pass over the responses; returns (loss, parts).
 
     The task loss and the method's cost term are summed over tokens and divided by `denominator`, the
-    token count of the whole optimiser step, so micro-batches of a step add up to the step's mean."""
+    token count of the whole optimiser step, so micro-batches of a step add up to the step's mean.
+    `teacher`: a frozen engine of the original model when the backbone itself is trained (else `engine`)."""
     ids, present, resp, mask = batch_tensors(lm, batch)
+    frozen = teacher is None
+    teacher = teacher or engine
     with torch.no_grad():
+        cache = teacher.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
+        cache.pad = (~present).sum(1)
+        teacher.forward(ids, cache, None, present=present, last_only=True)
+        # the distillation target: every layer runs, so the KV mode of the cache does not matter
+        target = teacher.forward(resp, cache.clone() if frozen else cache, None).logits if loss_kind == "kl" else None
+    if frozen:  # the prompt prefilled above is exactly what the trained pass would compute
+        logits, gates = engine.forward_soft(resp, cache, method.gate_fn(), method.layer_fn)
+    else:  # the prompt's K/V depend on the trained weights: prompt and response in one pass
         cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
         cache.pad = (~present).sum(1)
-        engine.forward(ids, cache, None, present=present, last_only=True)
-        # the distillation target: every layer runs, so the KV mode of the cache does not matter
-        target = engine.forward(resp, cache.clone(), None).logits if loss_kind == "kl" else None
-    logits, gates = engine.forward_soft(resp, cache, method.gate_fn(), method.layer_fn)
+        logits, gates = engine.forward_soft(torch.cat([ids, resp], 1), cache, method.gate_fn(), method.layer_fn,
+                                            present=torch.cat([present, torch.ones_like(mask)], 1),
+                                            gated_from=ids.shape[1])
     if loss_kind == "kl":  # KL(p_hat || p_full) at every response position
         per_token, weight = kl_divergence(logits, target), mask
     else:  # next-token cross-entropy on the response
@@ -186,12 +203,18 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     module = method.module().to(lm.device)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=cfg.lr)
+    teacher = _unfreeze_backbone(lm, method, cfg) if cfg.train_backbone else None
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if cfg.train_backbone:
+        groups.append({"params": list(lm.model.parameters()), "lr": cfg.backbone_lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
     done, log = 0, []
     state_file = out / "trainer.pt"
     if state_file.exists() and (out / "weights.safetensors").exists():
         module.load_state_dict(load_file(out / "weights.safetensors", device=str(lm.device)))
         state = torch.load(state_file, weights_only=False)
+        if cfg.train_backbone:
+            _load_backbone(lm, out, state["step"])
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
     data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json")
@@ -207,7 +230,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.zero_grad(set_to_none=True)
         total, loss, parts = task_weight(batch, cfg.loss), 0.0, []
         for micro in np.array_split(np.arange(len(batch)), min(cfg.grad_accum, len(batch))):
-            part_loss, part = step_loss(lm, engine, method, [batch[i] for i in micro], cfg.loss, total)
+            part_loss, part = step_loss(lm, engine, method, [batch[i] for i in micro], cfg.loss, total, teacher)
             part_loss.backward()
             loss += float(part_loss.detach())
             parts.append((task_weight([batch[i] for i in micro], cfg.loss), part))
@@ -216,14 +239,65 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         summary["task"] = sum(p["task"] for _, p in parts)  # each part is already divided by the step's tokens
         log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0})
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            _save(out, module, opt, step + 1, log, method, cfg, save_file)
+            _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
         if progress:
             progress(log[-1])
     module.eval()
+    lm.model.requires_grad_(False)
     return TrainResult(cfg.steps, log, out)
 
 
-def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file) -> None:
+def _unfreeze_backbone(lm: LoadedModel, method: Method, cfg: TrainConfig) -> Engine:
+    """Make the model trainable and return a frozen engine of the original weights (the distillation target)."""
+    import copy
+
+    from skipbench.models.adapters import make_adapter
+
+    if method.layer_fn is not None:
+        raise SkipbenchError("--train-backbone is for skip controllers; FlexiDepth trains its routers on a frozen model")
+    original = copy.deepcopy(lm.model)  # before any update (and before a resumed backbone is loaded)
+    original.requires_grad_(False)
+    lm.model.requires_grad_(True)
+    return Engine(make_adapter(original), method.kv_mode)
+
+
+def _load_backbone(lm: LoadedModel, out: Path, step: int) -> None:
+    from safetensors.torch import load_file
+
+    folder = out / BACKBONE
+    saved = json.loads((folder / "skipbench.json").read_text()).get("step") if (folder / "skipbench.json").exists() else None
+    if saved != step:
+        raise SkipbenchError(f"'{out}' holds no backbone saved at step {step} (found {saved}); "
+                             "delete the folder to start over")
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update(load_file(str(f), device=str(lm.device)))
+    missing, unexpected = lm.model.load_state_dict(weights, strict=False)
+    tied = set(getattr(lm.model, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise SkipbenchError(f"'{folder}' does not match the model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+
+
+BACKBONE = "backbone"  # <out>/backbone: the jointly trained model, a plain model folder for `--model`
+
+
+def _save_backbone(lm: LoadedModel, out: Path, step: int) -> None:
+    import shutil
+
+    tmp, old = out / (BACKBONE + ".tmp"), out / (BACKBONE + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.model.save_pretrained(tmp)
+    lm.tokenizer.save_pretrained(tmp)
+    (tmp / "skipbench.json").write_text(json.dumps({"step": step}))
+    if (out / BACKBONE).exists():
+        (out / BACKBONE).replace(old)
+    tmp.replace(out / BACKBONE)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:
+    if cfg.train_backbone:
+        _save_backbone(lm, out, step)
     tmp = out / "weights.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
     tmp.replace(out / "weights.safetensors")

@@ -94,3 +94,107 @@ def test_bad_controller_folder(tiny_dirs, tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--policy", "controller",
                                    "--controller", str(tmp_path), "--limit", "2"])
     assert res.exit_code == 1 and "not a trained controllers folder" in res.stderr
+
+
+def _backbone_setup(tiny_dirs, tmp_path, double=False):
+    from skipbench.models.loading import wrap_model
+    from skipbench.training import _unfreeze_backbone
+
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    if double:  # finite differences need float64
+        lm = wrap_model(lm.model.double(), lm.tokenizer, lm.name)
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec("arith", limit=6), max_new_tokens=6,
+                      train_backbone=True, out=str(tmp_path))
+    controllers = Controllers(64, 6, "hidden", init_execute=0.5).to(lm.dtype)
+    method = ControllerMethod(controllers, 2.0)
+    data = examples(lm, cfg, None)[:3]
+    teacher = _unfreeze_backbone(lm, method, cfg)
+    return lm, method, data, teacher
+
+
+def test_joint_pass_equals_the_prefilled_one(tiny_dirs, tmp_path):
+    """With the backbone trainable, prompt and response run in one pass: same loss, same controller gradients."""
+    lm, method, data, teacher = _backbone_setup(tiny_dirs, tmp_path)
+    engine = Engine(lm.adapter, "fill")
+    grads = []
+    for t in (None, teacher):
+        method.controllers.zero_grad()
+        torch.manual_seed(3)
+        loss, parts = step_loss(lm, engine, method, data, "kl", teacher=t)
+        loss.backward()
+        grads.append((float(loss.detach()), parts["layers"], [p.grad.clone() for p in method.controllers.parameters()]))
+    (l0, layers0, g0), (l1, layers1, g1) = grads
+    assert l1 == pytest.approx(l0, rel=1e-5) and layers1 == layers0
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_backbone_gradient_includes_the_prompt(tiny_dirs, tmp_path):
+    """The backbone's gradient matches finite differences, which a no-grad prompt prefill would miss."""
+    lm, method, data, teacher = _backbone_setup(tiny_dirs, tmp_path, double=True)
+    engine = Engine(lm.adapter, "fill")
+    weight = lm.model.model.layers[0].self_attn.k_proj.weight
+    direction = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0), dtype=weight.dtype)
+
+    def loss(t):
+        torch.manual_seed(3)  # the same Gumbel draws every time
+        return step_loss(lm, engine, method, data, "kl", teacher=t)[0]
+
+    def shifted(eps):
+        with torch.no_grad():
+            weight.add_(eps * direction)
+            value = float(loss(teacher))
+            weight.sub_(eps * direction)
+        return value
+
+    def directional(t):
+        lm.model.zero_grad()
+        loss(t).backward()
+        return float((weight.grad * direction).sum())
+
+    eps = 1e-3  # RMSNorm computes in fp32 even in a float64 model: smaller steps drown in its rounding
+    numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+    joint, response_only = directional(teacher), directional(None)
+    assert joint == pytest.approx(numeric, rel=1e-3)
+    assert abs(response_only - numeric) > 0.05 * abs(numeric)  # the prompt's K/V carry part of the gradient
+
+
+def test_teacher_stays_the_original_model(tiny_dirs, tmp_path):
+    lm, method, data, teacher = _backbone_setup(tiny_dirs, tmp_path)
+    original = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    ids = torch.tensor([data[0].prompt + data[0].response])
+    with torch.no_grad():
+        for p in lm.model.parameters():
+            p.add_(0.05)
+        expected = original.model(ids).logits
+        cache = teacher.new_cache(1, ids.shape[1], lm.device, lm.dtype)
+        torch.testing.assert_close(teacher.forward(ids, cache).logits, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(lm.model(ids).logits, expected, atol=1e-3)
+
+
+def test_train_backbone_end_to_end(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    runner = CliRunner()
+    run, model = tmp_path / "joint", str(tiny_dirs["llama"])
+    args = ["controllers", "train", "--model", model, "--dataset", "arith", "--limit", "8", "--alpha", "4",
+            "--batch-size", "2", "--max-new-tokens", "6", "--train-backbone", "--backbone-lr", "1e-3", "--out", str(run)]
+    res = runner.invoke(app, [*args, "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*args, "--steps", "4"])  # resumes the controllers, the backbone and the optimiser
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "backbone" / "skipbench.json").read_text())["step"] == 4
+    assert len(torch.load(run / "trainer.pt", weights_only=False)["log"]) == 4
+    trained, original = load_model(str(run / "backbone"), "cpu", "float32"), load_model(model, "cpu", "float32")
+    saved = load_file(str(run / "backbone" / "model.safetensors"))
+    changed = [k for k, v in original.model.state_dict().items() if not torch.equal(v, trained.model.state_dict()[k])]
+    assert changed and all(torch.equal(saved[k], trained.model.state_dict()[k]) for k in saved)
+
+    out = tmp_path / "eval.parquet"
+    base = ["evaluate", "--dataset", "arith", "--limit", "3", "--policy", "controller", "--controller", str(run),
+            "--max-new-tokens", "6", "--out", str(out)]
+    res = runner.invoke(app, [*base, "--model", model])
+    assert res.exit_code == 1 and "--model" in res.stderr and "backbone" in res.stderr and not out.exists()
+    res = runner.invoke(app, [*base, "--model", str(run / "backbone")])
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(out)["policy"]) == {"full", "controller"}

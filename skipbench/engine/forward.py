@@ -157,37 +157,47 @@ class Engine:
         )
         return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
 
-    def forward_soft(self, ids: torch.Tensor, cache: KVCache, gate_fn, layer_fn=None) -> tuple[torch.Tensor, list]:
+    def forward_soft(self, ids: torch.Tensor, cache: KVCache, gate_fn, layer_fn=None,
+                     present: torch.Tensor | None = None, gated_from: int = 0) -> tuple[torch.Tensor, list]:
         """A differentiable pass for training skip policies, appending `ids` to a (prefilled) cache.
 
         gate_fn(i, h) returns None (the layer runs) or float gates [B, T] in [0, 1] (straight-through
         hard samples): h <- g * layer(h) + (1 - g) * h. Only the `fill` KV mode is trainable this way:
         every token writes the K/V its carried state gives, which is what the blend computes.
         layer_fn(engine, i, h, pos, cache, gate) replaces the whole gated layer (FlexiDepth's routed layer).
-        Returns the logits and the list of gates used.
+        `gated_from`: the first position that is gated; the ones before it (a prompt run in the same pass,
+        when the backbone is trained and the prompt's K/V need gradients) run every layer and get no logits.
+        `present` [B, T] marks real tokens (False for left padding).
+        Returns the logits of the gated positions and the list of gates used.
         """
-        if self.kv_mode != "fill" and layer_fn is None:
-            from skipbench.errors import SkipbenchError
+        from skipbench.errors import SkipbenchError
 
+        if self.kv_mode != "fill" and layer_fn is None:
             raise SkipbenchError("training skip controllers needs --kv-mode fill")
+        if gated_from and layer_fn is not None:
+            raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
         ad, num_tokens = self.ad, ids.shape[1]
         positions = cache.positions(num_tokens)
         h = ad.embed(ids, positions)
         pos = ad.position_embeddings(h, positions)
         if self.kv_mode == "fill":
-            cache.mark(range(ad.num_layers), True, num_tokens)
+            cache.mark(range(ad.num_layers), True if present is None else present, num_tokens)
         gates = []
         for i in range(ad.num_layers):
-            g = gate_fn(i, h)
+            g = gate_fn(i, h[:, gated_from:] if gated_from else h)
             if g is not None and layer_fn is not None:
                 h = layer_fn(self, i, h, pos, cache, g)
             else:
                 out = self.layer(i, h, pos, cache, True, True)
-                h = out if g is None else g[..., None] * out + (1 - g[..., None]) * h
+                if g is not None:
+                    full = torch.cat([g.new_ones(g.shape[0], gated_from), g], 1) if gated_from else g
+                    h = full[..., None] * out + (1 - full[..., None]) * h
+                else:
+                    h = out
             if g is not None:
                 gates.append(g)
         cache.length += num_tokens
-        return ad.head(ad.final_norm(h)), gates
+        return ad.head(ad.final_norm(h[:, gated_from:] if gated_from else h)), gates
 
 
 def _take(pos, rows: torch.Tensor):

@@ -25,6 +25,7 @@ from skipbench.experiments.common import PolicyConfig
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel
+from skipbench.policies.controller import check_backbone
 from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
 
 
@@ -84,6 +85,8 @@ def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
             pts.append(Point(cfg.policy, c))
     for p in pts:  # every point is checked before any generation starts
         policy_config(cfg, p).build(num_layers)
+    if cfg.policy == "controller":
+        check_backbone(cfg.controller, cfg.model)
     return pts
 
 

@@ -134,6 +134,18 @@ def load_controllers(path: str) -> tuple[Controllers, dict]:
     return c, meta
 
 
+def check_backbone(path: str, model: str) -> None:
+    """Controllers trained jointly with their backbone (`--train-backbone`) only make sense on that backbone."""
+    from pathlib import Path
+
+    from skipbench.training import BACKBONE, load_checkpoint
+
+    meta, _ = load_checkpoint(path, "controllers")
+    backbone = Path(path) / BACKBONE
+    if meta.get("train", {}).get("train_backbone") and Path(model).resolve() != backbone.resolve():
+        raise SkipbenchError(f"'{path}' was trained jointly with its backbone; evaluate it with --model {backbone}")
+
+
 @POLICIES.register("controller")
 def controller(num_layers: int, opts: PolicyOptions) -> Policy:
     c, meta = checkpoint_module(opts, num_layers, "controller", "--controller", load_controllers)
