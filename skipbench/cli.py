@@ -28,7 +28,11 @@ class SkipbenchGroup(TyperGroup):
     """Maps user mistakes to one line on stderr and exit code 1, never a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        from skipbench import distributed
+
         try:
+            if distributed.world_size() > 1:
+                _under_torchrun(list(sys.argv[1:] if args is None else args))
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SkipbenchError as exc:
             _fail(str(exc))
@@ -39,6 +43,8 @@ class SkipbenchGroup(TyperGroup):
             _fail(exc.format_message())
         except typer.Abort:
             _fail("aborted")
+        finally:
+            distributed.shutdown()
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)
@@ -46,8 +52,22 @@ class SkipbenchGroup(TyperGroup):
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    rank = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+    typer.echo(f"{rank}error: {' '.join(message.split())}", err=True)
     sys.exit(1)
+
+
+def _under_torchrun(args: list[str]) -> None:
+    """Only commands that share their work run under torchrun; only rank 0 shows progress and tables."""
+    from skipbench.distributed import COMMANDS
+
+    words = [a for a in args[:2] if not a.startswith("-")]
+    command = " ".join(words[:2]) if words and words[0] in ("controllers", "flexidepth") else (words[:1] or [""])[0]
+    if command not in COMMANDS:
+        raise SkipbenchError(f"'{command}' runs in one process; under torchrun: {', '.join(COMMANDS)}")
+    if int(os.environ.get("RANK", 0)) > 0:
+        console.quiet = True
+        sys.stdout = open(os.devnull, "w")
 
 
 app = typer.Typer(
@@ -311,7 +331,8 @@ def evaluate(
     with Bar("evaluate") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
     _print_frame(result.summary, f"evaluate · {model} · {dataset}")
-    console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused)")
+    shares = f", {result.reused_shares} rank share(s) of a failed run reused" if result.reused_shares else ""
+    console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused{shares})")
 
 
 def _print_frame(df, title: str) -> None:

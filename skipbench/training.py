@@ -15,6 +15,7 @@ distillation target comes from a frozen copy of the original model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from skipbench import distributed
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
@@ -66,11 +68,14 @@ class Method:
     def module(self) -> nn.Module:
         raise NotImplementedError
 
-    def gate_fn(self) -> Callable:
+    def gate_fn(self, keys: list | None = None) -> Callable:
+        """gate(i, h) for the differentiable pass; random draws seeded per row by `keys`."""
         raise NotImplementedError
 
     layer_fn: Callable | None = None
     kv_mode: str = "fill"
+    #: a step may leave some parameters without a gradient (data parallelism must then look for them)
+    unused_params: bool = False
 
     def regulariser(self, gates: list[torch.Tensor], mask: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(the cost term summed over the response tokens in `mask`, per-token means for the log)."""
@@ -93,7 +98,7 @@ class TrainResult:
     out: Path | None = None
 
 
-def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list[Example]:
+def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist = distributed.Dist()) -> list[Example]:
     """Prompts with the full model's greedy responses (targets full) or the references."""
     if cfg.loss not in ("kl", "ce"):
         raise SkipbenchError(f"--loss must be 'kl' or 'ce', got '{cfg.loss}'")
@@ -107,7 +112,7 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list
     if cfg.targets == "reference":
         responses = {i: lm.tokenizer(items[i].reference, add_special_tokens=False)["input_ids"] for i in keep}
     else:
-        responses = _teacher(lm, items, prompts, keep, cfg, cache_file)
+        responses = _teacher(lm, items, prompts, keep, cfg, cache_file, d)
     out = []
     for i in keep:
         resp = responses[i][: cfg.max_seq_len - len(prompts[i])]
@@ -118,18 +123,21 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None) -> list
     return out
 
 
-def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None) -> dict[int, list[int]]:
+def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist) -> dict[int, list[int]]:
     # keyed by (model, response length), then item: one cache file serves every run of a sweep
     key = f"{cfg.model}|{cfg.max_new_tokens}"
     cached = json.loads(cache_file.read_text()).get(key, {}) if cache_file and cache_file.exists() else {}
     todo = [i for i in keep if items[i].item_id not in cached]
-    full, stops = make_policy("full", lm.num_layers), eos_ids(lm)
-    for s in range(0, len(todo), 8):
-        idx = todo[s : s + 8]
+    mine = [todo[j] for j in d.shard([items[i].item_id for i in todo])]  # each rank generates its share
+    full, stops, new = make_policy("full", lm.num_layers), eos_ids(lm), {}
+    for s in range(0, len(mine), 8):
+        idx = mine[s : s + 8]
         gen = generate(lm, [prompts[i] for i in idx], full, cfg.max_new_tokens)
         for r, i in enumerate(idx):
-            cached[items[i].item_id] = [t for t in gen.tokens[r] if t not in stops]
-    if cache_file is not None and todo:
+            new[items[i].item_id] = [t for t in gen.tokens[r] if t not in stops]
+    for share in d.all_gather(new):
+        cached.update(share)
+    if cache_file is not None and todo and d.main:
         tmp = cache_file.with_name(cache_file.name + ".tmp")
         everything = json.loads(cache_file.read_text()) if cache_file.exists() else {}
         everything[key] = cached
@@ -155,12 +163,13 @@ def task_weight(batch: list[Example], loss_kind: str) -> int:
 
 
 def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str, denominator: float | None = None,
-              teacher: Engine | None = None):
+              teacher: Engine | None = None, keys: list | None = None):
     """One differentiable pass over the responses; returns (loss, parts).
 
     The task loss and the method's cost term are summed over tokens and divided by `denominator`, the
     token count of the whole optimiser step, so micro-batches of a step add up to the step's mean.
-    `teacher`: a frozen engine of the original model when the backbone itself is trained (else `engine`)."""
+    `teacher`: a frozen engine of the original model when the backbone itself is trained (else `engine`).
+    `keys`: one per example, seeding its random gates (see Method.gate_fn)."""
     ids, present, resp, mask = batch_tensors(lm, batch)
     frozen = teacher is None
     teacher = teacher or engine
@@ -171,11 +180,11 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
         # the distillation target: every layer runs, so the KV mode of the cache does not matter
         target = teacher.forward(resp, cache.clone() if frozen else cache, None).logits if loss_kind == "kl" else None
     if frozen:  # the prompt prefilled above is exactly what the trained pass would compute
-        logits, gates = engine.forward_soft(resp, cache, method.gate_fn(), method.layer_fn)
+        logits, gates = engine.forward_soft(resp, cache, method.gate_fn(keys), method.layer_fn)
     else:  # the prompt's K/V depend on the trained weights: prompt and response in one pass
         cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
         cache.pad = (~present).sum(1)
-        logits, gates = engine.forward_soft(torch.cat([ids, resp], 1), cache, method.gate_fn(), method.layer_fn,
+        logits, gates = engine.forward_soft(torch.cat([ids, resp], 1), cache, method.gate_fn(keys), method.layer_fn,
                                             present=torch.cat([present, torch.ones_like(mask)], 1),
                                             gated_from=ids.shape[1])
     if loss_kind == "kl":  # KL(p_hat || p_full) at every response position
@@ -217,34 +226,72 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
             _load_backbone(lm, out, state["step"])
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
-    data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json")
+    d = distributed.current()
+    if cfg.batch_size < d.world:
+        raise SkipbenchError(f"--batch-size {cfg.batch_size} leaves some of the {d.world} ranks without an example")
+    data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json", d)
     engine = Engine(lm.adapter, method.kv_mode)
+    runner = _data_parallel(Trainable(module, lm.model if cfg.train_backbone else None), d, lm.device,
+                            method.unused_params)
     if start:
         start(cfg.steps, done)
     module.train()
     for step in range(done, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])  # the batch depends on the step alone: resumable
-        batch = [data[i] for i in rng.choice(len(data), size=min(cfg.batch_size, len(data)), replace=False)]
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # Gumbel noise per step, also after a resume
+        chosen = rng.choice(len(data), size=min(cfg.batch_size, len(data)), replace=False)
+        batch = [data[i] for i in chosen]
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # any other randomness per step, also after a resume
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        total, loss, parts = task_weight(batch, cfg.loss), 0.0, []
-        for micro in np.array_split(np.arange(len(batch)), min(cfg.grad_accum, len(batch))):
-            part_loss, part = step_loss(lm, engine, method, [batch[i] for i in micro], cfg.loss, total, teacher)
-            part_loss.backward()
-            loss += float(part_loss.detach())
-            parts.append((task_weight([batch[i] for i in micro], cfg.loss), part))
+        # every rank takes its share of the step's batch; losses are divided by the whole batch's tokens
+        total, mine = task_weight(batch, cfg.loss), np.arange(len(batch))[d.rank :: d.world]
+        micros = np.array_split(mine, min(cfg.grad_accum, len(mine)))
+        loss, task, weighted = 0.0, 0.0, {}
+        for m, micro in enumerate(micros):
+            sub = [batch[i] for i in micro]
+            keys = [(cfg.seed, step, int(chosen[i])) for i in micro]  # Gumbel noise per example, not per rank
+            with runner.no_sync() if d.enabled and m < len(micros) - 1 else contextlib.nullcontext():
+                part_loss, part = runner(lambda: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys))
+                (part_loss * d.world).backward()  # DDP averages over ranks; the parts already add up to the mean
+            loss, task = loss + float(part_loss.detach()), task + part["task"]
+            for k, v in part.items():
+                if k != "task":
+                    weighted[k] = weighted.get(k, 0.0) + task_weight(sub, cfg.loss) * v
         opt.step()
-        summary = {k: sum(w * p[k] for w, p in parts) / total for k in parts[0][1] if k != "task"}
-        summary["task"] = sum(p["task"] for _, p in parts)  # each part is already divided by the step's tokens
+        names = sorted(weighted)
+        loss, task, *sums = d.sum([loss, task, *(weighted[k] for k in names)])
+        summary = {k: v / total for k, v in zip(names, sums)} | {"task": task}
         log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0})
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
         if progress:
             progress(log[-1])
+    d.barrier()  # the last checkpoint is on disk before any rank returns
     module.eval()
     lm.model.requires_grad_(False)
     return TrainResult(cfg.steps, log, out)
+
+
+class Trainable(nn.Module):
+    """What data parallelism synchronises: the method's module, and the backbone when it is trained.
+    Its forward runs a loss closure, so DDP sees the pass that uses the parameters."""
+
+    def __init__(self, module: nn.Module, backbone: nn.Module | None = None) -> None:
+        super().__init__()
+        self.method = module
+        self.backbone = backbone
+
+    def forward(self, loss_fn: Callable):
+        return loss_fn()
+
+
+def _data_parallel(trainable: Trainable, d: distributed.Dist, device: torch.device, unused: bool) -> nn.Module:
+    if not d.enabled:
+        return trainable
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
 
 
 def _unfreeze_backbone(lm: LoadedModel, method: Method, cfg: TrainConfig) -> Engine:

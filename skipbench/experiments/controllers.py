@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from skipbench.data import DataSpec, load_items
 from skipbench.engine.generate import eos_ids
@@ -37,6 +38,7 @@ class ControllerTrainConfig:
 def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
     lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     hidden = lm.model.config.hidden_size
+    torch.manual_seed(cfg.train.seed)  # the initial controllers depend on the seed alone
     method = ControllerMethod(Controllers(hidden, lm.num_layers, cfg.input), cfg.alpha, cfg.tau)
     return train(lm, method, cfg.train, progress, start)
 

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from skipbench import distributed
 from skipbench.data import DataSpec, load_items
 from skipbench.engine import Engine, generate
 from skipbench.engine.generate import eos_ids, left_pad, pad_id
@@ -189,15 +190,8 @@ def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dic
     return rows
 
 
-def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | None = None) -> CosineResult:
-    out = check_out_path(cfg.out)
-    lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    plan = passes(cfg, lm.num_layers)
-    items = load_items(cfg.data)
-    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
-    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
-    if start:
-        start(2 * len(items))
+def item_rows(lm, items, encoded, plan, cfg: CosineConfig, batch_size: int, progress: Callable | None) -> pd.DataFrame:
+    """One row per (item, strategy, cost, seed, response token), in item order then plan order."""
     responses = []
     for s in range(0, len(items), batch_size):  # teacher responses, then the teacher-forced passes
         responses += teacher_responses(lm, items[s : s + batch_size], encoded[s : s + batch_size], cfg, batch_size)
@@ -214,9 +208,41 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
             rows += batch_rows
         if progress:
             progress(min(batch_size, len(items) - s))
-    if not rows:
+    columns = ["token", "strategy", "cost", "seed", *MEASURES, "item_id"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | None = None) -> CosineResult:
+    out = check_out_path(cfg.out)
+    d = distributed.current()
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    plan = passes(cfg, lm.num_layers)
+    items = load_items(cfg.data)
+    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
+    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    mine = d.shard([it.item_id for it in items])  # every item in a single process
+    whole = out.parent / ".skipbench-parts" / f"cosine-{run_id(cfg)}.parquet"  # never written: named in shares
+    share = d.part(whole)
+    if not (d.enabled and share.exists()):  # a share finished before another rank failed is reused
+        if start:
+            start(2 * len(mine))
+        df = item_rows(lm, [items[i] for i in mine], [encoded[i] for i in mine], plan, cfg, batch_size, progress)
+        if d.enabled:
+            write_atomic(df, share)
+    d.barrier()
+    if not d.main:  # rank 0 joins the shares and writes the result; the others wait for it
+        d.barrier()
+        return CosineResult(pd.read_parquet(out), pd.read_parquet(out.with_name(out.stem + "-agg.parquet")), out,
+                            out.with_name(out.stem + "-agg.parquet"), out.with_suffix(".png"))
+    if d.enabled:
+        df = pd.concat([pd.read_parquet(f) for f in d.parts(whole)], ignore_index=True)
+    # canonical order (items as listed, then the plan, then tokens): the same with any number of ranks
+    order = {it.item_id: n for n, it in enumerate(items)}
+    variant = {v: n for n, v in enumerate(plan)}
+    df = (df.assign(_i=df["item_id"].map(order), _v=[variant[v] for v in zip(df["strategy"], df["cost"], df["seed"])])
+          .sort_values(["_i", "_v", "token"], kind="stable").drop(columns=["_i", "_v"]).reset_index(drop=True))
+    if df.empty:
         raise SkipbenchError("no item produced a response to compare on")
-    df = pd.DataFrame(rows)
     df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
     rid = run_id(cfg)
     df.insert(0, "run_id", rid)
@@ -225,7 +251,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     agg = aggregate(df)
     agg.insert(0, "run_id", rid)
     meta = manifest(cfg, str(lm.device), hidden_state_convention=CONVENTION, confidence_interval=CI,
-                    num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated)
+                    num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated, ranks=d.world)
     for key, value in flat_config(cfg).items():
         if key not in df.columns and key != "out":
             df[key] = value
@@ -236,6 +262,9 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)
     write_atomic(agg, agg_path, meta)
     path = write_atomic(df, out, meta)
+    for f in d.parts(whole) if d.enabled else ():
+        f.unlink()
+    d.barrier()
     return CosineResult(df, agg, path, agg_path, figure)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from skipbench import distributed
 from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_prompt, truncate
 from skipbench.engine import LAYERS_CONVENTION, generate
@@ -70,6 +71,7 @@ class EvalResult:
     summary: pd.DataFrame
     path: Path
     reused_parts: int
+    reused_shares: int = 0  # under torchrun: ranks' shares finished by an earlier, failed run
 
 
 def default_costs(num_layers: int) -> tuple[int, ...]:
@@ -128,8 +130,14 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, pr
             rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])))
         if progress:
             progress(len(idx))
-    df = pd.DataFrame(rows).sort_values("item_id", kind="stable").reset_index(drop=True)
-    if p.policy in LEARNED:  # no nominal cost: the measured mean executed layers, rounded
+    return pd.DataFrame(rows)
+
+
+def finish_part(df: pd.DataFrame, p: Point) -> pd.DataFrame:
+    """A point's rows in item order; a learned policy's cost is its measured mean executed layers, rounded
+    (over all items, so after the ranks' shares are joined)."""
+    df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
+    if p.policy in LEARNED:
         df["cost"] = int(round(df["layers_mean"].mean()))
     return df
 
@@ -154,6 +162,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     """progress(n) after each batch; on_part(point) after each finished part; start(total) once.
     `lm`: an already loaded model (sweeps reuse one)."""
     out = check_out_path(cfg.out)
+    d = distributed.current()
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     pts = points(cfg, lm.num_layers)
     items = load_items(cfg.data)
@@ -161,14 +170,27 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
     if batch_size < 1:
         raise SkipbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    mine = d.shard([it.item_id for it in items])  # every item in a single process
     todo = [p for p in pts if not (cfg.resume and part_path(cfg, p).exists())]
+    mine_todo = [p for p in todo if not (d.enabled and cfg.resume and d.part(part_path(cfg, p)).exists())]
+    reused_shares = int(d.sum([len(todo) - len(mine_todo)])[0])
     if start:
-        start(len(todo) * len(items))
-    for p in todo:
-        df = run_point(lm, items, encoded, cfg, p, batch_size, progress)
-        write_atomic(df, part_path(cfg, p))
+        start(len(mine_todo) * len(mine))
+    for p in mine_todo:
+        df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, batch_size, progress)
+        write_atomic(df if d.enabled else finish_part(df, p), d.part(part_path(cfg, p)))
         if on_part:
             on_part(p)
+    d.barrier()
+    if not d.main:  # rank 0 joins the shares and writes the result; the others wait for it
+        d.barrier()
+        rows = pd.read_parquet(out)
+        return EvalResult(rows, summarise(rows), out, len(pts) - len(todo), reused_shares)
+    for p in todo if d.enabled else ():
+        shares = d.parts(part_path(cfg, p))
+        write_atomic(finish_part(pd.concat([pd.read_parquet(f) for f in shares], ignore_index=True), p), part_path(cfg, p))
+        for f in shares:
+            f.unlink()
     rows = _merge(cfg, pts, items)
     rid = run_id(cfg)
     rows.insert(0, "run_id", rid)
@@ -178,9 +200,11 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         if key not in rows.columns and key not in ("out", "resume"):
             rows[key] = value
     meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
-                    layers_convention=LAYERS_CONVENTION, points=[p.label for p in pts], batch_size=batch_size)
+                    layers_convention=LAYERS_CONVENTION, points=[p.label for p in pts], batch_size=batch_size,
+                    ranks=d.world)
     path = write_atomic(rows, out, meta)
-    return EvalResult(rows, summarise(rows), path, len(pts) - len(todo))
+    d.barrier()
+    return EvalResult(rows, summarise(rows), path, len(pts) - len(todo), reused_shares)
 
 
 def _merge(cfg: EvalConfig, pts: list[Point], items: list[Item]) -> pd.DataFrame:

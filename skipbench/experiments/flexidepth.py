@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
@@ -40,6 +41,7 @@ class FlexiTrainConfig:
 
 def run_train(cfg: FlexiTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
     lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
+    torch.manual_seed(cfg.train.seed)  # the initial routers and adapters depend on the seed alone
     flexi = FlexiDepth(lm.model.config.hidden_size, lm.num_layers, list(cfg.routed_layers) or None, cfg.reduction,
                        cfg.tau, cfg.adapter, cfg.kv, cfg.linear_router)
     return train(lm, FlexiMethod(flexi, cfg.alpha), cfg.train, progress, start)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from skipbench.errors import SkipbenchError
+from skipbench.distributed import world_size
 from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
 
 EMBEDDED = "smollm2-135m"
@@ -74,11 +75,13 @@ def embedded_gguf() -> Path | None:
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise SkipbenchError("--device cuda was asked for but no CUDA device is available")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise SkipbenchError(f"--device must be auto, cpu or cuda, got '{device}'")
+    if device == "cuda" and world_size() > 1:  # under torchrun each rank takes its own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(device)
 
 

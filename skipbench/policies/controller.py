@@ -12,6 +12,7 @@ included), so alpha is in units of "loss per 100% of the depth".
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,11 +49,23 @@ class Controllers(nn.Module):
         return lin(x)
 
 
+def keyed_uniform(keys: list, num_tokens: int, num_gated: int, device) -> torch.Tensor:
+    """Uniform noise [B, T, gated layers, 2] in (0, 1), row r drawn from a generator seeded with keys[r].
+    numpy fills the array in order, so a row's first T tokens get the same noise whatever the padded width."""
+    rows = [_rng(*key).random((num_tokens, num_gated, 2)) for key in keys]
+    return torch.from_numpy(np.stack(rows)).clamp_(1e-10, 1 - 1e-10).to(device)
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng([int(k) % 2**63 for k in key])
+
+
 class ControllerMethod:
     """The trainable side, for skipbench.training."""
 
     kind = "controllers"
     layer_fn = None
+    unused_params = False
     kv_mode = "fill"
 
     def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0) -> None:
@@ -63,13 +76,24 @@ class ControllerMethod:
     def module(self) -> nn.Module:
         return self.controllers
 
-    def gate_fn(self):
-        c = self.controllers
+    def gate_fn(self, keys: list | None = None):
+        """Straight-through hard Gumbel-softmax gates. `keys` (one per row, e.g. (seed, step, example)) seed
+        each row's noise, so a row's gates do not depend on its batch: data-parallel ranks and micro-batches
+        draw what one big batch would. Without keys, the row index is the key."""
+        c, noise = self.controllers, {}
 
         def gate(layer: int, hidden: torch.Tensor):
             if layer not in c.slot:
                 return None
-            return F.gumbel_softmax(c.logits(layer, hidden), tau=self.tau, hard=True)[..., 1].to(hidden.dtype)
+            logits = c.logits(layer, hidden)
+            if "u" not in noise:
+                rows = keys if keys is not None else [(r,) for r in range(hidden.shape[0])]
+                noise["u"] = keyed_uniform(rows, hidden.shape[1], len(c.gated), logits.device)
+            # F.gumbel_softmax draws from the global generator; the same maths with keyed noise
+            gumbel = -torch.log(-torch.log(noise["u"][:, :, c.slot[layer]].to(logits.dtype)))
+            soft = torch.softmax((logits + gumbel) / self.tau, -1)
+            hard = F.one_hot(soft.argmax(-1), 2).to(soft.dtype)
+            return (hard - soft.detach() + soft)[..., 1].to(hidden.dtype)
 
         return gate
 
@@ -98,10 +122,23 @@ class ControllerPolicy(Policy):
             raise SkipbenchError(f"--gate must be one of {', '.join(GATES)}, got '{gate}'")
         self.c, self.mode, self.seed, self.tau = controllers.eval(), gate, seed, tau
         self.name = f"controller-{controllers.input_kind}"
-        self._gen: torch.Generator | None = None
+        self._keys: list = []
+        self._noise: torch.Tensor | None = None
 
     def begin(self, batch_size: int, row_keys=None) -> None:
-        self._gen = None
+        self._keys = list(row_keys) if row_keys is not None else list(range(batch_size))
+
+    def new_step(self, positions: torch.Tensor) -> None:
+        """Noise per (seed, row key, position), like random skipping: a token's draw does not depend on its
+        batch, so batch sizes and data-parallel shards give the same choices."""
+        if self.mode != "sample":
+            return
+        if len(self._keys) != positions.shape[0]:
+            self.begin(positions.shape[0])
+        gated = len(self.c.gated)
+        u = np.stack([[_rng(self.seed, self._keys[r], p).random((gated, 2)) for p in row]
+                      for r, row in enumerate(positions.cpu().numpy())])
+        self._noise = torch.from_numpy(u).clamp_(1e-10, 1 - 1e-10).to(positions.device)  # [B, T, gated, 2]
 
     @torch.no_grad()
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
@@ -113,10 +150,7 @@ class ControllerPolicy(Policy):
         if self.mode == "argmax":
             run = logits[..., 1] > logits[..., 0]
         else:  # hard Gumbel sample: the argmax of noisy logits (tau does not change the argmax)
-            if self._gen is None:
-                self._gen = torch.Generator(device=hidden.device).manual_seed(self.seed)
-            u = torch.rand(logits.shape, generator=self._gen, device=hidden.device).clamp_(1e-10, 1 - 1e-10)
-            noisy = logits - torch.log(-torch.log(u))
+            noisy = logits - torch.log(-torch.log(self._noise[:, :, self.c.slot[layer]].float()))
             run = noisy[..., 1] > noisy[..., 0]
         if bool(run.all()):
             return True

@@ -113,6 +113,7 @@ class FlexiMethod:
     """The trainable side, for skipbench.training: routers and adapters; L = alpha * L_skip + L_task."""
 
     kind = "flexidepth"
+    unused_params = True  # an adapter gets no gradient when no token of the batch skips its layer
 
     def __init__(self, flexi: FlexiDepth, alpha: float) -> None:
         self.flexi, self.alpha = flexi, alpha
@@ -121,7 +122,7 @@ class FlexiMethod:
     def module(self) -> nn.Module:
         return self.flexi
 
-    def gate_fn(self):
+    def gate_fn(self, keys=None):  # deterministic gates: nothing to key
         f = self.flexi
         return lambda layer, h: f.gate(layer, h) if layer in f.routed else None
 

@@ -1,0 +1,116 @@
+"""Data parallelism under PyTorch's own launcher (`torchrun ... -m skipbench ...`).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; skipbench then joins a process group (nccl on CUDA, gloo
+on CPU), gives each rank a deterministic share of the items (by item id), lets each rank write its own
+parquet part, and has rank 0 merge the parts once every rank is done. Without torchrun (WORLD_SIZE
+unset or 1) nothing here does anything: no process group, no extra files, no extra cost.
+
+A rank that dies makes torchrun stop the others before rank 0 merges, so no merged file is written; the
+parts already finished stay on disk and a rerun with the same number of ranks reuses them.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skipbench.errors import SkipbenchError
+
+# the commands that know how to share their work; the others refuse to run under torchrun
+COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, ids: list[str]) -> list[int]:
+        """Indices of this rank's items: every world-th item in item-id order (balanced, deterministic)."""
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        return sorted(order[self.rank :: self.world])
+
+    def part(self, path: Path) -> Path:
+        """This rank's part of `path` (the path itself in a single process)."""
+        if not self.enabled:
+            return path
+        return path.with_name(f"{path.stem}.rank{self.rank}-of-{self.world}{path.suffix}")
+
+    def parts(self, path: Path) -> list[Path]:
+        return [Dist(r, self.world).part(path) for r in range(self.world)]
+
+    def barrier(self) -> None:
+        if self.enabled:
+            with _peers_alive():
+                torch.distributed.barrier()
+
+    def all_gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world
+        with _peers_alive():
+            torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        with _peers_alive():
+            torch.distributed.all_reduce(t)  # a CPU tensor: reduced by gloo (also when CUDA tensors use nccl)
+        return t.tolist()
+
+
+@contextmanager
+def _peers_alive():
+    """A collective that fails because another rank died becomes one clear line instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed.DistBackendError and friends
+        raise SkipbenchError(f"another rank stopped ({type(exc).__name__}); nothing was merged. "
+                             "Rerun the same command with the same number of ranks to resume from the finished parts") from None
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def world_size() -> int:
+    return _env_int("WORLD_SIZE", 1)
+
+
+def current() -> Dist:
+    """This process's place under torchrun; joins the process group on first use."""
+    world = world_size()
+    if world <= 1:
+        return Dist()
+    d = Dist(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0))
+    if not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(d.local_rank)
+        # gloo carries the CPU-side collectives (objects, counts) on CUDA too
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return d
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
