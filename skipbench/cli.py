@@ -405,8 +405,10 @@ def _report_training(result) -> None:
     if result.log:
         last = result.log[-1]
         secs = np.median([r["seconds"] for r in result.log])
-        parts = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k not in ("step", "seconds"))
-        typer.echo(f"step {last['step']}: {parts}; median {secs:.2f} s/step; saved to {result.out}")
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k != "step" and not k.startswith("seconds"))
+        phases = ", ".join(f"{k.removeprefix('seconds_')} {np.median([r.get(k, np.nan) for r in result.log]):.2f}"
+                           for k in last if k.startswith("seconds_"))
+        typer.echo(f"step {last['step']}: {parts}; median {secs:.2f} s/step ({phases}); saved to {result.out}")
 
 
 class TrainBar(Bar):
@@ -417,7 +419,7 @@ class TrainBar(Bar):
         self.progress.advance(self.task, done)
 
     def step(self, rec: dict) -> None:
-        parts = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k not in ("step", "seconds"))
+        parts = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k != "step" and not k.startswith("seconds"))
         self.progress.update(self.task, description=parts)
         self.advance(1)
 

@@ -163,13 +163,15 @@ def task_weight(batch: list[Example], loss_kind: str) -> int:
 
 
 def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kind: str, denominator: float | None = None,
-              teacher: Engine | None = None, keys: list | None = None):
+              teacher: Engine | None = None, keys: list | None = None, clock: dict | None = None):
     """One differentiable pass over the responses; returns (loss, parts).
 
     The task loss and the method's cost term are summed over tokens and divided by `denominator`, the
     token count of the whole optimiser step, so micro-batches of a step add up to the step's mean.
     `teacher`: a frozen engine of the original model when the backbone itself is trained (else `engine`).
-    `keys`: one per example, seeding its random gates (see Method.gate_fn)."""
+    `keys`: one per example, seeding its random gates (see Method.gate_fn).
+    `clock`: seconds of the no-grad teacher part and of the differentiable pass are added to it."""
+    t0 = time.perf_counter()
     ids, present, resp, mask = batch_tensors(lm, batch)
     frozen = teacher is None
     teacher = teacher or engine
@@ -179,6 +181,7 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
         teacher.forward(ids, cache, None, present=present, last_only=True)
         # the distillation target: every layer runs, so the KV mode of the cache does not matter
         target = teacher.forward(resp, cache.clone() if frozen else cache, None).logits if loss_kind == "kl" else None
+    t1 = time.perf_counter()
     if frozen:  # the prompt prefilled above is exactly what the trained pass would compute
         logits, gates = engine.forward_soft(resp, cache, method.gate_fn(keys), method.layer_fn)
     else:  # the prompt's K/V depend on the trained weights: prompt and response in one pass
@@ -198,6 +201,9 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
     denominator = denominator or float(weight.sum())
     task = (per_token * weight).sum() / denominator
     reg, parts = method.regulariser(gates, weight)
+    if clock is not None:
+        clock["teacher"] = clock.get("teacher", 0.0) + t1 - t0
+        clock["forward"] = clock.get("forward", 0.0) + time.perf_counter() - t1
     return task + reg / denominator, {"task": float(task.detach()), **parts}
 
 
@@ -227,9 +233,10 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
     d = distributed.current()
-    if cfg.batch_size < d.world:
-        raise SkipbenchError(f"--batch-size {cfg.batch_size} leaves some of the {d.world} ranks without an example")
     data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json", d)
+    if min(cfg.batch_size, len(data)) < d.world:
+        raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
+                             "ranks without one; raise --batch-size")
     engine = Engine(lm.adapter, method.kv_mode)
     runner = _data_parallel(Trainable(module, lm.model if cfg.train_backbone else None), d, lm.device,
                             method.unused_params)
@@ -246,13 +253,15 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         # every rank takes its share of the step's batch; losses are divided by the whole batch's tokens
         total, mine = task_weight(batch, cfg.loss), np.arange(len(batch))[d.rank :: d.world]
         micros = np.array_split(mine, min(cfg.grad_accum, len(mine)))
-        loss, task, weighted = 0.0, 0.0, {}
+        loss, task, weighted, clock = 0.0, 0.0, {}, {"backward": 0.0}
         for m, micro in enumerate(micros):
             sub = [batch[i] for i in micro]
             keys = [(cfg.seed, step, int(chosen[i])) for i in micro]  # Gumbel noise per example, not per rank
             with runner.no_sync() if d.enabled and m < len(micros) - 1 else contextlib.nullcontext():
-                part_loss, part = runner(lambda: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys))
+                part_loss, part = runner(lambda: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys, clock))
+                tb = time.perf_counter()
                 (part_loss * d.world).backward()  # DDP averages over ranks; the parts already add up to the mean
+                clock["backward"] += time.perf_counter() - tb
             loss, task = loss + float(part_loss.detach()), task + part["task"]
             for k, v in part.items():
                 if k != "task":
@@ -261,7 +270,8 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         names = sorted(weighted)
         loss, task, *sums = d.sum([loss, task, *(weighted[k] for k in names)])
         summary = {k: v / total for k, v in zip(names, sums)} | {"task": task}
-        log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0})
+        log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0,
+                    **{f"seconds_{k}": v for k, v in clock.items()}})  # this rank's phases
         if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
         if progress:
