@@ -52,6 +52,13 @@ class Dist:
     def parts(self, path: Path) -> list[Path]:
         return [Dist(r, self.world).part(path) for r in range(self.world)]
 
+    def remove_parts(self, path: Path) -> None:
+        """Once merged: the ranks' parts, and temporaries a rank killed mid-write left (results.write_atomic)."""
+        for part in self.parts(path):
+            part.unlink(missing_ok=True)
+            for tmp in part.parent.glob(f".{part.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
     def barrier(self) -> None:
         if self.enabled:
             with _peers_alive():

@@ -97,10 +97,15 @@ def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = 
     path = check_out_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    if meta is not None:
-        mtmp = tmp.with_suffix(".json")
-        mtmp.write_text(json.dumps(meta, indent=2, default=str))
-        os.replace(mtmp, manifest_path(path))
-    os.replace(tmp, path)
+    try:
+        df.to_parquet(tmp, index=False)
+        if meta is not None:
+            mtmp = tmp.with_suffix(".json")
+            mtmp.write_text(json.dumps(meta, indent=2, default=str))
+            os.replace(mtmp, manifest_path(path))
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C mid-write leaves neither a result nor a temporary
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".json").unlink(missing_ok=True)
+        raise
     return path

@@ -262,8 +262,8 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)
     write_atomic(agg, agg_path, meta)
     path = write_atomic(df, out, meta)
-    for f in d.parts(whole) if d.enabled else ():
-        f.unlink()
+    if d.enabled:
+        d.remove_parts(whole)
     d.barrier()
     return CosineResult(df, agg, path, agg_path, figure)
 

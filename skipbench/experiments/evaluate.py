@@ -189,8 +189,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     for p in todo if d.enabled else ():
         shares = d.parts(part_path(cfg, p))
         write_atomic(finish_part(pd.concat([pd.read_parquet(f) for f in shares], ignore_index=True), p), part_path(cfg, p))
-        for f in shares:
-            f.unlink()
+        d.remove_parts(part_path(cfg, p))
     rows = _merge(cfg, pts, items)
     rid = run_id(cfg)
     rows.insert(0, "run_id", rid)
