@@ -52,6 +52,12 @@ class Dist:
     def parts(self, path: Path) -> list[Path]:
         return [Dist(r, self.world).part(path) for r in range(self.world)]
 
+    def read_parts(self, path: Path):
+        """The ranks' parts of `path` as one frame (rank 0, after a barrier)."""
+        import pandas as pd
+
+        return pd.concat([pd.read_parquet(f) for f in self.parts(path)], ignore_index=True)
+
     def remove_parts(self, path: Path) -> None:
         """Once merged: the ranks' parts, and temporaries a rank killed mid-write left (results.write_atomic)."""
         for part in self.parts(path):

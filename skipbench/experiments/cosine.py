@@ -235,7 +235,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
         return CosineResult(pd.read_parquet(out), pd.read_parquet(out.with_name(out.stem + "-agg.parquet")), out,
                             out.with_name(out.stem + "-agg.parquet"), out.with_suffix(".png"))
     if d.enabled:
-        df = pd.concat([pd.read_parquet(f) for f in d.parts(whole)], ignore_index=True)
+        df = d.read_parts(whole)
     # canonical order (items as listed, then the plan, then tokens): the same with any number of ranks
     order = {it.item_id: n for n, it in enumerate(items)}
     variant = {v: n for n, v in enumerate(plan)}

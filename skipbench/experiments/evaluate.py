@@ -187,8 +187,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         rows = pd.read_parquet(out)
         return EvalResult(rows, summarise(rows), out, len(pts) - len(todo), reused_shares)
     for p in todo if d.enabled else ():
-        shares = d.parts(part_path(cfg, p))
-        write_atomic(finish_part(pd.concat([pd.read_parquet(f) for f in shares], ignore_index=True), p), part_path(cfg, p))
+        write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p), part_path(cfg, p))
         d.remove_parts(part_path(cfg, p))
     rows = _merge(cfg, pts, items)
     rid = run_id(cfg)
