@@ -80,7 +80,8 @@ EMBEDDED = "smollm2-135m"
 ModelOpt = typer.Option(EMBEDDED, "--model", "-m", help="alias, hub id, local directory or .gguf file")
 DeviceOpt = typer.Option("auto", help="auto | cpu | cuda")
 DtypeOpt = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
-KvOpt = typer.Option("fill", help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none")
+KvOpt = typer.Option("auto", help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none "
+                     "(nothing written) | auto (fill, or the mode a trained policy requires)")
 
 
 class Bar:
@@ -234,7 +235,7 @@ def bench(
     new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
     warmup: int = typer.Option(1, help="untimed warm-up rounds"),
-    kv_mode: str = typer.Option("none", help="KV mode of the skipping runs"),
+    kv_mode: str = KvOpt,
     impl: str = typer.Option("gather", help="gather | mask | both (per-token policies are run under both)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
     device: str = DeviceOpt,
@@ -687,18 +688,25 @@ def oracle(
     budgets: str = typer.Option("", help="the curve's budgets, comma-separated (default: every integer)"),
     metric: str = typer.Option("rougeL", help="rougeL | full_rougeL | exact_match | any numeric column"),
     policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
-    out: Optional[str] = typer.Option(None, help="parquet of (budget, method) rows; -assign.parquet and PNGs beside it"),
+    length_budgets: str = typer.Option("", help="budgets for the label-length test besides the star and --budget "
+                                       "(the paper: 6 and 24 of 24 layers)"),
+    bootstrap: int = typer.Option(200, help="item resamples for the star budget's 95% interval (0: none)"),
+    out: Optional[str] = typer.Option(None, help="parquet of (budget, method) rows; -assign, -length parquet and PNGs beside it"),
 ) -> None:
     """The exact sequence-level knapsack oracle and the greedy oracle (Glavas et al. Sec. 3.3).
 
     Example: skipbench oracle --runs results/eval-alpaca.parquet --budget 6
-             skipbench oracle --runs results/eval-alpaca.parquet --curve --out results/oracle.parquet
+             skipbench oracle --runs results/eval-alpaca.parquet --curve --length-budgets 6,24 --out results/oracle.parquet
     """
     from skipbench.experiments.oracle import OracleConfig, run
 
+    if bootstrap < 0:
+        raise SkipbenchError(f"--bootstrap must be >= 0, got {bootstrap}")
     cfg = OracleConfig(runs=tuple(runs or ()), metric=metric, budget=budget, curve=curve,
                        budgets=_float_list(budgets, "--budgets") if budgets else (),
-                       policies=tuple(p for p in policies.split(",") if p), out=out)
+                       policies=tuple(p for p in policies.split(",") if p),
+                       length_budgets=_float_list(length_budgets, "--length-budgets") if length_budgets else (),
+                       bootstrap=bootstrap, out=out)
     result = run(cfg)
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
@@ -712,17 +720,32 @@ def oracle(
     if curve:
         wide = t[t["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
         _print_frame(wide, f"oracle curve · {metric}")
-        if result.star is not None:
-            typer.echo(f"oracle matches {result.full} at budget {result.star:.3f} layers "
-                       f"({100 * result.star / max(result.costs):.1f}% of {max(result.costs)})")
-        else:
-            typer.echo(f"oracle never reaches {result.full}'s mean {metric}")
-    if result.length_test and result.length_test.get("p_value") is not None:
-        lt = result.length_test
-        typer.echo(f"length check at budget {lt['budget']:g}: chi2={lt['statistic']:.2f}, dof={lt['dof']}, "
-                   f"p={lt['p_value']:.3g} (label-length bins of {lt['bin_width']} {lt['unit']})")
+    L = max(result.costs)
+    if result.star is not None:
+        ci = (f", 95% bootstrap interval [{result.star_interval[0]:.2f}, {result.star_interval[1]:.2f}]"
+              if result.star_interval else "")
+        typer.echo(f"oracle matches {result.full} at budget {result.star:.3f} layers "
+                   f"({100 * result.star / L:.1f}% of {L}{ci})")
+    else:
+        typer.echo(f"oracle never reaches {result.full}'s mean {metric}")
+    for lt in result.length_tests:
+        _print_length_test(lt)
     if result.path:
         console.print(f"wrote {result.path}")
+
+
+def _print_length_test(lt: dict) -> None:
+    import pandas as pd
+
+    head = f"length test at budget {lt['budget']:g} ({lt['why']}), label length in {lt['unit']}, {lt['items']} items: "
+    if lt["p_value"] is None:
+        typer.echo(head + lt.get("note", "nothing to test"))
+        return
+    typer.echo(head + f"chi2 = {lt['statistic']:.2f}, dof = {lt['dof']}, p = {lt['p_value']:.3g}"
+               + (f" ({lt['note']})" if lt.get("note") else ""))
+    counts = pd.DataFrame(lt["counts"]).pivot(index="bin", columns="config", values="count")
+    counts = counts.reindex([b for b in dict.fromkeys(c["bin"] for c in lt["counts"])]).reset_index()
+    _print_frame(counts, f"oracle's choice per label-length bin · budget {lt['budget']:g}")
 
 
 @app.command("bench-oracle")

@@ -36,7 +36,7 @@ def _meta(path: Path) -> dict:
 
 def _main_files(folder: Path, prefix: str) -> list[Path]:
     return sorted(p for p in folder.glob(f"{prefix}*.parquet")
-                  if not p.stem.endswith(("-agg", "-assign", "-layers")) and not p.name.startswith("."))
+                  if not p.stem.endswith(("-agg", "-assign", "-layers", "-length")) and not p.name.startswith("."))
 
 
 def section_evaluate(folder: Path) -> list[str]:

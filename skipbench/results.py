@@ -74,7 +74,10 @@ def device_info(device: str | None = None) -> dict:
     return info
 
 
-def manifest(cfg: Any, device: str | None = None, **extra: Any) -> dict:
+def manifest(cfg: Any, device: str | None = None, lm: Any = None, **extra: Any) -> dict:
+    """The run's manifest; with `lm` (a loaded model) its device and its model record (name, family, depth)."""
+    if lm is not None:
+        device, extra = str(lm.device), {"model": lm.record(), **extra}
     return {"run_id": run_id(cfg), "config": config_dict(cfg), "git_sha": git_sha(), "versions": versions(),
             "device": device_info(device), "seed": getattr(cfg, "seed", None), **extra}
 

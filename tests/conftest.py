@@ -79,3 +79,22 @@ def tiny_dirs(tokenizer, tmp_path_factory):
 
 def prompts(tokenizer, n: int = 3) -> list[list[int]]:
     return [tokenizer(text)["input_ids"] for text in CORPUS[:n]]
+
+
+def no_kv_router(folder: Path, layers: int = 6, hidden: int = 64) -> Path:
+    """A FlexiDepth checkpoint trained without K/V for skipped tokens (`--no-kv`), written as `flexidepth train` does."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from skipbench.policies.flexidepth import FlexiDepth
+
+    torch.manual_seed(0)
+    flexi = FlexiDepth(hidden, layers, reduction=4, kv=False)
+    with torch.no_grad():
+        for r in flexi.routers.values():
+            r.out.bias.fill_(0.0)  # G ~ 0.5 around tau: some tokens skip
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in flexi.state_dict().items()}, str(folder / "weights.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"kind": "flexidepth", **flexi.config(), "alpha": 1.0}))
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from skipbench.cli import app
@@ -51,3 +52,49 @@ def test_removed_layers_model_equals_plan(tokenizer):
     b = generate(small, ps, make_policy("full", 3), 10)
     assert a.tokens == b.tokens
     assert lm.num_layers == 6  # the original is untouched
+
+
+def test_phase_rows_count_real_prompt_tokens_once():
+    """Prefill: the batch's real prompt tokens over its seconds (the old code multiplied by the batch again)."""
+    from skipbench.experiments.bench import phase_rows
+
+    timings = [("prefill", 0.5), ("decode", 0.1), ("decode", 0.3)]
+    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2, 3], [4, 5, 6, 7, 8]], variant="v")}
+    assert rows["prefill"]["tokens"] == 8 and rows["prefill"]["tokens_per_s"] == 8 / 0.5
+    assert rows["decode"]["tokens"] == 4 and rows["decode"]["tokens_per_s"] == 4 / 0.4
+    assert rows["decode"]["steps"] == 2 and rows["decode"]["step_p50"] == 0.2 and rows["decode"]["variant"] == "v"
+
+
+def test_summary_on_synthetic_timings():
+    from skipbench.experiments.bench import summarise
+
+    def row(variant, tps, p50, layers, kind="policy"):
+        return {"batch_size": 1, "variant": variant, "kind": kind, "kv_mode": "fill", "phase": "decode",
+                "tokens_per_s": tps, "step_p50": p50, "step_p90": p50, "layers_mean": layers, "peak_memory_mb": 1.0}
+
+    df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), row("full", 10.0, 0.1, 30), row("uniform:15", 15.0, 0.066, 15)])
+    s = summarise(df, {1: 0.02}, 30).set_index("variant")
+    assert s.loc["uniform:15", "speedup"] == pytest.approx(1.5)
+    # ideal: T_full / (F + m/L (T_full - F)) = 0.1 / (0.02 + 0.5 * 0.08)
+    assert s.loc["uniform:15", "ideal_speedup"] == pytest.approx(0.1 / 0.06)
+    assert s.loc["uniform:15", "realized_over_ideal"] == pytest.approx(1.5 / (0.1 / 0.06))
+    assert s.loc["full", "vs_generate"] == pytest.approx(1.25) and s.loc["full", "kv_mode"] == "fill"
+
+
+def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):
+    """One default (auto = fill) as in evaluate and cosine; a router trained without K/V runs `none`, and asking
+    for `fill` with it is refused in one line instead of being silently overridden."""
+    from conftest import no_kv_router
+
+    router = no_kv_router(tmp_path / "r")
+    out = tmp_path / "bench.parquet"
+    args = ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1", "--policies", f"full,uniform:3,flexidepth:{router}",
+            "--new-tokens", "3", "--repeats", "1", "--warmup", "0"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    modes = pd.read_parquet(out).groupby("variant")["kv_mode"].agg(set).to_dict()
+    assert modes == {"hf-generate": {"fill"}, "full": {"fill"}, "uniform:3": {"fill"}, "removed:uniform:3": {"fill"},
+                     f"flexidepth:{router}": {"none"}}
+    res = CliRunner().invoke(app, [*args, "--kv-mode", "fill", "--out", str(tmp_path / "b2.parquet")])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "conflicts with policy" in res.stderr and not (tmp_path / "b2.parquet").exists()

@@ -15,6 +15,8 @@ from skipbench.engine import Engine, generate
 from skipbench.engine.generate import left_pad
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy
+from skipbench.models import load_model
+from skipbench.policies.base import PolicyOptions
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy
 
 
@@ -152,3 +154,23 @@ def test_usage_refuses_routers_of_another_depth(tiny_dirs, tmp_path, tokenizer):
     for cmd in (["usage", "--out", str(tmp_path / "u.parquet")], ["depthmap", "--prompt", "hi", "--out", str(tmp_path / "d.html")]):
         res = CliRunner().invoke(app, ["flexidepth", cmd[0], "--model", str(tiny_dirs["llama"]), "--router", str(tmp_path / "r"), *cmd[1:]])
         assert res.exit_code == 1 and "trained for 8 layers; this model has 6" in res.stderr, res.output
+
+
+def test_a_policy_never_overrides_the_kv_mode_silently(tiny_dirs, tmp_path):
+    """The old engine ran `policy.kv_mode or kv_mode` while the output recorded the user's value."""
+    from conftest import no_kv_router
+
+    router = no_kv_router(tmp_path / "r")
+    out = tmp_path / "eval.parquet"
+    base = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "3", "--policy", "flexidepth",
+            "--router", str(router), "--max-new-tokens", "5", "--out", str(out)]
+    res = CliRunner().invoke(app, [*base, "--kv-mode", "fill"])
+    assert res.exit_code == 1 and "conflicts with policy 'flexidepth'" in res.stderr and not out.exists()
+    res = CliRunner().invoke(app, base)  # auto: the mode the router was trained with
+    assert res.exit_code == 0, res.output
+    rows = pd.read_parquet(out)
+    assert rows.groupby("policy")["kv_mode"].agg(set).to_dict() == {"full": {"fill"}, "flexidepth": {"none"}}
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    policy = make_policy("flexidepth", 6, PolicyOptions(extra={"path": str(router)}))
+    assert generate(lm, prompts(lm.tokenizer, 2), policy, 4).kv_mode == "none"
+    assert generate(lm, prompts(lm.tokenizer, 2), make_policy("full", 6), 4, kv_mode="none").kv_mode == "none"

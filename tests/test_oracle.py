@@ -88,11 +88,14 @@ def test_oracle_cli_end_to_end_from_evaluate(tiny_dirs, tmp_path):
     costs = np.array([c for _, c in wide.columns])
     assert oracle[3] == pytest.approx(brute_force(wide.to_numpy(), costs, 3), abs=1e-12)
     assign = pd.read_parquet(tmp_path / "oracle-assign.parquet")
-    assert len(assign) == 5 * 8
+    assert len(assign[assign["budget"].isin([2, 3, 4, 5, 6])]) == 5 * 8
     for png in ("oracle-fig2.png", "oracle-fig8.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["full"] == "full:6" and "length_test" in meta
+    assert meta["full"] == "full:6" and meta["source"]["model"]["family"] == "llama"
+    assert meta["source"]["model"]["num_layers"] == 6 and meta["source"]["datasets"] == ["text"]
+    tested = {t["budget"]: t for t in meta["length_tests"]}
+    assert 3.0 in tested and meta["star_budget"] in tested  # at --budget and at the star
 
 
 def test_oracle_cli_errors(tmp_path):
@@ -114,3 +117,64 @@ def test_missing_items_are_dropped_with_a_count(tmp_path):
     df.to_parquet(tmp_path / "r.parquet")
     res = run(OracleConfig(runs=(str(tmp_path / "r.parquet"),), budget=6))
     assert any("1 item(s) missing" in n for n in res.notes)
+
+
+def test_length_bins_follow_the_paper():
+    from skipbench.experiments.oracle import LENGTH_LABELS, length_bin
+
+    assert list(length_bin([1, 15, 16, 30, 31, 150, 151, 999])) == [0, 0, 1, 1, 2, 9, 10, 10]
+    assert LENGTH_LABELS[0] == "1-15" and LENGTH_LABELS[9] == "136-150" and LENGTH_LABELS[10] == ">150"
+
+
+def _length_runs(tmp_path, planted: bool, n: int = 120, seed: int = 0):
+    """Scores of 3 configurations; with `planted`, long references are best served by the dear one."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 200, n)
+    rows = []
+    for i, length in enumerate(lengths):
+        long = length > 60
+        for policy, cost in (("uniform", 4), ("uniform", 8), ("full", 24)):
+            base = {4: 0.3, 8: 0.5, 24: 0.7}[cost] + rng.normal(0, 0.05)
+            if planted and cost == 4 and not long:
+                base += 0.6  # short labels: the cheap configuration is as good as any
+            rows.append({"item_id": f"i{i:03d}", "policy": policy, "cost": cost, "rougeL": base,
+                         "reference_tokens": int(length)})
+    path = tmp_path / ("planted.parquet" if planted else "null.parquet")
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_length_test_detects_a_planted_effect_and_not_a_shuffled_one(tmp_path):
+    from skipbench.experiments.oracle import OracleConfig, length_test, run
+
+    res = run(OracleConfig(runs=(str(_length_runs(tmp_path, True)),), budget=8, bootstrap=0))
+    planted = next(t for t in res.length_tests if t["budget"] == 8)
+    assert planted["p_value"] < 0.01 and planted["dof"] > 0 and planted["statistic"] > 0
+    assert sum(c["count"] for c in planted["counts"]) == 120
+    # the same assignment with the items' lengths shuffled: no dependence left
+    assign = res.assignment[res.assignment["budget"] == 8].set_index("item_id")["oracle"]
+    lengths = pd.read_parquet(tmp_path / "planted.parquet").groupby("item_id")["reference_tokens"].first()
+    shuffled = pd.Series(np.random.default_rng(1).permutation(lengths.to_numpy()), index=lengths.index)
+    null = length_test(shuffled, assign, res.configs)
+    assert null["p_value"] > 0.05
+
+
+def test_length_test_runs_at_a_fractional_star_after_curve(tmp_path, capsys):
+    """The star budget is fractional; the old code skipped the test there (the curve's grid is integer)."""
+    out = tmp_path / "o.parquet"
+    res = CliRunner().invoke(app, ["oracle", "--runs", str(_length_runs(tmp_path, True)), "--curve",
+                                   "--length-budgets", "6,24", "--bootstrap", "50", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    star = meta["star_budget"]
+    assert star != int(star)
+    tests = {t["budget"]: t for t in meta["length_tests"]}
+    assert set(tests) == {star, 6.0, 24.0} and tests[star]["why"] == "star"
+    assert all(t["p_value"] is not None for t in tests.values())
+    lo, hi = meta["star_interval"]
+    assert lo <= star <= hi
+    counts = pd.read_parquet(tmp_path / "o-length.parquet")
+    assert set(counts["budget"]) == {star, 6.0, 24.0}
+    assert counts.groupby("budget")["count"].sum().eq(120).all()
+    assert f"length test at budget {star:g} (star)" in res.stdout and "chi2 = " in res.stdout
+    assert "136-150" in res.stdout or ">150" in res.stdout

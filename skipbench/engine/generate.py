@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.forward import Engine
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
@@ -38,6 +39,7 @@ class Generation:
     tokens: list[list[int]]  # new tokens per sequence, up to and including EOS
     layers: list[list[list[int]]]  # per sequence, per fed-back generated token: executed 0-based layers
     prompt_tokens: list[int] = field(default_factory=list)
+    kv_mode: str = "fill"  # the KV mode the run used (after resolving `auto`)
 
     def cost_mean(self, row: int) -> float:
         rec = self.layers[row]
@@ -89,7 +91,7 @@ def generate(
     prompts: list[list[int]],
     policy: Policy,
     max_new_tokens: int = 64,
-    kv_mode: str = "fill",
+    kv_mode: str = "auto",
     sampling: Sampling = Sampling(),
     row_keys: list[int] | None = None,
     stop_at_eos: bool = True,
@@ -110,7 +112,8 @@ def generate(
         raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     if any(len(p) == 0 for p in prompts):
         raise SkipbenchError("empty prompt: every prompt needs at least one token")
-    engine = Engine(lm.adapter, policy.kv_mode or kv_mode, impl)
+    kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
+    engine = Engine(lm.adapter, kv_mode, impl)
     dev = lm.device
     ids, present = left_pad(prompts, pad_id(lm), dev)
     batch, width = ids.shape
@@ -145,7 +148,9 @@ def generate(
             break
         out = engine.forward(tok[:, None], cache, policy, record=True)
         records.append((fed, out.executed[:, 0]))
-    return _collect(tokens, lengths, records, prompts)
+    gen = _collect(tokens, lengths, records, prompts)
+    gen.kv_mode = kv_mode
+    return gen
 
 
 class _Clock:

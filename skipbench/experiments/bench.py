@@ -29,6 +29,7 @@ import torch
 
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import generate
+from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.generate import left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
@@ -57,7 +58,7 @@ class BenchConfig:
     new_tokens: int = 64
     repeats: int = 3
     warmup: int = 1
-    kv_mode: str = "none"
+    kv_mode: str = "auto"  # auto: fill, or the KV mode a trained policy requires
     impl: str = "gather"  # gather | mask | both (per-token policies run under both)
     compile: bool = False
     device: str = "auto"
@@ -71,6 +72,7 @@ class Variant:
     name: str
     run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean)
     kind: str  # baseline | policy | bound
+    kv_mode: str = "fill"  # the KV mode it ran under (a full-depth run writes every K/V: `fill`)
 
 
 def build_policy(spec: str, num_layers: int, seed: int) -> Policy:
@@ -107,10 +109,10 @@ def _hf_variant(lm: LoadedModel, n: int) -> Variant:
     return Variant("hf-generate", run, "baseline")
 
 
-def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str) -> Callable:
+def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode: str = "fill") -> Callable:
     def run(prompts):
         timings: list = []
-        gen = generate(lm, prompts, policy, cfg.new_tokens, cfg.kv_mode, stop_at_eos=False, impl=impl, timings=timings)
+        gen = generate(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings)
         layers = [len(rec) for row in gen.layers for rec in row]
         return timings, float(np.mean(layers)) if layers else float(lm.num_layers)
 
@@ -123,9 +125,10 @@ def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
     for spec in cfg.policies:
         policy = build_policy(spec, lm.num_layers, cfg.seed)
         impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
+        kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{spec}'")
         for impl in impls:
             name = spec if len(impls) == 1 else f"{spec} [{impl}]"
-            out.append(Variant(name, _ours(lm, policy, cfg, impl), "policy"))
+            out.append(Variant(name, _ours(lm, policy, cfg, impl, kv_mode), "policy", kv_mode))
         keep = policy.executed_layers() if policy.static else None
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
@@ -197,13 +200,8 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                     torch.cuda.reset_peak_memory_stats()
                 timings, layers = v.run(prompts)
                 if rep >= 0:
-                    for phase in ("prefill", "decode"):
-                        secs = [t for p, t in timings if p == phase]
-                        rows.append({"variant": v.name, "kind": v.kind, "batch_size": batch, "repeat": rep, "phase": phase,
-                                     "seconds": float(sum(secs)), "steps": len(secs), "step_p50": float(np.median(secs)),
-                                     "step_p90": float(np.percentile(secs, 90)), "layers_mean": layers,
-                                     "peak_memory_mb": _peak_memory_mb(lm.device),
-                                     "tokens_per_s": batch * (len(secs) if phase == "decode" else sum(map(len, prompts)) / len(secs)) / sum(secs)})
+                    rows += phase_rows(timings, prompts, peak_memory_mb=_peak_memory_mb(lm.device), variant=v.name,
+                                       kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep, layers_mean=layers)
                 if progress:
                     progress()
     df = pd.DataFrame(rows)
@@ -214,8 +212,9 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     path = None
     if cfg.out:
         for key, value in flat_config(cfg).items():
-            df[key] = value
-        meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, fixed_part_seconds=fixed,
+            if key not in df.columns:  # a row's own kv_mode is the mode it ran under, not the option given
+                df[key] = value
+        meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
                         summary=summary.to_dict("records"),
                         memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
         from pathlib import Path
@@ -228,8 +227,21 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     return BenchResult(df, summary, path)
 
 
+def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], **fields) -> list[dict]:
+    """One row per phase of one timed run. Prefill: the batch's real prompt tokens (padding excluded) over its
+    seconds; decode: one token per sequence per step, over the steps' seconds."""
+    rows = []
+    for phase in ("prefill", "decode"):
+        secs = [t for p, t in timings if p == phase]
+        tokens = sum(map(len, prompts)) if phase == "prefill" else len(prompts) * len(secs)
+        rows.append({**fields, "phase": phase, "seconds": float(sum(secs)), "steps": len(secs), "tokens": tokens,
+                     "step_p50": float(np.median(secs)), "step_p90": float(np.percentile(secs, 90)),
+                     "tokens_per_s": tokens / sum(secs)})
+    return rows
+
+
 def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
-    g = df.groupby(["batch_size", "variant", "kind", "phase"], sort=False)
+    g = df.groupby(["batch_size", "variant", "kind", "kv_mode", "phase"], sort=False)
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), step_p50=("step_p50", "median"), step_p90=("step_p90", "median"),
                 layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max")).reset_index()
     realized, ideal = [], []

@@ -89,7 +89,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     layers = pd.DataFrame(layer_rows)
     agg = aggregate(items)
     test = compare_inputs(items)
-    meta = manifest(cfg, str(lm.device), comparison=test, confidence_interval="95% t-interval over seed means",
+    meta = manifest(cfg, lm=lm, comparison=test, confidence_interval="95% t-interval over seed means",
                     cost_term="alpha * mean fraction of layers executed per response token")
     from skipbench.plots import controller_figures
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from skipbench import distributed
 from skipbench.data import DataSpec, load_items
-from skipbench.engine import Engine, generate
+from skipbench.engine import Engine, generate, resolve_kv_mode
 from skipbench.engine.generate import eos_ids, left_pad, pad_id
 from skipbench.errors import SkipbenchError
 from skipbench.experiments.common import PolicyConfig
@@ -53,7 +53,7 @@ class CosineConfig:
     max_new_tokens: int = 64
     max_prompt_tokens: int = 1024
     batch_size: int | None = None
-    kv_mode: str = "fill"
+    kv_mode: str = "auto"  # the strategies here require no mode: auto is fill
     device: str = "auto"
     dtype: str = "auto"
     out: str = ""
@@ -182,7 +182,8 @@ def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dic
                  else _policy(strategy, cost, seed, cfg.per_token).build(lm.num_layers))
                 for strategy, cost, seed in plan]
     rows = []
-    for (strategy, cost, seed), m in compare_to_full(lm, prompts, responses, keys, variants, cfg.kv_mode):
+    kv_mode = resolve_kv_mode(cfg.kv_mode, None)
+    for (strategy, cost, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode):
         for r, toks in enumerate(responses):
             for t in range(len(toks)):
                 rows.append({"row": r, "token": t, "strategy": strategy, "cost": cost, "seed": seed,
@@ -246,11 +247,12 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
     rid = run_id(cfg)
     df.insert(0, "run_id", rid)
-    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "num_layers": lm.num_layers}.items():
+    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "num_layers": lm.num_layers,
+                       "kv_mode": resolve_kv_mode(cfg.kv_mode, None)}.items():
         df[key] = value
     agg = aggregate(df)
     agg.insert(0, "run_id", rid)
-    meta = manifest(cfg, str(lm.device), hidden_state_convention=CONVENTION, confidence_interval=CI,
+    meta = manifest(cfg, lm=lm, hidden_state_convention=CONVENTION, confidence_interval=CI,
                     num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated, ranks=d.world)
     for key, value in flat_config(cfg).items():
         if key not in df.columns and key != "out":

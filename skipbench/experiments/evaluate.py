@@ -20,7 +20,7 @@ import pandas as pd
 from skipbench import distributed
 from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_prompt, truncate
-from skipbench.engine import LAYERS_CONVENTION, generate
+from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
 from skipbench.errors import SkipbenchError
 from skipbench.experiments.common import PolicyConfig
 from skipbench.metrics import exact_match, rouge_l
@@ -41,7 +41,7 @@ class EvalConfig:
     max_new_tokens: int = 96
     max_prompt_tokens: int = 1024
     batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
-    kv_mode: str = "fill"
+    kv_mode: str = "auto"
     prompt_depth: str = "full"
     device: str = "auto"
     dtype: str = "auto"
@@ -86,7 +86,8 @@ def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
         for c in cfg.costs or default_costs(num_layers):
             pts.append(Point(cfg.policy, c))
     for p in pts:  # every point is checked before any generation starts
-        policy_config(cfg, p).build(num_layers)
+        policy = policy_config(cfg, p).build(num_layers)
+        resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.policy}'")
     if cfg.policy == "controller":
         check_backbone(cfg.controller, cfg.model)
     return pts
@@ -127,7 +128,7 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, pr
         gen = generate(lm, [encoded[i] for i in idx], policy, cfg.max_new_tokens, cfg.kv_mode,
                        row_keys=[items[i].key for i in idx], prompt_depth=cfg.prompt_depth)
         for r, i in enumerate(idx):
-            rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])))
+            rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode})
         if progress:
             progress(len(idx))
     return pd.DataFrame(rows)
@@ -197,7 +198,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     for key, value in flat_config(cfg).items():
         if key not in rows.columns and key not in ("out", "resume"):
             rows[key] = value
-    meta = manifest(cfg, str(lm.device), num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
+    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
                     layers_convention=LAYERS_CONVENTION, points=[p.label for p in pts], batch_size=batch_size,
                     ranks=d.world)
     path = write_atomic(rows, out, meta)

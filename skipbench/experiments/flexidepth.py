@@ -84,7 +84,7 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
         chunk = items[s : s + cfg.batch_size]
         gen = generate(lm, [encode_prompt(lm.tokenizer, it.prompt) for it in chunk], policy, cfg.max_new_tokens)
         for r, it in enumerate(chunk):
-            rows += token_rows(lm, it, gen.tokens[r], gen.layers[r])
+            rows += [row | {"kv_mode": gen.kv_mode} for row in token_rows(lm, it, gen.tokens[r], gen.layers[r])]
         if progress:
             progress(len(chunk))
     if not rows:
@@ -94,7 +94,7 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
     df["model"], df["router"] = cfg.model, cfg.router
     agg = (df.groupby("subtask")["layers_used"].agg(tokens="count", mean="mean", var="var").reset_index()
            .sort_values("mean"))
-    meta_out = manifest(cfg, str(lm.device), routed_layers=flexi.routed, num_layers=lm.num_layers,
+    meta_out = manifest(cfg, lm=lm, routed_layers=flexi.routed, num_layers=lm.num_layers,
                         layers_convention=LAYERS_CONVENTION, router_config=meta)
     write_atomic(agg, out.with_name(out.stem + "-agg.parquet"))
     path = write_atomic(df, out, meta_out)

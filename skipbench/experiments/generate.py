@@ -16,7 +16,7 @@ class GenerateConfig:
     model: str
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     max_new_tokens: int = 64
-    kv_mode: str = "fill"
+    kv_mode: str = "auto"
     prompt_depth: str = "full"
     sampling: Sampling = field(default_factory=Sampling)
     device: str = "auto"
@@ -34,7 +34,7 @@ def run(cfg: GenerateConfig) -> dict:
         "model": cfg.model,
         "policy": policy.describe(),
         "num_layers": lm.num_layers,
-        "kv_mode": cfg.kv_mode,
+        "kv_mode": out.kv_mode,
         "prompt_depth": cfg.prompt_depth,
         "prompt_tokens": len(ids),
         "text": lm.tokenizer.decode(tokens, skip_special_tokens=True),

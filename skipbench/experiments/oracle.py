@@ -18,7 +18,9 @@ from skipbench.errors import SkipbenchError
 from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
 from skipbench.results import manifest, run_id, write_atomic
 
+# App. A.5.2's bins of label length: 1-15, 16-30, ..., 136-150 and >150 (index (length - 1) // 15, capped)
 LENGTH_BIN, LENGTH_BINS = 15, 11
+LENGTH_LABELS = [f"{LENGTH_BIN * k + 1}-{LENGTH_BIN * (k + 1)}" for k in range(LENGTH_BINS - 1)] + [f">{LENGTH_BIN * (LENGTH_BINS - 1)}"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class OracleConfig:
     curve: bool = False
     budgets: tuple[float, ...] = ()  # the curve's grid (default: every integer from cheapest to dearest)
     policies: tuple[str, ...] = ()  # keep only these policies (default: all)
+    length_budgets: tuple[float, ...] = ()  # the length test also runs here (always at the star and at `budget`)
+    bootstrap: int = 200  # item resamples for the star budget's interval (0: none)
     out: str | None = None
     max_cells: float = 2e8
 
@@ -41,13 +45,18 @@ class OracleResult:
     costs: list[int]
     full: str
     star: float | None
-    length_test: dict | None
+    star_interval: tuple[float, float] | None  # 95% bootstrap interval over items
+    length_tests: list[dict]  # one per tested budget: statistic, dof, p_value, counts
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
 
 
+def _paths(cfg: OracleConfig) -> list[str]:
+    return list(cfg.runs) or sorted(glob.glob("results/evaluate-*.parquet"))
+
+
 def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
-    paths = list(cfg.runs) or sorted(glob.glob("results/evaluate-*.parquet"))
+    paths = _paths(cfg)
     if not paths:
         raise SkipbenchError("no evaluate results under results/; produce them with: "
                              "skipbench evaluate --policy uniform --costs 8,15,22")
@@ -103,7 +112,7 @@ def run(cfg: OracleConfig) -> OracleResult:
     full = next((c for c in configs if c.startswith("full:")), configs[-1])
     grid = sorted(set(cfg.budgets or (range(min(costs), max(costs) + 1) if cfg.curve else ())) | (
         {cfg.budget} if cfg.budget is not None else set()))
-    for b in grid:
+    for b in (*grid, *cfg.length_budgets):
         if b < min(costs):
             raise SkipbenchError(f"budget {b} is below the cheapest configuration's cost ({min(costs)})")
         if b > max(costs):
@@ -121,42 +130,106 @@ def run(cfg: OracleConfig) -> OracleResult:
             if cost <= b:
                 rows.append({"budget": b, "method": f"single:{c}", "value": singles[c], "mean_cost": float(cost),
                              "exact": True, "gap": 0.0, "core_items": 0})
-        assign.append(pd.DataFrame({"budget": b, "item_id": wide.index,
-                                    "oracle": [configs[k] for k in sols["oracle"].choice],
-                                    "greedy": [configs[k] for k in sols["greedy"].choice]}))
+        assign.append(_assignment(b, wide.index, configs, sols["oracle"].choice, sols["greedy"].choice))
     table = pd.DataFrame(rows)
-    assignment = pd.concat(assign, ignore_index=True)
-    star = smallest_budget_reaching(inst, singles[full]) if cfg.curve else None
-    test_budget = cfg.budget if cfg.budget is not None else star
-    length = length_test(df, wide, assignment, test_budget) if test_budget is not None else None
-    result = OracleResult(table, assignment, configs, costs, full, star, length, notes)
+    star = smallest_budget_reaching(inst, singles[full])
+    star_ci = star_interval(inst, configs.index(full), cfg.bootstrap) if star is not None and cfg.bootstrap else None
+    lengths, unit = label_lengths(df)
+    tests = []
+    named = [("star", star)] if star is not None else []
+    named += [("budget", cfg.budget)] if cfg.budget is not None else []
+    named += [("length budget", b) for b in cfg.length_budgets]
+    done: set[float] = set()
+    for why, b in named:  # the star's assignment is computed here: the curve's grid holds integer budgets only
+        if b in done:
+            continue
+        done.add(b)
+        given = next((a for a in assign if a["budget"].iloc[0] == b), None)
+        if given is None:
+            given = _assignment(b, wide.index, configs, solve(inst, b, cfg.max_cells).choice, greedy(inst, b).choice)
+            assign.append(given)
+        if lengths is not None:
+            tests.append({"budget": float(b), "why": why, **length_test(lengths, given.set_index("item_id")["oracle"],
+                                                                         configs, unit)})
+    if lengths is None:
+        notes.append("the runs have no reference lengths (reference_tokens or reference): no length test")
+    assignment = pd.concat(assign, ignore_index=True).sort_values(["budget", "item_id"], kind="stable")
+    result = OracleResult(table, assignment.reset_index(drop=True), configs, costs, full, star, star_ci, tests, notes)
     if cfg.out:
         result.path = write(cfg, result)
     return result
 
 
-def length_test(df: pd.DataFrame, wide: pd.DataFrame, assignment: pd.DataFrame, budget: float) -> dict | None:
-    """App. A.5.2: chi-square test of homogeneity of the oracle's selection across label-length bins."""
+def _assignment(budget: float, items, configs: list[str], oracle_choice, greedy_choice) -> pd.DataFrame:
+    return pd.DataFrame({"budget": float(budget), "item_id": items, "oracle": [configs[k] for k in oracle_choice],
+                         "greedy": [configs[k] for k in greedy_choice]})
+
+
+def star_interval(inst: Instance, full: int, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the star budget: items resampled with replacement, the target (the full
+    configuration's mean) recomputed on each resample."""
+    from skipbench.stats import bootstrap_interval
+
+    def star_of(idx):
+        sub = Instance(inst.V[idx], inst.costs)
+        return smallest_budget_reaching(sub, float(sub.V[:, full].mean()))
+
+    return bootstrap_interval(star_of, inst.n, resamples, seed)
+
+
+def label_lengths(df: pd.DataFrame) -> tuple[pd.Series | None, str]:
+    """Reference (label) length per item: tokens when the runs recorded them, else words."""
+    if "reference_tokens" in df.columns:
+        return df.groupby("item_id")["reference_tokens"].first().astype(int), "tokens"
+    if "reference" in df.columns:
+        return df.groupby("item_id")["reference"].first().str.split().str.len().astype(int), "words"
+    return None, ""
+
+
+def length_bin(lengths) -> np.ndarray:
+    """App. A.5.2's bins: 1-15 -> 0, 16-30 -> 1, ..., 136-150 -> 9, >150 -> 10 (an empty label counts in the first)."""
+    return np.clip((np.asarray(lengths, dtype=np.int64) - 1) // LENGTH_BIN, 0, LENGTH_BINS - 1)
+
+
+def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: str = "tokens") -> dict:
+    """App. A.5.2: a chi-square test of homogeneity of the oracle's choice of configuration across label-length
+    bins (H0: the choice does not depend on the label's length). `lengths` and `picks` are indexed by item."""
     from scipy.stats import chi2_contingency
 
-    if budget not in set(assignment["budget"]):
-        return None
-    if "reference_tokens" in df.columns:
-        lengths, unit = df.groupby("item_id")["reference_tokens"].first(), "tokens"
-    elif "reference" in df.columns:
-        lengths, unit = df.groupby("item_id")["reference"].first().str.split().str.len(), "words"
-    else:
-        return None
-    pick = assignment[assignment["budget"] == budget].set_index("item_id")["oracle"]
-    bins = np.minimum(lengths.reindex(pick.index).to_numpy() // LENGTH_BIN, LENGTH_BINS - 1)
-    table = pd.crosstab(bins, pick.to_numpy())
-    table = table.loc[table.sum(axis=1) > 0, table.sum(axis=0) > 0]
-    if table.shape[0] < 2 or table.shape[1] < 2:
-        return {"budget": budget, "statistic": None, "p_value": None, "dof": 0, "unit": unit,
-                "note": "selection or lengths do not vary: nothing to test"}
-    res = chi2_contingency(table.to_numpy())
-    return {"budget": budget, "statistic": float(res.statistic), "p_value": float(res.pvalue), "dof": int(res.dof),
-            "unit": unit, "bins": int(table.shape[0]), "bin_width": LENGTH_BIN}
+    bins = length_bin(lengths.reindex(picks.index).to_numpy())
+    counts = pd.crosstab(pd.Categorical(bins, categories=range(LENGTH_BINS)),
+                         pd.Categorical(picks.to_numpy(), categories=configs), dropna=False)
+    used = counts.loc[counts.sum(axis=1) > 0, counts.sum(axis=0) > 0]
+    tidy = [{"bin": LENGTH_LABELS[b], "config": c, "count": int(counts.loc[b, c])}
+            for b in counts.index if counts.loc[b].sum() > 0 for c in configs]
+    out = {"unit": unit, "items": int(len(picks)), "bins_used": int(used.shape[0]), "configs_used": int(used.shape[1]),
+           "counts": tidy, "statistic": None, "dof": 0, "p_value": None}
+    if used.shape[0] < 2 or used.shape[1] < 2:
+        what = "every label falls in one length bin" if used.shape[0] < 2 else "the oracle picks one configuration for every item"
+        return out | {"note": f"{what}: nothing to test"}
+    res = chi2_contingency(used.to_numpy())
+    sparse = float((res.expected_freq < 5).mean())
+    out |= {"statistic": float(res.statistic), "dof": int(res.dof), "p_value": float(res.pvalue),
+            "sparse_cells": sparse}
+    if sparse > 0.2:  # Cochran's rule: the chi-square approximation wants expected counts of 5 or more
+        out["note"] = f"{100 * sparse:.0f}% of cells expect fewer than 5 items: the p-value is approximate"
+    return out
+
+
+def _source(cfg: OracleConfig) -> dict:
+    """The model record and dataset of the evaluate runs read (from their manifests), for verdicts and reports."""
+    import json
+
+    models, datasets = [], set()
+    for p in _paths(cfg):
+        m = Path(p).with_suffix(".json")
+        meta = json.loads(m.read_text()) if m.exists() else {}
+        if meta.get("model"):
+            models.append(meta["model"])
+        name = meta.get("config", {}).get("data", {}).get("name")
+        if name:
+            datasets.add(name)
+    return {"model": models[0] if models else None, "datasets": sorted(datasets)}
 
 
 def write(cfg: OracleConfig, result: OracleResult) -> Path:
@@ -165,10 +238,15 @@ def write(cfg: OracleConfig, result: OracleResult) -> Path:
     table.insert(0, "run_id", run_id(cfg))
     table["metric"] = cfg.metric
     meta = manifest(cfg, None, configs=result.configs, costs=result.costs, full=result.full, star_budget=result.star,
-                    length_test=result.length_test, notes=result.notes,
+                    star_interval=result.star_interval, star_interval_method=f"95% percentile bootstrap, {cfg.bootstrap} item resamples",
+                    length_tests=[{k: v for k, v in t.items() if k != "counts"} for t in result.length_tests],
+                    length_bins=LENGTH_LABELS, notes=result.notes, source=_source(cfg),
                     solver="Lagrangian bound + reduced-cost fixing + exact DP over the core (skipbench.oracle)")
     path = write_atomic(table, out, meta)
     write_atomic(result.assignment, out.with_name(out.stem + "-assign.parquet"))
+    counts = pd.DataFrame([{"budget": t["budget"], **c} for t in result.length_tests for c in t["counts"]],
+                          columns=["budget", "bin", "config", "count"])
+    write_atomic(counts, out.with_name(out.stem + "-length.parquet"))
     if cfg.curve:
         from skipbench.plots import oracle_figures
 

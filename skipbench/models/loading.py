@@ -54,6 +54,13 @@ class LoadedModel:
     def num_layers(self) -> int:
         return self.adapter.num_layers
 
+    def record(self) -> dict:
+        """What a manifest says of the model: verdicts read the family and depth from here, never from names."""
+        cfg = self.model.config
+        return {"name": self.name, "hub_id": ALIASES[self.name][0] if self.name in ALIASES else None,
+                "family": self.adapter.family, "num_layers": self.num_layers, "hidden_size": cfg.hidden_size,
+                "dtype": str(self.dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in self.model.parameters())}
+
 
 def cache_dir() -> Path:
     base = os.environ.get("SKIPBENCH_CACHE") or os.path.join(

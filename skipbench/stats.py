@@ -1,0 +1,161 @@
+"""Confidence intervals and the three-valued verdict rule every published finding goes through.
+
+A finding is never "reproduced" from a p-value. It is compared with a claim through a 95% confidence
+interval and a stated margin, the smallest difference that matters:
+
+* a directional claim ("A is above B"), for the effect d = A - B with interval [lo, hi]:
+  **agrees** when lo > 0; **disagrees** when hi < 0 (the reverse holds), or when the whole interval lies
+  inside (-margin, +margin) (an equivalence test: whatever difference there is, it is too small to matter);
+  **inconclusive** otherwise.
+* an equivalence claim ("A and B do not differ"): **agrees** when [lo, hi] lies inside [-margin, +margin];
+  **disagrees** when it lies wholly beyond the margin on one side; **inconclusive** otherwise. "No
+  significant difference" with an interval wider than the margin is therefore inconclusive.
+* a value claim ("x is about p"): the same as equivalence, for x - p.
+
+The intervals come from scipy (Student t, Welch) and statsmodels (OLS); bootstrap intervals are
+percentile intervals over resampled items.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LEVEL = 0.95
+OUTCOMES = ("agrees", "disagrees", "inconclusive")
+
+
+def t_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
+    """Mean and a Student-t confidence interval over independent units (NaN bounds for fewer than 2)."""
+    from scipy.stats import ttest_1samp
+
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean()) if len(values) else math.nan
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    if np.ptp(values) == 0:  # no spread: scipy returns NaN; the interval is the point
+        return mean, mean, mean
+    ci = ttest_1samp(values, 0.0).confidence_interval(level)
+    return mean, float(ci.low), float(ci.high)
+
+
+def welch_interval(a, b, level: float = LEVEL) -> tuple[float, float, float]:
+    """Difference of means mean(a) - mean(b) of two independent samples, with Welch's interval."""
+    from scipy.stats import ttest_ind
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+    if len(a) < 2 or len(b) < 2:
+        return diff, math.nan, math.nan
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return diff, diff, diff
+    ci = ttest_ind(a, b, equal_var=False).confidence_interval(level)
+    return diff, float(ci.low), float(ci.high)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One finding set against one claim: the outcome, the interval it was decided from and why."""
+
+    claim: str  # the paper's claim in words
+    outcome: str  # agrees | disagrees | inconclusive
+    estimate: float
+    lo: float
+    hi: float
+    margin: float
+    unit: str  # what estimate, interval and margin measure
+    reason: str
+    parts: tuple = field(default_factory=tuple)  # the verdicts this one combines, if any
+
+    def interval(self, digits: int = 3) -> str:
+        if math.isnan(self.lo):
+            return f"{self.estimate:.{digits}f} (no interval)"
+        return f"{self.estimate:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+
+    def as_dict(self) -> dict:
+        return {"claim": self.claim, "outcome": self.outcome, "estimate": self.estimate, "lo": self.lo, "hi": self.hi,
+                "margin": self.margin, "unit": self.unit, "reason": self.reason}
+
+
+def directional(claim: str, estimate: float, lo: float, hi: float, margin: float, unit: str) -> Verdict:
+    """The claim: the effect is above zero."""
+    if math.isnan(lo) or math.isnan(hi):
+        outcome, why = "inconclusive", "too few units for an interval"
+    elif lo > 0:
+        outcome, why = "agrees", "the interval lies above 0"
+    elif hi < 0:
+        outcome, why = "disagrees", "the interval lies below 0: the reverse holds"
+    elif -margin < lo and hi < margin:
+        outcome, why = "disagrees", f"the interval lies inside ±{margin:g}: no difference that matters"
+    else:
+        outcome, why = "inconclusive", f"the interval contains 0 and reaches beyond ±{margin:g}"
+    return Verdict(claim, outcome, estimate, lo, hi, margin, unit, why)
+
+
+def equivalent(claim: str, estimate: float, lo: float, hi: float, margin: float, unit: str, target: float = 0.0) -> Verdict:
+    """The claim: the effect is `target` (0: no difference), within ±margin."""
+    low, high = target - margin, target + margin
+    if math.isnan(lo) or math.isnan(hi):
+        outcome, why = "inconclusive", "too few units for an interval"
+    elif low <= lo and hi <= high:
+        outcome, why = "agrees", f"the interval lies inside {target:g} ± {margin:g}"
+    elif hi < low or lo > high:
+        outcome, why = "disagrees", f"the interval lies wholly outside {target:g} ± {margin:g}"
+    else:
+        outcome, why = "inconclusive", f"the interval is not inside {target:g} ± {margin:g} and not wholly outside it"
+    return Verdict(claim, outcome, estimate, lo, hi, margin, unit, why)
+
+
+def combine(claim: str, parts: list[Verdict]) -> Verdict:
+    """A claim made at several points holds when it holds at each: any disagreement disagrees, all agreeing agrees."""
+    if not parts:
+        return Verdict(claim, "inconclusive", math.nan, math.nan, math.nan, math.nan, "", "nothing to compare", ())
+    outcomes = [p.outcome for p in parts]
+    outcome = "disagrees" if "disagrees" in outcomes else "agrees" if all(o == "agrees" for o in outcomes) else "inconclusive"
+    counts = ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOMES if o in outcomes)
+    shown = next(p for p in parts if p.outcome == outcome)  # the interval printed: one that decided the outcome
+    return Verdict(claim, outcome, shown.estimate, shown.lo, shown.hi, shown.margin, shown.unit,
+                   f"{len(parts)} comparison(s): {counts}", tuple(parts))
+
+
+def ols_effect(y, X, column: int, level: float = LEVEL) -> dict:
+    """The coefficient of X[:, column] in an OLS of y on X (X holds the intercept), its interval and dof."""
+    import statsmodels.api as sm
+
+    fit = sm.OLS(np.asarray(y, dtype=float), np.asarray(X, dtype=float)).fit()
+    dof = int(fit.df_resid)
+    coef = float(fit.params[column])
+    if dof < 1:
+        return {"effect": coef, "lo": math.nan, "hi": math.nan, "std_error": math.nan, "dof": dof,
+                "residual_sd": math.nan}
+    lo, hi = fit.conf_int(1 - level)[column]
+    return {"effect": coef, "lo": float(lo), "hi": float(hi), "std_error": float(fit.bse[column]), "dof": dof,
+            "p_value": float(fit.pvalues[column]), "residual_sd": float(np.sqrt(fit.scale))}
+
+
+def runs_to_resolve(residual_sd: float, margin: float, level: float = LEVEL) -> int | None:
+    """Runs per group for a difference of two group means to have a confidence half-width below `margin`
+    at this run-to-run spread: n = 2 (z sd / margin)^2 with z the normal quantile (a large-sample guide)."""
+    from scipy.stats import norm
+
+    if not residual_sd == residual_sd or margin <= 0:  # NaN spread: no estimate
+        return None
+    z = norm.ppf(0.5 + level / 2)
+    return max(2, math.ceil(2 * (z * residual_sd / margin) ** 2))
+
+
+def bootstrap_interval(statistic, n_items: int, resamples: int = 200, seed: int = 0,
+                       level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of statistic(indices) over item resamples with replacement (values that are None skipped)."""
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        v = statistic(rng.integers(0, n_items, n_items))
+        if v is not None:
+            values.append(v)
+    if len(values) < 2:
+        return math.nan, math.nan
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
