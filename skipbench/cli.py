@@ -387,6 +387,9 @@ def cosine(
     console.print(f"wrote {result.path}, {result.agg_path.name}, {result.figure.name}")
 
 
+RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
+                          "(without it, a checkpoint is resumed only by the configuration that wrote it)")
+
 controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
                               help="Gumbel-softmax skip controllers: hidden-state vs constant input (Glavas et al.).")
 app.add_typer(controllers_app, name="controllers")
@@ -403,6 +406,8 @@ def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, los
 
 
 def _report_training(result) -> None:
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     if result.log:
         last = result.log[-1]
         secs = np.median([r["seconds"] for r in result.log])
@@ -449,6 +454,7 @@ def controllers_train(
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     out: str = typer.Option("runs/controllers", help="checkpoint folder (resumed when it holds a checkpoint)"),
+    restart: bool = RestartOpt,
 ) -> None:
     """Train one set of skip controllers (frozen backbone, or jointly with it: --train-backbone).
 
@@ -460,7 +466,7 @@ def controllers_train(
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
                          max_seq_len, device, dtype, out, targets, grad_accum,
-                         train_backbone=train_backbone, backbone_lr=backbone_lr)
+                         train_backbone=train_backbone, backbone_lr=backbone_lr, restart=restart)
     with TrainBar("train") as bar:
         result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
     _report_training(result)
@@ -486,6 +492,7 @@ def controllers_sweep(
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32"),
     out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
+    restart: bool = RestartOpt,
 ) -> None:
     """Train and evaluate controllers for every (input, alpha, seed); Figures 1b and 6; hidden vs constant test.
 
@@ -496,7 +503,7 @@ def controllers_sweep(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, "train", train_limit, steps, batch_size, lr, 0, loss, max_new_tokens,
-                         max_seq_len, device, dtype, "")
+                         max_seq_len, device, dtype, "", restart=restart)
     cfg = SweepConfig(train=tcfg, eval_data=DataSpec(dataset, "test", eval_limit or None),
                       inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
                       alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, gate=gate,
@@ -543,6 +550,7 @@ def flexidepth_train(
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32"),
     out: str = typer.Option("runs/flexidepth", help="checkpoint folder (resumed when it holds a checkpoint)"),
+    restart: bool = RestartOpt,
 ) -> None:
     """Train FlexiDepth routers and adapters on a frozen model.
 
@@ -552,7 +560,7 @@ def flexidepth_train(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
-                         max_seq_len, device, dtype, out, targets, grad_accum)
+                         max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
     cfg = FlexiTrainConfig(tcfg, alpha, _int_list(routed_layers, "--routed-layers") if routed_layers else (),
                            router_reduction, tau, adapter, kv, linear_router)
     with TrainBar("train") as bar:
@@ -633,9 +641,10 @@ def reproduce(
         if dry_run:
             continue
         start = time.perf_counter()
-        code = app(list(stage.argv), standalone_mode=False)
+        code = app(stage.run_argv(), standalone_mode=False)
         if code:
             raise SkipbenchError(f"stage '{stage.name}' failed (exit code {code})")
+        stage.finish()
         console.print(f"[dim]{stage.name}: {time.perf_counter() - start:.0f} s[/dim]")
 
 

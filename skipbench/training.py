@@ -58,6 +58,11 @@ class TrainConfig:
     teacher_cache: str | None = None  # JSON of the full model's responses (default <out>/teacher.json; sweeps share one)
     train_backbone: bool = False  # fine-tune the model jointly (saved to <out>/backbone); the target stays the original
     backbone_lr: float = 1e-5
+    restart: bool = False  # discard a checkpoint in `out` instead of resuming it
+
+
+# fields that may change between a run and its resumption: they do not change what a step computes
+RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart"}
 
 
 class Method:
@@ -96,10 +101,14 @@ class TrainResult:
     steps: int
     log: list[dict] = field(default_factory=list)
     out: Path | None = None
+    resumed_from: int = 0  # the step a resumed checkpoint had reached
+    notes: list[str] = field(default_factory=list)  # what the user should know: dropped examples, nothing to do
 
 
-def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist = distributed.Dist()) -> list[Example]:
-    """Prompts with the full model's greedy responses (targets full) or the references."""
+def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist = distributed.Dist(),
+             notes: list[str] | None = None) -> list[Example]:
+    """Prompts with the full model's greedy responses (targets full) or the references. Items left out (a prompt
+    that does not fit --max-seq-len, a response under 2 tokens) are counted in `notes`."""
     if cfg.loss not in ("kl", "ce"):
         raise SkipbenchError(f"--loss must be 'kl' or 'ce', got '{cfg.loss}'")
     if cfg.targets not in ("full", "reference"):
@@ -120,6 +129,13 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: dist
             out.append(Example(prompts[i], resp))
     if not out:
         raise SkipbenchError("no training example has a response of at least 2 tokens")
+    if notes is not None:
+        if len(keep) < len(items):
+            notes.append(f"{len(items) - len(keep)} of {len(items)} training prompts do not fit --max-seq-len "
+                         f"{cfg.max_seq_len} and were left out")
+        if len(out) < len(keep):
+            notes.append(f"{len(keep) - len(out)} training item(s) left out: the response has fewer than 2 tokens "
+                         "within --max-seq-len")
     return out
 
 
@@ -223,17 +239,26 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     if cfg.train_backbone:
         groups.append({"params": list(lm.model.parameters()), "lr": cfg.backbone_lr})
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
-    done, log = 0, []
+    done, log, notes = 0, [], []
     state_file = out / "trainer.pt"
+    if cfg.restart:
+        _discard_checkpoint(out)
     if state_file.exists() and (out / "weights.safetensors").exists():
+        _check_resumable(out, method, cfg)
         module.load_state_dict(load_file(out / "weights.safetensors", device=str(lm.device)))
         state = torch.load(state_file, weights_only=False)
+        if state["step"] > cfg.steps:
+            raise SkipbenchError(f"'{out}' was trained for {state['step']} steps, more than --steps {cfg.steps}; "
+                                 f"pass --steps {state['step']} or more to continue, or --restart to train again")
         if cfg.train_backbone:
             _load_backbone(lm, out, state["step"])
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
+        if done == cfg.steps:
+            notes.append(f"'{out}' already holds {done} steps of this configuration: nothing to train "
+                         "(--steps N to continue, --restart to train again)")
     d = distributed.current()
-    data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json", d)
+    data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json", d, notes)
     if min(cfg.batch_size, len(data)) < d.world:
         raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
                              "ranks without one; raise --batch-size")
@@ -279,7 +304,39 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     d.barrier()  # the last checkpoint is on disk before any rank returns
     module.eval()
     lm.model.requires_grad_(False)
-    return TrainResult(cfg.steps, log, out)
+    return TrainResult(cfg.steps, log, out, done, notes)
+
+
+def _saved_config(method: Method, cfg: TrainConfig) -> dict:
+    return {"kind": method.kind, **method.config(), "train": config_dict(cfg)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
+    """A checkpoint is resumed only by the configuration that wrote it (steps may grow)."""
+    saved = _flat(json.loads((out / "config.json").read_text()))
+    now = _flat(json.loads(json.dumps(_saved_config(method, cfg), default=str)))
+    differ = [k for k in sorted(set(saved) | set(now))
+              if k.removeprefix("train.") not in RESUMABLE and k != "step" and saved.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
+        raise SkipbenchError(f"'{out}' holds a checkpoint trained with another configuration ({shown}{more}); "
+                             "pass --restart to train from scratch there, or choose another --out")
+
+
+def _discard_checkpoint(out: Path) -> None:
+    import shutil
+
+    for name in ("weights.safetensors", "trainer.pt", "config.json"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / BACKBONE, ignore_errors=True)
 
 
 class Trainable(nn.Module):
@@ -358,11 +415,38 @@ def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConf
     tmp = out / "weights.safetensors.tmp"
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
     tmp.replace(out / "weights.safetensors")
-    meta = {"kind": method.kind, **method.config(), "train": config_dict(cfg), "step": step}
+    meta = {**_saved_config(method, cfg), "step": step}
     (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, default=str))
     (out / "config.json.tmp").replace(out / "config.json")
     torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, out / "trainer.pt.tmp")
     (out / "trainer.pt.tmp").replace(out / "trainer.pt")
+
+
+def check_held_out(items, path: str) -> None:
+    """Learned policies are evaluated on items they were not trained on: the checkpoint's training items
+    (rebuilt from its recorded data spec) must not overlap the items to evaluate."""
+    cfg_file = Path(path) / "config.json"
+    train_cfg = json.loads(cfg_file.read_text()).get("train") if cfg_file.exists() else None
+    if not train_cfg or not train_cfg.get("data"):
+        return  # no training record (a hand-made checkpoint): nothing to check against
+    spec = DataSpec(**train_cfg["data"])
+    trained = {it.item_id for it in load_items(spec)}
+    seen = sum(it.item_id in trained for it in items)
+    if seen:
+        raise SkipbenchError(f"{seen} of the {len(items)} items to evaluate were used to train '{path}' (dataset "
+                             f"{spec.name}, split {spec.split}, seed {spec.seed}); evaluate a learned policy on "
+                             "held-out items, e.g. --split test")
+
+
+def checkpoint_fingerprint(path: str) -> str:
+    """A hash of a checkpoint's config and weights: results cached for a path are stale once it is retrained."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name in ("config.json", "weights.safetensors"):
+        f = Path(path) / name
+        h.update(f.read_bytes() if f.exists() else b"")
+    return h.hexdigest()[:12]
 
 
 def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -80,6 +81,10 @@ def test_train_save_load_evaluate_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "eval.parquet"
     res = runner.invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "4",
                               "--policy", "controller", "--controller", str(run), "--max-new-tokens", "6", "--out", str(out)])
+    assert res.exit_code == 1 and "were used to train" in res.stderr and "--split test" in res.stderr  # split all
+    res = runner.invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "4",
+                              "--split", "test", "--policy", "controller", "--controller", str(run),
+                              "--max-new-tokens", "6", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     ctrl = df[df["policy"] == "controller"]
@@ -190,7 +195,7 @@ def test_train_backbone_end_to_end(tiny_dirs, tmp_path):
     assert changed and all(torch.equal(saved[k], trained.model.state_dict()[k]) for k in saved)
 
     out = tmp_path / "eval.parquet"
-    base = ["evaluate", "--dataset", "arith", "--limit", "3", "--policy", "controller", "--controller", str(run),
+    base = ["evaluate", "--dataset", "arith", "--split", "test", "--limit", "3", "--policy", "controller", "--controller", str(run),
             "--max-new-tokens", "6", "--out", str(out)]
     res = runner.invoke(app, [*base, "--model", model])
     assert res.exit_code == 1 and "--model" in res.stderr and "backbone" in res.stderr and not out.exists()
@@ -209,7 +214,7 @@ def test_sampled_gates_do_not_depend_on_batching(tiny_dirs, tmp_path):
     frames = []
     for bs in (1, 4):
         out = tmp_path / f"bs{bs}" / "eval.parquet"
-        res = runner.invoke(app, ["evaluate", "--model", model, "--dataset", "arith", "--limit", "6", "--policy",
+        res = runner.invoke(app, ["evaluate", "--model", model, "--dataset", "arith", "--split", "test", "--limit", "6", "--policy",
                                   "controller", "--controller", str(run), "--max-new-tokens", "8",
                                   "--batch-size", str(bs), "--out", str(out)])
         assert res.exit_code == 0, res.output
@@ -218,3 +223,60 @@ def test_sampled_gates_do_not_depend_on_batching(tiny_dirs, tmp_path):
     assert a["layers_mean"].mean() < 6  # the gates do skip, so the comparison means something
     assert list(a["output"]) == list(b["output"])
     assert [list(x) for x in a["layer_use"]] == [list(x) for x in b["layer_use"]]
+
+
+def test_a_checkpoint_is_resumed_only_by_its_own_configuration(tiny_dirs, tmp_path):
+    runner, run = CliRunner(), tmp_path / "ctrl"
+    args = ["controllers", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8",
+            "--batch-size", "2", "--max-new-tokens", "6", "--out", str(run)]
+
+    def train(*extra):
+        return runner.invoke(app, [*args, *extra])
+
+    assert train("--alpha", "4", "--steps", "2").exit_code == 0
+    for extra, named in ((("--alpha", "8"), "alpha: 4.0 -> 8.0"), (("--lr", "0.01"), "train.lr: 0.001 -> 0.01"),
+                         (("--input", "constant"), "input: 'hidden' -> 'constant'")):
+        res = train("--steps", "3", *extra)
+        lines = res.stderr.strip().splitlines()
+        assert res.exit_code == 1 and len(lines) == 1 and named in lines[0] and "--restart" in lines[0], res.stderr
+    assert json.loads((run / "config.json").read_text())["step"] == 2  # untouched
+    res = train("--alpha", "4", "--steps", "2")
+    assert res.exit_code == 0 and "nothing to train" in res.stderr
+    res = train("--alpha", "4", "--steps", "1")
+    assert res.exit_code == 1 and "trained for 2 steps, more than --steps 1" in res.stderr
+    res = train("--alpha", "8", "--steps", "3", "--restart")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((run / "config.json").read_text())
+    assert meta["alpha"] == 8.0 and meta["step"] == 3
+    assert len(torch.load(run / "trainer.pt", weights_only=False)["log"]) == 3  # from scratch, not 2 + 1
+
+
+def test_prompts_that_do_not_fit_are_counted(tiny_dirs):
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec("text", limit=12), max_new_tokens=4, out="")
+    from skipbench.data import load_items
+    from skipbench.data.prompts import encode_prompt
+
+    lengths = sorted(len(encode_prompt(lm.tokenizer, it.prompt)) for it in load_items(cfg.data))
+    cut = lengths[len(lengths) // 2] + 1  # about half the prompts do not fit
+    notes: list[str] = []
+    data = examples(lm, replace(cfg, max_seq_len=cut), None, notes=notes)
+    dropped = sum(n >= cut - 1 for n in lengths)
+    assert 0 < dropped < 12 and len(data) <= 12 - dropped
+    assert notes and notes[0].startswith(f"{dropped} of 12 training prompts do not fit --max-seq-len {cut}")
+
+
+def test_retrained_controllers_are_evaluated_again(tiny_dirs, tmp_path):
+    """Cached evaluate parts are keyed by the checkpoint's contents, not only its folder."""
+    runner, run, model = CliRunner(), tmp_path / "ctrl", str(tiny_dirs["llama"])
+    train = ["controllers", "train", "--model", model, "--dataset", "arith", "--limit", "8", "--steps", "2",
+             "--batch-size", "2", "--max-new-tokens", "6", "--lr", "0.05", "--out", str(run)]
+    ev = ["evaluate", "--model", model, "--dataset", "arith", "--split", "test", "--limit", "3", "--policy", "controller",
+          "--controller", str(run), "--max-new-tokens", "5", "--out", str(tmp_path / "e.parquet")]
+    assert runner.invoke(app, [*train, "--alpha", "1"]).exit_code == 0
+    assert runner.invoke(app, ev).exit_code == 0
+    res = runner.invoke(app, ev)
+    assert "2 finished part(s) reused" in res.stderr.replace("\n", " ")
+    assert runner.invoke(app, [*train, "--alpha", "30", "--restart"]).exit_code == 0
+    res = runner.invoke(app, ev)
+    assert res.exit_code == 0 and "1 finished part(s) reused" in res.stderr.replace("\n", " ")  # full only

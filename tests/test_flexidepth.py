@@ -119,7 +119,7 @@ def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):
     assert json.loads((run / "config.json").read_text())["routed_layers"] == [3, 4, 5]
 
     out = tmp_path / "eval.parquet"
-    res = runner.invoke(app, ["evaluate", *common, "--dataset", "arith", "--limit", "4", "--policy", "flexidepth",
+    res = runner.invoke(app, ["evaluate", *common, "--dataset", "arith", "--split", "test", "--limit", "4", "--policy", "flexidepth",
                               "--router", str(run), "--max-new-tokens", "6", "--out", str(out)])
     assert res.exit_code == 0, res.output
     flex = pd.read_parquet(out).query("policy == 'flexidepth'")
@@ -128,6 +128,9 @@ def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):
     usage = tmp_path / "usage.parquet"
     res = runner.invoke(app, ["flexidepth", "usage", *common, "--router", str(run), "--dataset", "text,arith",
                               "--split", "all", "--limit", "6", "--max-new-tokens", "6", "--out", str(usage)])
+    assert res.exit_code == 1 and "were used to train" in res.stderr and not usage.exists()  # its training items
+    res = runner.invoke(app, ["flexidepth", "usage", *common, "--router", str(run), "--dataset", "text,arith",
+                              "--split", "test", "--limit", "6", "--max-new-tokens", "6", "--out", str(usage)])
     assert res.exit_code == 0, res.output
     rows = pd.read_parquet(usage)
     assert {"item_id", "subtask", "token", "text", "layers_used", "layers"} <= set(rows.columns)

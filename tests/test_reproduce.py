@@ -75,3 +75,30 @@ def test_paper_preset_starts_and_fails_clearly_offline(tmp_path):
 def test_unknown_preset():
     res = CliRunner().invoke(app, ["reproduce", "--preset", "nope"])
     assert res.exit_code == 1 and "unknown preset 'nope'; known: paper, quick, smoke" in res.stderr
+
+
+def test_a_stage_is_reused_only_with_the_settings_it_ran_with(tmp_path):
+    from skipbench.experiments.reproduce import Stage
+
+    out = tmp_path / "evaluate-x.parquet"
+    stage = Stage("evaluate x", ("evaluate", "--costs", "1,2"), out, tmp_path)
+    out.write_text("")
+    assert not stage.done()  # an output alone (a run interrupted or made by hand) is not a finished stage
+    stage.finish()
+    assert stage.done()
+    changed = Stage("evaluate x", ("evaluate", "--costs", "1,3"), out, tmp_path)
+    assert not changed.done() and changed.run_argv() == ["evaluate", "--costs", "1,3"]
+    trainer = Stage("flexidepth train", ("flexidepth", "train", "--steps", "3"), out, tmp_path, restartable=True)
+    assert trainer.run_argv() == ["flexidepth", "train", "--steps", "3"]  # never finished: resume
+    trainer.finish()
+    longer = Stage("flexidepth train", ("flexidepth", "train", "--steps", "5"), out, tmp_path, restartable=True)
+    assert longer.run_argv()[-1] == "--restart"  # finished with other settings: start over
+
+
+def test_learned_policies_are_evaluated_on_held_out_items():
+    preset = load_preset("quick")
+    for stage in stages(preset):
+        if stage.argv[0] == "evaluate" and "flexidepth" in stage.argv:
+            assert stage.argv[stage.argv.index("--split") + 1] == "test"
+        if stage.argv[:2] == ("flexidepth", "usage"):
+            assert "--split" not in stage.argv  # its default is the test split

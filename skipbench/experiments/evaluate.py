@@ -106,7 +106,12 @@ def part_path(cfg: EvalConfig, p: Point) -> Path:
     ident = replace(cfg, costs=(), out="", resume=True, batch_size=None)
     if p.policy == "full":
         ident = replace(ident, policy="full", per_token=False, controller=None, gate="sample", router=None, seed=0)
-    key = hashlib.sha1(json.dumps(config_dict(ident), sort_keys=True).encode()).hexdigest()[:10]
+    fields = config_dict(ident)
+    if p.policy in LEARNED:  # the same folder retrained is another policy
+        from skipbench.training import checkpoint_fingerprint
+
+        fields["checkpoint"] = checkpoint_fingerprint(cfg.controller or cfg.router)
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cfg.out).parent / ".skipbench-parts" / f"{p.policy}-{p.cost}-{key}.parquet"
 
 
@@ -167,6 +172,10 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     pts = points(cfg, lm.num_layers)
     items = load_items(cfg.data)
+    if cfg.policy in LEARNED:
+        from skipbench.training import check_held_out
+
+        check_held_out(items, cfg.controller or cfg.router)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
     batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
     if batch_size < 1:

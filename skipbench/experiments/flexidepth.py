@@ -24,7 +24,7 @@ from skipbench.models import load_model
 from skipbench.policies.base import PolicyOptions, checkpoint_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
 from skipbench.results import check_out_path, manifest, run_id, write_atomic
-from skipbench.training import TrainConfig, TrainResult, train
+from skipbench.training import TrainConfig, TrainResult, check_held_out, train
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
     flexi, meta = _routers(cfg.router, lm.num_layers)
     policy = FlexiPolicy(flexi)
     items = load_items(cfg.data)
+    check_held_out(items, cfg.router)
     if start:
         start(len(items))
     rows = []

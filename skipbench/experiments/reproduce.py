@@ -1,8 +1,9 @@
 """`skipbench reproduce --preset NAME`: the papers' experiments as the exact sequence of CLI calls.
 
 A preset (experiments/NAME.toml) names the model, datasets, costs, budgets, alphas, steps and limits;
-this module turns it into `skipbench ...` argument lists. A stage whose output exists is skipped, so an
-interrupted run resumes (evaluate also resumes inside a stage, point by point).
+this module turns it into `skipbench ...` argument lists. A finished stage is skipped, so an interrupted
+run resumes (evaluate also resumes inside a stage, point by point) — but only when the stage's recorded
+command is the one the preset asks for now: a stage whose settings changed runs again.
 """
 
 from __future__ import annotations
@@ -22,14 +23,35 @@ class Stage:
     name: str
     argv: tuple[str, ...]
     output: Path
+    results: Path = Path("results")
+    restartable: bool = False  # a training stage: its checkpoint is resumed only by the same settings
+
+    @property
+    def record(self) -> Path:
+        """Where a finished stage records the command it ran (written only once the command succeeded)."""
+        return self.results / ".reproduce" / (self.name.replace(" ", "-") + ".json")
+
+    def _recorded(self) -> list[str] | None:
+        try:
+            return json.loads(self.record.read_text()).get("argv") if self.record.exists() else None
+        except json.JSONDecodeError:  # a damaged record: as if the stage never finished
+            return None
 
     def done(self) -> bool:
-        if self.output.name == "config.json":  # a training run: finished when it reached its steps
-            if not self.output.exists():
-                return False
-            meta = json.loads(self.output.read_text())
-            return meta.get("step") == meta.get("train", {}).get("steps")
-        return self.output.exists()
+        return self.output.exists() and self._recorded() == list(self.argv)
+
+    def run_argv(self) -> list[str]:
+        """The command to run now: a training stage that finished with other settings starts over (an
+        unfinished one resumes its checkpoint)."""
+        recorded = self._recorded()
+        stale = recorded is not None and recorded != list(self.argv)
+        return [*self.argv, "--restart"] if self.restartable and stale else list(self.argv)
+
+    def finish(self) -> None:
+        self.record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record.with_name(self.record.name + ".tmp")
+        tmp.write_text(json.dumps({"argv": list(self.argv), "output": str(self.output)}))
+        tmp.replace(self.record)
 
     def command(self) -> str:
         import shlex
@@ -96,8 +118,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             "--max-new-tokens", str(fx.get("max_new_tokens", 64)), "--out", str(flexi_run)), flexi_run / "config.json"))
         first = fx["datasets"].split(",")[-1]
         target = r / f"evaluate-flexidepth-{first}.parquet"
-        out.append(Stage("evaluate flexidepth", (
-            "evaluate", "--model", fmodel, "--dataset", first, "--policy", "flexidepth", "--router", str(flexi_run),
+        out.append(Stage("evaluate flexidepth", (  # held-out items only: the routers were trained on the train split
+            "evaluate", "--model", fmodel, "--dataset", first, "--split", "test", "--policy", "flexidepth", "--router", str(flexi_run),
             "--limit", str(fx.get("usage_limit", 0)), "--max-new-tokens", str(fx.get("max_new_tokens", 64)),
             "--out", str(target)), target))
         target = r / "flexi-usage.parquet"
@@ -117,4 +139,5 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             "--new-tokens", str(bn.get("new_tokens", 64)), "--repeats", str(bn.get("repeats", 3)),
             "--warmup", str(bn.get("warmup", 1)), "--impl", "both", "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
-    return out
+    training = ("controllers sweep", "flexidepth train")
+    return [Stage(st.name, st.argv, st.output, r, st.name in training) for st in out]
