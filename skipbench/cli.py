@@ -512,10 +512,10 @@ def controllers_sweep(
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)
     shown = res["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
     _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
-    c = res["comparison"]
-    if "p_value" in c:
-        typer.echo(f"hidden vs constant at matched cost: effect {c['hidden_effect']:+.4f} full_rougeL "
-                   f"(SE {c['std_error']:.4f}), t={c['t']:.2f}, p={c['p_value']:.3g} [{c['test']}]")
+    from skipbench import verdicts
+
+    typer.echo(f"hidden vs constant at matched cost ({res['comparison']['test']}):")
+    typer.echo(verdicts.line(verdicts.controllers(res["comparison"])).replace("**", ""))
     console.print(f"wrote {res['path']}")
 
 
@@ -630,9 +630,12 @@ def reproduce(
     """
     import time
 
-    from skipbench.experiments.reproduce import load_preset, stages
+    from skipbench.experiments.reproduce import load_preset, record_preset, stages
 
-    plan = stages(load_preset(preset), results)
+    chosen = load_preset(preset)
+    plan = stages(chosen, results)
+    if not dry_run:
+        record_preset(chosen, preset, plan[-1].results)
     for stage in plan:
         if stage.name != "report" and stage.done():
             console.print(f"[dim]skip (done): {stage.command()}[/dim]")

@@ -1,8 +1,9 @@
 """`skipbench report`: a Markdown page from every result under a folder, our numbers beside the papers'.
 
 Deterministic: the same files give the same page (no timestamps; files and rows in sorted order).
-Each section states the paper's finding, ours, and a one-line verdict: reproduced / not reproduced /
-not comparable (and why).
+Each finding is set against the paper's claim as **agrees**, **disagrees** or **inconclusive**, decided
+from a 95% interval and a stated margin (skipbench.verdicts); the page prints the interval, the margin
+and the reason beside every verdict, and a table of all of them at the top.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from skipbench import verdicts
 from skipbench.errors import SkipbenchError
-
-PAPER_STAR = {"alpaca": (5.6, 24), "cnn_dailymail": (5.5, 24)}
-FLEXI_PAPER = {"copy": 22.0, "summarize": 28.7, "continue": 30.3, "repeat": 20.1, "sum": 22.5, "product": 23.9}
-FLEXI_ORDERS = (("copy", "summarize", "continue"), ("repeat", "sum", "product"))
+from skipbench.stats import Verdict
 
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -39,144 +38,195 @@ def _main_files(folder: Path, prefix: str) -> list[Path]:
                   if not p.stem.endswith(("-agg", "-assign", "-layers", "-length")) and not p.name.startswith("."))
 
 
-def section_evaluate(folder: Path) -> list[str]:
+def _verdict_lines(found: list[Verdict]) -> list[str]:
+    return [f"* {verdicts.line(v)}" for v in found] + [""]
+
+
+def _model(meta: dict) -> str:
+    m = meta.get("model") or {}
+    return f"{m.get('name', '?')} ({m.get('family', '?')}, {m.get('num_layers', '?')} layers)"
+
+
+def section_setup(folder: Path) -> tuple[list[str], list]:
+    """What the preset that made these results could not match of the papers' setups (written by reproduce)."""
+    record = folder / ".reproduce" / "preset.json"
+    if not record.exists():
+        return [], []
+    preset = json.loads(record.read_text())
+    differences = preset.get("differences", [])
+    lines = [f"## Setup: preset `{preset.get('name', '?')}`", ""]
+    if differences:
+        lines += ["Where this preset differs from the papers' setups (each finding below is read with these in mind):", ""]
+        lines += [f"* {d}" for d in differences] + [""]
+    return lines, []
+
+
+def section_evaluate(folder: Path) -> tuple[list[str], list]:
     files = _main_files(folder, "evaluate-")
     if not files:
-        return []
+        return [], []
     frames = [pd.read_parquet(p).assign(file=p.stem) for p in files]
     # every evaluate file carries the full-depth rows of its items: count each (point, item) once
-    df = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "policy", "cost", "item_id"])
-    rows = (df.groupby(["dataset", "policy", "cost"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
+    df = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "split", "policy", "cost", "item_id"])
+    rows = (df.groupby(["dataset", "split", "policy", "cost"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
             rougeL=("rougeL", "mean"), full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"))
-            .reset_index().sort_values(["dataset", "policy", "cost"]))
+            .reset_index().sort_values(["dataset", "split", "policy", "cost"]))
     return ["## Generation quality by policy and cost (`evaluate`)", "",
             "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
-            _table(rows), ""]
+            _table(rows), ""], []
 
 
-def section_cosine(folder: Path) -> list[str]:
-    out = []
+def section_cosine(folder: Path) -> tuple[list[str], list]:
+    out, found = [], []
     for path in _main_files(folder, "cosine-"):
         agg = pd.read_parquet(path.with_name(path.stem + "-agg.parquet"))
         meta = _meta(path)
         L = int(meta.get("num_layers", agg["cost"].max()))
+        rows = pd.read_parquet(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
+        here = verdicts.cosine(rows, L)
+        found += here
         table = agg[["strategy", "cost", "items", "cos_final", "cos_final_lo", "cos_final_hi", "cos_layerwise", "kl_next", "top1_agree"]]
-        mids = sorted(agg["cost"].unique(), key=lambda c: abs(c - L / 2))[:2]
-        piv = agg.pivot(index="cost", columns="strategy", values=["cos_final", "cos_layerwise"])
-        final_ok = all(piv.loc[c, ("cos_final", "uniform")] > piv.loc[c, ("cos_final", "early-exit")] for c in mids)
-        layer_ok = all(piv.loc[c, ("cos_layerwise", "early-exit")] >= piv.loc[c, ("cos_layerwise", "uniform")] for c in mids)
-        verdict = "reproduced" if final_ok and layer_ok else "not reproduced"
-        why = (f"at costs {', '.join(map(str, sorted(mids)))} of {L}: ULS final similarity "
-               f"{'above' if final_ok else 'not above'} EE; EE layerwise similarity {'at or above' if layer_ok else 'below'} ULS")
         out += [f"## Hidden-state fidelity: EE vs ULS vs RLS (Glavas et al. Fig. 1a) — `{path.name}`", "",
                 f"![cosine]({path.with_suffix('.png').name})", "",
                 "Paper (OPT-1.3B, Alpaca): ULS keeps the final hidden state closest to the full model and EE the "
                 "farthest, while EE has the best layerwise (KV) similarity — a trade-off.", "",
-                f"Ours ({meta.get('config', {}).get('model', '?')}, {meta.get('hidden_state_convention', '')}; "
-                f"CI: {meta.get('confidence_interval', '')}):", "", _table(table), "",
-                f"**Verdict: {verdict}** — {why}.", ""]
-    return out
+                f"Ours ({_model(meta)}, {meta.get('hidden_state_convention', '')}; CI: {meta.get('confidence_interval', '')}):",
+                "", _table(table), "",
+                f"Verdicts at the costs nearest L/2 and 2L/3 ({', '.join(map(str, verdicts.mid_costs(agg['cost'], L)))} of {L}; "
+                "paired differences per item):", "", *_verdict_lines(here)]
+    return out, found
 
 
-def section_oracle(folder: Path) -> list[str]:
-    out = []
+def section_oracle(folder: Path) -> tuple[list[str], list]:
+    out, found = [], []
     for path in _main_files(folder, "oracle-"):
         meta = _meta(path)
         table = pd.read_parquet(path)
         curve = table[table["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
-        star, L = meta.get("star_budget"), max(meta.get("costs", [1]))
-        runs = meta.get("config", {}).get("runs", [])
-        dataset = next((d for d in PAPER_STAR if any(d in str(r) for r in runs)), None)
-        if star is None:
-            ours = f"the oracle never reaches {meta.get('full')}'s mean"
-        else:
-            ours = f"{star:.2f} of {L} layers ({100 * star / L:.1f}%)"
-        if dataset and "opt" in json.dumps(meta.get("config", {})):
-            p = PAPER_STAR[dataset]
-            verdict = "reproduced" if star is not None and abs(100 * star / L - 100 * p[0] / p[1]) < 5 else "not reproduced"
-        else:
-            verdict = "not comparable — a different model and dataset than the paper's OPT-1.3B on Alpaca/CNN-DM"
-        lt = meta.get("length_test") or {}
-        length = (f"Length check at budget {lt['budget']:.2f}: chi2 = {lt['statistic']:.2f}, dof = {lt['dof']}, "
-                  f"p = {lt['p_value']:.3g}." if lt.get("p_value") is not None else "Length check: not enough variation to test.")
-        out += [f"## Sequence-level oracle (Glavas et al. Fig. 2 and 8) — `{path.name}`", "",
-                f"![oracle]({path.stem}-fig2.png)", "", f"![oracle vs greedy]({path.stem}-fig8.png)", "",
-                "Paper: the oracle matches the full model at 5.6 of 24 layers (23.3%) on OPT-1.3B/Alpaca, 5.5/24 on CNN-DM.", "",
-                f"Ours: the oracle matches the full model at {ours}. {length}", "",
-                _table(curve), "", f"**Verdict: {verdict}.**", ""]
-    return out
+        L = max(meta.get("costs", [1]))
+        source = meta.get("source", {})
+        v = verdicts.oracle(meta.get("star_budget"), meta.get("star_interval"), L, source.get("model"),
+                            source.get("datasets", []), meta.get("config_means"), meta.get("full"))
+        found.append(v)
+        star = meta.get("star_budget")
+        ours = ("the oracle never reaches the full model's mean" if star is None else
+                f"the oracle matches {meta.get('full')} at {star:.2f} of {L} layers ({100 * star / L:.1f}%)")
+        lines = [f"## Sequence-level oracle (Glavas et al. Fig. 2 and 8) — `{path.name}`", "",
+                 f"![oracle]({path.stem}-fig2.png)", "", f"![oracle vs greedy]({path.stem}-fig8.png)", "",
+                 "Paper: the oracle matches the full model at 5.6 of 24 layers (23.3%) on OPT-1.3B/Alpaca, 5.5/24 on CNN-DM.", "",
+                 f"Ours ({_model(source)}; configurations {', '.join(meta.get('configs', []))}): {ours}.", "",
+                 _table(curve), "", *_verdict_lines([v])]
+        lines += _length_lines(path, meta)
+        out += lines
+    return out, found
 
 
-def section_controllers(folder: Path) -> list[str]:
-    out = []
+def _length_lines(path: Path, meta: dict) -> list[str]:
+    """App. A.5.2: is the oracle's choice independent of the label's length? Statistic, dof, p and counts."""
+    tests = meta.get("length_tests") or []
+    if not tests:
+        return ["Label-length test: not run (the runs carry no reference lengths).", ""]
+    lines = ["Label-length test (App. A.5.2; chi-square test of homogeneity of the oracle's choice across label-length "
+             "bins 1–15, 16–30, …, >150):", ""]
+    counts_file = path.with_name(path.stem + "-length.parquet")
+    counts = pd.read_parquet(counts_file) if counts_file.exists() else pd.DataFrame()
+    for t in tests:
+        head = f"* budget {t['budget']:g} ({t['why']}), {t['items']} items, length in {t['unit']}: "
+        if t.get("p_value") is None:
+            lines.append(head + t.get("note", "nothing to test") + ".")
+            continue
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(head + f"chi2 = {t['statistic']:.2f}, dof = {t['dof']}, p = {t['p_value']:.3g}{note}.")
+    lines.append("")
+    if not counts.empty:
+        for budget, g in counts.groupby("budget", sort=True):
+            wide = g.pivot(index="bin", columns="config", values="count")
+            wide = wide.reindex(list(dict.fromkeys(g["bin"]))).reset_index()
+            lines += [f"Items per label-length bin and chosen configuration at budget {budget:g}:", "", _table(wide), ""]
+    return lines
+
+
+def section_controllers(folder: Path) -> tuple[list[str], list]:
+    out, found = [], []
     for path in _main_files(folder, "controllers-"):
         meta = _meta(path)
         agg = pd.read_parquet(path.with_name(path.stem + "-agg.parquet"))
         c = meta.get("comparison", {})
+        v = verdicts.controllers(c)
+        found.append(v)
         shown = agg[["input", "alpha", "seeds", "layers_mean", "full_rougeL", "full_rougeL_lo", "full_rougeL_hi", "kl"]]
-        if "p_value" in c:
-            sig = c["p_value"] < 0.05
-            verdict = "not reproduced" if sig and c["hidden_effect"] > 0 else "reproduced"
-            line = (f"hidden-state effect at matched cost {c['hidden_effect']:+.4f} full_rougeL (SE {c['std_error']:.4f}), "
-                    f"p = {c['p_value']:.3g} ({c['test']})")
-        else:
-            verdict, line = "not comparable", c.get("note", "no comparison")
+        units = meta.get("config", {}).get("alpha_units") or meta.get("alpha_units")
+        test = (f"{c['test']}: hidden-input effect {c['hidden_effect']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}], "
+                f"{c['runs']} runs, dof {c['dof']}" if "hidden_effect" in c else c.get("note", "no comparison"))
         out += [f"## Skip controllers: hidden state vs constant input (Glavas et al. Fig. 1b, 6) — `{path.name}`", "",
                 f"![cost-quality]({path.stem}-fig1b.png)", "", f"![per-layer skip ratio]({path.stem}-fig6.png)", "",
                 "Paper: no significant advantage for the hidden-state input over a constant input.", "",
-                _table(shown), "", f"Ours: {line}.", "", f"**Verdict: {verdict}.**", ""]
-    return out
+                f"Ours ({_model(meta)}; alpha in {units or 'fraction'} units; intervals over seeds):", "",
+                _table(shown), "", f"Test: {test}.", "", *_verdict_lines([v])]
+    return out, found
 
 
-def section_flexidepth(folder: Path) -> list[str]:
-    path = folder / "flexi-usage-agg.parquet"
+def section_flexidepth(folder: Path) -> tuple[list[str], list]:
+    path = folder / "flexi-usage.parquet"
     if not path.exists():
-        return []
-    agg = pd.read_parquet(path)
-    means = dict(zip(agg["subtask"], agg["mean"]))
-    agg = agg.assign(paper_layers_of_32=[FLEXI_PAPER.get(s, float("nan")) for s in agg["subtask"]])
-    checks = []
-    for order in FLEXI_ORDERS:
-        if all(s in means for s in order):
-            ok = all(means[a] < means[b] for a, b in zip(order, order[1:]))
-            checks.append(f"{' < '.join(order)}: {'holds' if ok else 'does not hold'}")
-    holds = checks and all(c.endswith("holds") and "not" not in c for c in checks)
-    verdict = "reproduced" if holds else ("not reproduced" if checks else "not comparable — subtasks missing")
+        return [], []
+    usage = pd.read_parquet(path, columns=["item_id", "subtask", "layers_used"])
+    meta = _meta(path)
+    found = verdicts.flexidepth(usage)
+    split = meta.get("config", {}).get("data", {}).get("split", "?")
     out = ["## FlexiDepth: layers used per subtask — `flexi-usage.parquet`", "",
            "Paper (Llama-3-8B-Instruct, 32 layers): copy 22.0 < summarisation 28.7 < continuation 30.3; "
-           "repeat 20.1 < addition 22.5 < multiplication 23.9.", "", _table(agg), "",
-           f"Orderings: {'; '.join(checks) or 'n/a'}.", "", f"**Verdict: {verdict}.**", ""]
+           "repeat 20.1 < addition 22.5 < multiplication 23.9.", "",
+           f"Ours ({_model(meta)}; {split} split; mean layers per token with a 95% interval over items):", "",
+           _table(verdicts.per_subtask(usage)), "", *_verdict_lines(found)]
     if (folder / "depthmap.png").exists():
         out += ["Depth map of one response ([HTML](depthmap.html)):", "", "![depth map](depthmap.png)", ""]
-    return out
+    return out, found
 
 
-def section_bench(folder: Path) -> list[str]:
+def section_bench(folder: Path) -> tuple[list[str], list]:
     path = folder / "bench.parquet"
     if not path.exists():
-        return []
+        return [], []
     meta = _meta(path)
     s = pd.DataFrame(meta.get("summary", []))
     if s.empty:
-        return []
-    s = s[s["phase"] == "decode"][["batch_size", "variant", "tokens_per_s", "step_p50", "layers_mean", "speedup",
+        return [], []
+    s = s[s["phase"] == "decode"][["batch_size", "variant", "kv_mode", "tokens_per_s", "step_p50", "layers_mean", "speedup",
                                    "ideal_speedup", "realized_over_ideal", "vs_generate"]]
     return ["## Wall-clock speed (`bench`, decode phase)", "",
             f"Device: {meta.get('device', {}).get('processor', '?')}, {meta.get('device', {}).get('cpu_count', '?')} cores"
             f"{', ' + meta['device']['cuda_device'] if meta.get('device', {}).get('cuda_device') else ''}.", "",
             "FlexiDepth reports no wall-clock speedup; here `speedup` is measured decode tokens/s over full depth, "
-            "`ideal` the layer-count bound.", "", _table(s), ""]
+            "`ideal` the layer-count bound.", "", _table(s), ""], []
+
+
+def _at_a_glance(found: list[Verdict]) -> list[str]:
+    if not found:
+        return []
+    rows = pd.DataFrame([{"claim": v.claim, "verdict": v.outcome, "ours [95% interval]": v.interval(),
+                          "margin": f"±{v.margin:g} {v.unit}"} for v in found])
+    return ["## Findings at a glance", "",
+            "Each paper claim against our runs: **agrees** / **disagrees** / **inconclusive**, decided from a 95% interval "
+            "and the margin shown (skipbench/verdicts.py). The sections below give every interval and the reason.", "",
+            _table(rows), ""]
 
 
 def write_report(results: str, out: str) -> Path:
     folder = Path(results)
     if not folder.is_dir():
         raise SkipbenchError(f"--results folder not found: {results}")
-    sections = [section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth, section_bench]
-    body = [line for sec in sections for line in sec(folder)]
+    sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
+                section_bench]
+    body, found = [], []
+    for sec in sections:
+        lines, verdict_list = sec(folder)
+        body += lines
+        found += verdict_list
     if not body:
         raise SkipbenchError(f"no skipbench results under {results}; run `skipbench reproduce` or an experiment first")
-    page = ["# skipbench report", "", f"Results folder: `{folder.as_posix()}`. Figures are PNG files beside this page.", "", *body]
+    page = ["# skipbench report", "", f"Results folder: `{folder.as_posix()}`. Figures are PNG files beside this page.", "",
+            *_at_a_glance(found), *body]
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

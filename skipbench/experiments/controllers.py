@@ -89,7 +89,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     layers = pd.DataFrame(layer_rows)
     agg = aggregate(items)
     test = compare_inputs(items)
-    meta = manifest(cfg, lm=lm, comparison=test, confidence_interval="95% t-interval over seed means",
+    meta = manifest(cfg, lm=lm, comparison=test, confidence_interval="95% t-interval over seed means (per input, alpha)",
                     cost_term="alpha * mean fraction of layers executed per response token")
     from skipbench.plots import controller_figures
 
@@ -147,26 +147,27 @@ def aggregate(items: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL") -> dict:
-    """Does the hidden-state input help at matched cost? OLS of the per-item metric on executed layers plus
-    an indicator of the hidden input (an ANCOVA); the indicator's coefficient, its t statistic and p-value."""
-    from scipy.stats import t as student_t
+def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: float | None = None) -> dict:
+    """Does the hidden-state input help at matched cost? Each training run (input, alpha, seed) is one unit:
+    its items are averaged first, so items of one run are not counted as independent evidence. An OLS over
+    runs of the run-mean metric on the run-mean executed layers plus a hidden-input indicator (an ANCOVA);
+    the indicator's coefficient with its 95% interval, and the runs per input that would resolve `margin`."""
+    from skipbench.stats import ols_effect, runs_to_resolve
+    from skipbench.verdicts import MARGINS
 
-    d = items.dropna(subset=[metric, "layers_mean"])
-    if d["input"].nunique() < 2:
-        return {"test": "ols", "note": "needs both inputs"}
-    X = np.column_stack([np.ones(len(d)), d["layers_mean"].to_numpy(), (d["input"] == "hidden").to_numpy(float)])
-    y = d[metric].to_numpy()
-    beta, *_ = np.linalg.lstsq(X, y, rcond=None)
-    resid = y - X @ beta
-    dof = len(y) - X.shape[1]
-    if dof <= 0:
-        return {"test": "ols", "note": "too few rows"}
-    sigma2 = resid @ resid / dof
-    cov = sigma2 * np.linalg.pinv(X.T @ X)
-    se = float(np.sqrt(cov[2, 2]))
-    tstat = float(beta[2] / se) if se > 0 else float("nan")
-    p = float(2 * student_t.sf(abs(tstat), dof)) if se > 0 else float("nan")
-    return {"test": f"OLS {metric} ~ 1 + layers_mean + hidden (ANCOVA over items x seeds x alphas)",
-            "hidden_effect": float(beta[2]), "std_error": se, "t": tstat, "p_value": p, "dof": int(dof),
-            "rows": int(len(y))}
+    margin = MARGINS["rougeL"] if margin is None else margin
+    runs = items.dropna(subset=[metric, "layers_mean"]).groupby(["input", "alpha", "seed"])[[metric, "layers_mean"]].mean()
+    runs = runs.reset_index()
+    test = f"OLS over training runs: run-mean {metric} ~ 1 + run-mean layers + hidden (a run is one unit)"
+    if runs["input"].nunique() < 2:
+        return {"test": test, "note": "needs both inputs", "runs": len(runs)}
+    X = np.column_stack([np.ones(len(runs)), runs["layers_mean"].to_numpy(), (runs["input"] == "hidden").to_numpy(float)])
+    if np.linalg.matrix_rank(X) < 3:
+        return {"test": test, "note": "executed layers do not vary apart from the input: no matched-cost comparison",
+                "runs": len(runs)}
+    eff = ols_effect(runs[metric].to_numpy(), X, 2)
+    return {"test": test, "metric": metric, "unit": "training run", "runs": len(runs),
+            "runs_per_input": runs.groupby("input").size().to_dict(), "hidden_effect": eff["effect"],
+            "lo": eff["lo"], "hi": eff["hi"], "std_error": eff["std_error"], "dof": eff["dof"],
+            "p_value": eff.get("p_value"), "residual_sd": eff["residual_sd"], "margin": margin,
+            "runs_needed_per_input": runs_to_resolve(eff["residual_sd"], margin)}

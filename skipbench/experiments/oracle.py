@@ -46,6 +46,7 @@ class OracleResult:
     full: str
     star: float | None
     star_interval: tuple[float, float] | None  # 95% bootstrap interval over items
+    config_means: dict[str, float]  # each configuration's mean metric over the items
     length_tests: list[dict]  # one per tested budget: statistic, dof, p_value, counts
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
@@ -154,7 +155,7 @@ def run(cfg: OracleConfig) -> OracleResult:
     if lengths is None:
         notes.append("the runs have no reference lengths (reference_tokens or reference): no length test")
     assignment = pd.concat(assign, ignore_index=True).sort_values(["budget", "item_id"], kind="stable")
-    result = OracleResult(table, assignment.reset_index(drop=True), configs, costs, full, star, star_ci, tests, notes)
+    result = OracleResult(table, assignment.reset_index(drop=True), configs, costs, full, star, star_ci, singles, tests, notes)
     if cfg.out:
         result.path = write(cfg, result)
     return result
@@ -237,7 +238,8 @@ def write(cfg: OracleConfig, result: OracleResult) -> Path:
     table = result.table.copy()
     table.insert(0, "run_id", run_id(cfg))
     table["metric"] = cfg.metric
-    meta = manifest(cfg, None, configs=result.configs, costs=result.costs, full=result.full, star_budget=result.star,
+    meta = manifest(cfg, None, configs=result.configs, costs=result.costs, full=result.full, config_means=result.config_means,
+                    star_budget=result.star,
                     star_interval=result.star_interval, star_interval_method=f"95% percentile bootstrap, {cfg.bootstrap} item resamples",
                     length_tests=[{k: v for k, v in t.items() if k != "counts"} for t in result.length_tests],
                     length_bins=LENGTH_LABELS, notes=result.notes, source=_source(cfg),

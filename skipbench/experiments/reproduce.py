@@ -70,6 +70,13 @@ def load_preset(name: str) -> dict:
         raise SkipbenchError(f"cannot read preset {path}: {exc}") from None
 
 
+def record_preset(preset: dict, name: str, results: Path) -> None:
+    """The preset's name and its stated differences from the papers' setups, for the report."""
+    record = results / ".reproduce" / "preset.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"name": Path(name).stem, "differences": preset.get("differences", [])}, indent=2))
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 

@@ -1,0 +1,163 @@
+"""Every verdict function on constructed tables: agrees, disagrees and inconclusive, for the reason stated."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from skipbench import stats, verdicts
+from skipbench.experiments.controllers import compare_inputs
+
+
+def test_rules():
+    d = stats.directional
+    assert d("c", 1.0, 0.5, 1.5, 0.1, "u").outcome == "agrees"
+    assert d("c", -1.0, -1.5, -0.5, 0.1, "u").outcome == "disagrees"
+    assert d("c", 0.0, -0.05, 0.05, 0.1, "u").outcome == "disagrees"  # equivalent: no difference that matters
+    assert d("c", 0.0, -0.5, 0.5, 0.1, "u").outcome == "inconclusive"  # not significant, not equivalent either
+    assert d("c", 0.0, math.nan, math.nan, 0.1, "u").outcome == "inconclusive"
+    e = stats.equivalent
+    assert e("c", 0.01, -0.02, 0.04, 0.05, "u").outcome == "agrees"
+    assert e("c", 0.2, 0.1, 0.3, 0.05, "u").outcome == "disagrees"
+    assert e("c", -0.2, -0.3, -0.1, 0.05, "u").outcome == "disagrees"
+    assert e("c", 0.0, -0.3, 0.3, 0.05, "u").outcome == "inconclusive"  # "no significant difference", too wide
+    assert e("c", 0.04, 0.01, 0.07, 0.05, "u").outcome == "inconclusive"  # significant, yet partly within the margin
+    assert e("c", 24, 20, 27, 5, "%", target=23.3).outcome == "agrees"
+    parts = [d("c", 1, 0.5, 1.5, 0.1, "u"), d("c", 0, -1, 1, 0.1, "u")]
+    assert stats.combine("c", parts).outcome == "inconclusive"
+    assert stats.combine("c", parts + [d("c", -1, -2, -0.5, 0.1, "u")]).outcome == "disagrees"
+    assert stats.combine("c", parts[:1] * 2).outcome == "agrees"
+
+
+def test_intervals_match_scipy():
+    import scipy.stats
+
+    a, b = np.array([1.0, 2.0, 4.0, 3.5]), np.array([0.5, 0.2, 1.1, 0.9, 0.4])
+    _, lo, hi = stats.welch_interval(a, b)
+    ref = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert (lo, hi) == pytest.approx((ref.low, ref.high))
+    assert stats.t_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
+
+
+def _cosine_rows(uls_minus_ee: float, noise: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Per-token cosine rows at costs 5 and 7 of 10 layers: ULS's final cosine = EE's + the given shift."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        base = rng.uniform(0.3, 0.6)
+        for cost in (5, 7):
+            for strategy, final, layerwise in (("early-exit", base, 0.9), ("uniform", base + uls_minus_ee, 0.6),
+                                               ("random", base - 0.1, 0.7)):
+                rows.append({"item_id": f"i{i}", "strategy": strategy, "cost": cost, "seed": 0, "token": 0,
+                             "cos_final": final + rng.normal(0, noise), "cos_layerwise": layerwise + rng.normal(0, 0.01)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("shift, noise, outcome", [(0.3, 0.02, "agrees"), (-0.3, 0.02, "disagrees"),
+                                                   (0.0, 0.002, "disagrees"), (0.02, 0.4, "inconclusive")])
+def test_cosine_final_state_claim(shift, noise, outcome):
+    found = {v.claim: v for v in verdicts.cosine(_cosine_rows(shift, noise), 10)}
+    v = found["ULS keeps the final hidden state closer to the full model's than EE"]
+    assert v.outcome == outcome, verdicts.line(v)
+    assert len(v.parts) == 2 and "at 5 of 10 layers" in v.parts[0].reason and "at 7 of 10 layers" in v.parts[1].reason
+    # random skipping is compared too (the old verdict ignored it), and EE's layerwise advantage
+    assert found["EE keeps the layerwise (KV) states closer to the full model's than RLS"].outcome == "agrees"
+    assert "ULS keeps the final hidden state closer to the full model's than RLS" in found
+
+
+def test_mid_costs_scale_the_papers_12_and_16_of_24():
+    assert verdicts.mid_costs([4, 8, 12, 16, 20, 24], 24) == [12, 16]
+    assert verdicts.mid_costs([6, 10, 15, 20, 25], 30) == [15, 20]
+
+
+@pytest.mark.parametrize("star, interval, outcome", [(7.0, (6.5, 7.6), "agrees"), (24.8, (22.0, 27.0), "disagrees"),
+                                                     (8.0, (4.0, 14.0), "inconclusive"), (None, None, "disagrees")])
+def test_oracle_claim(star, interval, outcome):
+    opt = {"name": "opt-iml-1.3b", "family": "opt", "num_layers": 30}
+    v = verdicts.oracle(star, interval, 30, opt, ["alpaca"])
+    assert v.outcome == outcome and v.margin == 5.0
+    assert "the paper's setup" in v.reason
+
+
+def test_oracle_without_power_is_inconclusive():
+    """Every configuration scores 0 (a random model): the cheapest one 'matches' full depth trivially."""
+    v = verdicts.oracle(5.0, (5.0, 5.0), 24, None, ["alpaca"], {"uniform:5": 0.0, "full:24": 0.0}, "full:24")
+    assert v.outcome == "inconclusive" and "nothing for the oracle to trade" in v.reason
+    v = verdicts.oracle(5.6, (5.0, 6.3), 24, None, ["alpaca"], {"uniform:5": 0.1, "full:24": 0.4}, "full:24")
+    assert v.outcome == "agrees"
+
+
+def test_oracle_setup_comes_from_the_model_record_not_from_names():
+    """The old verdict looked for the substring 'opt' in the config JSON; a path like /opt/... matched."""
+    llama = {"name": "/opt/models/llama", "family": "llama", "num_layers": 30}
+    v = verdicts.oracle(7.0, (6.5, 7.6), 30, llama, ["alpaca"])
+    assert "another setup" in v.reason and "llama" in v.reason
+    assert verdicts.oracle(7.0, (6.5, 7.6), 30, None, ["text"]).reason.endswith("unknown family) on text")
+
+
+def _runs(effect: float, spread: float, seeds: int, seed: int = 0) -> pd.DataFrame:
+    """Item rows of controller runs: full_rougeL = 0.02 * layers + effect * hidden + run noise + item noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for input_kind in ("hidden", "constant"):
+        for alpha in (2.0, 10.0):
+            for s in range(seeds):
+                layers = 25 - alpha / 2 + rng.normal(0, 0.5)
+                run_level = 0.02 * layers + effect * (input_kind == "hidden") + rng.normal(0, spread)
+                for i in range(10):
+                    rows.append({"input": input_kind, "alpha": alpha, "seed": s, "item_id": f"i{i}",
+                                 "layers_mean": layers + rng.normal(0, 0.1), "full_rougeL": run_level + rng.normal(0, 0.05)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("effect, spread, seeds, outcome", [(0.0, 0.004, 6, "agrees"), (0.3, 0.004, 6, "disagrees"),
+                                                            (0.0, 0.06, 2, "inconclusive"), (-0.3, 0.004, 6, "disagrees")])
+def test_controllers_claim(effect, spread, seeds, outcome):
+    c = compare_inputs(_runs(effect, spread, seeds))
+    v = verdicts.controllers(c)
+    assert v.outcome == outcome, verdicts.line(v)
+    assert c["runs"] == 2 * 2 * seeds and c["dof"] == c["runs"] - 3  # runs are the unit, not items
+    if outcome == "inconclusive":
+        assert c["runs_needed_per_input"] > seeds and "runs per input" in v.reason
+
+
+def test_not_significant_is_not_agreement():
+    """1 seed x 2 alphas x 2 inputs: the old code said 'reproduced' whenever p >= 0.05, however wide the interval."""
+    c = compare_inputs(_runs(0.0, 0.03, 1))
+    v = verdicts.controllers(c)
+    assert c["p_value"] > 0.05 and c["hi"] - c["lo"] > 2 * c["margin"]
+    assert v.outcome == "inconclusive" and "(dof 1)" in v.reason
+
+
+def _usage(means: dict, spread: float, items: int = 12, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for subtask, mean in means.items():
+        for i in range(items):
+            item_mean = mean + rng.normal(0, spread)
+            for t in range(5):
+                rows.append({"item_id": f"{subtask}{i}", "subtask": subtask, "layers_used": item_mean + rng.normal(0, 0.2)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("means, spread, outcome", [
+    ({"copy": 20, "summarize": 24, "continue": 27}, 0.5, "agrees"),
+    ({"copy": 27, "summarize": 24, "continue": 20}, 0.5, "disagrees"),
+    ({"copy": 22, "summarize": 22.05, "continue": 22.1}, 0.05, "disagrees"),  # equal within half a layer
+    ({"copy": 20, "summarize": 20.5, "continue": 21}, 3.0, "inconclusive"),
+])
+def test_flexidepth_orderings(means, spread, outcome):
+    found = verdicts.flexidepth(_usage(means, spread))
+    text = next(v for v in found if v.claim.startswith("copy < summarize"))
+    assert text.outcome == outcome, verdicts.line(text)
+    arith = next(v for v in found if v.claim.startswith("repeat < sum"))
+    assert arith.outcome == "inconclusive" and "not run" in arith.reason
+
+
+def test_line_prints_interval_margin_and_reason():
+    v = verdicts.controllers(compare_inputs(_runs(0.0, 0.004, 6)))
+    text = verdicts.line(v)
+    assert text.startswith("**agrees**") and "margin ±0.05" in text and "[" in text and "runs" in text
