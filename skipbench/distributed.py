@@ -21,7 +21,7 @@ import torch
 from skipbench.errors import SkipbenchError
 
 # the commands that know how to share their work; the others refuse to run under torchrun
-COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train")
+COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train", "finetune")
 
 
 @dataclass(frozen=True)

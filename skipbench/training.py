@@ -106,9 +106,10 @@ class TrainResult:
 
 
 def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist = distributed.Dist(),
-             notes: list[str] | None = None) -> list[Example]:
-    """Prompts with the full model's greedy responses (targets full) or the references. Items left out (a prompt
-    that does not fit --max-seq-len, a response under 2 tokens) are counted in `notes`."""
+             notes: list[str] | None = None, end: tuple[int, ...] = ()) -> list[Example]:
+    """Prompts with the full model's greedy responses (targets full) or the references followed by `end` (an
+    EOS token, for fine-tuning). Items left out (a prompt that does not fit --max-seq-len, a response under 2
+    tokens) are counted in `notes`."""
     if cfg.loss not in ("kl", "ce"):
         raise SkipbenchError(f"--loss must be 'kl' or 'ce', got '{cfg.loss}'")
     if cfg.targets not in ("full", "reference"):
@@ -119,7 +120,7 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: dist
     if not keep:
         raise SkipbenchError(f"every prompt is longer than --max-seq-len {cfg.max_seq_len}")
     if cfg.targets == "reference":
-        responses = {i: lm.tokenizer(items[i].reference, add_special_tokens=False)["input_ids"] for i in keep}
+        responses = {i: lm.tokenizer(items[i].reference, add_special_tokens=False)["input_ids"] + list(end) for i in keep}
     else:
         responses = _teacher(lm, items, prompts, keep, cfg, cache_file, d)
     out = []
@@ -269,34 +270,10 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         start(cfg.steps, done)
     module.train()
     for step in range(done, cfg.steps):
-        rng = np.random.default_rng([cfg.seed, step])  # the batch depends on the step alone: resumable
-        chosen = rng.choice(len(data), size=min(cfg.batch_size, len(data)), replace=False)
-        batch = [data[i] for i in chosen]
-        torch.manual_seed(cfg.seed * 1_000_003 + step)  # any other randomness per step, also after a resume
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        # every rank takes its share of the step's batch; losses are divided by the whole batch's tokens
-        total, mine = task_weight(batch, cfg.loss), np.arange(len(batch))[d.rank :: d.world]
-        micros = np.array_split(mine, min(cfg.grad_accum, len(mine)))
-        loss, task, weighted, clock = 0.0, 0.0, {}, {"backward": 0.0}
-        for m, micro in enumerate(micros):
-            sub = [batch[i] for i in micro]
-            keys = [(cfg.seed, step, int(chosen[i])) for i in micro]  # Gumbel noise per example, not per rank
-            with runner.no_sync() if d.enabled and m < len(micros) - 1 else contextlib.nullcontext():
-                part_loss, part = runner(lambda: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys, clock))
-                tb = time.perf_counter()
-                (part_loss * d.world).backward()  # DDP averages over ranks; the parts already add up to the mean
-                clock["backward"] += time.perf_counter() - tb
-            loss, task = loss + float(part_loss.detach()), task + part["task"]
-            for k, v in part.items():
-                if k != "task":
-                    weighted[k] = weighted.get(k, 0.0) + task_weight(sub, cfg.loss) * v
-        opt.step()
-        names = sorted(weighted)
-        loss, task, *sums = d.sum([loss, task, *(weighted[k] for k in names)])
-        summary = {k: v / total for k, v in zip(names, sums)} | {"task": task}
-        log.append({"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0,
-                    **{f"seconds_{k}": v for k, v in clock.items()}})  # this rank's phases
+        batch, chosen = pick_batch(data, cfg.batch_size, cfg.seed, step)
+        log.append(optimizer_step(
+            runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: task_weight([e], cfg.loss),
+            lambda sub, keys, total, clock: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys, clock)))
         if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
         if progress:
@@ -305,6 +282,47 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     module.eval()
     lm.model.requires_grad_(False)
     return TrainResult(cfg.steps, log, out, done, notes)
+
+
+def pick_batch(data: list, batch_size: int, seed: int, step: int) -> tuple[list, np.ndarray]:
+    """The step's examples: they depend on (seed, step) alone, so a resumed run draws what it would have."""
+    rng = np.random.default_rng([seed, step])
+    chosen = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
+    return [data[i] for i in chosen], chosen
+
+
+def optimizer_step(runner, opt, batch: list, chosen, step: int, seed: int, grad_accum: int, d: distributed.Dist,
+                   weight: Callable, loss_of: Callable) -> dict:
+    """One optimiser step over `batch`: every rank takes its share, in `grad_accum` micro-batches.
+
+    loss_of(sub, keys, total, clock) -> (loss, parts): the loss of examples `sub` summed over their tokens
+    and divided by `total`, the token count (`weight` per example) of the whole step, so the micro-batches
+    of all ranks add up to the step's mean; parts["task"] and per-token means of other terms for the log.
+    `keys` (seed, step, example) seed each example's random draws, whatever rank or micro-batch runs it."""
+    torch.manual_seed(seed * 1_000_003 + step)  # any other randomness per step, also after a resume
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    total, mine = sum(weight(e) for e in batch), np.arange(len(batch))[d.rank :: d.world]
+    micros = np.array_split(mine, min(grad_accum, len(mine)))
+    loss, task, weighted, clock = 0.0, 0.0, {}, {"backward": 0.0}
+    for m, micro in enumerate(micros):
+        sub = [batch[i] for i in micro]
+        keys = [(seed, step, int(chosen[i])) for i in micro]
+        with runner.no_sync() if d.enabled and m < len(micros) - 1 else contextlib.nullcontext():
+            part_loss, part = runner(lambda: loss_of(sub, keys, total, clock))
+            tb = time.perf_counter()
+            (part_loss * d.world).backward()  # DDP averages over ranks; the parts already add up to the mean
+            clock["backward"] += time.perf_counter() - tb
+        loss, task = loss + float(part_loss.detach()), task + part["task"]
+        for k, v in part.items():
+            if k != "task":
+                weighted[k] = weighted.get(k, 0.0) + sum(weight(e) for e in sub) * v
+    opt.step()
+    names = sorted(weighted)
+    loss, task, *sums = d.sum([loss, task, *(weighted[k] for k in names)])
+    summary = {k: v / total for k, v in zip(names, sums)} | {"task": task}
+    return {"step": step + 1, "loss": loss, **summary, "seconds": time.perf_counter() - t0,
+            **{f"seconds_{k}": v for k, v in clock.items()}}  # this rank's phases
 
 
 def _saved_config(method: Method, cfg: TrainConfig) -> dict:
@@ -376,13 +394,18 @@ def _unfreeze_backbone(lm: LoadedModel, method: Method, cfg: TrainConfig) -> Eng
 
 
 def _load_backbone(lm: LoadedModel, out: Path, step: int) -> None:
+    load_model_weights(lm, out / BACKBONE, step)
+
+
+def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
+    """Load a model folder written by `save_model` into `lm`, checking that it was saved at `step`."""
     from safetensors.torch import load_file
 
-    folder = out / BACKBONE
-    saved = json.loads((folder / "skipbench.json").read_text()).get("step") if (folder / "skipbench.json").exists() else None
+    stamp = folder / "skipbench.json"
+    saved = json.loads(stamp.read_text()).get("step") if stamp.exists() else None
     if saved != step:
-        raise SkipbenchError(f"'{out}' holds no backbone saved at step {step} (found {saved}); "
-                             "delete the folder to start over")
+        raise SkipbenchError(f"'{folder.parent}' holds no model saved at step {step} (found {saved}); "
+                             "pass --restart to start over")
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(str(f), device=str(lm.device)))
@@ -396,16 +419,21 @@ BACKBONE = "backbone"  # <out>/backbone: the jointly trained model, a plain mode
 
 
 def _save_backbone(lm: LoadedModel, out: Path, step: int) -> None:
+    save_model(lm, out / BACKBONE, {"step": step})
+
+
+def save_model(lm: LoadedModel, target: Path, stamp: dict) -> None:
+    """The model and tokenizer as a plain model folder (for `--model`), with a stamp; replaced atomically."""
     import shutil
 
-    tmp, old = out / (BACKBONE + ".tmp"), out / (BACKBONE + ".old")
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     lm.model.save_pretrained(tmp)
     lm.tokenizer.save_pretrained(tmp)
-    (tmp / "skipbench.json").write_text(json.dumps({"step": step}))
-    if (out / BACKBONE).exists():
-        (out / BACKBONE).replace(old)
-    tmp.replace(out / BACKBONE)
+    (tmp / "skipbench.json").write_text(json.dumps(stamp))
+    if target.exists():
+        target.replace(old)
+    tmp.replace(target)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,22 @@ def test_data_parallel_training_matches_one_process(tiny_dirs, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["layers"] == pytest.approx(y["layers"])
 
 
+def test_data_parallel_finetuning_matches_one_process(tiny_dirs, tmp_path):
+    """2 ranks (DistributedDataParallel over the whole model, validation shared) == 1 process."""
+    args = ["finetune", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8", "--val-limit", "3",
+            "--steps", "3", "--batch-size", "4", "--eval-every", "3", "--lr", "1e-2", "--max-new-tokens", "4",
+            "--layer-dropout", "0.3"]
+    torchrun(*args, "--out", str(tmp_path / "two"))
+    single(*args, "--out", str(tmp_path / "one"))
+    a, b = (load_file(str(tmp_path / n / "last" / "model.safetensors")) for n in ("two", "one"))
+    for k in b:  # AdamW divides by sqrt(v): a weight whose gradient is near eps turns float rounding of the
+        # ranks' gradient sum into up to ~1% of one step (lr 1e-2), hence atol 1e-4 on the weights
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+    evals = [json.loads((tmp_path / n / "config.json").read_text())["evals"] for n in ("two", "one")]
+    assert [e["step"] for e in evals[0]] == [0, 3]
+    assert [e["rougeL"] for e in evals[0]] == pytest.approx([e["rougeL"] for e in evals[1]])
+
+
 def _rank_pid(rank: int, marker: str) -> int | None:
     for d in Path("/proc").iterdir():
         try:
@@ -128,4 +145,5 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch):
     res = CliRunner().invoke(app, ["bench", "--model", "tiny-random"])
     assert res.exit_code == 1
     assert res.stderr.strip().splitlines() == [
-        "rank 0: error: 'bench' runs in one process; under torchrun: evaluate, cosine, controllers train, flexidepth train"]
+        "rank 0: error: 'bench' runs in one process; under torchrun: evaluate, cosine, controllers train, "
+        "flexidepth train, finetune"]

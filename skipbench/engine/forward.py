@@ -158,7 +158,8 @@ class Engine:
         return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
 
     def forward_soft(self, ids: torch.Tensor, cache: KVCache, gate_fn, layer_fn=None,
-                     present: torch.Tensor | None = None, gated_from: int = 0) -> tuple[torch.Tensor, list]:
+                     present: torch.Tensor | None = None, gated_from: int = 0,
+                     logits_from: int | None = None) -> tuple[torch.Tensor, list]:
         """A differentiable pass for training skip policies, appending `ids` to a (prefilled) cache.
 
         gate_fn(i, h) returns None (the layer runs) or float gates [B, T] in [0, 1] (straight-through
@@ -168,7 +169,8 @@ class Engine:
         `gated_from`: the first position that is gated; the ones before it (a prompt run in the same pass,
         when the backbone is trained and the prompt's K/V need gradients) run every layer and get no logits.
         `present` [B, T] marks real tokens (False for left padding).
-        Returns the logits of the gated positions and the list of gates used.
+        `logits_from`: the first position whose logits are returned (default: `gated_from`).
+        Returns those logits and the list of gates used.
         """
         from skipbench.errors import SkipbenchError
 
@@ -197,7 +199,8 @@ class Engine:
             if g is not None:
                 gates.append(g)
         cache.length += num_tokens
-        return ad.head(ad.final_norm(h[:, gated_from:] if gated_from else h)), gates
+        first = gated_from if logits_from is None else logits_from
+        return ad.head(ad.final_norm(h[:, first:] if first else h)), gates
 
 
 def _take(pos, rows: torch.Tensor):

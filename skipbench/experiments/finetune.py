@@ -1,0 +1,219 @@
+"""`skipbench finetune`: causal-LM fine-tuning of the backbone, the first stage of Glavas et al.'s setup (App. A.2.2).
+
+The model learns the references of the train split: next-token cross-entropy on the response tokens only
+(the prompt is context, masked from the loss), the first response token included, an EOS appended so the
+model learns to stop. Every `eval_every` steps (and at step 0) it generates for the validation items at full
+depth and scores ROUGE-L against their references; the best model so far is kept in OUT/best (a plain model
+folder for `--model`), and training stops once `patience` evaluations in a row bring no improvement.
+OUT/last, the optimiser state and the evaluation history make a run resumable.
+
+`layer_dropout` P fine-tunes with random layer dropout after Fan et al. (LayerDrop): each example drops
+each decoder layer with probability P for the whole sequence (a dropped layer is the identity), drawn
+from a generator keyed by (seed, step, example) — the backbone of Glavas et al.'s App. A.4 ablation (Fig. 7).
+Dropout inside the layers stays off, as everywhere in skipbench (the layers are called in eval mode).
+
+Under torchrun each rank takes its share of every step's batch (DistributedDataParallel) and of the
+validation items.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from skipbench import distributed
+from skipbench.data import DataSpec, load_items
+from skipbench.data.prompts import encode_prompt
+from skipbench.engine import Engine, generate
+from skipbench.engine.generate import eos_ids
+from skipbench.errors import SkipbenchError
+from skipbench.metrics import rouge_l
+from skipbench.models import load_model
+from skipbench.policies import make_policy
+from skipbench.results import config_dict
+from skipbench.training import (
+    RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
+    optimizer_step, pick_batch, save_model,
+)
+
+BEST, LAST = "best", "last"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    model: str
+    data: DataSpec  # training items (the train split)
+    val_data: DataSpec  # early-stopping items (the validation split)
+    steps: int = 1000  # at most; early stopping may end sooner
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-5
+    seed: int = 0
+    eval_every: int = 100
+    patience: int = 3
+    layer_dropout: float = 0.0
+    max_seq_len: int = 512
+    max_new_tokens: int = 128  # generation length of the validation responses
+    device: str = "auto"
+    dtype: str = "float32"
+    out: str = "runs/finetune"
+    restart: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    log: list[dict] = field(default_factory=list)  # one record per optimiser step
+    evals: list[dict] = field(default_factory=list)  # {"step", "rougeL"} per validation
+    best: dict | None = None  # the best evaluation (its model is OUT/best)
+    stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_keep(keys: list, num_layers: int, p: float) -> torch.Tensor:
+    """[B, L] bool: the layers each example runs under layer dropout p, drawn per (seed, step, example) key."""
+    draws = np.stack([np.random.default_rng([*(int(k) % 2**63 for k in key), 0x1A7E]).random(num_layers) for key in keys])
+    return torch.from_numpy(draws >= p)
+
+
+def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, layer_dropout: float):
+    """Cross-entropy of the response tokens given the prompt, summed and divided by `total`; (loss, parts)."""
+    ids, present, resp, mask = batch_tensors(lm, batch)
+    width = ids.shape[1]
+    cache = engine.new_cache(len(batch), width + resp.shape[1], lm.device, lm.dtype)
+    cache.pad = (~present).sum(1)
+    gate = lambda i, h: None  # noqa: E731  every layer runs
+    if layer_dropout > 0:
+        keep = layer_keep(keys, lm.num_layers, layer_dropout).to(lm.device, lm.dtype)
+        gate = lambda i, h: keep[:, i, None].expand(h.shape[:2])  # noqa: E731  a row drops layer i everywhere
+    seq = torch.cat([ids, resp], 1)
+    # logits from the last prompt position: position width - 1 + t predicts response token t
+    logits, _ = engine.forward_soft(seq, cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
+                                    logits_from=width - 1)
+    logits = logits[:, : resp.shape[1]]
+    per_token = nn.functional.cross_entropy(logits.flatten(0, 1).float(), resp.flatten(), reduction="none")
+    task = (per_token.view_as(mask) * mask).sum() / total
+    return task, {"task": float(task.detach())}
+
+
+def validate(lm, items, prompts: list[list[int]], cfg: FinetuneConfig, d: distributed.Dist) -> float:
+    """Mean ROUGE-L of the full-depth greedy responses against the references (each rank its share)."""
+    full = make_policy("full", lm.num_layers)
+    mine = d.shard([it.item_id for it in items])
+    total = 0.0
+    for s in range(0, len(mine), 8):
+        idx = mine[s : s + 8]
+        gen = generate(lm, [prompts[i] for i in idx], full, cfg.max_new_tokens)
+        for r, i in enumerate(idx):
+            total += rouge_l(lm.tokenizer.decode(gen.tokens[r], skip_special_tokens=True).strip(), items[i].reference)
+    return d.sum([total])[0] / len(items)
+
+
+def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable | None = None) -> FinetuneResult:
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.patience < 1:
+        raise SkipbenchError("--steps, --batch-size, --grad-accum, --eval-every and --patience must be >= 1")
+    if not 0 <= cfg.layer_dropout < 1:
+        raise SkipbenchError(f"--layer-dropout must be in [0, 1), got {cfg.layer_dropout}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = distributed.current()
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    lm.model.requires_grad_(True)
+    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.lr)
+    state, notes = _resume(out, cfg, lm, opt)
+    result = FinetuneResult(out, state["log"], state["evals"], state["best"], state["stopped_early"], notes)
+    tcfg = TrainConfig(model=cfg.model, data=cfg.data, loss="ce", targets="reference", max_seq_len=cfg.max_seq_len,
+                       seed=cfg.seed, out=cfg.out)
+    data = examples(lm, tcfg, None, d, notes, end=tuple(sorted(eos_ids(lm)))[:1])
+    if min(cfg.batch_size, len(data)) < d.world:
+        raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
+                             "ranks without one; raise --batch-size")
+    val = load_items(cfg.val_data)
+    val_prompts = [encode_prompt(lm.tokenizer, it.prompt) for it in val]
+    engine = Engine(lm.adapter, "fill")
+    runner = _data_parallel(Trainable(nn.Module(), lm.model), d, lm.device, False)
+    done, before = state["step"], len(result.log)
+    if start:
+        start(cfg.steps, done)
+    if not result.evals:  # the starting point: early stopping may keep the model as it was
+        _evaluate(lm, val, val_prompts, cfg, d, 0, result, opt)
+    for step in range(done, cfg.steps):
+        if result.stopped_early:
+            break
+        batch, chosen = pick_batch(data, cfg.batch_size, cfg.seed, step)
+        result.log.append(optimizer_step(
+            runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: len(e.response),
+            lambda sub, keys, total, clock: finetune_loss(lm, engine, sub, total, keys, cfg.layer_dropout)))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            _evaluate(lm, val, val_prompts, cfg, d, step + 1, result, opt)
+        if progress:
+            progress(result.log[-1])
+    if done and len(result.log) == before:
+        notes.append(f"'{out}' already holds this fine-tuning run (step {done}"
+                     f"{', stopped early' if result.stopped_early else ''}): nothing to train (--restart to train again)")
+    d.barrier()
+    lm.model.requires_grad_(False)
+    return result
+
+
+def _evaluate(lm, val, val_prompts, cfg: FinetuneConfig, d, step: int, result: FinetuneResult, opt) -> None:
+    """Validate, keep the best model, decide early stopping, and checkpoint everything (resumable)."""
+    score = validate(lm, val, val_prompts, cfg, d)
+    result.evals.append({"step": step, "rougeL": score})
+    improved = result.best is None or score > result.best["rougeL"]
+    if improved:
+        result.best = {"step": step, "rougeL": score}
+    without = sum(e["step"] > result.best["step"] for e in result.evals)  # evaluations since the best
+    result.stopped_early = without >= cfg.patience and step < cfg.steps
+    if d.main:
+        if improved:
+            save_model(lm, result.out / BEST, {"step": step, "val_rougeL": score, "base_model": cfg.model})
+        save_model(lm, result.out / LAST, {"step": step})
+        meta = {**config_dict(cfg), "kind": "finetune", "step": step, "best": result.best, "evals": result.evals,
+                "stopped_early": result.stopped_early}
+        _write_json(result.out / "config.json", meta)
+        torch.save({"optimizer": opt.state_dict(), "step": step, "log": result.log, "evals": result.evals,
+                    "best": result.best, "stopped_early": result.stopped_early}, result.out / "trainer.pt.tmp")
+        (result.out / "trainer.pt.tmp").replace(result.out / "trainer.pt")
+    d.barrier()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
+    """The state of an earlier run with the same configuration, loaded into the model and optimiser."""
+    import shutil
+
+    fresh = {"step": 0, "log": [], "evals": [], "best": None, "stopped_early": False}
+    if cfg.restart:
+        for name in ("trainer.pt", "config.json"):
+            (out / name).unlink(missing_ok=True)
+        for name in (BEST, LAST):
+            shutil.rmtree(out / name, ignore_errors=True)
+    if not (out / "trainer.pt").exists():
+        return fresh, []
+    saved = _flat(json.loads((out / "config.json").read_text()))
+    now = _flat(config_dict(cfg))
+    differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
+        raise SkipbenchError(f"'{out}' holds a fine-tuning run with another configuration ({shown}); "
+                             "pass --restart to train from scratch there, or choose another --out")
+    state = torch.load(out / "trainer.pt", weights_only=False)
+    if state["step"] > cfg.steps:
+        raise SkipbenchError(f"'{out}' was fine-tuned for {state['step']} steps, more than --steps {cfg.steps}; "
+                             f"pass --steps {state['step']} or more, or --restart")
+    load_model_weights(lm, out / LAST, state["step"])
+    opt.load_state_dict(state["optimizer"])
+    return {k: state[k] for k in fresh}, []
