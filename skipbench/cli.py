@@ -390,6 +390,9 @@ def cosine(
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
                           "(without it, a checkpoint is resumed only by the configuration that wrote it)")
 
+AlphaUnitsOpt = typer.Option("sum", help="sum: alpha x the sum of the gates per token, the paper's units | "
+                              "fraction: alpha x the fraction of layers executed (= L x the sum units)")
+
 controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
                               help="Gumbel-softmax skip controllers: hidden-state vs constant input (Glavas et al.).")
 app.add_typer(controllers_app, name="controllers")
@@ -437,7 +440,8 @@ def controllers_train(
     split: str = typer.Option("train", help="training items (a seeded 70/15/15 split)"),
     limit: int = typer.Option(0, help="first N training items (0 = all)"),
     input: str = typer.Option("hidden", help="hidden (the detached hidden state) | constant (all ones)"),
-    alpha: float = typer.Option(4.0, help="weight of the mean fraction of layers executed"),
+    alpha: float = typer.Option(4.0, help="weight of the cost term (see --alpha-units)"),
+    alpha_units: str = AlphaUnitsOpt,
     tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
     steps: int = typer.Option(300),
     batch_size: int = typer.Option(4),
@@ -468,7 +472,7 @@ def controllers_train(
                          max_seq_len, device, dtype, out, targets, grad_accum,
                          train_backbone=train_backbone, backbone_lr=backbone_lr, restart=restart)
     with TrainBar("train") as bar:
-        result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau), progress=bar.step, start=bar.start)
+        result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau, alpha_units), progress=bar.step, start=bar.start)
     _report_training(result)
 
 
@@ -478,7 +482,8 @@ def controllers_sweep(
     dataset: str = DatasetOpt,
     train_limit: int = typer.Option(0, help="training items (0 = the whole train split)"),
     eval_limit: int = typer.Option(50, help="held-out test items evaluated per run"),
-    alphas: str = typer.Option("2,4,6,10"),
+    alphas: str = typer.Option("2,4,6,10", help="cost weights (see --alpha-units)"),
+    alpha_units: str = AlphaUnitsOpt,
     inputs: str = typer.Option("hidden,constant"),
     seeds: int = typer.Option(3),
     tau: float = typer.Option(1.0),
@@ -506,7 +511,7 @@ def controllers_sweep(
                          max_seq_len, device, dtype, "", restart=restart)
     cfg = SweepConfig(train=tcfg, eval_data=DataSpec(dataset, "test", eval_limit or None),
                       inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
-                      alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, gate=gate,
+                      alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, alpha_units=alpha_units, gate=gate,
                       eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
     with Bar("sweep") as bar:
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)

@@ -22,7 +22,9 @@ from skipbench.errors import SkipbenchError
 from skipbench.experiments import evaluate as ev
 from skipbench.experiments.cosine import compare_to_full, t_interval
 from skipbench.models import load_model
-from skipbench.policies.controller import INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers
+from skipbench.policies.controller import (
+    COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
+)
 from skipbench.results import check_out_path, manifest, run_id, write_atomic
 from skipbench.training import TrainConfig, TrainResult, train
 
@@ -33,13 +35,14 @@ class ControllerTrainConfig:
     input: str = "hidden"
     alpha: float = 4.0
     tau: float = 1.0
+    alpha_units: str = "sum"  # sum: the paper's (alpha x the sum of gates) | fraction: alpha x the fraction of layers
 
 
 def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
     lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     hidden = lm.model.config.hidden_size
     torch.manual_seed(cfg.train.seed)  # the initial controllers depend on the seed alone
-    method = ControllerMethod(Controllers(hidden, lm.num_layers, cfg.input), cfg.alpha, cfg.tau)
+    method = ControllerMethod(Controllers(hidden, lm.num_layers, cfg.input), cfg.alpha, cfg.tau, cfg.alpha_units)
     return train(lm, method, cfg.train, progress, start)
 
 
@@ -51,6 +54,7 @@ class SweepConfig:
     alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 10.0)
     seeds: int = 3
     tau: float = 1.0
+    alpha_units: str = "sum"
     gate: str = "sample"
     eval_max_new_tokens: int = 64
     out: str = ""
@@ -75,7 +79,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
         tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
-        run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau), lm)
+        run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau, cfg.alpha_units), lm)
         rows = evaluate_run(cfg, lm, folder, seed)
         rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed
         frames.append(rows)
@@ -90,7 +94,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     agg = aggregate(items)
     test = compare_inputs(items)
     meta = manifest(cfg, lm=lm, comparison=test, confidence_interval="95% t-interval over seed means (per input, alpha)",
-                    cost_term="alpha * mean fraction of layers executed per response token")
+                    alpha_units=cfg.alpha_units, cost_term=COST_TERMS[cfg.alpha_units])
     from skipbench.plots import controller_figures
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,18 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
     model = preset["model"]
     r = Path(results or preset.get("results", "results"))
     out: list[Stage] = []
-    ev, cs, orc, ct, fx, bn = (preset.get(k, {}) for k in ("evaluate", "cosine", "oracle", "controllers", "flexidepth", "bench"))
+    ft, ev, cs, orc, ct, fx, bn = (preset.get(k, {}) for k in ("finetune", "evaluate", "cosine", "oracle", "controllers",
+                                                                "flexidepth", "bench"))
+    if ft:  # the papers' first stage: every later stage of this model runs on the fine-tuned backbone
+        run = r / "finetune"
+        out.append(Stage("finetune", (
+            "finetune", "--model", model, "--dataset", ft["dataset"], "--limit", str(ft.get("limit", 0)),
+            "--val-limit", str(ft.get("val_limit", 0)), "--steps", str(ft["steps"]), "--batch-size", str(ft["batch_size"]),
+            "--lr", str(ft["lr"]), "--eval-every", str(ft["eval_every"]), "--patience", str(ft["patience"]),
+            "--max-seq-len", str(ft["max_seq_len"]), "--max-new-tokens", str(ft["max_new_tokens"]),
+            "--layer-dropout", str(ft.get("layer_dropout", 0.0)), "--dtype", ft.get("dtype", "float32"),
+            "--out", str(run)), run / "best" / "config.json"))
+        model = str(run / "best")
 
     def split(section):
         return ["--split", section["split"]] if "split" in section else []
@@ -107,12 +118,13 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         target = r / f"oracle-{orc['dataset']}.parquet"
         out.append(Stage("oracle", (
             "oracle", "--runs", str(r / f"evaluate-uniform-{orc['dataset']}.parquet"), "--curve",
-            "--metric", orc.get("metric", "rougeL"), "--out", str(target)), target))
+            "--metric", orc["metric"], "--length-budgets", _csv(orc["length_budgets"]), "--out", str(target)), target))
     if ct:
         target = r / f"controllers-{ct['dataset']}.parquet"
         out.append(Stage("controllers sweep", (
             "controllers", "sweep", "--model", model, "--dataset", ct["dataset"], "--inputs", _csv(ct["inputs"]),
-            "--alphas", _csv(ct["alphas"]), "--seeds", str(ct.get("seeds", 1)), "--steps", str(ct["steps"]),
+            "--alphas", _csv(ct["alphas"]), "--alpha-units", ct["alpha_units"], "--seeds", str(ct["seeds"]),
+            "--steps", str(ct["steps"]),
             "--train-limit", str(ct.get("train_limit", 0)), "--eval-limit", str(ct.get("eval_limit", 0)),
             "--max-new-tokens", str(ct.get("max_new_tokens", 64)), "--out", str(target)), target))
     flexi_run = None

@@ -28,6 +28,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     TINY: ("(built locally: 4-layer random Llama, for smoke tests)", "llama"),
     "opt-125m": ("facebook/opt-125m", "opt"),
     "opt-1.3b": ("facebook/opt-1.3b", "opt"),
+    "opt-iml-1.3b": ("facebook/opt-iml-1.3b", "opt"),  # Glavas et al.'s model (then fine-tuned on Alpaca)
     "opt-2.7b": ("facebook/opt-2.7b", "opt"),
     "llama-2-7b": ("meta-llama/Llama-2-7b-hf", "llama"),
     "llama-3-8b": ("meta-llama/Meta-Llama-3-8B", "llama"),

@@ -6,8 +6,9 @@ logits (skip, execute). Input `hidden`: the detached hidden state entering the l
 Training uses straight-through hard Gumbel samples at temperature tau; evaluation samples (`sample`,
 as in the paper) or thresholds (`argmax`).
 
-Cost term: alpha times the mean *fraction* of layers executed per response token (first and last layer
-included), so alpha is in units of "loss per 100% of the depth".
+Cost term, per response token, in one of two units (recorded with the checkpoint):
+  sum       alpha * sum of the gates (executed gated layers), as in the paper: its alphas 2-10 mean this;
+  fraction  alpha * fraction of the L layers executed (first and last included): alpha_fraction = L * alpha_sum.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, checkpoint_module
 
 INPUTS = ("hidden", "constant")
+ALPHA_UNITS = ("sum", "fraction")
 GATES = ("sample", "argmax")
 
 
@@ -60,6 +62,10 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
 
+COST_TERMS = {"sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
+              "fraction": "alpha * fraction of the layers executed per response token, mean over tokens"}
+
+
 class ControllerMethod:
     """The trainable side, for skipbench.training."""
 
@@ -68,10 +74,12 @@ class ControllerMethod:
     unused_params = False
     kv_mode = "fill"
 
-    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0) -> None:
+    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0, alpha_units: str = "sum") -> None:
         if tau <= 0:
             raise SkipbenchError(f"--tau must be > 0, got {tau}")
-        self.controllers, self.alpha, self.tau = controllers, alpha, tau
+        if alpha_units not in ALPHA_UNITS:
+            raise SkipbenchError(f"--alpha-units must be one of {', '.join(ALPHA_UNITS)}, got '{alpha_units}'")
+        self.controllers, self.alpha, self.tau, self.alpha_units = controllers, alpha, tau, alpha_units
 
     def module(self) -> nn.Module:
         return self.controllers
@@ -99,16 +107,17 @@ class ControllerMethod:
 
     def regulariser(self, gates, mask):
         m = mask.to(gates[0].dtype)
-        executed = torch.stack(gates).sum(0) + (self.controllers.num_layers - len(gates))
-        frac = executed / self.controllers.num_layers
+        gated = torch.stack(gates).sum(0)
+        executed = gated + (self.controllers.num_layers - len(gates))
         layers = float((executed * m).sum().detach() / m.sum())
-        return self.alpha * (frac * m).sum(), {"layers": layers}
+        per_token = gated if self.alpha_units == "sum" else executed / self.controllers.num_layers
+        return self.alpha * (per_token * m).sum(), {"layers": layers}
 
     def config(self) -> dict:
         c = self.controllers
         return {"input": c.input_kind, "alpha": self.alpha, "tau": self.tau, "hidden_size": c.hidden_size,
                 "num_layers": c.num_layers, "gated_layers": c.gated,
-                "cost_term": "alpha * mean fraction of layers executed per response token"}
+                "alpha_units": self.alpha_units, "cost_term": COST_TERMS[self.alpha_units]}
 
 
 class ControllerPolicy(Policy):
