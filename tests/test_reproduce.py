@@ -107,3 +107,19 @@ def test_learned_policies_are_evaluated_on_held_out_items():
             assert stage.argv[stage.argv.index("--split") + 1] == "test"
         if stage.argv[:2] == ("flexidepth", "usage"):
             assert "--split" not in stage.argv  # its default is the test split
+
+
+def test_the_paper_preset_is_the_papers_setup():
+    """OPT-IML-1.3B fine-tuned on Alpaca first; every Glavas et al. stage then runs on the fine-tuned model."""
+    plan = stages(load_preset("paper"), "/r")
+    first = plan[0]
+    assert first.name == "finetune" and first.argv[first.argv.index("--model") + 1] == "opt-iml-1.3b"
+    tuned = "/r/finetune/best"
+    for stage in plan:
+        if stage.argv[0] in ("evaluate", "cosine") and "flexidepth" not in stage.argv or stage.argv[:2] == ("controllers", "sweep"):
+            assert stage.argv[stage.argv.index("--model") + 1] == tuned, stage.name
+    oracle = next(s for s in plan if s.name == "oracle")
+    assert oracle.argv[oracle.argv.index("--length-budgets") + 1] == "6,24"
+    sweep = next(s for s in plan if s.name == "controllers sweep")
+    assert "--alpha-units" in sweep.argv and sweep.argv[sweep.argv.index("--alphas") + 1] == "2,4,6,10"
+    assert load_preset("paper")["differences"]  # what it still cannot match is stated
