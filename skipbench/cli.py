@@ -390,8 +390,9 @@ def cosine(
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
                           "(without it, a checkpoint is resumed only by the configuration that wrote it)")
 
-AlphaUnitsOpt = typer.Option("sum", help="sum: alpha x the sum of the gates per token, the paper's units | "
-                              "fraction: alpha x the fraction of layers executed (= L x the sum units)")
+AlphaUnitsOpt = typer.Option("gated-mean", help="gated-mean: alpha x the mean gate over the gated layers per token, as the "
+                              "paper's code computes it | sum: alpha x the sum of the gates (= gated-mean / (L-2)) | "
+                              "fraction: alpha x the fraction of the L layers executed (= L x sum)")
 
 controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
                               help="Gumbel-softmax skip controllers: hidden-state vs constant input (Glavas et al.).")
@@ -491,7 +492,8 @@ def controllers_sweep(
     steps: int = typer.Option(300),
     batch_size: int = typer.Option(4),
     lr: float = typer.Option(1e-3),
-    loss: str = typer.Option("kl"),
+    loss: str = typer.Option("kl", help="kl (distil the full model) | ce (cross-entropy, the paper's code)"),
+    targets: str = typer.Option("full", help="full (the full model's responses) | reference (the paper's code)"),
     max_new_tokens: int = typer.Option(64),
     max_seq_len: int = typer.Option(256),
     device: str = DeviceOpt,
@@ -508,7 +510,7 @@ def controllers_sweep(
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, "train", train_limit, steps, batch_size, lr, 0, loss, max_new_tokens,
-                         max_seq_len, device, dtype, "", restart=restart)
+                         max_seq_len, device, dtype, "", targets, restart=restart)
     cfg = SweepConfig(train=tcfg, eval_data=DataSpec(dataset, "test", eval_limit or None),
                       inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
                       alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, alpha_units=alpha_units, gate=gate,

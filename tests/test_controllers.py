@@ -282,20 +282,23 @@ def test_retrained_controllers_are_evaluated_again(tiny_dirs, tmp_path):
     assert res.exit_code == 0 and "1 finished part(s) reused" in res.stderr.replace("\n", " ")  # full only
 
 
-def test_alpha_units_sum_is_the_papers_and_fraction_is_L_times_it():
+def test_alpha_units_gated_mean_sum_and_fraction():
     c = Controllers(16, 6, "hidden")
     gates = [torch.tensor([[1.0, 0.0, 1.0]], requires_grad=True) for _ in c.gated]  # 4 gated layers, 3 tokens
     mask = torch.tensor([[True, True, False]])
     summed, parts = ControllerMethod(c, 2.0, alpha_units="sum").regulariser(gates, mask)
     assert float(summed.detach()) == 2.0 * (4 + 0)  # token 0 runs all 4 gated layers, token 1 none; token 2 is masked
     assert parts["layers"] == pytest.approx((6 + 2) / 2)  # first and last always run
+    mean, _ = ControllerMethod(c, 2.0).regulariser(gates, mask)  # the default: the authors' code's units
+    assert float(mean.detach()) == 2.0 * (4 / 4 + 0 / 4)
     grads = []
-    for units, alpha in (("sum", 2.0), ("fraction", 2.0 * 6)):
+    for units, alpha in (("sum", 2.0), ("fraction", 2.0 * 6), ("gated-mean", 2.0 * 4)):
         for g in gates:
             g.grad = None
         ControllerMethod(c, alpha, alpha_units=units).regulariser(gates, mask)[0].backward()
         grads.append(torch.stack([g.grad for g in gates]))
     torch.testing.assert_close(grads[0], grads[1])  # the same pressure per gate: alpha_fraction = L alpha_sum
+    torch.testing.assert_close(grads[0], grads[2])  # and alpha_gated_mean = (L - 2) alpha_sum
     assert ControllerMethod(c, 1.0, alpha_units="fraction").config()["alpha_units"] == "fraction"
-    with pytest.raises(Exception, match="--alpha-units must be one of sum, fraction"):
+    with pytest.raises(Exception, match="--alpha-units must be one of gated-mean, sum, fraction"):
         ControllerMethod(c, 1.0, alpha_units="mean")

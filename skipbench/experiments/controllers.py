@@ -35,7 +35,7 @@ class ControllerTrainConfig:
     input: str = "hidden"
     alpha: float = 4.0
     tau: float = 1.0
-    alpha_units: str = "sum"  # sum: the paper's (alpha x the sum of gates) | fraction: alpha x the fraction of layers
+    alpha_units: str = "gated-mean"  # see policies/controller.py: gated-mean (the authors' code) | sum | fraction
 
 
 def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
@@ -54,7 +54,7 @@ class SweepConfig:
     alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 10.0)
     seeds: int = 3
     tau: float = 1.0
-    alpha_units: str = "sum"
+    alpha_units: str = "gated-mean"
     gate: str = "sample"
     eval_max_new_tokens: int = 64
     out: str = ""

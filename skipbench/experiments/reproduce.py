@@ -124,7 +124,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("controllers sweep", (
             "controllers", "sweep", "--model", model, "--dataset", ct["dataset"], "--inputs", _csv(ct["inputs"]),
             "--alphas", _csv(ct["alphas"]), "--alpha-units", ct["alpha_units"], "--seeds", str(ct["seeds"]),
-            "--steps", str(ct["steps"]),
+            "--steps", str(ct["steps"]), "--lr", str(ct["lr"]), "--batch-size", str(ct["batch_size"]),
+            "--loss", ct["loss"], "--targets", ct["targets"], "--max-seq-len", str(ct["max_seq_len"]),
             "--train-limit", str(ct.get("train_limit", 0)), "--eval-limit", str(ct.get("eval_limit", 0)),
             "--max-new-tokens", str(ct.get("max_new_tokens", 64)), "--out", str(target)), target))
     flexi_run = None

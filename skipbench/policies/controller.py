@@ -6,9 +6,13 @@ logits (skip, execute). Input `hidden`: the detached hidden state entering the l
 Training uses straight-through hard Gumbel samples at temperature tau; evaluation samples (`sample`,
 as in the paper) or thresholds (`argmax`).
 
-Cost term, per response token, in one of two units (recorded with the checkpoint):
-  sum       alpha * sum of the gates (executed gated layers), as in the paper: its alphas 2-10 mean this;
-  fraction  alpha * fraction of the L layers executed (first and last included): alpha_fraction = L * alpha_sum.
+Cost term, per response token, in one of three units (recorded with the checkpoint):
+  gated-mean  alpha * mean of the gates over the gated layers: what the authors' released code computes
+              (AdalasOPT: `torch.mean(layer_perc_execution) * alpha`, the fraction of response tokens running
+              each gated layer, averaged over the layers; it averages per sequence first, skipbench per
+              token). The paper's alphas 2-10 were run in these units. The default.
+  sum         alpha * sum of the gates (executed gated layers): alpha_sum = alpha_gated_mean / (L - 2).
+  fraction    alpha * fraction of the L layers executed (first and last included): alpha_fraction = L * alpha_sum.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, checkpoint_module
 
 INPUTS = ("hidden", "constant")
-ALPHA_UNITS = ("sum", "fraction")
+ALPHA_UNITS = ("gated-mean", "sum", "fraction")
 GATES = ("sample", "argmax")
 
 
@@ -62,7 +66,8 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
 
-COST_TERMS = {"sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
+COST_TERMS = {"gated-mean": "alpha * mean of the gates over the gated layers per response token, mean over tokens",
+              "sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
               "fraction": "alpha * fraction of the layers executed per response token, mean over tokens"}
 
 
@@ -74,7 +79,7 @@ class ControllerMethod:
     unused_params = False
     kv_mode = "fill"
 
-    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0, alpha_units: str = "sum") -> None:
+    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0, alpha_units: str = "gated-mean") -> None:
         if tau <= 0:
             raise SkipbenchError(f"--tau must be > 0, got {tau}")
         if alpha_units not in ALPHA_UNITS:
@@ -110,7 +115,8 @@ class ControllerMethod:
         gated = torch.stack(gates).sum(0)
         executed = gated + (self.controllers.num_layers - len(gates))
         layers = float((executed * m).sum().detach() / m.sum())
-        per_token = gated if self.alpha_units == "sum" else executed / self.controllers.num_layers
+        per_token = {"gated-mean": gated / len(gates), "sum": gated,
+                     "fraction": executed / self.controllers.num_layers}[self.alpha_units]
         return self.alpha * (per_token * m).sum(), {"layers": layers}
 
     def config(self) -> dict:
