@@ -135,15 +135,19 @@ def ols_effect(y, X, column: int, level: float = LEVEL) -> dict:
             "p_value": float(fit.pvalues[column]), "residual_sd": float(np.sqrt(fit.scale))}
 
 
-def runs_to_resolve(residual_sd: float, margin: float, level: float = LEVEL) -> int | None:
-    """Runs per group for a difference of two group means to have a confidence half-width below `margin`
-    at this run-to-run spread: n = 2 (z sd / margin)^2 with z the normal quantile (a large-sample guide)."""
-    from scipy.stats import norm
+def runs_to_resolve(residual_sd: float, margin: float, level: float = LEVEL, params: int = 3) -> int | None:
+    """Runs per group for the effect of a two-group comparison to have a confidence half-width below `margin` at
+    this run-to-run spread: the smallest n with t(2n - params) sd sqrt(2 / n) <= margin. A guide: the spread
+    itself is estimated from the runs at hand."""
+    from scipy.stats import t
 
     if not residual_sd == residual_sd or margin <= 0:  # NaN spread: no estimate
         return None
-    z = norm.ppf(0.5 + level / 2)
-    return max(2, math.ceil(2 * (z * residual_sd / margin) ** 2))
+    for n in range(2, 100_000):
+        dof = 2 * n - params
+        if dof >= 1 and t.ppf(0.5 + level / 2, dof) * residual_sd * math.sqrt(2 / n) <= margin:
+            return n
+    return None
 
 
 def bootstrap_interval(statistic, n_items: int, resamples: int = 200, seed: int = 0,

@@ -161,3 +161,12 @@ def test_line_prints_interval_margin_and_reason():
     v = verdicts.controllers(compare_inputs(_runs(0.0, 0.004, 6)))
     text = verdicts.line(v)
     assert text.startswith("**agrees**") and "margin ±0.05" in text and "[" in text and "runs" in text
+
+
+def test_runs_to_resolve_uses_the_t_quantile():
+    import scipy.stats
+
+    n = stats.runs_to_resolve(0.05, 0.05)
+    half = lambda k: scipy.stats.t.ppf(0.975, 2 * k - 3) * 0.05 * (2 / k) ** 0.5  # noqa: E731
+    assert half(n) <= 0.05 < half(n - 1)
+    assert n > 2 * (1.96 * 0.05 / 0.05) ** 2  # more than the normal approximation's 7.7
