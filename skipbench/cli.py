@@ -390,9 +390,8 @@ def cosine(
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
                           "(without it, a checkpoint is resumed only by the configuration that wrote it)")
 
-AlphaUnitsOpt = typer.Option("gated-mean", help="gated-mean: alpha x the mean gate over the gated layers per token, as the "
-                              "paper's code computes it | sum: alpha x the sum of the gates (= gated-mean / (L-2)) | "
-                              "fraction: alpha x the fraction of the L layers executed (= L x sum)")
+AlphaUnitsOpt = typer.Option("fraction", help="fraction: alpha x the fraction of the L layers executed per token, as "
+                              "the paper's code computes it | sum: alpha x the sum of the gates (= fraction / L)")
 
 controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
                               help="Gumbel-softmax skip controllers: hidden-state vs constant input (Glavas et al.).")
@@ -517,6 +516,8 @@ def controllers_sweep(
                       eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
     with Bar("sweep") as bar:
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)
+    for note in res["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
     shown = res["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
     _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
     from skipbench import verdicts
@@ -640,7 +641,7 @@ def finetune(
     layer_dropout: float = typer.Option(0.0, help="drop each layer with this probability per example (LayerDrop, Fan et al.)"),
     max_seq_len: int = typer.Option(512, help="prompt + response tokens per example"),
     max_new_tokens: int = typer.Option(128, help="length of the validation responses"),
-    seed: int = typer.Option(0, help="seed of the batches, the layer dropout and the data split"),
+    seed: int = typer.Option(0, help="seed of the batches and the layer dropout (the 70/15/15 split is always seed 0)"),
     device: str = DeviceOpt,
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
     out: str = typer.Option("runs/finetune", help="run folder: OUT/best is the model to use (--model OUT/best)"),
@@ -655,8 +656,10 @@ def finetune(
     from skipbench.experiments.finetune import FinetuneConfig, run
 
     _quiet_transformers()
-    cfg = FinetuneConfig(model=model, data=DataSpec(dataset, "train", limit or None, seed),
-                         val_data=DataSpec(dataset, "validation", val_limit or None, seed), steps=steps,
+    # the split keeps its default seed (0), as every later command's --split does: --seed must not move the
+    # test items into the fine-tuning data
+    cfg = FinetuneConfig(model=model, data=DataSpec(dataset, "train", limit or None),
+                         val_data=DataSpec(dataset, "validation", val_limit or None), steps=steps,
                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                          patience=patience, layer_dropout=layer_dropout, max_seq_len=max_seq_len,
                          max_new_tokens=max_new_tokens, device=device, dtype=dtype, out=out, restart=restart)

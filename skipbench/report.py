@@ -125,7 +125,9 @@ def _length_lines(path: Path, meta: dict) -> list[str]:
     """App. A.5.2: is the oracle's choice independent of the label's length? Statistic, dof, p and counts."""
     tests = meta.get("length_tests") or []
     if not tests:
-        return ["Label-length test: not run (the runs carry no reference lengths).", ""]
+        why = ("the runs carry no reference lengths" if "length_tests" in meta
+               else "this oracle file was written by an older skipbench; run `skipbench oracle` again")
+        return [f"Label-length test: not run ({why}).", ""]
     lines = ["Label-length test (App. A.5.2; chi-square test of homogeneity of the oracle's choice across label-length "
              "bins 1–15, 16–30, …, >150):", ""]
     counts_file = path.with_name(path.stem + "-length.parquet")
@@ -152,6 +154,9 @@ def section_controllers(folder: Path) -> tuple[list[str], list]:
         meta = _meta(path)
         agg = pd.read_parquet(path.with_name(path.stem + "-agg.parquet"))
         c = meta.get("comparison", {})
+        if "hidden_effect" in c and "lo" not in c:  # written before run-level intervals: no verdict from it
+            c = {"test": c.get("test", "?"), "note": "this sweep was written by an older skipbench without a run-level "
+                 "interval; run `skipbench controllers sweep` again (finished runs are reused)"}
         v = verdicts.controllers(c)
         found.append(v)
         shown = agg[["input", "alpha", "seeds", "layers_mean", "full_rougeL", "full_rougeL_lo", "full_rougeL_hi", "kl"]]
@@ -192,6 +197,8 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
     s = pd.DataFrame(meta.get("summary", []))
     if s.empty:
         return [], []
+    if "kv_mode" not in s:
+        s["kv_mode"] = "unrecorded (older skipbench)"
     s = s[s["phase"] == "decode"][["batch_size", "variant", "kv_mode", "tokens_per_s", "step_p50", "layers_mean", "speedup",
                                    "ideal_speedup", "realized_over_ideal", "vs_generate"]]
     return ["## Wall-clock speed (`bench`, decode phase)", "",

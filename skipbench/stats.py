@@ -80,15 +80,17 @@ class Verdict:
 
 
 def directional(claim: str, estimate: float, lo: float, hi: float, margin: float, unit: str) -> Verdict:
-    """The claim: the effect is above zero."""
+    """The claim: the effect is above zero by a difference that matters. An interval inside ±margin is a
+    difference that does not matter, whatever its sign (checked first, so a tiny but significant effect does
+    not count as agreement)."""
     if math.isnan(lo) or math.isnan(hi):
         outcome, why = "inconclusive", "too few units for an interval"
+    elif -margin < lo and hi < margin:
+        outcome, why = "disagrees", f"the interval lies inside ±{margin:g}: no difference that matters"
     elif lo > 0:
         outcome, why = "agrees", "the interval lies above 0"
     elif hi < 0:
         outcome, why = "disagrees", "the interval lies below 0: the reverse holds"
-    elif -margin < lo and hi < margin:
-        outcome, why = "disagrees", f"the interval lies inside ±{margin:g}: no difference that matters"
     else:
         outcome, why = "inconclusive", f"the interval contains 0 and reaches beyond ±{margin:g}"
     return Verdict(claim, outcome, estimate, lo, hi, margin, unit, why)
@@ -135,17 +137,23 @@ def ols_effect(y, X, column: int, level: float = LEVEL) -> dict:
             "p_value": float(fit.pvalues[column]), "residual_sd": float(np.sqrt(fit.scale))}
 
 
-def runs_to_resolve(residual_sd: float, margin: float, level: float = LEVEL, params: int = 3) -> int | None:
-    """Runs per group for the effect of a two-group comparison to have a confidence half-width below `margin` at
-    this run-to-run spread: the smallest n with t(2n - params) sd sqrt(2 / n) <= margin. A guide: the spread
-    itself is estimated from the runs at hand."""
+def runs_to_resolve(std_error: float, runs: int, estimate: float, margin: float, level: float = LEVEL,
+                    params: int = 3) -> int | None:
+    """Runs per group (of two) for an equivalence verdict to be reachable: the smallest n for which the effect's
+    interval, if the estimate stayed where it is, would fit inside ±margin, i.e.
+    t(2n - params) SE sqrt(runs / 2n) <= margin - |estimate|, the standard error shrinking as 1/sqrt(runs) from
+    the fitted one (so the covariate's share of it is carried over). A guide, not a power calculation: the estimate
+    moves with new runs, so this many runs resolve the question only about half the time. None when the estimate
+    is already beyond the margin (more runs would more likely show a difference than rule one out) or no standard
+    error could be estimated."""
     from scipy.stats import t
 
-    if not residual_sd == residual_sd or margin <= 0:  # NaN spread: no estimate
+    room = margin - abs(estimate)
+    if not std_error == std_error or runs < 1 or room <= 0:
         return None
     for n in range(2, 100_000):
         dof = 2 * n - params
-        if dof >= 1 and t.ppf(0.5 + level / 2, dof) * residual_sd * math.sqrt(2 / n) <= margin:
+        if dof >= 1 and t.ppf(0.5 + level / 2, dof) * std_error * math.sqrt(runs / (2 * n)) <= room:
             return n
     return None
 

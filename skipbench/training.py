@@ -33,7 +33,7 @@ from skipbench.engine import Engine, generate
 from skipbench.engine.generate import eos_ids, left_pad, pad_id
 from skipbench.errors import SkipbenchError
 from skipbench.metrics import kl_divergence
-from skipbench.models.loading import LoadedModel
+from skipbench.models.loading import LoadedModel, model_fingerprint
 from skipbench.policies import make_policy
 from skipbench.results import config_dict
 
@@ -142,7 +142,8 @@ def examples(lm: LoadedModel, cfg: TrainConfig, cache_file: Path | None, d: dist
 
 def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None, d: distributed.Dist) -> dict[int, list[int]]:
     # keyed by (model, response length), then item: one cache file serves every run of a sweep
-    key = f"{cfg.model}|{cfg.max_new_tokens}"
+    fingerprint = model_fingerprint(cfg.model)
+    key = f"{cfg.model}|{cfg.max_new_tokens}" + (f"|{fingerprint}" if fingerprint else "")
     cached = json.loads(cache_file.read_text()).get(key, {}) if cache_file and cache_file.exists() else {}
     todo = [i for i in keep if items[i].item_id not in cached]
     mine = [todo[j] for j in d.shard([items[i].item_id for i in todo])]  # each rank generates its share
@@ -326,7 +327,9 @@ def optimizer_step(runner, opt, batch: list, chosen, step: int, seed: int, grad_
 
 
 def _saved_config(method: Method, cfg: TrainConfig) -> dict:
-    return {"kind": method.kind, **method.config(), "train": config_dict(cfg)}
+    fingerprint = model_fingerprint(cfg.model)  # trained on a local folder: on that version of it
+    return {"kind": method.kind, **method.config(), "train": config_dict(cfg),
+            **({"model_fingerprint": fingerprint} if fingerprint else {})}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -76,27 +76,43 @@ def cosine(rows: pd.DataFrame, num_layers: int) -> list[Verdict]:
 def oracle(star: float | None, interval, num_layers: int, model: dict | None, datasets: list[str],
            config_means: dict | None = None, full: str | None = None) -> Verdict:
     """Sec. 3.3: the exact oracle matches the full model at 23.3% of the layers (Alpaca; 22.9% on CNN-DM).
-    A value claim on the star budget as a share of the depth, within ±5 percentage points. When the cheapest
-    configuration alone already scores as well as the full model, the star sits at the cheapest cost whatever
-    the oracle does: the comparison has no power and is inconclusive."""
+    A value claim on the star budget as a share of the depth, within ±5 percentage points, and a value of the
+    paper's setup: on another model family or dataset the comparison is inconclusive (the value is printed, not
+    judged). When the cheapest configuration alone already scores as well as the full model, the star sits at
+    the cheapest cost whatever the oracle does: the comparison has no power and is inconclusive."""
     dataset = next((d for d in datasets if d in PAPER_STAR), "alpaca")
     target = PAPER_STAR[dataset]
     claim = f"the oracle matches the full model at {target:.1f}% of the layers ({dataset})"
     family = (model or {}).get("family")
-    setup = ("the paper's setup (an OPT model on " + dataset + ")" if family == PAPER_MODEL_FAMILY and dataset in datasets
+    papers = family == PAPER_MODEL_FAMILY and dataset in datasets
+    setup = ("the paper's setup (an OPT model on " + dataset + ")" if papers
              else f"another setup than the paper's: {(model or {}).get('name', 'an unknown model')} "
                   f"({family or 'unknown family'}) on {', '.join(datasets) or 'unknown data'}")
     margin, unit = MARGINS["oracle_pct"], "% of the layers"
     if star is None:
         return Verdict(claim, "disagrees", math.nan, math.nan, math.nan, margin, unit,
                        f"the oracle never reaches the full model's mean at any budget; {setup}")
-    if config_means and full in config_means and min(config_means.values()) >= config_means[full]:
+    cheapest = _cheapest(config_means or {}, full)
+    if cheapest is not None and config_means[cheapest] >= config_means[full]:
         return Verdict(claim, "inconclusive", 100 * star / num_layers, math.nan, math.nan, margin, unit,
-                       f"the cheapest configuration alone scores as well as the full model ({config_means[full]:.3f}): "
-                       f"nothing for the oracle to trade; {setup}")
+                       f"the cheapest configuration ({cheapest}) alone scores as well as the full model "
+                       f"({config_means[cheapest]:.3f} vs {config_means[full]:.3f}): nothing for the oracle to trade; {setup}")
     lo, hi = (100 * interval[0] / num_layers, 100 * interval[1] / num_layers) if interval else (math.nan, math.nan)
     v = equivalent(claim, 100 * star / num_layers, lo, hi, margin, unit, target=round(target, 1))
+    if not papers:  # a value of OPT on Alpaca says nothing about this model and data
+        return Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, margin, unit,
+                       f"not comparable: the paper's value is for OPT on {dataset}, this is {setup}")
     return Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, unit, f"{v.reason}; {setup}")
+
+
+def _cheapest(config_means: dict, full: str | None) -> str | None:
+    """The configuration with the fewest layers, read from labels `policy:cost` (None when a cost is unreadable)."""
+    if full not in config_means:
+        return None
+    try:
+        return min(config_means, key=lambda label: float(label.rpartition(":")[2]))
+    except ValueError:
+        return None
 
 
 def controllers(comparison: dict) -> Verdict:
@@ -111,8 +127,8 @@ def controllers(comparison: dict) -> Verdict:
     v = equivalent(claim, comparison["hidden_effect"], comparison["lo"], comparison["hi"], margin, unit)
     runs = f"{comparison['runs']} training runs (dof {comparison['dof']})"
     need = comparison.get("runs_needed_per_input")
-    more = (f"; about {need} runs per input would give an interval of ±{margin:g} at this run-to-run spread"
-            if need and v.outcome == "inconclusive" else "")
+    more = (f"; if the estimate held, about {need} runs per input would narrow the interval to within ±{margin:g} "
+            "(a guide: new runs move the estimate)" if need and v.outcome == "inconclusive" else "")
     return Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, unit, f"{v.reason}; {runs}{more}")
 
 

@@ -282,23 +282,43 @@ def test_retrained_controllers_are_evaluated_again(tiny_dirs, tmp_path):
     assert res.exit_code == 0 and "1 finished part(s) reused" in res.stderr.replace("\n", " ")  # full only
 
 
-def test_alpha_units_gated_mean_sum_and_fraction():
+def test_alpha_units_fraction_is_the_authors_code_and_sum():
     c = Controllers(16, 6, "hidden")
     gates = [torch.tensor([[1.0, 0.0, 1.0]], requires_grad=True) for _ in c.gated]  # 4 gated layers, 3 tokens
     mask = torch.tensor([[True, True, False]])
     summed, parts = ControllerMethod(c, 2.0, alpha_units="sum").regulariser(gates, mask)
     assert float(summed.detach()) == 2.0 * (4 + 0)  # token 0 runs all 4 gated layers, token 1 none; token 2 is masked
     assert parts["layers"] == pytest.approx((6 + 2) / 2)  # first and last always run
-    mean, _ = ControllerMethod(c, 2.0).regulariser(gates, mask)  # the default: the authors' code's units
-    assert float(mean.detach()) == 2.0 * (4 / 4 + 0 / 4)
+    # the default is the authors' code (AdalasOPT): per layer, the ungated first and last included, the fraction of
+    # response tokens executing it; alpha x the mean over all L layers (here one sequence, so per-token = per-sequence)
+    default, _ = ControllerMethod(c, 2.0).regulariser(gates, mask)
+    per_layer = [torch.ones(()), *[(g[0, :2]).mean() for g in gates], torch.ones(())]  # tokens 0 and 1 are real
+    adalas = 2.0 * torch.stack(per_layer).mean()
+    assert float(default.detach()) == pytest.approx(2 * float(adalas.detach()))  # per-token sum over the 2 real tokens
     grads = []
-    for units, alpha in (("sum", 2.0), ("fraction", 2.0 * 6), ("gated-mean", 2.0 * 4)):
+    for units, alpha in (("sum", 2.0), ("fraction", 2.0 * 6)):
         for g in gates:
             g.grad = None
         ControllerMethod(c, alpha, alpha_units=units).regulariser(gates, mask)[0].backward()
         grads.append(torch.stack([g.grad for g in gates]))
     torch.testing.assert_close(grads[0], grads[1])  # the same pressure per gate: alpha_fraction = L alpha_sum
-    torch.testing.assert_close(grads[0], grads[2])  # and alpha_gated_mean = (L - 2) alpha_sum
     assert ControllerMethod(c, 1.0, alpha_units="fraction").config()["alpha_units"] == "fraction"
-    with pytest.raises(Exception, match="--alpha-units must be one of gated-mean, sum, fraction"):
+    with pytest.raises(Exception, match="--alpha-units must be one of fraction, sum"):
         ControllerMethod(c, 1.0, alpha_units="mean")
+
+
+def test_sweep_says_how_many_prompts_were_left_out(tiny_dirs, tmp_path):
+    from skipbench.data import load_items
+    from skipbench.data.prompts import encode_prompt
+
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    lengths = sorted(len(encode_prompt(lm.tokenizer, it.prompt)) for it in load_items(DataSpec("text", "train", 12)))
+    cut = lengths[len(lengths) // 2] + 1  # about half the prompts do not fit
+    res = CliRunner().invoke(app, ["controllers", "sweep", "--model", str(tiny_dirs["llama"]), "--dataset", "text",
+                                   "--inputs", "constant", "--alphas", "2", "--seeds", "1", "--steps", "1",
+                                   "--train-limit", "12", "--eval-limit", "2", "--max-new-tokens", "3",
+                                   "--max-seq-len", str(cut), "--dtype", "float32", "--out", str(tmp_path / "c.parquet")])
+    assert res.exit_code == 0, res.output
+    assert f"training prompts do not fit --max-seq-len {cut}" in " ".join(res.stderr.split())
+    meta = json.loads((tmp_path / "c.json").read_text())
+    assert any("do not fit" in n for n in meta["notes"])

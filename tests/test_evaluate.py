@@ -90,3 +90,25 @@ def test_evaluate_bad_inputs(tiny_dirs, tmp_path):
         res = cli("evaluate", "--model", tiny_dirs["llama"], "--limit", 2, *args)
         assert res.exit_code == 1 and msg in res.stderr, res.output
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_folder_written_again_is_not_served_old_parts(tokenizer, tmp_path):
+    """A local model (a fine-tuned backbone) is identified by its files, not its path: after it is written
+    again, evaluate recomputes instead of reusing the parts of the old weights."""
+    import shutil
+
+    from conftest import tiny_model
+
+    folder = tmp_path / "model"
+    tiny_model("llama", len(tokenizer), seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = ev.EvalConfig(model=str(folder), data=DataSpec("text", limit=2), policy="uniform", costs=(3,),
+                        max_new_tokens=4, batch_size=2, out=str(tmp_path / "e.parquet"))
+    first = ev.run(cfg)
+    assert ev.run(cfg).reused_parts == 2  # same files: reused
+    shutil.rmtree(folder)
+    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(folder)  # "fine-tuned again": new weights
+    tokenizer.save_pretrained(folder)
+    again = ev.run(cfg)
+    assert again.reused_parts == 0
+    assert list(again.rows["output"]) != list(first.rows["output"])

@@ -123,3 +123,24 @@ def test_the_paper_preset_is_the_papers_setup():
     sweep = next(s for s in plan if s.name == "controllers sweep")
     assert "--alpha-units" in sweep.argv and sweep.argv[sweep.argv.index("--alphas") + 1] == "2,4,6,10"
     assert load_preset("paper")["differences"]  # what it still cannot match is stated
+
+
+def test_a_stage_reruns_when_a_stage_it_reads_ran_again(tmp_path):
+    from skipbench.experiments.reproduce import load_preset, stages
+
+    preset = load_preset("quick")
+    plan = {st.name: st for st in stages(preset, str(tmp_path))}
+    assert plan["oracle"].needs == ("evaluate uniform text",)  # it reads that stage's parquet
+    assert set(plan["evaluate flexidepth"].needs) == {"flexidepth train"} and plan["bench"].needs == ("flexidepth train",)
+    assert plan["cosine"].needs == ()
+    for name in ("evaluate uniform text", "oracle"):
+        plan[name].output.write_text("")
+        plan[name].finish()
+    assert plan["oracle"].done()
+    preset["evaluate"]["costs"] = [5, 10]  # the evaluation changes and runs again ...
+    again = {st.name: st for st in stages(preset, str(tmp_path))}
+    assert not again["evaluate uniform text"].done()
+    again["evaluate uniform text"].finish()
+    assert not again["oracle"].done()  # ... so the oracle that read its old parquet is stale
+    paper = {st.name: st for st in stages(load_preset("paper"), str(tmp_path / "p"))}
+    assert "finetune" in paper["controllers sweep"].needs and paper["finetune"].restartable

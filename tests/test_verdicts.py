@@ -18,6 +18,7 @@ def test_rules():
     assert d("c", -1.0, -1.5, -0.5, 0.1, "u").outcome == "disagrees"
     assert d("c", 0.0, -0.05, 0.05, 0.1, "u").outcome == "disagrees"  # equivalent: no difference that matters
     assert d("c", 0.0, -0.5, 0.5, 0.1, "u").outcome == "inconclusive"  # not significant, not equivalent either
+    assert d("c", 0.001, 0.0005, 0.0015, 0.02, "u").outcome == "disagrees"  # significant, but too small to matter
     assert d("c", 0.0, math.nan, math.nan, 0.1, "u").outcome == "inconclusive"
     e = stats.equivalent
     assert e("c", 0.01, -0.02, 0.04, 0.05, "u").outcome == "agrees"
@@ -86,8 +87,13 @@ def test_oracle_without_power_is_inconclusive():
     """Every configuration scores 0 (a random model): the cheapest one 'matches' full depth trivially."""
     v = verdicts.oracle(5.0, (5.0, 5.0), 24, None, ["alpaca"], {"uniform:5": 0.0, "full:24": 0.0}, "full:24")
     assert v.outcome == "inconclusive" and "nothing for the oracle to trade" in v.reason
-    v = verdicts.oracle(5.6, (5.0, 6.3), 24, None, ["alpaca"], {"uniform:5": 0.1, "full:24": 0.4}, "full:24")
+    opt = {"name": "opt-iml-1.3b", "family": "opt", "num_layers": 24}
+    v = verdicts.oracle(5.6, (5.0, 6.3), 24, opt, ["alpaca"], {"uniform:5": 0.1, "full:24": 0.4}, "full:24")
     assert v.outcome == "agrees"
+    # the cheapest configuration by its cost, not the one with the lowest score
+    means = {"uniform:12": 0.1, "uniform:4": 0.45, "full:24": 0.4}
+    v = verdicts.oracle(4.0, (4.0, 4.0), 24, opt, ["alpaca"], means, "full:24")
+    assert v.outcome == "inconclusive" and "(uniform:4)" in v.reason
 
 
 def test_oracle_setup_comes_from_the_model_record_not_from_names():
@@ -95,6 +101,7 @@ def test_oracle_setup_comes_from_the_model_record_not_from_names():
     llama = {"name": "/opt/models/llama", "family": "llama", "num_layers": 30}
     v = verdicts.oracle(7.0, (6.5, 7.6), 30, llama, ["alpaca"])
     assert "another setup" in v.reason and "llama" in v.reason
+    assert v.outcome == "inconclusive" and "not comparable" in v.reason  # a value of OPT on Alpaca, not of Llama
     assert verdicts.oracle(7.0, (6.5, 7.6), 30, None, ["text"]).reason.endswith("unknown family) on text")
 
 
@@ -163,10 +170,13 @@ def test_line_prints_interval_margin_and_reason():
     assert text.startswith("**agrees**") and "margin ±0.05" in text and "[" in text and "runs" in text
 
 
-def test_runs_to_resolve_uses_the_t_quantile():
+def test_runs_to_resolve_scales_the_fitted_standard_error_and_leaves_room_for_the_estimate():
     import scipy.stats
 
-    n = stats.runs_to_resolve(0.05, 0.05)
-    half = lambda k: scipy.stats.t.ppf(0.975, 2 * k - 3) * 0.05 * (2 / k) ** 0.5  # noqa: E731
-    assert half(n) <= 0.05 < half(n - 1)
-    assert n > 2 * (1.96 * 0.05 / 0.05) ** 2  # more than the normal approximation's 7.7
+    se, runs, est, margin = 0.03, 4, 0.01, 0.05
+    n = stats.runs_to_resolve(se, runs, est, margin)
+    half = lambda k: scipy.stats.t.ppf(0.975, 2 * k - 3) * se * (runs / (2 * k)) ** 0.5  # noqa: E731
+    assert half(n) <= margin - est < half(n - 1)  # the interval around 0.01 then fits inside ±0.05
+    assert stats.runs_to_resolve(se, runs, 0.0, margin) < n  # an estimate nearer 0 needs fewer runs
+    assert stats.runs_to_resolve(se, runs, 0.06, margin) is None  # beyond the margin: no number of runs shows equivalence
+    assert stats.runs_to_resolve(float("nan"), runs, 0.0, margin) is None

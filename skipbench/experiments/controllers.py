@@ -35,7 +35,7 @@ class ControllerTrainConfig:
     input: str = "hidden"
     alpha: float = 4.0
     tau: float = 1.0
-    alpha_units: str = "gated-mean"  # see policies/controller.py: gated-mean (the authors' code) | sum | fraction
+    alpha_units: str = "fraction"  # see policies/controller.py: fraction (the authors' code) | sum
 
 
 def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
@@ -54,7 +54,7 @@ class SweepConfig:
     alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 10.0)
     seeds: int = 3
     tau: float = 1.0
-    alpha_units: str = "gated-mean"
+    alpha_units: str = "fraction"
     gate: str = "sample"
     eval_max_new_tokens: int = 64
     out: str = ""
@@ -75,11 +75,12 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     Path(cfg.out).with_name(Path(cfg.out).stem + ".runs").mkdir(parents=True, exist_ok=True)
     if start:
         start(len(grid))
-    frames, layer_rows = [], []
+    frames, layer_rows, notes = [], [], []
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
         tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
-        run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau, cfg.alpha_units), lm)
+        trained = run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau, cfg.alpha_units), lm)
+        notes += [n for n in trained.notes if n not in notes]  # the same data in every run: say each thing once
         rows = evaluate_run(cfg, lm, folder, seed)
         rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed
         frames.append(rows)
@@ -93,7 +94,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     layers = pd.DataFrame(layer_rows)
     agg = aggregate(items)
     test = compare_inputs(items)
-    meta = manifest(cfg, lm=lm, comparison=test, confidence_interval="95% t-interval over seed means (per input, alpha)",
+    meta = manifest(cfg, lm=lm, comparison=test, notes=notes, confidence_interval="95% t-interval over seed means (per input, alpha)",
                     alpha_units=cfg.alpha_units, cost_term=COST_TERMS[cfg.alpha_units])
     from skipbench.plots import controller_figures
 
@@ -102,7 +103,8 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     write_atomic(layers, out.with_name(out.stem + "-layers.parquet"))
     write_atomic(agg, out.with_name(out.stem + "-agg.parquet"))
     path = write_atomic(items, out, meta)
-    return {"items": items, "agg": agg, "layers": layers, "comparison": test, "path": path, "figures": figures}
+    return {"items": items, "agg": agg, "layers": layers, "comparison": test, "path": path, "figures": figures,
+            "notes": notes}
 
 
 def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
@@ -155,7 +157,7 @@ def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: flo
     """Does the hidden-state input help at matched cost? Each training run (input, alpha, seed) is one unit:
     its items are averaged first, so items of one run are not counted as independent evidence. An OLS over
     runs of the run-mean metric on the run-mean executed layers plus a hidden-input indicator (an ANCOVA);
-    the indicator's coefficient with its 95% interval, and the runs per input that would resolve `margin`."""
+    the indicator's coefficient with its 95% interval, and a guide to the runs per input an equivalence verdict needs."""
     from skipbench.stats import ols_effect, runs_to_resolve
     from skipbench.verdicts import MARGINS
 
@@ -174,4 +176,4 @@ def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: flo
             "runs_per_input": runs.groupby("input").size().to_dict(), "hidden_effect": eff["effect"],
             "lo": eff["lo"], "hi": eff["hi"], "std_error": eff["std_error"], "dof": eff["dof"],
             "p_value": eff.get("p_value"), "residual_sd": eff["residual_sd"], "margin": margin,
-            "runs_needed_per_input": runs_to_resolve(eff["residual_sd"], margin)}
+            "runs_needed_per_input": runs_to_resolve(eff["std_error"], len(runs), eff["effect"], margin)}

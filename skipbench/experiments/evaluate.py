@@ -25,7 +25,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.experiments.common import PolicyConfig
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
-from skipbench.models.loading import LoadedModel
+from skipbench.models.loading import LoadedModel, model_fingerprint
 from skipbench.policies.controller import check_backbone
 from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
 
@@ -107,6 +107,8 @@ def part_path(cfg: EvalConfig, p: Point) -> Path:
     if p.policy == "full":
         ident = replace(ident, policy="full", per_token=False, controller=None, gate="sample", router=None, seed=0)
     fields = config_dict(ident)
+    if model_fingerprint(cfg.model):  # a local folder written again (a new fine-tuning run) is another model
+        fields["model_fingerprint"] = model_fingerprint(cfg.model)
     if p.policy in LEARNED:  # the same folder retrained is another policy
         from skipbench.training import checkpoint_fingerprint
 

@@ -9,6 +9,7 @@ command is the one the preset asks for now: a stage whose settings changed runs 
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,32 +26,49 @@ class Stage:
     output: Path
     results: Path = Path("results")
     restartable: bool = False  # a training stage: its checkpoint is resumed only by the same settings
+    produces: Path | None = None  # what later stages name in their arguments (default: `output`)
+    needs: tuple[str, ...] = ()  # earlier stages whose products this one reads
+
+    def _record_of(self, name: str) -> Path:
+        return self.results / ".reproduce" / (name.replace(" ", "-") + ".json")
 
     @property
     def record(self) -> Path:
         """Where a finished stage records the command it ran (written only once the command succeeded)."""
-        return self.results / ".reproduce" / (self.name.replace(" ", "-") + ".json")
+        return self._record_of(self.name)
 
-    def _recorded(self) -> list[str] | None:
+    def _read(self, path: Path) -> dict | None:
         try:
-            return json.loads(self.record.read_text()).get("argv") if self.record.exists() else None
+            return json.loads(path.read_text()) if path.exists() else None
         except json.JSONDecodeError:  # a damaged record: as if the stage never finished
             return None
 
+    def _upstream(self) -> dict:
+        """The finish stamps of the stages this one reads: a stage re-run upstream makes this one stale."""
+        return {name: (self._read(self._record_of(name)) or {}).get("stamp") for name in self.needs}
+
+    def _stale(self) -> bool | None:
+        """None: never finished; else whether its command or an upstream product changed since it finished."""
+        rec = self._read(self.record)
+        if rec is None:
+            return None
+        return rec.get("argv") != list(self.argv) or rec.get("upstream", {}) != self._upstream()
+
     def done(self) -> bool:
-        return self.output.exists() and self._recorded() == list(self.argv)
+        return self.output.exists() and self._stale() is False
 
     def run_argv(self) -> list[str]:
-        """The command to run now: a training stage that finished with other settings starts over (an
-        unfinished one resumes its checkpoint)."""
-        recorded = self._recorded()
-        stale = recorded is not None and recorded != list(self.argv)
-        return [*self.argv, "--restart"] if self.restartable and stale else list(self.argv)
+        """The command to run now: a training stage that finished with other settings or other inputs starts
+        over (an unfinished one resumes its checkpoint)."""
+        return [*self.argv, "--restart"] if self.restartable and self._stale() else list(self.argv)
 
     def finish(self) -> None:
+        import time
+
         self.record.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record.with_name(self.record.name + ".tmp")
-        tmp.write_text(json.dumps({"argv": list(self.argv), "output": str(self.output)}))
+        tmp.write_text(json.dumps({"argv": list(self.argv), "output": str(self.output), "stamp": time.time_ns(),
+                                   "upstream": self._upstream()}))
         tmp.replace(self.record)
 
     def command(self) -> str:
@@ -159,5 +177,12 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             "--new-tokens", str(bn.get("new_tokens", 64)), "--repeats", str(bn.get("repeats", 3)),
             "--warmup", str(bn.get("warmup", 1)), "--impl", "both", "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
-    training = ("controllers sweep", "flexidepth train")
-    return [Stage(st.name, st.argv, st.output, r, st.name in training) for st in out]
+    training = ("finetune", "controllers sweep", "flexidepth train")
+    products = {"finetune": r / "finetune", "flexidepth train": flexi_run}
+    done: list[tuple[str, str]] = []
+    stages_ = []
+    for st in out:
+        needs = tuple(name for name, made in done if any(re.search(re.escape(made) + r"(/|,|$)", a) for a in st.argv))
+        stages_.append(Stage(st.name, st.argv, st.output, r, st.name in training, needs=needs))
+        done.append((st.name, str(products.get(st.name) or st.output)))
+    return stages_

@@ -60,7 +60,28 @@ class LoadedModel:
         cfg = self.model.config
         return {"name": self.name, "hub_id": ALIASES[self.name][0] if self.name in ALIASES else None,
                 "family": self.adapter.family, "num_layers": self.num_layers, "hidden_size": cfg.hidden_size,
-                "dtype": str(self.dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in self.model.parameters())}
+                "dtype": str(self.dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in self.model.parameters()),
+                "fingerprint": model_fingerprint(self.name)}
+
+
+def model_fingerprint(name: str) -> str | None:
+    """For a local model folder, a hash of its configs and its weight files' sizes and modification times: results
+    cached for a path (evaluate parts, teacher responses, checkpoints trained on it) are stale once the folder is
+    written again (e.g. a new `finetune` run). None for aliases and hub ids (their weights do not change under us).
+    Sizes and times, not contents: hashing gigabytes of weights on every call would cost more than the runs reused."""
+    import hashlib
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha1()
+    for f in sorted(folder.iterdir()):
+        if f.name in ("config.json", "skipbench.json"):
+            h.update(f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
 def cache_dir() -> Path:

@@ -6,13 +6,14 @@ logits (skip, execute). Input `hidden`: the detached hidden state entering the l
 Training uses straight-through hard Gumbel samples at temperature tau; evaluation samples (`sample`,
 as in the paper) or thresholds (`argmax`).
 
-Cost term, per response token, in one of three units (recorded with the checkpoint):
-  gated-mean  alpha * mean of the gates over the gated layers: what the authors' released code computes
-              (AdalasOPT: `torch.mean(layer_perc_execution) * alpha`, the fraction of response tokens running
-              each gated layer, averaged over the layers; it averages per sequence first, skipbench per
-              token). The paper's alphas 2-10 were run in these units. The default.
-  sum         alpha * sum of the gates (executed gated layers): alpha_sum = alpha_gated_mean / (L - 2).
-  fraction    alpha * fraction of the L layers executed (first and last included): alpha_fraction = L * alpha_sum.
+Cost term, per response token, in one of two units (recorded with the checkpoint):
+  fraction  alpha * fraction of the L layers executed (first and last included). What the authors' released
+            code computes (AdalasOPT: every layer, the ungated first and last included, appends the fraction of
+            response tokens that executed it, and the loss adds `torch.mean(...) * alpha` over the L layers; it
+            averages per sequence first, skipbench per token). The paper's alphas 2-10 were run in these units.
+            The default.
+  sum       alpha * sum of the gates (executed gated layers): the reading "alpha multiplies the sum of the
+            gates"; alpha_sum = alpha_fraction / L.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, checkpoint_module
 
 INPUTS = ("hidden", "constant")
-ALPHA_UNITS = ("gated-mean", "sum", "fraction")
+ALPHA_UNITS = ("fraction", "sum")
 GATES = ("sample", "argmax")
 
 
@@ -66,8 +67,7 @@ def _rng(*key) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**63 for k in key])
 
 
-COST_TERMS = {"gated-mean": "alpha * mean of the gates over the gated layers per response token, mean over tokens",
-              "sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
+COST_TERMS = {"sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
               "fraction": "alpha * fraction of the layers executed per response token, mean over tokens"}
 
 
@@ -79,7 +79,7 @@ class ControllerMethod:
     unused_params = False
     kv_mode = "fill"
 
-    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0, alpha_units: str = "gated-mean") -> None:
+    def __init__(self, controllers: Controllers, alpha: float, tau: float = 1.0, alpha_units: str = "fraction") -> None:
         if tau <= 0:
             raise SkipbenchError(f"--tau must be > 0, got {tau}")
         if alpha_units not in ALPHA_UNITS:
@@ -115,8 +115,7 @@ class ControllerMethod:
         gated = torch.stack(gates).sum(0)
         executed = gated + (self.controllers.num_layers - len(gates))
         layers = float((executed * m).sum().detach() / m.sum())
-        per_token = {"gated-mean": gated / len(gates), "sum": gated,
-                     "fraction": executed / self.controllers.num_layers}[self.alpha_units]
+        per_token = {"sum": gated, "fraction": executed / self.controllers.num_layers}[self.alpha_units]
         return self.alpha * (per_token * m).sum(), {"layers": layers}
 
     def config(self) -> dict:
