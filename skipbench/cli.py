@@ -28,10 +28,8 @@ class SkipbenchGroup(TyperGroup):
     """Maps user mistakes to one line on stderr and exit code 1, never a traceback."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
-        from skipbench import distributed
-
-        try:
-            if distributed.world_size() > 1:
+        try:  # torch is imported only by commands that need it (plan, oracle and --help do not)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 _under_torchrun(list(sys.argv[1:] if args is None else args))
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SkipbenchError as exc:
@@ -44,7 +42,8 @@ class SkipbenchGroup(TyperGroup):
         except typer.Abort:
             _fail("aborted")
         finally:
-            distributed.shutdown()
+            if "skipbench.distributed" in sys.modules:
+                sys.modules["skipbench.distributed"].shutdown()
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)
@@ -118,22 +117,43 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _policy(policy: str, cost, exit_layer, keep, seed, per_token, first_layer):
-    from skipbench.experiments.common import PolicyConfig
-    from skipbench.policies.base import parse_int_list
+PolicyHelp = ("full | early-exit:E | uniform:C | random:C | random-token:C | layers:0,3,5 | controller:DIR | "
+              "flexidepth:DIR, or a plugin's (skipbench policies lists them)")
 
-    return PolicyConfig(
-        name=policy, cost=cost, exit_layer=exit_layer, keep=parse_int_list(keep) if keep else None,
-        seed=seed, per_token=per_token, first_layer=first_layer,
-    )
+
+def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed=0, per_token=False,
+           first_layer=True, checkpoint=None, gate="sample"):
+    """The one policy grammar, plus the older separate options (`--policy uniform --cost 15`, `--keep 0,3,5`,
+    `--per-token`, `--controller DIR`), which fill in the argument a spec leaves out."""
+    from skipbench.policies import PolicySpec, parse_policies, with_costs
+
+    specs = parse_policies(policy, seed=seed, gate=gate, first_layer=first_layer)
+    out = []
+    for s in specs:
+        name, arg = s.name, s.arg
+        if name == "random" and per_token:
+            name = "random-token"
+        if not arg:
+            given = {"cost": exit_layer if name == "early-exit" and exit_layer is not None else cost,
+                     "layers": keep, "checkpoint": checkpoint}.get(s.strategy.arg)
+            arg = "" if given is None else str(given)
+        out.append(PolicySpec(name=name, arg=arg, seed=seed, gate=gate, first_layer=first_layer))
+    return with_costs(out, costs)
+
+
+def _one_spec(policy: str, **kw):
+    specs = _specs(policy, **kw)
+    if len(specs) != 1:
+        raise SkipbenchError(f"--policy '{policy}' names {len(specs)} policies; this command runs one")
+    return specs[0]
 
 
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="the user instruction (the chat template is applied when the model has one)"),
     model: str = ModelOpt,
-    policy: str = typer.Option("full", help="full | early-exit | uniform | random | layers"),
-    cost: Optional[int] = typer.Option(None, help="layers executed per generated token (uniform, random)"),
+    policy: str = typer.Option("full", help=PolicyHelp),
+    cost: Optional[int] = typer.Option(None, help="layers executed per generated token (same as uniform:C)"),
     exit_layer: Optional[int] = typer.Option(None, help="early-exit: number of layers run before the exit"),
     keep: Optional[str] = typer.Option(None, help="layers: comma-separated 0-based layer indices"),
     seed: int = typer.Option(0, help="seed of random skipping and of sampling"),
@@ -150,14 +170,15 @@ def generate(
 ) -> None:
     """Generate text under a layer-skipping policy.
 
-    Example: skipbench generate --policy uniform --cost 15 --prompt "Please calculate the sum of 99, 45 and 12."
+    Example: skipbench generate --policy uniform:15 --prompt "Please calculate the sum of 99, 45 and 12."
     """
     from skipbench.engine import Sampling
     from skipbench.experiments.generate import GenerateConfig, run
 
     _quiet_transformers()
     cfg = GenerateConfig(
-        prompt=prompt, model=model, policy=_policy(policy, cost, exit_layer, keep, seed, per_token, first_layer),
+        prompt=prompt, model=model, policy=_one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed,
+                                                     per_token=per_token, first_layer=first_layer),
         max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature, top_p, seed),
         device=device, dtype=dtype,
     )
@@ -178,7 +199,8 @@ def generate(
 def plan(
     layers: int = typer.Option(..., help="number of decoder layers L"),
     cost: Optional[int] = typer.Option(None, help="layers to execute c"),
-    policy: str = typer.Option("uniform", help="uniform | early-exit | random | layers | full"),
+    policy: str = typer.Option("uniform", help="a static or per-sequence policy: uniform:C | early-exit:E | random:C | "
+                               "layers:0,3,5 | full"),
     exit_layer: Optional[int] = typer.Option(None),
     keep: Optional[str] = typer.Option(None),
     seed: int = typer.Option(0),
@@ -190,13 +212,10 @@ def plan(
     """
     if layers < 1:
         raise SkipbenchError(f"--layers must be >= 1, got {layers}")
-    if policy == "early-exit" and exit_layer is None:
-        exit_layer = cost
-    pol = _policy(policy, cost, exit_layer, keep, seed, False, first_layer).build(layers)
-    pol.begin(1)
-    executed = pol.executed_layers()
+    spec = _one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed, first_layer=first_layer)
+    executed = spec.plan(layers)  # no model and no torch: the plan is a function of the spec and the depth
     if executed is None:
-        raise SkipbenchError(f"policy '{policy}' has no static plan")
+        raise SkipbenchError(f"policy '{spec.label}' ({spec.strategy.kind}) has no static plan")
     typer.echo(" ".join(map(str, executed)))
 
 
@@ -218,9 +237,9 @@ def models() -> None:
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
-    from skipbench.policies.base import parse_int_list
+    from skipbench.policies.spec import parse_int_list
 
-    values = parse_int_list(text)
+    values = parse_int_list(text, what)
     if not values:
         raise SkipbenchError(f"{what} needs at least one integer")
     return values
@@ -229,8 +248,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: str = ModelOpt,
-    policies: str = typer.Option("full,uniform:15", help="comma-separated: full, uniform:C, early-exit:E, random:C, "
-                                 "random-token:C, layers:0;3;5, flexidepth[:DIR], controller:DIR"),
+    policies: str = typer.Option("full,uniform:15", help="comma-separated specs: " + PolicyHelp),
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
     new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
@@ -251,9 +269,9 @@ def bench(
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
-    specs = tuple(p.strip().replace(";", ",") if p.strip().startswith("layers:") else p.strip()
-                  for p in policies.split(",") if p.strip())
-    cfg = BenchConfig(model=model, policies=specs, batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+    from skipbench.policies import parse_policies
+
+    cfg = BenchConfig(model=model, policies=tuple(parse_policies(policies, seed=seed)), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
                       compile=compile, device=device, dtype=dtype, seed=seed, out=out)
     with Bar("bench") as bar:
@@ -293,7 +311,8 @@ def evaluate(
     dataset: str = DatasetOpt,
     split: str = typer.Option("all", help="all | train | validation | test (a seeded 70/15/15 split)"),
     limit: int = typer.Option(100, help="first N items of the split (0 = all)"),
-    policy: str = typer.Option("uniform", help="full | early-exit | uniform | random"),
+    policy: str = typer.Option("uniform", help="specs, e.g. uniform:8,15,22 or early-exit:10,uniform:15 (" + PolicyHelp
+                               + "); a sweeping policy without an argument takes --costs"),
     costs: str = typer.Option("", help="comma-separated layer counts (default: L/4, L/2, 3L/4); full always runs too"),
     seed: int = typer.Option(0, help="seed of random skipping and of the data split"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
@@ -323,11 +342,11 @@ def evaluate(
     cfg = EvalConfig(
         model=model,
         data=DataSpec(dataset, split, limit or None, seed, prompt_field, reference_field),
-        policy=policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed, per_token=per_token,
-        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
+        policies=tuple(_specs(policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed,
+                              per_token=per_token, checkpoint=controller or router, gate=gate)),
+        seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
-        out=out or default_out("evaluate", model, dataset), resume=resume, controller=controller, gate=gate,
-        router=router,
+        out=out or default_out("evaluate", model, dataset), resume=resume,
     )
     with Bar("evaluate") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)

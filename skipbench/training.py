@@ -30,11 +30,12 @@ from skipbench import distributed
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
-from skipbench.engine.generate import eos_ids, left_pad, pad_id
+from skipbench.engine.protocol import GateFn
+from skipbench.engine.decode import eos_ids, left_pad, pad_id
+from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
 from skipbench.errors import SkipbenchError
 from skipbench.metrics import kl_divergence
 from skipbench.models.loading import LoadedModel, model_fingerprint
-from skipbench.policies import make_policy
 from skipbench.results import config_dict
 
 
@@ -77,8 +78,9 @@ class Method:
         """gate(i, h) for the differentiable pass; random draws seeded per row by `keys`."""
         raise NotImplementedError
 
-    layer_fn: Callable | None = None
     kv_mode: str = "fill"
+    #: its gates route layers (protocol.Route) instead of blending them: no prompt in the same pass
+    routes: bool = False
     #: a step may leave some parameters without a gradient (data parallelism must then look for them)
     unused_params: bool = False
 
@@ -147,10 +149,10 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     cached = json.loads(cache_file.read_text()).get(key, {}) if cache_file and cache_file.exists() else {}
     todo = [i for i in keep if items[i].item_id not in cached]
     mine = [todo[j] for j in d.shard([items[i].item_id for i in todo])]  # each rank generates its share
-    full, stops, new = make_policy("full", lm.num_layers), eos_ids(lm), {}
+    stops, new = eos_ids(lm), {}
     for s in range(0, len(mine), 8):
         idx = mine[s : s + 8]
-        gen = generate(lm, [prompts[i] for i in idx], full, cfg.max_new_tokens)
+        gen = generate(lm, [prompts[i] for i in idx], None, cfg.max_new_tokens)
         for r, i in enumerate(idx):
             new[items[i].item_id] = [t for t in gen.tokens[r] if t not in stops]
     for share in d.all_gather(new):
@@ -194,20 +196,21 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
     frozen = teacher is None
     teacher = teacher or engine
     with torch.no_grad():
-        cache = teacher.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
-        cache.pad = (~present).sum(1)
-        teacher.forward(ids, cache, None, present=present, last_only=True)
+        cache, _ = teacher.prefill(ids, present, ids.shape[1] + resp.shape[1], last_only=True)
         # the distillation target: every layer runs, so the KV mode of the cache does not matter
         target = teacher.forward(resp, cache.clone() if frozen else cache, None).logits if loss_kind == "kl" else None
     t1 = time.perf_counter()
+    if engine.kv_mode != "fill" and not method.routes:
+        raise SkipbenchError("training skip controllers needs --kv-mode fill")
+    gate = GateFn(lm.num_layers, method.gate_fn(keys), method.kind)
     if frozen:  # the prompt prefilled above is exactly what the trained pass would compute
-        logits, gates = engine.forward_soft(resp, cache, method.gate_fn(keys), method.layer_fn)
+        out = engine.run(resp, cache, gate)
     else:  # the prompt's K/V depend on the trained weights: prompt and response in one pass
         cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
         cache.pad = (~present).sum(1)
-        logits, gates = engine.forward_soft(torch.cat([ids, resp], 1), cache, method.gate_fn(keys), method.layer_fn,
-                                            present=torch.cat([present, torch.ones_like(mask)], 1),
-                                            gated_from=ids.shape[1])
+        out = engine.run(torch.cat([ids, resp], 1), cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
+                         gated_from=ids.shape[1])
+    logits, gates = out.logits, out.gates
     if loss_kind == "kl":  # KL(p_hat || p_full) at every response position
         per_token, weight = kl_divergence(logits, target), mask
     else:  # next-token cross-entropy on the response
@@ -388,7 +391,7 @@ def _unfreeze_backbone(lm: LoadedModel, method: Method, cfg: TrainConfig) -> Eng
 
     from skipbench.models.adapters import make_adapter
 
-    if method.layer_fn is not None:
+    if method.routes:
         raise SkipbenchError("--train-backbone is for skip controllers; FlexiDepth trains its routers on a frozen model")
     original = copy.deepcopy(lm.model)  # before any update (and before a resumed backbone is loaded)
     original.requires_grad_(False)
@@ -418,7 +421,6 @@ def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
         raise SkipbenchError(f"'{folder}' does not match the model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
 
 
-BACKBONE = "backbone"  # <out>/backbone: the jointly trained model, a plain model folder for `--model`
 
 
 def _save_backbone(lm: LoadedModel, out: Path, step: int) -> None:
@@ -456,8 +458,7 @@ def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConf
 def check_held_out(items, path: str) -> None:
     """Learned policies are evaluated on items they were not trained on: the checkpoint's training items
     (rebuilt from its recorded data spec) must not overlap the items to evaluate."""
-    cfg_file = Path(path) / "config.json"
-    train_cfg = json.loads(cfg_file.read_text()).get("train") if cfg_file.exists() else None
+    train_cfg = training_record(path)
     if not train_cfg or not train_cfg.get("data"):
         return  # no training record (a hand-made checkpoint): nothing to check against
     spec = DataSpec(**train_cfg["data"])
@@ -467,28 +468,3 @@ def check_held_out(items, path: str) -> None:
         raise SkipbenchError(f"{seen} of the {len(items)} items to evaluate were used to train '{path}' (dataset "
                              f"{spec.name}, split {spec.split}, seed {spec.seed}); evaluate a learned policy on "
                              "held-out items, e.g. --split test")
-
-
-def checkpoint_fingerprint(path: str) -> str:
-    """A hash of a checkpoint's config and weights: results cached for a path are stale once it is retrained."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name in ("config.json", "weights.safetensors"):
-        f = Path(path) / name
-        h.update(f.read_bytes() if f.exists() else b"")
-    return h.hexdigest()[:12]
-
-
-def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
-    """(config, weights) of a saved method; a clear error when the folder is not one."""
-    from safetensors.torch import load_file
-
-    folder = Path(path)
-    cfg_file, weights = folder / "config.json", folder / "weights.safetensors"
-    if not cfg_file.exists() or not weights.exists():
-        raise SkipbenchError(f"'{path}' is not a trained {kind} folder (needs config.json and weights.safetensors)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("kind") != kind:
-        raise SkipbenchError(f"'{path}' holds a '{meta.get('kind')}' checkpoint, not '{kind}'")
-    return meta, load_file(str(weights))

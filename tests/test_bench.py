@@ -42,10 +42,9 @@ def test_removed_layers_model_equals_plan(tokenizer):
     from skipbench.models import wrap_model
     from skipbench.models.loading import remove_layers
     from skipbench.policies import make_policy
-    from skipbench.policies.base import PolicyOptions
 
     lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
-    plan = make_policy("uniform", 6, PolicyOptions(cost=3))
+    plan = make_policy("uniform:3", 6)
     small = wrap_model(remove_layers(lm.model, plan.executed_layers()), tokenizer, "small")
     ps = prompts(tokenizer, 3)
     a = generate(lm, ps, plan, 10, prompt_depth="policy")

@@ -46,14 +46,14 @@ def test_generate_json_random_per_token(tiny_dirs):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["plan", "--layers", 24, "--cost", 30], "--cost must be between 1 and 24"),
+        (["plan", "--layers", 24, "--cost", 30], "the cost must be between 1 and 24"),
         (["plan", "--layers", 24, "--cost", "x"], "Invalid value for '--cost'"),
         (["plan", "--layers", 24, "--cost", 3, "--policy", "nope"], "unknown policy 'nope'"),
         (["generate", "--model", "no-such-alias", "--prompt", "hi"], "unknown model 'no-such-alias'"),
         (["generate", "--model", "some-org/not-cached-anywhere", "--prompt", "hi"], "not in the local Hugging Face cache"),
         (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
         (["generate", "--prompt", "hi", "--kv-mode", "maybe", "--model", "{llama}"], "--kv-mode must be"),
-        (["generate", "--prompt", "hi", "--policy", "uniform", "--model", "{llama}"], "needs --cost"),
+        (["generate", "--prompt", "hi", "--policy", "uniform", "--model", "{llama}"], "needs a cost"),
         (["generate", "--prompt", "hi", "--policy", "uniform", "--cost", 7, "--model", "{llama}"], "between 1 and 6"),
         (["generate", "--prompt", "hi", "--device", "tpu", "--model", "{llama}"], "--device must be"),
     ],

@@ -15,11 +15,10 @@ from conftest import prompts, tiny_model
 from skipbench.cli import app
 from skipbench.data import DataSpec
 from skipbench.engine import Engine
-from skipbench.engine.generate import left_pad
+from skipbench.engine.decode import left_pad
 from skipbench.experiments import cosine as cs
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy
-from skipbench.policies.base import PolicyOptions
 
 
 def test_every_strategy_at_full_cost_is_the_full_model(tiny_dirs, tmp_path):
@@ -41,7 +40,7 @@ def test_early_exit_states_equal_full_up_to_the_exit(tokenizer, exit_layer):
     cache.pad = (~present).sum(1)
     engine.forward(ids, cache, None, present=present)
     full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
-    ee = engine.forward(resp, cache.clone(), make_policy("early-exit", 6, PolicyOptions(exit_layer=exit_layer)), keep_hidden=True)
+    ee = engine.forward(resp, cache.clone(), make_policy(f"early-exit:{exit_layer}", 6), keep_hidden=True)
     cos = cs.cosines(full.hidden, ee.hidden)
     assert torch.allclose(cos[: exit_layer + 1], torch.ones_like(cos[: exit_layer + 1]), atol=1e-6)
     assert (cos[exit_layer + 1 :] < 0.9999).any()

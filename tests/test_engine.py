@@ -7,11 +7,11 @@ import torch
 
 from conftest import prompts, tiny_model
 from skipbench.engine import Engine, generate
-from skipbench.engine.generate import left_pad
+from skipbench.engine.decode import left_pad
 from skipbench.models import wrap_model
 from skipbench.models.loading import remove_layers
-from skipbench.policies import Policy, make_policy
-from skipbench.policies.base import PolicyOptions
+from skipbench.engine.protocol import Policy
+from skipbench.policies import make_policy
 
 FAMILIES = ["llama", "qwen3", "opt", "mistral", "qwen2"]
 
@@ -60,8 +60,8 @@ STATIC_SPECS = [("uniform", 3), ("early-exit", 4), ("layers", (0, 2, 5)), ("rand
 
 
 def static_policy(name, arg, num_layers):
-    opts = PolicyOptions(keep=arg) if name == "layers" else PolicyOptions(cost=arg, seed=3)
-    policy = make_policy(name, num_layers, opts)
+    text = f"{name}:{','.join(map(str, arg))}" if name == "layers" else f"{name}:{arg}"
+    policy = make_policy(text, num_layers, seed=3)
     policy.begin(1)
     return policy
 
@@ -104,8 +104,8 @@ class SignGate(Policy):
 
 def per_token_policies(num_layers):
     return {
-        "uniform": make_policy("uniform", num_layers, PolicyOptions(cost=3)),
-        "random-token": make_policy("random", num_layers, PolicyOptions(cost=3, seed=5, per_token=True)),
+        "uniform": make_policy("uniform:3", num_layers),
+        "random-token": make_policy("random-token:3", num_layers, seed=5),
         "sign": SignGate(num_layers),
     }
 
@@ -150,7 +150,7 @@ def test_cached_equals_uncached(family, kv_mode, policy_name, tokenizer):
 
 def test_none_mode_writes_no_kv_for_skipped_layers(tokenizer):
     lm = lm_for("llama", tokenizer)
-    policy = make_policy("uniform", lm.num_layers, PolicyOptions(cost=3))
+    policy = make_policy("uniform:3", lm.num_layers)
     ids, present = left_pad(prompts(tokenizer, 2), 0, "cpu")
     for mode in ("none", "fill"):
         engine = Engine(lm.adapter, mode)
@@ -193,7 +193,7 @@ def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer):
     def make():
         if policy_name == "sign":
             return SignGate(lm.num_layers)
-        return make_policy("random", lm.num_layers, PolicyOptions(cost=3, seed=2, per_token=policy_name == "random-token"))
+        return make_policy(f"{policy_name.replace('-seq', '')}:3", lm.num_layers, seed=2)
 
     runs = {}
     for impl in ("gather", "mask"):

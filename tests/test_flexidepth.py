@@ -12,11 +12,10 @@ from typer.testing import CliRunner
 from conftest import prompts, tiny_model
 from skipbench.cli import app
 from skipbench.engine import Engine, generate
-from skipbench.engine.generate import left_pad
+from skipbench.engine.decode import left_pad
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy
 from skipbench.models import load_model
-from skipbench.policies.base import PolicyOptions
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy
 
 
@@ -168,12 +167,12 @@ def test_a_policy_never_overrides_the_kv_mode_silently(tiny_dirs, tmp_path):
     base = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "3", "--policy", "flexidepth",
             "--router", str(router), "--max-new-tokens", "5", "--out", str(out)]
     res = CliRunner().invoke(app, [*base, "--kv-mode", "fill"])
-    assert res.exit_code == 1 and "conflicts with policy 'flexidepth'" in res.stderr and not out.exists()
+    assert res.exit_code == 1 and "conflicts with policy 'flexidepth:" in res.stderr and not out.exists()
     res = CliRunner().invoke(app, base)  # auto: the mode the router was trained with
     assert res.exit_code == 0, res.output
     rows = pd.read_parquet(out)
     assert rows.groupby("policy")["kv_mode"].agg(set).to_dict() == {"full": {"fill"}, "flexidepth": {"none"}}
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
-    policy = make_policy("flexidepth", 6, PolicyOptions(extra={"path": str(router)}))
+    policy = make_policy(f"flexidepth:{router}", 6)
     assert generate(lm, prompts(lm.tokenizer, 2), policy, 4).kv_mode == "none"
     assert generate(lm, prompts(lm.tokenizer, 2), make_policy("full", 6), 4, kv_mode="none").kv_mode == "none"

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from skipbench.errors import SkipbenchError
-from skipbench.policies import make_policy, parse_policy_spec
-from skipbench.policies.base import PolicyOptions
+from skipbench.policies import make_policy, parse_policies
 from skipbench.policies.static import uniform_plan
 
 
@@ -39,7 +38,7 @@ def test_random_exactly_c_first_layer_and_seeded(per_token):
     pos = torch.arange(6)[None].repeat(4, 1)
 
     def draw(seed):
-        pol = make_policy("random", L, PolicyOptions(cost=c, seed=seed, per_token=per_token))
+        pol = make_policy(f"random{'-token' if per_token else ''}:{c}", L, seed=seed)
         pol.begin(4)
         pol.new_step(pos)
         gates = [pol.gate(i, None) for i in range(L)]
@@ -55,7 +54,7 @@ def test_random_exactly_c_first_layer_and_seeded(per_token):
 
 
 def test_random_without_first_layer():
-    pol = make_policy("random", 10, PolicyOptions(cost=3, seed=0, first_layer=False))
+    pol = make_policy("random:3", 10, seed=0, first_layer=False)
     firsts = []
     for key in range(40):
         pol.begin(1, row_keys=[key])
@@ -67,17 +66,31 @@ def test_random_without_first_layer():
 @pytest.mark.parametrize("cost", [0, -1, 31])
 def test_invalid_costs(cost):
     with pytest.raises(SkipbenchError, match="between 1 and 30"):
-        make_policy("uniform", 30, PolicyOptions(cost=cost))
+        make_policy(f"uniform:{cost}", 30)
 
 
 def test_unknown_policy_lists_known():
-    with pytest.raises(SkipbenchError, match="known: controller, early-exit, flexidepth, full, layers, random, uniform"):
+    with pytest.raises(SkipbenchError, match="known: full, early-exit, uniform, random, random-token, layers, controller, flexidepth"):
         make_policy("nope", 10)
 
 
 def test_spec_parsing():
-    assert parse_policy_spec("uniform:15", 30).executed_layers() == uniform_plan(30, 15)
-    assert parse_policy_spec("early-exit:4", 30).executed_layers() == [0, 1, 2, 3]
-    assert parse_policy_spec("random-token:22", 30).per_token
+    assert make_policy("uniform:15", 30).executed_layers() == uniform_plan(30, 15)
+    assert make_policy("early-exit:4", 30).executed_layers() == [0, 1, 2, 3]
+    assert make_policy("random-token:22", 30).per_token
     with pytest.raises(SkipbenchError):
-        parse_policy_spec("uniform:x", 30)
+        make_policy("uniform:x", 30)
+
+
+def test_one_grammar_for_points_sweeps_and_sets():
+    specs = parse_policies("full,uniform:8,15,22,layers:0,3,5,random-token:22,flexidepth", seed=3)
+    assert [s.label for s in specs] == ["full", "uniform:8", "uniform:15", "uniform:22", "layers:0,3,5",
+                                        "random-token:22", "flexidepth:runs/flexidepth"]
+    assert all(s.seed == 3 for s in specs)
+    assert [s.cost(30) for s in specs] == [30.0, 8.0, 15.0, 22.0, 3.0, 22.0, None]  # learned: measured, not nominal
+    assert [s.label for s in parse_policies("layers:0;3;5")] == ["layers:0,3,5"]  # bench's older form
+    assert parse_policies(["uniform:4", "early-exit:2"])[1].plan(6) == [0, 1]
+    for bad, msg in (("8,15", "follows no NAME:ARG"), ("uniform:31", "between 1 and 30"), ("layers:0,40", "0..29"),
+                     ("full:3", "takes no argument"), ("nope:3", "unknown policy 'nope'")):
+        with pytest.raises(SkipbenchError, match=msg):
+            [s.checked(30) for s in parse_policies(bad)]

@@ -24,3 +24,13 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
         # transformers returns a list of ids, or a BatchEncoding, depending on version and tokenizer
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return list(tokenizer(ALPACA_TEMPLATE.format(instruction=text))["input_ids"])
+
+
+def encode_items(lm, items: list, max_prompt_tokens: int) -> tuple[list[list[int]], int]:
+    """Every item's prompt as token ids (instructions cut to `max_prompt_tokens`), and how many were cut."""
+    encoded, truncated = [], 0
+    for it in items:
+        text, cut = truncate(lm.tokenizer, it.prompt, max_prompt_tokens)
+        truncated += cut
+        encoded.append(encode_prompt(lm.tokenizer, text))
+    return encoded, truncated

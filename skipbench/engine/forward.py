@@ -1,6 +1,8 @@
 """The skip-aware forward pass: embed, positions, `for layer ...` with a gate, final norm, head.
 
-It reads like `LlamaModel.forward`; the only addition is the gate each layer asks the policy for.
+It reads like `LlamaModel.forward`; the only addition is the gate each layer asks the policy for (the protocol
+is in engine/protocol.py). One loop serves generation (hard gates, no gradients: `forward`) and training (soft
+gates and routed layers with gradients: `run`).
 A skipped layer is the identity on the residual stream. For a token that skips layer i the KV mode
 decides what the cache gets: `fill` writes the K/V that layer would compute from the hidden state the
 token carries, `none` writes nothing (and later queries at layer i do not see the token).
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from skipbench.errors import SkipbenchError
+
 from skipbench.engine.cache import KVCache
+from skipbench.engine.protocol import Gate, Policy, Route
 from skipbench.models.adapters import Adapter
-from skipbench.policies.base import Gate, Policy
 
 
 @dataclass
@@ -23,6 +27,7 @@ class ForwardOut:
     logits: torch.Tensor  # [B, T or 1, vocab]
     executed: torch.Tensor | None  # [B, T, L] bool: which layers each token ran (when recorded)
     hidden: list[torch.Tensor] | None  # the residual stream entering each layer, plus the last one
+    gates: list | None = None  # soft gates and routers' gate values, layer by layer (training reads them)
 
 
 IMPLS = ("gather", "mask")
@@ -33,8 +38,6 @@ class Engine:
     for every token and then selects (kept to measure what gathering saves; both give the same tokens)."""
 
     def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "gather") -> None:
-        from skipbench.errors import SkipbenchError
-
         if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
         if impl not in IMPLS:
@@ -48,8 +51,20 @@ class Engine:
         ad = self.ad
         return KVCache.allocate(ad.num_layers, batch, ad.num_kv_heads, ad.head_dim, capacity, self.kv_mode, device, dtype)
 
+    def prefill(self, ids: torch.Tensor, present: torch.Tensor, capacity: int, policy: Policy | None = None,
+                **kw) -> tuple[KVCache, ForwardOut]:
+        """A cache for left-padded prompts `ids` (`present` marks real tokens) with room for `capacity` positions,
+        filled by running the prompts (at full depth unless a policy is given). Every prompt starts here."""
+        cache = self.new_cache(ids.shape[0], capacity, ids.device, next(self.ad.model.parameters()).dtype)
+        cache.pad = (~present).sum(1)
+        return cache, self.forward(ids, cache, policy, present=present, **kw)
+
     @torch.no_grad()
-    def forward(
+    def forward(self, ids: torch.Tensor, cache: KVCache, policy: Policy | None = None, **kw) -> ForwardOut:
+        """`run` without gradients: generation, scoring, hidden-state comparisons."""
+        return self.run(ids, cache, policy, **kw)
+
+    def run(
         self,
         ids: torch.Tensor,
         cache: KVCache,
@@ -59,11 +74,16 @@ class Engine:
         record: bool = False,
         keep_hidden: bool = False,
         last_only: bool = False,
+        gated_from: int = 0,
+        logits_from: int | None = None,
     ) -> ForwardOut:
         """Run `ids` [B, T] through the model, appending to `cache`.
 
         policy None runs every layer. `present` [B, T] marks real tokens (False for padding);
         `skippable` [B, T] limits the policy to some tokens (the rest run every layer).
+        `gated_from`: the first position the policy gates (the ones before, a prompt run in the same training
+        pass, run every layer); `logits_from`: the first position whose logits are returned (default
+        `gated_from`; `last_only` returns the last position's).
         """
         ad, num_tokens = self.ad, ids.shape[1]
         positions = cache.positions(num_tokens)
@@ -76,15 +96,23 @@ class Engine:
             policy.new_step(positions)
         executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None
         hidden = [] if keep_hidden else None
+        soft: list = []
 
         for i in range(ad.num_layers):
             if keep_hidden:
                 hidden.append(h)
-            own = policy.layer(self, i, h, pos, cache, real) if policy is not None else None
-            if own is not None:  # the policy runs this layer itself (FlexiDepth's routed layers)
-                h, gate = own
+            gate = True if policy is None else policy.gate(i, h[:, gated_from:] if gated_from else h)
+            if isinstance(gate, Route):  # the policy routes, the engine runs the routed layer
+                if gated_from:
+                    raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
+                soft.append(gate.scale)  # the router's gate values (FlexiDepth's L_skip reads them)
+                h, gate = self.routed(i, h, pos, cache, gate, real), gate.run
+            elif isinstance(gate, torch.Tensor) and gate.is_floating_point():  # soft gate: blend (training)
+                soft.append(gate)
+                g = torch.cat([gate.new_ones(gate.shape[0], gated_from), gate], 1) if gated_from else gate
+                h = g[..., None] * self.layer(i, h, pos, cache, True, real) + (1 - g[..., None]) * h
+                gate = g > 0.5
             else:
-                gate = True if policy is None else policy.gate(i, h)
                 if skippable is not None and gate is not True:
                     gate = skippable.logical_not() | gate
                 h = self.layer(i, h, pos, cache, gate, real)
@@ -94,10 +122,13 @@ class Engine:
         if keep_hidden:
             hidden.append(h)
         cache.length += num_tokens
+        first = gated_from if logits_from is None else logits_from
         if last_only:
             h = h[:, -1:]
+        elif first:
+            h = h[:, first:]
         logits = ad.head(ad.final_norm(h))
-        return ForwardOut(logits=logits, executed=executed, hidden=hidden)
+        return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft)
 
     def layer(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: Gate, real) -> torch.Tensor:
         """One decoder layer under a gate: run it, skip it, or run it for some tokens only."""
@@ -142,6 +173,26 @@ class Engine:
             hr_out = hr.index_put(sel, x + ad.mlp_block(i, x))
         return hr_out if every_row else h.index_copy(0, rows, hr_out)
 
+    def routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: Route, real=True) -> torch.Tensor:
+        """A routed layer (protocol.Route): attention for every token (K/V written for all, or only for the routed
+        ones when `kv_for_skipped` is False); the MLP, scaled, for the routed tokens only; the skip path for the
+        others."""
+        ad, run = self.ad, route.run
+        if not route.kv_for_skipped:  # skipped tokens write no K/V here (the cache is in `none` mode)
+            cache.mark([i], run if real is True else run & real, h.shape[1])
+        h_attn = h + self.attend(i, h, pos, cache)
+        out = torch.empty_like(h)
+        full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
+        if full[0].numel():
+            x = h_attn[full]
+            out = out.index_put(full, x + route.scale[full][:, None] * ad.mlp_block(i, x))
+        if skip[0].numel():
+            y = h[skip]
+            if route.skip is not None:
+                y = y + route.skip(ad.mlp_norm(i, y), skip).to(h.dtype)
+            out = out.index_put(skip, y)
+        return out
+
     def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of layer i for every token of h (writing their K/V): the first residual branch.
         `rows`: h holds only these rows of the batch."""
@@ -156,51 +207,6 @@ class Engine:
             q, keys, values, attn_mask=mask, scale=ad.scale, is_causal=mask is None and num_tokens > 1, enable_gqa=self.gqa
         )
         return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
-
-    def forward_soft(self, ids: torch.Tensor, cache: KVCache, gate_fn, layer_fn=None,
-                     present: torch.Tensor | None = None, gated_from: int = 0,
-                     logits_from: int | None = None) -> tuple[torch.Tensor, list]:
-        """A differentiable pass for training skip policies, appending `ids` to a (prefilled) cache.
-
-        gate_fn(i, h) returns None (the layer runs) or float gates [B, T] in [0, 1] (straight-through
-        hard samples): h <- g * layer(h) + (1 - g) * h. Only the `fill` KV mode is trainable this way:
-        every token writes the K/V its carried state gives, which is what the blend computes.
-        layer_fn(engine, i, h, pos, cache, gate) replaces the whole gated layer (FlexiDepth's routed layer).
-        `gated_from`: the first position that is gated; the ones before it (a prompt run in the same pass,
-        when the backbone is trained and the prompt's K/V need gradients) run every layer and get no logits.
-        `present` [B, T] marks real tokens (False for left padding).
-        `logits_from`: the first position whose logits are returned (default: `gated_from`).
-        Returns those logits and the list of gates used.
-        """
-        from skipbench.errors import SkipbenchError
-
-        if self.kv_mode != "fill" and layer_fn is None:
-            raise SkipbenchError("training skip controllers needs --kv-mode fill")
-        if gated_from and layer_fn is not None:
-            raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
-        ad, num_tokens = self.ad, ids.shape[1]
-        positions = cache.positions(num_tokens)
-        h = ad.embed(ids, positions)
-        pos = ad.position_embeddings(h, positions)
-        if self.kv_mode == "fill":
-            cache.mark(range(ad.num_layers), True if present is None else present, num_tokens)
-        gates = []
-        for i in range(ad.num_layers):
-            g = gate_fn(i, h[:, gated_from:] if gated_from else h)
-            if g is not None and layer_fn is not None:
-                h = layer_fn(self, i, h, pos, cache, g)
-            else:
-                out = self.layer(i, h, pos, cache, True, True)
-                if g is not None:
-                    full = torch.cat([g.new_ones(g.shape[0], gated_from), g], 1) if gated_from else g
-                    h = full[..., None] * out + (1 - full[..., None]) * h
-                else:
-                    h = out
-            if g is not None:
-                gates.append(g)
-        cache.length += num_tokens
-        first = gated_from if logits_from is None else logits_from
-        return ad.head(ad.final_norm(h[:, first:] if first else h)), gates
 
 
 def _take(pos, rows: torch.Tensor):

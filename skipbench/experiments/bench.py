@@ -30,12 +30,12 @@ import torch
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import generate
 from skipbench.engine.cache import resolve_kv_mode
-from skipbench.engine.generate import left_pad, next_token, pad_id, Sampling
+from skipbench.engine.decode import left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
-from skipbench.policies import make_policy, parse_policy_spec
-from skipbench.policies.base import Policy, PolicyOptions
+from skipbench.engine.protocol import Policy
+from skipbench.policies import PolicySpec, parse_policies
 from skipbench.results import flat_config, manifest, run_id, write_atomic
 
 PROMPTS = [
@@ -53,7 +53,7 @@ PROMPTS = [
 @dataclass(frozen=True)
 class BenchConfig:
     model: str = EMBEDDED
-    policies: tuple[str, ...] = ("full", "uniform:15")
+    policies: tuple[PolicySpec, ...] = ()  # empty: full and uniform at half depth
     batch_sizes: tuple[int, ...] = (1, 8)
     new_tokens: int = 64
     repeats: int = 3
@@ -73,14 +73,6 @@ class Variant:
     run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean)
     kind: str  # baseline | policy | bound
     kv_mode: str = "fill"  # the KV mode it ran under (a full-depth run writes every K/V: `fill`)
-
-
-def build_policy(spec: str, num_layers: int, seed: int) -> Policy:
-    name, _, arg = spec.partition(":")
-    if name in ("flexidepth", "controller"):
-        path = arg or ("runs/flexidepth" if name == "flexidepth" else "runs/controllers")
-        return make_policy(name, num_layers, PolicyOptions(seed=seed, extra={"path": path}))
-    return parse_policy_spec(spec, num_layers, seed)
 
 
 def _hf_variant(lm: LoadedModel, n: int) -> Variant:
@@ -122,17 +114,19 @@ def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode:
 def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
     out = [_hf_variant(lm, cfg.new_tokens)]
     bounds = []
-    for spec in cfg.policies:
-        policy = build_policy(spec, lm.num_layers, cfg.seed)
+    specs = cfg.policies or parse_policies(f"full,uniform:{max(1, lm.num_layers // 2)}")
+    for spec in specs:
+        policy = spec.build(lm.num_layers)
+        label = spec.label
         impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
-        kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{spec}'")
+        kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
         for impl in impls:
-            name = spec if len(impls) == 1 else f"{spec} [{impl}]"
+            name = label if len(impls) == 1 else f"{label} [{impl}]"
             out.append(Variant(name, _ours(lm, policy, cfg, impl, kv_mode), "policy", kv_mode))
         keep = policy.executed_layers() if policy.static else None
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
-            bounds.append(Variant(f"removed:{spec}", _ours(small, make_policy("full", len(keep)), cfg, "gather"), "bound"))
+            bounds.append(Variant(f"removed:{label}", _ours(small, None, cfg, "gather"), "bound"))
     return out + bounds
 
 
@@ -178,8 +172,6 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     if cfg.impl not in ("gather", "mask", "both"):
         raise SkipbenchError(f"--impl must be gather, mask or both, got '{cfg.impl}'")
-    if not cfg.policies:
-        raise SkipbenchError("--policies needs at least one policy")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.compile:
         from skipbench.engine.forward import enable_compile

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from skipbench.data import DataSpec, load_items
-from skipbench.engine.generate import eos_ids
+from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench.experiments import evaluate as ev
 from skipbench.experiments.cosine import compare_to_full, t_interval
@@ -109,8 +109,11 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
 
 def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
     """Generation quality (evaluate) and teacher-forced KL of one trained controller on held-out items."""
-    ecfg = ev.EvalConfig(model=cfg.train.model, data=cfg.eval_data, policy="controller", controller=str(folder),
-                         gate=cfg.gate, seed=seed, max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
+    from skipbench.policies import PolicySpec
+
+    spec = PolicySpec(name="controller", arg=str(folder), gate=cfg.gate, seed=seed)
+    ecfg = ev.EvalConfig(model=cfg.train.model, data=cfg.eval_data, policies=(spec,), seed=0,
+                         max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
                          dtype=cfg.train.dtype, out=str(folder / "eval.parquet"))
     rows = ev.run(ecfg, lm=lm).rows
     rows = rows[rows["policy"] == "controller"].copy()

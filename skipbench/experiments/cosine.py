@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from skipbench import distributed
 from skipbench.data import DataSpec, load_items
+from skipbench.data.prompts import encode_items
 from skipbench.engine import Engine, generate, resolve_kv_mode
-from skipbench.engine.generate import eos_ids, left_pad, pad_id
+from skipbench.engine.decode import eos_ids, left_pad, pad_id
 from skipbench.errors import SkipbenchError
-from skipbench.experiments.common import PolicyConfig
-from skipbench.experiments.evaluate import encode_items
+from skipbench.policies import STRATEGIES as REGISTRY, PolicySpec
 from skipbench.models import load_model
 from skipbench.results import check_out_path, flat_config, manifest, run_id, write_atomic
 
@@ -73,20 +73,33 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
 
 
 def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
+    """(strategy, cost, seed) for every pass: any registered strategy whose argument is a cost (plugins too);
+    strategies that draw at random are repeated with seeds 0..seeds-1."""
     out = []
     for strategy in cfg.strategies:
-        if strategy not in STRATEGIES:
-            raise SkipbenchError(f"unknown strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
+        entry = REGISTRY.get(strategy)
+        if entry.arg != "cost":
+            raise SkipbenchError(f"cosine compares strategies that take a cost (layers per token); '{strategy}' takes "
+                                 f"{entry.arg}. Known: {', '.join(n for n in REGISTRY.names() if REGISTRY.get(n).arg == 'cost')}")
+        random_draws = entry.kind in ("per-sequence", "per-token")
         for cost in cfg.costs or default_costs(num_layers):
-            for seed in range(cfg.seeds if strategy == "random" else 1):
-                _policy(strategy, cost, seed, cfg.per_token).build(num_layers)  # checks the cost
+            for seed in range(cfg.seeds if random_draws else 1):
+                _spec(strategy, cost, seed, cfg.per_token).checked(num_layers)
                 out.append((strategy, cost, seed))
     return out
 
 
-def _policy(strategy: str, cost: int, seed: int, per_token: bool) -> PolicyConfig:
-    return PolicyConfig(name=strategy, cost=cost, exit_layer=cost if strategy == "early-exit" else None,
-                        seed=seed, per_token=per_token)
+def _spec(strategy: str, cost: int, seed: int, per_token: bool) -> PolicySpec:
+    name = "random-token" if strategy == "random" and per_token else strategy
+    return PolicySpec(name=name, arg=str(cost), seed=seed)
+
+
+def _variant(spec: PolicySpec, num_layers: int):
+    """A static plan that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
+    plan = spec.plan(num_layers) if spec.strategy.kind == "static" else None
+    if plan is not None and plan == list(range(len(plan))):
+        return ("prefix", len(plan))
+    return spec.build(num_layers)
 
 
 def cosines(h_a: list[torch.Tensor], h_b: list[torch.Tensor]) -> torch.Tensor:
@@ -141,12 +154,11 @@ def teacher_responses(lm, items, encoded, cfg: CosineConfig, batch_size: int) ->
         return [lm.tokenizer(it.reference, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens] for it in items]
     if cfg.teacher != "full":
         raise SkipbenchError(f"--teacher must be 'full' or 'reference', got '{cfg.teacher}'")
-    full = PolicyConfig("full").build(lm.num_layers)
     stops = eos_ids(lm)
     out: list[list[int]] = [[] for _ in items]
     for start in range(0, len(items), batch_size):
         idx = list(range(start, min(start + batch_size, len(items))))
-        gen = generate(lm, [encoded[i] for i in idx], full, cfg.max_new_tokens)
+        gen = generate(lm, [encoded[i] for i in idx], None, cfg.max_new_tokens)
         for r, i in enumerate(idx):
             out[i] = [t for t in gen.tokens[r] if t not in stops]
     return out
@@ -155,7 +167,8 @@ def teacher_responses(lm, items, encoded, cfg: CosineConfig, batch_size: int) ->
 @torch.no_grad()
 def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill"):
     """Teacher-forced passes over the responses, the prompt at full depth once: yields, per variant,
-    (label, {measure: [B, T] array}). A variant is (label, policy) or (label, ("early-exit", E))."""
+    (label, {measure: [B, T] array}). A variant is (label, policy) or (label, ("prefix", E)): a plan running
+    layers 0..E-1 (early exit), read off the full pass."""
     engine = Engine(lm.adapter, kv_mode)
     ids, present = left_pad(prompts, pad_id(lm), lm.device)
     width = max(map(len, responses))
@@ -163,9 +176,7 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
     for r, toks in enumerate(responses):
         resp[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
     resp = resp.to(lm.device)
-    cache = engine.new_cache(len(prompts), ids.shape[1] + width, lm.device, lm.dtype)
-    cache.pad = (~present).sum(1)
-    engine.forward(ids, cache, None, present=present, last_only=True)  # the prompt, full depth, once
+    cache, _ = engine.prefill(ids, present, ids.shape[1] + width, last_only=True)  # the prompt, full depth, once
     full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
     dist = FullDist.of(full.logits)
     for label, policy in variants:
@@ -178,8 +189,7 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
 
 
 def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dict]:
-    variants = [((strategy, cost, seed), ("early-exit", cost) if strategy == "early-exit"
-                 else _policy(strategy, cost, seed, cfg.per_token).build(lm.num_layers))
+    variants = [((strategy, cost, seed), _variant(_spec(strategy, cost, seed, cfg.per_token), lm.num_layers))
                 for strategy, cost, seed in plan]
     rows = []
     kv_mode = resolve_kv_mode(cfg.kv_mode, None)

@@ -19,10 +19,10 @@ import pandas as pd
 
 from skipbench import distributed
 from skipbench.data import DataSpec, Item, load_items
-from skipbench.data.prompts import encode_prompt, truncate
+from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
 from skipbench.errors import SkipbenchError
-from skipbench.experiments.common import PolicyConfig
+from skipbench.policies import PolicySpec
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, model_fingerprint
@@ -34,10 +34,9 @@ from skipbench.results import check_out_path, config_dict, flat_config, manifest
 class EvalConfig:
     model: str
     data: DataSpec
-    policy: str = "uniform"
-    costs: tuple[int, ...] = ()  # empty: L/4, L/2, 3L/4
-    seed: int = 0
-    per_token: bool = False
+    policies: tuple[PolicySpec, ...] = ()  # the points to run besides full depth; a sweeping strategy without an
+    # argument (`uniform`) runs at L/4, L/2, 3L/4
+    seed: int = 0  # the data split's seed (a policy's own seed is in its spec)
     max_new_tokens: int = 96
     max_prompt_tokens: int = 1024
     batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
@@ -47,22 +46,9 @@ class EvalConfig:
     dtype: str = "auto"
     out: str = ""
     resume: bool = True
-    controller: str | None = None  # policy "controller": folder of trained controllers
-    gate: str = "sample"  # policy "controller": sample | argmax
-    router: str | None = None  # policy "flexidepth": folder of trained routers and adapters
 
 
-LEARNED = ("controller", "flexidepth")  # policies without a nominal cost: `cost` is their measured mean, rounded
-
-
-@dataclass(frozen=True)
-class Point:
-    policy: str
-    cost: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.policy}:{self.cost}"
+FULL = PolicySpec(name="full")
 
 
 @dataclass
@@ -78,56 +64,49 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
 
 
-def points(cfg: EvalConfig, num_layers: int) -> list[Point]:
-    pts = [Point("full", num_layers)]
-    if cfg.policy in LEARNED:
-        pts.append(Point(cfg.policy, 0))
-    elif cfg.policy != "full":
-        for c in cfg.costs or default_costs(num_layers):
-            pts.append(Point(cfg.policy, c))
-    for p in pts:  # every point is checked before any generation starts
-        policy = policy_config(cfg, p).build(num_layers)
-        resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.policy}'")
-    if cfg.policy == "controller":
-        check_backbone(cfg.controller, cfg.model)
+def points(cfg: EvalConfig, num_layers: int) -> list[PolicySpec]:
+    """Full depth first, then every requested point; each checked (argument, KV mode, held-out backbone) before
+    any generation starts."""
+    from skipbench.policies import with_costs
+
+    pts = [FULL]
+    for spec in cfg.policies:
+        for p in with_costs([spec], default_costs(num_layers)):
+            if p.name != "full" and p not in pts:
+                pts.append(p)
+    for p in pts:
+        policy = p.build(num_layers)
+        resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'")
+        if p.name == "controller":
+            check_backbone(p.value, cfg.model)
     return pts
 
 
-def policy_config(cfg: EvalConfig, p: Point) -> PolicyConfig:
-    return PolicyConfig(name=p.policy, cost=p.cost if p.policy not in LEARNED else None,
-                        exit_layer=p.cost if p.policy == "early-exit" else None, seed=cfg.seed,
-                        per_token=cfg.per_token, controller=cfg.controller or cfg.router, gate=cfg.gate)
+def nominal_cost(p: PolicySpec, num_layers: int) -> int:
+    """The `cost` column: the nominal layers per token, 0 until measured for learned and threshold policies."""
+    cost = p.cost(num_layers)
+    return int(cost) if cost is not None else 0
 
 
-def part_path(cfg: EvalConfig, p: Point) -> Path:
+def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     """Where a point's part lives: `.skipbench-parts/` beside the output, keyed by everything that changes
     its rows (not the costs, the output name or the batch size), so reruns and other sweeps reuse it.
     The full-depth point does not depend on the policy being swept, so every sweep shares it."""
-    ident = replace(cfg, costs=(), out="", resume=True, batch_size=None)
-    if p.policy == "full":
-        ident = replace(ident, policy="full", per_token=False, controller=None, gate="sample", router=None, seed=0)
+    ident = replace(cfg, policies=(p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
     if model_fingerprint(cfg.model):  # a local folder written again (a new fine-tuning run) is another model
         fields["model_fingerprint"] = model_fingerprint(cfg.model)
-    if p.policy in LEARNED:  # the same folder retrained is another policy
-        from skipbench.training import checkpoint_fingerprint
+    if p.strategy.needs_checkpoint:  # the same folder retrained is another policy
+        from skipbench.checkpoints import checkpoint_fingerprint
 
-        fields["checkpoint"] = checkpoint_fingerprint(cfg.controller or cfg.router)
+        fields["checkpoint"] = checkpoint_fingerprint(p.value)
     key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    return Path(cfg.out).parent / ".skipbench-parts" / f"{p.policy}-{p.cost}-{key}.parquet"
+    tag = p.arg if p.strategy.sweeps else str(len(p.value.split(","))) if p.strategy.arg == "layers" else ""
+    return Path(cfg.out).parent / ".skipbench-parts" / f"{p.name}{'-' + tag if tag else ''}-{key}.parquet"
 
 
-def encode_items(lm: LoadedModel, items: list[Item], max_prompt_tokens: int) -> tuple[list[list[int]], int]:
-    encoded, truncated = [], 0
-    for it in items:
-        text, cut = truncate(lm.tokenizer, it.prompt, max_prompt_tokens)
-        truncated += cut
-        encoded.append(encode_prompt(lm.tokenizer, text))
-    return encoded, truncated
-
-
-def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, progress: Callable | None) -> pd.DataFrame:
-    policy = policy_config(cfg, p).build(lm.num_layers)
+def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, batch_size: int, progress: Callable | None) -> pd.DataFrame:
+    policy = p.build(lm.num_layers)
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     rows = []
     for start in range(0, len(order), batch_size):
@@ -141,22 +120,23 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: Point, batch_size: int, pr
     return pd.DataFrame(rows)
 
 
-def finish_part(df: pd.DataFrame, p: Point) -> pd.DataFrame:
-    """A point's rows in item order; a learned policy's cost is its measured mean executed layers, rounded
-    (over all items, so after the ranks' shares are joined)."""
+def finish_part(df: pd.DataFrame, p: PolicySpec, num_layers: int) -> pd.DataFrame:
+    """A point's rows in item order; a policy without a nominal cost (learned, thresholds) gets its measured mean
+    executed layers, rounded (over all items, so after the ranks' shares are joined)."""
     df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
-    if p.policy in LEARNED:
+    if p.cost(num_layers) is None:
         df["cost"] = int(round(df["layers_mean"].mean()))
     return df
 
 
-def _row(lm, item: Item, p: Point, tokens: list[int], layers: list[list[int]], prompt_tokens: int) -> dict:
+def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int]], prompt_tokens: int) -> dict:
     output = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     use = np.zeros(lm.num_layers, dtype=np.int64)
     for rec in layers:
         use[rec] += 1
     return {
-        "item_id": item.item_id, "subtask": item.subtask, "policy": p.policy, "cost": p.cost,
+        "item_id": item.item_id, "subtask": item.subtask, "policy": p.name, "cost": nominal_cost(p, lm.num_layers),
+        "policy_spec": p.label, "policy_seed": p.seed,
         "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
         "layer_use": use.tolist(), "skipped_tokens": len(layers),
         "prompt_tokens": prompt_tokens, "new_tokens": len(tokens), "output": output, "reference": item.reference,
@@ -174,10 +154,11 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     pts = points(cfg, lm.num_layers)
     items = load_items(cfg.data)
-    if cfg.policy in LEARNED:
-        from skipbench.training import check_held_out
+    for p in pts:
+        if p.strategy.kind == "learned":
+            from skipbench.training import check_held_out
 
-        check_held_out(items, cfg.controller or cfg.router)
+            check_held_out(items, p.value)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
     batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
     if batch_size < 1:
@@ -190,7 +171,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         start(len(mine_todo) * len(mine))
     for p in mine_todo:
         df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, batch_size, progress)
-        write_atomic(df if d.enabled else finish_part(df, p), d.part(part_path(cfg, p)))
+        write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)))
         if on_part:
             on_part(p)
     d.barrier()
@@ -199,7 +180,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         rows = pd.read_parquet(out)
         return EvalResult(rows, summarise(rows), out, len(pts) - len(todo), reused_shares)
     for p in todo if d.enabled else ():
-        write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p), part_path(cfg, p))
+        write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p))
         d.remove_parts(part_path(cfg, p))
     rows = _merge(cfg, pts, items)
     rid = run_id(cfg)
@@ -207,17 +188,22 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     for key, value in {"model": cfg.model, "dataset": cfg.data.name, "split": cfg.data.split, "seed": cfg.seed}.items():
         rows[key] = value
     for key, value in flat_config(cfg).items():
-        if key not in rows.columns and key not in ("out", "resume"):
+        if key not in rows.columns and key not in ("out", "resume", "policies"):
             rows[key] = value
+    # columns older outputs carried (kept: readers may use them), now read off each row's spec
+    rows["per_token"] = rows["policy"] == "random-token"
+    specs = {p.label: p for p in pts}
+    rows["controller"] = [specs[s].value if specs[s].strategy.needs_checkpoint else None for s in rows["policy_spec"]]
+    rows["gate"] = [specs[s].gate for s in rows["policy_spec"]]
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
-                    layers_convention=LAYERS_CONVENTION, points=[p.label for p in pts], batch_size=batch_size,
+                    layers_convention=LAYERS_CONVENTION, points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == 'none' else p.label for p in pts], batch_size=batch_size,
                     ranks=d.world)
     path = write_atomic(rows, out, meta)
     d.barrier()
     return EvalResult(rows, summarise(rows), path, len(pts) - len(todo), reused_shares)
 
 
-def _merge(cfg: EvalConfig, pts: list[Point], items: list[Item]) -> pd.DataFrame:
+def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.DataFrame:
     parts = {p: pd.read_parquet(part_path(cfg, p)) for p in pts}
     ids = {it.item_id for it in items}
     full = parts[pts[0]].set_index("item_id")["output"]

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed
+from skipbench import distributed, keyed
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
-from skipbench.engine.generate import eos_ids
+from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench.metrics import rouge_l
 from skipbench.models import load_model
-from skipbench.policies import make_policy
+from skipbench.engine.protocol import GateFn
 from skipbench.results import config_dict
 from skipbench.training import (
     RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
@@ -78,7 +78,7 @@ class FinetuneResult:
 
 def layer_keep(keys: list, num_layers: int, p: float) -> torch.Tensor:
     """[B, L] bool: the layers each example runs under layer dropout p, drawn per (seed, step, example) key."""
-    draws = np.stack([np.random.default_rng([*(int(k) % 2**63 for k in key), 0x1A7E]).random(num_layers) for key in keys])
+    draws = np.stack([keyed.rng(*key, 0x1A7E).random(num_layers) for key in keys])
     return torch.from_numpy(draws >= p)
 
 
@@ -88,14 +88,15 @@ def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, lay
     width = ids.shape[1]
     cache = engine.new_cache(len(batch), width + resp.shape[1], lm.device, lm.dtype)
     cache.pad = (~present).sum(1)
-    gate = lambda i, h: None  # noqa: E731  every layer runs
+    gate = None  # every layer runs
     if layer_dropout > 0:
         keep = layer_keep(keys, lm.num_layers, layer_dropout).to(lm.device, lm.dtype)
-        gate = lambda i, h: keep[:, i, None].expand(h.shape[:2])  # noqa: E731  a row drops layer i everywhere
+        # a row drops layer i everywhere: a soft gate of exact 0s and 1s
+        gate = GateFn(lm.num_layers, lambda i, h: keep[:, i, None].expand(h.shape[:2]), "layer-dropout")
     seq = torch.cat([ids, resp], 1)
     # logits from the last prompt position: position width - 1 + t predicts response token t
-    logits, _ = engine.forward_soft(seq, cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
-                                    logits_from=width - 1)
+    logits = engine.run(seq, cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
+                        logits_from=width - 1).logits
     logits = logits[:, : resp.shape[1]]
     per_token = nn.functional.cross_entropy(logits.flatten(0, 1).float(), resp.flatten(), reduction="none")
     task = (per_token.view_as(mask) * mask).sum() / total
@@ -104,12 +105,11 @@ def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, lay
 
 def validate(lm, items, prompts: list[list[int]], cfg: FinetuneConfig, d: distributed.Dist) -> float:
     """Mean ROUGE-L of the full-depth greedy responses against the references (each rank its share)."""
-    full = make_policy("full", lm.num_layers)
     mine = d.shard([it.item_id for it in items])
     total = 0.0
     for s in range(0, len(mine), 8):
         idx = mine[s : s + 8]
-        gen = generate(lm, [prompts[i] for i in idx], full, cfg.max_new_tokens)
+        gen = generate(lm, [prompts[i] for i in idx], None, cfg.max_new_tokens)
         for r, i in enumerate(idx):
             total += rouge_l(lm.tokenizer.decode(gen.tokens[r], skip_special_tokens=True).strip(), items[i].reference)
     return d.sum([total])[0] / len(items)

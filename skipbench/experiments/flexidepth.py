@@ -21,7 +21,7 @@ from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, generate
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
-from skipbench.policies.base import PolicyOptions, checkpoint_module
+from skipbench.checkpoints import checked_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
 from skipbench.results import check_out_path, manifest, run_id, write_atomic
 from skipbench.training import TrainConfig, TrainResult, check_held_out, train
@@ -61,7 +61,7 @@ class UsageConfig:
 
 def _routers(path: str, num_layers: int):
     """Trained routers for this model, with the same checks as `--policy flexidepth`."""
-    return checkpoint_module(PolicyOptions(extra={"path": path}), num_layers, "flexidepth", "--router", load_flexidepth)
+    return checked_module(path, num_layers, load_flexidepth)
 
 
 def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dict]:

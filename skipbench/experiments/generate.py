@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, Sampling, generate
-from skipbench.experiments.common import PolicyConfig
+from skipbench.policies import PolicySpec
 from skipbench.models import load_model
 
 
@@ -14,7 +14,7 @@ from skipbench.models import load_model
 class GenerateConfig:
     prompt: str
     model: str
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    policy: PolicySpec = field(default_factory=lambda: PolicySpec(name="full"))
     max_new_tokens: int = 64
     kv_mode: str = "auto"
     prompt_depth: str = "full"

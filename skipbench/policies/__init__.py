@@ -1,14 +1,23 @@
 """Who decides which layer runs for which token.
 
-A policy is asked, for each decoder layer, which of the tokens being processed run it. Its
-answer (a `Gate`) is `True` (every token runs the layer), `False` (no token does: the layer is
-not touched at all) or a bool tensor of shape [batch, tokens]. Static plans answer with plain
-bools, so skipping a layer costs nothing; per-token policies answer with tensors.
+A strategy is a module here plus its entry in policies/spec.py (or a plugin's entry point). Every command names
+policies with one grammar (`uniform:15`, `uniform:8,15,22`, `layers:0,3,5`, `controller:DIR`), parsed into
+`PolicySpec`s by `parse_policies`; `spec.build(num_layers)` gives the engine its `Policy` (engine/protocol.py).
+This package's import is light (no torch) so `skipbench plan` and `--help` stay fast.
 """
 
-from skipbench.policies.base import Gate, Policy, POLICIES, make_policy, parse_policy_spec
-from skipbench.policies import static as _static  # noqa: F401  (registers the static policies)
-from skipbench.policies import controller as _controller  # noqa: F401  (registers "controller")
-from skipbench.policies import flexidepth as _flexidepth  # noqa: F401  (registers "flexidepth")
+from skipbench.policies.spec import STRATEGIES, PolicySpec, Strategy, parse_policies, with_costs
 
-__all__ = ["Gate", "Policy", "POLICIES", "make_policy", "parse_policy_spec"]
+
+def make_policy(text: str, num_layers: int, **options):
+    """The Policy of one spec written as text (`uniform:15`, `random-token:22`, `flexidepth:DIR`), options such as
+    seed= beside it."""
+    specs = parse_policies(text, **options)
+    if len(specs) != 1:
+        from skipbench.errors import SkipbenchError
+
+        raise SkipbenchError(f"'{text}' names {len(specs)} policies; one is needed here")
+    return specs[0].build(num_layers)
+
+
+__all__ = ["STRATEGIES", "PolicySpec", "Strategy", "make_policy", "parse_policies", "with_costs"]

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipbench import keyed
+from skipbench.checkpoints import BACKBONE, checked_module, load_checkpoint
+from skipbench.engine.protocol import Gate, Policy
 from skipbench.errors import SkipbenchError
-from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, checkpoint_module
 
 INPUTS = ("hidden", "constant")
 ALPHA_UNITS = ("fraction", "sum")
@@ -57,14 +59,8 @@ class Controllers(nn.Module):
 
 
 def keyed_uniform(keys: list, num_tokens: int, num_gated: int, device) -> torch.Tensor:
-    """Uniform noise [B, T, gated layers, 2] in (0, 1), row r drawn from a generator seeded with keys[r].
-    numpy fills the array in order, so a row's first T tokens get the same noise whatever the padded width."""
-    rows = [_rng(*key).random((num_tokens, num_gated, 2)) for key in keys]
-    return torch.from_numpy(np.stack(rows)).clamp_(1e-10, 1 - 1e-10).to(device)
-
-
-def _rng(*key) -> np.random.Generator:
-    return np.random.default_rng([int(k) % 2**63 for k in key])
+    """Uniform noise [B, T, gated layers, 2] in (0, 1), row r drawn from the generator of keys[r] (keyed.uniform)."""
+    return torch.from_numpy(keyed.uniform(keys, (num_tokens, num_gated, 2))).to(device)
 
 
 COST_TERMS = {"sum": "alpha * sum of the gates (executed gated layers) per response token, mean over tokens",
@@ -75,7 +71,7 @@ class ControllerMethod:
     """The trainable side, for skipbench.training."""
 
     kind = "controllers"
-    layer_fn = None
+    routes = False
     unused_params = False
     kv_mode = "fill"
 
@@ -97,7 +93,7 @@ class ControllerMethod:
 
         def gate(layer: int, hidden: torch.Tensor):
             if layer not in c.slot:
-                return None
+                return True
             logits = c.logits(layer, hidden)
             if "u" not in noise:
                 rows = keys if keys is not None else [(r,) for r in range(hidden.shape[0])]
@@ -150,9 +146,9 @@ class ControllerPolicy(Policy):
         if len(self._keys) != positions.shape[0]:
             self.begin(positions.shape[0])
         gated = len(self.c.gated)
-        u = np.stack([[_rng(self.seed, self._keys[r], p).random((gated, 2)) for p in row]
+        u = np.stack([keyed.uniform([(self.seed, self._keys[r], p) for p in row], (gated, 2))
                       for r, row in enumerate(positions.cpu().numpy())])
-        self._noise = torch.from_numpy(u).clamp_(1e-10, 1 - 1e-10).to(positions.device)  # [B, T, gated, 2]
+        self._noise = torch.from_numpy(u).to(positions.device)  # [B, T, gated, 2]
 
     @torch.no_grad()
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
@@ -174,8 +170,6 @@ class ControllerPolicy(Policy):
 
 
 def load_controllers(path: str) -> tuple[Controllers, dict]:
-    from skipbench.training import load_checkpoint
-
     meta, weights = load_checkpoint(path, "controllers")
     c = Controllers(meta["hidden_size"], meta["num_layers"], meta["input"])
     c.load_state_dict(weights)
@@ -186,15 +180,12 @@ def check_backbone(path: str, model: str) -> None:
     """Controllers trained jointly with their backbone (`--train-backbone`) only make sense on that backbone."""
     from pathlib import Path
 
-    from skipbench.training import BACKBONE, load_checkpoint
-
     meta, _ = load_checkpoint(path, "controllers")
     backbone = Path(path) / BACKBONE
     if meta.get("train", {}).get("train_backbone") and Path(model).resolve() != backbone.resolve():
         raise SkipbenchError(f"'{path}' was trained jointly with its backbone; evaluate it with --model {backbone}")
 
 
-@POLICIES.register("controller")
-def controller(num_layers: int, opts: PolicyOptions) -> Policy:
-    c, meta = checkpoint_module(opts, num_layers, "controller", "--controller", load_controllers)
-    return ControllerPolicy(c, opts.extra.get("gate", "sample"), opts.seed, meta.get("tau", 1.0))
+def controller(spec, num_layers: int) -> Policy:
+    c, meta = checked_module(spec.value, num_layers, load_controllers)
+    return ControllerPolicy(c, spec.gate, spec.seed, meta.get("tau", 1.0))

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipbench.checkpoints import checked_module, load_checkpoint
+from skipbench.engine.protocol import Policy, Route
 from skipbench.errors import SkipbenchError
-from skipbench.policies.base import POLICIES, Policy, PolicyOptions, checkpoint_module
 
 
 class Router(nn.Module):
@@ -86,33 +87,19 @@ class FlexiDepth(nn.Module):
             return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
         return self.routers[str(layer)](h).to(h.dtype)
 
-    def routed_layer(self, engine, i: int, h: torch.Tensor, pos, cache, g: torch.Tensor, real=True):
-        """The layer for every token of h, routed by gate values g [B, T]; returns (out, run mask).
-
-        Every token's K/V are computed and cached (KV-preserving) unless `no_kv`; the MLP runs only for
-        the tokens that take the full path and the adapter only for those that skip."""
-        ad = engine.ad
-        run = g > self.tau
-        if not self.kv:  # skipped tokens write no K/V here (the cache is in `none` mode)
-            cache.mark([i], run if real is True else run & real, h.shape[1])
-        h_attn = h + engine.attend(i, h, pos, cache)
-        out = torch.empty_like(h)
-        full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
-        if full[0].numel():
-            x = h_attn[full]
-            out = out.index_put(full, x + g[full][:, None] * ad.mlp_block(i, x))
-        if skip[0].numel():
-            y = h[skip]
-            if self.use_adapter:
-                y = y + (1 - g[skip])[:, None] * self.adapters[str(i)](ad.mlp_norm(i, y)).to(h.dtype)
-            out = out.index_put(skip, y)
-        return out, run
+    def route(self, layer: int, g: torch.Tensor, real=True) -> Route:
+        """The routed layer for gate values g [B, T]: the full path where G > tau (MLP scaled by G), the adapter
+        path scaled by 1 - G elsewhere; K/V for skipped tokens unless `no_kv`. The engine runs it."""
+        adapter = self.adapters[str(layer)] if self.use_adapter else None
+        skip = (lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed)) if adapter is not None else None
+        return Route(run=g > self.tau, scale=g, skip=skip, kv_for_skipped=self.kv)
 
 
 class FlexiMethod:
     """The trainable side, for skipbench.training: routers and adapters; L = alpha * L_skip + L_task."""
 
     kind = "flexidepth"
+    routes = True
     unused_params = True  # an adapter gets no gradient when no token of the batch skips its layer
 
     def __init__(self, flexi: FlexiDepth, alpha: float) -> None:
@@ -124,10 +111,8 @@ class FlexiMethod:
 
     def gate_fn(self, keys=None):  # deterministic gates: nothing to key
         f = self.flexi
-        return lambda layer, h: f.gate(layer, h) if layer in f.routed else None
 
-    def layer_fn(self, engine, i, h, pos, cache, g):
-        return self.flexi.routed_layer(engine, i, h, pos, cache, g)[0]
+        return lambda layer, h: f.route(layer, f.gate(layer, h)) if layer in f.routed else True
 
     def regulariser(self, gates, mask):
         m = mask.to(gates[0].dtype)
@@ -153,22 +138,16 @@ class FlexiPolicy(Policy):
         self.name = "flexidepth"
         self.kv_mode = "fill" if flexi.kv else "none"  # the checkpoint decides what skipped tokens write
 
-    def gate(self, layer, hidden):
-        return True
-
     @torch.no_grad()
-    def layer(self, engine, i, h, pos, cache, real):
-        if i not in self.f.routed:
-            return None
-        if next(self.f.parameters()).device != h.device:
-            self.f.to(h.device)
-        out, run = self.f.routed_layer(engine, i, h, pos, cache, self.f.gate(i, h), real)
-        return out, run
+    def gate(self, layer, hidden):
+        if layer not in self.f.routed:
+            return True
+        if next(self.f.parameters()).device != hidden.device:
+            self.f.to(hidden.device)
+        return self.f.route(layer, self.f.gate(layer, hidden))
 
 
 def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
-    from skipbench.training import load_checkpoint
-
     meta, weights = load_checkpoint(path, "flexidepth")
     f = FlexiDepth(meta["hidden_size"], meta["num_layers"], meta["routed_layers"], meta["reduction"], meta["tau"],
                    meta["adapter"], meta["kv"], meta["linear_router"])
@@ -176,7 +155,6 @@ def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
     return f, meta
 
 
-@POLICIES.register("flexidepth")
-def flexidepth(num_layers: int, opts: PolicyOptions) -> Policy:
-    f, _ = checkpoint_module(opts, num_layers, "flexidepth", "--router", load_flexidepth)
+def flexidepth(spec, num_layers: int) -> Policy:
+    f, _ = checked_module(spec.value, num_layers, load_flexidepth)
     return FlexiPolicy(f)

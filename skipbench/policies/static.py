@@ -1,12 +1,16 @@
-"""Static plans: full depth, early exit, uniform layer skipping U(l,c), random skipping, explicit sets."""
+"""Static plans: full depth, early exit, uniform layer skipping U(l,c), random skipping, explicit sets.
+
+The plans themselves are plain functions of (spec, number of layers), importable without torch (`skipbench plan`
+needs none); the Policy classes wrap them for the engine. Their registry entries are in policies/spec.py.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from skipbench import keyed
+from skipbench.engine.protocol import Gate, Policy
 from skipbench.errors import SkipbenchError
-from skipbench.policies.base import POLICIES, Gate, Policy, PolicyOptions, check_cost
 
 
 def uniform_plan(num_layers: int, cost: int) -> list[int]:
@@ -37,37 +41,46 @@ class PlanPolicy(Policy):
         self._run = [i in set(self.layers) for i in range(num_layers)]
         self.name = name
 
-    def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
+    def gate(self, layer: int, hidden) -> Gate:
         return self._run[layer]
 
     def executed_layers(self) -> list[int]:
         return list(self.layers)
 
 
-@POLICIES.register("full")
-def full(num_layers: int, opts: PolicyOptions) -> Policy:
-    return PlanPolicy(num_layers, list(range(num_layers)), "full")
+def full_plan(spec, num_layers: int) -> list[int]:
+    return list(range(num_layers))
 
 
-@POLICIES.register("early-exit")
-def early_exit(num_layers: int, opts: PolicyOptions) -> Policy:
+def early_exit_plan(spec, num_layers: int) -> list[int]:
     """Exit after layer E (1-based count of layers run = E): layers 0..E-1 run, the rest are skipped."""
-    exit_layer = opts.exit_layer if opts.exit_layer is not None else opts.cost
-    exit_layer = check_cost(exit_layer, num_layers)
-    return PlanPolicy(num_layers, list(range(exit_layer)), f"early-exit:{exit_layer}")
+    return list(range(spec.int_arg()))
 
 
-@POLICIES.register("uniform")
-def uniform(num_layers: int, opts: PolicyOptions) -> Policy:
-    cost = check_cost(opts.cost, num_layers)
-    return PlanPolicy(num_layers, uniform_plan(num_layers, cost), f"uniform:{cost}")
+def uniform_plan_of(spec, num_layers: int) -> list[int]:
+    return uniform_plan(num_layers, spec.int_arg())
 
 
-@POLICIES.register("layers")
-def layers(num_layers: int, opts: PolicyOptions) -> Policy:
-    if not opts.keep:
-        raise SkipbenchError("policy 'layers' needs --keep 0,3,5,... (0-based layer indices)")
-    return PlanPolicy(num_layers, list(opts.keep), "layers:" + ",".join(map(str, sorted(set(opts.keep)))))
+def layers_plan(spec, num_layers: int) -> list[int]:
+    return sorted(set(spec.int_list()))
+
+
+def random_plan(spec, num_layers: int) -> list[int]:
+    """The layers one sequence (row key 0) runs."""
+    return random_layers(keyed.rng(spec.seed, 0), num_layers, spec.int_arg(), spec.first_layer).tolist()
+
+
+def _plan_policy(plan):
+    def build(spec, num_layers: int) -> Policy:
+        return PlanPolicy(num_layers, plan(spec, num_layers), spec.label)
+
+    return build
+
+
+full = _plan_policy(full_plan)
+early_exit = _plan_policy(early_exit_plan)
+uniform = _plan_policy(uniform_plan_of)
+layers = _plan_policy(layers_plan)
 
 
 def random_layers(rng: np.random.Generator, num_layers: int, cost: int, first_layer: bool) -> np.ndarray:
@@ -97,8 +110,7 @@ class RandomPolicy(Policy):
         self._gates: list[Gate] = []
 
     def _draw(self, *key: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, *(int(k) % (2**63) for k in key)])
-        return random_layers(rng, self.num_layers, self.cost, self.first_layer)
+        return random_layers(keyed.rng(self.seed, *key), self.num_layers, self.cost, self.first_layer)
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         self._keys = list(row_keys) if row_keys is not None else list(range(batch_size))
@@ -109,7 +121,7 @@ class RandomPolicy(Policy):
                 plan[self._draw(key), r] = True
             self._seq_plan = plan
 
-    def new_step(self, positions: torch.Tensor) -> None:
+    def new_step(self, positions) -> None:
         batch, num_tokens = positions.shape
         if self._keys is None or len(self._keys) != batch:
             self.begin(batch)
@@ -119,11 +131,13 @@ class RandomPolicy(Policy):
             plan = np.zeros((self.num_layers, batch, num_tokens), dtype=bool)
             for (r, t), p in np.ndenumerate(positions.cpu().numpy()):
                 plan[self._draw(self._keys[r], p), r, t] = True
+        import torch
+
         # python bools where a whole layer agrees: the engine then runs or skips it outright
         run = torch.from_numpy(plan).to(positions.device)
         self._gates = [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
 
-    def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
+    def gate(self, layer: int, hidden) -> Gate:
         return self._gates[layer]
 
     def executed_layers(self) -> list[int] | None:
@@ -132,7 +146,9 @@ class RandomPolicy(Policy):
         return None
 
 
-@POLICIES.register("random")
-def random(num_layers: int, opts: PolicyOptions) -> Policy:
-    cost = check_cost(opts.cost, num_layers)
-    return RandomPolicy(num_layers, cost, opts.seed, opts.per_token, opts.first_layer)
+def random(spec, num_layers: int) -> Policy:
+    return RandomPolicy(num_layers, spec.int_arg(), spec.seed, False, spec.first_layer)
+
+
+def random_token(spec, num_layers: int) -> Policy:
+    return RandomPolicy(num_layers, spec.int_arg(), spec.seed, True, spec.first_layer)

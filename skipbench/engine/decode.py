@@ -16,7 +16,7 @@ from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.forward import Engine
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
-from skipbench.policies.base import Policy
+from skipbench.engine.protocol import Full, Policy
 
 LAYERS_CONVENTION = "input"
 
@@ -89,7 +89,7 @@ def pad_id(lm: LoadedModel) -> int:
 def generate(
     lm: LoadedModel,
     prompts: list[list[int]],
-    policy: Policy,
+    policy: Policy | None,
     max_new_tokens: int = 64,
     kv_mode: str = "auto",
     sampling: Sampling = Sampling(),
@@ -112,6 +112,7 @@ def generate(
         raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     if any(len(p) == 0 for p in prompts):
         raise SkipbenchError("empty prompt: every prompt needs at least one token")
+    policy = policy or Full(lm.num_layers)
     kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
     engine = Engine(lm.adapter, kv_mode, impl)
     dev = lm.device
@@ -123,15 +124,13 @@ def generate(
             f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
             "lower --max-prompt-tokens or --max-new-tokens"
         )
-    cache = engine.new_cache(batch, width + max_new_tokens, dev, lm.dtype)
-    cache.pad = (~present).sum(1)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
     policy.begin(batch, row_keys)
     prompt_policy = policy if prompt_depth == "policy" else None
     clock = _Clock(dev) if timings is not None else None
-    out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
+    cache, out = engine.prefill(ids, present, width + max_new_tokens, prompt_policy, last_only=True)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)

@@ -1,0 +1,91 @@
+"""What the layer loop asks of a policy: the engine owns this protocol, policies implement it.
+
+For each decoder layer the loop asks `policy.gate(layer, hidden)` which of the tokens being processed run the
+layer. The answer is one of:
+
+* `True` / `False`: every token runs the layer / none does (a static plan: skipping costs nothing);
+* a bool tensor [batch, tokens]: the tokens that run it (per-token policies);
+* a float tensor [batch, tokens] in [0, 1]: a soft gate for training, h <- g * layer(h) + (1 - g) * h
+  (straight-through hard samples keep the forward pass exact);
+* a `Route`: a routed layer (FlexiDepth): every token runs attention, the routed tokens the MLP scaled by
+  `scale`, the others a skip path (an adapter) — the engine runs it, the policy only decides.
+
+Nothing here imports a policy; policies import this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Union
+
+if TYPE_CHECKING:
+    import torch
+
+Gate = Union[bool, "torch.Tensor", "Route"]
+
+
+@dataclass
+class Route:
+    """A routed layer. `run` [B, T] bool: tokens that take the full layer; `scale` [B, T]: the weight of their
+    MLP output (the router's gate, so the router gets a gradient); `skip(normed, sel)`: what a skipped token adds
+    to its state, given its state through the layer's MLP norm and the index tuple of the skipped tokens (None:
+    the identity). `kv_for_skipped`: skipped tokens still write the layer's K/V (KV-preserving skipping)."""
+
+    run: "torch.Tensor"
+    scale: "torch.Tensor"
+    skip: Callable | None = None
+    kv_for_skipped: bool = True
+
+
+class Policy:
+    """The interface the loop consumes. Subclasses set `static` and implement `gate`."""
+
+    name: str = "policy"
+    #: a static policy returns the same python bool for every token of a layer
+    static: bool = True
+    #: a KV mode the policy requires (e.g. FlexiDepth trained without K/V for skipped tokens), else None
+    kv_mode: str | None = None
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+
+    def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
+        """Called once per batch of sequences before generation (per-sequence draws go here)."""
+
+    def new_step(self, positions: "torch.Tensor") -> None:
+        """Called before each forward with the tokens' positions [B, T] (per-token draws go here)."""
+
+    def gate(self, layer: int, hidden: "torch.Tensor") -> Gate:
+        raise NotImplementedError
+
+    def executed_layers(self) -> list[int] | None:
+        """For plans that run the same layers for every token: those layers, else None."""
+        return None
+
+    def describe(self) -> str:
+        return self.name
+
+
+class Full(Policy):
+    """Every layer for every token (what `policy=None` means to the engine)."""
+
+    name = "full"
+
+    def gate(self, layer: int, hidden: "torch.Tensor") -> Gate:
+        return True
+
+    def executed_layers(self) -> list[int]:
+        return list(range(self.num_layers))
+
+
+class GateFn(Policy):
+    """A policy from a plain function `gate(layer, hidden) -> Gate` (training passes, layer dropout)."""
+
+    static = False
+
+    def __init__(self, num_layers: int, fn: Callable, name: str = "gate-fn") -> None:
+        super().__init__(num_layers)
+        self.fn, self.name = fn, name
+
+    def gate(self, layer: int, hidden: "torch.Tensor") -> Gate:
+        return self.fn(layer, hidden)
