@@ -29,7 +29,7 @@ class SkipbenchGroup(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
         try:  # torch is imported only by commands that need it (plan, oracle and --help do not)
-            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # torchrun checks the value
                 _under_torchrun(list(sys.argv[1:] if args is None else args))
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SkipbenchError as exc:
@@ -118,7 +118,7 @@ def _quiet_transformers() -> None:
 
 
 PolicyHelp = ("full | early-exit:E | uniform:C | random:C | random-token:C | layers:0,3,5 | controller:DIR | "
-              "flexidepth:DIR, or a plugin's (skipbench policies lists them)")
+              "flexidepth:DIR, or a plugin's (`skipbench policies` lists them)")
 
 
 def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed=0, per_token=False,
@@ -135,7 +135,7 @@ def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed
             name = "random-token"
         if not arg:
             given = {"cost": exit_layer if name == "early-exit" and exit_layer is not None else cost,
-                     "layers": keep, "checkpoint": checkpoint}.get(s.strategy.arg)
+                     "layers": keep, "checkpoint": (checkpoint or {}).get(name)}.get(s.strategy.arg)
             arg = "" if given is None else str(given)
         out.append(PolicySpec(name=name, arg=arg, seed=seed, gate=gate, first_layer=first_layer))
     return with_costs(out, costs)
@@ -217,6 +217,25 @@ def plan(
     if executed is None:
         raise SkipbenchError(f"policy '{spec.label}' ({spec.strategy.kind}) has no static plan")
     typer.echo(" ".join(map(str, executed)))
+
+
+@app.command()
+def policies() -> None:
+    """List the skipping strategies (built-in and plugins): kind, argument, KV modes.
+
+    Example: skipbench policies
+    """
+    from skipbench.policies.spec import describe
+
+    table = Table(title="skipbench policies")
+    rows = describe()
+    for col in rows[0]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    Console(width=160).print(table)
+    typer.echo("Write NAME:ARG, several separated by commas; numbers after a comma continue the argument "
+               "(uniform:8,15,22 is a sweep, layers:0,3,5 one set).")
 
 
 @app.command()
@@ -343,7 +362,7 @@ def evaluate(
         model=model,
         data=DataSpec(dataset, split, limit or None, seed, prompt_field, reference_field),
         policies=tuple(_specs(policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed,
-                              per_token=per_token, checkpoint=controller or router, gate=gate)),
+                              per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,

@@ -1,4 +1,5 @@
-"""Keyed random draws: the one place skipbench turns a key into random numbers.
+"""Keyed random draws: the one place skipbench turns a key into random numbers (statistics' own resampling and
+synthetic benchmark instances aside).
 
 Every random choice (a sequence's random layers, a token's Gumbel noise, a training example's layer dropout) is
 drawn from numpy's generator seeded with a key such as (seed, row key, position) or (seed, step, example). A draw

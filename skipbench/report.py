@@ -67,8 +67,12 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
         return [], []
     frames = [pd.read_parquet(p).assign(file=p.stem) for p in files]
     # every evaluate file carries the full-depth rows of its items: count each (point, item) once
-    df = pd.concat(frames, ignore_index=True).drop_duplicates(["dataset", "split", "policy", "cost", "item_id"])
-    rows = (df.groupby(["dataset", "split", "policy", "cost"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
+    df = pd.concat(frames, ignore_index=True)
+    if "policy_spec" not in df.columns:  # files from before specs: the policy and cost name the point
+        df["policy_spec"] = df["policy"].astype(str) + ":" + df["cost"].astype(str)
+    df["policy_spec"] = df["policy_spec"].fillna(df["policy"].astype(str) + ":" + df["cost"].astype(str))
+    df = df.drop_duplicates(["dataset", "split", "policy_spec", "cost", "item_id"])
+    rows = (df.groupby(["dataset", "split", "policy", "cost", "policy_spec"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
             rougeL=("rougeL", "mean"), full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"))
             .reset_index().sort_values(["dataset", "split", "policy", "cost"]))
     return ["## Generation quality by policy and cost (`evaluate`)", "",

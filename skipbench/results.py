@@ -35,11 +35,15 @@ def flat_config(cfg: Any, prefix: str = "") -> dict:
         if isinstance(value, dict):
             for k, v in value.items():
                 out[f"{name}_{k}"] = v if isinstance(v, (int, float, str, bool, type(None))) else json.dumps(v)
-        elif isinstance(value, list):
-            out[name] = ",".join(map(str, value))
+        elif isinstance(value, list):  # a list of policy specs is written as their labels
+            out[name] = ",".join(_spec_text(v) if isinstance(v, dict) and {"name", "arg"} <= set(v) else str(v) for v in value)
         else:
             out[name] = value
     return out
+
+
+def _spec_text(spec: dict) -> str:
+    return f"{spec['name']}:{spec['arg']}" if spec.get("arg") else spec["name"]
 
 
 def run_id(cfg: Any) -> str:
@@ -65,12 +69,16 @@ def versions() -> dict[str, str | None]:
 
 
 def device_info(device: str | None = None) -> dict:
-    import torch
+    """The machine; torch's threads and GPU only when the command loaded torch (the oracle does not need it)."""
+    import sys
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
+            "cpu_count": os.cpu_count(), "device": device}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
     return info
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed
+from skipbench import distributed, keyed
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
@@ -206,8 +206,7 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
     if frozen:  # the prompt prefilled above is exactly what the trained pass would compute
         out = engine.run(resp, cache, gate)
     else:  # the prompt's K/V depend on the trained weights: prompt and response in one pass
-        cache = engine.new_cache(len(batch), ids.shape[1] + resp.shape[1], lm.device, lm.dtype)
-        cache.pad = (~present).sum(1)
+        cache = engine.prompt_cache(present, ids.shape[1] + resp.shape[1])
         out = engine.run(torch.cat([ids, resp], 1), cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
                          gated_from=ids.shape[1])
     logits, gates = out.logits, out.gates
@@ -290,7 +289,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
 
 def pick_batch(data: list, batch_size: int, seed: int, step: int) -> tuple[list, np.ndarray]:
     """The step's examples: they depend on (seed, step) alone, so a resumed run draws what it would have."""
-    rng = np.random.default_rng([seed, step])
+    rng = keyed.rng(seed, step)
     chosen = rng.choice(len(data), size=min(batch_size, len(data)), replace=False)
     return [data[i] for i in chosen], chosen
 

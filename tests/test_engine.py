@@ -201,3 +201,23 @@ def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer):
     assert runs["gather"].tokens == runs["mask"].tokens
     assert runs["gather"].layers == runs["mask"].layers
     assert any(len(rec) < lm.num_layers for row in runs["gather"].layers for rec in row)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_one_loop_soft_gates_of_0_and_1_equal_the_hard_plan(tokenizer, family):
+    """Training's soft gates and generation's hard gates go through the same loop: gates of exactly 1 and 0 per
+    layer give the logits of the static plan that runs those layers (fill mode, where both write every K/V)."""
+    from skipbench.engine.protocol import GateFn
+
+    lm = lm_for(family, tokenizer)
+    plan = make_policy("uniform:3", lm.num_layers)
+    ids, present = left_pad(prompts(tokenizer, 2), 0, "cpu")
+    resp = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    engine = Engine(lm.adapter, "fill")
+    runs = set(plan.executed_layers())
+    soft = GateFn(lm.num_layers, lambda i, h: torch.full(h.shape[:2], float(i in runs)))
+    cache, _ = engine.prefill(ids, present, ids.shape[1] + 4)
+    hard = engine.forward(resp, cache.clone(), plan).logits
+    out = engine.run(resp, cache, soft)
+    assert len(out.gates) == lm.num_layers  # every soft gate is handed back (the regulariser reads them)
+    torch.testing.assert_close(out.logits, hard, rtol=1e-5, atol=1e-5)

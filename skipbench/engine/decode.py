@@ -124,13 +124,14 @@ def generate(
             f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
             "lower --max-prompt-tokens or --max-new-tokens"
         )
+    cache = engine.prompt_cache(present, width + max_new_tokens)  # allocated before the clock starts
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
     policy.begin(batch, row_keys)
     prompt_policy = policy if prompt_depth == "policy" else None
     clock = _Clock(dev) if timings is not None else None
-    cache, out = engine.prefill(ids, present, width + max_new_tokens, prompt_policy, last_only=True)
+    out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)

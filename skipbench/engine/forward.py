@@ -51,12 +51,17 @@ class Engine:
         ad = self.ad
         return KVCache.allocate(ad.num_layers, batch, ad.num_kv_heads, ad.head_dim, capacity, self.kv_mode, device, dtype)
 
+    def prompt_cache(self, present: torch.Tensor, capacity: int) -> KVCache:
+        """An empty cache for left-padded prompts (`present` [B, W] marks real tokens) with room for `capacity`
+        positions: every prompt's cache is made here."""
+        cache = self.new_cache(present.shape[0], capacity, present.device, next(self.ad.model.parameters()).dtype)
+        cache.pad = (~present).sum(1)
+        return cache
+
     def prefill(self, ids: torch.Tensor, present: torch.Tensor, capacity: int, policy: Policy | None = None,
                 **kw) -> tuple[KVCache, ForwardOut]:
-        """A cache for left-padded prompts `ids` (`present` marks real tokens) with room for `capacity` positions,
-        filled by running the prompts (at full depth unless a policy is given). Every prompt starts here."""
-        cache = self.new_cache(ids.shape[0], capacity, ids.device, next(self.ad.model.parameters()).dtype)
-        cache.pad = (~present).sum(1)
+        """`prompt_cache` filled by running the prompts (at full depth unless a policy is given)."""
+        cache = self.prompt_cache(present, capacity)
         return cache, self.forward(ids, cache, policy, present=present, **kw)
 
     @torch.no_grad()

@@ -117,9 +117,10 @@ def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
     specs = cfg.policies or parse_policies(f"full,uniform:{max(1, lm.num_layers // 2)}")
     for spec in specs:
         policy = spec.build(lm.num_layers)
-        label = spec.label
+        label = spec.name + (f":{spec.arg}" if spec.arg else "")  # as the user wrote it
         impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
         kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
+        spec.check_kv_mode(kv_mode)
         for impl in impls:
             name = label if len(impls) == 1 else f"{label} [{impl}]"
             out.append(Variant(name, _ours(lm, policy, cfg, impl, kv_mode), "policy", kv_mode))

@@ -84,7 +84,7 @@ def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
         random_draws = entry.kind in ("per-sequence", "per-token")
         for cost in cfg.costs or default_costs(num_layers):
             for seed in range(cfg.seeds if random_draws else 1):
-                _spec(strategy, cost, seed, cfg.per_token).checked(num_layers)
+                _spec(strategy, cost, seed, cfg.per_token).build(num_layers)  # a plugin's own checks too, up front
                 out.append((strategy, cost, seed))
     return out
 
@@ -95,11 +95,12 @@ def _spec(strategy: str, cost: int, seed: int, per_token: bool) -> PolicySpec:
 
 
 def _variant(spec: PolicySpec, num_layers: int):
-    """A static plan that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
-    plan = spec.plan(num_layers) if spec.strategy.kind == "static" else None
+    """A static policy that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
+    policy = spec.build(num_layers)
+    plan = policy.executed_layers() if policy.static else None
     if plan is not None and plan == list(range(len(plan))):
         return ("prefix", len(plan))
-    return spec.build(num_layers)
+    return policy
 
 
 def cosines(h_a: list[torch.Tensor], h_b: list[torch.Tensor]) -> torch.Tensor:

@@ -76,7 +76,7 @@ def points(cfg: EvalConfig, num_layers: int) -> list[PolicySpec]:
                 pts.append(p)
     for p in pts:
         policy = p.build(num_layers)
-        resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'")
+        p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
         if p.name == "controller":
             check_backbone(p.value, cfg.model)
     return pts
@@ -135,7 +135,9 @@ def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int
     for rec in layers:
         use[rec] += 1
     return {
-        "item_id": item.item_id, "subtask": item.subtask, "policy": p.name, "cost": nominal_cost(p, lm.num_layers),
+        # `random-token` rows keep the policy name `random` older outputs had (per_token says which; policy_spec too)
+        "item_id": item.item_id, "subtask": item.subtask, "policy": "random" if p.name == "random-token" else p.name,
+        "cost": nominal_cost(p, lm.num_layers),
         "policy_spec": p.label, "policy_seed": p.seed,
         "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
         "layer_use": use.tolist(), "skipped_tokens": len(layers),
@@ -190,11 +192,13 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     for key, value in flat_config(cfg).items():
         if key not in rows.columns and key not in ("out", "resume", "policies"):
             rows[key] = value
-    # columns older outputs carried (kept: readers may use them), now read off each row's spec
-    rows["per_token"] = rows["policy"] == "random-token"
-    specs = {p.label: p for p in pts}
-    rows["controller"] = [specs[s].value if specs[s].strategy.needs_checkpoint else None for s in rows["policy_spec"]]
-    rows["gate"] = [specs[s].gate for s in rows["policy_spec"]]
+    # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
+    asked = [p for p in pts if p.name != "full"]
+    rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
+    rows["per_token"] = any(p.name == "random-token" for p in asked)
+    rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
+    rows["router"] = next((p.value for p in asked if p.name == "flexidepth"), None)
+    rows["gate"] = asked[0].gate if asked else "sample"
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
                     layers_convention=LAYERS_CONVENTION, points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == 'none' else p.label for p in pts], batch_size=batch_size,
                     ranks=d.world)
@@ -216,7 +220,7 @@ def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.Data
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    return (rows.groupby(["policy", "cost"], sort=False)
+    return (rows.groupby(["policy", "cost", "policy_spec"], sort=False)
             .agg(items=("item_id", "count"), layers_mean=("layers_mean", "mean"), rougeL=("rougeL", "mean"),
                  full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"), new_tokens=("new_tokens", "mean"))
             .reset_index())

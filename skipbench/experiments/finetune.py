@@ -86,8 +86,7 @@ def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, lay
     """Cross-entropy of the response tokens given the prompt, summed and divided by `total`; (loss, parts)."""
     ids, present, resp, mask = batch_tensors(lm, batch)
     width = ids.shape[1]
-    cache = engine.new_cache(len(batch), width + resp.shape[1], lm.device, lm.dtype)
-    cache.pad = (~present).sum(1)
+    cache = engine.prompt_cache(present, width + resp.shape[1])
     gate = None  # every layer runs
     if layer_dropout > 0:
         keep = layer_keep(keys, lm.num_layers, layer_dropout).to(lm.device, lm.dtype)

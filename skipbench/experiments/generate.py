@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from skipbench.data.prompts import encode_prompt
-from skipbench.engine import LAYERS_CONVENTION, Sampling, generate
+from skipbench.engine import LAYERS_CONVENTION, Sampling, generate, resolve_kv_mode
 from skipbench.policies import PolicySpec
 from skipbench.models import load_model
 
@@ -26,6 +26,7 @@ class GenerateConfig:
 def run(cfg: GenerateConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     policy = cfg.policy.build(lm.num_layers)
+    cfg.policy.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{cfg.policy.label}'"))
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
     out = generate(lm, [ids], policy, cfg.max_new_tokens, cfg.kv_mode, cfg.sampling,
                    prompt_depth=cfg.prompt_depth)

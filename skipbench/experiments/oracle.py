@@ -75,12 +75,18 @@ def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
         raise SkipbenchError(f"--runs mixes models/datasets ({pairs}); pass the files of one with --runs")
     if "policy" not in df.columns:
         df["policy"] = "config"
-    if cfg.policies:
-        df = df[df["policy"].isin(cfg.policies) | (df["policy"] == "full")]
+    if cfg.policies:  # strategy names (uniform) or spec labels (layers:0,3,5)
+        named = df["policy"].isin(cfg.policies)
+        if "policy_spec" in df.columns:
+            named |= df["policy_spec"].isin(cfg.policies)
+        df = df[named | (df["policy"] == "full")]
     df = df.dropna(subset=[cfg.metric])
     if df.empty:
         raise SkipbenchError(f"no rows with a value for metric '{cfg.metric}'")
     df["config"] = df["policy"].astype(str) + ":" + df["cost"].astype(int).astype(str)
+    if "policy_spec" in df.columns:  # two specs with one (policy, cost), e.g. two layer sets of 3: keep them apart
+        clash = df.groupby("config")["policy_spec"].transform("nunique") > 1
+        df.loc[clash, "config"] = df.loc[clash, "policy_spec"].astype(str) + " (" + df.loc[clash, "cost"].astype(int).astype(str) + ")"
     notes = []
     dup = df.duplicated(["config", "item_id"]).sum()
     if dup:

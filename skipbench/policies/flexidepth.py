@@ -87,11 +87,12 @@ class FlexiDepth(nn.Module):
             return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
         return self.routers[str(layer)](h).to(h.dtype)
 
-    def route(self, layer: int, g: torch.Tensor, real=True) -> Route:
+    def route(self, layer: int, g: torch.Tensor) -> Route:
         """The routed layer for gate values g [B, T]: the full path where G > tau (MLP scaled by G), the adapter
         path scaled by 1 - G elsewhere; K/V for skipped tokens unless `no_kv`. The engine runs it."""
         adapter = self.adapters[str(layer)] if self.use_adapter else None
-        skip = (lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed)) if adapter is not None else None
+        # the adapter's output is cast to the state's dtype before the gate scales it (bf16 runs round as before)
+        skip = (lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed).to(g.dtype)) if adapter is not None else None
         return Route(run=g > self.tau, scale=g, skip=skip, kv_for_skipped=self.kv)
 
 

@@ -99,6 +99,7 @@ class Registry:
     def __init__(self, builtin: list[Strategy]) -> None:
         self._entries = {s.name: s for s in builtin}
         self._plugins_loaded = False
+        self._broken: dict[str, str] = {}  # plugins that failed to load, and why
 
     def register(self, strategy: Strategy) -> Strategy:
         self._entries[strategy.name] = strategy
@@ -113,16 +114,22 @@ class Registry:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             try:
                 strategy = ep.load()
-            except Exception as exc:  # a broken plugin must not break the built-in strategies
-                raise SkipbenchError(f"cannot load skipbench plugin '{ep.name}' ({ep.value}): {exc}") from None
+            except Exception as exc:  # a broken plugin must not break the others: named when its policy is asked for
+                self._broken[ep.name] = f"cannot load skipbench plugin '{ep.name}' ({ep.value}): {exc}"
+                continue
             if not isinstance(strategy, Strategy):
-                raise SkipbenchError(f"skipbench plugin '{ep.name}' ({ep.value}) is not a skipbench Strategy")
-            self._entries.setdefault(strategy.name, strategy)  # a plugin cannot replace a built-in
+                self._broken[ep.name] = f"skipbench plugin '{ep.name}' ({ep.value}) is not a skipbench Strategy"
+            elif strategy.name in self._entries:  # a plugin cannot replace a built-in or an earlier plugin
+                self._broken[ep.name] = f"skipbench plugin '{ep.name}' reuses the name '{strategy.name}'; ignored"
+            else:
+                self._entries[strategy.name] = strategy
 
     def get(self, name: str) -> Strategy:
         if name not in self._entries:
             self._load_plugins()
         if name not in self._entries:
+            if name in self._broken:
+                raise SkipbenchError(self._broken[name])
             raise SkipbenchError(f"unknown policy '{name}'; known: {', '.join(self.names())}")
         return self._entries[name]
 
@@ -132,7 +139,7 @@ class Registry:
 
     def reload_plugins(self) -> None:
         """Look at the installed entry points again (tests install one at run time)."""
-        self._plugins_loaded = False
+        self._plugins_loaded, self._broken = False, {}
         self._load_plugins()
 
 
@@ -210,6 +217,12 @@ class PolicySpec:
             raise SkipbenchError(f"policy '{self.name}' takes no argument, got '{self.arg}'")
         return self
 
+    def check_kv_mode(self, mode: str) -> None:
+        """The KV mode a run resolved to must be one the strategy supports (its entry says which)."""
+        if mode not in self.strategy.kv_modes:
+            raise SkipbenchError(f"policy '{self.label}' runs under --kv-mode {' or '.join(self.strategy.kv_modes)} "
+                                 f"only, got {mode}")
+
     def build(self, num_layers: int):
         """The Policy object (imports the strategy's module, and with it torch)."""
         return self.strategy.function("build")(self.checked(num_layers), num_layers)
@@ -243,6 +256,7 @@ def parse_policies(text: str | list[str] | tuple[str, ...], **options) -> list[P
     specs: list[PolicySpec] = []
     for name, args in groups:
         strategy = STRATEGIES.get(name)
+        args = _canonical(strategy, args)
         if strategy.sweeps and len(args) > 1:
             specs += [PolicySpec(name=name, arg=a, **options) for a in args]
         else:
@@ -252,11 +266,25 @@ def parse_policies(text: str | list[str] | tuple[str, ...], **options) -> list[P
     return specs
 
 
+def _canonical(strategy: Strategy, args: list[str]) -> list[str]:
+    """One spelling per point: `uniform:015` is `uniform:15`, `layers:5,0,3` is `layers:0,3,5` (same label, same
+    cache key). Arguments that do not parse are left for `checked` to report."""
+    try:
+        if strategy.arg == "cost":
+            return [str(int(float(a))) if float(a).is_integer() else a for a in args]
+        if strategy.arg == "layers":
+            return [str(i) for i in sorted({int(a) for a in args})]
+    except ValueError:
+        pass
+    return args
+
+
 def with_costs(specs: list[PolicySpec], costs: tuple[int, ...] | list[int]) -> list[PolicySpec]:
-    """The older form `--policy uniform --costs 8,15`: a sweeping strategy named without an argument takes each cost."""
+    """The older form `--policy uniform --costs 8,15`: a strategy whose argument is a cost, named without one, takes
+    each cost (threshold strategies do not: a layer count is not a threshold)."""
     out = []
     for s in specs:
-        if not s.arg and s.strategy.sweeps and costs:
+        if not s.arg and s.strategy.arg == "cost" and costs:
             out += [PolicySpec(name=s.name, arg=str(c), seed=s.seed, gate=s.gate, first_layer=s.first_layer) for c in costs]
         else:
             out.append(s)
