@@ -179,7 +179,7 @@ def generate(
     cfg = GenerateConfig(
         prompt=prompt, model=model, policy=_one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed,
                                                      per_token=per_token, first_layer=first_layer),
-        max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature, top_p, seed),
+        max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
         device=device, dtype=dtype,
     )
     result = run(cfg)
@@ -360,7 +360,7 @@ def evaluate(
     _quiet_transformers()
     cfg = EvalConfig(
         model=model,
-        data=DataSpec(dataset, split, limit or None, seed, prompt_field, reference_field),
+        data=DataSpec(name=dataset, split=split, limit=limit or None, seed=seed, prompt_field=prompt_field, reference_field=reference_field),
         policies=tuple(_specs(policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed,
                               per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
@@ -412,7 +412,7 @@ def cosine(
 
     _quiet_transformers()
     cfg = CosineConfig(
-        model=model, data=DataSpec(dataset, split, limit or None), costs=_int_list(costs, "--costs") if costs else (),
+        model=model, data=DataSpec(name=dataset, split=split, limit=limit or None), costs=_int_list(costs, "--costs") if costs else (),
         strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()), seeds=seeds, per_token=per_token,
         teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         batch_size=batch_size or None, kv_mode=kv_mode, device=device, dtype=dtype,
@@ -441,7 +441,7 @@ def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, los
     from skipbench.data import DataSpec
     from skipbench.training import TrainConfig
 
-    return TrainConfig(model=model, data=DataSpec(dataset, split, limit or None), steps=steps, batch_size=batch_size,
+    return TrainConfig(model=model, data=DataSpec(name=dataset, split=split, limit=limit or None), steps=steps, batch_size=batch_size,
                        grad_accum=grad_accum, lr=lr, seed=seed, loss=loss, targets=targets, max_new_tokens=max_new_tokens,
                        max_seq_len=max_seq_len, device=device, dtype=dtype, out=out, **extra)
 
@@ -510,7 +510,7 @@ def controllers_train(
                          max_seq_len, device, dtype, out, targets, grad_accum,
                          train_backbone=train_backbone, backbone_lr=backbone_lr, restart=restart)
     with TrainBar("train") as bar:
-        result = run_train(ControllerTrainConfig(tcfg, input, alpha, tau, alpha_units), progress=bar.step, start=bar.start)
+        result = run_train(ControllerTrainConfig(train=tcfg, input=input, alpha=alpha, tau=tau, alpha_units=alpha_units), progress=bar.step, start=bar.start)
     _report_training(result)
 
 
@@ -548,7 +548,7 @@ def controllers_sweep(
     _quiet_transformers()
     tcfg = _train_config(model, dataset, "train", train_limit, steps, batch_size, lr, 0, loss, max_new_tokens,
                          max_seq_len, device, dtype, "", targets, restart=restart)
-    cfg = SweepConfig(train=tcfg, eval_data=DataSpec(dataset, "test", eval_limit or None),
+    cfg = SweepConfig(train=tcfg, eval_data=DataSpec(name=dataset, split="test", limit=eval_limit or None),
                       inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
                       alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, alpha_units=alpha_units, gate=gate,
                       eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
@@ -607,8 +607,8 @@ def flexidepth_train(
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
                          max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
-    cfg = FlexiTrainConfig(tcfg, alpha, _int_list(routed_layers, "--routed-layers") if routed_layers else (),
-                           router_reduction, tau, adapter, kv, linear_router)
+    cfg = FlexiTrainConfig(train=tcfg, alpha=alpha, routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else (),
+                           reduction=router_reduction, tau=tau, adapter=adapter, kv=kv, linear_router=linear_router)
     with TrainBar("train") as bar:
         result = run_train(cfg, progress=bar.step, start=bar.start)
     _report_training(result)
@@ -635,8 +635,8 @@ def flexidepth_usage(
     from skipbench.experiments.flexidepth import UsageConfig, run_usage
 
     _quiet_transformers()
-    cfg = UsageConfig(model, router, DataSpec(dataset, split, limit or None), max_new_tokens, batch_size, device, dtype,
-                      out or f"results/flexi-usage-{_slug(model)}.parquet")
+    cfg = UsageConfig(model=model, router=router, data=DataSpec(name=dataset, split=split, limit=limit or None), max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
+                      out=out or f"results/flexi-usage-{_slug(model)}.parquet")
     with Bar("usage") as bar:
         res = run_usage(cfg, progress=bar.advance, start=bar.start)
     _print_frame(res["agg"], f"FlexiDepth layers used per subtask · {model}")
@@ -660,7 +660,7 @@ def flexidepth_depthmap(
     from skipbench.experiments.flexidepth import DepthmapConfig, run_depthmap
 
     _quiet_transformers()
-    res = run_depthmap(DepthmapConfig(model, router, prompt, max_new_tokens, device, dtype, out))
+    res = run_depthmap(DepthmapConfig(model=model, router=router, prompt=prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, out=out))
     console.print(f"wrote {res['html']} and {res['png'].name}")
 
 
@@ -696,8 +696,8 @@ def finetune(
     _quiet_transformers()
     # the split keeps its default seed (0), as every later command's --split does: --seed must not move the
     # test items into the fine-tuning data
-    cfg = FinetuneConfig(model=model, data=DataSpec(dataset, "train", limit or None),
-                         val_data=DataSpec(dataset, "validation", val_limit or None), steps=steps,
+    cfg = FinetuneConfig(model=model, data=DataSpec(name=dataset, split="train", limit=limit or None),
+                         val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None), steps=steps,
                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
                          patience=patience, layer_dropout=layer_dropout, max_seq_len=max_seq_len,
                          max_new_tokens=max_new_tokens, device=device, dtype=dtype, out=out, restart=restart)

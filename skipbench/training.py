@@ -39,7 +39,7 @@ from skipbench.models.loading import LoadedModel, model_fingerprint
 from skipbench.results import config_dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     model: str
     data: DataSpec

@@ -49,7 +49,7 @@ def _expected(lm, method, cfg, data, draws=6):
 @pytest.mark.parametrize("alpha", [0.0, 20.0])
 def test_training_moves_kl_and_cost(tiny_dirs, tmp_path, alpha):
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
-    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec("arith", limit=12), steps=25, batch_size=4,
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec(name="arith", limit=12), steps=25, batch_size=4,
                       lr=5e-2, max_new_tokens=8, out=str(tmp_path / f"a{alpha}"))
     method = ControllerMethod(Controllers(64, 6, "hidden", init_execute=1.0), alpha)
     data = examples(lm, cfg, None)
@@ -107,7 +107,7 @@ def _backbone_setup(tiny_dirs, tmp_path, double=False):
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
     if double:  # finite differences need float64
         lm = wrap_model(lm.model.double(), lm.tokenizer, lm.name)
-    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec("arith", limit=6), max_new_tokens=6,
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec(name="arith", limit=6), max_new_tokens=6,
                       train_backbone=True, out=str(tmp_path))
     controllers = Controllers(64, 6, "hidden", init_execute=0.5).to(lm.dtype)
     method = ControllerMethod(controllers, 2.0)
@@ -253,7 +253,7 @@ def test_a_checkpoint_is_resumed_only_by_its_own_configuration(tiny_dirs, tmp_pa
 
 def test_prompts_that_do_not_fit_are_counted(tiny_dirs):
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
-    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec("text", limit=12), max_new_tokens=4, out="")
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec(name="text", limit=12), max_new_tokens=4, out="")
     from skipbench.data import load_items
     from skipbench.data.prompts import encode_prompt
 
@@ -312,7 +312,7 @@ def test_sweep_says_how_many_prompts_were_left_out(tiny_dirs, tmp_path):
     from skipbench.data.prompts import encode_prompt
 
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
-    lengths = sorted(len(encode_prompt(lm.tokenizer, it.prompt)) for it in load_items(DataSpec("text", "train", 12)))
+    lengths = sorted(len(encode_prompt(lm.tokenizer, it.prompt)) for it in load_items(DataSpec(name="text", split="train", limit=12)))
     cut = lengths[len(lengths) // 2] + 1  # about half the prompts do not fit
     res = CliRunner().invoke(app, ["controllers", "sweep", "--model", str(tiny_dirs["llama"]), "--dataset", "text",
                                    "--inputs", "constant", "--alphas", "2", "--seeds", "1", "--steps", "1",

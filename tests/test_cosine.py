@@ -16,13 +16,14 @@ from skipbench.cli import app
 from skipbench.data import DataSpec
 from skipbench.engine import Engine
 from skipbench.engine.decode import left_pad
+from skipbench import fidelity, stats
 from skipbench.experiments import cosine as cs
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy
 
 
 def test_every_strategy_at_full_cost_is_the_full_model(tiny_dirs, tmp_path):
-    cfg = cs.CosineConfig(model=str(tiny_dirs["qwen3"]), data=DataSpec("text", limit=4), costs=(6,), seeds=2,
+    cfg = cs.CosineConfig(model=str(tiny_dirs["qwen3"]), data=DataSpec(name="text", limit=4), costs=(6,), seeds=2,
                           max_new_tokens=8, out=str(tmp_path / "c.parquet"))
     res = cs.run(cfg)
     assert set(res.rows["strategy"]) == {"early-exit", "uniform", "random"}
@@ -41,19 +42,19 @@ def test_early_exit_states_equal_full_up_to_the_exit(tokenizer, exit_layer):
     engine.forward(ids, cache, None, present=present)
     full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
     ee = engine.forward(resp, cache.clone(), make_policy(f"early-exit:{exit_layer}", 6), keep_hidden=True)
-    cos = cs.cosines(full.hidden, ee.hidden)
+    cos = fidelity.cosines(full.hidden, ee.hidden)
     assert torch.allclose(cos[: exit_layer + 1], torch.ones_like(cos[: exit_layer + 1]), atol=1e-6)
     assert (cos[exit_layer + 1 :] < 0.9999).any()
     for depth in range(exit_layer + 1, 7):  # skipped layers leave the state as it was at the exit
         assert torch.equal(ee.hidden[depth], ee.hidden[exit_layer])
-    shortcut = cs.early_exit_from_full(lm.adapter, full, exit_layer)  # what `cosine` uses instead of a pass
+    shortcut = fidelity.early_exit_from_full(lm.adapter, full, exit_layer)  # what `cosine` uses instead of a pass
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(shortcut.hidden, ee.hidden))
     assert torch.allclose(shortcut.logits, ee.logits, atol=1e-5)
 
 
 def test_t_interval_matches_scipy():
     values = np.array([0.91, 0.85, 0.97, 0.66, 0.78, 0.88, 0.93])
-    mean, lo, hi = cs.t_interval(values)
+    mean, lo, hi = stats.t_interval(values)
     ref = scipy.stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=scipy.stats.sem(values))
     assert mean == pytest.approx(values.mean()) and (lo, hi) == pytest.approx(ref, abs=1e-12)
 

@@ -73,7 +73,7 @@ def test_rouge_l_equals_rouge_score():
 def test_alpaca_loader_on_shared_sample():
     path = SHARED / "data" / "alpaca_sample.json"
     records = json.loads(path.read_text())
-    items = load_items(DataSpec(str(path)))
+    items = load_items(DataSpec(name=str(path)))
     assert len(items) == len(records)
     for rec, it in zip(records, items):
         assert it.reference == rec["output"]
@@ -90,34 +90,34 @@ def test_named_fields_in_any_format(tmp_path, suffix):
     path = tmp_path / f"d{suffix}"
     {".jsonl": lambda: df.to_json(path, orient="records", lines=True), ".csv": lambda: df.to_csv(path, index=False),
      ".parquet": lambda: df.to_parquet(path)}[suffix]()
-    items = load_items(DataSpec(str(path), prompt_field="q", reference_field="a"))
+    items = load_items(DataSpec(name=str(path), prompt_field="q", reference_field="a"))
     assert [(i.prompt, i.reference) for i in items] == [("What is 2+2?", "4"), ("Name a colour.", "Blue")]
 
 
 def test_file_errors_are_clear(tmp_path):
     with pytest.raises(SkipbenchError, match="not found"):
-        load_items(DataSpec(str(tmp_path / "missing.jsonl")))
+        load_items(DataSpec(name=str(tmp_path / "missing.jsonl")))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(SkipbenchError, match="empty"):
-        load_items(DataSpec(str(empty)))
+        load_items(DataSpec(name=str(empty)))
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"question": "x", "answer": "y"}\n')
     with pytest.raises(SkipbenchError, match="missing field.*fields found: question, answer"):
-        load_items(DataSpec(str(odd)))
+        load_items(DataSpec(name=str(odd)))
     with pytest.raises(SkipbenchError, match="unknown dataset 'nope'"):
-        load_items(DataSpec("nope"))
+        load_items(DataSpec(name="nope"))
 
 
 def test_hub_dataset_offline_is_one_clear_error():
     with pytest.raises(SkipbenchError, match="alpaca|datasets"):
-        load_items(DataSpec("alpaca"))
+        load_items(DataSpec(name="alpaca"))
 
 
 def test_split_is_seeded_disjoint_and_complete():
-    parts = {s: load_items(DataSpec("arith", split=s)) for s in ("train", "validation", "test")}
+    parts = {s: load_items(DataSpec(name="arith", split=s)) for s in ("train", "validation", "test")}
     ids = [{i.item_id for i in v} for v in parts.values()]
     assert sum(map(len, ids)) == 300 and len(set.union(*ids)) == 300
     assert [len(v) for v in parts.values()] == [210, 45, 45]
-    assert load_items(DataSpec("arith", split="test")) == parts["test"]
-    assert load_items(DataSpec("arith", split="test", seed=1)) != parts["test"]
+    assert load_items(DataSpec(name="arith", split="test")) == parts["test"]
+    assert load_items(DataSpec(name="arith", split="test", seed=1)) != parts["test"]

@@ -44,7 +44,7 @@ def test_evaluate_cli_end_to_end(tiny_dirs, tmp_path):
 
 def test_interrupted_sweep_resumes_without_duplicates(tiny_dirs, tmp_path):
     out = tmp_path / "sweep.parquet"
-    cfg = ev.EvalConfig(model=str(tiny_dirs["opt"]), data=DataSpec("text", limit=5), policies=tuple(parse_policies("early-exit:2,3,5")),
+    cfg = ev.EvalConfig(model=str(tiny_dirs["opt"]), data=DataSpec(name="text", limit=5), policies=tuple(parse_policies("early-exit:2,3,5")),
                         max_new_tokens=6, batch_size=2, out=str(out))
 
     class Interrupt(Exception):
@@ -72,7 +72,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_dirs, tmp_path):
 
 def test_random_policy_is_per_item_reproducible_across_batch_sizes(tiny_dirs, tmp_path):
     def layer_use(bs):
-        cfg = ev.EvalConfig(model=str(tiny_dirs["llama"]), data=DataSpec("arith", limit=5), policies=tuple(parse_policies("random:3", seed=4)),
+        cfg = ev.EvalConfig(model=str(tiny_dirs["llama"]), data=DataSpec(name="arith", limit=5), policies=tuple(parse_policies("random:3", seed=4)),
                             seed=4, max_new_tokens=6, batch_size=bs, out=str(tmp_path / f"r{bs}.parquet"))
         df = ev.run(cfg).rows
         df = df[df["policy"] == "random"].set_index("item_id")
@@ -103,7 +103,7 @@ def test_a_model_folder_written_again_is_not_served_old_parts(tokenizer, tmp_pat
     folder = tmp_path / "model"
     tiny_model("llama", len(tokenizer), seed=0).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    cfg = ev.EvalConfig(model=str(folder), data=DataSpec("text", limit=2), policies=tuple(parse_policies("uniform:3")),
+    cfg = ev.EvalConfig(model=str(folder), data=DataSpec(name="text", limit=2), policies=tuple(parse_policies("uniform:3")),
                         max_new_tokens=4, batch_size=2, out=str(tmp_path / "e.parquet"))
     first = ev.run(cfg)
     assert ev.run(cfg).reused_parts == 2  # same files: reused

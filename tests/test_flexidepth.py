@@ -84,7 +84,7 @@ def test_skip_loss_by_hand_and_gradients(tokenizer):
     from skipbench.training import TrainConfig, examples, step_loss, task_weight
     from skipbench.data import DataSpec
 
-    cfg = TrainConfig(model="tiny", data=DataSpec("arith", limit=4), loss="ce", max_new_tokens=6)
+    cfg = TrainConfig(model="tiny", data=DataSpec(name="arith", limit=4), loss="ce", max_new_tokens=6)
     data = examples(lm, cfg, None)
     flexi = FlexiDepth(64, 6, reduction=4)
     with torch.no_grad():

@@ -17,7 +17,7 @@ EMBEDDED = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataSpec:
     name: str
     split: str = "all"

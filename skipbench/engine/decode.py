@@ -21,7 +21,7 @@ from skipbench.engine.protocol import Full, Policy
 LAYERS_CONVENTION = "input"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0

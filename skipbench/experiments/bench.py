@@ -50,7 +50,7 @@ PROMPTS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     model: str = EMBEDDED
     policies: tuple[PolicySpec, ...] = ()  # empty: full and uniform at half depth

@@ -19,8 +19,9 @@ import torch
 from skipbench.data import DataSpec, load_items
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
-from skipbench.experiments import evaluate as ev
-from skipbench.experiments.cosine import compare_to_full, t_interval
+from skipbench import evaluation as ev
+from skipbench.fidelity import compare_to_full
+from skipbench.stats import t_interval
 from skipbench.models import load_model
 from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
@@ -29,7 +30,7 @@ from skipbench.results import check_out_path, manifest, run_id, write_atomic
 from skipbench.training import TrainConfig, TrainResult, train
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ControllerTrainConfig:
     train: TrainConfig
     input: str = "hidden"
@@ -46,7 +47,7 @@ def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = N
     return train(lm, method, cfg.train, progress, start)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     train: TrainConfig  # model, training data (split train), steps, batch size, ...
     eval_data: DataSpec  # held-out items (split test)
@@ -79,7 +80,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
         tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
-        trained = run_train(ControllerTrainConfig(tcfg, input_kind, alpha, cfg.tau, cfg.alpha_units), lm)
+        trained = run_train(ControllerTrainConfig(train=tcfg, input=input_kind, alpha=alpha, tau=cfg.tau, alpha_units=cfg.alpha_units), lm)
         notes += [n for n in trained.notes if n not in notes]  # the same data in every run: say each thing once
         rows = evaluate_run(cfg, lm, folder, seed)
         rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed

@@ -27,7 +27,7 @@ from skipbench.results import check_out_path, manifest, run_id, write_atomic
 from skipbench.training import TrainConfig, TrainResult, check_held_out, train
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FlexiTrainConfig:
     train: TrainConfig
     alpha: float = 1e-3
@@ -47,7 +47,7 @@ def run_train(cfg: FlexiTrainConfig, lm=None, progress: Callable | None = None, 
     return train(lm, FlexiMethod(flexi, cfg.alpha), cfg.train, progress, start)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class UsageConfig:
     model: str
     router: str
@@ -102,7 +102,7 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
     return {"rows": df, "agg": agg, "path": path}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DepthmapConfig:
     model: str
     router: str

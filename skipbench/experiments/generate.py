@@ -10,7 +10,7 @@ from skipbench.policies import PolicySpec
 from skipbench.models import load_model
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerateConfig:
     prompt: str
     model: str

@@ -23,7 +23,7 @@ LENGTH_BIN, LENGTH_BINS = 15, 11
 LENGTH_LABELS = [f"{LENGTH_BIN * k + 1}-{LENGTH_BIN * (k + 1)}" for k in range(LENGTH_BINS - 1)] + [f">{LENGTH_BIN * (LENGTH_BINS - 1)}"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OracleConfig:
     runs: tuple[str, ...] = ()  # empty: every results/evaluate-*.parquet
     metric: str = "rougeL"

@@ -16,7 +16,7 @@ import pandas as pd
 from skipbench.oracle import Instance, solve
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OracleBenchConfig:
     items: int = 7800
     costs: tuple[int, ...] = (4, 8, 12, 24)

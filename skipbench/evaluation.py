@@ -1,0 +1,228 @@
+"""Evaluation: generation quality of policies at several costs, one tidy row per (policy point, item).
+
+A library: the `evaluate` recipe runs it, and the controllers sweep evaluates its trained runs with it.
+
+Each (policy, cost) point is written as its own parquet part (atomically) beside the output; a rerun
+skips finished parts, so an interrupted sweep resumes. The full model always runs once per item, so
+`full_rougeL` (agreement with the full model's own output, no reference needed) is defined for every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from skipbench import distributed
+from skipbench.data import DataSpec, Item, load_items
+from skipbench.data.prompts import encode_items
+from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
+from skipbench.errors import SkipbenchError
+from skipbench.policies import PolicySpec
+from skipbench.metrics import exact_match, rouge_l
+from skipbench.models import load_model
+from skipbench.models.loading import LoadedModel, model_fingerprint
+from skipbench.policies.controller import check_backbone
+from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    model: str
+    data: DataSpec
+    policies: tuple[PolicySpec, ...] = ()  # the points to run besides full depth; a sweeping strategy without an
+    # argument (`uniform`) runs at L/4, L/2, 3L/4
+    seed: int = 0  # the data split's seed (a policy's own seed is in its spec)
+    max_new_tokens: int = 96
+    max_prompt_tokens: int = 1024
+    batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
+    kv_mode: str = "auto"
+    prompt_depth: str = "full"
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""
+    resume: bool = True
+
+
+FULL = PolicySpec(name="full")
+
+
+@dataclass
+class EvalResult:
+    rows: pd.DataFrame
+    summary: pd.DataFrame
+    path: Path
+    reused_parts: int
+    reused_shares: int = 0  # under torchrun: ranks' shares finished by an earlier, failed run
+
+
+def default_costs(num_layers: int) -> tuple[int, ...]:
+    return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def points(cfg: EvalConfig, num_layers: int) -> list[PolicySpec]:
+    """Full depth first, then every requested point; each checked (argument, KV mode, held-out backbone) before
+    any generation starts."""
+    from skipbench.policies import with_costs
+
+    pts = [FULL]
+    for spec in cfg.policies:
+        for p in with_costs([spec], default_costs(num_layers)):
+            if p.name != "full" and p not in pts:
+                pts.append(p)
+    for p in pts:
+        policy = p.build(num_layers)
+        p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
+        if p.name == "controller":
+            check_backbone(p.value, cfg.model)
+    return pts
+
+
+def nominal_cost(p: PolicySpec, num_layers: int) -> int:
+    """The `cost` column: the nominal layers per token, 0 until measured for learned and threshold policies."""
+    cost = p.cost(num_layers)
+    return int(cost) if cost is not None else 0
+
+
+def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
+    """Where a point's part lives: `.skipbench-parts/` beside the output, keyed by everything that changes
+    its rows (not the costs, the output name or the batch size), so reruns and other sweeps reuse it.
+    The full-depth point does not depend on the policy being swept, so every sweep shares it."""
+    ident = replace(cfg, policies=(p,), out="", resume=True, batch_size=None)
+    fields = config_dict(ident)
+    if model_fingerprint(cfg.model):  # a local folder written again (a new fine-tuning run) is another model
+        fields["model_fingerprint"] = model_fingerprint(cfg.model)
+    if p.strategy.needs_checkpoint:  # the same folder retrained is another policy
+        from skipbench.checkpoints import checkpoint_fingerprint
+
+        fields["checkpoint"] = checkpoint_fingerprint(p.value)
+    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    tag = p.arg if p.strategy.sweeps else str(len(p.value.split(","))) if p.strategy.arg == "layers" else ""
+    return Path(cfg.out).parent / ".skipbench-parts" / f"{p.name}{'-' + tag if tag else ''}-{key}.parquet"
+
+
+def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, batch_size: int, progress: Callable | None) -> pd.DataFrame:
+    policy = p.build(lm.num_layers)
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
+    rows = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        gen = generate(lm, [encoded[i] for i in idx], policy, cfg.max_new_tokens, cfg.kv_mode,
+                       row_keys=[items[i].key for i in idx], prompt_depth=cfg.prompt_depth)
+        for r, i in enumerate(idx):
+            rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode})
+        if progress:
+            progress(len(idx))
+    return pd.DataFrame(rows)
+
+
+def finish_part(df: pd.DataFrame, p: PolicySpec, num_layers: int) -> pd.DataFrame:
+    """A point's rows in item order; a policy without a nominal cost (learned, thresholds) gets its measured mean
+    executed layers, rounded (over all items, so after the ranks' shares are joined)."""
+    df = df.sort_values("item_id", kind="stable").reset_index(drop=True)
+    if p.cost(num_layers) is None:
+        df["cost"] = int(round(df["layers_mean"].mean()))
+    return df
+
+
+def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int]], prompt_tokens: int) -> dict:
+    output = lm.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    use = np.zeros(lm.num_layers, dtype=np.int64)
+    for rec in layers:
+        use[rec] += 1
+    return {
+        # `random-token` rows keep the policy name `random` older outputs had (per_token says which; policy_spec too)
+        "item_id": item.item_id, "subtask": item.subtask, "policy": "random" if p.name == "random-token" else p.name,
+        "cost": nominal_cost(p, lm.num_layers),
+        "policy_spec": p.label, "policy_seed": p.seed,
+        "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
+        "layer_use": use.tolist(), "skipped_tokens": len(layers),
+        "prompt_tokens": prompt_tokens, "new_tokens": len(tokens), "output": output, "reference": item.reference,
+        "reference_tokens": len(lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]),
+        "rougeL": rouge_l(output, item.reference), "exact_match": exact_match(item.subtask, output, item.answer),
+    }
+
+
+def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | None = None,
+        start: Callable | None = None, lm: LoadedModel | None = None) -> EvalResult:
+    """progress(n) after each batch; on_part(point) after each finished part; start(total) once.
+    `lm`: an already loaded model (sweeps reuse one)."""
+    out = check_out_path(cfg.out)
+    d = distributed.current()
+    lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+    pts = points(cfg, lm.num_layers)
+    items = load_items(cfg.data)
+    for p in pts:
+        if p.strategy.kind == "learned":
+            from skipbench.training import check_held_out
+
+            check_held_out(items, p.value)
+    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
+    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    if batch_size < 1:
+        raise SkipbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    mine = d.shard([it.item_id for it in items])  # every item in a single process
+    todo = [p for p in pts if not (cfg.resume and part_path(cfg, p).exists())]
+    mine_todo = [p for p in todo if not (d.enabled and cfg.resume and d.part(part_path(cfg, p)).exists())]
+    reused_shares = int(d.sum([len(todo) - len(mine_todo)])[0])
+    if start:
+        start(len(mine_todo) * len(mine))
+    for p in mine_todo:
+        df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, batch_size, progress)
+        write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)))
+        if on_part:
+            on_part(p)
+    d.barrier()
+    if not d.main:  # rank 0 joins the shares and writes the result; the others wait for it
+        d.barrier()
+        rows = pd.read_parquet(out)
+        return EvalResult(rows, summarise(rows), out, len(pts) - len(todo), reused_shares)
+    for p in todo if d.enabled else ():
+        write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p))
+        d.remove_parts(part_path(cfg, p))
+    rows = _merge(cfg, pts, items)
+    rid = run_id(cfg)
+    rows.insert(0, "run_id", rid)
+    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "split": cfg.data.split, "seed": cfg.seed}.items():
+        rows[key] = value
+    for key, value in flat_config(cfg).items():
+        if key not in rows.columns and key not in ("out", "resume", "policies"):
+            rows[key] = value
+    # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
+    asked = [p for p in pts if p.name != "full"]
+    rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
+    rows["per_token"] = any(p.name == "random-token" for p in asked)
+    rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
+    rows["router"] = next((p.value for p in asked if p.name == "flexidepth"), None)
+    rows["gate"] = asked[0].gate if asked else "sample"
+    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
+                    layers_convention=LAYERS_CONVENTION, points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == 'none' else p.label for p in pts], batch_size=batch_size,
+                    ranks=d.world)
+    path = write_atomic(rows, out, meta)
+    d.barrier()
+    return EvalResult(rows, summarise(rows), path, len(pts) - len(todo), reused_shares)
+
+
+def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.DataFrame:
+    parts = {p: pd.read_parquet(part_path(cfg, p)) for p in pts}
+    ids = {it.item_id for it in items}
+    full = parts[pts[0]].set_index("item_id")["output"]
+    frames = []
+    for p, df in parts.items():
+        df = df[df["item_id"].isin(ids)].copy()
+        df["full_rougeL"] = [rouge_l(o, full[i]) for o, i in zip(df["output"], df["item_id"])]
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    return (rows.groupby(["policy", "cost", "policy_spec"], sort=False)
+            .agg(items=("item_id", "count"), layers_mean=("layers_mean", "mean"), rougeL=("rougeL", "mean"),
+                 full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"), new_tokens=("new_tokens", "mean"))
+            .reset_index())
