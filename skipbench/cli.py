@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -203,7 +203,7 @@ def plan(
                                "layers:0,3,5 | full"),
     exit_layer: Optional[int] = typer.Option(None),
     keep: Optional[str] = typer.Option(None),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="random: the seed of the draw"),
     first_layer: bool = typer.Option(True),
 ) -> None:
     """Print the 0-based layer indices a static plan executes.
@@ -277,7 +277,7 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of random policies"),
     out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
 ) -> None:
     """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
@@ -425,6 +425,19 @@ def cosine(
     console.print(f"wrote {result.path}, {result.agg_path.name}, {result.figure.name}")
 
 
+# training options shared by controllers train / sweep, flexidepth train and finetune: one declaration each,
+# the default beside each command (they differ: FlexiDepth trains longer, finetune uses the paper's lr)
+Steps = Annotated[int, typer.Option(help="optimiser steps")]
+BatchSize = Annotated[int, typer.Option(help="examples per step (the global batch under torchrun)")]
+GradAccum = Annotated[int, typer.Option(help="micro-batches per step (losses normalised over the step's tokens)")]
+Lr = Annotated[float, typer.Option(help="learning rate (AdamW)")]
+Seed = Annotated[int, typer.Option(help="seed of the batches and of random gates")]
+MaxSeqLen = Annotated[int, typer.Option(help="prompt + response tokens per example")]
+TrainDtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
+Loss = Annotated[str, typer.Option(help="kl (distil the full model's distributions) | ce (next-token cross-entropy)")]
+Targets = Annotated[str, typer.Option(help="full (the full model's own responses) | reference")]
+
+
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
                           "(without it, a checkpoint is resumed only by the configuration that wrote it)")
 
@@ -481,20 +494,20 @@ def controllers_train(
     alpha: float = typer.Option(4.0, help="weight of the cost term (see --alpha-units)"),
     alpha_units: str = AlphaUnitsOpt,
     tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
-    steps: int = typer.Option(300),
-    batch_size: int = typer.Option(4),
-    grad_accum: int = typer.Option(1, help="micro-batches per step (losses normalised over the step's tokens)"),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0),
-    loss: str = typer.Option("kl", help="kl (distil the full model's distributions) | ce (cross-entropy)"),
-    targets: str = typer.Option("full", help="full (the full model's own responses) | reference"),
+    steps: Steps = 300,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 1e-3,
+    seed: Seed = 0,
+    loss: Loss = "kl",
+    targets: Targets = "full",
     max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
-    max_seq_len: int = typer.Option(256, help="prompt + response tokens per example"),
+    max_seq_len: MaxSeqLen = 256,
     train_backbone: bool = typer.Option(False, "--train-backbone",
                                         help="fine-tune the model jointly (saved to OUT/backbone; the target stays the original)"),
     backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    dtype: TrainDtype = "float32",
     out: str = typer.Option("runs/controllers", help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -526,15 +539,15 @@ def controllers_sweep(
     seeds: int = typer.Option(3),
     tau: float = typer.Option(1.0),
     gate: str = typer.Option("sample"),
-    steps: int = typer.Option(300),
-    batch_size: int = typer.Option(4),
-    lr: float = typer.Option(1e-3),
-    loss: str = typer.Option("kl", help="kl (distil the full model) | ce (cross-entropy, the paper's code)"),
-    targets: str = typer.Option("full", help="full (the full model's responses) | reference (the paper's code)"),
+    steps: Steps = 300,
+    batch_size: BatchSize = 4,
+    lr: Lr = 1e-3,
+    loss: Loss = "kl",
+    targets: Targets = "full",
     max_new_tokens: int = typer.Option(64),
-    max_seq_len: int = typer.Option(256),
+    max_seq_len: MaxSeqLen = 256,
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float32"),
+    dtype: TrainDtype = "float32",
     out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -584,17 +597,17 @@ def flexidepth_train(
     adapter: bool = typer.Option(True, help="--no-adapter: the skip path is the identity"),
     kv: bool = typer.Option(True, help="--no-kv: skipped tokens write no K/V at routed layers"),
     linear_router: bool = typer.Option(False, "--linear-router", help="Router(z) = W_r z"),
-    steps: int = typer.Option(400),
-    batch_size: int = typer.Option(4),
-    grad_accum: int = typer.Option(1, help="micro-batches per step (L_skip and L_lm normalised over the step's tokens)"),
-    lr: float = typer.Option(1e-3),
-    seed: int = typer.Option(0),
-    loss: str = typer.Option("ce", help="ce (next-token cross-entropy) | kl (distil the full model)"),
-    targets: str = typer.Option("full", help="full (the full model's own responses) | reference"),
+    steps: Steps = 400,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 1e-3,
+    seed: Seed = 0,
+    loss: Loss = "ce",
+    targets: Targets = "full",
     max_new_tokens: int = typer.Option(64),
-    max_seq_len: int = typer.Option(256),
+    max_seq_len: MaxSeqLen = 256,
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float32"),
+    dtype: TrainDtype = "float32",
     out: str = typer.Option("runs/flexidepth", help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -622,7 +635,7 @@ def flexidepth_usage(
     split: str = typer.Option("test"),
     limit: int = typer.Option(50, help="items per run (0 = all)"),
     max_new_tokens: int = typer.Option(64),
-    batch_size: int = typer.Option(8),
+    batch_size: BatchSize = 8,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet (default results/flexi-usage-<model>.parquet)"),
@@ -672,16 +685,16 @@ def finetune(
     val_limit: int = typer.Option(200, help="validation items scored for early stopping (0 = all)"),
     steps: int = typer.Option(1000, help="optimiser steps at most (early stopping may end sooner)"),
     batch_size: int = typer.Option(8, help="examples per step (the global batch under torchrun)"),
-    grad_accum: int = typer.Option(1, help="micro-batches per step"),
-    lr: float = typer.Option(2e-5),
+    grad_accum: GradAccum = 1,
+    lr: Lr = 2e-5,
     eval_every: int = typer.Option(100, help="steps between validations"),
     patience: int = typer.Option(3, help="validations without a better ROUGE-L before stopping"),
     layer_dropout: float = typer.Option(0.0, help="drop each layer with this probability per example (LayerDrop, Fan et al.)"),
-    max_seq_len: int = typer.Option(512, help="prompt + response tokens per example"),
+    max_seq_len: MaxSeqLen = 512,
     max_new_tokens: int = typer.Option(128, help="length of the validation responses"),
     seed: int = typer.Option(0, help="seed of the batches and the layer dropout (the 70/15/15 split is always seed 0)"),
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    dtype: TrainDtype = "float32",
     out: str = typer.Option("runs/finetune", help="run folder: OUT/best is the model to use (--model OUT/best)"),
     restart: bool = typer.Option(False, "--restart", help="discard an earlier run in --out"),
 ) -> None:
@@ -721,27 +734,9 @@ def reproduce(
 
     Example: skipbench reproduce --preset quick      # what `make reproduce` runs
     """
-    import time
+    from skipbench.experiments.reproduce import run
 
-    from skipbench.experiments.reproduce import load_preset, record_preset, stages
-
-    chosen = load_preset(preset)
-    plan = stages(chosen, results)
-    if not dry_run:
-        record_preset(chosen, preset, plan[-1].results)
-    for stage in plan:
-        if stage.name != "report" and stage.done():
-            console.print(f"[dim]skip (done): {stage.command()}[/dim]")
-            continue
-        console.print(f"[bold]$ {stage.command()}[/bold]")
-        if dry_run:
-            continue
-        start = time.perf_counter()
-        code = app(stage.run_argv(), standalone_mode=False)
-        if code:
-            raise SkipbenchError(f"stage '{stage.name}' failed (exit code {code})")
-        stage.finish()
-        console.print(f"[dim]{stage.name}: {time.perf_counter() - start:.0f} s[/dim]")
+    run(preset, results, dry_run, command=lambda argv: app(argv, standalone_mode=False), say=console.print)
 
 
 @app.command()
@@ -859,7 +854,7 @@ def bench_oracle(
     costs: str = typer.Option("4,8,12,24"),
     metric: str = typer.Option("rouge", help="rouge (continuous) | binary (0/1, tie-heavy)"),
     big_items: int = typer.Option(1_000_000, help="a large instance run by the oracle alone (0 to skip)"),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="seed of the synthetic instance"),
 ) -> None:
     """Time the exact oracle against scipy's HiGHS MILP on the same instance (one process).
 

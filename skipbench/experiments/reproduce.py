@@ -13,6 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from skipbench.errors import SkipbenchError
 
@@ -186,3 +187,27 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         stages_.append(Stage(st.name, st.argv, st.output, r, st.name in training, needs=needs))
         done.append((st.name, str(products.get(st.name) or st.output)))
     return stages_
+
+
+def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list[str]], int],
+        say: Callable[[str], None] = print) -> None:
+    """Run the preset's stages in order through `command` (the CLI itself), skipping finished ones."""
+    import time
+
+    chosen = load_preset(preset)
+    plan = stages(chosen, results)
+    if not dry_run:
+        record_preset(chosen, preset, plan[-1].results)
+    for stage in plan:
+        if stage.name != "report" and stage.done():
+            say(f"[dim]skip (done): {stage.command()}[/dim]")
+            continue
+        say(f"[bold]$ {stage.command()}[/bold]")
+        if dry_run:
+            continue
+        start = time.perf_counter()
+        code = command(stage.run_argv())
+        if code:
+            raise SkipbenchError(f"stage '{stage.name}' failed (exit code {code})")
+        stage.finish()
+        say(f"[dim]{stage.name}: {time.perf_counter() - start:.0f} s[/dim]")
