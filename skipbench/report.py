@@ -238,9 +238,6 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"no skipbench results under {results}; run `skipbench reproduce` or an experiment first")
     page = ["# skipbench report", "", f"Results folder: `{folder.as_posix()}`. Figures are PNG files beside this page.", "",
             *_at_a_glance(found), *body]
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(page))
-    tmp.replace(path)
-    return path
+    from skipbench.results import write_text_atomic
+
+    return write_text_atomic(out, "\n".join(page))

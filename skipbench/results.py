@@ -6,6 +6,7 @@ git sha, package versions, device and seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -14,7 +15,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -44,6 +45,26 @@ def flat_config(cfg: Any, prefix: str = "") -> dict:
 
 def _spec_text(spec: dict) -> str:
     return f"{spec['name']}:{spec['arg']}" if spec.get("arg") else spec["name"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds, removed when it
+    fails, so a killed or failed write never leaves a half-written file under the real name (or a stray temp)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def run_id(cfg: Any) -> str:

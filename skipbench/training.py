@@ -36,7 +36,7 @@ from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpo
 from skipbench.errors import SkipbenchError
 from skipbench.metrics import kl_divergence
 from skipbench.models.loading import LoadedModel, model_fingerprint
-from skipbench.results import config_dict
+from skipbench.results import atomic_path, config_dict, write_text_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,11 +158,9 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     for share in d.all_gather(new):
         cached.update(share)
     if cache_file is not None and todo and d.main:
-        tmp = cache_file.with_name(cache_file.name + ".tmp")
         everything = json.loads(cache_file.read_text()) if cache_file.exists() else {}
         everything[key] = cached
-        tmp.write_text(json.dumps(everything))
-        tmp.replace(cache_file)
+        write_text_atomic(cache_file, json.dumps(everything))
     return {i: cached[items[i].item_id] for i in keep}
 
 
@@ -444,14 +442,11 @@ def save_model(lm: LoadedModel, target: Path, stamp: dict) -> None:
 def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:
     if cfg.train_backbone:
         _save_backbone(lm, out, step)
-    tmp = out / "weights.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-    tmp.replace(out / "weights.safetensors")
-    meta = {**_saved_config(method, cfg), "step": step}
-    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, default=str))
-    (out / "config.json.tmp").replace(out / "config.json")
-    torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, out / "trainer.pt.tmp")
-    (out / "trainer.pt.tmp").replace(out / "trainer.pt")
+    with atomic_path(out / "weights.safetensors") as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    write_text_atomic(out / "config.json", json.dumps({**_saved_config(method, cfg), "step": step}, indent=2, default=str))
+    with atomic_path(out / "trainer.pt") as tmp:
+        torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, tmp)
 
 
 def check_held_out(items, path: str) -> None:

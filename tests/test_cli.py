@@ -95,3 +95,15 @@ def test_models_lists_aliases():
     assert res.exit_code == 0
     for alias in ("smollm2-135m", "opt-1.3b", "llama-3-8b-instruct", "qwen3-4b"):
         assert alias in res.stdout
+
+
+def test_atomic_writes_leave_no_half_file(tmp_path):
+    from skipbench.results import atomic_path, write_text_atomic
+
+    target = tmp_path / "sub" / "out.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]

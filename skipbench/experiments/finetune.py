@@ -36,7 +36,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.metrics import rouge_l
 from skipbench.models import load_model
 from skipbench.engine.protocol import GateFn
-from skipbench.results import config_dict
+from skipbench.results import atomic_path, config_dict, write_text_atomic
 from skipbench.training import (
     RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
     optimizer_step, pick_batch, save_model,
@@ -178,16 +178,14 @@ def _evaluate(lm, val, val_prompts, cfg: FinetuneConfig, d, step: int, result: F
         meta = {**config_dict(cfg), "kind": "finetune", "step": step, "best": result.best, "evals": result.evals,
                 "stopped_early": result.stopped_early}
         _write_json(result.out / "config.json", meta)
-        torch.save({"optimizer": opt.state_dict(), "step": step, "log": result.log, "evals": result.evals,
-                    "best": result.best, "stopped_early": result.stopped_early}, result.out / "trainer.pt.tmp")
-        (result.out / "trainer.pt.tmp").replace(result.out / "trainer.pt")
+        with atomic_path(result.out / "trainer.pt") as tmp:
+            torch.save({"optimizer": opt.state_dict(), "step": step, "log": result.log, "evals": result.evals,
+                        "best": result.best, "stopped_early": result.stopped_early}, tmp)
     d.barrier()
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:

@@ -23,7 +23,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.checkpoints import checked_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
-from skipbench.results import check_out_path, manifest, run_id, write_atomic
+from skipbench.results import check_out_path, manifest, run_id, write_atomic, write_text_atomic
 from skipbench.training import TrainConfig, TrainResult, check_held_out, train
 
 
@@ -123,10 +123,7 @@ def run_depthmap(cfg: DepthmapConfig) -> dict:
     tokens, layers = gen.tokens[0], gen.layers[0]
     texts = [lm.tokenizer.decode([t]) for t in tokens]
     used = [len(rec) for rec in layers] + [None] * (len(tokens) - len(layers))  # the last token never ran
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(depthmap_html(cfg.prompt, texts, used, lm.num_layers, flexi.routed))
-    tmp.replace(out)
+    write_text_atomic(out, depthmap_html(cfg.prompt, texts, used, lm.num_layers, flexi.routed))
     from skipbench.plots import depthmap_png
 
     png = depthmap_png(texts, used, lm.num_layers, out.with_suffix(".png"))

@@ -66,11 +66,10 @@ class Stage:
     def finish(self) -> None:
         import time
 
-        self.record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.record.with_name(self.record.name + ".tmp")
-        tmp.write_text(json.dumps({"argv": list(self.argv), "output": str(self.output), "stamp": time.time_ns(),
-                                   "upstream": self._upstream()}))
-        tmp.replace(self.record)
+        from skipbench.results import write_text_atomic
+
+        write_text_atomic(self.record, json.dumps({"argv": list(self.argv), "output": str(self.output),
+                                                   "stamp": time.time_ns(), "upstream": self._upstream()}))
 
     def command(self) -> str:
         import shlex
