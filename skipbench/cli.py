@@ -1,7 +1,8 @@
 """The command line: thin Typer commands that build a frozen config and call the recipe's `run(cfg)`.
 
-Defaults live only here, in the command signatures. A user mistake raises `SkipbenchError`, shown
-as one line on stderr with exit code 1 (click's own usage errors are shown the same way).
+Defaults are the command signatures'; the config dataclasses default to the same values for the Python API, and
+tests/test_cli.py::test_cli_defaults_are_the_configs_defaults fails when the two drift apart. A user mistake raises
+`SkipbenchError`, shown as one line on stderr with exit code 1 (click's own usage errors are shown the same way).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from skipbench.errors import SkipbenchError
+from skipbench.policies.spec import STRATEGIES  # light: the registry's defaults (checkpoint folders)
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -267,7 +269,7 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: str = ModelOpt,
-    policies: str = typer.Option("full,uniform:15", help="comma-separated specs: " + PolicyHelp),
+    policies: str = typer.Option("", help="comma-separated specs (default: full and uniform at half the depth): " + PolicyHelp),
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
     new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
@@ -290,7 +292,7 @@ def bench(
     _quiet_transformers()
     from skipbench.policies import parse_policies
 
-    cfg = BenchConfig(model=model, policies=tuple(parse_policies(policies, seed=seed)), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+    cfg = BenchConfig(model=model, policies=tuple(parse_policies(policies, seed=seed)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
                       compile=compile, device=device, dtype=dtype, seed=seed, out=out)
     with Bar("bench") as bar:
@@ -390,7 +392,8 @@ def cosine(
     split: str = typer.Option("all"),
     limit: int = typer.Option(100, help="first N items (0 = all)"),
     costs: str = typer.Option("", help="comma-separated costs (default: about L/5, L/3, L/2, 2L/3, 4L/5)"),
-    strategies: str = typer.Option("early-exit,uniform,random"),
+    strategies: str = typer.Option("early-exit,uniform,random", help="strategies that take a cost, in the policy "
+                                   "grammar: names run at every --costs value, points (uniform:10,15) at theirs"),
     seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
     teacher: str = typer.Option("full", help="full (the full model's greedy response) | reference"),
@@ -409,11 +412,13 @@ def cosine(
     """
     from skipbench.data import DataSpec
     from skipbench.experiments.cosine import CosineConfig, run
+    from skipbench.policies import parse_policies
 
     _quiet_transformers()
     cfg = CosineConfig(
         model=model, data=DataSpec(name=dataset, split=split, limit=limit or None), costs=_int_list(costs, "--costs") if costs else (),
-        strategies=tuple(s.strip() for s in strategies.split(",") if s.strip()), seeds=seeds, per_token=per_token,
+        strategies=tuple(s.name + (f":{s.arg}" if s.arg else "") for s in parse_policies(strategies)), seeds=seeds,
+        per_token=per_token,
         teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         batch_size=batch_size or None, kv_mode=kv_mode, device=device, dtype=dtype,
         out=out or default_out("cosine", model, dataset),
@@ -508,7 +513,7 @@ def controllers_train(
     backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
     device: str = DeviceOpt,
     dtype: TrainDtype = "float32",
-    out: str = typer.Option("runs/controllers", help="checkpoint folder (resumed when it holds a checkpoint)"),
+    out: str = typer.Option(STRATEGIES.get("controller").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
     """Train one set of skip controllers (frozen backbone, or jointly with it: --train-backbone).
@@ -581,7 +586,7 @@ def controllers_sweep(
 flexi_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
                         help="FlexiDepth: plug-in routers and adapters, KV-preserving skipping, depth maps (Luo et al.).")
 app.add_typer(flexi_app, name="flexidepth")
-RouterOpt = typer.Option("runs/flexidepth", "--router", help="folder written by 'flexidepth train'")
+RouterOpt = typer.Option(STRATEGIES.get("flexidepth").default_arg, "--router", help="folder written by 'flexidepth train'")
 
 
 @flexi_app.command("train")
@@ -608,7 +613,7 @@ def flexidepth_train(
     max_seq_len: MaxSeqLen = 256,
     device: str = DeviceOpt,
     dtype: TrainDtype = "float32",
-    out: str = typer.Option("runs/flexidepth", help="checkpoint folder (resumed when it holds a checkpoint)"),
+    out: str = typer.Option(STRATEGIES.get("flexidepth").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
     """Train FlexiDepth routers and adapters on a frozen model.

@@ -27,7 +27,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.policies import PolicySpec
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
-from skipbench.models.loading import LoadedModel, model_fingerprint
+from skipbench.models.loading import LoadedModel, default_batch_size, model_fingerprint
 from skipbench.policies.controller import check_backbone
 from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
 
@@ -164,7 +164,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
 
             check_held_out(items, p.value)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
-    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    batch_size = cfg.batch_size or default_batch_size(lm.device)
     if batch_size < 1:
         raise SkipbenchError(f"--batch-size must be >= 1, got {batch_size}")
     mine = d.shard([it.item_id for it in items])  # every item in a single process

@@ -107,3 +107,34 @@ def test_atomic_writes_leave_no_half_file(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["out.json"]
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """One default per setting: where a command option and its config field share a name, they agree (up to how
+    the command line writes it: '' / 0 / None all mean 'automatic', comma text is the parsed tuple)."""
+    import dataclasses
+
+    import typer
+
+    import skipbench.evaluation as ev
+    from skipbench.experiments import bench, cosine, finetune, generate, oracle
+
+    def norm(v):
+        if v in ("", 0, None, ()) and not isinstance(v, bool):
+            return "auto"
+        if isinstance(v, str) and "," in v:
+            return tuple(x.strip() for x in v.split(","))
+        if isinstance(v, tuple):
+            return tuple(str(x) for x in v) or "auto"
+        return v
+
+    cmd = typer.main.get_command(app)
+    pairs = {"evaluate": ev.EvalConfig, "cosine": cosine.CosineConfig, "bench": bench.BenchConfig,
+             "generate": generate.GenerateConfig, "finetune": finetune.FinetuneConfig, "oracle": oracle.OracleConfig}
+    drift = []
+    for name, config in pairs.items():
+        params = {p.name: p.default for p in cmd.commands[name].params}
+        for f in dataclasses.fields(config):
+            if f.name in params and f.default is not dataclasses.MISSING and norm(params[f.name]) != norm(f.default):
+                drift.append(f"{name} --{f.name}: command {params[f.name]!r}, config {f.default!r}")
+    assert not drift, "\n".join(drift)

@@ -32,6 +32,7 @@ from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench.policies import STRATEGIES as REGISTRY, PolicySpec
 from skipbench.models import load_model
+from skipbench.models.loading import default_batch_size
 from skipbench.results import check_out_path, flat_config, manifest, run_id, write_atomic
 
 STRATEGIES = ("early-exit", "uniform", "random")
@@ -43,7 +44,7 @@ class CosineConfig:
     model: str
     data: DataSpec
     costs: tuple[int, ...] = ()  # empty: about L/5, L/3, L/2, 2L/3, 4L/5
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = STRATEGIES  # names (each at every cost) or points such as uniform:15
     seeds: int = 3  # random skipping is repeated with seeds 0..seeds-1
     per_token: bool = False
     teacher: str = "full"  # full | reference
@@ -73,13 +74,14 @@ def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
     """(strategy, cost, seed) for every pass: any registered strategy whose argument is a cost (plugins too);
     strategies that draw at random are repeated with seeds 0..seeds-1."""
     out = []
-    for strategy in cfg.strategies:
+    for text in cfg.strategies:  # `uniform` (at every cost of --costs) or a point `uniform:15`
+        strategy, _, arg = text.partition(":")
         entry = REGISTRY.get(strategy)
         if entry.arg != "cost":
             raise SkipbenchError(f"cosine compares strategies that take a cost (layers per token); '{strategy}' takes "
                                  f"{entry.arg}. Known: {', '.join(n for n in REGISTRY.names() if REGISTRY.get(n).arg == 'cost')}")
         random_draws = entry.kind in ("per-sequence", "per-token")
-        for cost in cfg.costs or default_costs(num_layers):
+        for cost in [int(arg)] if arg else cfg.costs or default_costs(num_layers):
             for seed in range(cfg.seeds if random_draws else 1):
                 _spec(strategy, cost, seed, cfg.per_token).build(num_layers)  # a plugin's own checks too, up front
                 out.append((strategy, cost, seed))
@@ -157,7 +159,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     plan = passes(cfg, lm.num_layers)
     items = load_items(cfg.data)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
-    batch_size = cfg.batch_size or (32 if lm.device.type == "cuda" else 8)
+    batch_size = cfg.batch_size or default_batch_size(lm.device)
     mine = d.shard([it.item_id for it in items])  # every item in a single process
     whole = out.parent / ".skipbench-parts" / f"cosine-{run_id(cfg)}.parquet"  # never written: named in shares
     share = d.part(whole)

@@ -95,6 +95,12 @@ def record_preset(preset: dict, name: str, results: Path) -> None:
     record.write_text(json.dumps({"name": Path(name).stem, "differences": preset.get("differences", [])}, indent=2))
 
 
+def _opt(section: dict, key: str, flag: str) -> list[str]:
+    """`flag value` when the preset states the key, else nothing: the command's own default applies (defaults live
+    in the CLI only)."""
+    return [flag, str(section[key])] if key in section else []
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -108,11 +114,11 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
     if ft:  # the papers' first stage: every later stage of this model runs on the fine-tuned backbone
         run = r / "finetune"
         out.append(Stage("finetune", (
-            "finetune", "--model", model, "--dataset", ft["dataset"], "--limit", str(ft.get("limit", 0)),
-            "--val-limit", str(ft.get("val_limit", 0)), "--steps", str(ft["steps"]), "--batch-size", str(ft["batch_size"]),
+            "finetune", "--model", model, "--dataset", ft["dataset"], *_opt(ft, "limit", "--limit"),
+            *_opt(ft, "val_limit", "--val-limit"), "--steps", str(ft["steps"]), "--batch-size", str(ft["batch_size"]),
             "--lr", str(ft["lr"]), "--eval-every", str(ft["eval_every"]), "--patience", str(ft["patience"]),
             "--max-seq-len", str(ft["max_seq_len"]), "--max-new-tokens", str(ft["max_new_tokens"]),
-            "--layer-dropout", str(ft.get("layer_dropout", 0.0)), "--dtype", ft.get("dtype", "float32"),
+            *_opt(ft, "layer_dropout", "--layer-dropout"), *_opt(ft, "dtype", "--dtype"),
             "--out", str(run)), run / "best" / "config.json"))
         model = str(run / "best")
 
@@ -123,15 +129,15 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         for policy in ev.get("policies", ["uniform"]):
             target = r / f"evaluate-{policy}-{dataset}.parquet"
             out.append(Stage(f"evaluate {policy} {dataset}", (
-                "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", policy,
-                "--costs", _csv(ev["costs"]), "--limit", str(ev.get("limit", 0)),
-                "--max-new-tokens", str(ev.get("max_new_tokens", 64)), "--out", str(target)), target))
+                "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", f"{policy}:{_csv(ev['costs'])}",
+                *_opt(ev, "limit", "--limit"),
+                *_opt(ev, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if cs:
         target = r / f"cosine-{cs['dataset']}.parquet"
         out.append(Stage("cosine", (
             "cosine", "--model", model, "--dataset", cs["dataset"], *split(cs), "--costs", _csv(cs["costs"]),
-            "--seeds", str(cs.get("seeds", 3)), "--limit", str(cs.get("limit", 0)),
-            "--max-new-tokens", str(cs.get("max_new_tokens", 64)), "--out", str(target)), target))
+            *_opt(cs, "seeds", "--seeds"), *_opt(cs, "limit", "--limit"),
+            *_opt(cs, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if orc:
         target = r / f"oracle-{orc['dataset']}.parquet"
         out.append(Stage("oracle", (
@@ -144,38 +150,38 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             "--alphas", _csv(ct["alphas"]), "--alpha-units", ct["alpha_units"], "--seeds", str(ct["seeds"]),
             "--steps", str(ct["steps"]), "--lr", str(ct["lr"]), "--batch-size", str(ct["batch_size"]),
             "--loss", ct["loss"], "--targets", ct["targets"], "--max-seq-len", str(ct["max_seq_len"]),
-            "--train-limit", str(ct.get("train_limit", 0)), "--eval-limit", str(ct.get("eval_limit", 0)),
-            "--max-new-tokens", str(ct.get("max_new_tokens", 64)), "--out", str(target)), target))
+            *_opt(ct, "train_limit", "--train-limit"), *_opt(ct, "eval_limit", "--eval-limit"),
+            *_opt(ct, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     flexi_run = None
     if fx:
         fmodel = fx.get("model", model)
         flexi_run = r / "flexidepth-run"
         out.append(Stage("flexidepth train", (
             "flexidepth", "train", "--model", fmodel, "--dataset", fx["datasets"], "--alpha", str(fx["alpha"]),
-            "--steps", str(fx["steps"]), "--limit", str(fx.get("train_limit", 0)),
-            "--max-new-tokens", str(fx.get("max_new_tokens", 64)), "--out", str(flexi_run)), flexi_run / "config.json"))
+            "--steps", str(fx["steps"]), *_opt(fx, "train_limit", "--limit"),
+            *_opt(fx, "max_new_tokens", "--max-new-tokens"), "--out", str(flexi_run)), flexi_run / "config.json"))
         first = fx["datasets"].split(",")[-1]
         target = r / f"evaluate-flexidepth-{first}.parquet"
         out.append(Stage("evaluate flexidepth", (  # held-out items only: the routers were trained on the train split
             "evaluate", "--model", fmodel, "--dataset", first, "--split", "test", "--policy", "flexidepth", "--router", str(flexi_run),
-            "--limit", str(fx.get("usage_limit", 0)), "--max-new-tokens", str(fx.get("max_new_tokens", 64)),
+            *_opt(fx, "usage_limit", "--limit"), *_opt(fx, "max_new_tokens", "--max-new-tokens"),
             "--out", str(target)), target))
         target = r / "flexi-usage.parquet"
         out.append(Stage("flexidepth usage", (
             "flexidepth", "usage", "--model", fmodel, "--router", str(flexi_run), "--dataset", fx["datasets"],
-            "--limit", str(fx.get("usage_limit", 0)), "--max-new-tokens", str(fx.get("max_new_tokens", 64)),
+            *_opt(fx, "usage_limit", "--limit"), *_opt(fx, "max_new_tokens", "--max-new-tokens"),
             "--out", str(target)), target))
         target = r / "depthmap.html"
         out.append(Stage("flexidepth depthmap", (
             "flexidepth", "depthmap", "--model", fmodel, "--router", str(flexi_run), "--prompt", fx["prompt"],
-            "--max-new-tokens", str(fx.get("max_new_tokens", 64)), "--out", str(target)), target))
+            *_opt(fx, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if bn:
         policies = [f"flexidepth:{flexi_run}" if p == "flexidepth" and flexi_run else p for p in bn["policies"]]
         target = r / "bench.parquet"
         out.append(Stage("bench", (
             "bench", "--model", bn.get("model", model), "--policies", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
-            "--new-tokens", str(bn.get("new_tokens", 64)), "--repeats", str(bn.get("repeats", 3)),
-            "--warmup", str(bn.get("warmup", 1)), "--impl", "both", "--out", str(target)), target))
+            *_opt(bn, "new_tokens", "--new-tokens"), *_opt(bn, "repeats", "--repeats"),
+            *_opt(bn, "warmup", "--warmup"), "--impl", "both", "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
     training = ("finetune", "controllers sweep", "flexidepth train")
     products = {"finetune": r / "finetune", "flexidepth train": flexi_run}
