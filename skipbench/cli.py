@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from typing import Annotated, Any, Optional
 
 import numpy as np
@@ -77,11 +78,84 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
+
+# Choices, as `str` Enums: `--help` lists them and click refuses anything else in one line. Each member's value is
+# what the library takes (tests/test_cli.py checks them against the library's own lists); `_plain` hands the
+# command the plain string.
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class KvMode(str, Enum):
+    auto = "auto"
+    fill = "fill"
+    none = "none"
+
+
+class PromptDepth(str, Enum):
+    full = "full"
+    policy = "policy"
+
+
+class Impl(str, Enum):
+    gather = "gather"
+    mask = "mask"
+    both = "both"
+
+
+class Teacher(str, Enum):
+    full = "full"
+    reference = "reference"
+
+
+class GateMode(str, Enum):
+    sample = "sample"
+    argmax = "argmax"
+
+
+class ControllerInput(str, Enum):
+    hidden = "hidden"
+    constant = "constant"
+
+
+class AlphaUnits(str, Enum):
+    fraction = "fraction"
+    sum = "sum"
+
+
+class LossKind(str, Enum):
+    kl = "kl"
+    ce = "ce"
+
+
+class TargetKind(str, Enum):
+    full = "full"
+    reference = "reference"
+
+
+class OracleMetric(str, Enum):
+    rouge = "rouge"
+    binary = "binary"
+
+
+def _plain(value):
+    return value.value if isinstance(value, Enum) else value
+
+
 EMBEDDED = "smollm2-135m"
 ModelOpt = typer.Option(EMBEDDED, "--model", "-m", help="alias, hub id, local directory or .gguf file")
-DeviceOpt = typer.Option("auto", help="auto | cpu | cuda")
-DtypeOpt = typer.Option("auto", help="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
-KvOpt = typer.Option("auto", help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none "
+DeviceOpt = typer.Option(Device.auto, callback=_plain, help="auto: cuda when available")
+DtypeOpt = typer.Option(Dtype.auto, callback=_plain, help="auto: fp32 on CPU, bf16 on CUDA")
+KvOpt = typer.Option(KvMode.auto, callback=_plain, help="K/V of a token at a layer it skips: fill (computed from its hidden state) | none "
                      "(nothing written) | auto (fill, or the mode a trained policy requires)")
 
 
@@ -162,12 +236,13 @@ def generate(
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw for every token"),
     first_layer: bool = typer.Option(True, help="random: always run layer 0"),
     max_new_tokens: int = typer.Option(64),
-    kv_mode: str = KvOpt,
-    prompt_depth: str = typer.Option("full", help="full (the prompt runs every layer) | policy (the prompt is skipped too)"),
+    kv_mode: KvMode = KvOpt,
+    prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain,
+                                             help="full: the prompt runs every layer; policy: the prompt is skipped too"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_p: float = typer.Option(1.0),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
 ) -> None:
     """Generate text under a layer-skipping policy.
@@ -274,11 +349,11 @@ def bench(
     new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
     warmup: int = typer.Option(1, help="untimed warm-up rounds"),
-    kv_mode: str = KvOpt,
-    impl: str = typer.Option("gather", help="gather | mask | both (per-token policies are run under both)"),
+    kv_mode: KvMode = KvOpt,
+    impl: Impl = typer.Option(Impl.gather, callback=_plain, help="both: per-token policies are run under both"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     seed: int = typer.Option(0, help="seed of random policies"),
     out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
 ) -> None:
@@ -340,16 +415,16 @@ def evaluate(
     max_new_tokens: int = typer.Option(96),
     max_prompt_tokens: int = typer.Option(1024, help="longer instructions are truncated (counted in the manifest)"),
     batch_size: int = typer.Option(0, help="sequences per batch (0: 8 on CPU, 32 on CUDA)"),
-    kv_mode: str = KvOpt,
-    prompt_depth: str = typer.Option("full", help="full | policy"),
+    kv_mode: KvMode = KvOpt,
+    prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain, help="the prompt's depth"),
     prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt (files)"),
     reference_field: Optional[str] = typer.Option(None, help="column holding the reference (files)"),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet output (default results/evaluate-<model>-<dataset>.parquet)"),
     resume: bool = typer.Option(True, help="reuse finished (policy, cost) parts of an earlier run"),
     controller: Optional[str] = typer.Option(None, help="policy controller: folder written by 'controllers train'"),
-    gate: str = typer.Option("sample", help="policy controller: sample (as in the paper) | argmax"),
+    gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="policy controller: sample (as in the paper) | argmax"),
     router: Optional[str] = typer.Option(None, help="policy flexidepth: folder written by 'flexidepth train'"),
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
@@ -396,13 +471,13 @@ def cosine(
                                    "grammar: names run at every --costs value, points (uniform:10,15) at theirs"),
     seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
-    teacher: str = typer.Option("full", help="full (the full model's greedy response) | reference"),
+    teacher: Teacher = typer.Option(Teacher.full, callback=_plain, help="full: the full model's greedy response"),
     max_new_tokens: int = typer.Option(64),
     max_prompt_tokens: int = typer.Option(1024),
     batch_size: int = typer.Option(0, help="0: 8 on CPU, 32 on CUDA"),
-    kv_mode: str = KvOpt,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    kv_mode: KvMode = KvOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="detailed parquet (default results/cosine-<model>-<dataset>.parquet); "
                                       "-agg.parquet and .png beside it"),
 ) -> None:
@@ -438,15 +513,15 @@ GradAccum = Annotated[int, typer.Option(help="micro-batches per step (losses nor
 Lr = Annotated[float, typer.Option(help="learning rate (AdamW)")]
 Seed = Annotated[int, typer.Option(help="seed of the batches and of random gates")]
 MaxSeqLen = Annotated[int, typer.Option(help="prompt + response tokens per example")]
-TrainDtype = Annotated[str, typer.Option(help="float32 | bfloat16 | float16")]
-Loss = Annotated[str, typer.Option(help="kl (distil the full model's distributions) | ce (next-token cross-entropy)")]
-Targets = Annotated[str, typer.Option(help="full (the full model's own responses) | reference")]
+TrainDtype = Annotated[Dtype, typer.Option(callback=_plain, help="the training dtype")]
+Loss = Annotated[LossKind, typer.Option(callback=_plain, help="kl: distil the full model's distributions; ce: cross-entropy")]
+Targets = Annotated[TargetKind, typer.Option(callback=_plain, help="full: the full model's own responses")]
 
 
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
                           "(without it, a checkpoint is resumed only by the configuration that wrote it)")
 
-AlphaUnitsOpt = typer.Option("fraction", help="fraction: alpha x the fraction of the L layers executed per token, as "
+AlphaUnitsOpt = typer.Option(AlphaUnits.fraction, callback=_plain, help="fraction: alpha x the fraction of the L layers executed per token, as "
                               "the paper's code computes it | sum: alpha x the sum of the gates (= fraction / L)")
 
 controllers_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
@@ -495,24 +570,25 @@ def controllers_train(
     dataset: str = DatasetOpt,
     split: str = typer.Option("train", help="training items (a seeded 70/15/15 split)"),
     limit: int = typer.Option(0, help="first N training items (0 = all)"),
-    input: str = typer.Option("hidden", help="hidden (the detached hidden state) | constant (all ones)"),
+    input: ControllerInput = typer.Option(ControllerInput.hidden, callback=_plain,
+                                          help="hidden: the detached hidden state; constant: all ones"),
     alpha: float = typer.Option(4.0, help="weight of the cost term (see --alpha-units)"),
-    alpha_units: str = AlphaUnitsOpt,
+    alpha_units: AlphaUnits = AlphaUnitsOpt,
     tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
     steps: Steps = 300,
     batch_size: BatchSize = 4,
     grad_accum: GradAccum = 1,
     lr: Lr = 1e-3,
     seed: Seed = 0,
-    loss: Loss = "kl",
-    targets: Targets = "full",
+    loss: Loss = LossKind.kl,
+    targets: Targets = TargetKind.full,
     max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
     max_seq_len: MaxSeqLen = 256,
     train_backbone: bool = typer.Option(False, "--train-backbone",
                                         help="fine-tune the model jointly (saved to OUT/backbone; the target stays the original)"),
     backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
-    device: str = DeviceOpt,
-    dtype: TrainDtype = "float32",
+    device: Device = DeviceOpt,
+    dtype: TrainDtype = Dtype.float32,
     out: str = typer.Option(STRATEGIES.get("controller").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -539,20 +615,20 @@ def controllers_sweep(
     train_limit: int = typer.Option(0, help="training items (0 = the whole train split)"),
     eval_limit: int = typer.Option(50, help="held-out test items evaluated per run"),
     alphas: str = typer.Option("2,4,6,10", help="cost weights (see --alpha-units)"),
-    alpha_units: str = AlphaUnitsOpt,
+    alpha_units: AlphaUnits = AlphaUnitsOpt,
     inputs: str = typer.Option("hidden,constant"),
     seeds: int = typer.Option(3),
     tau: float = typer.Option(1.0),
-    gate: str = typer.Option("sample"),
+    gate: GateMode = typer.Option(GateMode.sample, callback=_plain),
     steps: Steps = 300,
     batch_size: BatchSize = 4,
     lr: Lr = 1e-3,
-    loss: Loss = "kl",
-    targets: Targets = "full",
+    loss: Loss = LossKind.kl,
+    targets: Targets = TargetKind.full,
     max_new_tokens: int = typer.Option(64),
     max_seq_len: MaxSeqLen = 256,
-    device: str = DeviceOpt,
-    dtype: TrainDtype = "float32",
+    device: Device = DeviceOpt,
+    dtype: TrainDtype = Dtype.float32,
     out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -607,12 +683,12 @@ def flexidepth_train(
     grad_accum: GradAccum = 1,
     lr: Lr = 1e-3,
     seed: Seed = 0,
-    loss: Loss = "ce",
-    targets: Targets = "full",
+    loss: Loss = LossKind.ce,
+    targets: Targets = TargetKind.full,
     max_new_tokens: int = typer.Option(64),
     max_seq_len: MaxSeqLen = 256,
-    device: str = DeviceOpt,
-    dtype: TrainDtype = "float32",
+    device: Device = DeviceOpt,
+    dtype: TrainDtype = Dtype.float32,
     out: str = typer.Option(STRATEGIES.get("flexidepth").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = RestartOpt,
 ) -> None:
@@ -641,8 +717,8 @@ def flexidepth_usage(
     limit: int = typer.Option(50, help="items per run (0 = all)"),
     max_new_tokens: int = typer.Option(64),
     batch_size: BatchSize = 8,
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet (default results/flexi-usage-<model>.parquet)"),
 ) -> None:
     """Layers used per generated token, with token text and subtask; mean and variance per subtask.
@@ -667,8 +743,8 @@ def flexidepth_depthmap(
     model: str = ModelOpt,
     router: str = RouterOpt,
     max_new_tokens: int = typer.Option(64),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
     out: str = typer.Option("results/depthmap.html", help="HTML page (a PNG is written beside it)"),
 ) -> None:
     """Colour each generated token by the number of layers it used (HTML and PNG).
@@ -698,8 +774,8 @@ def finetune(
     max_seq_len: MaxSeqLen = 512,
     max_new_tokens: int = typer.Option(128, help="length of the validation responses"),
     seed: int = typer.Option(0, help="seed of the batches and the layer dropout (the 70/15/15 split is always seed 0)"),
-    device: str = DeviceOpt,
-    dtype: TrainDtype = "float32",
+    device: Device = DeviceOpt,
+    dtype: TrainDtype = Dtype.float32,
     out: str = typer.Option("runs/finetune", help="run folder: OUT/best is the model to use (--model OUT/best)"),
     restart: bool = typer.Option(False, "--restart", help="discard an earlier run in --out"),
 ) -> None:
@@ -857,7 +933,7 @@ def _print_length_test(lt: dict) -> None:
 def bench_oracle(
     items: int = typer.Option(7800, help="items (the paper's Alpaca test size)"),
     costs: str = typer.Option("4,8,12,24"),
-    metric: str = typer.Option("rouge", help="rouge (continuous) | binary (0/1, tie-heavy)"),
+    metric: OracleMetric = typer.Option(OracleMetric.rouge, callback=_plain, help="rouge: continuous; binary: 0/1, tie-heavy"),
     big_items: int = typer.Option(1_000_000, help="a large instance run by the oracle alone (0 to skip)"),
     seed: int = typer.Option(0, help="seed of the synthetic instance"),
 ) -> None:

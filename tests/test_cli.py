@@ -52,10 +52,10 @@ def test_generate_json_random_per_token(tiny_dirs):
         (["generate", "--model", "no-such-alias", "--prompt", "hi"], "unknown model 'no-such-alias'"),
         (["generate", "--model", "some-org/not-cached-anywhere", "--prompt", "hi"], "not in the local Hugging Face cache"),
         (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
-        (["generate", "--prompt", "hi", "--kv-mode", "maybe", "--model", "{llama}"], "--kv-mode must be"),
+        (["generate", "--prompt", "hi", "--kv-mode", "maybe", "--model", "{llama}"], "Invalid value for '--kv-mode'"),
         (["generate", "--prompt", "hi", "--policy", "uniform", "--model", "{llama}"], "needs a cost"),
         (["generate", "--prompt", "hi", "--policy", "uniform", "--cost", 7, "--model", "{llama}"], "between 1 and 6"),
-        (["generate", "--prompt", "hi", "--device", "tpu", "--model", "{llama}"], "--device must be"),
+        (["generate", "--prompt", "hi", "--device", "tpu", "--model", "{llama}"], "Invalid value for '--device'"),
     ],
 )
 def test_bad_input_is_one_line_exit_1(args, message, tiny_dirs):
@@ -138,3 +138,19 @@ def test_cli_defaults_are_the_configs_defaults():
             if f.name in params and f.default is not dataclasses.MISSING and norm(params[f.name]) != norm(f.default):
                 drift.append(f"{name} --{f.name}: command {params[f.name]!r}, config {f.default!r}")
     assert not drift, "\n".join(drift)
+
+
+def test_choice_enums_are_the_librarys_choices():
+    """The command line's choices are exactly what the library accepts."""
+    from skipbench import cli
+    from skipbench.engine.cache import KV_CHOICES
+    from skipbench.engine.forward import IMPLS
+    from skipbench.models.loading import DTYPES
+    from skipbench.policies.controller import ALPHA_UNITS, GATES, INPUTS
+
+    values = lambda e: {m.value for m in e}  # noqa: E731
+    assert values(cli.KvMode) == set(KV_CHOICES)
+    assert values(cli.Impl) == {*IMPLS, "both"}
+    assert values(cli.Dtype) == {"auto", *DTYPES}
+    assert values(cli.AlphaUnits) == set(ALPHA_UNITS) and values(cli.GateMode) == set(GATES)
+    assert values(cli.ControllerInput) == set(INPUTS)
