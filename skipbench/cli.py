@@ -82,69 +82,21 @@ console = Console(stderr=True)
 # Choices, as `str` Enums: `--help` lists them and click refuses anything else in one line. Each member's value is
 # what the library takes (tests/test_cli.py checks them against the library's own lists); `_plain` hands the
 # command the plain string.
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _choices(name: str, *values: str) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)
 
 
-class Dtype(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-class KvMode(str, Enum):
-    auto = "auto"
-    fill = "fill"
-    none = "none"
-
-
-class PromptDepth(str, Enum):
-    full = "full"
-    policy = "policy"
-
-
-class Impl(str, Enum):
-    gather = "gather"
-    mask = "mask"
-    both = "both"
-
-
-class Teacher(str, Enum):
-    full = "full"
-    reference = "reference"
-
-
-class GateMode(str, Enum):
-    sample = "sample"
-    argmax = "argmax"
-
-
-class ControllerInput(str, Enum):
-    hidden = "hidden"
-    constant = "constant"
-
-
-class AlphaUnits(str, Enum):
-    fraction = "fraction"
-    sum = "sum"
-
-
-class LossKind(str, Enum):
-    kl = "kl"
-    ce = "ce"
-
-
-class TargetKind(str, Enum):
-    full = "full"
-    reference = "reference"
-
-
-class OracleMetric(str, Enum):
-    rouge = "rouge"
-    binary = "binary"
+Device = _choices("Device", "auto", "cpu", "cuda")
+Dtype = _choices("Dtype", "auto", "float32", "bfloat16", "float16")
+KvMode = _choices("KvMode", "auto", "fill", "none")
+PromptDepth = _choices("PromptDepth", "full", "policy")
+Impl = _choices("Impl", "gather", "mask", "both")
+Teacher = _choices("Teacher", "full", "reference")  # cosine's teacher, and the training targets
+GateMode = _choices("GateMode", "sample", "argmax")
+ControllerInput = _choices("ControllerInput", "hidden", "constant")
+AlphaUnits = _choices("AlphaUnits", "fraction", "sum")
+LossKind = _choices("LossKind", "kl", "ce")
+OracleMetric = _choices("OracleMetric", "rouge", "binary")
 
 
 def _plain(value):
@@ -515,7 +467,7 @@ Seed = Annotated[int, typer.Option(help="seed of the batches and of random gates
 MaxSeqLen = Annotated[int, typer.Option(help="prompt + response tokens per example")]
 TrainDtype = Annotated[Dtype, typer.Option(callback=_plain, help="the training dtype")]
 Loss = Annotated[LossKind, typer.Option(callback=_plain, help="kl: distil the full model's distributions; ce: cross-entropy")]
-Targets = Annotated[TargetKind, typer.Option(callback=_plain, help="full: the full model's own responses")]
+Targets = Annotated[Teacher, typer.Option(callback=_plain, help="full: the full model's own responses")]
 
 
 RestartOpt = typer.Option(False, "--restart", help="discard a checkpoint in --out and train from scratch "
@@ -581,7 +533,7 @@ def controllers_train(
     lr: Lr = 1e-3,
     seed: Seed = 0,
     loss: Loss = LossKind.kl,
-    targets: Targets = TargetKind.full,
+    targets: Targets = Teacher.full,
     max_new_tokens: int = typer.Option(64, help="length of the full model's responses used for training"),
     max_seq_len: MaxSeqLen = 256,
     train_backbone: bool = typer.Option(False, "--train-backbone",
@@ -624,7 +576,7 @@ def controllers_sweep(
     batch_size: BatchSize = 4,
     lr: Lr = 1e-3,
     loss: Loss = LossKind.kl,
-    targets: Targets = TargetKind.full,
+    targets: Targets = Teacher.full,
     max_new_tokens: int = typer.Option(64),
     max_seq_len: MaxSeqLen = 256,
     device: Device = DeviceOpt,
@@ -684,7 +636,7 @@ def flexidepth_train(
     lr: Lr = 1e-3,
     seed: Seed = 0,
     loss: Loss = LossKind.ce,
-    targets: Targets = TargetKind.full,
+    targets: Targets = Teacher.full,
     max_new_tokens: int = typer.Option(64),
     max_seq_len: MaxSeqLen = 256,
     device: Device = DeviceOpt,
