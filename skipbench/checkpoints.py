@@ -5,6 +5,7 @@ Below the policies (which load them) and the trainers (which write them); it imp
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,16 @@ def checked_module(path: str, num_layers: int, load: Callable):
 
 
 def checkpoint_fingerprint(path: str) -> str:
-    """A hash of a checkpoint's config and weights: results cached for a path are stale once it is retrained."""
+    """A hash of a checkpoint's config and weights: results cached for a path are stale once it is retrained.
+    Memoised by the files' sizes and modification times, so asking again (every cache key of a run does) reads
+    nothing."""
+    files = [Path(path) / name for name in ("config.json", "weights.safetensors")]
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) if f.exists() else None for f in files)
+    return _fingerprint(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(path: str, stamp: tuple) -> str:
     import hashlib
 
     h = hashlib.sha1()

@@ -24,6 +24,7 @@ from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
 from skipbench.errors import SkipbenchError
+from skipbench.engine.protocol import Policy
 from skipbench.policies import PolicySpec
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
@@ -66,9 +67,9 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
 
 
-def points(cfg: EvalConfig, num_layers: int) -> list[PolicySpec]:
-    """Full depth first, then every requested point; each checked (argument, KV mode, held-out backbone) before
-    any generation starts."""
+def points(cfg: EvalConfig, num_layers: int) -> dict[PolicySpec, Policy]:
+    """Full depth first, then every requested point, each built once and checked (argument, KV mode, held-out
+    backbone) before any generation starts."""
     from skipbench.policies import with_costs
 
     pts = [FULL]
@@ -76,12 +77,13 @@ def points(cfg: EvalConfig, num_layers: int) -> list[PolicySpec]:
         for p in with_costs([spec], default_costs(num_layers)):
             if p.name != "full" and p not in pts:
                 pts.append(p)
+    built = {}
     for p in pts:
-        policy = p.build(num_layers)
+        built[p] = policy = p.build(num_layers)
         p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
         if p.name == "controller":
             check_backbone(p.value, cfg.model)
-    return pts
+    return built
 
 
 def nominal_cost(p: PolicySpec, num_layers: int) -> int:
@@ -96,8 +98,9 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     The full-depth point does not depend on the policy being swept, so every sweep shares it."""
     ident = replace(cfg, policies=(p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
-    if model_fingerprint(cfg.model):  # a local folder written again (a new fine-tuning run) is another model
-        fields["model_fingerprint"] = model_fingerprint(cfg.model)
+    fingerprint = model_fingerprint(cfg.model)
+    if fingerprint:  # a local folder written again (a new fine-tuning run) is another model
+        fields["model_fingerprint"] = fingerprint
     if p.strategy.needs_checkpoint:  # the same folder retrained is another policy
         from skipbench.checkpoints import checkpoint_fingerprint
 
@@ -107,8 +110,8 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     return Path(cfg.out).parent / ".skipbench-parts" / f"{p.name}{'-' + tag if tag else ''}-{key}.parquet"
 
 
-def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, batch_size: int, progress: Callable | None) -> pd.DataFrame:
-    policy = p.build(lm.num_layers)
+def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_size: int,
+              progress: Callable | None) -> pd.DataFrame:
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     rows = []
     for start in range(0, len(order), batch_size):
@@ -156,7 +159,8 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     out = check_out_path(cfg.out)
     d = distributed.current()
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
-    pts = points(cfg, lm.num_layers)
+    built = points(cfg, lm.num_layers)
+    pts = list(built)
     items = load_items(cfg.data)
     for p in pts:
         if p.strategy.kind == "learned":
@@ -174,7 +178,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     if start:
         start(len(mine_todo) * len(mine))
     for p in mine_todo:
-        df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, batch_size, progress)
+        df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, built[p], batch_size, progress)
         write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)))
         if on_part:
             on_part(p)

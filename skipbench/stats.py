@@ -74,10 +74,6 @@ class Verdict:
             return f"{self.estimate:.{digits}f} (no interval)"
         return f"{self.estimate:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
 
-    def as_dict(self) -> dict:
-        return {"claim": self.claim, "outcome": self.outcome, "estimate": self.estimate, "lo": self.lo, "hi": self.hi,
-                "margin": self.margin, "unit": self.unit, "reason": self.reason}
-
 
 def directional(claim: str, estimate: float, lo: float, hi: float, margin: float, unit: str) -> Verdict:
     """The claim: the effect is above zero by a difference that matters. An interval inside ±margin is a

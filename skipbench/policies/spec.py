@@ -101,10 +101,6 @@ class Registry:
         self._plugins_loaded = False
         self._broken: dict[str, str] = {}  # plugins that failed to load, and why
 
-    def register(self, strategy: Strategy) -> Strategy:
-        self._entries[strategy.name] = strategy
-        return strategy
-
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
