@@ -7,6 +7,7 @@ tests/test_cli.py::test_cli_defaults_are_the_configs_defaults fails when the two
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -15,10 +16,10 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors click
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from skipbench.errors import SkipbenchError
 from skipbench.policies.spec import STRATEGIES  # light: the registry's defaults (checkpoint folders)
@@ -28,48 +29,60 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 class SkipbenchGroup(TyperGroup):
-    """Maps user mistakes to one line on stderr and exit code 1, never a traceback."""
+    """Maps user mistakes to one line on stderr and exit code 1, never a traceback; under torchrun, lets only the
+    commands that share their work run, and only rank 0 print."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        from skipbench import distributed  # light: torch only once a process group is joined
+
+        quiet = distributed.rank() > 0  # the other ranks' tables and progress would repeat rank 0's
+        console.quiet = quiet
         try:  # torch is imported only by commands that need it (plan, oracle and --help do not)
-            if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # torchrun checks the value
-                _under_torchrun(list(sys.argv[1:] if args is None else args))
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with contextlib.ExitStack() as stack:
+                if quiet:
+                    stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except SkipbenchError as exc:
             _fail(str(exc))
-        except NoArgsIsHelpError as exc:
-            exc.show()
-            rv = 0
-        except ClickException as exc:
-            _fail(exc.format_message())
+        except TyperException as exc:  # click's usage errors (typer's public base of them)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no_args_is_help: the help is shown already (its
+                rv = 0  # class is not public; the name is click's documented one)
+            else:
+                _fail(exc.format_message())
         except typer.Abort:
             _fail("aborted")
         finally:
-            if "skipbench.distributed" in sys.modules:
-                sys.modules["skipbench.distributed"].shutdown()
+            distributed.shutdown()
         code = rv if isinstance(rv, int) else 0
         if standalone_mode:
             sys.exit(code)
         return code
 
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        from skipbench.distributed import COMMANDS, world_size
+
+        if world_size() > 1 and cmd is not None and not isinstance(cmd, TyperGroup):  # the command about to run
+            words = [c.info_name for c in _ancestry(ctx) if c.parent is not None] + [name]
+            if " ".join(words) not in COMMANDS:
+                raise SkipbenchError(f"'{' '.join(words)}' runs in one process; under torchrun: {', '.join(COMMANDS)}")
+        return name, cmd, rest
+
+
+def _ancestry(ctx) -> list:
+    chain = []
+    while ctx is not None:
+        chain.insert(0, ctx)
+        ctx = ctx.parent
+    return chain
+
 
 def _fail(message: str) -> None:
-    rank = f"rank {os.environ.get('RANK', 0)}: " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
-    typer.echo(f"{rank}error: {' '.join(message.split())}", err=True)
+    from skipbench import distributed
+
+    who = f"rank {distributed.rank()}: " if distributed.world_size() > 1 else ""
+    typer.echo(f"{who}error: {' '.join(message.split())}", err=True)
     sys.exit(1)
-
-
-def _under_torchrun(args: list[str]) -> None:
-    """Only commands that share their work run under torchrun; only rank 0 shows progress and tables."""
-    from skipbench.distributed import COMMANDS
-
-    words = [a for a in args[:2] if not a.startswith("-")]
-    command = " ".join(words[:2]) if words and words[0] in ("controllers", "flexidepth") else (words[:1] or [""])[0]
-    if command not in COMMANDS:
-        raise SkipbenchError(f"'{command}' runs in one process; under torchrun: {', '.join(COMMANDS)}")
-    if int(os.environ.get("RANK", 0)) > 0:
-        console.quiet = True
-        sys.stdout = open(os.devnull, "w")
 
 
 app = typer.Typer(
@@ -454,7 +467,7 @@ def cosine(
         result = run(cfg, progress=bar.advance, start=bar.start)
     shown = result.agg[["strategy", "cost", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
     _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
-    console.print(f"wrote {result.path}, {result.agg_path.name}, {result.figure.name}")
+    console.print(f"wrote {result.path}, {result.files['agg'].name}, {result.files['figure'].name}")
 
 
 # training options shared by controllers train / sweep, flexidepth train and finetune: one declaration each,
@@ -600,15 +613,15 @@ def controllers_sweep(
                       eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
     with Bar("sweep") as bar:
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)
-    for note in res["notes"]:
+    for note in res.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    shown = res["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
+    shown = res.tables["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
     _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
     from skipbench import verdicts
 
-    typer.echo(f"hidden vs constant at matched cost ({res['comparison']['test']}):")
-    typer.echo(verdicts.line(verdicts.controllers(res["comparison"])).replace("**", ""))
-    console.print(f"wrote {res['path']}")
+    typer.echo(f"hidden vs constant at matched cost ({res.comparison['test']}):")
+    typer.echo(verdicts.line(verdicts.controllers(res.comparison)).replace("**", ""))
+    console.print(f"wrote {res.path}")
 
 
 flexi_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
@@ -685,8 +698,8 @@ def flexidepth_usage(
                       out=out or f"results/flexi-usage-{_slug(model)}.parquet")
     with Bar("usage") as bar:
         res = run_usage(cfg, progress=bar.advance, start=bar.start)
-    _print_frame(res["agg"], f"FlexiDepth layers used per subtask · {model}")
-    console.print(f"wrote {res['path']}")
+    _print_frame(res.tables["agg"], f"FlexiDepth layers used per subtask · {model}")
+    console.print(f"wrote {res.path}")
 
 
 @flexi_app.command("depthmap")

@@ -3,7 +3,8 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; skipbench then joins a process group (nccl on CUDA, gloo
 on CPU), gives each rank a deterministic share of the items (by item id), lets each rank write its own
 parquet part, and has rank 0 merge the parts once every rank is done. Without torchrun (WORLD_SIZE
-unset or 1) nothing here does anything: no process group, no extra files, no extra cost.
+unset or 1) nothing here does anything: no process group, no extra files, no extra cost (torch is imported only
+when a process group is joined, so the command line can ask `world_size()` and `rank()` cheaply).
 
 A rank that dies makes torchrun stop the others before rank 0 merges, so no merged file is written; the
 parts already finished stay on disk and a rerun with the same number of ranks reuses them.
@@ -12,13 +13,15 @@ parts already finished stay on disk and a rerun with the same number of ranks re
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Callable, TypeVar
 
 from skipbench.errors import SkipbenchError
+
+T = TypeVar("T")
 
 # the commands that know how to share their work; the others refuse to run under torchrun
 COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train", "finetune")
@@ -65,7 +68,38 @@ class Dist:
             for tmp in part.parent.glob(f".{part.name}.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
+    def share(self, whole: Path, compute: Callable[[], "pd.DataFrame"]) -> "pd.DataFrame":
+        """This rank's rows of `whole`: computed and, under torchrun, written as its share (a share an earlier,
+        failed run finished is reused instead of computed). `whole` itself is never written here; after `on_main`'s
+        barrier, rank 0 reads every share with `joined`."""
+        from skipbench.results import write_atomic
+
+        share = self.part(whole)
+        if self.enabled and share.exists():
+            return None
+        df = compute()
+        if self.enabled:
+            write_atomic(df, share)
+        return df
+
+    def joined(self, whole: Path, mine: "pd.DataFrame") -> "pd.DataFrame":
+        """Every rank's rows of `whole` as one frame (rank 0, inside `on_main`); `mine` in a single process."""
+        return self.read_parts(whole) if self.enabled else mine
+
+    def on_main(self, write: Callable[[], T], read: Callable[[], T]) -> T:
+        """The merge step: rank 0 runs `write` (joins the shares, writes the result) while the others wait, then
+        they `read` what it wrote. In a single process: `write()`."""
+        self.barrier()
+        if not self.main:
+            self.barrier()
+            return read()
+        result = write()
+        self.barrier()
+        return result
+
     def barrier(self) -> None:
+        import torch
+
         if self.enabled:
             with _peers_alive():
                 torch.distributed.barrier()
@@ -74,6 +108,8 @@ class Dist:
         """Every rank's `obj`, in rank order."""
         if not self.enabled:
             return [obj]
+        import torch
+
         out = [None] * self.world
         with _peers_alive():
             torch.distributed.all_gather_object(out, obj)
@@ -82,6 +118,8 @@ class Dist:
     def sum(self, values: list[float]) -> list[float]:
         if not self.enabled:
             return values
+        import torch
+
         t = torch.tensor(values, dtype=torch.float64)
         with _peers_alive():
             torch.distributed.all_reduce(t)  # a CPU tensor: reduced by gloo (also when CUDA tensors use nccl)
@@ -114,7 +152,9 @@ def current() -> Dist:
     world = world_size()
     if world <= 1:
         return Dist()
-    d = Dist(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0))
+    import torch
+
+    d = Dist(rank(), world, _env_int("LOCAL_RANK", 0))
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(d.local_rank)
@@ -124,6 +164,11 @@ def current() -> Dist:
     return d
 
 
+def rank() -> int:
+    return _env_int("RANK", 0) if world_size() > 1 else 0
+
+
 def shutdown() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    torch = sys.modules.get("torch")  # nothing to shut down in a process that never loaded torch
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

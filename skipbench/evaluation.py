@@ -30,7 +30,7 @@ from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size, model_fingerprint
 from skipbench.policies.controller import check_backbone
-from skipbench.results import check_out_path, config_dict, flat_config, manifest, run_id, write_atomic
+from skipbench.results import Written, check_out_path, config_dict, manifest, tidy, write_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,11 +54,9 @@ class EvalConfig:
 FULL = PolicySpec(name="full")
 
 
-@dataclass
-class EvalResult:
-    rows: pd.DataFrame
-    summary: pd.DataFrame
-    path: Path
+@dataclass(kw_only=True)
+class EvalResult(Written):
+    summary: pd.DataFrame  # one row per policy point (not written: `summarise(rows)` again from the file)
     reused_parts: int
     reused_shares: int = 0  # under torchrun: ranks' shares finished by an earlier, failed run
 
@@ -182,35 +180,31 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)))
         if on_part:
             on_part(p)
-    d.barrier()
-    if not d.main:  # rank 0 joins the shares and writes the result; the others wait for it
-        d.barrier()
-        rows = pd.read_parquet(out)
-        return EvalResult(rows, summarise(rows), out, len(pts) - len(todo), reused_shares)
-    for p in todo if d.enabled else ():
-        write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p))
-        d.remove_parts(part_path(cfg, p))
-    rows = _merge(cfg, pts, items)
-    rid = run_id(cfg)
-    rows.insert(0, "run_id", rid)
-    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "split": cfg.data.split, "seed": cfg.seed}.items():
-        rows[key] = value
-    for key, value in flat_config(cfg).items():
-        if key not in rows.columns and key not in ("out", "resume", "policies"):
-            rows[key] = value
-    # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
-    asked = [p for p in pts if p.name != "full"]
-    rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
-    rows["per_token"] = any(p.name == "random-token" for p in asked)
-    rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
-    rows["router"] = next((p.value for p in asked if p.name == "flexidepth"), None)
-    rows["gate"] = asked[0].gate if asked else "sample"
-    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
-                    layers_convention=LAYERS_CONVENTION, points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == 'none' else p.label for p in pts], batch_size=batch_size,
-                    ranks=d.world)
-    path = write_atomic(rows, out, meta)
-    d.barrier()
-    return EvalResult(rows, summarise(rows), path, len(pts) - len(todo), reused_shares)
+
+    def write() -> EvalResult:  # rank 0: each point's shares joined into its part, then the parts into the result
+        for p in todo if d.enabled else ():
+            write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p))
+            d.remove_parts(part_path(cfg, p))
+        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies"), model=cfg.model,
+                    dataset=cfg.data.name, split=cfg.data.split, seed=cfg.seed)
+        # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
+        asked = [p for p in pts if p.name != "full"]
+        rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
+        rows["per_token"] = any(p.name == "random-token" for p in asked)
+        rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
+        rows["router"] = next((p.value for p in asked if p.name == "flexidepth"), None)
+        rows["gate"] = asked[0].gate if asked else "sample"
+        meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
+                        layers_convention=LAYERS_CONVENTION, batch_size=batch_size, ranks=d.world,
+                        points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == "none" else p.label
+                                for p in pts])
+        return result(rows, write_atomic(rows, out, meta))
+
+    def result(rows: pd.DataFrame, path: Path) -> EvalResult:
+        return EvalResult(rows=rows, summary=summarise(rows), path=path, reused_parts=len(pts) - len(todo),
+                          reused_shares=reused_shares)
+
+    return d.on_main(write, lambda: result(pd.read_parquet(out), out))
 
 
 def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.DataFrame:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from skipbench import verdicts
 from skipbench.errors import SkipbenchError
+from skipbench.results import COMPANIONS, companion
 from skipbench.stats import Verdict
 
 
@@ -35,7 +36,7 @@ def _meta(path: Path) -> dict:
 
 def _main_files(folder: Path, prefix: str) -> list[Path]:
     return sorted(p for p in folder.glob(f"{prefix}*.parquet")
-                  if not p.stem.endswith(("-agg", "-assign", "-layers", "-length")) and not p.name.startswith("."))
+                  if not p.stem.endswith(tuple(f"-{c}" for c in COMPANIONS)) and not p.name.startswith("."))
 
 
 def _verdict_lines(found: list[Verdict]) -> list[str]:
@@ -83,7 +84,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
 def section_cosine(folder: Path) -> tuple[list[str], list]:
     out, found = [], []
     for path in _main_files(folder, "cosine-"):
-        agg = pd.read_parquet(path.with_name(path.stem + "-agg.parquet"))
+        agg = pd.read_parquet(companion(path, "agg"))
         meta = _meta(path)
         L = int(meta.get("num_layers", agg["cost"].max()))
         rows = pd.read_parquet(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
@@ -134,7 +135,7 @@ def _length_lines(path: Path, meta: dict) -> list[str]:
         return [f"Label-length test: not run ({why}).", ""]
     lines = ["Label-length test (App. A.5.2; chi-square test of homogeneity of the oracle's choice across label-length "
              "bins 1–15, 16–30, …, >150):", ""]
-    counts_file = path.with_name(path.stem + "-length.parquet")
+    counts_file = companion(path, "length")
     counts = pd.read_parquet(counts_file) if counts_file.exists() else pd.DataFrame()
     for t in tests:
         head = f"* budget {t['budget']:g} ({t['why']}), {t['items']} items, length in {t['unit']}: "
@@ -156,7 +157,7 @@ def section_controllers(folder: Path) -> tuple[list[str], list]:
     out, found = [], []
     for path in _main_files(folder, "controllers-"):
         meta = _meta(path)
-        agg = pd.read_parquet(path.with_name(path.stem + "-agg.parquet"))
+        agg = pd.read_parquet(companion(path, "agg"))
         c = meta.get("comparison", {})
         if "hidden_effect" in c and "lo" not in c:  # written before run-level intervals: no verdict from it
             c = {"test": c.get("test", "?"), "note": "this sweep was written by an older skipbench without a run-level "

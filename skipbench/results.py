@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,6 +60,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill: it takes the place of `path` (a folder there is replaced) when the
+    block succeeds and is removed when it fails, so a model folder is never half-written under its real name."""
+    import shutil
+
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            path.replace(old)
+        tmp.replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -122,6 +143,47 @@ def check_out_path(path: str | os.PathLike) -> Path:
 
 def manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
+
+
+def tidy(df: pd.DataFrame, cfg: Any, skip: tuple[str, ...] = ("out",), **columns: Any) -> pd.DataFrame:
+    """The table tail every recipe shares: `run_id` first, the run's own `columns`, then each config field that is
+    not a column already (a row's own value wins: e.g. the KV mode a variant ran under, not the option given)."""
+    df.insert(0, "run_id", run_id(cfg))
+    for key, value in columns.items():
+        df[key] = value
+    for key, value in flat_config(cfg).items():
+        if key not in df.columns and key not in skip:
+            df[key] = value
+    return df
+
+
+COMPANIONS = ("agg", "assign", "layers", "length")  # the tables written beside a result (not results themselves)
+
+
+def companion(out: str | os.PathLike, name: str, suffix: str = ".parquet") -> Path:
+    """A file beside the result: `results/x.parquet` → `results/x-agg.parquet`."""
+    if suffix == ".parquet" and name not in COMPANIONS:
+        raise ValueError(f"'{name}' is not one of results.COMPANIONS (readers tell results from companions by them)")
+    out = Path(out)
+    return out.with_name(f"{out.stem}-{name}{suffix}")
+
+
+@dataclass(kw_only=True)
+class Written:
+    """What every table-writing recipe returns: its rows, where they went, the tables written beside them (by
+    name: "agg" went to `<out>-agg.parquet`) and any other files (figures, by name). Recipes add their own fields."""
+
+    rows: pd.DataFrame
+    path: Path | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def write_tables(rows: pd.DataFrame, out: str | os.PathLike, meta: dict, **tables: pd.DataFrame) -> dict[str, Path]:
+    """The result and its companion tables, each with the run's manifest; the result itself last, so a run stopped
+    midway leaves no result whose companions are missing. Returns every path by name ("rows" is the result)."""
+    paths = {name: write_atomic(table, companion(out, name), meta) for name, table in tables.items()}
+    return paths | {"rows": write_atomic(rows, out, meta)}
 
 
 def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = None) -> Path:

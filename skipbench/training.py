@@ -35,7 +35,7 @@ from skipbench.engine.decode import eos_ids, left_pad, pad_id
 from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
 from skipbench.errors import SkipbenchError
 from skipbench.metrics import kl_divergence
-from skipbench.models.loading import LoadedModel, model_fingerprint
+from skipbench.models.loading import LoadedModel, model_fingerprint, save_folder
 from skipbench.results import atomic_path, config_dict, write_text_atomic
 
 
@@ -426,17 +426,7 @@ def _save_backbone(lm: LoadedModel, out: Path, step: int) -> None:
 
 def save_model(lm: LoadedModel, target: Path, stamp: dict) -> None:
     """The model and tokenizer as a plain model folder (for `--model`), with a stamp; replaced atomically."""
-    import shutil
-
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.model.save_pretrained(tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    (tmp / "skipbench.json").write_text(json.dumps(stamp))
-    if target.exists():
-        target.replace(old)
-    tmp.replace(target)
-    shutil.rmtree(old, ignore_errors=True)
+    save_folder(lm.model, lm.tokenizer, target, stamp)
 
 
 def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:

@@ -97,6 +97,21 @@ def test_recipes_do_not_import_each_other():
     assert edges <= RECIPE_DEBT, f"new recipe-to-recipe imports: {sorted(edges - RECIPE_DEBT)}"
 
 
+@pytest.mark.parametrize("module, function", [
+    ("skipbench.evaluation", "run"), ("skipbench.experiments.cosine", "run"), ("skipbench.experiments.bench", "run"),
+    ("skipbench.experiments.oracle", "run"), ("skipbench.experiments.controllers", "run_sweep"),
+    ("skipbench.experiments.flexidepth", "run_usage")])
+def test_every_table_writing_recipe_returns_the_shared_result(module, function):
+    """One kind of result (rows, path, the companion tables and files by name), whatever the recipe adds to it."""
+    import importlib
+    import typing
+
+    from skipbench.results import Written
+
+    returned = typing.get_type_hints(getattr(importlib.import_module(module), function))["return"]
+    assert issubclass(returned, Written)
+
+
 def test_engine_imports_no_policy():
     g = graph()
     assert not [t for m, ts in g.items() if unit(m) == "engine" for t in ts if unit(t) == "policies"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,7 +37,7 @@ from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
 from skipbench.engine.protocol import Policy
 from skipbench.policies import PolicySpec, parse_policies
-from skipbench.results import flat_config, manifest, run_id, write_atomic
+from skipbench.results import Written, manifest, tidy, write_atomic
 
 PROMPTS = [
     "Please calculate the sum of 99, 45 and 12.",
@@ -161,11 +162,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (never decreases)
 
 
-@dataclass
-class BenchResult:
-    rows: pd.DataFrame  # one row per (variant, batch size, repeat, phase)
-    summary: pd.DataFrame  # one row per (variant, batch size, phase)
-    path: str | None
+@dataclass(kw_only=True)
+class BenchResult(Written):
+    """rows: one per (variant, batch size, repeat, phase), written when --out is given."""
+
+    summary: pd.DataFrame  # one row per (variant, batch size, phase), in the manifest
 
 
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
@@ -197,27 +198,19 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                                        kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep, layers_mean=layers)
                 if progress:
                     progress()
-    df = pd.DataFrame(rows)
-    summary = summarise(df, fixed, lm.num_layers)
-    rid = run_id(cfg)
-    for frame in (df, summary):
-        frame.insert(0, "run_id", rid)
-    path = None
-    if cfg.out:
-        for key, value in flat_config(cfg).items():
-            if key not in df.columns:  # a row's own kv_mode is the mode it ran under, not the option given
-                df[key] = value
-        meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
-                        summary=summary.to_dict("records"),
-                        memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
-        from pathlib import Path
+    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers)
+    df = tidy(pd.DataFrame(rows), cfg)  # a row's own kv_mode is the mode it ran under, not the option given
+    summary.insert(0, "run_id", df["run_id"].iloc[0])
+    if not cfg.out:
+        return BenchResult(rows=df, summary=summary)
+    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
+                    summary=summary.to_dict("records"),
+                    memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
+    from skipbench.plots import speedup_figure
 
-        from skipbench.plots import speedup_figure
-
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))
-        path = str(write_atomic(df, cfg.out, meta))
-    return BenchResult(df, summary, path)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    figure = speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))
+    return BenchResult(rows=df, summary=summary, path=write_atomic(df, cfg.out, meta), files={"figure": figure})
 
 
 def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], **fields) -> list[dict]:

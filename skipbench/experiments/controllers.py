@@ -26,7 +26,7 @@ from skipbench.models import load_model
 from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
 )
-from skipbench.results import check_out_path, manifest, run_id, write_atomic
+from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
 from skipbench.training import TrainConfig, TrainResult, train
 
 
@@ -66,7 +66,7 @@ def run_dir(cfg: SweepConfig, input_kind: str, alpha: float, seed: int) -> Path:
     return out.with_name(out.stem + ".runs") / f"{input_kind}-a{alpha:g}-s{seed}"
 
 
-def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callable | None = None) -> dict:
+def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callable | None = None) -> SweepResult:
     out = check_out_path(cfg.out)
     bad = [i for i in cfg.inputs if i not in INPUTS]
     if bad or not cfg.alphas or cfg.seeds < 1:
@@ -90,8 +90,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
                        for l, u in enumerate(use)]
         if progress:
             progress(1)
-    items = pd.concat(frames, ignore_index=True)
-    items.insert(0, "run_id", run_id(cfg))
+    items = tidy(pd.concat(frames, ignore_index=True), cfg)
     layers = pd.DataFrame(layer_rows)
     agg = aggregate(items)
     test = compare_inputs(items)
@@ -101,11 +100,17 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
 
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = controller_figures(agg, layers, lm.num_layers, out.with_name(out.stem))
-    write_atomic(layers, out.with_name(out.stem + "-layers.parquet"))
-    write_atomic(agg, out.with_name(out.stem + "-agg.parquet"))
-    path = write_atomic(items, out, meta)
-    return {"items": items, "agg": agg, "layers": layers, "comparison": test, "path": path, "figures": figures,
-            "notes": notes}
+    paths = write_tables(items, out, meta, layers=layers, agg=agg)
+    return SweepResult(rows=items, path=paths.pop("rows"), tables={"agg": agg, "layers": layers},
+                       files=paths | {f"figure{n}": f for n, f in enumerate(figures)}, comparison=test, notes=notes)
+
+
+@dataclass(kw_only=True)
+class SweepResult(Written):
+    """rows: one per (input, alpha, seed, item); tables: agg (per input and alpha), layers (skip ratio per layer)."""
+
+    comparison: dict  # hidden vs constant at matched cost (compare_inputs)
+    notes: list[str]
 
 
 def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:

@@ -33,7 +33,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.policies import STRATEGIES as REGISTRY, PolicySpec
 from skipbench.models import load_model
 from skipbench.models.loading import default_batch_size
-from skipbench.results import check_out_path, flat_config, manifest, run_id, write_atomic
+from skipbench.results import Written, check_out_path, companion, manifest, run_id, tidy, write_tables
 
 STRATEGIES = ("early-exit", "uniform", "random")
 CI = "95% t-interval over per-item means (items are the unit)"
@@ -57,13 +57,13 @@ class CosineConfig:
     out: str = ""
 
 
-@dataclass
-class CosineResult:
-    rows: pd.DataFrame
-    agg: pd.DataFrame
-    path: Path
-    agg_path: Path
-    figure: Path | None
+@dataclass(kw_only=True)
+class CosineResult(Written):
+    """rows: one per (item, pass, token); tables["agg"]: per (strategy, cost) with intervals; files: agg, figure."""
+
+    @property
+    def agg(self) -> pd.DataFrame:
+        return self.tables["agg"]
 
 
 def default_costs(num_layers: int) -> tuple[int, ...]:
@@ -162,51 +162,43 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     batch_size = cfg.batch_size or default_batch_size(lm.device)
     mine = d.shard([it.item_id for it in items])  # every item in a single process
     whole = out.parent / ".skipbench-parts" / f"cosine-{run_id(cfg)}.parquet"  # never written: named in shares
-    share = d.part(whole)
-    if not (d.enabled and share.exists()):  # a share finished before another rank failed is reused
+
+    def compute() -> pd.DataFrame:
         if start:
             start(2 * len(mine))
-        df = item_rows(lm, [items[i] for i in mine], [encoded[i] for i in mine], plan, cfg, batch_size, progress)
-        if d.enabled:
-            write_atomic(df, share)
-    d.barrier()
-    if not d.main:  # rank 0 joins the shares and writes the result; the others wait for it
-        d.barrier()
-        return CosineResult(pd.read_parquet(out), pd.read_parquet(out.with_name(out.stem + "-agg.parquet")), out,
-                            out.with_name(out.stem + "-agg.parquet"), out.with_suffix(".png"))
-    if d.enabled:
-        df = d.read_parts(whole)
-    # canonical order (items as listed, then the plan, then tokens): the same with any number of ranks
-    order = {it.item_id: n for n, it in enumerate(items)}
-    variant = {v: n for n, v in enumerate(plan)}
-    df = (df.assign(_i=df["item_id"].map(order), _v=[variant[v] for v in zip(df["strategy"], df["cost"], df["seed"])])
-          .sort_values(["_i", "_v", "token"], kind="stable").drop(columns=["_i", "_v"]).reset_index(drop=True))
-    if df.empty:
-        raise SkipbenchError("no item produced a response to compare on")
-    df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
-    rid = run_id(cfg)
-    df.insert(0, "run_id", rid)
-    for key, value in {"model": cfg.model, "dataset": cfg.data.name, "num_layers": lm.num_layers,
-                       "kv_mode": resolve_kv_mode(cfg.kv_mode, None)}.items():
-        df[key] = value
-    agg = aggregate(df)
-    agg.insert(0, "run_id", rid)
-    meta = manifest(cfg, lm=lm, hidden_state_convention=CONVENTION, confidence_interval=CI,
-                    num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated, ranks=d.world)
-    for key, value in flat_config(cfg).items():
-        if key not in df.columns and key != "out":
-            df[key] = value
-    agg_path = out.with_name(out.stem + "-agg.parquet")
-    from skipbench.plots import cosine_figure
+        return item_rows(lm, [items[i] for i in mine], [encoded[i] for i in mine], plan, cfg, batch_size, progress)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)
-    write_atomic(agg, agg_path, meta)
-    path = write_atomic(df, out, meta)
-    if d.enabled:
-        d.remove_parts(whole)
-    d.barrier()
-    return CosineResult(df, agg, path, agg_path, figure)
+    def write(df: pd.DataFrame) -> CosineResult:
+        # canonical order (items as listed, then the plan, then tokens): the same with any number of ranks
+        order = {it.item_id: n for n, it in enumerate(items)}
+        variant = {v: n for n, v in enumerate(plan)}
+        df = (df.assign(_i=df["item_id"].map(order), _v=[variant[v] for v in zip(df["strategy"], df["cost"], df["seed"])])
+              .sort_values(["_i", "_v", "token"], kind="stable").drop(columns=["_i", "_v"]).reset_index(drop=True))
+        if df.empty:
+            raise SkipbenchError("no item produced a response to compare on")
+        df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
+        df = tidy(df, cfg, model=cfg.model, dataset=cfg.data.name, num_layers=lm.num_layers,
+                  kv_mode=resolve_kv_mode(cfg.kv_mode, None))
+        agg = aggregate(df)
+        agg.insert(0, "run_id", df["run_id"].iloc[0])
+        meta = manifest(cfg, lm=lm, hidden_state_convention=CONVENTION, confidence_interval=CI,
+                        num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated, ranks=d.world)
+        from skipbench.plots import cosine_figure
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)
+        paths = write_tables(df, out, meta, agg=agg)
+        if d.enabled:
+            d.remove_parts(whole)
+        return CosineResult(rows=df, path=paths["rows"], tables={"agg": agg}, files={"agg": paths["agg"], "figure": figure})
+
+    def read() -> CosineResult:
+        agg = companion(out, "agg")
+        return CosineResult(rows=pd.read_parquet(out), path=out, tables={"agg": pd.read_parquet(agg)},
+                            files={"agg": agg, "figure": out.with_suffix(".png")})
+
+    mine_rows = d.share(whole, compute)
+    return d.on_main(lambda: write(d.joined(whole, mine_rows)), read)
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:

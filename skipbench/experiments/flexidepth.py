@@ -23,7 +23,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.checkpoints import checked_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
-from skipbench.results import check_out_path, manifest, run_id, write_atomic, write_text_atomic
+from skipbench.results import Written, check_out_path, manifest, tidy, write_tables, write_text_atomic
 from skipbench.training import TrainConfig, TrainResult, check_held_out, train
 
 
@@ -71,7 +71,7 @@ def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dic
             for t, rec in enumerate(layers)]
 
 
-def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callable | None = None) -> dict:
+def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callable | None = None) -> Written:
     out = check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     flexi, meta = _routers(cfg.router, lm.num_layers)
@@ -90,16 +90,13 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
             progress(len(chunk))
     if not rows:
         raise SkipbenchError("no generated token ran through the model (every response ended at once)")
-    df = pd.DataFrame(rows)
-    df.insert(0, "run_id", run_id(cfg))
-    df["model"], df["router"] = cfg.model, cfg.router
+    df = tidy(pd.DataFrame(rows), cfg)
     agg = (df.groupby("subtask")["layers_used"].agg(tokens="count", mean="mean", var="var").reset_index()
            .sort_values("mean"))
     meta_out = manifest(cfg, lm=lm, routed_layers=flexi.routed, num_layers=lm.num_layers,
                         layers_convention=LAYERS_CONVENTION, router_config=meta)
-    write_atomic(agg, out.with_name(out.stem + "-agg.parquet"))
-    path = write_atomic(df, out, meta_out)
-    return {"rows": df, "agg": agg, "path": path}
+    paths = write_tables(df, out, meta_out, agg=agg)
+    return Written(rows=df, path=paths.pop("rows"), tables={"agg": agg}, files=paths)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ give the per-item best assignment (the constraint no longer binds), with a note.
 from __future__ import annotations
 
 import glob
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import pandas as pd
 
 from skipbench.errors import SkipbenchError
 from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
-from skipbench.results import manifest, run_id, write_atomic
+from skipbench.results import Written, manifest, tidy, write_tables
 
 # App. A.5.2's bins of label length: 1-15, 16-30, ..., 136-150 and >150 (index (length - 1) // 15, capped)
 LENGTH_BIN, LENGTH_BINS = 15, 11
@@ -37,10 +37,11 @@ class OracleConfig:
     max_cells: float = 2e8
 
 
-@dataclass
-class OracleResult:
-    table: pd.DataFrame  # one row per (budget, method)
-    assignment: pd.DataFrame  # one row per (budget, item): oracle and greedy configuration
+@dataclass(kw_only=True)
+class OracleResult(Written):
+    """rows: one per (budget, method); tables["assign"]: one per (budget, item), the oracle's and greedy's
+    configuration; tables["length"]: the length tests' count tables (written as -assign and -length files)."""
+
     configs: list[str]
     costs: list[int]
     full: str
@@ -49,7 +50,14 @@ class OracleResult:
     config_means: dict[str, float]  # each configuration's mean metric over the items
     length_tests: list[dict]  # one per tested budget: statistic, dof, p_value, counts
     notes: list[str] = field(default_factory=list)
-    path: Path | None = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.rows
+
+    @property
+    def assignment(self) -> pd.DataFrame:
+        return self.tables["assign"]
 
 
 def _paths(cfg: OracleConfig) -> list[str]:
@@ -161,10 +169,12 @@ def run(cfg: OracleConfig) -> OracleResult:
     if lengths is None:
         notes.append("the runs have no reference lengths (reference_tokens or reference): no length test")
     assignment = pd.concat(assign, ignore_index=True).sort_values(["budget", "item_id"], kind="stable")
-    result = OracleResult(table, assignment.reset_index(drop=True), configs, costs, full, star, star_ci, singles, tests, notes)
-    if cfg.out:
-        result.path = write(cfg, result)
-    return result
+    counts = pd.DataFrame([{"budget": t["budget"], **c} for t in tests for c in t["counts"]],
+                          columns=["budget", "bin", "config", "count"])
+    result = OracleResult(rows=table, tables={"assign": assignment.reset_index(drop=True), "length": counts},
+                          configs=configs, costs=costs, full=full, star=star, star_interval=star_ci, config_means=singles,
+                          length_tests=tests, notes=notes)
+    return write(cfg, result) if cfg.out else result
 
 
 def _assignment(budget: float, items, configs: list[str], oracle_choice, greedy_choice) -> pd.DataFrame:
@@ -239,24 +249,18 @@ def _source(cfg: OracleConfig) -> dict:
     return {"model": models[0] if models else None, "datasets": sorted(datasets)}
 
 
-def write(cfg: OracleConfig, result: OracleResult) -> Path:
+def write(cfg: OracleConfig, result: OracleResult) -> OracleResult:
     out = Path(cfg.out)
-    table = result.table.copy()
-    table.insert(0, "run_id", run_id(cfg))
-    table["metric"] = cfg.metric
+    table = tidy(result.rows.copy(), cfg, skip=("out", "runs", "policies", "budgets", "length_budgets"), metric=cfg.metric)
     meta = manifest(cfg, None, configs=result.configs, costs=result.costs, full=result.full, config_means=result.config_means,
                     star_budget=result.star,
                     star_interval=result.star_interval, star_interval_method=f"95% percentile bootstrap, {cfg.bootstrap} item resamples",
                     length_tests=[{k: v for k, v in t.items() if k != "counts"} for t in result.length_tests],
                     length_bins=LENGTH_LABELS, notes=result.notes, source=_source(cfg),
                     solver="Lagrangian bound + reduced-cost fixing + exact DP over the core (skipbench.oracle)")
-    path = write_atomic(table, out, meta)
-    write_atomic(result.assignment, out.with_name(out.stem + "-assign.parquet"))
-    counts = pd.DataFrame([{"budget": t["budget"], **c} for t in result.length_tests for c in t["counts"]],
-                          columns=["budget", "bin", "config", "count"])
-    write_atomic(counts, out.with_name(out.stem + "-length.parquet"))
+    paths = write_tables(table, out, meta, **result.tables)
     if cfg.curve:
         from skipbench.plots import oracle_figures
 
-        oracle_figures(result, cfg.metric, out.with_name(out.stem))
-    return path
+        paths |= {f"figure{n}": f for n, f in enumerate(oracle_figures(result, cfg.metric, out.with_name(out.stem)) or ())}
+    return replace(result, rows=table, path=paths.pop("rows"), files=paths)

@@ -8,7 +8,7 @@ to a safetensors directory under the user's cache and later loads read that (abo
 from __future__ import annotations
 
 import os
-import shutil
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from skipbench.errors import SkipbenchError
 from skipbench.distributed import world_size
+from skipbench.results import atomic_dir
 from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
 
 EMBEDDED = "smollm2-135m"
@@ -154,8 +155,6 @@ def _embedded_dir() -> Path:
 def convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # transformers refuses to save a model loaded from GGUF; the weights are already dequantised to
@@ -165,9 +164,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)  # atomic: a half-converted cache is never taken for a finished one
+    save_folder(model, tok, target)  # a half-converted cache is never taken for a finished one
     return target
 
 
@@ -197,13 +194,17 @@ def _tiny_dir() -> Path:
                                   max_position_embeddings=2048, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(target)
+    save_folder(AutoModelForCausalLM.from_config(config), tok, target)
     return target
+
+
+def save_folder(model, tokenizer, target: Path, stamp: dict | None = None) -> None:
+    """A plain model folder (model, tokenizer and, given, skipbench's stamp), replacing `target` atomically."""
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if stamp is not None:
+            (tmp / "skipbench.json").write_text(json.dumps(stamp))
 
 
 def _hub_id(hub_id: str) -> tuple[str, dict]:
