@@ -158,17 +158,24 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-PolicyHelp = ("full | early-exit:E | uniform:C | random:C | random-token:C | layers:0,3,5 | controller:DIR | "
-              "flexidepth:DIR, or a plugin's (`skipbench policies` lists them)")
+_ARG_HINT = {"none": "", "cost": ":C", "layers": ":0,3,5", "checkpoint": ":DIR", "threshold": ":T"}
+PolicyHelp = (" | ".join(n + _ARG_HINT[STRATEGIES.get(n).arg] for n in STRATEGIES.names(include_plugins=False))
+              + ", or a plugin's (`skipbench policies` lists them, with their options)")
+PolicyOptionOpt = typer.Option(None, "--policy-option", "-o", metavar="NAME=VALUE",
+                               help="a strategy's own option, e.g. -o min-layers=4 -o measure=state (repeatable; "
+                                    "`skipbench policies` lists them)")
 
 
 def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed=0, per_token=False,
-           first_layer=True, checkpoint=None, gate="sample"):
+           first_layer=True, checkpoint=None, gate="sample", policy_options=None):
     """The one policy grammar, plus the older separate options (`--policy uniform --cost 15`, `--keep 0,3,5`,
     `--per-token`, `--controller DIR`), which fill in the argument a spec leaves out."""
-    from skipbench.policies import PolicySpec, parse_policies, with_costs
+    from dataclasses import replace
 
-    specs = parse_policies(policy, seed=seed, gate=gate, first_layer=first_layer)
+    from skipbench.policies import parse_policies, with_costs
+    from skipbench.policies.spec import parse_policy_options
+
+    specs = parse_policies(policy, parse_policy_options(policy_options), seed=seed, gate=gate, first_layer=first_layer)
     out = []
     for s in specs:
         name, arg = s.name, s.arg
@@ -178,7 +185,7 @@ def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed
             given = {"cost": exit_layer if name == "early-exit" and exit_layer is not None else cost,
                      "layers": keep, "checkpoint": (checkpoint or {}).get(name)}.get(s.strategy.arg)
             arg = "" if given is None else str(given)
-        out.append(PolicySpec(name=name, arg=arg, seed=seed, gate=gate, first_layer=first_layer))
+        out.append(replace(s, name=name, arg=arg))
     return with_costs(out, costs)
 
 
@@ -209,6 +216,7 @@ def generate(
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
 ) -> None:
     """Generate text under a layer-skipping policy.
 
@@ -220,7 +228,8 @@ def generate(
     _quiet_transformers()
     cfg = GenerateConfig(
         prompt=prompt, model=model, policy=_one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed,
-                                                     per_token=per_token, first_layer=first_layer),
+                                                     per_token=per_token, first_layer=first_layer,
+                                                     policy_options=policy_option),
         max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
         device=device, dtype=dtype,
     )
@@ -239,25 +248,51 @@ def generate(
 
 @app.command()
 def plan(
-    layers: int = typer.Option(..., help="number of decoder layers L"),
+    layers: Optional[int] = typer.Option(None, help="number of decoder layers L (default: the model's, when --model "
+                                                    "is given or the policy is computed from a model)"),
     cost: Optional[int] = typer.Option(None, help="layers to execute c"),
     policy: str = typer.Option("uniform", help="a static or per-sequence policy: uniform:C | early-exit:E | random:C | "
-                               "layers:0,3,5 | full"),
+                               "layers:0,3,5 | full | block-influence:C | angular:C | a plugin's"),
     exit_layer: Optional[int] = typer.Option(None),
     keep: Optional[str] = typer.Option(None),
     seed: int = typer.Option(0, help="random: the seed of the draw"),
     first_layer: bool = typer.Option(True),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a model (policies computed from its states need "
+                                                                  "one; default then: the embedded model)"),
+    dataset: str = typer.Option("text", "--dataset", "-d", help="calibration prompts: this dataset's train split"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
 ) -> None:
-    """Print the 0-based layer indices a static plan executes.
+    """Print the 0-based layer indices a static plan executes (and the table it was chosen from, if any).
 
     Example: skipbench plan --layers 24 --cost 12 --policy uniform   # 0 2 4 ... 22
+    Example: skipbench plan --policy block-influence --cost 15 --dataset text
     """
-    if layers < 1:
+    if layers is not None and layers < 1:
         raise SkipbenchError(f"--layers must be >= 1, got {layers}")
-    spec = _one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed, first_layer=first_layer)
-    executed = spec.plan(layers)  # no model and no torch: the plan is a function of the spec and the depth
+    spec = _one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed, first_layer=first_layer,
+                     policy_options=policy_option)
+    lm = data = None
+    if model is not None or "model" in spec.strategy.needs:  # otherwise: no model and no torch
+        from skipbench.data import DataSpec
+        from skipbench.models import load_model
+
+        _quiet_transformers()
+        lm, data = load_model(model or EMBEDDED, device, dtype), DataSpec(name=dataset)
+        if layers is not None and layers != lm.num_layers:
+            raise SkipbenchError(f"--layers {layers} disagrees with the model's {lm.num_layers} layers")
+        layers = lm.num_layers
+    if layers is None:
+        raise SkipbenchError("give --layers (the model's depth) or --model")
+    executed = spec.plan(layers, lm, data)
     if executed is None:
         raise SkipbenchError(f"policy '{spec.label}' ({spec.strategy.kind}) has no static plan")
+    table = spec.explain(layers, lm, data)
+    if table:
+        import pandas as pd
+
+        _print_frame(pd.DataFrame(table), f"{spec.label} · {model or EMBEDDED} · {dataset} (train split)")
     typer.echo(" ".join(map(str, executed)))
 
 
@@ -321,6 +356,7 @@ def bench(
     dtype: Dtype = DtypeOpt,
     seed: int = typer.Option(0, help="seed of random policies"),
     out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
 ) -> None:
     """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
     memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound.
@@ -330,9 +366,7 @@ def bench(
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
-    from skipbench.policies import parse_policies
-
-    cfg = BenchConfig(model=model, policies=tuple(parse_policies(policies, seed=seed)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
+    cfg = BenchConfig(model=model, policies=tuple(_specs(policies, seed=seed, policy_options=policy_option)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
                       compile=compile, device=device, dtype=dtype, seed=seed, out=out)
     with Bar("bench") as bar:
@@ -391,6 +425,7 @@ def evaluate(
     controller: Optional[str] = typer.Option(None, help="policy controller: folder written by 'controllers train'"),
     gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="policy controller: sample (as in the paper) | argmax"),
     router: Optional[str] = typer.Option(None, help="policy flexidepth: folder written by 'flexidepth train'"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
 
@@ -404,7 +439,8 @@ def evaluate(
         model=model,
         data=DataSpec(name=dataset, split=split, limit=limit or None, seed=seed, prompt_field=prompt_field, reference_field=reference_field),
         policies=tuple(_specs(policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed,
-                              per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate)),
+                              per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate,
+                              policy_options=policy_option)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,
@@ -445,6 +481,7 @@ def cosine(
     dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="detailed parquet (default results/cosine-<model>-<dataset>.parquet); "
                                       "-agg.parquet and .png beside it"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
 ) -> None:
     """Hidden-state cosine similarity of early exit, uniform and random skipping vs the full model (Fig. 1a).
 
@@ -453,6 +490,7 @@ def cosine(
     from skipbench.data import DataSpec
     from skipbench.experiments.cosine import CosineConfig, run
     from skipbench.policies import parse_policies
+    from skipbench.policies.spec import parse_policy_options
 
     _quiet_transformers()
     cfg = CosineConfig(
@@ -461,6 +499,7 @@ def cosine(
         per_token=per_token,
         teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         batch_size=batch_size or None, kv_mode=kv_mode, device=device, dtype=dtype,
+        policy_options=tuple(sorted(parse_policy_options(policy_option).items())),
         out=out or default_out("cosine", model, dataset),
     )
     with Bar("cosine") as bar:

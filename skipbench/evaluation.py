@@ -65,11 +65,12 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
 
 
-def points(cfg: EvalConfig, num_layers: int) -> dict[PolicySpec, Policy]:
+def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
     """Full depth first, then every requested point, each built once and checked (argument, KV mode, held-out
     backbone) before any generation starts."""
     from skipbench.policies import with_costs
 
+    num_layers = lm.num_layers
     pts = [FULL]
     for spec in cfg.policies:
         for p in with_costs([spec], default_costs(num_layers)):
@@ -77,7 +78,7 @@ def points(cfg: EvalConfig, num_layers: int) -> dict[PolicySpec, Policy]:
                 pts.append(p)
     built = {}
     for p in pts:
-        built[p] = policy = p.build(num_layers)
+        built[p] = policy = p.build(num_layers, lm, cfg.data)
         p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
         if p.name == "controller":
             check_backbone(p.value, cfg.model)
@@ -143,6 +144,7 @@ def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int
         "cost": nominal_cost(p, lm.num_layers),
         "policy_spec": p.label, "policy_seed": p.seed,
         "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
+        "layers_per_token": [len(r) for r in layers],  # realized layers of each generated token that ran the model
         "layer_use": use.tolist(), "skipped_tokens": len(layers),
         "prompt_tokens": prompt_tokens, "new_tokens": len(tokens), "output": output, "reference": item.reference,
         "reference_tokens": len(lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]),
@@ -157,7 +159,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     out = check_out_path(cfg.out)
     d = distributed.current()
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
-    built = points(cfg, lm.num_layers)
+    built = points(cfg, lm)
     pts = list(built)
     items = load_items(cfg.data)
     for p in pts:

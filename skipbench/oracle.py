@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import reduce
 
 import numpy as np
 
@@ -45,59 +44,78 @@ class Solution:
 
 
 class Instance:
-    """Values V [n, K] and integer costs c [K] (any order, ties allowed)."""
+    """Values V [n, K] and costs: one per configuration [K] (any order, ties allowed), or one per item and
+    configuration [n, K] (a dynamic policy's realized mean layers of each item). Integer costs are used as they are;
+    fractional ones are rounded to 1/RESOLUTION of a layer, and the solution is exact for the rounded costs."""
+
+    RESOLUTION = 100
 
     def __init__(self, values: np.ndarray, costs) -> None:
         self.V = np.asarray(values, dtype=np.float64)
-        costs = np.asarray(costs)
-        if self.V.ndim != 2 or self.V.shape[1] != len(costs) or self.V.shape[0] == 0:
-            raise SkipbenchError("oracle: values must be [items, configurations] with one cost per configuration")
+        costs = np.asarray(costs, dtype=np.float64)
+        if self.V.ndim != 2 or self.V.shape[0] == 0 or costs.shape not in ((self.V.shape[1],), self.V.shape):
+            raise SkipbenchError("oracle: values must be [items, configurations] with one cost per configuration "
+                                 "(or per item and configuration)")
         if not np.all(np.isfinite(self.V)):
             raise SkipbenchError("oracle: the metric has missing or infinite values")
-        if np.any(costs != np.round(costs)) or np.any(costs < 0):
-            raise SkipbenchError("oracle: configuration costs must be non-negative integers")
-        self.costs = costs.astype(np.int64)
-        self.g = int(reduce(math.gcd, self.costs.tolist())) or 1
-        self.u = self.costs // self.g  # cost units
+        if not np.all(np.isfinite(costs)) or np.any(costs < 0):
+            raise SkipbenchError("oracle: configuration costs must be finite and non-negative")
         self.n, self.K = self.V.shape
+        self.C = np.broadcast_to(costs, self.V.shape)  # [n, K] costs in layers
+        self.scale = 1 if np.all(costs == np.round(costs)) else self.RESOLUTION
+        units = np.round(self.C * self.scale).astype(np.int64)
+        self.g = int(np.gcd.reduce(units.ravel())) or 1
+        self.U = units // self.g  # [n, K] cost units
         self._breaks = None
+
+    @property
+    def costs(self) -> np.ndarray:
+        """The configurations' costs [K] when every item shares them (else the mean over items)."""
+        return self.C.mean(0)
 
     def capacity(self, budget: float) -> int:
         """Total cost units allowed by a mean-cost budget (integer, floor)."""
-        return int(math.floor(self.n * budget / self.g + 1e-9))
+        return int(math.floor(self.n * budget * self.scale / self.g + 1e-9))
+
+    def to_budget(self, units: int) -> float:
+        return units * self.g / (self.n * self.scale)
+
+    def cheapest(self) -> float:
+        """The smallest mean cost any assignment has."""
+        return self.to_budget(int(self.U.min(1).sum()))
 
     # ---- Lagrangian pieces ------------------------------------------------------------------
     def _choose(self, lam: float) -> np.ndarray:
         """argmax_k V - lam u, ties to the cheaper configuration."""
-        score = self.V - lam * self.u[None, :]
+        score = self.V - lam * self.U
         best = score.max(1, keepdims=True)
         tied = score >= best - TOL
-        cheapest = np.where(tied, self.u[None, :], np.iinfo(np.int64).max)
+        cheapest = np.where(tied, self.U, np.iinfo(np.int64).max)
         return cheapest.argmin(1)
 
     def _cost(self, choice: np.ndarray) -> int:
-        return int(self.u[choice].sum())
+        return int(self.U[np.arange(self.n), choice].sum())
 
     def breakpoints(self) -> np.ndarray:
         if self._breaks is None:
             out = [np.zeros(1)]
             for a in range(self.K):
                 for b in range(self.K):
-                    du = self.u[b] - self.u[a]
-                    if du > 0:
-                        lam = (self.V[:, b] - self.V[:, a]) / du
-                        out.append(lam[lam > 0])
+                    du = self.U[:, b] - self.U[:, a]
+                    up = du > 0
+                    lam = (self.V[up, b] - self.V[up, a]) / du[up]
+                    out.append(lam[lam > 0])
             self._breaks = np.unique(np.concatenate(out))
         return self._breaks
 
     def dual(self, lam: float, cap: int) -> float:
-        return float((self.V - lam * self.u[None, :]).max(1).sum() + lam * cap)
+        return float((self.V - lam * self.U).max(1).sum() + lam * cap)
 
 
 def solve(inst: Instance, budget: float, max_cells: float = 2e8) -> Solution:
     cap = inst.capacity(budget)
-    if cap < int(inst.u.min()) * inst.n:
-        raise SkipbenchError(f"budget {budget} is below the cheapest configuration's cost ({inst.costs.min()})")
+    if cap < int(inst.U.min(1).sum()):
+        raise SkipbenchError(f"budget {budget} is below the cheapest assignment's mean cost ({inst.cheapest():g})")
     return solve_units(inst, cap, max_cells)
 
 
@@ -124,7 +142,7 @@ def solve_units(inst: Instance, cap: int, max_cells: float = 2e8) -> Solution:
         return _solution(inst, lb_choice, exact=True, gap=0.0)
 
     # reduced costs against any maximiser at lambda*
-    score = inst.V - lam * inst.u[None, :]
+    score = inst.V - lam * inst.U
     r = score.max(1, keepdims=True) - score
     eligible = r <= gap + 1e-9 * max(1.0, abs(ub))
     n_elig = eligible.sum(1)
@@ -132,10 +150,10 @@ def solve_units(inst: Instance, cap: int, max_cells: float = 2e8) -> Solution:
     fixed = np.nonzero(n_elig == 1)[0]
     choice = lb_choice.copy()
     choice[fixed] = eligible[fixed].argmax(1)
-    cap_core = cap - int(inst.u[choice[fixed]].sum())
+    cap_core = cap - int(inst.U[fixed, choice[fixed]].sum())
 
-    u_el = np.where(eligible[core], inst.u[None, :], 0)
-    umin = np.where(eligible[core], inst.u[None, :], np.iinfo(np.int64).max).min(1)
+    u_el = np.where(eligible[core], inst.U[core], 0)
+    umin = np.where(eligible[core], inst.U[core], np.iinfo(np.int64).max).min(1)
     span = int(min(cap_core - umin.sum(), (u_el.max(1) - umin).sum()))
     if span < 0 or len(core) * (span + 1) > max_cells:
         return _solution(inst, lb_choice, exact=False, gap=gap / inst.n, core=len(core))
@@ -152,7 +170,7 @@ def _greedy_fill(inst: Instance, choice: np.ndarray, slack: int) -> np.ndarray:
     if slack <= 0:
         return choice
     rows = np.arange(inst.n)
-    du = inst.u[None, :] - inst.u[choice][:, None]
+    du = inst.U - inst.U[rows, choice][:, None]
     dv = inst.V - inst.V[rows, choice][:, None]
     ok = (du > 0) & (dv > 0)
     if not ok.any():
@@ -180,7 +198,7 @@ def _core_dp(inst: Instance, core, eligible, umin, span: int) -> np.ndarray:
         new = np.full(span + 1, neg)
         arg = np.zeros(span + 1, dtype=np.int8)
         for k in np.nonzero(eligible[j])[0]:
-            d = int(inst.u[k] - umin[j])
+            d = int(inst.U[i, k] - umin[j])
             if d > span:
                 continue
             cand = np.full(span + 1, neg)
@@ -194,30 +212,30 @@ def _core_dp(inst: Instance, core, eligible, umin, span: int) -> np.ndarray:
     for j in range(m - 1, -1, -1):
         k = int(back[j, c])
         out[j] = k
-        c -= int(inst.u[k] - umin[j])
+        c -= int(inst.U[core[j], k] - umin[j])
     return out
 
 
 def _solution(inst: Instance, choice: np.ndarray, exact: bool, gap: float, core: int = 0) -> Solution:
-    value = float(inst.V[np.arange(inst.n), choice].mean())
-    return Solution(value, choice, float(inst.costs[choice].mean()), exact, gap, core)
+    rows = np.arange(inst.n)
+    return Solution(float(inst.V[rows, choice].mean()), choice, float(inst.C[rows, choice].mean()), exact, gap, core)
 
 
 def greedy(inst: Instance, budget: float) -> Solution:
     """Eq. 4: each item its best configuration with cost <= budget (cheaper on ties)."""
-    allowed = inst.costs <= budget + 1e-9
-    if not allowed.any():
-        raise SkipbenchError(f"budget {budget} is below the cheapest configuration's cost ({inst.costs.min()})")
-    score = np.where(allowed[None, :], inst.V, -np.inf)
+    allowed = inst.U * inst.g <= budget * inst.scale + 1e-9  # [n, K], on the rounded costs the oracle uses
+    if not allowed.any(1).all():
+        raise SkipbenchError(f"budget {budget} is below some item's cheapest configuration (greedy needs one per item)")
+    score = np.where(allowed, inst.V, -np.inf)
     best = score.max(1, keepdims=True)
     tied = score >= best - TOL
-    choice = np.where(tied, inst.costs[None, :], np.iinfo(np.int64).max).argmin(1)
+    choice = np.where(tied, inst.U, np.iinfo(np.int64).max).argmin(1)
     return _solution(inst, choice, exact=True, gap=0.0)
 
 
 def smallest_budget_reaching(inst: Instance, target_mean: float) -> float | None:
     """The smallest mean-cost budget at which the oracle's mean value reaches `target_mean` (the paper's star)."""
-    lo, hi = int(inst.u.min()) * inst.n, int(inst.u.max()) * inst.n
+    lo, hi = int(inst.U.min(1).sum()), int(inst.U.max(1).sum())
     goal = target_mean - 1e-12
     if solve_units(inst, hi).value < goal:
         return None
@@ -227,4 +245,4 @@ def smallest_budget_reaching(inst: Instance, target_mean: float) -> float | None
             hi = mid
         else:
             lo = mid + 1
-    return lo * inst.g / inst.n
+    return inst.to_budget(lo)

@@ -156,12 +156,12 @@ class LastLayers(Policy):
         return self.layers
 
 
-def build(spec, num_layers):
-    return LastLayers(num_layers, spec.int_arg())
+def build(spec, ctx):
+    return LastLayers(ctx.num_layers, spec.int_arg())
 
 
-def plan(spec, num_layers):
-    return list(range(num_layers - spec.int_arg(), num_layers))
+def plan(spec, ctx):
+    return list(range(ctx.num_layers - spec.int_arg(), ctx.num_layers))
 
 
 STRATEGY = Strategy(name="last", build=build, plan=plan, kind="static", arg="cost", help="the last C layers (a plugin)")

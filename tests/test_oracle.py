@@ -17,10 +17,12 @@ from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
 
 
 def brute_force(V, costs, budget):
+    """costs [K], or [n, K] per item and configuration."""
     n, k = V.shape
+    C = np.broadcast_to(np.asarray(costs, dtype=float), V.shape)
     best = -np.inf
     for a in itertools.product(range(k), repeat=n):
-        if costs[list(a)].sum() <= n * budget + 1e-9:
+        if C[np.arange(n), list(a)].sum() <= n * budget + 1e-9:
             best = max(best, V[np.arange(n), list(a)].mean())
     return best
 
@@ -35,6 +37,21 @@ def test_oracle_equals_brute_force_on_small_instances():
         sol = solve(Instance(V, costs), budget)
         assert sol.exact and sol.value == pytest.approx(brute_force(V, costs, budget), abs=1e-12)
         assert sol.mean_cost <= budget + 1e-9
+
+
+def test_oracle_with_per_item_costs_equals_brute_force():
+    """A dynamic policy's configuration costs each item its realized mean layers (fractional): still exact."""
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        n, k = int(rng.integers(1, 8)), int(rng.integers(1, 5))
+        C = rng.integers(200, 2400, size=(n, k)) / 100  # layers, to the oracle's resolution of 1/100
+        C[:, 0] = 2.0  # one static configuration every item can afford: a budget of 2 is always feasible
+        V = rng.random((n, k)).round(int(rng.choice([1, 2, 6])))
+        budget = float(rng.uniform(2, C.max()))
+        sol = solve(Instance(V, C), budget)
+        assert sol.exact and sol.value == pytest.approx(brute_force(V, C, budget), abs=1e-12)
+        assert sol.mean_cost <= budget + 1e-9
+        assert greedy(Instance(V, C), budget).value <= sol.value + 1e-12
 
 
 @pytest.mark.parametrize("metric", ["rouge", "binary"])

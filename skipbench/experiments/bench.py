@@ -117,7 +117,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
     bounds = []
     specs = cfg.policies or parse_policies(f"full,uniform:{max(1, lm.num_layers // 2)}")
     for spec in specs:
-        policy = spec.build(lm.num_layers)
+        policy = spec.build(lm.num_layers, lm)
         label = spec.name + (f":{spec.arg}" if spec.arg else "")  # as the user wrote it
         impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
         kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")

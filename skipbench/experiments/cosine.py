@@ -52,6 +52,7 @@ class CosineConfig:
     max_prompt_tokens: int = 1024
     batch_size: int | None = None
     kv_mode: str = "auto"  # the strategies here require no mode: auto is fill
+    policy_options: tuple[tuple[str, str], ...] = ()  # --policy-option NAME=VALUE, for the strategies that take NAME
     device: str = "auto"
     dtype: str = "auto"
     out: str = ""
@@ -70,10 +71,11 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * f)) for f in (0.2, 0.35, 0.5, 0.65, 0.8)}))
 
 
-def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
-    """(strategy, cost, seed) for every pass: any registered strategy whose argument is a cost (plugins too);
-    strategies that draw at random are repeated with seeds 0..seeds-1."""
-    out = []
+def passes(cfg: CosineConfig, lm) -> dict[tuple[str, int, int], object]:
+    """Every pass, (strategy, cost, seed) -> what runs it (built once, a plugin's checks up front too): any
+    registered strategy whose argument is a cost (plugins too); strategies that draw at random are repeated with
+    seeds 0..seeds-1."""
+    out = {}
     for text in cfg.strategies:  # `uniform` (at every cost of --costs) or a point `uniform:15`
         strategy, _, arg = text.partition(":")
         entry = REGISTRY.get(strategy)
@@ -81,21 +83,25 @@ def passes(cfg: CosineConfig, num_layers: int) -> list[tuple[str, int, int]]:
             raise SkipbenchError(f"cosine compares strategies that take a cost (layers per token); '{strategy}' takes "
                                  f"{entry.arg}. Known: {', '.join(n for n in REGISTRY.names() if REGISTRY.get(n).arg == 'cost')}")
         random_draws = entry.kind in ("per-sequence", "per-token")
-        for cost in [int(arg)] if arg else cfg.costs or default_costs(num_layers):
+        for cost in [int(arg)] if arg else cfg.costs or default_costs(lm.num_layers):
             for seed in range(cfg.seeds if random_draws else 1):
-                _spec(strategy, cost, seed, cfg.per_token).build(num_layers)  # a plugin's own checks too, up front
-                out.append((strategy, cost, seed))
+                out[(strategy, cost, seed)] = _variant(_spec(cfg, strategy, cost, seed), lm, cfg.data)
+    unused = [n for n, _ in cfg.policy_options
+              if not any(REGISTRY.get(t.partition(":")[0]).option(n) for t in cfg.strategies)]
+    if unused:
+        raise SkipbenchError(f"--policy-option {', '.join(unused)}: no strategy given takes it")
     return out
 
 
-def _spec(strategy: str, cost: int, seed: int, per_token: bool) -> PolicySpec:
-    name = "random-token" if strategy == "random" and per_token else strategy
-    return PolicySpec(name=name, arg=str(cost), seed=seed)
+def _spec(cfg: CosineConfig, strategy: str, cost: int, seed: int) -> PolicySpec:
+    name = "random-token" if strategy == "random" and cfg.per_token else strategy
+    own = tuple((k, v) for k, v in cfg.policy_options if REGISTRY.get(name).option(k) is not None)
+    return PolicySpec(name=name, arg=str(cost), seed=seed, options=own)
 
 
-def _variant(spec: PolicySpec, num_layers: int):
+def _variant(spec: PolicySpec, lm, data):
     """A static policy that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
-    policy = spec.build(num_layers)
+    policy = spec.build(lm.num_layers, lm, data)
     plan = policy.executed_layers() if policy.static else None
     if plan is not None and plan == list(range(len(plan))):
         return ("prefix", len(plan))
@@ -117,9 +123,8 @@ def teacher_responses(lm, items, encoded, cfg: CosineConfig, batch_size: int) ->
     return out
 
 
-def run_batch(lm, prompts, responses, keys, plan, cfg: CosineConfig) -> list[dict]:
-    variants = [((strategy, cost, seed), _variant(_spec(strategy, cost, seed, cfg.per_token), lm.num_layers))
-                for strategy, cost, seed in plan]
+def run_batch(lm, prompts, responses, keys, plan: dict, cfg: CosineConfig) -> list[dict]:
+    variants = list(plan.items())
     rows = []
     kv_mode = resolve_kv_mode(cfg.kv_mode, None)
     for (strategy, cost, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode):
@@ -156,7 +161,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
     out = check_out_path(cfg.out)
     d = distributed.current()
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    plan = passes(cfg, lm.num_layers)
+    plan = passes(cfg, lm)
     items = load_items(cfg.data)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
     batch_size = cfg.batch_size or default_batch_size(lm.device)

@@ -25,7 +25,7 @@ class GenerateConfig:
 
 def run(cfg: GenerateConfig) -> dict:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    policy = cfg.policy.build(lm.num_layers)
+    policy = cfg.policy.build(lm.num_layers, lm)
     cfg.policy.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{cfg.policy.label}'"))
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
     out = generate(lm, [ids], policy, cfg.max_new_tokens, cfg.kv_mode, cfg.sampling,

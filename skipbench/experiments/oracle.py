@@ -102,7 +102,10 @@ def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
     return df, notes
 
 
-def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[int], list[str]]:
+def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[int], list[str], np.ndarray]:
+    """Items x configurations of the metric; each configuration's nominal cost (its `cost` column: for a dynamic
+    policy, its measured mean rounded); and the cost of each (item, configuration): a configuration whose realized
+    mean layers (`layers_mean`) vary by item is costed per item, the others at their nominal cost."""
     wide = df.pivot_table(index="item_id", columns="config", values=metric, aggfunc="mean")
     costs_of = df.groupby("config")["cost"].first().astype(int)
     configs = sorted(wide.columns, key=lambda c: (costs_of[c], c))
@@ -114,22 +117,32 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
         wide = wide[~incomplete]
     if wide.empty:
         raise SkipbenchError("no item is scored under every configuration")
-    return wide, configs, [int(costs_of[c]) for c in configs], notes
+    per_item = np.tile(np.array([float(costs_of[c]) for c in configs]), (len(wide), 1))
+    if "layers_mean" in df.columns:
+        realized = df.pivot_table(index="item_id", columns="config", values="layers_mean", aggfunc="mean")
+        realized = realized.reindex(index=wide.index, columns=configs)
+        dynamic = [k for k, c in enumerate(configs) if realized[c].max() - realized[c].min() > 1e-9]
+        for k in dynamic:  # an item without a generated token that ran the model keeps the nominal cost
+            per_item[:, k] = realized[configs[k]].fillna(costs_of[configs[k]]).to_numpy()
+        if dynamic:
+            notes.append(f"costed per item by their realized mean layers: {', '.join(configs[k] for k in dynamic)} "
+                         f"(rounded to 1/{Instance.RESOLUTION} layer)")
+    return wide, configs, [int(costs_of[c]) for c in configs], notes, per_item
 
 
 def run(cfg: OracleConfig) -> OracleResult:
     if cfg.budget is None and not cfg.curve:
         raise SkipbenchError("give --budget B (mean layers per token) or --curve")
     df, notes = load_scores(cfg)
-    wide, configs, costs, more = pivot(df, cfg.metric)
+    wide, configs, costs, more, per_item = pivot(df, cfg.metric)
     notes += more
-    inst = Instance(wide.to_numpy(), costs)
+    inst = Instance(wide.to_numpy(), per_item)
     full = next((c for c in configs if c.startswith("full:")), configs[-1])
     grid = sorted(set(cfg.budgets or (range(min(costs), max(costs) + 1) if cfg.curve else ())) | (
         {cfg.budget} if cfg.budget is not None else set()))
     for b in (*grid, *cfg.length_budgets):
-        if b < min(costs):
-            raise SkipbenchError(f"budget {b} is below the cheapest configuration's cost ({min(costs)})")
+        if b < inst.cheapest() - 1e-9:
+            raise SkipbenchError(f"budget {b} is below the cheapest configuration's cost ({inst.cheapest():g})")
         if b > max(costs):
             notes.append(f"budget {b} is above the dearest configuration ({max(costs)}): every item takes its best")
     rows, assign = [], []
@@ -141,9 +154,9 @@ def run(cfg: OracleConfig) -> OracleResult:
             rows.append({"budget": b, "method": method, "value": sol.value, "mean_cost": sol.mean_cost,
                          "exact": sol.exact, "gap": sol.gap, "core_items": sol.core,
                          **{f"share:{c}": s for c, s in zip(configs, share)}})
-        for c, cost in zip(configs, costs):
-            if cost <= b:
-                rows.append({"budget": b, "method": f"single:{c}", "value": singles[c], "mean_cost": float(cost),
+        for k, c in enumerate(configs):
+            if inst.C[:, k].mean() <= b + 1e-9:
+                rows.append({"budget": b, "method": f"single:{c}", "value": singles[c], "mean_cost": float(inst.C[:, k].mean()),
                              "exact": True, "gap": 0.0, "core_items": 0})
         assign.append(_assignment(b, wide.index, configs, sols["oracle"].choice, sols["greedy"].choice))
     table = pd.DataFrame(rows)
@@ -188,7 +201,7 @@ def star_interval(inst: Instance, full: int, resamples: int, seed: int = 0) -> t
     from skipbench.stats import bootstrap_interval
 
     def star_of(idx):
-        sub = Instance(inst.V[idx], inst.costs)
+        sub = Instance(inst.V[idx], inst.C[idx])
         return smallest_budget_reaching(sub, float(sub.V[:, full].mean()))
 
     return bootstrap_interval(star_of, inst.n, resamples, seed)

@@ -42,7 +42,7 @@ def highs(inst: Instance, budget: float) -> float:
 
     n, k = inst.V.shape
     one_each = LinearConstraint(kron(identity(n), np.ones((1, k))), 1, 1)
-    budget_row = LinearConstraint(csr_matrix(np.tile(inst.costs, n)[None, :].astype(float)), -np.inf, n * budget)
+    budget_row = LinearConstraint(csr_matrix(inst.C.ravel()[None, :].astype(float)), -np.inf, n * budget)
     res = milp(-inst.V.ravel(), constraints=[one_each, budget_row], integrality=np.ones(n * k), bounds=Bounds(0, 1),
                options={"mip_rel_gap": 0.0})
     return -res.fun / n

@@ -186,6 +186,6 @@ def check_backbone(path: str, model: str) -> None:
         raise SkipbenchError(f"'{path}' was trained jointly with its backbone; evaluate it with --model {backbone}")
 
 
-def controller(spec, num_layers: int) -> Policy:
-    c, meta = checked_module(spec.value, num_layers, load_controllers)
+def controller(spec, ctx) -> Policy:
+    c, meta = checked_module(spec.value, ctx.num_layers, load_controllers)
     return ControllerPolicy(c, spec.gate, spec.seed, meta.get("tau", 1.0))

@@ -156,6 +156,6 @@ def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
     return f, meta
 
 
-def flexidepth(spec, num_layers: int) -> Policy:
-    f, _ = checked_module(spec.value, num_layers, load_flexidepth)
+def flexidepth(spec, ctx) -> Policy:
+    f, _ = checked_module(spec.value, ctx.num_layers, load_flexidepth)
     return FlexiPolicy(f)

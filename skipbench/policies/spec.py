@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 from skipbench.errors import SkipbenchError
 
@@ -36,10 +36,50 @@ KV_MODES = ("fill", "none")
 ENTRY_POINT_GROUP = "skipbench.policies"
 
 
+NEEDS = ("model", "data")  # what a strategy may ask of its build context beyond the depth
+
+
+@dataclass(frozen=True, kw_only=True)
+class Option:
+    """A strategy's own setting (`--policy-option NAME=VALUE`); its type is its default's."""
+
+    name: str
+    default: Any
+    help: str = ""
+    choices: tuple[str, ...] = ()
+
+    def parse(self, text: str, owner: str) -> Any:
+        kind = type(self.default)
+        try:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(text)
+                value = text.lower() in ("1", "true", "yes")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise SkipbenchError(f"policy '{owner}': option {self.name} takes a {kind.__name__}, got '{text}'") from None
+        if self.choices and value not in self.choices:
+            raise SkipbenchError(f"policy '{owner}': option {self.name} must be one of {', '.join(self.choices)}, got '{text}'")
+        return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """What a strategy's `build` and `plan` get: the model's depth always; the loaded model and the run's dataset
+    when its entry `needs` them (a calibrated plan reads the model's states on the dataset's train split)."""
+
+    num_layers: int
+    lm: Any = None  # models.LoadedModel
+    data: Any = None  # data.DataSpec of the run (None: the embedded text suite)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Strategy:
     """A registry entry. `build` is `module:function` (imported only when a policy is built) or a callable
-    `(spec, num_layers) -> Policy`."""
+    `(spec, ctx: Context) -> Policy`; `plan` likewise `(spec, ctx) -> layers` for plans that run the same layers
+    for every token; `explain` `(spec, ctx) -> rows` is the table `skipbench plan` prints beside a plan (a ranking,
+    a distance table)."""
 
     name: str
     build: str | Callable
@@ -48,13 +88,21 @@ class Strategy:
     help: str = ""
     kv_modes: tuple[str, ...] = KV_MODES  # modes it can run under; a checkpoint may narrow this further
     default_arg: str = ""  # used when the spec names no argument (e.g. the default checkpoint folder)
-    plan: str | Callable | None = None  # `(spec, num_layers) -> layers` for static plans, importable without torch
+    plan: str | Callable | None = None  # the plan, without torch unless the strategy needs the model
+    explain: str | Callable | None = None
+    options: tuple[Option, ...] = ()
+    needs: tuple[str, ...] = ()  # of NEEDS: what its build context must carry
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SkipbenchError(f"strategy '{self.name}': kind must be one of {', '.join(KINDS)}, got '{self.kind}'")
         if self.arg not in ARGS:
             raise SkipbenchError(f"strategy '{self.name}': arg must be one of {', '.join(ARGS)}, got '{self.arg}'")
+        if set(self.needs) - set(NEEDS):
+            raise SkipbenchError(f"strategy '{self.name}': needs must be among {', '.join(NEEDS)}, got {self.needs}")
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
 
     @property
     def sweeps(self) -> bool:
@@ -71,6 +119,11 @@ class Strategy:
         module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)
 
+
+_CALIBRATION = (
+    Option(name="calibration", default=32, help="train-split items whose hidden states decide the plan"),
+    Option(name="calibration-tokens", default=256, help="tokens per calibration item (prompt and reference)"),
+)
 
 _BUILTIN = [
     Strategy(name="full", build="skipbench.policies.static:full", plan="skipbench.policies.static:full_plan",
@@ -90,6 +143,21 @@ _BUILTIN = [
              help="Gumbel-softmax skip controllers (skipbench controllers train)"),
     Strategy(name="flexidepth", build="skipbench.policies.flexidepth:flexidepth", kind="learned", arg="checkpoint",
              default_arg="runs/flexidepth", help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
+    Strategy(name="confidence", build="skipbench.policies.confidence:build", kind="per-token", arg="threshold",
+             needs=("model",), help="CALM early exit: a token exits once its confidence reaches the threshold",
+             options=(Option(name="measure", default="softmax", choices=("softmax", "state"),
+                             help="softmax: top-2 probability gap through the head; state: cos of consecutive states"),
+                      Option(name="min-layers", default=1, help="layers every token runs before it may exit"),
+                      Option(name="decay", default=0.0, help="CALM's position decay tau of the threshold (0: none)"),
+                      Option(name="decay-length", default=64, help="N of the decay: the generation length"))),
+    Strategy(name="block-influence", build="skipbench.policies.block_influence:build", kind="static", arg="cost",
+             plan="skipbench.policies.block_influence:plan", explain="skipbench.policies.block_influence:explain",
+             needs=("model", "data"), options=_CALIBRATION,
+             help="ShortGPT: the C layers of highest block influence 1 - E cos(h_in, h_out) on calibration prompts"),
+    Strategy(name="angular", build="skipbench.policies.angular:build", kind="static", arg="cost",
+             plan="skipbench.policies.angular:plan", explain="skipbench.policies.angular:explain",
+             needs=("model", "data"), options=_CALIBRATION,
+             help="Gromov et al.: remove the L-C consecutive layers of least angular distance (last layer kept)"),
 ]
 
 
@@ -129,9 +197,11 @@ class Registry:
             raise SkipbenchError(f"unknown policy '{name}'; known: {', '.join(self.names())}")
         return self._entries[name]
 
-    def names(self, kind: str | None = None) -> list[str]:
-        self._load_plugins()
-        return [n for n, s in self._entries.items() if kind is None or s.kind == kind]
+    def names(self, kind: str | None = None, include_plugins: bool = True) -> list[str]:
+        if include_plugins:
+            self._load_plugins()
+        return [n for n, s in self._entries.items()
+                if (kind is None or s.kind == kind) and (include_plugins or n in _BUILTIN_NAMES)]
 
     def reload_plugins(self) -> None:
         """Look at the installed entry points again (tests install one at run time)."""
@@ -140,6 +210,7 @@ class Registry:
 
 
 STRATEGIES = Registry(_BUILTIN)
+_BUILTIN_NAMES = {s.name for s in _BUILTIN}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +222,7 @@ class PolicySpec:
     seed: int = 0  # random draws and sampled gates
     gate: str = "sample"  # learned samplers (controller): sample (as in the paper) | argmax
     first_layer: bool = True  # random skipping: always run layer 0
+    options: tuple[tuple[str, str], ...] = ()  # the strategy's own settings, (name, text), sorted
 
     @property
     def strategy(self) -> Strategy:
@@ -211,7 +283,25 @@ class PolicySpec:
             raise SkipbenchError(f"policy '{self.name}' needs an argument: {ARGS[s.arg]}, e.g. {self.name}:VALUE")
         elif s.arg == "none" and self.arg:
             raise SkipbenchError(f"policy '{self.name}' takes no argument, got '{self.arg}'")
+        if s.arg == "threshold":
+            try:
+                [float(x) for x in self.value.split(",")]
+            except ValueError:
+                raise SkipbenchError(f"policy '{self.label}': the threshold must be a number") from None
+        for name, _ in self.options:
+            if s.option(name) is None:
+                raise SkipbenchError(f"policy '{self.name}' has no option '{name}'"
+                                     + (f" (its options: {', '.join(o.name for o in s.options)})" if s.options else ""))
+            self.opt(name)
         return self
+
+    def opt(self, name: str) -> Any:
+        """The value of one of the strategy's options (its default unless set)."""
+        option = self.strategy.option(name)
+        if option is None:
+            raise KeyError(f"strategy '{self.name}' declares no option '{name}'")
+        text = dict(self.options).get(name)
+        return option.default if text is None else option.parse(text, self.label)
 
     def check_kv_mode(self, mode: str) -> None:
         """The KV mode a run resolved to must be one the strategy supports (its entry says which)."""
@@ -219,22 +309,39 @@ class PolicySpec:
             raise SkipbenchError(f"policy '{self.label}' runs under --kv-mode {' or '.join(self.strategy.kv_modes)} "
                                  f"only, got {mode}")
 
-    def build(self, num_layers: int):
-        """The Policy object (imports the strategy's module, and with it torch)."""
-        return self.strategy.function("build")(self.checked(num_layers), num_layers)
+    def context(self, num_layers: int, lm: Any = None, data: Any = None) -> Context:
+        """The build context, after the checks: a strategy that needs the model gets a clear error without one."""
+        self.checked(num_layers)
+        if "model" in self.strategy.needs and lm is None:
+            raise SkipbenchError(f"policy '{self.label}' is computed from the model's hidden states: "
+                                 "give --model (and --dataset for its calibration prompts)")
+        return Context(num_layers=num_layers, lm=lm, data=data)
 
-    def plan(self, num_layers: int) -> list[int] | None:
+    def build(self, num_layers: int, lm: Any = None, data: Any = None):
+        """The Policy object (imports the strategy's module, and with it torch). `lm` and `data`: the loaded model
+        and the run's dataset, for strategies that need them (others ignore them)."""
+        return self.strategy.function("build")(self, self.context(num_layers, lm, data))
+
+    def plan(self, num_layers: int, lm: Any = None, data: Any = None) -> list[int] | None:
         """The layers a static or per-sequence plan runs (for one sequence), without building a Policy."""
         s = self.strategy
-        return None if s.plan is None else list(s.function("plan")(self.checked(num_layers), num_layers))
+        return None if s.plan is None else list(s.function("plan")(self, self.context(num_layers, lm, data)))
+
+    def explain(self, num_layers: int, lm: Any = None, data: Any = None) -> list[dict]:
+        """The table behind a plan (a ranking, a distance table), or [] when the strategy has none."""
+        s = self.strategy
+        return [] if s.explain is None else list(s.function("explain")(self, self.context(num_layers, lm, data)))
 
 
 _NEW = re.compile(r"^[A-Za-z][\w.-]*(:.*)?$")
 
 
-def parse_policies(text: str | list[str] | tuple[str, ...], **options) -> list[PolicySpec]:
+def parse_policies(text: str | list[str] | tuple[str, ...], policy_options: dict[str, str] | None = None,
+                   **options) -> list[PolicySpec]:
     """`full,uniform:8,15,layers:0,3,5` -> the points it names, in order, sweeps expanded. `options` (seed,
-    gate, first_layer) apply to every point. `;` is accepted for `,` inside a layer list (older bench syntax)."""
+    gate, first_layer) apply to every point; `policy_options` (`--policy-option NAME=VALUE`) to every point whose
+    strategy declares NAME, and one no named strategy declares is refused. `;` is accepted for `,` inside a layer
+    list (older bench syntax)."""
     pieces = [text] if isinstance(text, str) else list(text)
     groups: list[tuple[str, list[str]]] = []
     for piece in pieces:
@@ -250,16 +357,33 @@ def parse_policies(text: str | list[str] | tuple[str, ...], **options) -> list[P
                 raise SkipbenchError(f"cannot read policy '{text}': '{token}' follows no NAME:ARG; "
                                      "examples: full, uniform:15, uniform:8,15,22, layers:0,3,5, controller:runs/ctrl")
     specs: list[PolicySpec] = []
+    policy_options = dict(policy_options or {})
     for name, args in groups:
         strategy = STRATEGIES.get(name)
         args = _canonical(strategy, args)
+        own = tuple(sorted((k, v) for k, v in policy_options.items() if strategy.option(k) is not None))
         if strategy.sweeps and len(args) > 1:
-            specs += [PolicySpec(name=name, arg=a, **options) for a in args]
+            specs += [PolicySpec(name=name, arg=a, options=own, **options) for a in args]
         else:
-            specs.append(PolicySpec(name=name, arg=",".join(args), **options))
+            specs.append(PolicySpec(name=name, arg=",".join(args), options=own, **options))
     if not specs:
         raise SkipbenchError("no policy given; examples: full, uniform:15, uniform:8,15,22, layers:0,3,5")
+    unused = [k for k in policy_options if not any(k == n for s in specs for n, _ in s.options)]
+    if unused:
+        raise SkipbenchError(f"--policy-option {', '.join(unused)}: no policy given takes it (`skipbench policies` "
+                             "lists each strategy's options)")
     return specs
+
+
+def parse_policy_options(pairs: list[str] | tuple[str, ...] | None) -> dict[str, str]:
+    """`["min-layers=4", "measure=state"]` -> {"min-layers": "4", "measure": "state"}."""
+    out = {}
+    for pair in pairs or ():
+        name, eq, value = pair.partition("=")
+        if not eq or not name.strip():
+            raise SkipbenchError(f"--policy-option takes NAME=VALUE, got '{pair}'")
+        out[name.strip()] = value.strip()
+    return out
 
 
 def _canonical(strategy: Strategy, args: list[str]) -> list[str]:
@@ -270,6 +394,8 @@ def _canonical(strategy: Strategy, args: list[str]) -> list[str]:
             return [str(int(float(a))) if float(a).is_integer() else a for a in args]
         if strategy.arg == "layers":
             return [str(i) for i in sorted({int(a) for a in args})]
+        if strategy.arg == "threshold":
+            return [f"{float(a):g}" for a in args]
     except ValueError:
         pass
     return args
@@ -281,7 +407,7 @@ def with_costs(specs: list[PolicySpec], costs: tuple[int, ...] | list[int]) -> l
     out = []
     for s in specs:
         if not s.arg and s.strategy.arg == "cost" and costs:
-            out += [PolicySpec(name=s.name, arg=str(c), seed=s.seed, gate=s.gate, first_layer=s.first_layer) for c in costs]
+            out += [replace(s, arg=str(c)) for c in costs]
         else:
             out.append(s)
     return out
@@ -304,5 +430,6 @@ def _is_number(token: str) -> bool:
 
 def describe() -> list[dict]:
     """The registry as rows (for `skipbench policies`)."""
-    return [{"name": n, "kind": s.kind, "argument": ARGS[s.arg], "kv modes": ",".join(s.kv_modes), "what": s.help}
+    return [{"name": n, "kind": s.kind, "argument": ARGS[s.arg], "kv modes": ",".join(s.kv_modes),
+             "options": ", ".join(f"{o.name}={o.default}" for o in s.options), "what": s.help}
             for n in STRATEGIES.names() for s in [STRATEGIES.get(n)]]

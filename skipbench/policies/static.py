@@ -48,39 +48,40 @@ class PlanPolicy(Policy):
         return list(self.layers)
 
 
-def full_plan(spec, num_layers: int) -> list[int]:
-    return list(range(num_layers))
+def full_plan(spec, ctx) -> list[int]:
+    return list(range(ctx.num_layers))
 
 
-def early_exit_plan(spec, num_layers: int) -> list[int]:
+def early_exit_plan(spec, ctx) -> list[int]:
     """Exit after layer E (1-based count of layers run = E): layers 0..E-1 run, the rest are skipped."""
     return list(range(spec.int_arg()))
 
 
-def uniform_plan_of(spec, num_layers: int) -> list[int]:
-    return uniform_plan(num_layers, spec.int_arg())
+def uniform_plan_of(spec, ctx) -> list[int]:
+    return uniform_plan(ctx.num_layers, spec.int_arg())
 
 
-def layers_plan(spec, num_layers: int) -> list[int]:
+def layers_plan(spec, ctx) -> list[int]:
     return sorted(set(spec.int_list()))
 
 
-def random_plan(spec, num_layers: int) -> list[int]:
+def random_plan(spec, ctx) -> list[int]:
     """The layers one sequence (row key 0) runs."""
-    return random_layers(keyed.rng(spec.seed, 0), num_layers, spec.int_arg(), spec.first_layer).tolist()
+    return random_layers(keyed.rng(spec.seed, 0), ctx.num_layers, spec.int_arg(), spec.first_layer).tolist()
 
 
-def _plan_policy(plan):
-    def build(spec, num_layers: int) -> Policy:
-        return PlanPolicy(num_layers, plan(spec, num_layers), spec.label)
+def plan_policy(plan):
+    """The build function of a plan: the same layers for every token (calibrated plans use it too)."""
+    def build(spec, ctx) -> Policy:
+        return PlanPolicy(ctx.num_layers, plan(spec, ctx), spec.label)
 
     return build
 
 
-full = _plan_policy(full_plan)
-early_exit = _plan_policy(early_exit_plan)
-uniform = _plan_policy(uniform_plan_of)
-layers = _plan_policy(layers_plan)
+full = plan_policy(full_plan)
+early_exit = plan_policy(early_exit_plan)
+uniform = plan_policy(uniform_plan_of)
+layers = plan_policy(layers_plan)
 
 
 def random_layers(rng: np.random.Generator, num_layers: int, cost: int, first_layer: bool) -> np.ndarray:
@@ -146,9 +147,9 @@ class RandomPolicy(Policy):
         return None
 
 
-def random(spec, num_layers: int) -> Policy:
-    return RandomPolicy(num_layers, spec.int_arg(), spec.seed, False, spec.first_layer)
+def random(spec, ctx) -> Policy:
+    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, False, spec.first_layer)
 
 
-def random_token(spec, num_layers: int) -> Policy:
-    return RandomPolicy(num_layers, spec.int_arg(), spec.seed, True, spec.first_layer)
+def random_token(spec, ctx) -> Policy:
+    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, True, spec.first_layer)

@@ -1,0 +1,81 @@
+"""The residual stream's similarity between layer boundaries on calibration prompts: what similarity-based pruning
+(block influence, angular distance) decides from. Computed once per (model, dataset, items, tokens) and cached.
+
+A calibration sequence is an item of the dataset's train split, its chat-formatted prompt followed by its
+reference response, cut to `max_tokens`, run at full depth. State a is the residual stream entering layer a
+(a = L: after the last layer), as in `fidelity.CONVENTION`. Two summaries of every pair (a, b):
+
+* `cos[a, b]`: the mean over every token of every sequence of cos(h_a, h_b) (ShortGPT's expectation over X, t);
+* `angle_last[a, b]`: the mean over sequences of arccos(cos(h_a, h_b)) / pi at the sequence's last token
+  (Gromov et al.'s angular distance).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from skipbench.errors import SkipbenchError
+
+VERSION = 1  # bump when the computation changes: cached summaries of an older one are not reused
+
+
+@dataclass(frozen=True)
+class Similarities:
+    cos: np.ndarray  # [L+1, L+1]
+    angle_last: np.ndarray  # [L+1, L+1]
+    sequences: int
+    tokens: int
+    source: str  # the dataset and split they came from
+
+
+def similarities(ctx, items: int, max_tokens: int) -> Similarities:
+    from skipbench.data import DataSpec
+    from skipbench.models.loading import cache_dir, model_fingerprint
+    from skipbench.results import write_text_atomic
+
+    if items < 1 or max_tokens < 2:
+        raise SkipbenchError(f"calibration needs at least 1 item and 2 tokens, got {items} and {max_tokens}")
+    data = replace(ctx.data or DataSpec(name="text"), split="train", limit=items)
+    lm = ctx.lm
+    key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype),
+                      "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION}, sort_keys=True, default=str)
+    path = cache_dir() / "calibration" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    try:
+        saved = json.loads(path.read_text())
+        return Similarities(np.array(saved["cos"]), np.array(saved["angle_last"]), saved["sequences"],
+                            saved["tokens"], saved["source"])
+    except (OSError, ValueError, KeyError):  # absent, or unreadable: computed again (and the cache rewritten)
+        pass
+    sims = _compute(lm, data, max_tokens)
+    write_text_atomic(path, json.dumps({"cos": sims.cos.tolist(), "angle_last": sims.angle_last.tolist(),
+                                        "sequences": sims.sequences, "tokens": sims.tokens, "source": sims.source,
+                                        "key": json.loads(key)}))
+    return sims
+
+
+def _compute(lm, data, max_tokens: int) -> Similarities:
+    import torch
+
+    from skipbench.data import load_items
+    from skipbench.data.prompts import encode_prompt
+    from skipbench.engine import Engine
+
+    engine = Engine(lm.adapter, "fill")
+    size = lm.num_layers + 1
+    cos_sum, angle_sum, tokens, seqs = np.zeros((size, size)), np.zeros((size, size)), 0, 0
+    for item in load_items(data):
+        ids = encode_prompt(lm.tokenizer, item.prompt) + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids[:max_tokens]], device=lm.device)
+        present = torch.ones_like(ids, dtype=torch.bool)
+        out = engine.forward(ids, engine.prompt_cache(present, ids.shape[1]), keep_hidden=True)
+        h = torch.nn.functional.normalize(torch.stack(out.hidden)[:, 0].float(), dim=-1)  # [L+1, T, d]
+        cos_sum += torch.einsum("atd,btd->ab", h, h).double().cpu().numpy()
+        last = (h[:, -1] @ h[:, -1].T).clamp(-1, 1)
+        angle_sum += (torch.arccos(last) / torch.pi).double().cpu().numpy()
+        tokens += ids.shape[1]
+        seqs += 1
+    return Similarities(cos_sum / tokens, angle_sum / seqs, seqs, tokens, f"{data.name}/{data.split}")

@@ -1,0 +1,78 @@
+"""`confidence:LAMBDA`: per-token dynamic early exit after Schuster et al. (CALM, 2022).
+
+Before layer l (l >= `min-layers`), the state a token carries after l layers gets a confidence c; a token with
+c >= lambda exits: it skips every remaining layer and the head reads that state. A skipped layer's K/V follow the
+run's KV mode: `fill` writes the K/V the layer computes from the exit state (CALM's state propagation), `none`
+writes nothing. Measures (`measure` option):
+
+* `softmax`: the difference of the top two probabilities of the state through the final norm and the head
+  (CALM's softmax_diff); it costs one head product per still-running token per layer, and bench's clock counts it;
+* `state`: cos(h_l, h_{l-1}), the cosine between the states after consecutive layers (no head).
+
+With `decay` tau > 0 the threshold decays with the generated position t (CALM Eq. 5):
+lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1), N = `decay-length`. Tokens still running at the last
+layer run it: a threshold above 1 is full depth, a threshold of 0 (softmax) exits every token at `min-layers`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from skipbench.engine.protocol import Gate, Policy
+
+
+class ConfidencePolicy(Policy):
+    static = False
+
+    def __init__(self, adapter, threshold: float, measure: str, min_layers: int, decay: float, decay_length: int,
+                 name: str) -> None:
+        super().__init__(adapter.num_layers)
+        self.ad, self.threshold, self.measure = adapter, threshold, measure
+        self.min_layers, self.decay, self.decay_length, self.name = max(1, min_layers), decay, decay_length, name
+        self._step = 0
+
+    def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
+        self._step = 0
+
+    def new_step(self, positions: torch.Tensor) -> None:
+        self._running: torch.Tensor | None = None  # [B, T] tokens that have not exited
+        self._prev: torch.Tensor | None = None  # the state one layer back (measure `state`)
+        self._lambda = self._threshold(self._step)
+        self._step += 1
+
+    def _threshold(self, t: int) -> float:
+        if self.decay <= 0:
+            return self.threshold
+        return min(1.0, max(0.0, 0.9 * self.threshold + 0.1 * math.exp(-self.decay * t / self.decay_length)))
+
+    def confidence(self, h: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """c for each row of h [N, d] (the states after l layers; prev: after l - 1)."""
+        if self.measure == "state":
+            return F.cosine_similarity(h.float(), prev.float(), dim=-1)
+        top2 = torch.softmax(self.ad.head(self.ad.final_norm(h)).float(), -1).topk(2, -1).values
+        return top2[..., 0] - top2[..., 1]
+
+    def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
+        if layer < self.min_layers:
+            if layer == self.min_layers - 1:
+                self._prev = hidden
+            return True
+        running = self._running if self._running is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                               device=hidden.device)
+        sel = running.nonzero(as_tuple=True)  # only tokens still running are checked (and pay for the check)
+        if sel[0].numel():
+            prev = self._prev[sel] if self.measure == "state" else None
+            stay = self.confidence(hidden[sel], prev) < self._lambda
+            running = running.index_put(sel, stay)
+        self._running, self._prev = running, hidden
+        if bool(running.all()):
+            return True
+        return running if bool(running.any()) else False
+
+
+def build(spec, ctx) -> Policy:
+    return ConfidencePolicy(ctx.lm.adapter, float(spec.value), spec.opt("measure"), spec.opt("min-layers"),
+                            spec.opt("decay"), spec.opt("decay-length"), spec.label)

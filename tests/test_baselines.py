@@ -1,0 +1,181 @@
+"""The classic baselines on tiny models: CALM confidence exit, ShortGPT block influence, angular-distance removal.
+
+Each is checked against a direct computation (transformers' own hidden states, confidences recomputed from a
+full-depth pass) and against the invariants the other strategies meet (static == smaller model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import prompts, tiny_model
+from skipbench.data import DataSpec, load_items
+from skipbench.data.prompts import encode_prompt
+from skipbench.engine import Engine, generate
+from skipbench.engine.decode import left_pad
+from skipbench.errors import SkipbenchError
+from skipbench.models import wrap_model
+from skipbench.models.loading import remove_layers
+from skipbench.policies import parse_policies
+
+CALIBRATION = {"calibration": "4", "calibration-tokens": "40"}
+
+
+@pytest.fixture
+def lm(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))  # calibration summaries are cached here
+    return wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
+
+
+def spec(text: str, **options):
+    (s,) = parse_policies(text, {k.replace("_", "-"): str(v) for k, v in options.items()})
+    return s
+
+
+def build(text: str, lm, **options):
+    return spec(text, **options).build(lm.num_layers, lm, DataSpec(name="text"))
+
+
+# ---- confidence (CALM) ------------------------------------------------------------------------------------------
+
+def test_confidence_threshold_zero_exits_at_min_layers_and_equals_early_exit(lm, tokenizer):
+    ps = prompts(tokenizer, 3)
+    ours = generate(lm, ps, build("confidence:0", lm, min_layers=2), 12)
+    ee = generate(lm, ps, build("early-exit:2", lm), 12)
+    assert ours.tokens == ee.tokens
+    assert all(rec == [0, 1] for row in ours.layers for rec in row)
+
+
+def test_confidence_threshold_above_one_is_full_depth(lm, tokenizer):
+    ps = prompts(tokenizer, 3)
+    for measure in ("softmax", "state"):
+        ours = generate(lm, ps, build("confidence:1.5", lm, measure=measure), 12)
+        full = generate(lm, ps, None, 12)
+        assert ours.tokens == full.tokens
+        assert all(len(rec) == lm.num_layers for row in ours.layers for rec in row)
+
+
+@pytest.mark.parametrize("measure", ["softmax", "state"])
+def test_confidence_exits_where_recomputed_confidences_say(lm, tokenizer, measure):
+    """One decode step after a full-depth prompt: a token runs every layer up to its exit, so its states there are
+    the full pass's; its exit is the first layer l >= min-layers whose confidence of h_l reaches the threshold."""
+    min_layers = 2
+    ids, present = left_pad(prompts(tokenizer, 5), 0, "cpu")
+    engine = Engine(lm.adapter, "fill")
+    cache, out = engine.prefill(ids, present, ids.shape[1] + 1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    full = engine.forward(nxt, cache.clone(), None, keep_hidden=True)
+
+    ad, conf = lm.adapter, np.zeros((ids.shape[0], lm.num_layers))
+    for r in range(ids.shape[0]):
+        for l in range(min_layers, lm.num_layers):
+            h = full.hidden[l][r, 0]
+            if measure == "softmax":
+                p = torch.softmax(ad.head(ad.final_norm(h[None]))[0].float(), -1).topk(2).values
+                conf[r, l] = float(p[0] - p[1])
+            else:
+                conf[r, l] = float(torch.nn.functional.cosine_similarity(h, full.hidden[l - 1][r, 0], dim=0))
+    def exits(threshold):
+        return [next((l for l in range(min_layers, lm.num_layers) if conf[r, l] >= threshold), lm.num_layers)
+                for r in range(ids.shape[0])]
+
+    values = np.sort(conf[:, min_layers:].ravel())
+    candidates = [round(float(a + b) / 2, 4) for a, b in zip(values, values[1:]) if b - a > 2e-4]
+    # the threshold that spreads the exits most: some tokens leave early, some late
+    threshold = max(candidates, key=lambda t: len(set(exits(t))))
+    expected = exits(threshold)
+    assert len(set(expected)) > 1
+
+    policy = build(f"confidence:{threshold}", lm, measure=measure, min_layers=min_layers)
+    policy.begin(ids.shape[0])
+    ran = engine.forward(nxt, cache.clone(), policy, record=True).executed[:, 0].sum(-1).tolist()
+    assert ran == expected
+
+
+def test_confidence_options_are_checked(lm):
+    with pytest.raises(SkipbenchError, match="measure must be one of"):
+        build("confidence:0.5", lm, measure="entropy")
+    with pytest.raises(SkipbenchError, match="no policy given takes it"):
+        parse_policies("uniform:3", {"measure": "state"})
+    with pytest.raises(SkipbenchError, match="computed from the model"):
+        spec("block-influence:3").plan(6)
+
+
+# ---- block influence (ShortGPT) and angular distance (Gromov et al.) ----------------------------------------------
+
+def reference_states(lm, tokenizer, items: int = 4, max_tokens: int = 40) -> list[list[torch.Tensor]]:
+    """Per calibration sequence, the residual stream entering each layer and after the last (no final norm), from
+    transformers' own forward: `output_hidden_states`, whose last entry is normed, so that one is hooked."""
+    seqs = []
+    for it in load_items(DataSpec(name="text", split="train", limit=items)):
+        ids = encode_prompt(tokenizer, it.prompt) + tokenizer(it.reference, add_special_tokens=False)["input_ids"]
+        captured = []
+        hook = lm.model.model.norm.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+        with torch.no_grad():
+            hs = lm.model(torch.tensor([ids[:max_tokens]]), output_hidden_states=True).hidden_states
+        hook.remove()
+        seqs.append([h[0].double() for h in hs[:-1]] + [captured[0][0].double()])
+    return seqs
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def test_block_influence_matches_transformers_states_and_keeps_the_argmax_set(lm, tokenizer):
+    from skipbench.policies.block_influence import influence
+
+    seqs = reference_states(lm, tokenizer)
+    L = lm.num_layers
+    expected = np.array([1 - float(torch.cat([_cos(s[l], s[l + 1]) for s in seqs]).mean()) for l in range(L)])
+    s = spec("block-influence:3", **CALIBRATION)
+    got = influence(s, s.context(L, lm, DataSpec(name="text")))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    plan = s.plan(L, lm, DataSpec(name="text"))
+    assert plan == sorted(np.argsort(-expected, kind="stable")[:3].tolist())
+    assert [r["layer"] for r in s.explain(L, lm, DataSpec(name="text")) if r["kept"]] == plan
+
+
+def test_angular_matches_transformers_states_and_removes_the_closest_block(lm, tokenizer):
+    from skipbench.policies.angular import distances
+
+    seqs = reference_states(lm, tokenizer)
+    L, C = lm.num_layers, 3
+    n = L - C
+    expected = np.array([np.mean([float(torch.arccos(_cos(s[l][-1], s[l + n][-1]).clamp(-1, 1))) / np.pi for s in seqs])
+                         for l in range(L - n)])
+    s = spec(f"angular:{C}", **CALIBRATION)
+    got_n, got = distances(s, s.context(L, lm, DataSpec(name="text")))
+    assert got_n == n
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    start = int(np.argmin(expected))
+    plan = s.plan(L, lm, DataSpec(name="text"))
+    assert plan == [i for i in range(L) if not start <= i < start + n]
+    assert L - 1 in plan  # the last layer is never removed
+
+
+def test_calibration_is_cached_and_a_corrupt_cache_is_recomputed(lm, tmp_path):
+    from skipbench.policies.block_influence import influence
+
+    s = spec("block-influence:3", **CALIBRATION)
+    ctx = s.context(lm.num_layers, lm, DataSpec(name="text"))
+    first = influence(s, ctx)
+    (cached,) = (tmp_path / "cache" / "calibration").glob("*.json")
+    cached.write_text("{not json")
+    np.testing.assert_allclose(influence(s, ctx), first)
+    assert cached.read_text().startswith("{\"cos\"")
+
+
+@pytest.mark.parametrize("text", ["block-influence:3", "angular:3"])
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+def test_calibrated_plans_equal_the_smaller_model(lm, tokenizer, text, kv_mode):
+    """Invariant 2 holds for calibrated plans as for any static plan."""
+    from test_engine import hf_generate
+
+    policy = build(text, lm, **CALIBRATION)
+    keep = policy.executed_layers()
+    assert len(keep) == 3
+    ps = prompts(tokenizer, 1)
+    ours = generate(lm, ps, policy, max_new_tokens=12, kv_mode=kv_mode, prompt_depth="policy")
+    assert ours.tokens == hf_generate(remove_layers(lm.model, keep, share_weights=False), ps, 12, pad_id=0, eos_id=1)
