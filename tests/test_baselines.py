@@ -179,3 +179,45 @@ def test_calibrated_plans_equal_the_smaller_model(lm, tokenizer, text, kv_mode):
     ps = prompts(tokenizer, 1)
     ours = generate(lm, ps, policy, max_new_tokens=12, kv_mode=kv_mode, prompt_depth="policy")
     assert ours.tokens == hf_generate(remove_layers(lm.model, keep, share_weights=False), ps, 12, pad_id=0, eos_id=1)
+
+
+def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
+    """plan, generate, evaluate, cosine, bench and the oracle accept them as they accept any strategy."""
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from skipbench.cli import app
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    model, cal = tiny_dirs["llama"], ["-o", "calibration=3", "-o", "calibration-tokens=32"]
+    res = run("plan", "--model", model, "--policy", "block-influence:3", *cal)
+    assert res.exit_code == 0, res.output
+    assert "block_influence" in res.stdout and len(res.stdout.strip().splitlines()[-1].split()) == 3
+    res = run("generate", "--model", model, "--policy", "confidence:0", "-o", "min-layers=2", "--prompt", "hi",
+              "--max-new-tokens", 4, "--json")
+    assert res.exit_code == 0, res.output
+    assert {tuple(r) for r in json.loads(res.stdout)["layers_per_token"]} == {(0, 1)}
+    ev = tmp_path / "ev.parquet"
+    res = run("evaluate", "--model", model, "--dataset", "text", "--limit", 3, "--max-new-tokens", 4, "--out", ev,
+              "--policy", "confidence:0,1.5,block-influence:3,angular:4", "-o", "min-layers=2", *cal)
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(ev)
+    assert set(df["policy_spec"]) == {"full", "confidence:0", "confidence:1.5", "block-influence:3", "angular:4"}
+    conf0 = df[df["policy_spec"] == "confidence:0"]
+    assert set(conf0["cost"]) == {2} and all(set(t) <= {2} for t in conf0["layers_per_token"])
+    res = run("oracle", "--runs", ev, "--budget", 4, "--out", tmp_path / "o.parquet")
+    assert res.exit_code == 0, res.output
+    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--strategies", "block-influence,angular",
+              "--costs", 3, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet", *cal)
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(tmp_path / "cos.parquet")["strategy"]) == {"block-influence", "angular"}
+    res = run("bench", "--model", model, "--policies", "full,confidence:0.5,angular:3", "--batch-sizes", 1,
+              "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet", *cal)
+    assert res.exit_code == 0, res.output
+    assert {"confidence:0.5", "angular:3", "removed:angular:3"} <= set(pd.read_parquet(tmp_path / "b.parquet")["variant"])
+    res = run("evaluate", "--model", model, "--dataset", "text", "--limit", 2, "--policy", "uniform:3",
+              "-o", "measure=state", "--out", tmp_path / "x.parquet")
+    assert res.exit_code == 1 and "no policy given takes it" in res.output
