@@ -45,8 +45,10 @@ class SkipbenchGroup(TyperGroup):
         except SkipbenchError as exc:
             _fail(str(exc))
         except TyperException as exc:  # click's usage errors (typer's public base of them)
-            if type(exc).__name__ == "NoArgsIsHelpError":  # no_args_is_help: the help is shown already (its
-                rv = 0  # class is not public; the name is click's documented one)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no_args_is_help (its class is not public; the name is
+                if exc.format_message().strip():  # click's): rich prints the help itself, plain click returns it
+                    typer.echo(exc.format_message(), err=True)
+                rv = 0
             else:
                 _fail(exc.format_message())
         except typer.Abort:
@@ -255,7 +257,7 @@ def plan(
                                "layers:0,3,5 | full | block-influence:C | angular:C | a plugin's"),
     exit_layer: Optional[int] = typer.Option(None),
     keep: Optional[str] = typer.Option(None),
-    seed: int = typer.Option(0, help="random: the seed of the draw"),
+    seed: int = typer.Option(0, help="random: the seed of the draw; calibrated plans: the seed of the data split"),
     first_layer: bool = typer.Option(True),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="a model (policies computed from its states need "
                                                                   "one; default then: the embedded model)"),
@@ -279,7 +281,7 @@ def plan(
         from skipbench.models import load_model
 
         _quiet_transformers()
-        lm, data = load_model(model or EMBEDDED, device, dtype), DataSpec(name=dataset)
+        lm, data = load_model(model or EMBEDDED, device, dtype), DataSpec(name=dataset, seed=seed)  # evaluate's split
         if layers is not None and layers != lm.num_layers:
             raise SkipbenchError(f"--layers {layers} disagrees with the model's {lm.num_layers} layers")
         layers = lm.num_layers

@@ -78,6 +78,7 @@ def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
                 pts.append(p)
     built = {}
     for p in pts:
+        p.check_held_out(cfg.data)
         built[p] = policy = p.build(num_layers, lm, cfg.data)
         p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
         if p.name == "controller":

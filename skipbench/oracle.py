@@ -46,7 +46,8 @@ class Solution:
 class Instance:
     """Values V [n, K] and costs: one per configuration [K] (any order, ties allowed), or one per item and
     configuration [n, K] (a dynamic policy's realized mean layers of each item). Integer costs are used as they are;
-    fractional ones are rounded to 1/RESOLUTION of a layer, and the solution is exact for the rounded costs."""
+    fractional ones are rounded up to 1/RESOLUTION of a layer: the solution is exact for the rounded costs and
+    within the budget in the true ones."""
 
     RESOLUTION = 100
 
@@ -63,7 +64,8 @@ class Instance:
         self.n, self.K = self.V.shape
         self.C = np.broadcast_to(costs, self.V.shape)  # [n, K] costs in layers
         self.scale = 1 if np.all(costs == np.round(costs)) else self.RESOLUTION
-        units = np.round(self.C * self.scale).astype(np.int64)
+        # rounded up: a solution within the budget in these units is within it in the true costs too
+        units = np.ceil(self.C * self.scale - 1e-9).astype(np.int64)
         self.g = int(np.gcd.reduce(units.ravel())) or 1
         self.U = units // self.g  # [n, K] cost units
         self._breaks = None
@@ -222,10 +224,13 @@ def _solution(inst: Instance, choice: np.ndarray, exact: bool, gap: float, core:
 
 
 def greedy(inst: Instance, budget: float) -> Solution:
-    """Eq. 4: each item its best configuration with cost <= budget (cheaper on ties)."""
+    """Eq. 4: each item its best configuration with cost <= budget (cheaper on ties; with per-item costs, an item
+    with no configuration that cheap takes its cheapest)."""
     allowed = inst.U * inst.g <= budget * inst.scale + 1e-9  # [n, K], on the rounded costs the oracle uses
-    if not allowed.any(1).all():
-        raise SkipbenchError(f"budget {budget} is below some item's cheapest configuration (greedy needs one per item)")
+    if not allowed.any():
+        raise SkipbenchError(f"budget {budget} is below the cheapest configuration's cost ({inst.costs.min():g})")
+    # per-item costs: an item none of whose configurations fits takes its cheapest one
+    allowed |= ~allowed.any(1, keepdims=True) & (inst.U == inst.U.min(1, keepdims=True))
     score = np.where(allowed, inst.V, -np.inf)
     best = score.max(1, keepdims=True)
     tied = score >= best - TOL

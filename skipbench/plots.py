@@ -61,7 +61,31 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
 
 
 STRATEGY_STYLE = {"early-exit": ("C0", "early exit (EE)"), "uniform": ("C3", "uniform skipping (ULS)"),
-                  "random": ("C2", "random skipping (RLS)")}
+                  "random": ("C2", "random skipping (RLS)"), "confidence": ("C1", "confidence exit (CALM)"),
+                  "block-influence": ("C4", "block influence (ShortGPT)"), "angular": ("C5", "angular distance"),
+                  "controller": ("C6", "skip controllers"), "flexidepth": ("C8", "FlexiDepth")}
+
+
+def quality_figure(points, oracle, num_layers: int, path: Path, title: str) -> Path:
+    """Quality against mean executed layers, one line per strategy with 95% CI bars (points: strategy, layers,
+    value, lo, hi), and the oracle's curve over the same configurations (oracle: budget, value; may be empty)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for strategy, g in points.groupby("strategy", sort=False):
+        g = g.sort_values("layers")
+        color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
+        ax.errorbar(g["layers"], g["value"], yerr=[g["value"] - g["lo"], g["hi"] - g["value"]], fmt="o-",
+                    color=color, label=label, capsize=3, markersize=4)
+    if len(oracle):
+        ax.plot(oracle["budget"], oracle["value"], "k--", label="oracle (per item, hindsight)")
+    ax.set_xlabel(f"mean executed layers per generated token (of {num_layers})")
+    ax.set_ylabel("ROUGE-L vs the full model's output")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:

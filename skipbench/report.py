@@ -76,9 +76,43 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     rows = (df.groupby(["dataset", "split", "policy", "cost", "policy_spec"]).agg(items=("item_id", "nunique"), layers=("layers_mean", "mean"),
             rougeL=("rougeL", "mean"), full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"))
             .reset_index().sort_values(["dataset", "split", "policy", "cost"]))
-    return ["## Generation quality by policy and cost (`evaluate`)", "",
-            "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
-            _table(rows), ""], []
+    lines = ["## Generation quality by policy and cost (`evaluate`)", "",
+             "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
+             _table(rows), ""]
+    for (dataset, split), g in df.groupby(["dataset", "split"]):
+        if g["policy"].nunique() < 2:
+            continue
+        path = folder / f"quality-{dataset}-{split}.png"
+        points, oracle, L = quality_points(g)
+        from skipbench.plots import quality_figure
+
+        quality_figure(points, oracle, L, path, f"{dataset} ({split}): quality against layers; bars: 95% CI over items")
+        lines += [f"### Quality against executed layers — {dataset}, {split} split", "", f"![quality]({path.name})", "",
+                  "Each point is one configuration: its mean executed layers per generated token and its mean ROUGE-L "
+                  "against the full model's output, with a 95% t-interval over items. The dashed line is the exact "
+                  "oracle over these same configurations (each item's configuration chosen with hindsight, dynamic "
+                  "policies costed per item), at every whole-layer budget.", ""]
+    return lines, []
+
+
+def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """Per configuration: mean layers and full_rougeL with its interval; and the oracle curve over them."""
+    from skipbench.experiments.oracle import pivot
+    from skipbench.oracle import Instance, solve
+    from skipbench.stats import t_interval
+
+    rows = []
+    for (policy, spec), g in df.groupby(["policy", "policy_spec"], sort=False):
+        value, lo, hi = t_interval(g["full_rougeL"].to_numpy())
+        rows.append({"strategy": policy, "config": spec, "layers": float(g["layers_mean"].mean()), "value": value,
+                     "lo": lo, "hi": hi})
+    points = pd.DataFrame(rows)
+    L = int(round(points["layers"].max()))
+    wide, _, _, _, per_item = pivot(df.assign(config=df["policy_spec"]), "full_rougeL")
+    inst = Instance(wide.to_numpy(), per_item)
+    budgets = range(int(np.ceil(inst.cheapest())), L + 1)
+    oracle = pd.DataFrame([{"budget": b, "value": solve(inst, b).value} for b in budgets], columns=["budget", "value"])
+    return points, oracle, L
 
 
 def section_cosine(folder: Path) -> tuple[list[str], list]:

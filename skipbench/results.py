@@ -65,18 +65,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary folder beside `path` to fill: it takes the place of `path` (a folder there is replaced) when the
-    block succeeds and is removed when it fails, so a model folder is never half-written under its real name."""
+    block succeeds and is removed when it fails, so a model folder is never half-written under its real name. The
+    folder that was there is put back if the swap itself fails; temporaries a killed run left are removed first."""
     import shutil
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
             path.replace(old)
-        tmp.replace(path)
+        try:
+            tmp.replace(path)
+        except OSError:
+            if old.exists():
+                old.replace(path)
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

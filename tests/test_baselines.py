@@ -98,8 +98,11 @@ def test_confidence_options_are_checked(lm):
         build("confidence:0.5", lm, measure="entropy")
     with pytest.raises(SkipbenchError, match="no policy given takes it"):
         parse_policies("uniform:3", {"measure": "state"})
-    with pytest.raises(SkipbenchError, match="computed from the model"):
+    with pytest.raises(SkipbenchError, match="computed from a model"):
         spec("block-influence:3").plan(6)
+    with pytest.raises(SkipbenchError, match="finite"):
+        spec("confidence:nan").build(6, lm)
+    assert spec("confidence:0.9999999").label == "confidence:0.9999999"  # a threshold is never rounded
 
 
 # ---- block influence (ShortGPT) and angular distance (Gromov et al.) ----------------------------------------------
@@ -155,16 +158,22 @@ def test_angular_matches_transformers_states_and_removes_the_closest_block(lm, t
     assert L - 1 in plan  # the last layer is never removed
 
 
-def test_calibration_is_cached_and_a_corrupt_cache_is_recomputed(lm, tmp_path):
+def test_calibration_is_cached_and_a_corrupt_cache_is_recomputed(lm, tmp_path, monkeypatch):
+    from skipbench.policies import calibration
     from skipbench.policies.block_influence import influence
 
     s = spec("block-influence:3", **CALIBRATION)
     ctx = s.context(lm.num_layers, lm, DataSpec(name="text"))
     first = influence(s, ctx)
+    compute = calibration._compute
+    monkeypatch.setattr(calibration, "_compute", lambda *a: pytest.fail("recomputed although cached"))
+    np.testing.assert_array_equal(influence(s, ctx), first)  # read back from the cache
     (cached,) = (tmp_path / "cache" / "calibration").glob("*.json")
     cached.write_text("{not json")
+    calls = []
+    monkeypatch.setattr(calibration, "_compute", lambda *a: calls.append(1) or compute(*a))
     np.testing.assert_allclose(influence(s, ctx), first)
-    assert cached.read_text().startswith("{\"cos\"")
+    assert calls == [1] and cached.read_text().startswith("{\"cos\"")
 
 
 @pytest.mark.parametrize("text", ["block-influence:3", "angular:3"])
@@ -201,16 +210,23 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert {tuple(r) for r in json.loads(res.stdout)["layers_per_token"]} == {(0, 1)}
     ev = tmp_path / "ev.parquet"
-    res = run("evaluate", "--model", model, "--dataset", "text", "--limit", 3, "--max-new-tokens", 4, "--out", ev,
-              "--policy", "confidence:0,1.5,block-influence:3,angular:4", "-o", "min-layers=2", *cal)
+    args = ("--model", model, "--dataset", "text", "--limit", 3, "--max-new-tokens", 4)
+    res = run("evaluate", *args, "--policy", "block-influence:3", *cal, "--out", ev)  # --split all: calibration items
+    assert res.exit_code == 1 and "--split test" in res.output and not ev.exists()
+    res = run("evaluate", *args, "--split", "test", "--out", ev, "--policy",
+              "confidence:0,1.5,block-influence:3,angular:4", "-o", "min-layers=2", *cal)
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(ev)
-    assert set(df["policy_spec"]) == {"full", "confidence:0", "confidence:1.5", "block-influence:3", "angular:4"}
-    conf0 = df[df["policy_spec"] == "confidence:0"]
+    # options away from their defaults are part of the label; the others are not
+    assert set(df["policy_spec"]) == {"full", "confidence:0[min-layers=2]", "confidence:1.5[min-layers=2]",
+                                      "block-influence:3[calibration=3;calibration-tokens=32]",
+                                      "angular:4[calibration=3;calibration-tokens=32]"}
+    conf0 = df[df["policy_spec"] == "confidence:0[min-layers=2]"]
     assert set(conf0["cost"]) == {2} and all(set(t) <= {2} for t in conf0["layers_per_token"])
     res = run("oracle", "--runs", ev, "--budget", 4, "--out", tmp_path / "o.parquet")
     assert res.exit_code == 0, res.output
-    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--strategies", "block-influence,angular",
+    res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2,
+              "--strategies", "block-influence,angular",
               "--costs", 3, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet", *cal)
     assert res.exit_code == 0, res.output
     assert set(pd.read_parquet(tmp_path / "cos.parquet")["strategy"]) == {"block-influence", "angular"}

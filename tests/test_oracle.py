@@ -44,14 +44,21 @@ def test_oracle_with_per_item_costs_equals_brute_force():
     rng = np.random.default_rng(1)
     for _ in range(150):
         n, k = int(rng.integers(1, 8)), int(rng.integers(1, 5))
-        C = rng.integers(200, 2400, size=(n, k)) / 100  # layers, to the oracle's resolution of 1/100
-        C[:, 0] = 2.0  # one static configuration every item can afford: a budget of 2 is always feasible
+        C = rng.integers(200, 2400, size=(n, k)) / 100  # layers, on the oracle's grid of 1/100: exact
+        if rng.random() < 0.5:
+            C += rng.random((n, k)) / 100  # off the grid: rounded up, so the answer is feasible in the true costs
         V = rng.random((n, k)).round(int(rng.choice([1, 2, 6])))
-        budget = float(rng.uniform(2, C.max()))
-        sol = solve(Instance(V, C), budget)
-        assert sol.exact and sol.value == pytest.approx(brute_force(V, C, budget), abs=1e-12)
+        inst = Instance(V, C)
+        rounded = np.ceil(C * 100 - 1e-9) / 100
+        budget = float(rng.uniform(inst.cheapest(), rounded.max()))
+        sol = solve(inst, budget)
+        assert sol.exact and sol.value == pytest.approx(brute_force(V, rounded, budget), abs=1e-12)
         assert sol.mean_cost <= budget + 1e-9
-        assert greedy(Instance(V, C), budget).value <= sol.value + 1e-12
+        g = greedy(inst, budget)  # Eq. 4 per item; an item with nothing that cheap takes its cheapest
+        for i in range(n):
+            fits = [j for j in range(k) if rounded[i, j] <= budget + 1e-9]
+            best = max(fits, key=lambda j: V[i, j]) if fits else int(np.argmin(rounded[i]))
+            assert V[i, g.choice[i]] == V[i, best]
 
 
 @pytest.mark.parametrize("metric", ["rouge", "binary"])

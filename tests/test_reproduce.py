@@ -28,7 +28,7 @@ def test_every_stage_ran(smoke):
     folder, res = smoke
     for stage in stages(load_preset("smoke"), str(folder)):
         assert stage.output.exists(), stage.name
-    for png in ("cosine-text.png", "oracle-arith-fig2.png", "oracle-arith-fig8.png", "controllers-text-fig1b.png",
+    for png in ("cosine-text.png", "quality-arith-test.png", "oracle-arith-fig2.png", "oracle-arith-fig8.png", "controllers-text-fig1b.png",
                 "controllers-text-fig6.png", "depthmap.png"):
         assert (folder / png).stat().st_size > 5000, png
 
@@ -45,12 +45,16 @@ def test_report_has_every_section_and_rows(smoke):
     for line in lines:
         assert line.split("**")[1] in ("agrees", "disagrees", "inconclusive") and "margin ±" in line
     assert "Label-length test" in page and "budget 1 (star)" in page
-    for image in ("cosine-text.png", "oracle-arith-fig2.png", "controllers-text-fig1b.png", "depthmap.png"):
+    for image in ("cosine-text.png", "quality-arith-test.png", "oracle-arith-fig2.png", "controllers-text-fig1b.png",
+                  "depthmap.png"):
         assert f"]({image})" in page
     evals = pd.concat(pd.read_parquet(p) for p in folder.glob("evaluate-*.parquet"))
-    for policy in ("full", "early-exit", "uniform", "random", "flexidepth"):
+    strategies = {"full", "early-exit", "uniform", "random", "block-influence", "angular", "confidence", "flexidepth"}
+    for policy in strategies:
         assert f"| {policy} |" in page or f"| arith | {policy} |" in page, policy
-    assert set(evals["policy"]) == {"full", "early-exit", "uniform", "random", "flexidepth"}
+    assert set(evals["policy"]) == strategies
+    cosine = pd.read_parquet(folder / "cosine-text.parquet")
+    assert set(cosine["strategy"]) == {"early-exit", "uniform", "random", "block-influence", "angular"}
     agg = pd.read_parquet(folder / "controllers-text-agg.parquet")
     assert len(agg) == 2 * 2  # inputs x alphas
 

@@ -101,6 +101,7 @@ def _spec(cfg: CosineConfig, strategy: str, cost: int, seed: int) -> PolicySpec:
 
 def _variant(spec: PolicySpec, lm, data):
     """A static policy that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
+    spec.check_held_out(data)
     policy = spec.build(lm.num_layers, lm, data)
     plan = policy.executed_layers() if policy.static else None
     if plan is not None and plan == list(range(len(plan))):

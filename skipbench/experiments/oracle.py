@@ -8,6 +8,7 @@ give the per-item best assignment (the constraint no longer binds), with a note.
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,7 +122,8 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
     if "layers_mean" in df.columns:
         realized = df.pivot_table(index="item_id", columns="config", values="layers_mean", aggfunc="mean")
         realized = realized.reindex(index=wide.index, columns=configs)
-        dynamic = [k for k, c in enumerate(configs) if realized[c].max() - realized[c].min() > 1e-9]
+        dynamic = [k for k, c in enumerate(configs)  # realized costs that vary, or differ from the nominal
+                   if realized[c].max() - realized[c].min() > 1e-9 or abs(realized[c].mean() - costs_of[c]) > 1e-9]
         for k in dynamic:  # an item without a generated token that ran the model keeps the nominal cost
             per_item[:, k] = realized[configs[k]].fillna(costs_of[configs[k]]).to_numpy()
         if dynamic:
@@ -138,11 +140,12 @@ def run(cfg: OracleConfig) -> OracleResult:
     notes += more
     inst = Instance(wide.to_numpy(), per_item)
     full = next((c for c in configs if c.startswith("full:")), configs[-1])
-    grid = sorted(set(cfg.budgets or (range(min(costs), max(costs) + 1) if cfg.curve else ())) | (
+    cheapest = inst.cheapest()
+    grid = sorted(set(cfg.budgets or (range(math.ceil(cheapest - 1e-9), max(costs) + 1) if cfg.curve else ())) | (
         {cfg.budget} if cfg.budget is not None else set()))
     for b in (*grid, *cfg.length_budgets):
-        if b < inst.cheapest() - 1e-9:
-            raise SkipbenchError(f"budget {b} is below the cheapest configuration's cost ({inst.cheapest():g})")
+        if b < cheapest - 1e-9:
+            raise SkipbenchError(f"budget {b} is below the cheapest configuration's cost ({cheapest:g})")
         if b > max(costs):
             notes.append(f"budget {b} is above the dearest configuration ({max(costs)}): every item takes its best")
     rows, assign = [], []

@@ -126,16 +126,19 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         return ["--split", section["split"]] if "split" in section else []
 
     for dataset in ev.get("datasets", []):
-        for policy in ev.get("policies", ["uniform"]):
-            target = r / f"evaluate-{policy}-{dataset}.parquet"
-            out.append(Stage(f"evaluate {policy} {dataset}", (
-                "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", f"{policy}:{_csv(ev['costs'])}",
+        for policy in ev.get("policies", ["uniform"]):  # a name runs at the preset's costs, a spec at its own points
+            name = policy.partition(":")[0]
+            target = r / f"evaluate-{name}-{dataset}.parquet"
+            spec = policy if ":" in policy else f"{policy}:{_csv(ev['costs'])}"
+            out.append(Stage(f"evaluate {name} {dataset}", (
+                "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", spec,
                 *_opt(ev, "limit", "--limit"),
                 *_opt(ev, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if cs:
         target = r / f"cosine-{cs['dataset']}.parquet"
         out.append(Stage("cosine", (
             "cosine", "--model", model, "--dataset", cs["dataset"], *split(cs), "--costs", _csv(cs["costs"]),
+            *(["--strategies", _csv(cs["strategies"])] if "strategies" in cs else []),
             *_opt(cs, "seeds", "--seeds"), *_opt(cs, "limit", "--limit"),
             *_opt(cs, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if orc:

@@ -18,6 +18,7 @@ supports, whether it reads a checkpoint. Third-party strategies add entries thro
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -235,7 +236,12 @@ class PolicySpec:
 
     @property
     def label(self) -> str:
-        return f"{self.name}:{self.value}" if self.value else self.name
+        """`uniform:15`; options set away from their defaults follow in brackets, `confidence:0.9[measure=state]`, so
+        two points that differ only in an option never share a label (result rows and the oracle tell them apart)."""
+        base = f"{self.name}:{self.value}" if self.value else self.name
+        changed = [f"{k}={v}" for k, v in self.options
+                   if (o := self.strategy.option(k)) is None or o.parse(v, base) != o.default]
+        return base + (f"[{';'.join(changed)}]" if changed else "")
 
     def cost(self, num_layers: int) -> float | None:
         """The nominal layers per token: a cost argument, the size of a layer set, all layers for `full`;
@@ -285,9 +291,11 @@ class PolicySpec:
             raise SkipbenchError(f"policy '{self.name}' takes no argument, got '{self.arg}'")
         if s.arg == "threshold":
             try:
-                [float(x) for x in self.value.split(",")]
+                finite = all(math.isfinite(float(x)) for x in self.value.split(","))
             except ValueError:
-                raise SkipbenchError(f"policy '{self.label}': the threshold must be a number") from None
+                finite = False
+            if not finite:
+                raise SkipbenchError(f"policy '{self.name}:{self.value}': the threshold must be a finite number")
         for name, _ in self.options:
             if s.option(name) is None:
                 raise SkipbenchError(f"policy '{self.name}' has no option '{name}'"
@@ -303,6 +311,13 @@ class PolicySpec:
         text = dict(self.options).get(name)
         return option.default if text is None else option.parse(text, self.label)
 
+    def check_held_out(self, data: Any) -> None:
+        """A strategy tuned on the dataset's train split (its entry needs "data": calibration prompts) is scored on
+        other items only, as learned policies are: with --split test or validation."""
+        if "data" in self.strategy.needs and data is not None and data.split in ("all", "train"):
+            raise SkipbenchError(f"policy '{self.label}' is calibrated on the train split of '{data.name}'; score it on "
+                                 "held-out items: --split test (or validation)")
+
     def check_kv_mode(self, mode: str) -> None:
         """The KV mode a run resolved to must be one the strategy supports (its entry says which)."""
         if mode not in self.strategy.kv_modes:
@@ -313,8 +328,8 @@ class PolicySpec:
         """The build context, after the checks: a strategy that needs the model gets a clear error without one."""
         self.checked(num_layers)
         if "model" in self.strategy.needs and lm is None:
-            raise SkipbenchError(f"policy '{self.label}' is computed from the model's hidden states: "
-                                 "give --model (and --dataset for its calibration prompts)")
+            raise SkipbenchError(f"policy '{self.label}' is computed from a model's hidden states: this command "
+                                 "needs the model (skipbench plan: --model)")
         return Context(num_layers=num_layers, lm=lm, data=data)
 
     def build(self, num_layers: int, lm: Any = None, data: Any = None):
@@ -395,7 +410,7 @@ def _canonical(strategy: Strategy, args: list[str]) -> list[str]:
         if strategy.arg == "layers":
             return [str(i) for i in sorted({int(a) for a in args})]
         if strategy.arg == "threshold":
-            return [f"{float(a):g}" for a in args]
+            return [repr(float(a)).removesuffix(".0") if float(a).is_integer() else repr(float(a)) for a in args]
     except ValueError:
         pass
     return args
