@@ -60,6 +60,13 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
     return paths
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 STRATEGY_STYLE = {"early-exit": ("C0", "early exit (EE)"), "uniform": ("C3", "uniform skipping (ULS)"),
                   "random": ("C2", "random skipping (RLS)"), "confidence": ("C1", "confidence exit (CALM)"),
                   "block-influence": ("C4", "block influence (ShortGPT)"), "angular": ("C5", "angular distance"),
@@ -82,10 +89,7 @@ def quality_figure(points, oracle, num_layers: int, path: Path, title: str) -> P
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
@@ -104,10 +108,7 @@ def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{model}: hidden-state fidelity of skipping (cf. Glavas et al. Fig. 1a); bands: 95% CI", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 INPUT_STYLE = {"hidden": ("C3", "-", "hidden-state input"), "constant": ("C0", "--", "constant input")}
@@ -203,7 +204,4 @@ def speedup_figure(summary, num_layers: int, path: Path) -> Path:
     ax.set_ylim(0, max(1.5, float(np.nanmax(d[["speedup", "ideal_speedup"]].to_numpy())) * 1.1))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

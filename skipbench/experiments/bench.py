@@ -199,7 +199,7 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                 if progress:
                     progress()
     summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers)
-    df = tidy(pd.DataFrame(rows), cfg)  # a row's own kv_mode is the mode it ran under, not the option given
+    df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
         return BenchResult(rows=df, summary=summary)

@@ -128,7 +128,7 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
             per_item[:, k] = realized[configs[k]].fillna(costs_of[configs[k]]).to_numpy()
         if dynamic:
             notes.append(f"costed per item by their realized mean layers: {', '.join(configs[k] for k in dynamic)} "
-                         f"(rounded to 1/{Instance.RESOLUTION} layer)")
+                         f"(rounded up to 1/{Instance.RESOLUTION} layer)")
     return wide, configs, [int(costs_of[c]) for c in configs], notes, per_item
 
 
