@@ -228,7 +228,7 @@ def greedy(inst: Instance, budget: float) -> Solution:
     with no configuration that cheap takes its cheapest)."""
     allowed = inst.U * inst.g <= budget * inst.scale + 1e-9  # [n, K], on the rounded costs the oracle uses
     if not allowed.any():
-        raise SkipbenchError(f"budget {budget} is below the cheapest configuration's cost ({inst.costs.min():g})")
+        raise SkipbenchError(f"budget {budget} is below the cheapest configuration's cost ({inst.C.min():g})")
     # per-item costs: an item none of whose configurations fits takes its cheapest one
     allowed |= ~allowed.any(1, keepdims=True) & (inst.U == inst.U.min(1, keepdims=True))
     score = np.where(allowed, inst.V, -np.inf)

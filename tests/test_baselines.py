@@ -225,6 +225,9 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert set(conf0["cost"]) == {2} and all(set(t) <= {2} for t in conf0["layers_per_token"])
     res = run("oracle", "--runs", ev, "--budget", 4, "--out", tmp_path / "o.parquet")
     assert res.exit_code == 0, res.output
+    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--strategies", "angular", "--costs", 3,
+              "--out", tmp_path / "cos.parquet", *cal)
+    assert res.exit_code == 1 and "--split test" in res.output
     res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2,
               "--strategies", "block-influence,angular",
               "--costs", 3, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet", *cal)
@@ -237,3 +240,30 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     res = run("evaluate", "--model", model, "--dataset", "text", "--limit", 2, "--policy", "uniform:3",
               "-o", "measure=state", "--out", tmp_path / "x.parquet")
     assert res.exit_code == 1 and "no policy given takes it" in res.output
+
+
+def test_atomic_dir_replaces_restores_and_leaves_live_temporaries(tmp_path):
+    import os
+    import subprocess
+
+    from skipbench.results import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("2")
+            raise RuntimeError("killed mid-write")
+    assert (target / "a").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a finished process: its pid names temporaries nobody writes any more
+    target.replace(tmp_path / f".model.old-{dead.pid}")  # a run killed between its two renames
+    (tmp_path / f".model.tmp-{dead.pid}").mkdir()
+    live = tmp_path / f".model.tmp-{os.getppid()}"  # a process that is alive: its temporary stays
+    live.mkdir()
+    with atomic_dir(target) as tmp:
+        assert (target / "a").read_text() == "1"  # the folder moved aside was put back before anything else
+        (tmp / "a").write_text("3")
+    assert (target / "a").read_text() == "3" and live.exists()
+    assert not (tmp_path / f".model.tmp-{dead.pid}").exists()
