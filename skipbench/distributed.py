@@ -17,9 +17,12 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from skipbench.errors import SkipbenchError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 T = TypeVar("T")
 
@@ -68,7 +71,7 @@ class Dist:
             for tmp in part.parent.glob(f".{part.name}.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
-    def share(self, whole: Path, compute: Callable[[], "pd.DataFrame"]) -> "pd.DataFrame":
+    def share(self, whole: Path, compute: Callable[[], "pd.DataFrame"]) -> "pd.DataFrame | None":
         """This rank's rows of `whole`: computed and, under torchrun, written as its share (a share an earlier,
         failed run finished is reused instead of computed). `whole` itself is never written here; after `on_main`'s
         barrier, rank 0 reads every share with `joined`."""

@@ -70,11 +70,6 @@ class Instance:
         self.U = units // self.g  # [n, K] cost units
         self._breaks = None
 
-    @property
-    def costs(self) -> np.ndarray:
-        """The configurations' costs [K] when every item shares them (else the mean over items)."""
-        return self.C.mean(0)
-
     def capacity(self, budget: float) -> int:
         """Total cost units allowed by a mean-cost budget (integer, floor)."""
         return int(math.floor(self.n * budget * self.scale / self.g + 1e-9))

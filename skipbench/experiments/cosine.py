@@ -16,11 +16,9 @@ and static plans skip the layers they skip.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 from skipbench import distributed
 from skipbench.data import DataSpec, load_items

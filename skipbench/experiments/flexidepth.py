@@ -8,7 +8,7 @@ coloured by layers used, as an HTML page and a PNG.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
