@@ -29,6 +29,10 @@ def test_every_strategy_at_full_cost_is_the_full_model(tiny_dirs, tmp_path):
     assert set(res.rows["strategy"]) == {"early-exit", "uniform", "random"}
     assert np.allclose(res.rows["cos_final"], 1, atol=1e-5) and np.allclose(res.rows["cos_layerwise"], 1, atol=1e-5)
     assert np.allclose(res.rows["kl_next"], 0, atol=1e-5) and (res.rows["top1_agree"] == 1).all()
+    # the shared result: rows, companion tables and files are what was written
+    pd.testing.assert_frame_equal(res.rows, pd.read_parquet(res.path))
+    pd.testing.assert_frame_equal(res.tables["agg"], pd.read_parquet(res.files["agg"]))
+    assert res.files["agg"].name == "c-agg.parquet" and res.files["figure"].stat().st_size > 5000
 
 
 @pytest.mark.parametrize("exit_layer", [1, 3, 5])

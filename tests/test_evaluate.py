@@ -66,7 +66,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_dirs, tmp_path):
     assert len(df) == 5 * 4 and not df.duplicated(["policy", "cost", "item_id"]).any()
 
     again = ev.run(cfg)
-    assert again.reused_parts == 4
+    assert again.reused_parts == 4 and again.path == out
     pd.testing.assert_frame_equal(again.rows, df)
 
 

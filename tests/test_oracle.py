@@ -143,6 +143,28 @@ def test_missing_items_are_dropped_with_a_count(tmp_path):
     assert any("1 item(s) missing" in n for n in res.notes)
 
 
+def test_dynamic_configurations_are_costed_per_item_end_to_end(tmp_path):
+    """A dynamic policy's rows carry each item's realized layers: the oracle costs them per item, its curve starts at
+    the cheapest assignment (2.4 here, above the nominal 2), and what it returns is what it wrote."""
+    from skipbench.experiments.oracle import OracleConfig, run
+
+    items = ["a", "b", "c"]
+    df = pd.DataFrame({
+        "item_id": items * 2, "policy": ["confidence"] * 3 + ["full"] * 3, "cost": [2] * 3 + [8] * 3,
+        "layers_mean": [2.3, 2.5, 2.4, 8, 8, 8], "rougeL": [0.9, 0.1, 0.5, 0.4, 0.6, 0.5]})
+    df.to_parquet(tmp_path / "r.parquet")
+    res = run(OracleConfig(runs=(str(tmp_path / "r.parquet"),), curve=True, bootstrap=0, out=str(tmp_path / "o.parquet")))
+    assert any("costed per item" in n and "confidence:2" in n for n in res.notes)
+    oracle = res.rows[res.rows["method"] == "oracle"].set_index("budget")
+    assert list(oracle.index) == [3, 4, 5, 6, 7, 8]
+    # b gains most from full depth, at 2.3 + 8 + 2.4 = 12.7 layers in all: over budgets 3 and 4 (9 and 12), within 5 (15)
+    assert oracle.loc[3, "value"] == pytest.approx(0.5) and oracle.loc[3, "mean_cost"] == pytest.approx(2.4)
+    assert oracle.loc[4, "value"] == pytest.approx(0.5)
+    assert oracle.loc[5, "value"] == pytest.approx((0.9 + 0.6 + 0.5) / 3)
+    pd.testing.assert_frame_equal(res.rows, pd.read_parquet(res.path))
+    pd.testing.assert_frame_equal(res.tables["assign"], pd.read_parquet(res.files["assign"]))
+
+
 def test_length_bins_follow_the_paper():
     from skipbench.experiments.oracle import LENGTH_LABELS, length_bin
 

@@ -33,13 +33,15 @@ class ConfidencePolicy(Policy):
         self.ad, self.threshold, self.measure = adapter, threshold, measure
         self.min_layers, self.decay, self.decay_length, self.name = max(1, min_layers), decay, decay_length, name
         self._step = 0
+        self._running: torch.Tensor | None = None  # [B, T] tokens that have not exited (this step)
+        self._prev: torch.Tensor | None = None  # the state one layer back (measure `state`)
+        self._lambda = threshold
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         self._step = 0
 
     def new_step(self, positions: torch.Tensor) -> None:
-        self._running: torch.Tensor | None = None  # [B, T] tokens that have not exited
-        self._prev: torch.Tensor | None = None  # the state one layer back (measure `state`)
+        self._running, self._prev = None, None
         self._lambda = self._threshold(self._step)
         self._step += 1
 
