@@ -869,7 +869,8 @@ def _float_list(text: str, what: str) -> tuple[float, ...]:
 
 @app.command()
 def oracle(
-    runs: Optional[list[str]] = typer.Option(None, "--runs", help="evaluate parquet file(s); default: results/evaluate-*.parquet"),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", help="evaluate parquet file(s); default: results/evaluate-*.parquet, "
+                                       "uniform and full only, one oracle per model/dataset/split"),
     budget: Optional[float] = typer.Option(None, help="mean executed layers per token allowed"),
     curve: bool = typer.Option(False, "--curve", help="every budget from the cheapest to the dearest configuration"),
     budgets: str = typer.Option("", help="the curve's budgets, comma-separated (default: every integer)"),
@@ -882,10 +883,13 @@ def oracle(
 ) -> None:
     """The exact sequence-level knapsack oracle and the greedy oracle (Glavas et al. Sec. 3.3).
 
-    Example: skipbench oracle --runs results/eval-alpaca.parquet --budget 6
+    With no --runs: every results/evaluate-*.parquet, one oracle per (model, dataset, split), uniform skipping
+    and full depth only unless --policies names others (the paper's configurations).
+
+    Example: skipbench oracle --budget 6
              skipbench oracle --runs results/eval-alpaca.parquet --curve --length-budgets 6,24 --out results/oracle.parquet
     """
-    from skipbench.experiments.oracle import OracleConfig, run
+    from skipbench.experiments.oracle import OracleConfig, run_groups
 
     if bootstrap < 0:
         raise SkipbenchError(f"--bootstrap must be >= 0, got {bootstrap}")
@@ -894,17 +898,24 @@ def oracle(
                        policies=tuple(p for p in policies.split(",") if p),
                        length_budgets=_float_list(length_budgets, "--length-budgets") if length_budgets else (),
                        bootstrap=bootstrap, out=out)
-    result = run(cfg)
+    results = run_groups(cfg)
+    for result in results:
+        _print_oracle(result, cfg, name=" · ".join(v for _, v in result.group) if len(results) > 1 else "")
+
+
+def _print_oracle(result, cfg, name: str) -> None:
+    if name:
+        typer.echo(f"\n== {name} ==")  # plain: a long model path is neither wrapped nor cut
     for note in result.notes:
         console.print(f"[yellow]note:[/yellow] {note}")
-    t = result.table
+    t, metric, budget = result.table, cfg.metric, cfg.budget
     if budget is not None:
         shown = t[t["budget"] == budget]
         _print_frame(shown[["method", "value", "mean_cost", "exact", "gap"]], f"oracle · budget {budget:g} · {metric}")
         shares = shown[shown["method"].isin(["oracle", "greedy"])].set_index("method").filter(like="share:")
         shares = shares.T.rename(index=lambda c: c.removeprefix("share:")).reset_index(names="configuration")
         _print_frame(shares, "share of items per configuration")
-    if curve:
+    if cfg.curve:
         wide = t[t["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
         _print_frame(wide, f"oracle curve · {metric}")
     L = max(result.costs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -132,6 +133,39 @@ def test_oracle_cli_errors(tmp_path):
     assert res.exit_code == 1 and "lacks column(s) bleu" in res.stderr
     res = runner.invoke(app, ["oracle", "--runs", str(tmp_path / "r.parquet"), "--budget", "6"])
     assert res.exit_code == 0 and "0.250" in res.stdout  # (0.3 + 0.2) / 2: one item may take cost 8
+
+
+def test_runs_of_several_datasets_are_solved_apart(tmp_path):
+    """Each (model, dataset, split) gets its own oracle and file; a group with only full depth among the chosen
+    policies is left out with a note; a run read twice (full depth is in every file) is not 'averaged'."""
+    from skipbench.experiments.oracle import OracleConfig, run, run_groups
+
+    def runs(dataset, policy, scores):
+        return pd.DataFrame({"item_id": ["a", "b"] * 2, "policy": [policy] * 2 + ["full"] * 2, "cost": [2, 2, 8, 8],
+                             "rougeL": scores, "model": "m", "dataset": dataset, "split": "test"})
+
+    runs("x", "uniform", [0.1, 0.9, 0.5, 0.5]).to_parquet(tmp_path / "x-uniform.parquet")
+    runs("x", "early-exit", [0.0, 0.0, 0.5, 0.5]).to_parquet(tmp_path / "x-early.parquet")
+    runs("y", "uniform", [0.7, 0.2, 0.3, 0.6]).to_parquet(tmp_path / "y-uniform.parquet")
+    runs("z", "early-exit", [0.1, 0.1, 0.4, 0.4]).to_parquet(tmp_path / "z-early.parquet")
+    files = tuple(str(p) for p in sorted(tmp_path.glob("*.parquet")))
+    results = run_groups(OracleConfig(runs=files, budget=5, policies=("uniform",), bootstrap=0,
+                                      out=str(tmp_path / "out" / "o.parquet")))
+    assert [dict(r.group)["dataset"] for r in results] == ["x", "y"]
+    x, y = results
+    # budget 5 of (2, 8): one of the two items runs at full depth
+    assert x.table.set_index("method").loc["oracle", "value"] == pytest.approx((0.9 + 0.5) / 2)
+    assert y.table.set_index("method").loc["oracle", "value"] == pytest.approx((0.7 + 0.6) / 2)
+    assert any("left out" in n and "m/z/test" in n for n in x.notes)
+    assert not any("averaged" in n for r in results for n in r.notes)
+    assert Path(x.path).name == "o-x.parquet" and Path(y.path).name == "o-y.parquet"
+    written = pd.read_parquet(y.path)
+    assert set(written["dataset"]) == {"y"} and set(written["model"]) == {"m"}
+    assert json.loads(Path(y.path).with_suffix(".json").read_text())["source"]["datasets"] == []  # no manifests here
+    with pytest.raises(SkipbenchError, match="mixes models/datasets/splits"):
+        run(OracleConfig(runs=files, budget=5))
+    with pytest.raises(SkipbenchError, match="no configuration besides full depth"):
+        run_groups(OracleConfig(runs=(files[-1],), budget=5, policies=("uniform",)))
 
 
 def test_missing_items_are_dropped_with_a_count(tmp_path):

@@ -74,6 +74,30 @@ def test_rerun_skips_finished_stages_and_report_is_deterministic(smoke, tmp_path
     assert (copy / "A.md").read_text().replace(copy.as_posix(), folder.as_posix()) == before
 
 
+def test_the_design_cards_oracle_command_right_after_reproduce(smoke, tmp_path, monkeypatch):
+    """`skipbench oracle --budget B` with no other option: one oracle per dataset over every evaluate file under
+    results/, among uniform skipping and full depth only, each value the exact knapsack's on those runs."""
+    import re
+
+    from skipbench.oracle import Instance, solve
+
+    folder, _ = smoke
+    (tmp_path / "results").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["oracle", "--budget", "2"])
+    assert res.exit_code == 0, res.output
+    sections = re.split(r"== .* · (arith|text) · test ==", res.stdout)[1:]
+    assert sections[0::2] == ["arith", "text"]
+    runs = pd.concat(pd.read_parquet(p) for p in folder.glob("evaluate-*.parquet"))
+    for dataset, printed in zip(sections[0::2], sections[1::2]):
+        rows = runs[(runs["dataset"] == dataset) & runs["policy"].isin(["uniform", "full"])]
+        wide = rows.pivot_table(index="item_id", columns=["cost"], values="rougeL", aggfunc="mean")
+        expected = solve(Instance(wide.to_numpy(), wide.columns.to_numpy()), 2).value
+        assert float(re.search(r"│ oracle +│ ([0-9.]+)", printed).group(1)) == pytest.approx(expected, abs=5e-4)
+        configs = re.findall(r"│ ([a-z-]+:\d) +│ +[0-9.]+ │ +[0-9.]+ │", printed)
+        assert configs == ["uniform:1", "uniform:2", "uniform:3", "full:4"], dataset
+
+
 def test_paper_preset_starts_and_fails_clearly_offline(tmp_path):
     res = CliRunner().invoke(app, ["reproduce", "--preset", "paper", "--results", str(tmp_path)])
     assert res.exit_code == 1

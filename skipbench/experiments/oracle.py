@@ -2,7 +2,9 @@
 
 Reads `evaluate` parquet (one or several files); a configuration is a (policy, cost) pair, its cost the
 nominal layer count. Budgets below the cheapest configuration are an error; budgets above the dearest
-give the per-item best assignment (the constraint no longer binds), with a note.
+give the per-item best assignment (the constraint no longer binds), with a note. Runs of several models,
+datasets or splits are solved apart, one oracle per group (`run_groups`); with no files named, every
+`results/evaluate-*.parquet` is read and, as in the paper, only uniform skipping and full depth compete.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class OracleConfig:
     bootstrap: int = 200  # item resamples for the star budget's interval (0: none)
     out: str | None = None
     max_cells: float = 2e8
+    group: tuple[tuple[str, str], ...] = ()  # (column, value) pairs: only these runs (one group of `run_groups`)
+
+
+PAPER_POLICIES = ("uniform",)  # Glavas et al.'s oracle chooses among uniformly skipped models and full depth
+GROUP_BY = ("model", "dataset", "split")  # the runs of one oracle share these (when the runs record them)
 
 
 @dataclass(kw_only=True)
@@ -51,6 +58,7 @@ class OracleResult(Written):
     config_means: dict[str, float]  # each configuration's mean metric over the items
     length_tests: list[dict]  # one per tested budget: statistic, dof, p_value, counts
     notes: list[str] = field(default_factory=list)
+    group: tuple[tuple[str, str], ...] = ()  # the (column, value) pairs shared by the runs solved
 
     @property
     def table(self) -> pd.DataFrame:
@@ -62,10 +70,15 @@ class OracleResult(Written):
 
 
 def _paths(cfg: OracleConfig) -> list[str]:
-    return list(cfg.runs) or sorted(glob.glob("results/evaluate-*.parquet"))
+    if cfg.runs:
+        return list(cfg.runs)
+    from skipbench.results import COMPANIONS
+
+    return sorted(p for p in glob.glob("results/evaluate-*.parquet")
+                  if not any(p.endswith(f"-{c}.parquet") for c in COMPANIONS))
 
 
-def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
+def read_runs(cfg: OracleConfig) -> pd.DataFrame:
     paths = _paths(cfg)
     if not paths:
         raise SkipbenchError("no evaluate results under results/; produce them with: "
@@ -79,17 +92,49 @@ def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
     missing = [c for c in ("item_id", "cost", cfg.metric) if c not in df.columns]
     if missing:
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; columns found: {', '.join(df.columns)}")
-    if {"model", "dataset"} <= set(df.columns) and len(df[["model", "dataset"]].drop_duplicates()) > 1:
-        pairs = ", ".join(f"{m}/{d}" for m, d in df[["model", "dataset"]].drop_duplicates().itertuples(index=False))
-        raise SkipbenchError(f"--runs mixes models/datasets ({pairs}); pass the files of one with --runs")
+    return df
+
+
+def _group_keys(df: pd.DataFrame) -> list[str]:
+    return [c for c in GROUP_BY if c in df.columns]
+
+
+def _groups(df: pd.DataFrame) -> list[tuple[tuple[str, str], ...]]:
+    keys = _group_keys(df)
+    if not keys:
+        return [()]
+    return [tuple(zip(keys, map(str, values))) for values in df[keys].astype(str).drop_duplicates().itertuples(index=False)]
+
+
+def _in_group(df: pd.DataFrame, group: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    for column, value in group:
+        df = df[df[column].astype(str) == value]
+    return df
+
+
+def _chosen(df: pd.DataFrame, policies: tuple[str, ...]) -> pd.DataFrame:
+    """The rows of the named policies (strategy names such as uniform, or spec labels such as layers:0,3,5) and
+    full depth; every row when none is named."""
     if "policy" not in df.columns:
-        df["policy"] = "config"
-    if cfg.policies:  # strategy names (uniform) or spec labels (layers:0,3,5)
-        named = df["policy"].isin(cfg.policies)
-        if "policy_spec" in df.columns:
-            named |= df["policy_spec"].isin(cfg.policies)
-        df = df[named | (df["policy"] == "full")]
-    df = df.dropna(subset=[cfg.metric])
+        df = df.assign(policy="config")
+    if not policies:
+        return df
+    named = df["policy"].isin(policies)
+    if "policy_spec" in df.columns:
+        named |= df["policy_spec"].isin(policies)
+    return df[named | (df["policy"] == "full")]
+
+
+def _group_name(group: tuple[tuple[str, str], ...]) -> str:
+    return "/".join(v for _, v in group)
+
+
+def load_scores(cfg: OracleConfig, df: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
+    df = _in_group(read_runs(cfg) if df is None else df, cfg.group)
+    if len(groups := _groups(df)) > 1:
+        raise SkipbenchError(f"--runs mixes models/datasets/splits ({', '.join(map(_group_name, groups))}); "
+                             "pass the files of one with --runs")
+    df = _chosen(df, cfg.policies).dropna(subset=[cfg.metric])
     if df.empty:
         raise SkipbenchError(f"no rows with a value for metric '{cfg.metric}'")
     df["config"] = df["policy"].astype(str) + ":" + df["cost"].astype(int).astype(str)
@@ -97,9 +142,10 @@ def load_scores(cfg: OracleConfig) -> tuple[pd.DataFrame, list[str]]:
         clash = df.groupby("config")["policy_spec"].transform("nunique") > 1
         df.loc[clash, "config"] = df.loc[clash, "policy_spec"].astype(str) + " (" + df.loc[clash, "cost"].astype(int).astype(str) + ")"
     notes = []
+    df = df.drop_duplicates(["config", "item_id", cfg.metric])  # one run read twice (full depth is in every file)
     dup = df.duplicated(["config", "item_id"]).sum()
     if dup:
-        notes.append(f"{dup} repeated (configuration, item) rows were averaged")
+        notes.append(f"{dup} repeated (configuration, item) rows with different scores were averaged")
     return df, notes
 
 
@@ -132,10 +178,51 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
     return wide, configs, [int(costs_of[c]) for c in configs], notes, per_item
 
 
-def run(cfg: OracleConfig) -> OracleResult:
+def run_groups(cfg: OracleConfig) -> list[OracleResult]:
+    """One oracle per (model, dataset, split) in the runs. With no files named, the paper's configurations (uniform
+    skipping and full depth) unless `policies` names others; a group with nothing but full depth is left out with a
+    note. With several groups, `out` gets each group's name: results/oracle.parquet → results/oracle-text.parquet."""
+    _needs_a_budget(cfg)
+    if not cfg.runs and not cfg.policies:
+        cfg = replace(cfg, policies=PAPER_POLICIES)
+    df = read_runs(cfg)
+    groups = _groups(df)
+    results, left_out = [], []
+    for group in groups:
+        if set(_chosen(_in_group(df, group), cfg.policies)["policy"]) <= {"full"}:
+            left_out.append(_group_name(group) or "the runs")
+            continue
+        out = _group_out(cfg.out, group, groups) if cfg.out and len(groups) > 1 else cfg.out
+        results.append(run(replace(cfg, group=group, out=out), df))
+    if not results:
+        raise SkipbenchError(f"no configuration besides full depth in any of {', '.join(left_out)}; "
+                             "name the policies to compare with --policies")
+    if left_out:
+        results[0].notes.append(f"left out (nothing but full depth among --policies "
+                                f"{','.join(cfg.policies)}): {', '.join(left_out)}")
+    return results
+
+
+def _group_out(out: str, group, groups) -> str:
+    """The output of one group: the stem plus the group's values that vary between groups (a model path by its
+    name with its folders' names joined)."""
+    import re
+
+    varying = [k for k, (column, _) in enumerate(group) if len({g[k][1] for g in groups}) > 1]
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", group[k][1]).strip("_") for k in varying)
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}-{name}{path.suffix}"))
+
+
+def _needs_a_budget(cfg: OracleConfig) -> None:
     if cfg.budget is None and not cfg.curve:
         raise SkipbenchError("give --budget B (mean layers per token) or --curve")
-    df, notes = load_scores(cfg)
+
+
+def run(cfg: OracleConfig, runs: pd.DataFrame | None = None) -> OracleResult:
+    """The oracle over one group of runs (`runs`: the files already read, else they are read here)."""
+    _needs_a_budget(cfg)
+    df, notes = load_scores(cfg, runs)
     wide, configs, costs, more, per_item = pivot(df, cfg.metric)
     notes += more
     inst = Instance(wide.to_numpy(), per_item)
@@ -189,7 +276,7 @@ def run(cfg: OracleConfig) -> OracleResult:
                           columns=["budget", "bin", "config", "count"])
     result = OracleResult(rows=table, tables={"assign": assignment.reset_index(drop=True), "length": counts},
                           configs=configs, costs=costs, full=full, star=star, star_interval=star_ci, config_means=singles,
-                          length_tests=tests, notes=notes)
+                          length_tests=tests, notes=notes, group=cfg.group)
     return write(cfg, result) if cfg.out else result
 
 
@@ -250,24 +337,29 @@ def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: 
 
 
 def _source(cfg: OracleConfig) -> dict:
-    """The model record and dataset of the evaluate runs read (from their manifests), for verdicts and reports."""
+    """The model record and dataset of the evaluate runs read (from their manifests; of this group's runs only),
+    for verdicts and reports."""
     import json
 
     models, datasets = [], set()
     for p in _paths(cfg):
         m = Path(p).with_suffix(".json")
         meta = json.loads(m.read_text()) if m.exists() else {}
+        data = meta.get("config", {}).get("data", {})
+        recorded = {"model": (meta.get("model") or {}).get("name"), "dataset": data.get("name"), "split": data.get("split")}
+        if any(recorded[column] is not None and str(recorded[column]) != value for column, value in cfg.group):
+            continue
         if meta.get("model"):
             models.append(meta["model"])
-        name = meta.get("config", {}).get("data", {}).get("name")
-        if name:
-            datasets.add(name)
+        if data.get("name"):
+            datasets.add(data["name"])
     return {"model": models[0] if models else None, "datasets": sorted(datasets)}
 
 
 def write(cfg: OracleConfig, result: OracleResult) -> OracleResult:
     out = Path(cfg.out)
-    table = tidy(result.rows.copy(), cfg, skip=("out", "runs", "policies", "budgets", "length_budgets"), metric=cfg.metric)
+    table = tidy(result.rows.copy(), cfg, skip=("out", "runs", "policies", "budgets", "length_budgets", "group"),
+                 metric=cfg.metric, **dict(cfg.group))
     meta = manifest(cfg, None, configs=result.configs, costs=result.costs, full=result.full, config_means=result.config_means,
                     star_budget=result.star,
                     star_interval=result.star_interval, star_interval_method=f"95% percentile bootstrap, {cfg.bootstrap} item resamples",
