@@ -5,20 +5,25 @@ Below the policies (which load them) and the trainers (which write them); it imp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from skipbench.errors import SkipbenchError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_FILES = ("config.json", "weights.safetensors")
 BACKBONE = "backbone"  # <out>/backbone: a jointly trained model, a plain model folder for `--model`
 
 
+ADVICE = "train it again, or point to another folder"
+
+
 def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
-    """(config, weights) of a saved method; a clear error when the folder is not one. The files are read once:
-    their fingerprint (the cache keys' part) is taken from the same bytes."""
-    from safetensors.torch import load
+    """(config, weights) of a saved method; a clear error when the folder is not one or a file is damaged. The
+    files are read once: their fingerprint (the cache keys' part) is taken from the same bytes."""
+    from skipbench import readers
 
     folder = Path(path)
     cfg_file, weights = folder / "config.json", folder / "weights.safetensors"
@@ -27,17 +32,47 @@ def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     stamp = _stamp(path)
     raw = [cfg_file.read_bytes(), weights.read_bytes()]
     _FINGERPRINTS[(str(path), stamp)] = _digest(raw)
-    meta = json.loads(raw[0])
+    meta = readers.json_file(cfg_file, f"{kind} checkpoint config", ADVICE)
     if meta.get("kind") != kind:
         raise SkipbenchError(f"'{path}' holds a '{meta.get('kind')}' checkpoint, not '{kind}'")
-    return meta, load(raw[1])
+    return meta, readers.safetensors_bytes(raw[1], weights, f"{kind} checkpoint weights", ADVICE)
 
 
-def checked_module(path: str, num_layers: int, load: Callable):
-    """A learned policy's trained module (`controller:DIR`, `flexidepth:DIR`), checked against the model's depth."""
+def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"]) -> tuple["torch.nn.Module", dict]:
+    """A saved method's module: built from its config by `build(meta)`, its tensors checked by name and shape
+    against what that module holds before they are loaded."""
+    meta, weights = load_checkpoint(path, kind)
+    try:
+        module = build(meta)
+    except KeyError as exc:
+        raise SkipbenchError(f"'{path}/config.json' lacks the field {exc} a {kind} checkpoint needs; {ADVICE}") from None
+    except (TypeError, ValueError) as exc:
+        raise SkipbenchError(f"'{path}/config.json' has invalid {kind} settings ({exc}); {ADVICE}") from None
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        first = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise SkipbenchError(f"'{path}/weights.safetensors' does not hold the tensors its config describes "
+                             f"({len(missing)} missing, {len(unexpected)} unexpected; {first}); {ADVICE}")
+    for name, tensor in expected.items():
+        if tuple(weights[name].shape) != tuple(tensor.shape):
+            raise SkipbenchError(f"'{path}/weights.safetensors': tensor {name} has shape {tuple(weights[name].shape)}, "
+                                 f"its config describes {tuple(tensor.shape)}; {ADVICE}")
+    module.load_state_dict(weights)
+    return module, meta
+
+
+def checked_module(path: str, ctx, load: Callable):
+    """A learned policy's trained module (`controller:DIR`, `flexidepth:DIR`), checked against the model's depth and
+    width (`ctx`: the policy's Context): one trained for another model is refused with what it was trained for."""
     module, meta = load(path)
-    if module.num_layers != num_layers:
-        raise SkipbenchError(f"'{path}' was trained for {module.num_layers} layers; this model has {num_layers}")
+    hidden = getattr(getattr(getattr(ctx, "lm", None), "model", None), "config", None)
+    hidden = getattr(hidden, "hidden_size", None)
+    if module.num_layers != ctx.num_layers or (hidden is not None and meta.get("hidden_size") != hidden):
+        trained_on = (meta.get("train") or {}).get("model", "?")
+        raise SkipbenchError(f"'{path}' was trained on {trained_on} ({module.num_layers} layers, hidden size "
+                             f"{meta.get('hidden_size')}); this model has {ctx.num_layers} layers"
+                             + (f", hidden size {hidden}" if hidden is not None else ""))
     return module, meta
 
 
@@ -71,5 +106,7 @@ def checkpoint_fingerprint(path: str) -> str:
 
 def training_record(path: str) -> dict | None:
     """The `train` section a trainer recorded in a checkpoint (its data spec, among others), or None."""
+    from skipbench import readers
+
     cfg_file = Path(path) / "config.json"
-    return json.loads(cfg_file.read_text()).get("train") if cfg_file.exists() else None
+    return readers.json_file(cfg_file, "checkpoint config", ADVICE).get("train") if cfg_file.exists() else None

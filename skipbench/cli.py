@@ -21,6 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from skipbench.errors import NOTED as noted
 from skipbench.errors import SkipbenchError
 from skipbench.policies.spec import STRATEGIES  # light: the registry's defaults (checkpoint folders)
 
@@ -36,6 +37,7 @@ class SkipbenchGroup(TyperGroup):
         from skipbench import distributed  # light: torch only once a process group is joined
 
         quiet = distributed.rank() > 0  # the other ranks' tables and progress would repeat rank 0's
+        noted.clear()  # each command says its own notes once
         console.quiet = quiet
         try:  # torch is imported only by commands that need it (plan, oracle and --help do not)
             with contextlib.ExitStack() as stack:
@@ -415,7 +417,7 @@ def evaluate(
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
     max_new_tokens: int = typer.Option(96),
     max_prompt_tokens: int = typer.Option(1024, help="longer instructions are truncated (counted in the manifest)"),
-    batch_size: int = typer.Option(0, help="sequences per batch (0: 8 on CPU, 32 on CUDA)"),
+    batch_size: int = typer.Option(0, min=0, help="sequences per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
     kv_mode: KvMode = KvOpt,
     prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain, help="the prompt's depth"),
     prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt (files)"),
@@ -477,7 +479,7 @@ def cosine(
     teacher: Teacher = typer.Option(Teacher.full, callback=_plain, help="full: the full model's greedy response"),
     max_new_tokens: int = typer.Option(64),
     max_prompt_tokens: int = typer.Option(1024),
-    batch_size: int = typer.Option(0, help="0: 8 on CPU, 32 on CUDA"),
+    batch_size: int = typer.Option(0, min=0, help="sequences per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
     kv_mode: KvMode = KvOpt,
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
@@ -514,7 +516,7 @@ def cosine(
 # training options shared by controllers train / sweep, flexidepth train and finetune: one declaration each,
 # the default beside each command (they differ: FlexiDepth trains longer, finetune uses the paper's lr)
 Steps = Annotated[int, typer.Option(help="optimiser steps")]
-BatchSize = Annotated[int, typer.Option(help="examples per step (the global batch under torchrun)")]
+BatchSize = Annotated[int, typer.Option(min=1, help="examples per step (the global batch under torchrun)")]
 GradAccum = Annotated[int, typer.Option(help="micro-batches per step (losses normalised over the step's tokens)")]
 Lr = Annotated[float, typer.Option(help="learning rate (AdamW)")]
 Seed = Annotated[int, typer.Option(help="seed of the batches and of random gates")]
@@ -722,7 +724,7 @@ def flexidepth_usage(
     split: str = typer.Option("test"),
     limit: int = typer.Option(50, help="items per run (0 = all)"),
     max_new_tokens: int = typer.Option(64),
-    batch_size: BatchSize = 8,
+    batch_size: int = typer.Option(8, min=1, help="sequences per generation batch"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet (default results/flexi-usage-<model>.parquet)"),
@@ -771,7 +773,7 @@ def finetune(
     limit: int = typer.Option(0, help="first N training items (0 = the whole train split)"),
     val_limit: int = typer.Option(200, help="validation items scored for early stopping (0 = all)"),
     steps: int = typer.Option(1000, help="optimiser steps at most (early stopping may end sooner)"),
-    batch_size: int = typer.Option(8, help="examples per step (the global batch under torchrun)"),
+    batch_size: int = typer.Option(8, min=1, help="examples per step (the global batch under torchrun)"),
     grad_accum: GradAccum = 1,
     lr: Lr = 2e-5,
     eval_every: int = typer.Option(100, help="steps between validations"),

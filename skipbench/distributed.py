@@ -62,12 +62,17 @@ class Dist:
         """The ranks' parts of `path` as one frame (rank 0, after a barrier)."""
         import pandas as pd
 
-        return pd.concat([pd.read_parquet(f) for f in self.parts(path)], ignore_index=True)
+        from skipbench.readers import table
+
+        return pd.concat([table(f, "a rank's share", "rerun the same command to compute it again", checked=True)
+                          for f in self.parts(path)], ignore_index=True)
 
     def remove_parts(self, path: Path) -> None:
-        """Once merged: the ranks' parts, and temporaries a rank killed mid-write left (results.write_atomic)."""
+        """Once merged: the ranks' parts with their manifests, and temporaries a rank killed mid-write left
+        (results.write_atomic)."""
         for part in self.parts(path):
             part.unlink(missing_ok=True)
+            part.with_suffix(".json").unlink(missing_ok=True)
             for tmp in part.parent.glob(f".{part.name}.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
@@ -75,14 +80,15 @@ class Dist:
         """This rank's rows of `whole`: computed and, under torchrun, written as its share (a share an earlier,
         failed run finished is reused instead of computed). `whole` itself is never written here; after `on_main`'s
         barrier, rank 0 reads every share with `joined`."""
+        from skipbench.readers import reusable
         from skipbench.results import write_atomic
 
         share = self.part(whole)
-        if self.enabled and share.exists():
+        if self.enabled and reusable(share, "cached share"):
             return None
         df = compute()
         if self.enabled:
-            write_atomic(df, share)
+            write_atomic(df, share, {})
         return df
 
     def joined(self, whole: Path, mine: "pd.DataFrame") -> "pd.DataFrame":

@@ -3,3 +3,16 @@
 
 class SkipbenchError(Exception):
     """Bad input from the user (unknown model, invalid cost, missing file, ...)."""
+
+
+NOTED: set[str] = set()
+
+
+def note(message: str) -> None:
+    """One line on stderr for something the user should know that is not an error (a damaged cache recomputed);
+    said once per process, however many times the same thing is found."""
+    import sys
+
+    if message not in NOTED:
+        NOTED.add(message)
+        print(f"note: {message}", file=sys.stderr)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from skipbench import distributed
+from skipbench import distributed, readers
 from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
@@ -30,6 +30,7 @@ from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size, model_fingerprint
 from skipbench.policies.controller import check_backbone
+from skipbench.readers import reusable
 from skipbench.results import Written, check_out_path, config_dict, manifest, tidy, write_atomic
 
 
@@ -173,20 +174,20 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     if batch_size < 1:
         raise SkipbenchError(f"--batch-size must be >= 1, got {batch_size}")
     mine = d.shard([it.item_id for it in items])  # every item in a single process
-    todo = [p for p in pts if not (cfg.resume and part_path(cfg, p).exists())]
-    mine_todo = [p for p in todo if not (d.enabled and cfg.resume and d.part(part_path(cfg, p)).exists())]
+    todo = [p for p in pts if not (cfg.resume and reusable(part_path(cfg, p)))]  # a damaged part: a note, then again
+    mine_todo = [p for p in todo if not (d.enabled and cfg.resume and reusable(d.part(part_path(cfg, p)), "cached share"))]
     reused_shares = int(d.sum([len(todo) - len(mine_todo)])[0])
     if start:
         start(len(mine_todo) * len(mine))
     for p in mine_todo:
         df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, built[p], batch_size, progress)
-        write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)))
+        write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)), {})
         if on_part:
             on_part(p)
 
     def write() -> EvalResult:  # rank 0: each point's shares joined into its part, then the parts into the result
         for p in todo if d.enabled else ():
-            write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p))
+            write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p), {})
             d.remove_parts(part_path(cfg, p))
         rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies"), model=cfg.model,
                     dataset=cfg.data.name, split=cfg.data.split, seed=cfg.seed)
@@ -207,11 +208,11 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         return EvalResult(rows=rows, summary=summarise(rows), path=path, reused_parts=len(pts) - len(todo),
                           reused_shares=reused_shares)
 
-    return d.on_main(write, lambda: result(pd.read_parquet(out), out))
+    return d.on_main(write, lambda: result(readers.table(out), out))
 
 
 def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.DataFrame:
-    parts = {p: pd.read_parquet(part_path(cfg, p)) for p in pts}
+    parts = {p: readers.table(part_path(cfg, p), "cached part", "rerun to compute it again", checked=True) for p in pts}
     ids = {it.item_id for it in items}
     full = parts[pts[0]].set_index("item_id")["output"]
     frames = []

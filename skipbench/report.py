@@ -8,15 +8,14 @@ and the reason beside every verdict, and a table of all of them at the top.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from skipbench import verdicts
+from skipbench import readers, verdicts
 from skipbench.errors import SkipbenchError
-from skipbench.results import COMPANIONS, companion
+from skipbench.results import COMPANIONS, check_writable, companion
 from skipbench.stats import Verdict
 
 
@@ -29,9 +28,16 @@ def _table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+ADVICE = "rerun the command that wrote it, or move it out of the results folder"
+
+
+def _read(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return readers.table(path, "result", ADVICE, columns=columns)
+
+
 def _meta(path: Path) -> dict:
     m = path.with_suffix(".json")
-    return json.loads(m.read_text()) if m.exists() else {}
+    return readers.json_file(m, "manifest", ADVICE) if m.exists() else {}
 
 
 def _main_files(folder: Path, prefix: str) -> list[Path]:
@@ -53,7 +59,7 @@ def section_setup(folder: Path) -> tuple[list[str], list]:
     record = folder / ".reproduce" / "preset.json"
     if not record.exists():
         return [], []
-    preset = json.loads(record.read_text())
+    preset = readers.json_file(record, "preset record", "run `skipbench reproduce` again")
     differences = preset.get("differences", [])
     lines = [f"## Setup: preset `{preset.get('name', '?')}`", ""]
     if differences:
@@ -66,7 +72,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     files = _main_files(folder, "evaluate-")
     if not files:
         return [], []
-    frames = [pd.read_parquet(p).assign(file=p.stem) for p in files]
+    frames = [_read(p).assign(file=p.stem) for p in files]
     # every evaluate file carries the full-depth rows of its items: count each (point, item) once
     df = pd.concat(frames, ignore_index=True)
     if "policy_spec" not in df.columns:  # files from before specs: the policy and cost name the point
@@ -118,10 +124,10 @@ def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
 def section_cosine(folder: Path) -> tuple[list[str], list]:
     out, found = [], []
     for path in _main_files(folder, "cosine-"):
-        agg = pd.read_parquet(companion(path, "agg"))
+        agg = _read(companion(path, "agg"))
         meta = _meta(path)
         L = int(meta.get("num_layers", agg["cost"].max()))
-        rows = pd.read_parquet(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
+        rows = _read(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
         here = verdicts.cosine(rows, L)
         found += here
         table = agg[["strategy", "cost", "items", "cos_final", "cos_final_lo", "cos_final_hi", "cos_layerwise", "kl_next", "top1_agree"]]
@@ -140,7 +146,7 @@ def section_oracle(folder: Path) -> tuple[list[str], list]:
     out, found = [], []
     for path in _main_files(folder, "oracle-"):
         meta = _meta(path)
-        table = pd.read_parquet(path)
+        table = _read(path)
         curve = table[table["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
         L = max(meta.get("costs", [1]))
         source = meta.get("source", {})
@@ -170,7 +176,7 @@ def _length_lines(path: Path, meta: dict) -> list[str]:
     lines = ["Label-length test (App. A.5.2; chi-square test of homogeneity of the oracle's choice across label-length "
              "bins 1–15, 16–30, …, >150):", ""]
     counts_file = companion(path, "length")
-    counts = pd.read_parquet(counts_file) if counts_file.exists() else pd.DataFrame()
+    counts = _read(counts_file) if counts_file.exists() else pd.DataFrame()
     for t in tests:
         head = f"* budget {t['budget']:g} ({t['why']}), {t['items']} items, length in {t['unit']}: "
         if t.get("p_value") is None:
@@ -191,7 +197,7 @@ def section_controllers(folder: Path) -> tuple[list[str], list]:
     out, found = [], []
     for path in _main_files(folder, "controllers-"):
         meta = _meta(path)
-        agg = pd.read_parquet(companion(path, "agg"))
+        agg = _read(companion(path, "agg"))
         c = meta.get("comparison", {})
         if "hidden_effect" in c and "lo" not in c:  # written before run-level intervals: no verdict from it
             c = {"test": c.get("test", "?"), "note": "this sweep was written by an older skipbench without a run-level "
@@ -214,7 +220,7 @@ def section_flexidepth(folder: Path) -> tuple[list[str], list]:
     path = folder / "flexi-usage.parquet"
     if not path.exists():
         return [], []
-    usage = pd.read_parquet(path, columns=["item_id", "subtask", "layers_used"])
+    usage = _read(path, columns=["item_id", "subtask", "layers_used"])
     meta = _meta(path)
     found = verdicts.flexidepth(usage)
     split = meta.get("config", {}).get("data", {}).get("split", "?")
@@ -262,6 +268,7 @@ def write_report(results: str, out: str) -> Path:
     folder = Path(results)
     if not folder.is_dir():
         raise SkipbenchError(f"--results folder not found: {results}")
+    check_writable(out)
     sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
                 section_bench]
     body, found = [], []

@@ -155,13 +155,44 @@ def manifest(cfg: Any, device: str | None = None, lm: Any = None, **extra: Any) 
             "device": device_info(device), "seed": getattr(cfg, "seed", None), **extra}
 
 
-def check_out_path(path: str | os.PathLike) -> Path:
+def check_out_path(path: str | os.PathLike, probe: bool = True) -> Path:
+    """A result's path: a .parquet file name whose folder can be written (`probe`: tried now, so a run that could not
+    write its result fails before its work, not after)."""
     path = Path(path)
     if path.suffix != ".parquet":
         raise SkipbenchError(f"--out must end in .parquet, got '{path}'")
     if path.exists() and path.is_dir():
         raise SkipbenchError(f"--out '{path}' is a directory")
+    return check_writable(path) if probe else path
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`path` (a file to write later) can be: its folder exists or can be made, and a file can be created in it."""
+    path = Path(path)
+    check_out_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SkipbenchError(f"{flag} '{path}' cannot be written (permission denied); choose another path")
     return path
+
+
+def check_out_dir(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """A folder to write into: made now when absent, and tried with a probe file (removed at once)."""
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".skipbench-probe-"):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists()), folder)
+        reason = exc.strerror or type(exc).__name__
+        where = f" ('{blocker}' {'is a file' if blocker.is_file() else 'is not writable'})" if blocker != folder or folder.is_file() else ""
+        raise SkipbenchError(f"{flag} folder '{folder}' cannot be written: {reason.lower()}{where}; "
+                             "choose another path") from None
+    return folder
 
 
 def manifest_path(path: Path) -> Path:
@@ -210,15 +241,18 @@ def write_tables(rows: pd.DataFrame, out: str | os.PathLike, meta: dict, **table
 
 
 def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """Write parquet (and its manifest) under a temporary name, then rename: never a half-written file."""
-    path = check_out_path(path)
+    """Write parquet (and its manifest) under a temporary name, then rename: never a half-written file. The
+    manifest records the table's row count and checksum (`readers.table(checked=True)` compares them)."""
+    from skipbench.readers import sha256
+
+    path = check_out_path(path, probe=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         df.to_parquet(tmp, index=False)
         if meta is not None:
             mtmp = tmp.with_suffix(".json")
-            mtmp.write_text(json.dumps(meta, indent=2, default=str))
+            mtmp.write_text(json.dumps({**meta, "rows": len(df), "sha256": sha256(tmp)}, indent=2, default=str))
             os.replace(mtmp, manifest_path(path))
         os.replace(tmp, path)
     except BaseException:  # an error or Ctrl-C mid-write leaves neither a result nor a temporary

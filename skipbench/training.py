@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed, keyed
+from skipbench import distributed, keyed, readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
 from skipbench.engine.protocol import GateFn
 from skipbench.engine.decode import eos_ids, left_pad, pad_id
 from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.metrics import kl_divergence
 from skipbench.models.loading import LoadedModel, model_fingerprint, save_folder
 from skipbench.results import atomic_path, config_dict, write_text_atomic
@@ -146,7 +146,7 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     # keyed by (model, response length), then item: one cache file serves every run of a sweep
     fingerprint = model_fingerprint(cfg.model)
     key = f"{cfg.model}|{cfg.max_new_tokens}" + (f"|{fingerprint}" if fingerprint else "")
-    cached = json.loads(cache_file.read_text()).get(key, {}) if cache_file and cache_file.exists() else {}
+    cached = _teacher_cache(cache_file).get(key, {})
     todo = [i for i in keep if items[i].item_id not in cached]
     mine = [todo[j] for j in d.shard([items[i].item_id for i in todo])]  # each rank generates its share
     stops, new = eos_ids(lm), {}
@@ -158,10 +158,22 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     for share in d.all_gather(new):
         cached.update(share)
     if cache_file is not None and todo and d.main:
-        everything = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        everything = _teacher_cache(cache_file, quiet=True)
         everything[key] = cached
         write_text_atomic(cache_file, json.dumps(everything))
     return {i: cached[items[i].item_id] for i in keep}
+
+
+def _teacher_cache(path: Path | None, quiet: bool = False) -> dict:
+    """The cached teacher responses; a damaged cache is reported in one line and computed again (never fatal)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        return readers.json_file(path, "teacher cache")
+    except readers.Unreadable as exc:
+        if not quiet:
+            note(f"{exc}: generating the responses again")
+        return {}
 
 
 def batch_tensors(lm, batch: list[Example]):
@@ -228,7 +240,7 @@ def step_loss(lm, engine: Engine, method: Method, batch: list[Example], loss_kin
 def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable | None = None,
           start: Callable | None = None) -> TrainResult:
     """Train `method` for cfg.steps steps, saving to cfg.out every save_every steps (resumable)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise SkipbenchError("--steps, --batch-size and --grad-accum must be >= 1")
@@ -247,8 +259,8 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         _discard_checkpoint(out)
     if state_file.exists() and (out / "weights.safetensors").exists():
         _check_resumable(out, method, cfg)
-        module.load_state_dict(load_file(out / "weights.safetensors", device=str(lm.device)))
-        state = torch.load(state_file, weights_only=False)
+        module.load_state_dict(readers.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART))
+        state = trainer_state(out)
         if state["step"] > cfg.steps:
             raise SkipbenchError(f"'{out}' was trained for {state['step']} steps, more than --steps {cfg.steps}; "
                                  f"pass --steps {state['step']} or more to continue, or --restart to train again")
@@ -341,7 +353,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
     """A checkpoint is resumed only by the configuration that wrote it (steps may grow)."""
-    saved = _flat(json.loads((out / "config.json").read_text()))
+    saved = _flat(readers.json_file(out / "config.json", "checkpoint config", RESTART))
     now = _flat(json.loads(json.dumps(_saved_config(method, cfg), default=str)))
     differ = [k for k in sorted(set(saved) | set(now))
               if k.removeprefix("train.") not in RESUMABLE and k != "step" and saved.get(k) != now.get(k)]
@@ -350,6 +362,35 @@ def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
         raise SkipbenchError(f"'{out}' holds a checkpoint trained with another configuration ({shown}{more}); "
                              "pass --restart to train from scratch there, or choose another --out")
+
+
+RESTART = "pass --restart to train from scratch there, or choose another --out"
+
+
+def trainer_state(out: Path) -> dict:
+    """The optimiser state and step of a checkpoint, checked against the step its weights and config were saved at:
+    a checkpoint whose files come from different saves (a write cut short) is refused, never half-resumed."""
+    from safetensors import safe_open
+
+    state = load_trainer(out / "trainer.pt")
+    step = state["step"]
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        saved = (f.metadata() or {}).get("step")
+    config = readers.json_file(out / "config.json", "checkpoint config", RESTART).get("step")
+    if (saved is not None and int(saved) != step) or (config is not None and config != step):
+        raise SkipbenchError(f"'{out}' holds files of different saves (trainer state at step {step}, weights at {saved}, "
+                             f"config at {config}): a save was cut short; {RESTART}")
+    return state
+
+
+def load_trainer(path: Path) -> dict:
+    """A trainer.pt (optimiser state, step, log); a damaged one is one line naming it."""
+    try:
+        state = torch.load(path, weights_only=False)
+        state["step"] = int(state["step"])
+    except Exception as exc:  # noqa: BLE001 - torch.load raises pickle, EOF, zip and runtime errors for a damaged file
+        raise readers.Unreadable("trainer state", path, f"cannot be loaded ({readers.why(exc)})", RESTART) from None
+    return state
 
 
 def _discard_checkpoint(out: Path) -> None:
@@ -402,16 +443,14 @@ def _load_backbone(lm: LoadedModel, out: Path, step: int) -> None:
 
 def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
     """Load a model folder written by `save_model` into `lm`, checking that it was saved at `step`."""
-    from safetensors.torch import load_file
-
     stamp = folder / "skipbench.json"
-    saved = json.loads(stamp.read_text()).get("step") if stamp.exists() else None
+    saved = readers.json_file(stamp, "model stamp", RESTART).get("step") if stamp.exists() else None
     if saved != step:
         raise SkipbenchError(f"'{folder.parent}' holds no model saved at step {step} (found {saved}); "
                              "pass --restart to start over")
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
-        weights.update(load_file(str(f), device=str(lm.device)))
+        weights.update(readers.safetensors_file(f, "model weights", RESTART))
     missing, unexpected = lm.model.load_state_dict(weights, strict=False)
     tied = set(getattr(lm.model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
@@ -432,11 +471,16 @@ def save_model(lm: LoadedModel, target: Path, stamp: dict) -> None:
 def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:
     if cfg.train_backbone:
         _save_backbone(lm, out, step)
-    with atomic_path(out / "weights.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-    write_text_atomic(out / "config.json", json.dumps({**_saved_config(method, cfg), "step": step}, indent=2, default=str))
-    with atomic_path(out / "trainer.pt") as tmp:
-        torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, tmp)
+    writers = {  # each to a temporary first; renamed in reverse order, so trainer.pt (the commit mark) comes last
+        "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, tmp),
+        "config.json": lambda tmp: tmp.write_text(json.dumps({**_saved_config(method, cfg), "step": step}, indent=2,
+                                                             default=str)),
+        "weights.safetensors": lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+                                                     str(tmp), metadata={"step": str(step)}),
+    }
+    with contextlib.ExitStack() as stack:
+        for name, write in writers.items():
+            write(stack.enter_context(atomic_path(out / name)))
 
 
 def check_held_out(items, path: str) -> None:

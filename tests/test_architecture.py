@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "skipbench"
 
 # lowest first; a module may import its own layer or any below it (docs/ARCHITECTURE.md draws this)
 LAYERS = [
-    {"skipbench", "errors", "keyed", "stats", "metrics"},
+    {"skipbench", "errors", "readers", "keyed", "stats", "metrics"},
     {"distributed", "results", "checkpoints", "plots"},
     {"models"},
     {"data"},

@@ -155,7 +155,7 @@ def test_usage_refuses_routers_of_another_depth(tiny_dirs, tmp_path, tokenizer):
     (tmp_path / "r" / "config.json").write_text(json.dumps({"kind": "flexidepth", **flexi.config()}))
     for cmd in (["usage", "--out", str(tmp_path / "u.parquet")], ["depthmap", "--prompt", "hi", "--out", str(tmp_path / "d.html")]):
         res = CliRunner().invoke(app, ["flexidepth", cmd[0], "--model", str(tiny_dirs["llama"]), "--router", str(tmp_path / "r"), *cmd[1:]])
-        assert res.exit_code == 1 and "trained for 8 layers; this model has 6" in res.stderr, res.output
+        assert res.exit_code == 1 and "(8 layers, hidden size 64); this model has 6 layers" in res.stderr, res.output
 
 
 def test_a_policy_never_overrides_the_kv_mode_silently(tiny_dirs, tmp_path):

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from skipbench import readers
 from skipbench.data.items import Item, make_item
 from skipbench.errors import SkipbenchError
 
@@ -17,28 +17,33 @@ def looks_like_file(name: str) -> bool:
     return Path(name).suffix.lower() in SUFFIXES or "/" in name or Path(name).exists()
 
 
+ADVICE = "give a JSON list of records, JSONL, CSV or parquet (see README, Datasets)"
+
+
 def read_table(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # JSON and parquet through the checked readers; JSONL and CSV through pandas
+        return _records(readers.json_file(path, "dataset file", ADVICE, expect=list), path)
+    if suffix == ".parquet":
+        return _records(readers.table(path, "dataset file", ADVICE), path)
     if not path.is_file():
         raise SkipbenchError(f"dataset file not found: {path}")
     if path.stat().st_size == 0:
         raise SkipbenchError(f"dataset file is empty: {path}")
-    suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
-        elif suffix == ".json":
-            data = json.loads(path.read_text())
-            if not isinstance(data, list):
-                raise SkipbenchError(f"{path}: expected a JSON list of records")
-            df = pd.DataFrame.from_records(data)
         elif suffix == ".csv":
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix == ".parquet":
-            df = pd.read_parquet(path)
         else:
             raise SkipbenchError(f"unsupported dataset file type '{suffix}'; use one of {', '.join(SUFFIXES)}")
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise SkipbenchError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError) as exc:
+        raise SkipbenchError(f"dataset file '{path}' cannot be read ({readers.why(exc)}); {ADVICE}") from None
+    return _records(df, path)
+
+
+def _records(data, path: Path) -> pd.DataFrame:
+    df = data if isinstance(data, pd.DataFrame) else pd.DataFrame.from_records(data)
     if df.empty:
         raise SkipbenchError(f"dataset file has no records: {path}")
     return df

@@ -37,7 +37,7 @@ from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
 from skipbench.engine.protocol import Policy
 from skipbench.policies import PolicySpec, parse_policies
-from skipbench.results import Written, manifest, tidy, write_atomic
+from skipbench.results import Written, check_out_path, manifest, tidy, write_atomic
 
 PROMPTS = [
     "Please calculate the sum of 99, 45 and 12.",
@@ -174,6 +174,8 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     if cfg.impl not in ("gather", "mask", "both"):
         raise SkipbenchError(f"--impl must be gather, mask or both, got '{cfg.impl}'")
+    if cfg.out:
+        check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.compile:
         from skipbench.engine.forward import enable_compile

@@ -20,13 +20,14 @@ from skipbench.data import DataSpec, load_items
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench import evaluation as ev
+from skipbench import readers
 from skipbench.fidelity import compare_to_full
 from skipbench.stats import t_interval
 from skipbench.models import load_model
 from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
 )
-from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
+from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
 from skipbench.training import TrainConfig, TrainResult, train
 
 
@@ -40,6 +41,7 @@ class ControllerTrainConfig:
 
 
 def run_train(cfg: ControllerTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
+    check_out_dir(cfg.train.out)
     lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     hidden = lm.model.config.hidden_size
     torch.manual_seed(cfg.train.seed)  # the initial controllers depend on the seed alone
@@ -130,7 +132,7 @@ def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
 def kl_per_item(cfg: SweepConfig, lm, folder: Path, seed: int, rows: pd.DataFrame) -> dict:
     """KL(p_full || p_controller) averaged over the full model's response tokens, per item."""
     items = {it.item_id: it for it in load_items(cfg.eval_data)}
-    full_out = pd.read_parquet(folder / "eval.parquet")
+    full_out = readers.table(folder / "eval.parquet", "controller evaluation", "rerun the sweep to compute it again")
     full_out = full_out[full_out["policy"] == "full"].set_index("item_id")["output"]
     controllers, meta = load_controllers(str(folder))
     policy = ControllerPolicy(controllers, cfg.gate, seed, meta.get("tau", 1.0))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
-from skipbench import distributed
+from skipbench import distributed, readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.fidelity import CONVENTION, MEASURES, compare_to_full
@@ -198,7 +198,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
 
     def read() -> CosineResult:
         agg = companion(out, "agg")
-        return CosineResult(rows=pd.read_parquet(out), path=out, tables={"agg": pd.read_parquet(agg)},
+        return CosineResult(rows=readers.table(out), path=out, tables={"agg": readers.table(agg)},
                             files={"agg": agg, "figure": out.with_suffix(".png")})
 
     mine_rows = d.share(whole, compute)

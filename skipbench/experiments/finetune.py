@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed, keyed
+from skipbench import distributed, keyed, readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
@@ -36,9 +36,10 @@ from skipbench.errors import SkipbenchError
 from skipbench.metrics import rouge_l
 from skipbench.models import load_model
 from skipbench.engine.protocol import GateFn
-from skipbench.results import atomic_path, config_dict, write_text_atomic
+from skipbench.results import atomic_path, check_out_dir, config_dict, write_text_atomic
 from skipbench.training import (
-    RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
+    RESTART, RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
+    load_trainer,
     optimizer_step, pick_batch, save_model,
 )
 
@@ -119,8 +120,7 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
         raise SkipbenchError("--steps, --batch-size, --grad-accum, --eval-every and --patience must be >= 1")
     if not 0 <= cfg.layer_dropout < 1:
         raise SkipbenchError(f"--layer-dropout must be in [0, 1), got {cfg.layer_dropout}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(cfg.out)
     d = distributed.current()
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
@@ -200,14 +200,14 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
             shutil.rmtree(out / name, ignore_errors=True)
     if not (out / "trainer.pt").exists():
         return fresh, []
-    saved = _flat(json.loads((out / "config.json").read_text()))
+    saved = _flat(readers.json_file(out / "config.json", "fine-tuning config", RESTART))
     now = _flat(config_dict(cfg))
     differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
         raise SkipbenchError(f"'{out}' holds a fine-tuning run with another configuration ({shown}); "
                              "pass --restart to train from scratch there, or choose another --out")
-    state = torch.load(out / "trainer.pt", weights_only=False)
+    state = load_trainer(out / "trainer.pt")
     if state["step"] > cfg.steps:
         raise SkipbenchError(f"'{out}' was fine-tuned for {state['step']} steps, more than --steps {cfg.steps}; "
                              f"pass --steps {state['step']} or more, or --restart")

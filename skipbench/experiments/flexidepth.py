@@ -23,7 +23,9 @@ from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.checkpoints import checked_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
-from skipbench.results import Written, check_out_path, manifest, tidy, write_tables, write_text_atomic
+from skipbench.results import (
+    Written, check_out_dir, check_out_path, check_writable, manifest, tidy, write_tables, write_text_atomic,
+)
 from skipbench.training import TrainConfig, TrainResult, check_held_out, train
 
 
@@ -40,6 +42,7 @@ class FlexiTrainConfig:
 
 
 def run_train(cfg: FlexiTrainConfig, lm=None, progress: Callable | None = None, start: Callable | None = None) -> TrainResult:
+    check_out_dir(cfg.train.out)
     lm = lm or load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     torch.manual_seed(cfg.train.seed)  # the initial routers and adapters depend on the seed alone
     flexi = FlexiDepth(lm.model.config.hidden_size, lm.num_layers, list(cfg.routed_layers) or None, cfg.reduction,
@@ -59,9 +62,11 @@ class UsageConfig:
     out: str = ""
 
 
-def _routers(path: str, num_layers: int):
+def _routers(path: str, lm):
     """Trained routers for this model, with the same checks as `--policy flexidepth`."""
-    return checked_module(path, num_layers, load_flexidepth)
+    from skipbench.policies.spec import Context
+
+    return checked_module(path, Context(num_layers=lm.num_layers, lm=lm), load_flexidepth)
 
 
 def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dict]:
@@ -74,7 +79,7 @@ def token_rows(lm, item, tokens: list[int], layers: list[list[int]]) -> list[dic
 def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callable | None = None) -> Written:
     out = check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    flexi, meta = _routers(cfg.router, lm.num_layers)
+    flexi, meta = _routers(cfg.router, lm)
     policy = FlexiPolicy(flexi)
     items = load_items(cfg.data)
     check_held_out(items, cfg.router)
@@ -114,8 +119,9 @@ def run_depthmap(cfg: DepthmapConfig) -> dict:
     out = Path(cfg.out)
     if out.suffix != ".html":
         raise SkipbenchError(f"--out must end in .html, got '{out}'")
+    check_writable(out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    flexi, _ = _routers(cfg.router, lm.num_layers)
+    flexi, _ = _routers(cfg.router, lm)
     gen = generate(lm, [encode_prompt(lm.tokenizer, cfg.prompt)], FlexiPolicy(flexi), cfg.max_new_tokens)
     tokens, layers = gen.tokens[0], gen.layers[0]
     texts = [lm.tokenizer.decode([t]) for t in tokens]

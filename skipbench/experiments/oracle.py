@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from skipbench import readers
 from skipbench.errors import SkipbenchError
 from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
-from skipbench.results import Written, manifest, tidy, write_tables
+from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
 
 # App. A.5.2's bins of label length: 1-15, 16-30, ..., 136-150 and >150 (index (length - 1) // 15, capped)
 LENGTH_BIN, LENGTH_BINS = 15, 11
@@ -83,12 +84,8 @@ def read_runs(cfg: OracleConfig) -> pd.DataFrame:
     if not paths:
         raise SkipbenchError("no evaluate results under results/; produce them with: "
                              "skipbench evaluate --policy uniform --costs 8,15,22")
-    frames = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise SkipbenchError(f"--runs file not found: {p}")
-        frames.append(pd.read_parquet(p))
-    df = pd.concat(frames, ignore_index=True)
+    df = pd.concat([readers.table(p, "--runs file", "pass parquet files written by skipbench evaluate") for p in paths],
+                   ignore_index=True)
     missing = [c for c in ("item_id", "cost", cfg.metric) if c not in df.columns]
     if missing:
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; columns found: {', '.join(df.columns)}")
@@ -183,6 +180,8 @@ def run_groups(cfg: OracleConfig) -> list[OracleResult]:
     skipping and full depth) unless `policies` names others; a group with nothing but full depth is left out with a
     note. With several groups, `out` gets each group's name: results/oracle.parquet → results/oracle-text.parquet."""
     _needs_a_budget(cfg)
+    if cfg.out:
+        check_out_path(cfg.out)
     if not cfg.runs and not cfg.policies:
         cfg = replace(cfg, policies=PAPER_POLICIES)
     df = read_runs(cfg)
@@ -339,12 +338,11 @@ def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: 
 def _source(cfg: OracleConfig) -> dict:
     """The model record and dataset of the evaluate runs read (from their manifests; of this group's runs only),
     for verdicts and reports."""
-    import json
 
     models, datasets = [], set()
     for p in _paths(cfg):
         m = Path(p).with_suffix(".json")
-        meta = json.loads(m.read_text()) if m.exists() else {}
+        meta = readers.json_file(m, "manifest", "rerun the evaluate that wrote it") if m.exists() else {}
         data = meta.get("config", {}).get("data", {})
         recorded = {"model": (meta.get("model") or {}).get("name"), "dataset": data.get("name"), "split": data.get("split")}
         if any(recorded[column] is not None and str(recorded[column]) != value for column, value in cfg.group):

@@ -39,9 +39,15 @@ class Stage:
         return self._record_of(self.name)
 
     def _read(self, path: Path) -> dict | None:
+        from skipbench import readers
+        from skipbench.errors import note
+
+        if not path.exists():
+            return None
         try:
-            return json.loads(path.read_text()) if path.exists() else None
-        except json.JSONDecodeError:  # a damaged record: as if the stage never finished
+            return readers.json_file(path, "stage record")
+        except readers.Unreadable as exc:  # as if the stage never finished: it runs again
+            note(f"{exc}: the stage runs again")
             return None
 
     def _upstream(self) -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.distributed import world_size
+from skipbench.readers import Unreadable, why
 from skipbench.results import atomic_dir
 from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
 
@@ -235,27 +236,46 @@ def _hub_or_dir(name: str) -> tuple[str, dict]:
 
 
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    if name == EMBEDDED:
-        source, extra = str(_embedded_dir()), {}
-    elif name == TINY:
-        source, extra = str(_tiny_dir()), {}
-    else:
-        source, extra = _hub_or_dir(name)
+    if name in (EMBEDDED, TINY):  # built into the cache on first use: a damaged copy is built again, not fatal
+        build = _embedded_dir if name == EMBEDDED else _tiny_dir
+        try:
+            return _load(name, str(build()), {}, dev, dt)
+        except Unreadable as exc:
+            import shutil
+
+            note(f"{exc}: building it again")
+            shutil.rmtree(cache_dir() / name, ignore_errors=True)
+            return _load(name, str(build()), {}, dev, dt)
+    source, extra = _hub_or_dir(name)
+    return _load(name, source, extra, dev, dt)
+
+
+def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtype) -> LoadedModel:
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(source).is_dir()
+
+    def unreadable(exc: Exception) -> SkipbenchError:
+        if local:
+            return Unreadable("model folder", source, f"cannot be loaded ({why(exc)})",
+                              "write it again (e.g. rerun the command that made it) or pass another --model")
+        return SkipbenchError(f"cannot load '{name}' ({source}): not in the local Hugging Face cache and the hub is not "
+                              f"reachable ({type(exc).__name__}); pass a local directory or a .gguf file")
+
     try:
         config = AutoConfig.from_pretrained(source, **extra)
     except (OSError, ValueError) as exc:
-        raise SkipbenchError(
-            f"cannot load '{name}' ({source}): not in the local Hugging Face cache and the hub is not reachable "
-            f"({type(exc).__name__}); pass a local directory or a .gguf file"
-        ) from None
+        raise unreadable(exc) from None
     if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "opt"):
         raise SkipbenchError(f"unsupported architecture '{config.model_type}' for '{name}'; supported: {SUPPORTED_FAMILIES}")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra)
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise unreadable(exc) from None
     return wrap_model(model, tokenizer, name, dev)
 
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from skipbench.errors import SkipbenchError
+from skipbench import readers
+from skipbench.errors import SkipbenchError, note
 
 VERSION = 1  # bump when the computation changes: cached summaries of an older one are not reused
 
@@ -44,12 +45,14 @@ def similarities(ctx, items: int, max_tokens: int) -> Similarities:
     key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype),
                       "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION}, sort_keys=True, default=str)
     path = cache_dir() / "calibration" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    try:
-        saved = json.loads(path.read_text())
-        return Similarities(np.array(saved["cos"]), np.array(saved["angle_last"]), saved["sequences"],
-                            saved["tokens"], saved["source"])
-    except (OSError, ValueError, KeyError):  # absent, or unreadable: computed again (and the cache rewritten)
-        pass
+    if path.exists():
+        try:
+            saved = readers.json_file(path, "calibration cache")
+            return Similarities(np.array(saved["cos"]), np.array(saved["angle_last"]), saved["sequences"],
+                                saved["tokens"], saved["source"])
+        except (readers.Unreadable, KeyError, TypeError, ValueError) as exc:  # computed again, the cache rewritten
+            note(f"{exc if isinstance(exc, readers.Unreadable) else f'calibration cache {str(path)!r} is incomplete'}"
+                 ": computing it again")
     sims = _compute(lm, data, max_tokens)
     write_text_atomic(path, json.dumps({"cos": sims.cos.tolist(), "angle_last": sims.angle_last.tolist(),
                                         "sequences": sims.sequences, "tokens": sims.tokens, "source": sims.source,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipbench import keyed
-from skipbench.checkpoints import BACKBONE, checked_module, load_checkpoint
+from skipbench.checkpoints import BACKBONE, checked_module, load_checkpoint, load_module
 from skipbench.engine.protocol import Gate, Policy
 from skipbench.errors import SkipbenchError
 
@@ -170,10 +170,7 @@ class ControllerPolicy(Policy):
 
 
 def load_controllers(path: str) -> tuple[Controllers, dict]:
-    meta, weights = load_checkpoint(path, "controllers")
-    c = Controllers(meta["hidden_size"], meta["num_layers"], meta["input"])
-    c.load_state_dict(weights)
-    return c, meta
+    return load_module(path, "controllers", lambda meta: Controllers(meta["hidden_size"], meta["num_layers"], meta["input"]))
 
 
 def check_backbone(path: str, model: str) -> None:
@@ -187,5 +184,5 @@ def check_backbone(path: str, model: str) -> None:
 
 
 def controller(spec, ctx) -> Policy:
-    c, meta = checked_module(spec.value, ctx.num_layers, load_controllers)
+    c, meta = checked_module(spec.value, ctx, load_controllers)
     return ControllerPolicy(c, spec.gate, spec.seed, meta.get("tau", 1.0))

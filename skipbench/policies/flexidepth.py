@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipbench.checkpoints import checked_module, load_checkpoint
+from skipbench.checkpoints import checked_module, load_module
 from skipbench.engine.protocol import Policy, Route
 from skipbench.errors import SkipbenchError
 
@@ -149,13 +149,11 @@ class FlexiPolicy(Policy):
 
 
 def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
-    meta, weights = load_checkpoint(path, "flexidepth")
-    f = FlexiDepth(meta["hidden_size"], meta["num_layers"], meta["routed_layers"], meta["reduction"], meta["tau"],
-                   meta["adapter"], meta["kv"], meta["linear_router"])
-    f.load_state_dict(weights)
-    return f, meta
+    return load_module(path, "flexidepth", lambda meta: FlexiDepth(
+        meta["hidden_size"], meta["num_layers"], meta["routed_layers"], meta["reduction"], meta["tau"], meta["adapter"],
+        meta["kv"], meta["linear_router"]))
 
 
 def flexidepth(spec, ctx) -> Policy:
-    f, _ = checked_module(spec.value, ctx.num_layers, load_flexidepth)
+    f, _ = checked_module(spec.value, ctx, load_flexidepth)
     return FlexiPolicy(f)
