@@ -30,9 +30,10 @@ def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     if not cfg_file.exists() or not weights.exists():
         raise SkipbenchError(f"'{path}' is not a trained {kind} folder (needs config.json and weights.safetensors)")
     stamp = _stamp(path)
-    raw = [cfg_file.read_bytes(), weights.read_bytes()]
+    raw = [readers.file_bytes(cfg_file, f"{kind} checkpoint config", ADVICE),
+           readers.file_bytes(weights, f"{kind} checkpoint weights", ADVICE)]
     _FINGERPRINTS[(str(path), stamp)] = _digest(raw)
-    meta = readers.json_file(cfg_file, f"{kind} checkpoint config", ADVICE)
+    meta = readers.json_bytes(raw[0], cfg_file, f"{kind} checkpoint config", ADVICE)
     if meta.get("kind") != kind:
         raise SkipbenchError(f"'{path}' holds a '{meta.get('kind')}' checkpoint, not '{kind}'")
     return meta, readers.safetensors_bytes(raw[1], weights, f"{kind} checkpoint weights", ADVICE)
@@ -46,7 +47,7 @@ def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"]
         module = build(meta)
     except KeyError as exc:
         raise SkipbenchError(f"'{path}/config.json' lacks the field {exc} a {kind} checkpoint needs; {ADVICE}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError, RuntimeError) as exc:
         raise SkipbenchError(f"'{path}/config.json' has invalid {kind} settings ({exc}); {ADVICE}") from None
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))

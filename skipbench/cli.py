@@ -871,13 +871,14 @@ def _float_list(text: str, what: str) -> tuple[float, ...]:
 
 @app.command()
 def oracle(
-    runs: Optional[list[str]] = typer.Option(None, "--runs", help="evaluate parquet file(s); default: results/evaluate-*.parquet, "
-                                       "uniform and full only, one oracle per model/dataset/split"),
+    runs: Optional[list[str]] = typer.Option(None, "--runs", help="evaluate parquet file(s); default: results/evaluate-*.parquet, the "
+                                       "paper's configurations, one oracle per model/dataset/split"),
     budget: Optional[float] = typer.Option(None, help="mean executed layers per token allowed"),
     curve: bool = typer.Option(False, "--curve", help="every budget from the cheapest to the dearest configuration"),
     budgets: str = typer.Option("", help="the curve's budgets, comma-separated (default: every integer)"),
     metric: str = typer.Option("rougeL", help="rougeL | full_rougeL | exact_match | any numeric column"),
     policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
+    costs: str = typer.Option("", help="keep only configurations of these costs (full always stays), comma-separated"),
     length_budgets: str = typer.Option("", help="budgets for the label-length test besides the star and --budget "
                                        "(the paper: 6 and 24 of 24 layers)"),
     bootstrap: int = typer.Option(200, help="item resamples for the star budget's 95% interval (0: none)"),
@@ -885,8 +886,9 @@ def oracle(
 ) -> None:
     """The exact sequence-level knapsack oracle and the greedy oracle (Glavas et al. Sec. 3.3).
 
-    With no --runs: every results/evaluate-*.parquet, one oracle per (model, dataset, split), uniform skipping
-    and full depth only unless --policies names others (the paper's configurations).
+    With no --runs: every results/evaluate-*.parquet, one oracle per (model, dataset, split), among the paper's
+    configurations (uniform skipping at 1/6, 1/3 and 1/2 of the layers, and full depth) unless --policies or
+    --costs name others.
 
     Example: skipbench oracle --budget 6
              skipbench oracle --runs results/eval-alpaca.parquet --curve --length-budgets 6,24 --out results/oracle.parquet
@@ -898,9 +900,12 @@ def oracle(
     cfg = OracleConfig(runs=tuple(runs or ()), metric=metric, budget=budget, curve=curve,
                        budgets=_float_list(budgets, "--budgets") if budgets else (),
                        policies=tuple(p for p in policies.split(",") if p),
+                       costs=_int_list(costs, "--costs") if costs else (),
                        length_budgets=_float_list(length_budgets, "--length-budgets") if length_budgets else (),
                        bootstrap=bootstrap, out=out)
-    results = run_groups(cfg)
+    results, notes = run_groups(cfg)
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
     for result in results:
         _print_oracle(result, cfg, name=" · ".join(v for _, v in result.group) if len(results) > 1 else "")
 
@@ -950,10 +955,10 @@ def _print_length_test(lt: dict) -> None:
 
 @app.command("bench-oracle")
 def bench_oracle(
-    items: int = typer.Option(7800, help="items (the paper's Alpaca test size)"),
+    items: int = typer.Option(7800, min=1, help="items (the paper's Alpaca test size)"),
     costs: str = typer.Option("4,8,12,24"),
     metric: OracleMetric = typer.Option(OracleMetric.rouge, callback=_plain, help="rouge: continuous; binary: 0/1, tie-heavy"),
-    big_items: int = typer.Option(1_000_000, help="a large instance run by the oracle alone (0 to skip)"),
+    big_items: int = typer.Option(1_000_000, min=0, help="a large instance run by the oracle alone (0 to skip)"),
     seed: int = typer.Option(0, help="seed of the synthetic instance"),
 ) -> None:
     """Time the exact oracle against scipy's HiGHS MILP on the same instance (one process).

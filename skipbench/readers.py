@@ -51,11 +51,22 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def json_file(path: str | os.PathLike, what: str = "JSON file", advice: str = "", expect: type = dict) -> Any:
+    return json_bytes(file_bytes(path, what, advice), path, what, advice, expect)
+
+
+def file_bytes(path: str | os.PathLike, what: str, advice: str = "") -> bytes:
     path = Path(path)
     _present(path, what, advice)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return path.read_bytes()
+    except OSError as exc:
+        raise Unreadable(what, path, f"cannot be read ({exc.strerror or why(exc)})", advice) from None
+
+
+def json_bytes(raw: bytes, path: str | os.PathLike, what: str = "JSON file", advice: str = "", expect: type = dict) -> Any:
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Unreadable(what, path, f"is not valid JSON ({why(exc)})", advice) from None
     if not isinstance(data, expect):
         raise Unreadable(what, path, f"holds a JSON {type(data).__name__}, not a {expect.__name__}", advice)
@@ -129,6 +140,13 @@ def safetensors_bytes(data: bytes, path: str | os.PathLike, what: str = "weights
 
 
 def safetensors_file(path: str | os.PathLike, what: str = "weights file", advice: str = "") -> dict:
+    """Tensors of a safetensors file, memory-mapped (a model's weights are not copied into memory first)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     _present(path, what, advice)
-    return safetensors_bytes(path.read_bytes(), path, what, advice)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None

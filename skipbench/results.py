@@ -54,6 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fails, so a killed or failed write never leaves a half-written file under the real name (or a stray temp)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -95,6 +96,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def clear_stale(path: Path) -> None:
+    """Temporaries of `path` that a killed writer left (SIGKILL runs no cleanup); a live writer's are kept."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if not _alive(stale.name.rpartition("-")[2].split(".")[0]):
+            stale.unlink(missing_ok=True)
+
+
 def _alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -103,6 +111,59 @@ def _alive(pid: str) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+JOURNAL = ".commit.json"  # the files of one save that move together (`write_together`)
+
+
+def write_together(folder: Path, writers: dict[str, Any]) -> None:
+    """Files (or folders) of one save that must change together, e.g. a checkpoint's weights, config and optimiser
+    state: each is written by `writers[name](temporary)` beside its place, then a journal naming them all is written,
+    then each is moved into place and the journal removed. A process killed before the journal is complete leaves
+    the previous save as it was; one killed after it is rolled forward by the next `finish_together`."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_together(folder)
+    tmps = {name: folder / f".{name}.tmp-{os.getpid()}" for name in writers}
+    try:
+        for name, write in writers.items():
+            write(tmps[name])
+        write_text_atomic(folder / JOURNAL, json.dumps({name: tmp.name for name, tmp in tmps.items()}))
+    except BaseException:
+        for tmp in tmps.values():
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        raise
+    finish_together(folder)
+
+
+def finish_together(folder: Path) -> None:
+    """Completes a save `write_together` journaled but did not finish moving (a killed process), and removes what a
+    killed save left behind: temporaries of dead writers and folders moved aside."""
+    import shutil
+
+    journal = folder / JOURNAL
+    if journal.exists():
+        for name, tmp in json.loads(journal.read_text()).items():  # written atomically: complete when present
+            if (folder / tmp).exists():
+                _move(folder / tmp, folder / name)
+        journal.unlink()
+    for stale in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
+        if not _alive(stale.name.rpartition("-")[2].split(".")[0]):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _move(src: Path, dest: Path) -> None:
+    """`src` takes `dest`'s place: a file by one rename; a folder by moving the old one aside first."""
+    import shutil
+
+    if src.is_dir() and dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        dest.replace(old)
+        src.replace(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.replace(dest)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -169,9 +230,9 @@ def check_out_path(path: str | os.PathLike, probe: bool = True) -> Path:
 def check_writable(path: str | os.PathLike, flag: str = "--out") -> Path:
     """`path` (a file to write later) can be: its folder exists or can be made, and a file can be created in it."""
     path = Path(path)
+    if path.is_dir():
+        raise SkipbenchError(f"{flag} '{path}' is a folder; give a file name")
     check_out_dir(path.parent, flag)
-    if path.exists() and not os.access(path, os.W_OK):
-        raise SkipbenchError(f"{flag} '{path}' cannot be written (permission denied); choose another path")
     return path
 
 
@@ -247,16 +308,17 @@ def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = 
 
     path = check_out_path(path, probe=False)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         df.to_parquet(tmp, index=False)
         if meta is not None:
-            mtmp = tmp.with_suffix(".json")
+            mtmp = tmp.with_name(tmp.name + ".json")
             mtmp.write_text(json.dumps({**meta, "rows": len(df), "sha256": sha256(tmp)}, indent=2, default=str))
             os.replace(mtmp, manifest_path(path))
         os.replace(tmp, path)
     except BaseException:  # an error or Ctrl-C mid-write leaves neither a result nor a temporary
         tmp.unlink(missing_ok=True)
-        tmp.with_suffix(".json").unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".json").unlink(missing_ok=True)
         raise
     return path

@@ -35,8 +35,8 @@ from skipbench.engine.decode import eos_ids, left_pad, pad_id
 from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
 from skipbench.errors import SkipbenchError, note
 from skipbench.metrics import kl_divergence
-from skipbench.models.loading import LoadedModel, model_fingerprint, save_folder
-from skipbench.results import atomic_path, config_dict, write_text_atomic
+from skipbench.models.loading import LoadedModel, model_fingerprint, write_folder
+from skipbench.results import config_dict, finish_together, write_text_atomic, write_together
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -257,9 +257,11 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     state_file = out / "trainer.pt"
     if cfg.restart:
         _discard_checkpoint(out)
+    if distributed.rank() == 0:
+        finish_together(out)  # a save a killed run journaled but did not finish moving
     if state_file.exists() and (out / "weights.safetensors").exists():
         _check_resumable(out, method, cfg)
-        module.load_state_dict(readers.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART))
+        _load_into(module, readers.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART), out)
         state = trainer_state(out)
         if state["step"] > cfg.steps:
             raise SkipbenchError(f"'{out}' was trained for {state['step']} steps, more than --steps {cfg.steps}; "
@@ -383,6 +385,14 @@ def trainer_state(out: Path) -> dict:
     return state
 
 
+def _load_into(module: nn.Module, weights: dict, where: Path, strict: bool = True):
+    """`module.load_state_dict`, a mismatch (names or shapes) being one line naming the folder."""
+    try:
+        return module.load_state_dict(weights, strict=strict)
+    except RuntimeError as exc:
+        raise SkipbenchError(f"'{where}' holds tensors that do not fit this model ({readers.why(exc)}); {RESTART}") from None
+
+
 def load_trainer(path: Path) -> dict:
     """A trainer.pt (optimiser state, step, log); a damaged one is one line naming it."""
     try:
@@ -442,7 +452,7 @@ def _load_backbone(lm: LoadedModel, out: Path, step: int) -> None:
 
 
 def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
-    """Load a model folder written by `save_model` into `lm`, checking that it was saved at `step`."""
+    """Load a model folder written by `models.loading.write_folder` into `lm`, checking that it was saved at `step`."""
     stamp = folder / "skipbench.json"
     saved = readers.json_file(stamp, "model stamp", RESTART).get("step") if stamp.exists() else None
     if saved != step:
@@ -451,36 +461,22 @@ def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
         weights.update(readers.safetensors_file(f, "model weights", RESTART))
-    missing, unexpected = lm.model.load_state_dict(weights, strict=False)
+    missing, unexpected = _load_into(lm.model, weights, folder, strict=False)
     tied = set(getattr(lm.model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise SkipbenchError(f"'{folder}' does not match the model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
 
 
-
-
-def _save_backbone(lm: LoadedModel, out: Path, step: int) -> None:
-    save_model(lm, out / BACKBONE, {"step": step})
-
-
-def save_model(lm: LoadedModel, target: Path, stamp: dict) -> None:
-    """The model and tokenizer as a plain model folder (for `--model`), with a stamp; replaced atomically."""
-    save_folder(lm.model, lm.tokenizer, target, stamp)
-
-
 def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:
-    if cfg.train_backbone:
-        _save_backbone(lm, out, step)
-    writers = {  # each to a temporary first; renamed in reverse order, so trainer.pt (the commit mark) comes last
+    writers = {  # one save: every file written first, then all moved into place together (results.write_together)
+        **({BACKBONE: lambda tmp: write_folder(lm.model, lm.tokenizer, tmp, {"step": step})} if cfg.train_backbone else {}),
         "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, tmp),
         "config.json": lambda tmp: tmp.write_text(json.dumps({**_saved_config(method, cfg), "step": step}, indent=2,
                                                              default=str)),
         "weights.safetensors": lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
                                                      str(tmp), metadata={"step": str(step)}),
     }
-    with contextlib.ExitStack() as stack:
-        for name, write in writers.items():
-            write(stack.enter_context(atomic_path(out / name)))
+    write_together(out, writers)
 
 
 def check_held_out(items, path: str) -> None:

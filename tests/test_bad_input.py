@@ -199,9 +199,29 @@ CASES = [
         w, t, lambda f: _garbage(f / "config.json"))], "cannot be loaded"),
     ("model weights truncated", lambda w, t: ["generate", "--prompt", "hi", "--model", _model_folder(
         w, t, lambda f: _truncate(f / "model.safetensors"))], "cannot be loaded"),
+    ("model tokenizer damaged", lambda w, t: ["generate", "--prompt", "hi", "--model", _model_folder(
+        w, t, lambda f: _garbage(f / "tokenizer.json"))], "cannot be loaded"),
+    ("controllers config empty", lambda w, t: _policy(w, t / "out" / "e.parquet", "--controller",
+                                                      _damaged(w, t, "ctrl", lambda f: _write(f / "config.json", ""))),
+     "is empty"),
+    # other commands
+    ("dataset JSON of values", lambda w, t: _evaluate(w, t / "out" / "e.parquet", "--dataset", _write(t / "d.json", "[1, 2]")),
+     "holds a list of values, not of records"),
+    ("plan calibrated on a garbage dataset", lambda w, t: ["plan", "--policy", "block-influence", "--cost", "3", "--model",
+                                                          w["model"], "--dataset", _write(t / "d.json", "{oops")],
+     "is not valid JSON"),
+    ("sweep batch size 0", lambda w, t: ["controllers", "sweep", "--model", w["model"], "--batch-size", "0", "--out",
+                                        t / "out" / "s.parquet"], "greater than or equal to 1"),
+    ("bench-oracle items negative", lambda w, t: ["bench-oracle", "--items", "-1"], "greater than or equal to 1"),
+    ("report out is a folder", lambda w, t: ["report", "--results", w["root"] / "results", "--out", w["root"] / "results"],
+     "is a folder"),
     # presets
     ("preset not TOML", lambda w, t: ["reproduce", "--preset", _write(t / "p.toml", "[evaluate\nx = "), "--results",
                                      t / "out"], "p.toml"),
+    ("preset without a model", lambda w, t: ["reproduce", "--preset", _write(t / "p.toml", '[evaluate]\ndatasets = ["arith"]'),
+                                            "--results", t / "out"], "lacks or misstates 'model'"),
+    ("reproduce results under a file", lambda w, t: ["reproduce", "--preset", "smoke", "--results", w["root"] / "a-file" / "r"],
+     "cannot be written"),
 ]
 
 
@@ -247,5 +267,4 @@ def test_bad_input_is_one_line_and_writes_nothing(world, tmp_path, name, prepare
     lines = res.stderr.strip().splitlines()
     assert res.exit_code == 1 and isinstance(res.exception, (SystemExit, type(None))), (res.output, res.exception)
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
-    assert "Traceback" not in res.output
     assert _files(tmp_path) == before and _files(world["root"]) == world_before

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -135,37 +136,74 @@ def test_oracle_cli_errors(tmp_path):
     assert res.exit_code == 0 and "0.250" in res.stdout  # (0.3 + 0.2) / 2: one item may take cost 8
 
 
+def _group_runs(dataset, policy, scores, cost=2, split="test"):
+    return pd.DataFrame({"item_id": ["a", "b"] * 2, "policy": [policy] * 2 + ["full"] * 2, "cost": [cost] * 2 + [8] * 2,
+                         "rougeL": scores, "model": "m", "dataset": dataset, "split": split})
+
+
 def test_runs_of_several_datasets_are_solved_apart(tmp_path):
-    """Each (model, dataset, split) gets its own oracle and file; a group with only full depth among the chosen
-    policies is left out with a note; a run read twice (full depth is in every file) is not 'averaged'."""
+    """Each (model, dataset, split) gets its own oracle, file and manifest source; a group with only full depth among
+    the chosen policies is left out with a note; a full-depth run read twice (it is in every file) is not
+    'averaged'; a missing grouping column is a group of its own, not lost."""
     from skipbench.experiments.oracle import OracleConfig, run, run_groups
 
-    def runs(dataset, policy, scores):
-        return pd.DataFrame({"item_id": ["a", "b"] * 2, "policy": [policy] * 2 + ["full"] * 2, "cost": [2, 2, 8, 8],
-                             "rougeL": scores, "model": "m", "dataset": dataset, "split": "test"})
-
-    runs("x", "uniform", [0.1, 0.9, 0.5, 0.5]).to_parquet(tmp_path / "x-uniform.parquet")
-    runs("x", "early-exit", [0.0, 0.0, 0.5, 0.5]).to_parquet(tmp_path / "x-early.parquet")
-    runs("y", "uniform", [0.7, 0.2, 0.3, 0.6]).to_parquet(tmp_path / "y-uniform.parquet")
-    runs("z", "early-exit", [0.1, 0.1, 0.4, 0.4]).to_parquet(tmp_path / "z-early.parquet")
+    _group_runs("x", "uniform", [0.1, 0.9, 0.5, 0.5]).to_parquet(tmp_path / "x-uniform.parquet")
+    _group_runs("x", "early-exit", [0.0, 0.0, 0.5, 0.5]).to_parquet(tmp_path / "x-early.parquet")
+    _group_runs("y", "uniform", [0.7, 0.2, 0.3, 0.6]).to_parquet(tmp_path / "y-uniform.parquet")
+    _group_runs("z", "early-exit", [0.1, 0.1, 0.4, 0.4]).to_parquet(tmp_path / "z-early.parquet")
+    _group_runs("w", "uniform", [0.2, 0.4, 0.3, 0.3]).drop(columns=["split"]).to_parquet(tmp_path / "w-nosplit.parquet")
+    for d in "xyz":
+        (tmp_path / f"{d}-uniform.json").write_text(json.dumps({"model": {"name": "m"},
+                                                                "config": {"data": {"name": d, "split": "test"}}}))
     files = tuple(str(p) for p in sorted(tmp_path.glob("*.parquet")))
-    results = run_groups(OracleConfig(runs=files, budget=5, policies=("uniform",), bootstrap=0,
-                                      out=str(tmp_path / "out" / "o.parquet")))
-    assert [dict(r.group)["dataset"] for r in results] == ["x", "y"]
-    x, y = results
+    results, notes = run_groups(OracleConfig(runs=files, budget=5, policies=("uniform",), bootstrap=0,
+                                             out=str(tmp_path / "out" / "o.parquet")))
+    assert [dict(r.group)["dataset"] for r in results] == ["w", "x", "y"]
+    w, x, y = results
+    assert dict(w.group)["split"] == "?"
     # budget 5 of (2, 8): one of the two items runs at full depth
     assert x.table.set_index("method").loc["oracle", "value"] == pytest.approx((0.9 + 0.5) / 2)
     assert y.table.set_index("method").loc["oracle", "value"] == pytest.approx((0.7 + 0.6) / 2)
-    assert any("left out" in n and "m/z/test" in n for n in x.notes)
+    assert notes == ["m/z/test left out: no configuration besides full depth among the chosen policies and costs"]
     assert not any("averaged" in n for r in results for n in r.notes)
-    assert Path(x.path).name == "o-x.parquet" and Path(y.path).name == "o-y.parquet"
+    assert [Path(r.path).name for r in results] == ["o-w-na.parquet", "o-x-test.parquet", "o-y-test.parquet"]
     written = pd.read_parquet(y.path)
     assert set(written["dataset"]) == {"y"} and set(written["model"]) == {"m"}
-    assert json.loads(Path(y.path).with_suffix(".json").read_text())["source"]["datasets"] == []  # no manifests here
+    assert json.loads(Path(y.path).with_suffix(".json").read_text())["source"]["datasets"] == ["y"]
     with pytest.raises(SkipbenchError, match="mixes models/datasets/splits"):
         run(OracleConfig(runs=files, budget=5))
-    with pytest.raises(SkipbenchError, match="no configuration besides full depth"):
+    with pytest.raises(SkipbenchError, match="nothing to solve"):
         run_groups(OracleConfig(runs=(files[-1],), budget=5, policies=("uniform",)))
+
+
+def test_with_no_runs_the_paper_configurations_of_every_evaluate_result(tmp_path, monkeypatch):
+    """`skipbench oracle --budget B` alone: every results/evaluate-*.parquet but companions, uniform skipping at
+    1/6, 1/3 and 1/2 of the depth (5, 10, 15 of 30) and full depth; other costs and policies only when named."""
+    rng = np.random.default_rng(0)
+    results = tmp_path / "results"
+    results.mkdir()
+    items = [f"i{k}" for k in range(6)]
+    full = rng.random(len(items))
+    for policy, costs in (("uniform", (5, 10, 15, 22)), ("early-exit", (5, 10))):
+        rows = [{"item_id": i, "policy": p, "cost": c, "rougeL": v, "model": "m", "dataset": "text", "split": "test"}
+                for c in costs for p, (i, v) in [(policy, iv) for iv in zip(items, rng.random(len(items)))]]
+        rows += [{"item_id": i, "policy": "full", "cost": 30, "rougeL": v, "model": "m", "dataset": "text",
+                  "split": "test"} for i, v in zip(items, full)]
+        pd.DataFrame(rows).to_parquet(results / f"evaluate-{policy}-text.parquet")
+    pd.DataFrame({"junk": [1]}).to_parquet(results / "evaluate-uniform-text-agg.parquet")  # a companion: not read
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["oracle", "--budget", "6"])
+    assert res.exit_code == 0, res.output
+    assert "the paper's configurations" in res.stdout + res.stderr
+    shares = re.findall(r"│ ([a-z-]+:\d+) +│ +[0-9.]+ │ +[0-9.]+ │", res.stdout)
+    assert shares == ["uniform:5", "uniform:10", "uniform:15", "full:30"]
+    runs = pd.read_parquet(results / "evaluate-uniform-text.parquet")
+    wide = runs[runs["cost"].isin([5, 10, 15, 30])].pivot_table(index="item_id", columns="cost", values="rougeL")
+    expected = brute_force(wide.to_numpy(), np.array(wide.columns, dtype=float), 6)
+    assert float(re.search(r"│ oracle +│ ([0-9.]+)", res.stdout).group(1)) == pytest.approx(expected, abs=5e-4)
+    res = CliRunner().invoke(app, ["oracle", "--budget", "6", "--policies", "uniform,early-exit"])
+    assert re.findall(r"│ ([a-z-]+:\d+) +│ +[0-9.]+ │ +[0-9.]+ │", res.stdout) == [
+        "early-exit:5", "uniform:5", "early-exit:10", "uniform:10", "uniform:15", "uniform:22", "full:30"]
 
 
 def test_missing_items_are_dropped_with_a_count(tmp_path):
@@ -174,7 +212,7 @@ def test_missing_items_are_dropped_with_a_count(tmp_path):
     df = pd.DataFrame({"item_id": ["a", "b", "c", "a", "b"], "cost": [4, 4, 4, 8, 8], "rougeL": [0.1, 0.2, 0.9, 0.3, 0.4]})
     df.to_parquet(tmp_path / "r.parquet")
     res = run(OracleConfig(runs=(str(tmp_path / "r.parquet"),), budget=6))
-    assert any("1 item(s) missing" in n for n in res.notes)
+    assert any("1 item(s) not scored" in n for n in res.notes)
 
 
 def test_dynamic_configurations_are_costed_per_item_end_to_end(tmp_path):

@@ -123,14 +123,27 @@ def killing(real):
             os.kill(os.getpid(), signal.SIGKILL)
     return write
 
+def killing_after(real):  # the call completes, then the process dies: a kill between the moves of one save
+    def move(*args, **kwargs):
+        global calls
+        calls += 1
+        real(*args, **kwargs)
+        if calls == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return move
+
 if target == "part":
     import pandas as pd
     pd.DataFrame.to_parquet = killing(pd.DataFrame.to_parquet)
     from skipbench.cli import app
     app(sys.argv[3:])
 else:
-    import torch
-    torch.save = killing(torch.save)
+    if target == "checkpoint":
+        import torch
+        torch.save = killing(torch.save)
+    else:
+        import skipbench.results as results
+        results._move = killing_after(results._move)
     from skipbench.data import DataSpec
     from skipbench.experiments.controllers import ControllerTrainConfig, run_train
     from skipbench.training import TrainConfig
@@ -151,8 +164,11 @@ def test_sigkill_during_a_part_write_then_rerun(tiny_dirs, tmp_path):
     killed = _killed("part", 2, *_evaluate(model, tmp_path / "k" / "e.parquet"))  # the second part: uniform:2
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "k" / "e.parquet").exists()
+    parts = tmp_path / "k" / ".skipbench-parts"
+    assert len(list(parts.glob(".*.tmp-*"))) == 1  # the killed write's temporary, half written
     res = invoke(*_evaluate(model, tmp_path / "k" / "e.parquet"))
     assert res.exit_code == 0, res.output
+    assert not list(parts.glob(".*.tmp-*"))  # cleared by the rerun's write of the same part
     res = invoke(*_evaluate(model, tmp_path / "clean" / "e.parquet"))
     assert res.exit_code == 0, res.output
     resumed, clean = (pd.read_parquet(tmp_path / d / "e.parquet") for d in ("k", "clean"))
@@ -160,20 +176,29 @@ def test_sigkill_during_a_part_write_then_rerun(tiny_dirs, tmp_path):
     pd.testing.assert_frame_equal(resumed.drop(columns=["run_id"]), clean.drop(columns=["run_id"]))
 
 
-def test_sigkill_during_a_checkpoint_write_then_rerun(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("target, at", [("checkpoint", 2), ("move", 4)], ids=["while writing", "between moves"])
+def test_sigkill_during_a_checkpoint_save_then_rerun(tiny_dirs, tmp_path, target, at):
+    """Killed while the step-2 save writes its files (the step-1 checkpoint stays whole), or after the first of its
+    three files moved into place (the journaled save is completed by the rerun): either way the rerun resumes and
+    ends with the weights of an uninterrupted run."""
     from safetensors.torch import load_file
 
+    from skipbench.results import JOURNAL
     from skipbench.training import trainer_state
 
     model = str(tiny_dirs["llama"])
-    killed = _killed("checkpoint", 2, model, tmp_path / "k")  # the step-2 save, after step 1's finished
+    killed = _killed(target, at, model, tmp_path / "k")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert trainer_state(tmp_path / "k")["step"] == 1  # the last whole checkpoint, not the torn one
+    if target == "checkpoint":
+        assert trainer_state(tmp_path / "k")["step"] == 1 and not (tmp_path / "k" / JOURNAL).exists()
+    else:
+        assert (tmp_path / "k" / JOURNAL).exists()
     args = ["controllers", "train", "--model", model, "--dataset", "arith", "--limit", "4", "--steps", "3",
             "--batch-size", "2", "--max-new-tokens", "2"]
     for out in ("k", "clean"):
         res = invoke(*args, "--out", tmp_path / out)
         assert res.exit_code == 0, res.output
     assert trainer_state(tmp_path / "k")["step"] == 3
+    assert not list((tmp_path / "k").glob(".*"))  # no journal, no temporaries left
     resumed, clean = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("k", "clean"))
     assert resumed.keys() == clean.keys() and all((resumed[k] == clean[k]).all() for k in clean)

@@ -27,7 +27,8 @@ def read_table(path: Path) -> pd.DataFrame:
     if suffix == ".parquet":
         return _records(readers.table(path, "dataset file", ADVICE), path)
     if not path.is_file():
-        raise SkipbenchError(f"dataset file not found: {path}")
+        raise SkipbenchError(f"dataset file not found: {path}; give an existing file or a built-in dataset "
+                             "(skipbench datasets lists them)")
     if path.stat().st_size == 0:
         raise SkipbenchError(f"dataset file is empty: {path}")
     try:
@@ -43,6 +44,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def _records(data, path: Path) -> pd.DataFrame:
+    if not isinstance(data, pd.DataFrame) and not all(isinstance(r, dict) for r in data):
+        raise SkipbenchError(f"dataset file '{path}' holds a list of values, not of records; {ADVICE}")
     df = data if isinstance(data, pd.DataFrame) else pd.DataFrame.from_records(data)
     if df.empty:
         raise SkipbenchError(f"dataset file has no records: {path}")

@@ -36,11 +36,12 @@ from skipbench.errors import SkipbenchError
 from skipbench.metrics import rouge_l
 from skipbench.models import load_model
 from skipbench.engine.protocol import GateFn
-from skipbench.results import atomic_path, check_out_dir, config_dict, write_text_atomic
+from skipbench.models.loading import write_folder
+from skipbench.results import check_out_dir, config_dict, finish_together, write_together
 from skipbench.training import (
     RESTART, RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
     load_trainer,
-    optimizer_step, pick_batch, save_model,
+    optimizer_step, pick_batch,
 )
 
 BEST, LAST = "best", "last"
@@ -171,21 +172,18 @@ def _evaluate(lm, val, val_prompts, cfg: FinetuneConfig, d, step: int, result: F
         result.best = {"step": step, "rougeL": score}
     without = sum(e["step"] > result.best["step"] for e in result.evals)  # evaluations since the best
     result.stopped_early = without >= cfg.patience and step < cfg.steps
-    if d.main:
-        if improved:
-            save_model(lm, result.out / BEST, {"step": step, "val_rougeL": score, "base_model": cfg.model})
-        save_model(lm, result.out / LAST, {"step": step})
+    if d.main:  # one save: every file written first, then all moved into place together (results.write_together)
         meta = {**config_dict(cfg), "kind": "finetune", "step": step, "best": result.best, "evals": result.evals,
                 "stopped_early": result.stopped_early}
-        _write_json(result.out / "config.json", meta)
-        with atomic_path(result.out / "trainer.pt") as tmp:
-            torch.save({"optimizer": opt.state_dict(), "step": step, "log": result.log, "evals": result.evals,
-                        "best": result.best, "stopped_early": result.stopped_early}, tmp)
+        write_together(result.out, {
+            **({BEST: lambda tmp: write_folder(lm.model, lm.tokenizer, tmp, {"step": step, "val_rougeL": score,
+                                                                             "base_model": cfg.model})} if improved else {}),
+            LAST: lambda tmp: write_folder(lm.model, lm.tokenizer, tmp, {"step": step}),
+            "config.json": lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)),
+            "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "step": step, "log": result.log,
+                                                  "evals": result.evals, "best": result.best,
+                                                  "stopped_early": result.stopped_early}, tmp)})
     d.barrier()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
 def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
@@ -198,6 +196,8 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
             (out / name).unlink(missing_ok=True)
         for name in (BEST, LAST):
             shutil.rmtree(out / name, ignore_errors=True)
+    if distributed.rank() == 0:
+        finish_together(out)  # a save a killed run journaled but did not finish moving
     if not (out / "trainer.pt").exists():
         return fresh, []
     saved = _flat(readers.json_file(out / "config.json", "fine-tuning config", RESTART))

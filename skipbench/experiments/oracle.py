@@ -39,11 +39,19 @@ class OracleConfig:
     bootstrap: int = 200  # item resamples for the star budget's interval (0: none)
     out: str | None = None
     max_cells: float = 2e8
+    costs: tuple[int, ...] = ()  # keep only configurations of these nominal costs (full depth always stays)
     group: tuple[tuple[str, str], ...] = ()  # (column, value) pairs: only these runs (one group of `run_groups`)
 
 
-PAPER_POLICIES = ("uniform",)  # Glavas et al.'s oracle chooses among uniformly skipped models and full depth
+# Glavas et al.'s oracle chooses among uniformly skipped models at 4, 8 and 12 of 24 layers and full depth
+PAPER_POLICIES, PAPER_FRACTIONS = ("uniform",), (1 / 6, 1 / 3, 1 / 2)
 GROUP_BY = ("model", "dataset", "split")  # the runs of one oracle share these (when the runs record them)
+SETTINGS = ("max_new_tokens", "kv_mode", "prompt_depth", "max_prompt_tokens")  # should agree within a group
+
+
+def paper_costs(num_layers: int) -> tuple[int, ...]:
+    """The paper's configuration set scaled to a model's depth: 1/6, 1/3 and 1/2 of its layers (30 -> 5, 10, 15)."""
+    return tuple(sorted({max(1, math.floor(f * num_layers + 0.5)) for f in PAPER_FRACTIONS}))
 
 
 @dataclass(kw_only=True)
@@ -96,30 +104,39 @@ def _group_keys(df: pd.DataFrame) -> list[str]:
     return [c for c in GROUP_BY if c in df.columns]
 
 
+def _labels(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The grouping columns as text, a missing value as '?' (runs from files without that column)."""
+    return df[keys].astype(object).where(df[keys].notna(), "?").astype(str)
+
+
 def _groups(df: pd.DataFrame) -> list[tuple[tuple[str, str], ...]]:
     keys = _group_keys(df)
     if not keys:
         return [()]
-    return [tuple(zip(keys, map(str, values))) for values in df[keys].astype(str).drop_duplicates().itertuples(index=False)]
+    return [tuple(zip(keys, values)) for values in _labels(df, keys).drop_duplicates().itertuples(index=False)]
 
 
 def _in_group(df: pd.DataFrame, group: tuple[tuple[str, str], ...]) -> pd.DataFrame:
-    for column, value in group:
-        df = df[df[column].astype(str) == value]
-    return df
+    if not group:
+        return df
+    labels = _labels(df, [c for c, _ in group])
+    return df[(labels == pd.Series(dict(group))).all(axis=1)]
 
 
-def _chosen(df: pd.DataFrame, policies: tuple[str, ...]) -> pd.DataFrame:
-    """The rows of the named policies (strategy names such as uniform, or spec labels such as layers:0,3,5) and
-    full depth; every row when none is named."""
+def _chosen(df: pd.DataFrame, policies: tuple[str, ...], costs: tuple[int, ...] = ()) -> pd.DataFrame:
+    """The rows of the named policies (strategy names such as uniform, or spec labels such as layers:0,3,5) at the
+    named costs, and full depth; every row when neither is named."""
     if "policy" not in df.columns:
         df = df.assign(policy="config")
-    if not policies:
-        return df
-    named = df["policy"].isin(policies)
-    if "policy_spec" in df.columns:
-        named |= df["policy_spec"].isin(policies)
-    return df[named | (df["policy"] == "full")]
+    keep = pd.Series(True, index=df.index)
+    if policies:
+        named = df["policy"].isin(policies)
+        if "policy_spec" in df.columns:
+            named |= df["policy_spec"].isin(policies)
+        keep &= named
+    if costs:
+        keep &= df["cost"].isin(costs)
+    return df[keep | (df["policy"] == "full")]
 
 
 def _group_name(group: tuple[tuple[str, str], ...]) -> str:
@@ -131,15 +148,17 @@ def load_scores(cfg: OracleConfig, df: pd.DataFrame | None = None) -> tuple[pd.D
     if len(groups := _groups(df)) > 1:
         raise SkipbenchError(f"--runs mixes models/datasets/splits ({', '.join(map(_group_name, groups))}); "
                              "pass the files of one with --runs")
-    df = _chosen(df, cfg.policies).dropna(subset=[cfg.metric])
+    df = _chosen(df, cfg.policies, cfg.costs).dropna(subset=[cfg.metric])
     if df.empty:
         raise SkipbenchError(f"no rows with a value for metric '{cfg.metric}'")
     df["config"] = df["policy"].astype(str) + ":" + df["cost"].astype(int).astype(str)
     if "policy_spec" in df.columns:  # two specs with one (policy, cost), e.g. two layer sets of 3: keep them apart
         clash = df.groupby("config")["policy_spec"].transform("nunique") > 1
         df.loc[clash, "config"] = df.loc[clash, "policy_spec"].astype(str) + " (" + df.loc[clash, "cost"].astype(int).astype(str) + ")"
-    notes = []
-    df = df.drop_duplicates(["config", "item_id", cfg.metric])  # one run read twice (full depth is in every file)
+    notes = [f"the runs differ in {c} ({', '.join(map(str, sorted(df[c].dropna().unique())))}): they are compared as "
+             "if alike" for c in SETTINGS if c in df.columns and df[c].nunique() > 1]
+    copies = (df["policy"] == "full") & df.duplicated(["config", "item_id", cfg.metric])
+    df = df[~copies]  # every evaluate file carries the full-depth rows of its items: one run read several times
     dup = df.duplicated(["config", "item_id"]).sum()
     if dup:
         notes.append(f"{dup} repeated (configuration, item) rows with different scores were averaged")
@@ -157,7 +176,8 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
     notes = []
     incomplete = wide.isna().any(axis=1)
     if incomplete.any():
-        notes.append(f"{int(incomplete.sum())} item(s) missing from some configuration were dropped")
+        notes.append(f"{int(incomplete.sum())} item(s) not scored under every configuration were dropped (e.g. full "
+                     "depth from a run with more items)")
         wide = wide[~incomplete]
     if wide.empty:
         raise SkipbenchError("no item is scored under every configuration")
@@ -175,40 +195,57 @@ def pivot(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str], list[
     return wide, configs, [int(costs_of[c]) for c in configs], notes, per_item
 
 
-def run_groups(cfg: OracleConfig) -> list[OracleResult]:
-    """One oracle per (model, dataset, split) in the runs. With no files named, the paper's configurations (uniform
-    skipping and full depth) unless `policies` names others; a group with nothing but full depth is left out with a
-    note. With several groups, `out` gets each group's name: results/oracle.parquet → results/oracle-text.parquet."""
+def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
+    """One oracle per (model, dataset, split) in the runs, and the notes of the whole run. With no files, policies
+    or costs named: the paper's configurations, uniform skipping at 1/6, 1/3 and 1/2 of each group's depth and full
+    depth. A group that has nothing to choose from, or fails, is left out with a note when other groups remain.
+    With several groups, `out` gets each group's name: results/oracle.parquet -> results/oracle-text.parquet."""
     _needs_a_budget(cfg)
     if cfg.out:
         check_out_path(cfg.out)
-    if not cfg.runs and not cfg.policies:
+    paper = not (cfg.runs or cfg.policies or cfg.costs)
+    if paper:
         cfg = replace(cfg, policies=PAPER_POLICIES)
     df = read_runs(cfg)
     groups = _groups(df)
-    results, left_out = [], []
+    outs = {group: _group_out(cfg.out, group, groups) if cfg.out and len(groups) > 1 else cfg.out for group in groups}
+    if cfg.out and len(set(outs.values())) < len(groups):
+        raise SkipbenchError(f"the groups {', '.join(map(_group_name, groups))} would share output files; "
+                             "pass the files of one with --runs")
+    results, notes = [], []
     for group in groups:
-        if set(_chosen(_in_group(df, group), cfg.policies)["policy"]) <= {"full"}:
-            left_out.append(_group_name(group) or "the runs")
+        rows = _in_group(df, group)
+        one = replace(cfg, group=group, out=outs[group])
+        if paper:
+            full = rows[rows["policy"] == "full"] if "policy" in rows.columns else rows.iloc[:0]
+            depth = int(full["cost"].max()) if len(full) else 0
+            one = replace(one, costs=paper_costs(depth)) if depth else one
+        name = _group_name(group) or "the runs"
+        if set(_chosen(rows, one.policies, one.costs)["policy"]) <= {"full"}:
+            chosen = "uniform skipping at the paper's costs" if paper else "the chosen policies and costs"
+            notes.append(f"{name} left out: no configuration besides full depth among {chosen}")
             continue
-        out = _group_out(cfg.out, group, groups) if cfg.out and len(groups) > 1 else cfg.out
-        results.append(run(replace(cfg, group=group, out=out), df))
+        try:
+            results.append(run(one, df))
+        except SkipbenchError as exc:
+            if len(groups) == 1:
+                raise
+            notes.append(f"{name} left out: {exc}")
     if not results:
-        raise SkipbenchError(f"no configuration besides full depth in any of {', '.join(left_out)}; "
-                             "name the policies to compare with --policies")
-    if left_out:
-        results[0].notes.append(f"left out (nothing but full depth among --policies "
-                                f"{','.join(cfg.policies)}): {', '.join(left_out)}")
-    return results
+        raise SkipbenchError(f"nothing to solve: {'; '.join(notes)}; name the configurations with --policies / --costs")
+    if paper:
+        notes.insert(0, "the paper's configurations: uniform skipping at 1/6, 1/3 and 1/2 of the layers and full depth "
+                        "(--policies and --costs choose others)")
+    return results, notes
 
 
 def _group_out(out: str, group, groups) -> str:
-    """The output of one group: the stem plus the group's values that vary between groups (a model path by its
-    name with its folders' names joined)."""
+    """The output of one group: the stem plus the group's values that vary between groups (a model path with its
+    separators replaced)."""
     import re
 
-    varying = [k for k, (column, _) in enumerate(group) if len({g[k][1] for g in groups}) > 1]
-    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", group[k][1]).strip("_") for k in varying)
+    varying = [k for k in range(len(group)) if len({g[k][1] for g in groups}) > 1]
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", group[k][1]).strip("_") or "na" for k in varying)
     path = Path(out)
     return str(path.with_name(f"{path.stem}-{name}{path.suffix}"))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from skipbench.errors import SkipbenchError
 from skipbench.oracle import Instance, solve
 
 
@@ -55,6 +56,8 @@ def _timed(fn):
 
 
 def run(cfg: OracleBenchConfig) -> pd.DataFrame:
+    if cfg.items < 1 or cfg.big_items < 0 or not cfg.costs or min(cfg.costs) < 1:
+        raise SkipbenchError("bench-oracle needs --items >= 1, --big-items >= 0 and costs >= 1")
     inst = instance(cfg.items, cfg.costs, cfg.metric, cfg.seed)
     grid = list(range(min(cfg.costs), max(cfg.costs) + 1))
     rows = []

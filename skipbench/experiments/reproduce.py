@@ -88,17 +88,21 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
         raise SkipbenchError(f"unknown preset '{name}'; known: {known} (or a path to a .toml file)")
+    from skipbench import readers
+
+    raw = readers.file_bytes(path, "preset", "see experiments/quick.toml for the format")
     try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise SkipbenchError(f"cannot read preset {path}: {exc}") from None
+        return tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise SkipbenchError(f"cannot read preset {path}: {readers.why(exc)}") from None
 
 
 def record_preset(preset: dict, name: str, results: Path) -> None:
     """The preset's name and its stated differences from the papers' setups, for the report."""
-    record = results / ".reproduce" / "preset.json"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"name": Path(name).stem, "differences": preset.get("differences", [])}, indent=2))
+    from skipbench.results import write_text_atomic
+
+    write_text_atomic(results / ".reproduce" / "preset.json",
+                      json.dumps({"name": Path(name).stem, "differences": preset.get("differences", [])}, indent=2))
 
 
 def _opt(section: dict, key: str, flag: str) -> list[str]:
@@ -151,7 +155,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         target = r / f"oracle-{orc['dataset']}.parquet"
         out.append(Stage("oracle", (
             "oracle", "--runs", str(r / f"evaluate-uniform-{orc['dataset']}.parquet"), "--curve",
-            "--metric", orc["metric"], "--length-budgets", _csv(orc["length_budgets"]), "--out", str(target)), target))
+            *(["--costs", _csv(orc["costs"])] if "costs" in orc else []), "--metric", orc["metric"], "--length-budgets", _csv(orc["length_budgets"]), "--out", str(target)), target))
     if ct:
         target = r / f"controllers-{ct['dataset']}.parquet"
         out.append(Stage("controllers sweep", (
@@ -208,9 +212,15 @@ def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list
     """Run the preset's stages in order through `command` (the CLI itself), skipping finished ones."""
     import time
 
+    from skipbench.results import check_out_dir
+
     chosen = load_preset(preset)
-    plan = stages(chosen, results)
+    try:
+        plan = stages(chosen, results)
+    except (KeyError, TypeError) as exc:  # a section without a key its stage needs, or a value of the wrong kind
+        raise SkipbenchError(f"preset '{preset}' lacks or misstates {exc} (see experiments/quick.toml)") from None
     if not dry_run:
+        check_out_dir(plan[-1].results, "--results")
         record_preset(chosen, preset, plan[-1].results)
     for stage in plan:
         if stage.name != "report" and stage.done():

@@ -202,10 +202,16 @@ def _tiny_dir() -> Path:
 def save_folder(model, tokenizer, target: Path, stamp: dict | None = None) -> None:
     """A plain model folder (model, tokenizer and, given, skipbench's stamp), replacing `target` atomically."""
     with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if stamp is not None:
-            (tmp / "skipbench.json").write_text(json.dumps(stamp))
+        write_folder(model, tokenizer, tmp, stamp)
+
+
+def write_folder(model, tokenizer, folder: Path, stamp: dict | None = None) -> None:
+    """The files of a plain model folder, written into `folder` as they are (callers make that atomic)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if stamp is not None:
+        (folder / "skipbench.json").write_text(json.dumps(stamp))
 
 
 def _hub_id(hub_id: str) -> tuple[str, dict]:
@@ -273,8 +279,11 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
         raise SkipbenchError(f"unsupported architecture '{config.model_type}' for '{name}'; supported: {SUPPORTED_FAMILIES}")
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra)
-        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise unreadable(exc) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise unreadable(exc) from None
     return wrap_model(model, tokenizer, name, dev)
 
