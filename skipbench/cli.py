@@ -21,7 +21,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
-from skipbench.errors import NOTED as noted
+from skipbench.errors import LISTENERS, NOTED
 from skipbench.errors import SkipbenchError
 from skipbench.policies.spec import STRATEGIES  # light: the registry's defaults (checkpoint folders)
 
@@ -37,7 +37,7 @@ class SkipbenchGroup(TyperGroup):
         from skipbench import distributed  # light: torch only once a process group is joined
 
         quiet = distributed.rank() > 0  # the other ranks' tables and progress would repeat rank 0's
-        noted.clear()  # each command says its own notes once
+        NOTED.clear()  # each command says its own notes once
         console.quiet = quiet
         try:  # torch is imported only by commands that need it (plan, oracle and --help do not)
             with contextlib.ExitStack() as stack:
@@ -94,6 +94,8 @@ app = typer.Typer(
     help="Run pre-trained decoder-only LLMs under layer-skipping policies and measure what skipping costs and saves.",
 )
 console = Console(stderr=True)
+# the library's notes (errors.note), one plain line each on stderr (not wrapped: a path stays on its line); rank 0 only
+LISTENERS.append(lambda message: console.quiet or typer.echo(f"note: {message}", err=True))
 
 
 # Choices, as `str` Enums: `--help` lists them and click refuses anything else in one line. Each member's value is

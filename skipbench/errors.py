@@ -5,17 +5,14 @@ class SkipbenchError(Exception):
     """Bad input from the user (unknown model, invalid cost, missing file, ...)."""
 
 
-NOTED: set[str] = set()
+NOTED: list[str] = []  # what `note` was told in this command, once each, in order
+LISTENERS: list = []  # callables given each new note: the CLI prints them (library code never prints)
 
 
 def note(message: str) -> None:
-    """One line on stderr for something the user should know that is not an error (a damaged cache recomputed);
-    said once per process, however many times the same thing is found."""
-    import os
-    import sys
-
-    if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
-        return  # under torchrun rank 0 says it (read from the environment: this module sits below `distributed`)
+    """Something the user should know that is not an error (a damaged cache computed again): recorded once per
+    command, however many times it is found, and handed to the listeners."""
     if message not in NOTED:
-        NOTED.add(message)
-        print(f"note: {message}", file=sys.stderr)
+        NOTED.append(message)
+        for listen in LISTENERS:
+            listen(message)
