@@ -39,10 +39,18 @@ def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     return meta, readers.safetensors_bytes(raw[1], weights, f"{kind} checkpoint weights", ADVICE)
 
 
-def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"]) -> tuple["torch.nn.Module", dict]:
+def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"],
+                model: dict | None = None) -> tuple["torch.nn.Module", dict]:
     """A saved method's module: built from its config by `build(meta)`, its tensors checked by name and shape
-    against what that module holds before they are loaded."""
+    against what that module holds before they are loaded. `model` ({"num_layers": L, "hidden_size": H}, what
+    is known of the model it will run on) is compared with the config first, before anything is built."""
     meta, weights = load_checkpoint(path, kind)
+    differ = {k: v for k, v in (model or {}).items() if v is not None and meta.get(k) != v}
+    if differ:
+        trained_on = (meta.get("train") or {}).get("model", "?") if isinstance(meta.get("train"), dict) else "?"
+        raise SkipbenchError(f"'{path}' was trained on {trained_on} ({meta.get('num_layers')} layers, hidden size "
+                             f"{meta.get('hidden_size')}); this model has {model.get('num_layers')} layers"
+                             + (f", hidden size {model['hidden_size']}" if model.get("hidden_size") else ""))
     try:
         module = build(meta)
     except KeyError as exc:
@@ -64,17 +72,10 @@ def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"]
 
 
 def checked_module(path: str, ctx, load: Callable):
-    """A learned policy's trained module (`controller:DIR`, `flexidepth:DIR`), checked against the model's depth and
-    width (`ctx`: the policy's Context): one trained for another model is refused with what it was trained for."""
-    module, meta = load(path)
-    hidden = getattr(getattr(getattr(ctx, "lm", None), "model", None), "config", None)
-    hidden = getattr(hidden, "hidden_size", None)
-    if module.num_layers != ctx.num_layers or (hidden is not None and meta.get("hidden_size") != hidden):
-        trained_on = (meta.get("train") or {}).get("model", "?")
-        raise SkipbenchError(f"'{path}' was trained on {trained_on} ({module.num_layers} layers, hidden size "
-                             f"{meta.get('hidden_size')}); this model has {ctx.num_layers} layers"
-                             + (f", hidden size {hidden}" if hidden is not None else ""))
-    return module, meta
+    """A learned policy's trained module (`controller:DIR`, `flexidepth:DIR`) for the model of `ctx` (the policy's
+    Context): one trained for another depth or width is refused with what it was trained for, before it is built."""
+    config = getattr(getattr(getattr(ctx, "lm", None), "model", None), "config", None)
+    return load(path, {"num_layers": ctx.num_layers, "hidden_size": getattr(config, "hidden_size", None)})
 
 
 _FINGERPRINTS: dict[tuple[str, tuple], str] = {}  # (path, files' sizes and times) -> fingerprint

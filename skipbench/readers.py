@@ -78,12 +78,17 @@ def table(path: str | os.PathLike, what: str = "results file", advice: str = "",
     """A parquet table; `checked`: also its row count and checksum against the manifest beside it."""
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     path = Path(path)
     _present(path, what, advice)
     if checked:
         _verify(path, what, advice)
     try:
+        if columns:
+            missing = [c for c in columns if c not in pq.read_schema(path).names]
+            if missing:
+                raise Unreadable(what, path, f"lacks the column(s) {', '.join(missing)}", advice)
         return pd.read_parquet(path, columns=columns)
     except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
         raise Unreadable(what, path, f"is not a readable parquet table ({why(exc)})", advice) from None

@@ -273,7 +273,12 @@ def write_report(results: str, out: str) -> Path:
                 section_bench]
     body, found = [], []
     for sec in sections:
-        lines, verdict_list = sec(folder)
+        try:
+            lines, verdict_list = sec(folder)
+        except KeyError as exc:  # a result whose table or manifest lacks what its section reads
+            raise SkipbenchError(f"a result under {results} lacks a column the report's "
+                                 f"{sec.__name__.removeprefix('section_')} section reads ({exc.args[0]}); rerun the "
+                                 "command that wrote it, or move it out of the results folder") from None
         body += lines
         found += verdict_list
     if not body:

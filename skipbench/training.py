@@ -147,6 +147,9 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     fingerprint = model_fingerprint(cfg.model)
     key = f"{cfg.model}|{cfg.max_new_tokens}" + (f"|{fingerprint}" if fingerprint else "")
     cached = _teacher_cache(cache_file).get(key, {})
+    if not isinstance(cached, dict) or not all(isinstance(v, list) for v in cached.values()):
+        note(f"teacher cache '{cache_file}' holds no responses under {key!r}: generating them again")
+        cached = {}
     todo = [i for i in keep if items[i].item_id not in cached]
     mine = [todo[j] for j in d.shard([items[i].item_id for i in todo])]  # each rank generates its share
     stops, new = eos_ids(lm), {}
@@ -483,9 +486,13 @@ def check_held_out(items, path: str) -> None:
     """Learned policies are evaluated on items they were not trained on: the checkpoint's training items
     (rebuilt from its recorded data spec) must not overlap the items to evaluate."""
     train_cfg = training_record(path)
-    if not train_cfg or not train_cfg.get("data"):
+    if not isinstance(train_cfg, dict) or not train_cfg.get("data"):
         return  # no training record (a hand-made checkpoint): nothing to check against
-    spec = DataSpec(**train_cfg["data"])
+    try:
+        spec = DataSpec(**train_cfg["data"])
+    except TypeError as exc:
+        raise SkipbenchError(f"'{path}/config.json' records a training dataset skipbench cannot rebuild ({exc}); "
+                             "train it again, or point to another folder") from None
     trained = {it.item_id for it in load_items(spec)}
     seen = sum(it.item_id in trained for it in items)
     if seen:

@@ -150,6 +150,11 @@ CASES = [
     ("oracle runs missing", lambda w, t: ["oracle", "--runs", t / "none.parquet", "--budget", "3"], "does not exist"),
     ("report result garbage", lambda w, t: ["report", "--results", _results_with(w, t, _garbage), "--out", t / "out" / "R.md"],
      "is not a readable parquet table"),
+    ("report result lacking a column", lambda w, t: ["report", "--results", _results_with(
+        w, t, lambda f: pd.read_parquet(f).drop(columns=["full_rougeL"]).to_parquet(f)), "--out", t / "out" / "R.md"],
+     "lacks a column the report's evaluate section reads (Label(s) ['full_rougeL']"),
+    ("controllers with an unknown training record", lambda w, t: _policy(w, t / "out" / "e.parquet", "--controller", _damaged(
+        w, t, "ctrl", lambda f: _edit_config(f, train={"data": {"name": "arith", "colour": "red"}}))), "cannot rebuild"),
     ("report preset record garbage", lambda w, t: ["report", "--results", _results_with(
         w, t, lambda f: _garbage(_made(f.parent / ".reproduce" / "preset.json"))), "--out", t / "out" / "R.md"],
      "is not valid JSON"),

@@ -169,8 +169,9 @@ class ControllerPolicy(Policy):
         return run
 
 
-def load_controllers(path: str) -> tuple[Controllers, dict]:
-    return load_module(path, "controllers", lambda meta: Controllers(meta["hidden_size"], meta["num_layers"], meta["input"]))
+def load_controllers(path: str, model: dict | None = None) -> tuple[Controllers, dict]:
+    return load_module(path, "controllers", lambda meta: Controllers(meta["hidden_size"], meta["num_layers"], meta["input"]),
+                       model)
 
 
 def check_backbone(path: str, model: str) -> None:
@@ -179,7 +180,8 @@ def check_backbone(path: str, model: str) -> None:
 
     meta, _ = load_checkpoint(path, "controllers")
     backbone = Path(path) / BACKBONE
-    if meta.get("train", {}).get("train_backbone") and Path(model).resolve() != backbone.resolve():
+    train = meta.get("train")
+    if isinstance(train, dict) and train.get("train_backbone") and Path(model).resolve() != backbone.resolve():
         raise SkipbenchError(f"'{path}' was trained jointly with its backbone; evaluate it with --model {backbone}")
 
 

@@ -148,10 +148,10 @@ class FlexiPolicy(Policy):
         return self.f.route(layer, self.f.gate(layer, hidden))
 
 
-def load_flexidepth(path: str) -> tuple[FlexiDepth, dict]:
+def load_flexidepth(path: str, model: dict | None = None) -> tuple[FlexiDepth, dict]:
     return load_module(path, "flexidepth", lambda meta: FlexiDepth(
         meta["hidden_size"], meta["num_layers"], meta["routed_layers"], meta["reduction"], meta["tau"], meta["adapter"],
-        meta["kv"], meta["linear_router"]))
+        meta["kv"], meta["linear_router"]), model)
 
 
 def flexidepth(spec, ctx) -> Policy:
