@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from skipbench.errors import SkipbenchError
+from skipbench.results import JOURNAL
 
 if TYPE_CHECKING:
     import torch
@@ -29,6 +30,9 @@ def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     cfg_file, weights = folder / "config.json", folder / "weights.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise SkipbenchError(f"'{path}' is not a trained {kind} folder (needs config.json and weights.safetensors)")
+    if (folder / JOURNAL).exists():
+        raise SkipbenchError(f"'{path}' holds a save that was cut short; run the training command again to complete "
+                             "it (or --restart)")
     stamp = _stamp(path)
     raw = [readers.file_bytes(cfg_file, f"{kind} checkpoint config", ADVICE),
            readers.file_bytes(weights, f"{kind} checkpoint weights", ADVICE)]

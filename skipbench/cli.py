@@ -95,7 +95,12 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 # the library's notes (errors.note), one plain line each on stderr (not wrapped: a path stays on its line); rank 0 only
-LISTENERS.append(lambda message: console.quiet or typer.echo(f"note: {message}", err=True))
+def _note(message: str) -> None:
+    if not console.quiet:
+        typer.echo(f"note: {message}", err=True)
+
+
+LISTENERS.append(_note)
 
 
 # Choices, as `str` Enums: `--help` lists them and click refuses anything else in one line. Each member's value is
@@ -551,7 +556,7 @@ def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, los
 
 def _report_training(result) -> None:
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        _note(note)
     if result.log:
         last = result.log[-1]
         secs = np.median([r["seconds"] for r in result.log])
@@ -659,7 +664,7 @@ def controllers_sweep(
     with Bar("sweep") as bar:
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)
     for note in res.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        _note(note)
     shown = res.tables["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
     _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
     from skipbench import verdicts
@@ -808,7 +813,7 @@ def finetune(
     with TrainBar("finetune") as bar:
         result = run(cfg, progress=bar.step, start=bar.start)
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        _note(note)
     first, best = result.evals[0], result.best
     stop = f"stopped early at step {result.evals[-1]['step']}" if result.stopped_early else f"ran to step {result.evals[-1]['step']}"
     typer.echo(f"validation ROUGE-L {first['rougeL']:.4f} at step 0, best {best['rougeL']:.4f} at step {best['step']}; "
@@ -907,7 +912,7 @@ def oracle(
                        bootstrap=bootstrap, out=out)
     results, notes = run_groups(cfg)
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        _note(note)
     for result in results:
         _print_oracle(result, cfg, name=" · ".join(v for _, v in result.group) if len(results) > 1 else "")
 
@@ -916,7 +921,7 @@ def _print_oracle(result, cfg, name: str) -> None:
     if name:
         typer.echo(f"\n== {name} ==")  # plain: a long model path is neither wrapped nor cut
     for note in result.notes:
-        console.print(f"[yellow]note:[/yellow] {note}")
+        _note(note)
     t, metric, budget = result.table, cfg.metric, cfg.budget
     if budget is not None:
         shown = t[t["budget"] == budget]

@@ -80,6 +80,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         else:
             shutil.rmtree(stale, ignore_errors=True)
     tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid (containers reuse pids)
     tmp.mkdir()
     try:
         yield tmp
@@ -106,7 +107,7 @@ def clear_stale(path: Path) -> None:
 def _alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+    except (ValueError, OverflowError, ProcessLookupError):
         return False
     except PermissionError:  # exists, owned by someone else
         return True
@@ -126,6 +127,8 @@ def write_together(folder: Path, writers: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     finish_together(folder)
     tmps = {name: folder / f".{name}.tmp-{os.getpid()}" for name in writers}
+    for tmp in tmps.values():  # left by a killed process of the same pid (containers reuse pids)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     try:
         for name, write in writers.items():
             write(tmps[name])
@@ -137,19 +140,35 @@ def write_together(folder: Path, writers: dict[str, Any]) -> None:
     finish_together(folder)
 
 
-def finish_together(folder: Path) -> None:
-    """Completes a save `write_together` journaled but did not finish moving (a killed process), and removes what a
-    killed save left behind: temporaries of dead writers and folders moved aside."""
+def finish_together(folder: Path, roll_forward: bool = True) -> None:
+    """Completes a save `write_together` journaled but did not finish moving (a killed process), or with
+    `roll_forward=False` (a restart) drops it; then removes what a killed save left behind: temporaries of dead
+    writers, and folders moved aside (put back when nothing took their place)."""
     import shutil
 
+    from skipbench.errors import note
+    from skipbench.readers import Unreadable, json_file
+
     journal = folder / JOURNAL
-    if journal.exists():
-        for name, tmp in json.loads(journal.read_text()).items():  # written atomically: complete when present
+    if journal.exists() and roll_forward:
+        try:
+            moves = json_file(journal, "save journal")
+            if not all(isinstance(v, str) and "/" not in v for v in moves.values()):
+                raise Unreadable("save journal", journal, "does not name temporaries beside it")
+        except Unreadable as exc:  # written atomically, so only a hand edit or a bad disk gets here
+            note(f"{exc}: the save it journaled is dropped")
+            moves = {}
+        for name, tmp in moves.items():
             if (folder / tmp).exists():
                 _move(folder / tmp, folder / name)
-        journal.unlink()
+    journal.unlink(missing_ok=True)
     for stale in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-        if not _alive(stale.name.rpartition("-")[2].split(".")[0]):
+        if _alive(stale.name.rpartition("-")[2].split(".")[0]):
+            continue
+        home = folder / stale.name[1:].rpartition(".old-")[0]
+        if ".old-" in stale.name and not home.exists():
+            stale.replace(home)  # killed between the two renames of a folder swap: the only copy
+        else:
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
@@ -159,6 +178,7 @@ def _move(src: Path, dest: Path) -> None:
 
     if src.is_dir() and dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)  # one a killed process of the same pid left (containers reuse pids)
         dest.replace(old)
         src.replace(dest)
         shutil.rmtree(old, ignore_errors=True)

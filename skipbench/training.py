@@ -147,7 +147,8 @@ def _teacher(lm, items, prompts, keep, cfg: TrainConfig, cache_file: Path | None
     fingerprint = model_fingerprint(cfg.model)
     key = f"{cfg.model}|{cfg.max_new_tokens}" + (f"|{fingerprint}" if fingerprint else "")
     cached = _teacher_cache(cache_file).get(key, {})
-    if not isinstance(cached, dict) or not all(isinstance(v, list) for v in cached.values()):
+    if not isinstance(cached, dict) or not all(isinstance(v, list) and all(isinstance(t, int) for t in v)
+                                               for v in cached.values()):
         note(f"teacher cache '{cache_file}' holds no responses under {key!r}: generating them again")
         cached = {}
     todo = [i for i in keep if items[i].item_id not in cached]
@@ -258,10 +259,12 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     done, log, notes = 0, [], []
     state_file = out / "trainer.pt"
-    if cfg.restart:
-        _discard_checkpoint(out)
-    if distributed.rank() == 0:
-        finish_together(out)  # a save a killed run journaled but did not finish moving
+    d = distributed.current()
+    if d.main:  # a restart drops the checkpoint and any save a killed run journaled; else that save is completed
+        if cfg.restart:
+            _discard_checkpoint(out)
+        finish_together(out, roll_forward=not cfg.restart)
+    d.barrier()  # no rank reads the checkpoint before rank 0 has put it in order
     if state_file.exists() and (out / "weights.safetensors").exists():
         _check_resumable(out, method, cfg)
         _load_into(module, readers.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART), out)
@@ -276,7 +279,6 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         if done == cfg.steps:
             notes.append(f"'{out}' already holds {done} steps of this configuration: nothing to train "
                          "(--steps N to continue, --restart to train again)")
-    d = distributed.current()
     data = examples(lm, cfg, Path(cfg.teacher_cache) if cfg.teacher_cache else out / "teacher.json", d, notes)
     if min(cfg.batch_size, len(data)) < d.world:
         raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "

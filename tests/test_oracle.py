@@ -203,7 +203,9 @@ def test_with_no_runs_the_paper_configurations_of_every_evaluate_result(tmp_path
     assert float(re.search(r"│ oracle +│ ([0-9.]+)", res.stdout).group(1)) == pytest.approx(expected, abs=5e-4)
     res = CliRunner().invoke(app, ["oracle", "--budget", "6", "--policies", "uniform,early-exit"])
     assert re.findall(r"│ ([a-z-]+:\d+) +│ +[0-9.]+ │ +[0-9.]+ │", res.stdout) == [
-        "early-exit:5", "uniform:5", "early-exit:10", "uniform:10", "uniform:15", "uniform:22", "full:30"]
+        "early-exit:5", "uniform:5", "early-exit:10", "uniform:10", "uniform:15", "full:30"]
+    res = CliRunner().invoke(app, ["oracle", "--budget", "6", "--costs", "5,22"])  # the paper's policy, other costs
+    assert re.findall(r"│ ([a-z-]+:\d+) +│ +[0-9.]+ │ +[0-9.]+ │", res.stdout) == ["uniform:5", "uniform:22", "full:30"]
 
 
 def test_missing_items_are_dropped_with_a_count(tmp_path):

@@ -138,9 +138,9 @@ if target == "part":
     from skipbench.cli import app
     app(sys.argv[3:])
 else:
-    if target == "checkpoint":
-        import torch
-        torch.save = killing(torch.save)
+    if target == "checkpoint":  # the last file of a save: the others are written, none has moved
+        import safetensors.torch
+        safetensors.torch.save_file = killing(safetensors.torch.save_file)
     else:
         import skipbench.results as results
         results._move = killing_after(results._move)
@@ -176,14 +176,27 @@ def test_sigkill_during_a_part_write_then_rerun(tiny_dirs, tmp_path):
     pd.testing.assert_frame_equal(resumed.drop(columns=["run_id"]), clean.drop(columns=["run_id"]))
 
 
+def _train(model, out, restart=False):
+    from skipbench.data import DataSpec
+    from skipbench.experiments.controllers import ControllerTrainConfig, run_train
+    from skipbench.training import TrainConfig
+
+    return run_train(ControllerTrainConfig(train=TrainConfig(
+        model=model, data=DataSpec(name="arith", split="train", limit=4), steps=3, batch_size=2, max_new_tokens=2,
+        save_every=1, restart=restart, out=str(out))))
+
+
 @pytest.mark.parametrize("target, at", [("checkpoint", 2), ("move", 4)], ids=["while writing", "between moves"])
 def test_sigkill_during_a_checkpoint_save_then_rerun(tiny_dirs, tmp_path, target, at):
-    """Killed while the step-2 save writes its files (the step-1 checkpoint stays whole), or after the first of its
-    three files moved into place (the journaled save is completed by the rerun): either way the rerun resumes and
-    ends with the weights of an uninterrupted run."""
+    """Killed while the step-2 save writes its last file (none has moved: the step-1 checkpoint stays whole), or
+    after the first of its three files moved into place (the journaled save is completed by the rerun, which resumes
+    from step 2; a rerun with --restart drops it and starts over): either way the weights end as an uninterrupted
+    run's."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    from skipbench.results import JOURNAL
+    from skipbench.results import JOURNAL, finish_together
     from skipbench.training import trainer_state
 
     model = str(tiny_dirs["llama"])
@@ -191,14 +204,20 @@ def test_sigkill_during_a_checkpoint_save_then_rerun(tiny_dirs, tmp_path, target
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if target == "checkpoint":
         assert trainer_state(tmp_path / "k")["step"] == 1 and not (tmp_path / "k" / JOURNAL).exists()
+        resumed_from = 1
     else:
         assert (tmp_path / "k" / JOURNAL).exists()
-    args = ["controllers", "train", "--model", model, "--dataset", "arith", "--limit", "4", "--steps", "3",
-            "--batch-size", "2", "--max-new-tokens", "2"]
-    for out in ("k", "clean"):
-        res = invoke(*args, "--out", tmp_path / out)
-        assert res.exit_code == 0, res.output
+        shutil.copytree(tmp_path / "k", tmp_path / "again")
+        assert _train(model, tmp_path / "again", restart=True).resumed_from == 0  # the journaled save dropped
+        finish_together(tmp_path / "k")
+        assert trainer_state(tmp_path / "k")["step"] == 2  # the journaled save, complete
+        resumed_from = 2
+    assert _train(model, tmp_path / "k").resumed_from == resumed_from
+    assert _train(model, tmp_path / "clean").resumed_from == 0
     assert trainer_state(tmp_path / "k")["step"] == 3
     assert not list((tmp_path / "k").glob(".*"))  # no journal, no temporaries left
-    resumed, clean = (load_file(str(tmp_path / d / "weights.safetensors")) for d in ("k", "clean"))
-    assert resumed.keys() == clean.keys() and all((resumed[k] == clean[k]).all() for k in clean)
+    runs = ["k", "clean"] + (["again"] if target == "move" else [])
+    clean = load_file(str(tmp_path / "clean" / "weights.safetensors"))
+    for run in runs:
+        weights = load_file(str(tmp_path / run / "weights.safetensors"))
+        assert weights.keys() == clean.keys() and all((weights[k] == clean[k]).all() for k in clean), run

@@ -191,13 +191,15 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
     import shutil
 
     fresh = {"step": 0, "log": [], "evals": [], "best": None, "stopped_early": False}
-    if cfg.restart:
-        for name in ("trainer.pt", "config.json"):
-            (out / name).unlink(missing_ok=True)
-        for name in (BEST, LAST):
-            shutil.rmtree(out / name, ignore_errors=True)
-    if distributed.rank() == 0:
-        finish_together(out)  # a save a killed run journaled but did not finish moving
+    d = distributed.current()
+    if d.main:  # a restart drops the checkpoint and any save a killed run journaled; else that save is completed
+        if cfg.restart:
+            for name in ("trainer.pt", "config.json"):
+                (out / name).unlink(missing_ok=True)
+            for name in (BEST, LAST):
+                shutil.rmtree(out / name, ignore_errors=True)
+        finish_together(out, roll_forward=not cfg.restart)
+    d.barrier()  # no rank reads the checkpoint before rank 0 has put it in order
     if not (out / "trainer.pt").exists():
         return fresh, []
     saved = _flat(readers.json_file(out / "config.json", "fine-tuning config", RESTART))

@@ -97,7 +97,11 @@ def read_runs(cfg: OracleConfig) -> pd.DataFrame:
     missing = [c for c in ("item_id", "cost", cfg.metric) if c not in df.columns]
     if missing:
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; columns found: {', '.join(df.columns)}")
-    return df
+    cost = pd.to_numeric(df["cost"], errors="coerce")
+    if cost.isna().any():
+        raise SkipbenchError(f"--runs has {int(cost.isna().sum())} row(s) without a numeric cost; pass parquet files "
+                             "written by skipbench evaluate")
+    return df.assign(cost=cost)
 
 
 def _group_keys(df: pd.DataFrame) -> list[str]:
@@ -203,8 +207,8 @@ def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
     _needs_a_budget(cfg)
     if cfg.out:
         check_out_path(cfg.out)
-    paper = not (cfg.runs or cfg.policies or cfg.costs)
-    if paper:
+    paper = not (cfg.runs or cfg.costs)  # the paper's costs per group; its policy unless --policies names others
+    if not (cfg.runs or cfg.policies):
         cfg = replace(cfg, policies=PAPER_POLICIES)
     df = read_runs(cfg)
     groups = _groups(df)
@@ -221,8 +225,11 @@ def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
             depth = int(full["cost"].max()) if len(full) else 0
             one = replace(one, costs=paper_costs(depth)) if depth else one
         name = _group_name(group) or "the runs"
+        if paper and not depth:
+            notes.append(f"{name}: no full-depth runs to scale the paper's costs to, so every cost is kept")
         if set(_chosen(rows, one.policies, one.costs)["policy"]) <= {"full"}:
-            chosen = "uniform skipping at the paper's costs" if paper else "the chosen policies and costs"
+            chosen = (f"{','.join(one.policies)} at the paper's costs {', '.join(map(str, one.costs))} of {depth}"
+                      if paper else "the chosen policies and costs")
             notes.append(f"{name} left out: no configuration besides full depth among {chosen}")
             continue
         try:
@@ -234,8 +241,8 @@ def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
     if not results:
         raise SkipbenchError(f"nothing to solve: {'; '.join(notes)}; name the configurations with --policies / --costs")
     if paper:
-        notes.insert(0, "the paper's configurations: uniform skipping at 1/6, 1/3 and 1/2 of the layers and full depth "
-                        "(--policies and --costs choose others)")
+        notes.insert(0, f"the paper's configurations: {','.join(cfg.policies) or 'every policy'} at 1/6, 1/3 and 1/2 of "
+                        "the layers, and full depth (--policies and --costs choose others)")
     return results, notes
 
 
