@@ -480,7 +480,8 @@ def cosine(
     limit: int = typer.Option(100, help="first N items (0 = all)"),
     costs: str = typer.Option("", help="comma-separated costs (default: about L/5, L/3, L/2, 2L/3, 4L/5)"),
     strategies: str = typer.Option("early-exit,uniform,random", help="strategies that take a cost, in the policy "
-                                   "grammar: names run at every --costs value, points (uniform:10,15) at theirs"),
+                                   "grammar: names run at every --costs value, points (uniform:10,15) at theirs; "
+                                   "a threshold strategy at its points (confidence:0.9,0.95)"),
     seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
     teacher: Teacher = typer.Option(Teacher.full, callback=_plain, help="full: the full model's greedy response"),

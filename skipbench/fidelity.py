@@ -69,8 +69,8 @@ def early_exit_from_full(adapter, full, exit_layer: int):
 @torch.no_grad()
 def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill"):
     """Teacher-forced passes over the responses, the prompt at full depth once: yields, per variant,
-    (label, {measure: [B, T] array}). A variant is (label, policy) or (label, ("prefix", E)): a plan running
-    layers 0..E-1 (early exit), read off the full pass."""
+    (label, {measure: [B, T] array, "layers": [B, T] layers each token ran}). A variant is (label, policy) or
+    (label, ("prefix", E)): a plan running layers 0..E-1 (early exit), read off the full pass."""
     engine = Engine(lm.adapter, kv_mode)
     ids, present = left_pad(prompts, pad_id(lm), lm.device)
     width = max(map(len, responses))
@@ -84,9 +84,12 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
     for label, policy in variants:
         if isinstance(policy, tuple):
             other = early_exit_from_full(lm.adapter, full, policy[1])
+            layers = torch.full(resp.shape, float(policy[1]))
         else:
             policy.begin(len(prompts), keys)
-            other = engine.forward(resp, cache.clone(), policy, keep_hidden=True)
-        yield label, {k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, dist).items()}
+            other = engine.forward(resp, cache.clone(), policy, keep_hidden=True, record=True)
+            layers = other.executed.sum(-1).float()
+        yield label, {**{k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, dist).items()},
+                      "layers": layers.cpu().numpy()}
 
 

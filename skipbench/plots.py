@@ -97,13 +97,14 @@ def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for ax, measure, title in zip(axes, ("cos_final", "cos_layerwise"),
                                   ("final hidden state", "layerwise (states K/V come from)")):
+        x = "layers" if "layers" in agg.columns else "cost"  # a threshold's point sits at the layers it ran
         for strategy, g in agg.groupby("strategy"):
-            g = g.sort_values("cost")
+            g = g.sort_values(x)
             color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
-            ax.plot(g["cost"], g[measure], "o-", color=color, label=label)
-            ax.fill_between(g["cost"], g[f"{measure}_lo"], g[f"{measure}_hi"], color=color, alpha=0.2)
+            ax.plot(g[x], g[measure], "o-", color=color, label=label)
+            ax.fill_between(g[x], g[f"{measure}_lo"], g[f"{measure}_hi"], color=color, alpha=0.2)
         ax.set_title(f"cosine to the full model: {title}", fontsize=10)
-        ax.set_xlabel(f"cost: executed layers per token (of {num_layers})")
+        ax.set_xlabel(f"executed layers per token (of {num_layers})")
         ax.set_ylabel("cosine similarity")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -130,14 +130,16 @@ def section_cosine(folder: Path) -> tuple[list[str], list]:
         rows = _read(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
         here = verdicts.cosine(rows, L)
         found += here
-        table = agg[["strategy", "cost", "items", "cos_final", "cos_final_lo", "cos_final_hi", "cos_layerwise", "kl_next", "top1_agree"]]
+        shown = ["strategy", *(["point", "layers"] if "layers" in agg.columns else ["cost"]), "items", "cos_final",
+                 "cos_final_lo", "cos_final_hi", "cos_layerwise", "kl_next", "top1_agree"]
+        table = agg.sort_values(["strategy", shown[2]])[shown] if "layers" in agg.columns else agg[shown]
         out += [f"## Hidden-state fidelity: EE vs ULS vs RLS (Glavas et al. Fig. 1a) — `{path.name}`", "",
                 f"![cosine]({path.with_suffix('.png').name})", "",
                 "Paper (OPT-1.3B, Alpaca): ULS keeps the final hidden state closest to the full model and EE the "
                 "farthest, while EE has the best layerwise (KV) similarity — a trade-off.", "",
                 f"Ours ({_model(meta)}, {meta.get('hidden_state_convention', '')}; CI: {meta.get('confidence_interval', '')}):",
                 "", _table(table), "",
-                f"Verdicts at the costs nearest L/2 and 2L/3 ({', '.join(map(str, verdicts.mid_costs(agg['cost'], L)))} of {L}; "
+                f"Verdicts at the costs nearest L/2 and 2L/3 ({', '.join(map(str, verdicts.mid_costs(agg.loc[agg['strategy'].isin(['early-exit', 'uniform', 'random']), 'cost'], L)))} of {L}; "
                 "paired differences per item):", "", *_verdict_lines(here)]
     return out, found
 

@@ -50,6 +50,7 @@ def cosine(rows: pd.DataFrame, num_layers: int) -> list[Verdict]:
     """Fig. 1a of Glavas et al. at the costs nearest L/2 and 2L/3, from the per-token rows of `cosine`:
     (1) ULS keeps the final hidden state closer to the full model's than EE and than RLS;
     (2) EE keeps the layerwise (KV) states closer than ULS and than RLS — the trade-off."""
+    rows = rows[rows["strategy"].isin(["early-exit", "uniform", "random"])]  # the paper's three
     per_item = rows.groupby(["strategy", "cost", "item_id"])[["cos_final", "cos_layerwise"]].mean().reset_index()
     have = set(per_item["strategy"])
     costs = mid_costs(per_item["cost"].unique(), num_layers)

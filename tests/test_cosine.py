@@ -64,10 +64,11 @@ def test_t_interval_matches_scipy():
 
 
 def test_aggregate_uses_item_means():
-    df = pd.DataFrame({"strategy": "uniform", "cost": 3, "item_id": ["a", "a", "b", "c"],
-                       **{m: [1.0, 0.0, 0.25, 0.75] for m in cs.MEASURES}})
+    df = pd.DataFrame({"strategy": "uniform", "point": "3", "cost": 3, "item_id": ["a", "a", "b", "c"],
+                       "layers": [3.0, 3.0, 2.0, 4.0], **{m: [1.0, 0.0, 0.25, 0.75] for m in cs.MEASURES}})
     agg = cs.aggregate(df)
     assert agg["items"].iloc[0] == 3 and agg["cos_final"].iloc[0] == pytest.approx((0.5 + 0.25 + 0.75) / 3)
+    assert agg["layers"].iloc[0] == pytest.approx(3.0)  # a mean of item means too
 
 
 def test_cosine_cli_end_to_end(tiny_dirs, tmp_path):

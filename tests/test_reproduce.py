@@ -54,7 +54,7 @@ def test_report_has_every_section_and_rows(smoke):
         assert f"| {policy} |" in page or f"| arith | {policy} |" in page, policy
     assert set(evals["policy"]) == strategies
     cosine = pd.read_parquet(folder / "cosine-text.parquet")
-    assert set(cosine["strategy"]) == {"early-exit", "uniform", "random", "block-influence", "angular"}
+    assert set(cosine["strategy"]) == {"early-exit", "uniform", "random", "block-influence", "angular", "confidence"}
     agg = pd.read_parquet(folder / "controllers-text-agg.parquet")
     assert len(agg) == 2 * 2  # inputs x alphas
 

@@ -58,7 +58,7 @@ class CosineConfig:
 
 @dataclass(kw_only=True)
 class CosineResult(Written):
-    """rows: one per (item, pass, token); tables["agg"]: per (strategy, cost) with intervals; files: agg, figure."""
+    """rows: one per (item, pass, token); tables["agg"]: per (strategy, point) with intervals; files: agg, figure."""
 
     @property
     def agg(self) -> pd.DataFrame:
@@ -69,21 +69,24 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(num_layers * f)) for f in (0.2, 0.35, 0.5, 0.65, 0.8)}))
 
 
-def passes(cfg: CosineConfig, lm) -> dict[tuple[str, int, int], object]:
-    """Every pass, (strategy, cost, seed) -> what runs it (built once, a plugin's checks up front too): any
-    registered strategy whose argument is a cost (plugins too); strategies that draw at random are repeated with
-    seeds 0..seeds-1."""
+def passes(cfg: CosineConfig, lm) -> dict[tuple[str, str, int], object]:
+    """Every pass, (strategy, point, seed) -> what runs it (built once, a plugin's checks up front too): any
+    registered strategy whose argument is a cost (plugins too), at `--costs` or its own point (`uniform:15`), or a
+    threshold at its own point (`confidence:0.9`, costed by the layers its tokens ran); strategies that draw at
+    random are repeated with seeds 0..seeds-1."""
     out = {}
-    for text in cfg.strategies:  # `uniform` (at every cost of --costs) or a point `uniform:15`
+    for text in cfg.strategies:
         strategy, _, arg = text.partition(":")
         entry = REGISTRY.get(strategy)
-        if entry.arg != "cost":
-            raise SkipbenchError(f"cosine compares strategies that take a cost (layers per token); '{strategy}' takes "
-                                 f"{entry.arg}. Known: {', '.join(n for n in REGISTRY.names() if REGISTRY.get(n).arg == 'cost')}")
-        random_draws = entry.kind in ("per-sequence", "per-token")
-        for cost in [int(arg)] if arg else cfg.costs or default_costs(lm.num_layers):
+        if entry.arg not in ("cost", "threshold") or (entry.arg == "threshold" and not arg):
+            takes = [n for n in REGISTRY.names() if REGISTRY.get(n).arg in ("cost", "threshold")]
+            raise SkipbenchError(f"cosine compares strategies that take a cost, or a threshold given as NAME:T; "
+                                 f"'{text}' takes {entry.arg}. Known: {', '.join(takes)}")
+        # a dynamic plan at a cost draws its layers at random (random, random-token); a threshold decides (confidence)
+        random_draws = entry.kind in ("per-sequence", "per-token") and entry.arg == "cost"
+        for point in [arg] if arg else map(str, cfg.costs or default_costs(lm.num_layers)):
             for seed in range(cfg.seeds if random_draws else 1):
-                out[(strategy, cost, seed)] = _variant(_spec(cfg, strategy, cost, seed), lm, cfg.data)
+                out[(strategy, point, seed)] = _variant(_spec(cfg, strategy, point, seed), lm, cfg.data)
     unused = [n for n, _ in cfg.policy_options
               if not any(REGISTRY.get(t.partition(":")[0]).option(n) for t in cfg.strategies)]
     if unused:
@@ -91,10 +94,10 @@ def passes(cfg: CosineConfig, lm) -> dict[tuple[str, int, int], object]:
     return out
 
 
-def _spec(cfg: CosineConfig, strategy: str, cost: int, seed: int) -> PolicySpec:
+def _spec(cfg: CosineConfig, strategy: str, point: str, seed: int) -> PolicySpec:
     name = "random-token" if strategy == "random" and cfg.per_token else strategy
     own = tuple((k, v) for k, v in cfg.policy_options if REGISTRY.get(name).option(k) is not None)
-    return PolicySpec(name=name, arg=str(cost), seed=seed, options=own)
+    return PolicySpec(name=name, arg=point, seed=seed, options=own)
 
 
 def _variant(spec: PolicySpec, lm, data):
@@ -126,11 +129,11 @@ def run_batch(lm, prompts, responses, keys, plan: dict, cfg: CosineConfig) -> li
     variants = list(plan.items())
     rows = []
     kv_mode = resolve_kv_mode(cfg.kv_mode, None)
-    for (strategy, cost, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode):
+    for (strategy, point, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode):
         for r, toks in enumerate(responses):
             for t in range(len(toks)):
-                rows.append({"row": r, "token": t, "strategy": strategy, "cost": cost, "seed": seed,
-                             **{k: float(m[k][r, t]) for k in MEASURES}})
+                rows.append({"row": r, "token": t, "strategy": strategy, "point": point, "seed": seed,
+                             **{k: float(m[k][r, t]) for k in (*MEASURES, "layers")}})
     return rows
 
 
@@ -152,7 +155,7 @@ def item_rows(lm, items, encoded, plan, cfg: CosineConfig, batch_size: int, prog
             rows += batch_rows
         if progress:
             progress(min(batch_size, len(items) - s))
-    columns = ["token", "strategy", "cost", "seed", *MEASURES, "item_id"]
+    columns = ["token", "strategy", "point", "seed", *MEASURES, "layers", "item_id"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -176,10 +179,14 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
         # canonical order (items as listed, then the plan, then tokens): the same with any number of ranks
         order = {it.item_id: n for n, it in enumerate(items)}
         variant = {v: n for n, v in enumerate(plan)}
-        df = (df.assign(_i=df["item_id"].map(order), _v=[variant[v] for v in zip(df["strategy"], df["cost"], df["seed"])])
+        df = (df.assign(_i=df["item_id"].map(order), _v=[variant[v] for v in zip(df["strategy"], df["point"], df["seed"])])
               .sort_values(["_i", "_v", "token"], kind="stable").drop(columns=["_i", "_v"]).reset_index(drop=True))
         if df.empty:
             raise SkipbenchError("no item produced a response to compare on")
+        # the cost: a cost strategy's own; a threshold's, the mean layers per token its pass ran, rounded
+        mean = df.groupby(["strategy", "point"])["layers"].transform("mean").round().astype(int)
+        own = df["strategy"].map(lambda s: REGISTRY.get(s).arg == "cost")
+        df.insert(df.columns.get_loc("point"), "cost", mean.where(~own, pd.to_numeric(df["point"], errors="coerce")).astype(int))
         df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
         df = tidy(df, cfg, model=cfg.model, dataset=cfg.data.name, num_layers=lm.num_layers,
                   kv_mode=resolve_kv_mode(cfg.kv_mode, None))
@@ -206,11 +213,13 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (strategy, cost): mean and 95% CI of each measure over per-item means (seeds pooled per item)."""
-    per_item = df.groupby(["strategy", "cost", "item_id"])[list(MEASURES)].mean().reset_index()
+    """Per (strategy, point): mean and 95% CI of each measure over per-item means (seeds pooled per item), with the
+    cost and the mean layers per token the pass ran."""
+    per_item = df.groupby(["strategy", "point", "cost", "item_id"])[[*MEASURES, "layers"]].mean().reset_index()
     rows = []
-    for (strategy, cost), g in per_item.groupby(["strategy", "cost"]):
-        row = {"strategy": strategy, "cost": int(cost), "items": len(g)}
+    for (strategy, point, cost), g in per_item.groupby(["strategy", "point", "cost"]):
+        row = {"strategy": strategy, "point": point, "cost": int(cost), "layers": float(g["layers"].mean()),
+               "items": len(g)}
         for m in MEASURES:
             row[m], row[f"{m}_lo"], row[f"{m}_hi"] = t_interval(g[m].to_numpy())
         rows.append(row)
