@@ -516,7 +516,7 @@ def cosine(
     )
     with Bar("cosine") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
-    shown = result.agg[["strategy", "cost", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
+    shown = result.agg[["strategy", "point", "layers", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
     _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
     console.print(f"wrote {result.path}, {result.files['agg'].name}, {result.files['figure'].name}")
 

@@ -34,6 +34,8 @@ FLEXI_ORDERS = (("copy", "summarize", "continue"), ("repeat", "sum", "product"))
 def mid_costs(costs, num_layers: int) -> list[int]:
     """The costs nearest L/2 and 2L/3: the paper's 12 and 16 of 24 layers, scaled to this model."""
     costs = sorted(set(int(c) for c in costs))
+    if not costs:
+        return []
     picks = [min(costs, key=lambda c: (abs(c - f * num_layers), c)) for f in (1 / 2, 2 / 3)]
     return sorted(set(picks))
 

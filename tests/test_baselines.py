@@ -233,6 +233,12 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
               "--costs", 3, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet", *cal)
     assert res.exit_code == 0, res.output
     assert set(pd.read_parquet(tmp_path / "cos.parquet")["strategy"]) == {"block-influence", "angular"}
+    (tmp_path / "rep").mkdir()  # a cosine result without the paper's three strategies: reported, no verdicts
+    for name in ("cos.parquet", "cos.json", "cos-agg.parquet", "cos.png"):
+        (tmp_path / "rep" / name.replace("cos", "cosine-baselines")).write_bytes((tmp_path / name).read_bytes())
+    res = run("report", "--results", tmp_path / "rep")
+    assert res.exit_code == 0, res.output
+    assert "| block-influence |" in (tmp_path / "rep" / "REPORT.md").read_text()
     # a threshold strategy at its points: confidence 0 exits every token at --min-layers (= early exit there),
     # above 1 none exits (= full depth); each pass is costed by the layers its tokens ran
     res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2, "--max-new-tokens", 4,
@@ -248,6 +254,9 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert agg.loc[("confidence", "0"), "layers"] == 2 and agg.loc[("confidence", "1.5"), "layers"] == 6
     res = run("cosine", "--model", model, "--dataset", "text", "--strategies", "confidence", "--out", tmp_path / "c.parquet")
     assert res.exit_code == 1 and "a threshold given as NAME:T" in res.output
+    res = run("cosine", "--model", model, "--dataset", "text", "--strategies", "confidence:0.9", "-o", "decay=2",
+              "--out", tmp_path / "c.parquet")
+    assert res.exit_code == 1 and "decay" in res.output and not (tmp_path / "c.parquet").exists()
     res = run("bench", "--model", model, "--policies", "full,confidence:0.5,angular:3", "--batch-sizes", 1,
               "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet", *cal)
     assert res.exit_code == 0, res.output
