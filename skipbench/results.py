@@ -54,7 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fails, so a killed or failed write never leaves a half-written file under the real name (or a stray temp)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale(path)
+    clear_leftovers(path.parent, f".{path.name}.tmp-*")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -72,15 +72,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")]:
-        if _alive(stale.name.rpartition("-")[2]):
-            continue  # another process is writing this folder now: its temporaries are its own
-        if ".old-" in stale.name and not path.exists():
-            stale.replace(path)  # a run killed mid-swap: the folder it moved aside is the only copy
-        else:
-            shutil.rmtree(stale, ignore_errors=True)
+    clear_leftovers(path.parent, f".{path.name}.tmp-*", f".{path.name}.old-*")
     tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid (containers reuse pids)
+    remove(tmp)  # left by a killed process of the same pid (containers reuse pids)
     tmp.mkdir()
     try:
         yield tmp
@@ -97,11 +91,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def clear_stale(path: Path) -> None:
-    """Temporaries of `path` that a killed writer left (SIGKILL runs no cleanup); a live writer's are kept."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        if not _alive(stale.name.rpartition("-")[2].split(".")[0]):
-            stale.unlink(missing_ok=True)
+def clear_leftovers(folder: Path, *patterns: str) -> None:
+    """What killed writers left in `folder` (SIGKILL runs no cleanup), named `.NAME.tmp-PID[...]` or `.NAME.old-PID`:
+    a live writer's are kept; a folder moved aside while nothing took its place is put back (the only copy); the
+    rest is removed."""
+    for stale in [p for pattern in patterns for p in folder.glob(pattern)]:
+        if _alive(stale.name.rpartition("-")[2].split(".")[0]):
+            continue
+        home = folder / stale.name[1:].rpartition(".old-")[0]
+        if ".old-" in stale.name and not home.exists():
+            stale.replace(home)
+        else:
+            remove(stale)
+
+
+def remove(path: Path) -> None:
+    """A file or a folder, if there."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: str) -> bool:
@@ -122,20 +130,18 @@ def write_together(folder: Path, writers: dict[str, Any]) -> None:
     state: each is written by `writers[name](temporary)` beside its place, then a journal naming them all is written,
     then each is moved into place and the journal removed. A process killed before the journal is complete leaves
     the previous save as it was; one killed after it is rolled forward by the next `finish_together`."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     finish_together(folder)
     tmps = {name: folder / f".{name}.tmp-{os.getpid()}" for name in writers}
     for tmp in tmps.values():  # left by a killed process of the same pid (containers reuse pids)
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove(tmp)
     try:
         for name, write in writers.items():
             write(tmps[name])
         write_text_atomic(folder / JOURNAL, json.dumps({name: tmp.name for name, tmp in tmps.items()}))
     except BaseException:
         for tmp in tmps.values():
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            remove(tmp)
         raise
     finish_together(folder)
 
@@ -144,8 +150,6 @@ def finish_together(folder: Path, roll_forward: bool = True) -> None:
     """Completes a save `write_together` journaled but did not finish moving (a killed process), or with
     `roll_forward=False` (a restart) drops it; then removes what a killed save left behind: temporaries of dead
     writers, and folders moved aside (put back when nothing took their place)."""
-    import shutil
-
     from skipbench.errors import note
     from skipbench.readers import Unreadable, json_file
 
@@ -162,26 +166,17 @@ def finish_together(folder: Path, roll_forward: bool = True) -> None:
             if (folder / tmp).exists():
                 _move(folder / tmp, folder / name)
     journal.unlink(missing_ok=True)
-    for stale in [*folder.glob(".*.tmp-*"), *folder.glob(".*.old-*")]:
-        if _alive(stale.name.rpartition("-")[2].split(".")[0]):
-            continue
-        home = folder / stale.name[1:].rpartition(".old-")[0]
-        if ".old-" in stale.name and not home.exists():
-            stale.replace(home)  # killed between the two renames of a folder swap: the only copy
-        else:
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    clear_leftovers(folder, ".*.tmp-*", ".*.old-*")
 
 
 def _move(src: Path, dest: Path) -> None:
     """`src` takes `dest`'s place: a file by one rename; a folder by moving the old one aside first."""
-    import shutil
-
     if src.is_dir() and dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)  # one a killed process of the same pid left (containers reuse pids)
+        remove(old)  # one a killed process of the same pid left (containers reuse pids)
         dest.replace(old)
         src.replace(dest)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     else:
         src.replace(dest)
 
@@ -328,7 +323,7 @@ def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = 
 
     path = check_out_path(path, probe=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale(path)
+    clear_leftovers(path.parent, f".{path.name}.tmp-*")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         df.to_parquet(tmp, index=False)

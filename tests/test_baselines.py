@@ -5,6 +5,8 @@ full-depth pass) and against the invariants the other strategies meet (static ==
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -254,9 +256,9 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert agg.loc[("confidence", "0"), "layers"] == 2 and agg.loc[("confidence", "1.5"), "layers"] == 6
     res = run("cosine", "--model", model, "--dataset", "text", "--strategies", "confidence", "--out", tmp_path / "c.parquet")
     assert res.exit_code == 1 and "a threshold given as NAME:T" in res.output
-    res = run("cosine", "--model", model, "--dataset", "text", "--strategies", "confidence:0.9", "-o", "decay=2",
-              "--out", tmp_path / "c.parquet")
-    assert res.exit_code == 1 and "decay" in res.output and not (tmp_path / "c.parquet").exists()
+    res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2, "--max-new-tokens", 4,
+              "--strategies", "confidence:0.5", "-o", "decay=2", "--out", tmp_path / "c.parquet")
+    assert res.exit_code == 0, res.output
     res = run("bench", "--model", model, "--policies", "full,confidence:0.5,angular:3", "--batch-sizes", 1,
               "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet", *cal)
     assert res.exit_code == 0, res.output
@@ -291,3 +293,30 @@ def test_atomic_dir_replaces_restores_and_leaves_live_temporaries(tmp_path):
         (tmp / "a").write_text("3")
     assert (target / "a").read_text() == "3" and live.exists()
     assert not (tmp_path / f".model.tmp-{dead.pid}").exists()
+
+
+def test_a_decaying_threshold_follows_each_tokens_position_not_the_calls():
+    """CALM Eq. 5 by generated position t: one pass over three tokens (cosine) and three one-token steps (decoding)
+    give each token the same threshold; rows with different left padding count from their own first token."""
+    from types import SimpleNamespace
+
+    from skipbench.policies.confidence import ConfidencePolicy
+
+    def policy():
+        p = ConfidencePolicy(SimpleNamespace(num_layers=4), 0.5, "state", 1, 2.0, 4, "c")
+        p.begin(2)
+        return p
+
+    def expected(t):
+        return min(1.0, 0.9 * 0.5 + 0.1 * math.exp(-2.0 * t / 4))
+
+    one_pass = policy()
+    one_pass.new_step(torch.tensor([[5, 6, 7], [3, 4, 5]]))
+    lam = one_pass._lambda
+    steps = policy()
+    for k in range(3):
+        steps.new_step(torch.tensor([[5 + k], [3 + k]]))
+        assert steps._lambda[:, 0].tolist() == pytest.approx(lam[:, k].tolist())
+    assert lam[0].tolist() == pytest.approx([expected(t) for t in range(3)]) and lam[1].tolist() == lam[0].tolist()
+    one_pass.new_step(torch.tensor([[8], [6]]))  # the next step of the same sequences: t = 3
+    assert one_pass._lambda[:, 0].tolist() == pytest.approx([expected(3)] * 2)

@@ -78,10 +78,6 @@ def passes(cfg: CosineConfig, lm) -> dict[tuple[str, str, int], object]:
     for text in cfg.strategies:
         strategy, _, arg = text.partition(":")
         entry = REGISTRY.get(strategy)
-        if entry.option("decay") is not None and float(dict(cfg.policy_options).get("decay", 0)) > 0:
-            # one teacher-forced pass over the whole response: the position a decaying threshold reads is not there
-            raise SkipbenchError("cosine runs each response in one pass, so confidence's decay (by generated "
-                                 "position) would not apply; leave -o decay out here (evaluate and generate take it)")
         if entry.arg not in ("cost", "threshold") or (entry.arg == "threshold" and not arg):
             takes = [n for n in REGISTRY.names() if REGISTRY.get(n).arg in ("cost", "threshold")]
             raise SkipbenchError(f"cosine compares strategies that take a cost, or a threshold given as NAME:T; "

@@ -10,13 +10,14 @@ writes nothing. Measures (`measure` option):
 * `state`: cos(h_l, h_{l-1}), the cosine between the states after consecutive layers (no head).
 
 With `decay` tau > 0 the threshold decays with the generated position t (CALM Eq. 5):
-lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1), N = `decay-length`. Tokens still running at the last
+lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1), N = `decay-length`; t is each token's position less the
+position of the first token the policy saw in its sequence, so a decode loop (one token per step) and a
+teacher-forced pass over the whole response (`cosine`) give every token the same threshold. Tokens still running at the last
 layer run it: a threshold above 1 is full depth, a threshold of 0 (softmax) exits every token at `min-layers`.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -32,23 +33,21 @@ class ConfidencePolicy(Policy):
         super().__init__(adapter.num_layers)
         self.ad, self.threshold, self.measure = adapter, threshold, measure
         self.min_layers, self.decay, self.decay_length, self.name = max(1, min_layers), decay, decay_length, name
-        self._step = 0
+        self._first: torch.Tensor | None = None  # [B, 1] the position of each sequence's first token seen
         self._running: torch.Tensor | None = None  # [B, T] tokens that have not exited (this step)
         self._prev: torch.Tensor | None = None  # the state one layer back (measure `state`)
-        self._lambda = threshold
+        self._lambda: float | torch.Tensor = threshold  # a number, or [B, T] with decay
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
-        self._step = 0
+        self._first = None
 
     def new_step(self, positions: torch.Tensor) -> None:
         self._running, self._prev = None, None
-        self._lambda = self._threshold(self._step)
-        self._step += 1
-
-    def _threshold(self, t: int) -> float:
-        if self.decay <= 0:
-            return self.threshold
-        return min(1.0, max(0.0, 0.9 * self.threshold + 0.1 * math.exp(-self.decay * t / self.decay_length)))
+        if self.decay > 0:
+            if self._first is None:
+                self._first = positions[:, :1]
+            t = (positions - self._first).clamp_min(0).float()
+            self._lambda = (0.9 * self.threshold + 0.1 * torch.exp(-self.decay * t / self.decay_length)).clamp(0, 1)
 
     def confidence(self, h: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """c for each row of h [N, d] (the states after l layers; prev: after l - 1)."""
@@ -67,7 +66,8 @@ class ConfidencePolicy(Policy):
         sel = running.nonzero(as_tuple=True)  # only tokens still running are checked (and pay for the check)
         if sel[0].numel():
             prev = self._prev[sel] if self.measure == "state" else None
-            stay = self.confidence(hidden[sel], prev) < self._lambda
+            lam = self._lambda[sel] if isinstance(self._lambda, torch.Tensor) else self._lambda
+            stay = self.confidence(hidden[sel], prev) < lam
             running = running.index_put(sel, stay)
         self._running, self._prev = running, hidden
         if bool(running.all()):
