@@ -38,7 +38,8 @@ class KVCache:
     v: list[torch.Tensor]
     valid: list[torch.Tensor]  # per layer [B, capacity] bool
     all_valid: list[bool]  # per layer: no invalid position written so far (lets attention skip the mask)
-    pad: torch.Tensor  # [B] left padding of each row
+    pad: torch.Tensor  # [B] positions before the next token that hold none of the row's tokens: its left padding,
+    # then the holes rejected draft tokens left (`drop`); a token's position id is its index minus this
     mode: str
     length: int = 0
 
@@ -65,6 +66,38 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.k[0].shape[2]
+
+    def reserve(self, end: int) -> None:
+        """Room for `end` positions: grown (copied, doubling) only when a run needs more than it allocated."""
+        if end <= self.capacity:
+            return
+        extra = max(end, 2 * self.capacity) - self.capacity
+
+        def grown(t: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = extra
+            return torch.cat([t, t.new_zeros(shape)], dim)
+
+        self.k = [grown(t, 2) for t in self.k]
+        self.v = [grown(t, 2) for t in self.v]
+        copies: dict[int, torch.Tensor] = {}
+        self.valid = [copies.setdefault(id(t), grown(t, 1)) for t in self.valid]  # keeps `fill` mode's sharing
+
+    def drop(self, start: int, keep: torch.Tensor, end: int) -> None:
+        """Roll back rejected tokens without copying: row r keeps positions start .. start + keep[r] - 1 of the
+        ones written from `start`; its positions from there to `end` become holes (never valid, and its later
+        tokens' position ids shift back by their number); the next token goes to `end`."""
+        idx = torch.arange(start, end, device=keep.device)
+        hole = idx[None, :] >= (start + keep)[:, None]  # [B, end - start]
+        if bool(hole.any()):
+            done: set[int] = set()
+            for i, valid in enumerate(self.valid):
+                if id(valid) not in done:
+                    valid[:, start:end] &= ~hole
+                    done.add(id(valid))
+                self.all_valid[i] = False
+            self.pad = self.pad + hole.sum(1)
+        self.length = end
 
     def positions(self, num_tokens: int) -> torch.Tensor:
         """Position ids of the next `num_tokens` tokens: index minus the row's left padding."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skipbench.engine.cache import resolve_kv_mode
+from skipbench.engine.cache import KVCache, resolve_kv_mode
 from skipbench.engine.forward import Engine
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
@@ -40,6 +40,8 @@ class Generation:
     layers: list[list[list[int]]]  # per sequence, per fed-back generated token: executed 0-based layers
     prompt_tokens: list[int] = field(default_factory=list)
     kv_mode: str = "fill"  # the KV mode the run used (after resolving `auto`)
+    speculation: "object | None" = None  # self-speculative decoding: its SpecStats (engine/speculative.py)
+    cache: "KVCache | None" = None  # the cache as the run left it (tests compare its K/V)
 
     def cost_mean(self, row: int) -> float:
         rec = self.layers[row]
@@ -57,16 +59,27 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), present.to(device)
 
 
-def next_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> torch.Tensor:
-    if sampling.temperature == 0:
-        return logits.argmax(-1)
+def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The probabilities sampling draws from (temperature, then top-p), over the last dimension of `logits`."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest set reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return probs
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs [..., V] (not necessarily normalised)."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> torch.Tensor:
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    return draw(distribution(logits, sampling), gen)
 
 
 def eos_ids(lm: LoadedModel) -> set[int]:
@@ -106,31 +119,20 @@ def generate(
     timings: when a list, receives ("prefill", seconds) and one ("decode", seconds) per later token,
     each measured from the previous token's choice to this one's (CUDA synchronised).
     """
-    if max_new_tokens < 1:
-        raise SkipbenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if prompt_depth not in ("full", "policy"):
-        raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
-    if any(len(p) == 0 for p in prompts):
-        raise SkipbenchError("empty prompt: every prompt needs at least one token")
     policy = policy or Full(lm.num_layers)
     kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
+    if prompt_depth not in ("full", "policy"):
+        raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     engine = Engine(lm.adapter, kv_mode, impl)
+    ids, present, cache = start(lm, engine, prompts, max_new_tokens, max_new_tokens)
     dev = lm.device
-    ids, present = left_pad(prompts, pad_id(lm), dev)
-    batch, width = ids.shape
-    limit = getattr(lm.model.config, "max_position_embeddings", None)
-    if lm.adapter.family == "opt" and limit and width + max_new_tokens > limit:  # learned positions end there
-        raise SkipbenchError(
-            f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
-            "lower --max-prompt-tokens or --max-new-tokens"
-        )
-    cache = engine.prompt_cache(present, width + max_new_tokens)  # allocated before the clock starts
+    batch = ids.shape[0]
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
     policy.begin(batch, row_keys)
     prompt_policy = policy if prompt_depth == "policy" else None
-    clock = _Clock(dev) if timings is not None else None
+    clock = Clock(dev) if timings is not None else None
     out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
@@ -149,11 +151,29 @@ def generate(
         out = engine.forward(tok[:, None], cache, policy, record=True)
         records.append((fed, out.executed[:, 0]))
     gen = _collect(tokens, lengths, records, prompts)
-    gen.kv_mode = kv_mode
+    gen.kv_mode, gen.cache = kv_mode, cache
     return gen
 
 
-class _Clock:
+def start(lm: LoadedModel, engine: Engine, prompts: list[list[int]], max_new_tokens: int, room: int):
+    """Checked, left-padded prompts and their empty cache with `room` positions after the prompt (allocated here,
+    before any clock starts): (ids, present, cache)."""
+    if max_new_tokens < 1:
+        raise SkipbenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if any(len(p) == 0 for p in prompts):
+        raise SkipbenchError("empty prompt: every prompt needs at least one token")
+    ids, present = left_pad(prompts, pad_id(lm), lm.device)
+    width = ids.shape[1]
+    limit = getattr(lm.model.config, "max_position_embeddings", None)
+    if lm.adapter.family == "opt" and limit and width + max_new_tokens > limit:  # learned positions end there
+        raise SkipbenchError(
+            f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
+            "lower --max-prompt-tokens or --max-new-tokens"
+        )
+    return ids, present, engine.prompt_cache(present, width + room)
+
+
+class Clock:
     def __init__(self, device: torch.device) -> None:
         import time
 

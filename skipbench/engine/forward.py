@@ -28,6 +28,7 @@ class ForwardOut:
     executed: torch.Tensor | None  # [B, T, L] bool: which layers each token ran (when recorded)
     hidden: list[torch.Tensor] | None  # the residual stream entering each layer, plus the last one
     gates: list | None = None  # soft gates and routers' gate values, layer by layer (training reads them)
+    state: torch.Tensor | None = None  # a span that stops before the last layer: the stream leaving it (no logits)
 
 
 IMPLS = ("gather", "mask")
@@ -35,9 +36,13 @@ IMPLS = ("gather", "mask")
 
 class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
-    for every token and then selects (kept to measure what gathering saves; both give the same tokens)."""
+    for every token and then selects (kept to measure what gathering saves; both give the same tokens).
 
-    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "gather") -> None:
+    `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
+    for a caller that never reads them before they are written again (a static plan's draft tokens, which the
+    verify pass of self-speculative decoding rewrites at every layer)."""
+
+    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "gather", write_skipped: bool = True) -> None:
         if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
         if impl not in IMPLS:
@@ -45,6 +50,7 @@ class Engine:
         self.ad = adapter
         self.kv_mode = kv_mode
         self.impl = impl
+        self.write_skipped = write_skipped
         self.gqa = adapter.num_heads != adapter.num_kv_heads
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
@@ -81,6 +87,8 @@ class Engine:
         last_only: bool = False,
         gated_from: int = 0,
         logits_from: int | None = None,
+        span: range | None = None,
+        states: torch.Tensor | None = None,
     ) -> ForwardOut:
         """Run `ids` [B, T] through the model, appending to `cache`.
 
@@ -89,10 +97,14 @@ class Engine:
         `gated_from`: the first position the policy gates (the ones before, a prompt run in the same training
         pass, run every layer); `logits_from`: the first position whose logits are returned (default
         `gated_from`; `last_only` returns the last position's).
+        `span`: the layers to run (default all). A span that starts above 0 takes `states`, the stream entering its
+        first layer, instead of embedding `ids`; one that ends below the last layer returns the stream leaving it
+        (`state`) and no logits (self-speculative decoding resumes an early-exit draft's tokens this way).
         """
         ad, num_tokens = self.ad, ids.shape[1]
+        span = span or range(ad.num_layers)
         positions = cache.positions(num_tokens)
-        h = ad.embed(ids, positions)
+        h = ad.embed(ids, positions) if span.start == 0 else states
         pos = ad.position_embeddings(h, positions)
         real = True if present is None else present
         if self.kv_mode == "fill":  # every real token writes K/V at every layer
@@ -103,7 +115,7 @@ class Engine:
         hidden = [] if keep_hidden else None
         soft: list = []
 
-        for i in range(ad.num_layers):
+        for i in span:
             if keep_hidden:
                 hidden.append(h)
             gate = True if policy is None else policy.gate(i, h[:, gated_from:] if gated_from else h)
@@ -127,6 +139,8 @@ class Engine:
         if keep_hidden:
             hidden.append(h)
         cache.length += num_tokens
+        if span.stop < ad.num_layers:
+            return ForwardOut(logits=None, executed=executed, hidden=hidden, gates=soft, state=h)
         first = gated_from if logits_from is None else logits_from
         if last_only:
             h = h[:, -1:]
@@ -139,10 +153,10 @@ class Engine:
         """One decoder layer under a gate: run it, skip it, or run it for some tokens only."""
         ad, num_tokens = self.ad, h.shape[1]
         if gate is False:
-            if self.kv_mode == "fill":
-                cache.write(i, *ad.kv(i, ad.attn_norm(i, h), pos))
-            else:  # `none`: nothing is written, nothing is computed
+            if self.kv_mode == "none":  # nothing is written, nothing is computed
                 cache.mark([i], False, num_tokens)
+            elif self.write_skipped:
+                cache.write(i, *ad.kv(i, ad.attn_norm(i, h), pos))
             return h
         if self.kv_mode == "none":
             cache.mark([i], _both(gate, real), num_tokens)

@@ -1,0 +1,274 @@
+"""Self-speculative decoding: a skipping policy drafts, the full model verifies, the output is the full model's.
+
+After the full-depth prompt (which gives the first token), each round, for a batch of left-padded rows:
+
+1. **draft**: from each row's last token (not yet in the cache), up to K tokens under the draft policy, one
+   forward each. A row stops drafting at EOS, at its remaining length, or (`threshold`) after a token whose draft
+   probability is below the threshold (Draft & Verify's and transformers' adaptive stop);
+2. **verify**: one full-depth forward over [last, d1 .. dK] at the same cache positions (it writes every layer's
+   K/V there again, so the draft's entries never outlive the round);
+3. **accept**: greedy, the longest prefix of drafts equal to the verifier's argmax, then the verifier's own next
+   token; sampling, Leviathan et al.'s rule (accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first
+   rejection draw from the normalised max(p_j - q_j, 0); when every draft is accepted, a bonus token from p), so
+   tokens follow the full model's distribution (temperature and top-p applied to both p and q);
+4. **roll back** without copying: row r keeps [last, d1 .. d_{n_r}]; the cache's common length moves past the
+   longest kept run, and a shorter row's remaining positions become holes (`KVCache.drop`: invalid at every
+   layer, and its later tokens' position ids shift back by their number). At batch 1 there are no holes.
+
+Two savings the draft's shape allows, both exact:
+
+* a **static** draft never reads the K/V of a layer it skips at its own positions before the verify pass writes
+  them again, so it does not compute them (`Engine(write_skipped=False)`), whatever the KV mode;
+* an **early-exit** draft (layers 0 .. E-1) computes exactly what the full model computes below E, so its K/V
+  there are kept (LayerSkip's shared cache) and the verify pass resumes its tokens at layer E from the states
+  the draft left; only the last draft token, which the draft never fed, runs layers 0 .. E-1 first.
+
+`--speculate auto` starts at K and adapts between rounds as transformers' assisted generation does: K + 2 after a
+round in which every row accepted all it drafted, else K - 1 (between 1 and `k_max`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from skipbench.engine.cache import resolve_kv_mode
+from skipbench.engine.decode import Clock, Generation, Sampling, distribution, draw, eos_ids, pad_id, start
+from skipbench.engine.forward import Engine
+from skipbench.engine.protocol import Policy
+from skipbench.errors import SkipbenchError
+from skipbench.models.loading import LoadedModel
+
+
+@dataclass(frozen=True, kw_only=True)
+class Speculation:
+    """How to speculate: K draft tokens per round (the first round's with `adaptive`), a confidence threshold
+    below which a row's draft stops (0: never), and the largest K adaptation may reach."""
+
+    k: int = 4
+    adaptive: bool = False
+    threshold: float = 0.0
+    k_max: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= self.k_max:
+            raise SkipbenchError(f"--speculate must be between 1 and {self.k_max} (or 'auto'), got {self.k}")
+        if not 0 <= self.threshold <= 1:
+            raise SkipbenchError(f"--draft-threshold must be in [0, 1], got {self.threshold}")
+
+    @classmethod
+    def parse(cls, text: str, threshold: float = 0.0) -> "Speculation":
+        """`4` (K tokens per round) or `auto` (K adapted between rounds, from 4)."""
+        if str(text).strip().lower() == "auto":
+            return cls(k=4, adaptive=True, threshold=threshold)
+        try:
+            return cls(k=int(text), threshold=threshold)
+        except ValueError:
+            raise SkipbenchError(f"--speculate takes a number of draft tokens or 'auto', got '{text}'") from None
+
+    @property
+    def label(self) -> str:
+        return ("auto" if self.adaptive else str(self.k)) + (f"@{self.threshold:g}" if self.threshold else "")
+
+
+@dataclass
+class SpecStats:
+    """What one speculative generation did, per row and per round."""
+
+    drafted: list[int]  # per row: draft tokens the verifier judged
+    accepted: list[int]  # per row: of those, accepted
+    rejections: list[int]  # per row: rounds that ended at a rejected draft token
+    rounds: list[int]  # per row: rounds it took part in
+    round_k: list[int] = field(default_factory=list)  # per round: the K it drafted with (the most any row drafted)
+    exit_layer: int | None = None  # an early-exit draft's E (its K/V below E were kept)
+
+    def acceptance_rate(self, row: int | None = None) -> float:
+        """Accepted draft tokens over drafted ones (what other tools report)."""
+        a, d = (sum(self.accepted), sum(self.drafted)) if row is None else (self.accepted[row], self.drafted[row])
+        return a / d if d else float("nan")
+
+    def alpha(self, row: int | None = None) -> float:
+        """The per-token acceptance probability of the standard model (each draft token accepted with probability
+        alpha given the ones before it were): accepted / (accepted + rejections), its maximum-likelihood estimate."""
+        a, r = (sum(self.accepted), sum(self.rejections)) if row is None else (self.accepted[row], self.rejections[row])
+        return a / (a + r) if a + r else float("nan")
+
+    def accepted_per_round(self, row: int | None = None) -> float:
+        a, n = (sum(self.accepted), sum(self.rounds)) if row is None else (self.accepted[row], self.rounds[row])
+        return a / n if n else float("nan")
+
+    def row(self, r: int) -> dict:
+        return {"drafted": self.drafted[r], "accepted": self.accepted[r], "rounds": self.rounds[r],
+                "acceptance_rate": self.acceptance_rate(r), "accepted_per_round": self.accepted_per_round(r)}
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one round yields on average when each of k draft tokens is accepted with probability alpha given
+    the ones before (Leviathan et al., 2023, Eq. 1): (1 - alpha^(k+1)) / (1 - alpha)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def exit_layer(draft: Policy, num_layers: int) -> int | None:
+    """E when the draft runs exactly layers 0 .. E-1 for every token (an early exit), else None."""
+    layers = draft.executed_layers() if draft.static else None
+    if layers and len(layers) < num_layers and layers == list(range(len(layers))):
+        return len(layers)
+    return None
+
+
+@torch.no_grad()
+def speculate(
+    lm: LoadedModel,
+    prompts: list[list[int]],
+    draft: Policy,
+    spec: Speculation = Speculation(),
+    max_new_tokens: int = 64,
+    kv_mode: str = "auto",
+    sampling: Sampling = Sampling(),
+    row_keys: list[int] | None = None,
+    stop_at_eos: bool = True,
+    impl: str = "gather",
+    timings: list | None = None,
+    propose=None,
+) -> Generation:
+    """Generate with `draft` proposing and the full model verifying (module docstring): greedy output equals
+    `generate(lm, prompts, None)` token for token; sampled output follows the full model's distribution.
+
+    kv_mode: the draft's KV mode (the verifier writes every layer). timings: when a list, receives ("prefill", s),
+    then per round one ("draft", s) per draft forward, ("verify", s) for the verify pass and ("accept", s) for the
+    acceptance and roll-back. propose(tokens [B]) -> tokens [B]: replaces the draft's token choice (tests use it
+    to make a draft that is never right); it applies to greedy decoding only.
+    """
+    kv_mode = resolve_kv_mode(kv_mode, draft.kv_mode, f"draft '{draft.describe()}'")
+    if propose is not None and sampling.temperature > 0:
+        raise SkipbenchError("propose replaces greedy draft tokens only")
+    num_layers, dev = lm.num_layers, lm.device
+    exit_at = exit_layer(draft, num_layers)
+    verifier = Engine(lm.adapter, kv_mode, impl)
+    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=not draft.static)
+    ids, present, cache = start(lm, verifier, prompts, max_new_tokens, max_new_tokens + spec.k_max + 1)
+    batch = ids.shape[0]
+    stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+    greedy = sampling.temperature == 0
+    fill = pad_id(lm)
+    draft.begin(batch, row_keys)
+
+    clock = Clock(dev) if timings is not None else None
+    out = verifier.forward(ids, cache, None, present=present, last_only=True)
+    first = out.logits[:, -1].argmax(-1) if greedy else draw(distribution(out.logits[:, -1], sampling), gen)
+    tokens: list[list[int]] = [[t] for t in first.tolist()]
+    stop_set = set(stops.tolist())
+    done = [t in stop_set or max_new_tokens == 1 for t in first.tolist()]
+    pending = first
+    stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
+    if clock is not None:
+        timings.append(("prefill", clock.lap()))
+    k = spec.k
+    steps = torch.arange(spec.k_max, device=dev)
+    while not all(done):
+        # 1. draft: each live row up to its limit (K, and never past the tokens it still needs)
+        limit = torch.tensor([0 if d else min(k, max_new_tokens - len(t) - 1) for d, t in zip(done, tokens)], device=dev)
+        rounds_k = int(limit.max())
+        start_len = cache.length
+        cache.reserve(start_len + rounds_k + 1)
+        drafting = limit > 0
+        count = torch.zeros(batch, dtype=torch.long, device=dev)
+        drafts, q_probs, states = [], [], []
+        tok = pending
+        for j in range(rounds_k):
+            o = drafter.forward(tok[:, None], cache, draft, keep_hidden=exit_at is not None)
+            logits = o.logits[:, -1]
+            if greedy:
+                tok = logits.argmax(-1) if propose is None else propose(logits.argmax(-1))
+                conf = torch.softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0] if spec.threshold else None
+            else:
+                q = distribution(logits, sampling)
+                tok = draw(q, gen)
+                q_probs.append(q)
+                conf = q.gather(-1, tok[:, None])[:, 0]
+            if exit_at is not None:
+                states.append(o.hidden[exit_at])
+            drafts.append(tok)
+            count += drafting.long()
+            stop = (j + 1 >= limit) | torch.isin(tok, stops)
+            if spec.threshold:
+                stop |= conf < spec.threshold
+            drafting &= ~stop
+            if clock is not None:
+                timings.append(("draft", clock.lap()))
+            if not bool(drafting.any()):
+                break
+        m = len(drafts)
+
+        # 2. verify: the full model over [pending, d1 .. dm] at the draft's positions
+        cache.length = start_len
+        seq = torch.stack([pending, *drafts], 1)
+        if exit_at is not None and m:
+            cache.length = start_len + m  # the last draft token was never fed: layers below E first
+            last = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at)).state
+            cache.length = start_len
+            logits = verifier.forward(seq, cache, None, span=range(exit_at, num_layers),
+                                      states=torch.cat([*states, last], 1)).logits
+        else:
+            logits = verifier.forward(seq, cache, None).logits  # [B, m + 1, V]
+        if clock is not None:
+            timings.append(("verify", clock.lap()))
+
+        # 3. accept
+        judged = steps[:m][None, :] < count[:, None]  # [B, m] the drafts each row proposed
+        if greedy:
+            v = logits.argmax(-1)
+            ok = (seq[:, 1:] == v[:, :m]) & judged
+            n = ok.long().cumprod(1).sum(1)
+            nxt = v.gather(1, n[:, None])[:, 0]
+        else:
+            p = distribution(logits, sampling)  # [B, m + 1, V]
+            rows = torch.arange(batch, device=dev)
+            if m:
+                q = torch.stack(q_probs, 1)
+                d = seq[:, 1:, None]
+                u = torch.rand(batch, m, generator=gen, device=dev)
+                ok = (u * q.gather(-1, d)[..., 0] <= p[:, :m].gather(-1, d)[..., 0]) & judged
+                n = ok.long().cumprod(1).sum(1)
+                rejected = (n < count)[:, None]
+                residual = (p[rows, n] - q[rows, n.clamp(max=m - 1)] * rejected).clamp_min(0)
+                mass = residual.sum(-1, keepdim=True)
+                nxt = draw(torch.where(mass > 0, residual, p[rows, n]), gen)
+            else:
+                n = torch.zeros(batch, dtype=torch.long, device=dev)
+                nxt = draw(p[:, 0], gen)
+
+        # 4. keep each row's accepted run, roll the rest back, hand over the next token
+        n_list, nxt_list, cnt = n.tolist(), nxt.tolist(), count.tolist()
+        d_rows = seq[:, 1:].tolist()
+        keep = []
+        for r in range(batch):
+            if done[r]:  # finished before this round: its positions here are holes
+                keep.append(0)
+                continue
+            stats.rounds[r] += 1
+            stats.drafted[r] += cnt[r]
+            stats.accepted[r] += n_list[r]
+            stats.rejections[r] += int(n_list[r] < cnt[r])
+            for t in d_rows[r][: n_list[r]] + [nxt_list[r]]:
+                tokens[r].append(t)
+                if t in stop_set or len(tokens[r]) >= max_new_tokens:
+                    done[r] = True
+                    break
+            keep.append(n_list[r] + 1)
+        longest = max(keep)
+        cache.drop(start_len, torch.tensor(keep, device=dev), start_len + longest)
+        pending = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, fill), nxt)
+        stats.round_k.append(m)
+        if spec.adaptive:
+            live = [r for r in range(batch) if keep[r] and cnt[r]]
+            all_in = bool(live) and all(n_list[r] == cnt[r] for r in live)
+            k = min(spec.k_max, k + 2) if all_in else max(1, k - 1)
+        if clock is not None:
+            timings.append(("accept", clock.lap()))
+
+    full = list(range(num_layers))
+    return Generation(tokens=tokens, layers=[[full] * (len(t) - 1) for t in tokens],
+                      prompt_tokens=[len(p) for p in prompts], kv_mode=kv_mode, speculation=stats, cache=cache)

@@ -1,0 +1,217 @@
+"""Self-speculative decoding (engine/speculative.py): any policy drafts, the full model verifies.
+
+Greedy output equals plain full-depth decoding token for token, for every kind of draft, at batch 1 and 4 with
+prompts of different lengths, in both KV modes; sampled output follows the full model's distribution; the cache
+after rejections holds exactly plain decoding's K/V.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import prompts, tiny_model
+from skipbench.engine import generate
+from skipbench.engine.decode import Sampling, distribution
+from skipbench.engine.speculative import Speculation, expected_tokens, exit_layer, speculate
+from skipbench.errors import SkipbenchError
+from skipbench.models import wrap_model
+from skipbench.models.loading import remove_layers
+from skipbench.policies import make_policy, parse_policies
+
+NEW = 20
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def lm(request, tokenizer):
+    return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, f"tiny-{request.param}")
+
+
+def draft(name: str, lm, kv_mode: str, tmp_path, monkeypatch):
+    """Every kind of policy the registry has: static plans, per-sequence and per-token draws, a threshold policy,
+    calibrated plans, and the two learned kinds (untrained, with gates that skip some tokens)."""
+    if name == "controller":
+        from skipbench.policies.controller import ControllerPolicy, Controllers
+
+        torch.manual_seed(0)
+        return ControllerPolicy(Controllers(64, lm.num_layers, init_execute=0.0), gate="sample", seed=1)
+    if name == "flexidepth":
+        from skipbench.policies.flexidepth import FlexiDepth, FlexiPolicy
+
+        torch.manual_seed(0)
+        flexi = FlexiDepth(64, lm.num_layers, reduction=4, kv=kv_mode == "fill")
+        with torch.no_grad():
+            for r in flexi.routers.values():
+                r.out.bias.fill_(0.0)  # some tokens skip
+        return FlexiPolicy(flexi)
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    (spec,) = parse_policies(name, {"calibration": "3", "calibration-tokens": "32"} if "influence" in name else None,
+                             seed=1)
+    return spec.build(lm.num_layers, lm)
+
+
+DRAFTS = ["full", "early-exit:3", "uniform:4", "layers:0,2,5", "random:3", "random-token:4", "confidence:0.3",
+          "block-influence:3", "controller", "flexidepth"]
+
+
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("name", DRAFTS)
+def test_greedy_output_is_the_full_models_for_every_draft(lm, tokenizer, name, kv_mode, tmp_path, monkeypatch):
+    ps = prompts(tokenizer, 4)  # 4 different lengths
+    assert len({len(p) for p in ps}) == 4
+    ref = generate(lm, ps, None, NEW)
+    for batch in (1, 4):
+        policy = draft(name, lm, kv_mode, tmp_path, monkeypatch)
+        out = speculate(lm, ps[:batch], policy, Speculation(k=3), NEW, kv_mode)
+        assert out.tokens == ref.tokens[:batch], (name, kv_mode, batch)
+        s = out.speculation
+        assert sum(s.drafted) > 0 and all(0 <= a <= d for a, d in zip(s.accepted, s.drafted))
+    if name == "full":  # a draft identical to the full model: everything is accepted
+        assert s.acceptance_rate() == 1.0 and s.alpha() == 1.0 and sum(s.rejections) == 0
+        assert s.rounds == [int(np.ceil((len(t) - 1) / 4)) for t in out.tokens]
+
+
+@pytest.mark.parametrize("spec", [Speculation(k=2, adaptive=True), Speculation(k=5, threshold=0.6), Speculation(k=1)])
+def test_adaptive_k_and_threshold_keep_the_output(lm, tokenizer, spec):
+    ps = prompts(tokenizer, 4)
+    ref = generate(lm, ps, None, NEW)
+    out = speculate(lm, ps, make_policy("uniform:4", lm.num_layers), spec, NEW)
+    assert out.tokens == ref.tokens
+    ks = out.speculation.round_k
+    if spec.adaptive:
+        assert len(set(ks)) > 1  # K moved between rounds
+    if spec.threshold:  # rows stop drafting when unsure: fewer than K tokens in some rounds
+        assert min(ks) < spec.k
+
+
+def test_a_draft_that_is_never_right_accepts_nothing_and_changes_nothing(lm, tokenizer):
+    ps = prompts(tokenizer, 4)
+    ref = generate(lm, ps, None, NEW)
+    vocab = lm.model.config.vocab_size
+    out = speculate(lm, ps, make_policy("uniform:4", lm.num_layers), Speculation(k=3), NEW,
+                    propose=lambda t: (t + 1) % vocab)
+    assert out.tokens == ref.tokens
+    s = out.speculation
+    assert sum(s.accepted) == 0 and s.acceptance_rate() == 0.0
+    assert s.rejections == [n - 1 for n in s.rounds] and s.round_k[-1] == 0  # the last round had one token to make
+    assert s.rounds == [len(t) - 1 for t in out.tokens]  # one token per round, the verifier's
+
+
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("name", ["early-exit:3", "uniform:4", "random-token:4"])
+def test_the_cache_after_rejections_is_plain_decodings(lm, tokenizer, name, kv_mode):
+    """Every valid position holds the K/V plain full-depth decoding wrote for the same token, at every layer; the
+    holes rejected tokens left are invalid everywhere; early-exit drafts' K/V below the exit are kept as computed."""
+    ps = prompts(tokenizer, 4)
+    ref = generate(lm, ps, None, NEW, kv_mode=kv_mode, stop_at_eos=False)
+    out = speculate(lm, ps, make_policy(name, lm.num_layers, seed=1), Speculation(k=3), NEW, kv_mode,
+                    stop_at_eos=False)
+    assert out.tokens == ref.tokens
+    assert sum(out.speculation.rejections) > 0  # rollbacks happened
+    a, b = ref.cache, out.cache
+    for r in range(len(ps)):
+        for i in range(lm.num_layers):
+            va, vb = a.valid[i][r, : a.length], b.valid[i][r, : b.length]
+            assert int(va.sum()) == int(vb.sum()) == len(ps[r]) + NEW - 1
+            torch.testing.assert_close(b.k[i][r][:, : b.length][:, vb], a.k[i][r][:, : a.length][:, va], atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.v[i][r][:, : b.length][:, vb], a.v[i][r][:, : a.length][:, va], atol=1e-5, rtol=0)
+    if len(ps) > 1:
+        assert bool((~b.valid[0][:, b.pad.max():b.length]).any())  # some row has holes
+
+
+def test_exit_layer_is_found_for_prefix_plans_only():
+    assert exit_layer(make_policy("early-exit:3", 6), 6) == 3
+    assert exit_layer(make_policy("layers:0,1", 6), 6) == 2
+    assert exit_layer(make_policy("layers:0,2", 6), 6) is None
+    assert exit_layer(make_policy("full", 6), 6) is None
+    assert exit_layer(make_policy("random-token:3", 6), 6) is None
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+@pytest.mark.parametrize("text,threshold,message", [
+    ("0", 0.0, "between 1 and 16"), ("many", 0.0, "number of draft tokens or 'auto'"), ("4", 1.5, "draft-threshold"),
+])
+def test_bad_speculation_settings_are_one_line_errors(text, threshold, message):
+    with pytest.raises(SkipbenchError, match=message):
+        Speculation.parse(text, threshold)
+
+
+# sampling: a tiny vocabulary, so the joint distribution of two tokens has few cells
+
+
+@pytest.fixture(scope="module")
+def small():
+    from types import SimpleNamespace
+
+    model = tiny_model("llama", 6, layers=6, seed=3)
+    with torch.no_grad():  # a flatter distribution: every token has some probability
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(0.5)
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None)
+    return wrap_model(model, tok, "tiny-vocab-6")
+
+
+def joint_probs(lm, prompt: list[int], first: int, sampling: Sampling) -> np.ndarray:
+    """p(t1, t2 | prompt, t0=first) of the full model (temperature applied), by direct forwards."""
+    V = lm.model.config.vocab_size
+    with torch.no_grad():
+        seqs = torch.tensor([prompt + [first, t1] for t1 in range(V)])
+        logits = lm.model(seqs).logits
+    p1 = distribution(logits[0, -2], sampling).numpy()
+    p2 = distribution(logits[:, -1], sampling).numpy()
+    return p1[:, None] * p2
+
+
+def test_sampling_follows_the_full_models_distribution(small):
+    """Chi-square of the first two speculative tokens against the full model's exact joint probabilities, at a fixed
+    seed; the same test rejects the draft's own samples (it has the power to fail), and the first draft token is
+    accepted as often as the rule says: sum_x min(p(x), q(x))."""
+    lm, sampling, n = small, Sampling(temperature=1.0, seed=5), 3000
+    prompt = [2, 3, 4, 5, 2]
+    draft_policy = make_policy("early-exit:1", lm.num_layers)
+    out = speculate(lm, [prompt] * n, draft_policy, Speculation(k=2), 4, "fill", sampling, stop_at_eos=False)
+    plain = generate(lm, [prompt] * n, make_policy("early-exit:1", lm.num_layers), 4, "fill", sampling,
+                     stop_at_eos=False)
+
+    def chi2(gen) -> float:
+        V = lm.model.config.vocab_size
+        expected = np.zeros((V, V))
+        observed = np.zeros((V, V))
+        cache = {}
+        for toks in gen.tokens:
+            t0 = toks[0]
+            if t0 not in cache:
+                cache[t0] = joint_probs(lm, prompt, t0, sampling)
+            expected += cache[t0]
+            observed[toks[1], toks[2]] += 1
+        keep = expected.flatten() >= 5  # cells too rare for the chi-square approximation are pooled
+        e, o = expected.flatten()[keep], observed.flatten()[keep]
+        if (~keep).any():
+            e, o = np.append(e, expected.flatten()[~keep].sum()), np.append(o, observed.flatten()[~keep].sum())
+        return stats.chisquare(o, e * o.sum() / e.sum()).pvalue  # float32 probabilities: renormalised
+
+    assert chi2(out) > 0.01
+    assert chi2(plain) < 1e-6  # the draft alone samples another distribution
+
+    # the first draft token's acceptance: with 3 new tokens and K = 1, a row drafts once (after t0) and accepts
+    # that token with probability sum_x min(p(x | t0), q(x | t0))
+    once = speculate(lm, [prompt] * n, draft_policy, Speculation(k=1), 3, "fill", sampling, stop_at_eos=False)
+    assert set(once.speculation.drafted) == {1}
+    V = lm.model.config.vocab_size
+    after = torch.tensor([prompt + [t] for t in range(V)])
+    with torch.no_grad():
+        p = distribution(lm.model(after).logits[:, -1], sampling)
+        removed = wrap_model(remove_layers(lm.model, [0]), lm.tokenizer, "exit-1")
+        q = distribution(removed.model(after).logits[:, -1], sampling)  # the draft: the physically smaller model
+    rate = torch.minimum(p, q).sum(-1).numpy()
+    expected = rate[[t[0] for t in once.tokens]].mean()
+    observed = np.mean(once.speculation.accepted)
+    assert abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (observed, expected)
+    assert 0.05 < expected < 0.95  # neither extreme: the rule is exercised
