@@ -177,6 +177,29 @@ PolicyOptionOpt = typer.Option(None, "--policy-option", "-o", metavar="NAME=VALU
                                     "`skipbench policies` lists them)")
 
 
+DraftOpt = typer.Option(None, "--draft", help="self-speculative decoding: this policy drafts, the full model verifies "
+                        "(the output stays full depth's), e.g. --draft early-exit:10")
+SpeculateOpt = typer.Option("4", help="--draft: draft tokens per round, or 'auto' (adapted between rounds)")
+DraftThresholdOpt = typer.Option(0.0, help="--draft: a row stops drafting after a token the draft gives a probability "
+                                 "below this (0: never)")
+
+
+def _speculation(speculate: str, threshold: float):
+    from skipbench.engine.speculative import Speculation
+
+    return Speculation.parse(speculate, threshold)
+
+
+def _draft(draft: str | None, seed: int, policy_options=None):
+    """The one draft spec of --draft (None without it)."""
+    if draft is None:
+        return None
+    specs = _specs(draft, seed=seed, policy_options=policy_options)
+    if len(specs) != 1:
+        raise SkipbenchError(f"--draft '{draft}' names {len(specs)} policies; one drafts")
+    return specs[0]
+
+
 def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed=0, per_token=False,
            first_layer=True, checkpoint=None, gate="sample", policy_options=None):
     """The one policy grammar, plus the older separate options (`--policy uniform --cost 15`, `--keep 0,3,5`,
@@ -228,10 +251,14 @@ def generate(
     dtype: Dtype = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
+    draft: Optional[str] = DraftOpt,
+    speculate: str = SpeculateOpt,
+    draft_threshold: float = DraftThresholdOpt,
 ) -> None:
-    """Generate text under a layer-skipping policy.
+    """Generate text under a layer-skipping policy, or at full depth with a skipping policy drafting (--draft).
 
     Example: skipbench generate --policy uniform:15 --prompt "Please calculate the sum of 99, 45 and 12."
+    Example: skipbench generate --draft early-exit:10 --speculate 4 --prompt "..." --json
     """
     from skipbench.engine import Sampling
     from skipbench.experiments.generate import GenerateConfig, run
@@ -242,13 +269,20 @@ def generate(
                                                      per_token=per_token, first_layer=first_layer,
                                                      policy_options=policy_option),
         max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth, sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed),
-        device=device, dtype=dtype,
+        device=device, dtype=dtype, draft=_draft(draft, seed, policy_option),
+        speculation=_speculation(speculate, draft_threshold),
     )
     result = run(cfg)
     if as_json:
         typer.echo(json.dumps(result))
         return
     typer.echo(result["text"])
+    if result.get("speculation"):
+        sp = result["speculation"]
+        console.print(f"[dim]full depth, drafted by {sp['draft']} (K={sp['speculate']}) · {len(result['token_ids'])} "
+                      f"new tokens · acceptance {sp['acceptance_rate']:.2f} · {sp['accepted_per_round']:.2f} accepted "
+                      f"per round over {sp['rounds']} rounds[/dim]")
+        return
     mean = result["cost_mean"]
     console.print(
         f"[dim]{result['policy']} · {len(result['token_ids'])} new tokens · "
@@ -368,20 +402,35 @@ def bench(
     seed: int = typer.Option(0, help="seed of random policies"),
     out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
+    drafts: str = typer.Option("", help="self-speculative decoding: draft policies (specs), each verified by the full "
+                               "model, or 'auto' (search a draft layer set for this model and machine)"),
+    speculate: str = typer.Option("4", help="--drafts: draft tokens per round, comma-separated (one variant each), "
+                                  "or 'auto'"),
+    draft_threshold: float = DraftThresholdOpt,
 ) -> None:
     """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
-    memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound.
+    memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound;
+    self-speculative decoding with --drafts (acceptance, time shares, realized vs predicted speedup).
 
     Example: skipbench bench --policies full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl both
+    Example: skipbench bench --policies full --drafts early-exit:8,uniform:20 --speculate 2,4,6 --batch-sizes 1,8
     """
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
     cfg = BenchConfig(model=model, policies=tuple(_specs(policies, seed=seed, policy_options=policy_option)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
-                      compile=compile, device=device, dtype=dtype, seed=seed, out=out)
+                      compile=compile, device=device, dtype=dtype, seed=seed, out=out,
+                      drafts=() if drafts.strip() in ("", "auto") else tuple(_specs(drafts, seed=seed, policy_options=policy_option)),
+                      draft_search=drafts.strip() == "auto",
+                      speculations=tuple(_speculation(k, draft_threshold) for k in speculate.split(",") if k.strip()) or
+                      (_speculation("4", draft_threshold),))
+    if cfg.draft_search:
+        console.print("[dim]searching a draft layer set (calibration on the text suite's train split)...[/dim]")
     with Bar("bench") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
+    if result.search is not None:
+        _print_search(result.search)
     table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
     cols = ("batch", "variant", "phase", "tok/s", "p50 ms", "p90 ms", "layers", "speedup", "ideal", "real/ideal", "vs generate")
     for col in cols:
@@ -392,8 +441,37 @@ def bench(
                       fmt(r.step_p90 * 1e3, "{:.1f}"), f"{r.layers_mean:.1f}", fmt(r.speedup, "{:.3f}"),
                       fmt(r.ideal_speedup, "{:.3f}"), fmt(r.realized_over_ideal, "{:.3f}"), fmt(r.vs_generate, "{:.3f}"))
     Console(width=160).print(table)
+    spec_rows = result.summary[(result.summary.kind == "speculative") & (result.summary.phase == "decode")]
+    if len(spec_rows):
+        t = Table(title="self-speculative decoding (decode phase; output = full depth's)")
+        for col in ("batch", "variant", "accept rate", "alpha", "accepted/round", "K mean", "draft %", "verify %",
+                    "accept %", "speedup", "predicted", "real/pred"):
+            t.add_column(col, justify="left" if col == "variant" else "right")
+        for r in spec_rows.itertuples():
+            t.add_row(str(r.batch_size), r.variant, f"{r.acceptance_rate:.3f}", f"{r.alpha:.3f}",
+                      f"{r.accepted_per_round:.2f}", f"{r.k_mean:.2f}", f"{100 * r.draft_share:.0f}",
+                      f"{100 * r.verify_share:.0f}", f"{100 * r.accept_share:.1f}", f"{r.speedup:.3f}",
+                      f"{r.predicted_speedup:.3f}", f"{r.realized_over_predicted:.3f}")
+        Console(width=160).print(t)
     if result.path:
         console.print(f"wrote {result.path}")
+
+
+def _print_search(found) -> None:
+    t = Table(title=f"draft search (K={found.k}; full step {1e3 * found.t_full:.1f} ms, verify pass "
+                    f"{1e3 * found.t_verify:.1f} ms)")
+    for col in ("layers", "dropped last", "agreement", "draft step ms", "predicted speedup"):
+        t.add_column(col, justify="right")
+    prev = None
+    for s in found.path:
+        dropped = "" if prev is None else str(next(iter(set(prev) - set(s.layers))))
+        mark = " *" if s.layers == found.chosen else ""
+        t.add_row(f"{len(s.layers)}{mark}", dropped, f"{s.agreement:.3f}",
+                  "" if s.t_draft != s.t_draft else f"{1e3 * s.t_draft:.1f}",
+                  "" if s.predicted_speedup != s.predicted_speedup else f"{s.predicted_speedup:.3f}")
+        prev = s.layers
+    Console(width=160).print(t)
+    console.print(f"chosen draft: {found.label}")
 
 
 def _slug(text: str) -> str:
@@ -437,10 +515,16 @@ def evaluate(
     gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="policy controller: sample (as in the paper) | argmax"),
     router: Optional[str] = typer.Option(None, help="policy flexidepth: folder written by 'flexidepth train'"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
+    draft: Optional[str] = DraftOpt,
+    speculate: str = SpeculateOpt,
+    draft_threshold: float = DraftThresholdOpt,
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
+    With --draft, one more point: full depth's output by self-speculative decoding (acceptance columns,
+    matches_full).
 
     Example: skipbench evaluate --dataset arith --policy uniform --costs 8,15,22,30 --limit 100
+    Example: skipbench evaluate --dataset text --policy full --draft uniform:20 --speculate 4
     """
     from skipbench.data import DataSpec
     from skipbench.experiments.evaluate import EvalConfig, run
@@ -455,6 +539,7 @@ def evaluate(
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,
+        draft=_draft(draft, seed, policy_option), speculation=_speculation(speculate, draft_threshold),
     )
     with Bar("evaluate") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
 from skipbench.errors import SkipbenchError
 from skipbench.engine.protocol import Policy
+from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec
 from skipbench.metrics import exact_match, rouge_l
 from skipbench.models import load_model
@@ -50,9 +51,40 @@ class EvalConfig:
     dtype: str = "auto"
     out: str = ""
     resume: bool = True
+    draft: PolicySpec | None = None  # self-speculative decoding: one more point, full depth's output drafted by this
+    speculation: Speculation = field(default_factory=Speculation)
 
 
 FULL = PolicySpec(name="full")
+
+
+@dataclass(frozen=True)
+class Drafted:
+    """`evaluate --draft`: the full model's output by self-speculative decoding, drafted by `draft` (one point
+    beside the policy points; its rows' `policy` is `speculative`, so no reader takes them for full depth)."""
+
+    draft: PolicySpec
+    speculation: Speculation
+    name = "speculative"
+
+    @property
+    def label(self) -> str:
+        return f"speculative:{self.draft.label}@{self.speculation.label}"
+
+    @property
+    def seed(self) -> int:
+        return self.draft.seed
+
+    @property
+    def strategy(self):
+        return self.draft.strategy
+
+    @property
+    def value(self) -> str:
+        return self.draft.value
+
+    def cost(self, num_layers: int) -> int:
+        return num_layers  # the output is full depth's
 
 
 @dataclass(kw_only=True)
@@ -84,6 +116,15 @@ def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
         p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
         if p.name == "controller":
             check_backbone(p.value, cfg.model)
+    if cfg.draft is not None:
+        if cfg.prompt_depth != "full":
+            raise SkipbenchError("--draft runs the prompt at full depth (the verifier's); --prompt-depth must be full")
+        cfg.draft.check_held_out(cfg.data)
+        draft = cfg.draft.build(num_layers, lm, cfg.data)
+        cfg.draft.check_kv_mode(resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{cfg.draft.label}'"))
+        if cfg.draft.name == "controller":
+            check_backbone(cfg.draft.value, cfg.model)
+        built[Drafted(cfg.draft, cfg.speculation)] = draft
     return built
 
 
@@ -97,17 +138,23 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     """Where a point's part lives: `.skipbench-parts/` beside the output, keyed by everything that changes
     its rows (not the costs, the output name or the batch size), so reruns and other sweeps reuse it.
     The full-depth point does not depend on the policy being swept, so every sweep shares it."""
-    ident = replace(cfg, policies=(p,), out="", resume=True, batch_size=None)
+    drafted = isinstance(p, Drafted)
+    ident = replace(cfg, policies=(p.draft,) if drafted else (p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
+    if drafted:
+        fields["speculative"] = True
+    else:  # a policy point does not depend on a draft (and keeps the key it had before drafts existed)
+        fields.pop("draft")
+        fields.pop("speculation")
     fingerprint = model_fingerprint(cfg.model)
     if fingerprint:  # a local folder written again (a new fine-tuning run) is another model
         fields["model_fingerprint"] = fingerprint
     if p.strategy.needs_checkpoint:  # the same folder retrained is another policy
         from skipbench.checkpoints import checkpoint_fingerprint
 
-        fields["checkpoint"] = checkpoint_fingerprint(p.value)
+        fields["checkpoint"] = checkpoint_fingerprint((p.draft if drafted else p).value)
     key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    tag = p.arg if p.strategy.sweeps else str(len(p.value.split(","))) if p.strategy.arg == "layers" else ""
+    tag = "" if drafted else p.arg if p.strategy.sweeps else str(len(p.value.split(","))) if p.strategy.arg == "layers" else ""
     return Path(cfg.out).parent / ".skipbench-parts" / f"{p.name}{'-' + tag if tag else ''}-{key}.parquet"
 
 
@@ -117,10 +164,16 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
     rows = []
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        gen = generate(lm, [encoded[i] for i in idx], policy, cfg.max_new_tokens, cfg.kv_mode,
-                       row_keys=[items[i].key for i in idx], prompt_depth=cfg.prompt_depth)
+        keys, batch = [items[i].key for i in idx], [encoded[i] for i in idx]
+        if isinstance(p, Drafted):
+            gen = speculate(lm, batch, policy, p.speculation, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys)
+        else:
+            gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth)
         for r, i in enumerate(idx):
-            rows.append(_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode})
+            row = _row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode}
+            if gen.speculation is not None:  # what drafting did for this item
+                row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **gen.speculation.row(r)}
+            rows.append(row)
         if progress:
             progress(len(idx))
     return pd.DataFrame(rows)
@@ -189,10 +242,10 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         for p in todo if d.enabled else ():
             write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p), {})
             d.remove_parts(part_path(cfg, p))
-        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies"), model=cfg.model,
+        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies", "draft", "speculation"), model=cfg.model,
                     dataset=cfg.data.name, split=cfg.data.split, seed=cfg.seed)
         # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
-        asked = [p for p in pts if p.name != "full"]
+        asked = [p for p in pts if p.name != "full" and not isinstance(p, Drafted)]
         rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
         rows["per_token"] = any(p.name == "random-token" for p in asked)
         rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
@@ -219,12 +272,16 @@ def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.Data
     for p, df in parts.items():
         df = df[df["item_id"].isin(ids)].copy()
         df["full_rougeL"] = [rouge_l(o, full[i]) for o, i in zip(df["output"], df["item_id"])]
+        if isinstance(p, Drafted):  # lossless: the same text as full depth's (greedy; sampling differs by design)
+            df["matches_full"] = [o == full[i] for o, i in zip(df["output"], df["item_id"])]
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    drafted = {"matches_full": ("matches_full", "mean"), "acceptance_rate": ("acceptance_rate", "mean")}
     return (rows.groupby(["policy", "cost", "policy_spec"], sort=False)
             .agg(items=("item_id", "count"), layers_mean=("layers_mean", "mean"), rougeL=("rougeL", "mean"),
-                 full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"), new_tokens=("new_tokens", "mean"))
+                 full_rougeL=("full_rougeL", "mean"), exact_match=("exact_match", "mean"), new_tokens=("new_tokens", "mean"),
+                 **{k: v for k, v in drafted.items() if k in rows})
             .reset_index())

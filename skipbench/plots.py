@@ -206,3 +206,26 @@ def speedup_figure(summary, num_layers: int, path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def speculative_figure(summary, path: Path) -> Path:
+    """Self-speculative decoding: realized decode speedup over full depth against the draft's acceptance rate,
+    one marker per (draft, K), per batch size; the predicted speedup (hollow) beside each."""
+    d = summary[(summary["phase"] == "decode") & (summary["kind"] == "speculative")]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for j, (batch, g) in enumerate(d.groupby("batch_size")):
+        color = f"C{j}"
+        ax.scatter(g["acceptance_rate"], g["speedup"], color=color, zorder=3, label=f"realized, batch {batch}")
+        ax.scatter(g["acceptance_rate"], g["predicted_speedup"], facecolors="none", edgecolors=color, zorder=3,
+                   label=f"predicted, batch {batch}")
+        for r in g.itertuples():
+            ax.annotate(r.variant.removeprefix("spec "), (r.acceptance_rate, r.speedup), textcoords="offset points",
+                        xytext=(4, 3), fontsize=6)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("acceptance rate (accepted / drafted tokens)")
+    ax.set_ylabel("decode tokens/s relative to full depth")
+    ax.set_title("Self-speculative decoding: speedup against acceptance (output = full depth's)", fontsize=9)
+    ax.set_xlim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -21,7 +21,7 @@ LAYERS = [
     {"data"},
     {"engine"},
     {"policies"},
-    {"training", "oracle", "verdicts", "evaluation", "fidelity"},
+    {"training", "oracle", "verdicts", "evaluation", "fidelity", "draft_search"},
     {"experiments"},
     {"report"},
     {"cli", "__main__"},

@@ -58,7 +58,7 @@ def test_phase_rows_count_real_prompt_tokens_once():
     from skipbench.experiments.bench import phase_rows
 
     timings = [("prefill", 0.5), ("decode", 0.1), ("decode", 0.3)]
-    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2, 3], [4, 5, 6, 7, 8]], variant="v")}
+    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2, 3], [4, 5, 6, 7, 8]], 3, variant="v")}
     assert rows["prefill"]["tokens"] == 8 and rows["prefill"]["tokens_per_s"] == 8 / 0.5
     assert rows["decode"]["tokens"] == 4 and rows["decode"]["tokens_per_s"] == 4 / 0.4
     assert rows["decode"]["steps"] == 2 and rows["decode"]["step_p50"] == 0.2 and rows["decode"]["variant"] == "v"
@@ -97,3 +97,16 @@ def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):
     res = CliRunner().invoke(app, [*args, "--kv-mode", "fill", "--out", str(tmp_path / "b2.parquet")])
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
     assert "conflicts with policy" in res.stderr and not (tmp_path / "b2.parquet").exists()
+
+
+def test_phase_rows_of_a_speculative_run_count_rounds_as_steps():
+    """A speculative run's decode step is a round (its draft steps, verify pass and acceptance); its tokens are
+    every token after the first, whatever the rounds accepted; acceptance columns stay off the prefill row."""
+    from skipbench.experiments.bench import phase_rows
+
+    timings = [("prefill", 0.5), ("draft", 0.1), ("draft", 0.1), ("verify", 0.2), ("accept", 0.01),
+               ("verify", 0.2), ("accept", 0.02)]
+    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2], [3]], 5, variant="s", alpha=0.5)}
+    assert rows["decode"]["steps"] == 2 and rows["decode"]["tokens"] == 8
+    assert rows["decode"]["seconds"] == pytest.approx(0.63) and rows["decode"]["step_p50"] == pytest.approx(0.315)
+    assert rows["decode"]["alpha"] == 0.5 and "alpha" not in rows["prefill"]

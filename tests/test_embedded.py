@@ -34,3 +34,18 @@ def test_embedded_full_equals_hf(lm):
     out = generate(lm, [ids], make_policy("full", 30), max_new_tokens=32)
     hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
     assert out.tokens[0] == hf[: len(out.tokens[0])] and len(out.tokens[0]) == len(hf)
+
+
+@pytest.mark.parametrize("draft", ["early-exit:10", "uniform:20"])
+def test_embedded_speculative_decoding_gives_full_depths_tokens(lm, draft):
+    """Self-speculative decoding on the real 30-layer model, batch 2 with prompts of different lengths: the
+    greedy tokens are full depth's, whatever the draft accepts."""
+    from skipbench.engine.speculative import Speculation, speculate
+
+    ps = [encode_prompt(lm.tokenizer, t) for t in ("Please calculate the sum of 99, 45 and 12.",
+                                                   "Write a short poem about the sea.")]
+    assert len(ps[0]) != len(ps[1])
+    ref = generate(lm, ps, None, max_new_tokens=24)
+    out = speculate(lm, ps, make_policy(draft, 30), Speculation(k=4), 24)
+    assert out.tokens == ref.tokens
+    assert sum(out.speculation.drafted) > 0

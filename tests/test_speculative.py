@@ -8,6 +8,7 @@ after rejections holds exactly plain decoding's K/V.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
@@ -215,3 +216,107 @@ def test_sampling_follows_the_full_models_distribution(small):
     observed = np.mean(once.speculation.accepted)
     assert abs(observed - expected) < 4 * np.sqrt(expected * (1 - expected) / n), (observed, expected)
     assert 0.05 < expected < 0.95  # neither extreme: the rule is exercised
+
+
+# the commands end to end on a tiny model
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from skipbench.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_generate_with_a_draft_prints_full_depths_tokens_and_acceptance(tiny_dirs):
+    import json
+
+    model = tiny_dirs["llama"]
+    plain = _cli("generate", "--model", model, "--prompt", "Repeat the list", "--max-new-tokens", 16, "--json")
+    drafted = _cli("generate", "--model", model, "--prompt", "Repeat the list", "--max-new-tokens", 16, "--json",
+                   "--draft", "early-exit:3", "--speculate", "3")
+    assert plain.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert b["token_ids"] == a["token_ids"]
+    sp = b["speculation"]
+    assert sp["draft"] == "early-exit:3" and sp["exit_layer"] == 3 and sp["drafted"] >= sp["accepted"] >= 0
+    assert sp["rounds"] == len(sp["round_k"])
+    bad = _cli("generate", "--model", model, "--prompt", "x", "--policy", "uniform:3", "--draft", "early-exit:3")
+    assert bad.exit_code == 1 and "--policy must be full" in bad.output and "Traceback" not in bad.output
+
+
+def test_bench_with_drafts_reports_acceptance_shares_and_predicted_speedup(tiny_dirs, tmp_path):
+    out = tmp_path / "b.parquet"
+    res = _cli("bench", "--model", tiny_dirs["llama"], "--policies", "uniform:3", "--drafts", "early-exit:3,uniform:4",
+               "--speculate", "2,auto", "--batch-sizes", "1,2", "--new-tokens", 8, "--repeats", 1, "--warmup", 0,
+               "--out", out)
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    spec = df[df["kind"] == "speculative"]
+    assert set(spec["variant"]) == {f"spec {d} k={k}" for d in ("early-exit:3", "uniform:4") for k in ("2", "auto")}
+    assert "full" in set(df["variant"])  # added: speculative speedups are over full depth
+    dec = spec[spec["phase"] == "decode"]
+    assert (dec["tokens"] == dec["batch_size"] * 7).all()
+    assert ((dec["acceptance_rate"] >= 0) & (dec["acceptance_rate"] <= 1)).all()
+    shares = dec[["draft_share", "verify_share", "accept_share"]].sum(axis=1)
+    assert np.allclose(shares, 1.0)
+    import json
+
+    summary = pd.DataFrame(json.loads(out.with_suffix(".json").read_text())["summary"])
+    s = summary[(summary["kind"] == "speculative") & (summary["phase"] == "decode")]
+    assert s["predicted_speedup"].notna().all() and s["speedup"].notna().all()
+    assert "real/pred" in res.stdout
+    assert (tmp_path / "b-speculative.png").stat().st_size > 10_000
+
+
+def test_bench_drafts_auto_searches_a_layer_set(tiny_dirs):
+    res = _cli("bench", "--model", tiny_dirs["llama"], "--policies", "full", "--drafts", "auto", "--speculate", 3,
+               "--batch-sizes", 1, "--new-tokens", 6, "--repeats", 1, "--warmup", 0)
+    assert res.exit_code == 0, res.output
+    chosen = [line for line in res.output.splitlines() if line.startswith("chosen draft: layers:")]
+    assert len(chosen) == 1
+    assert f"spec {chosen[0].removeprefix('chosen draft: ')} k=3" in res.output  # then benchmarked like any draft
+
+
+def test_draft_search_drops_one_layer_per_step_and_picks_the_best_prediction(tokenizer):
+    from skipbench.draft_search import search
+
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
+    found = search(lm, prompts(tokenizer, 1)[0], k=3, items=2, tokens=8)
+    assert found.path[0].layers == tuple(range(6)) and found.path[0].agreement == 1.0
+    for a, b in zip(found.path, found.path[1:]):
+        assert len(set(a.layers) - set(b.layers)) == 1 and set(b.layers) < set(a.layers) and 0 in b.layers
+        assert 0 <= b.agreement <= 1 and b.t_draft > 0
+    assert len(found.path[-1].layers) == 3
+    best = max(found.path[1:], key=lambda s: s.predicted_speedup)
+    assert found.chosen == best.layers
+    s = found.path[1]
+    assert s.predicted_speedup == pytest.approx(expected_tokens(s.agreement, 3) * found.t_full / (3 * s.t_draft + found.t_verify))
+
+
+def test_evaluate_with_a_draft_adds_a_lossless_point_with_acceptance_columns(tiny_dirs, tmp_path):
+    out = tmp_path / "ev.parquet"
+    args = ("evaluate", "--model", tiny_dirs["llama"], "--dataset", "arith", "--limit", 4, "--max-new-tokens", 12,
+            "--policy", "uniform:3", "--draft", "uniform:4", "--speculate", 3, "--out", out)
+    res = _cli(*args)
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    spec = df[df["policy"] == "speculative"]
+    assert len(spec) == 4 and set(spec["policy_spec"]) == {"speculative:uniform:4@3"} and (spec["cost"] == 6).all()
+    full = df[df["policy"] == "full"].set_index("item_id")["output"]
+    assert spec["matches_full"].all() and list(spec["output"]) == list(full[spec["item_id"]])
+    assert (spec["drafted"] >= spec["accepted"]).all() and spec["acceptance_rate"].between(0, 1).all()
+    assert df.loc[df["policy"] != "speculative", "draft_spec"].isna().all()
+    again = _cli(*args)
+    assert again.exit_code == 0 and "3 finished part(s) reused" in again.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--speculate", "0"), "between 1 and 16"),
+    (("--speculate", "lots"), "'auto'"),
+    (("--draft-threshold", "1.5"), "draft-threshold"),
+])
+def test_bad_speculation_options_exit_1_with_one_line(tiny_dirs, args, message):
+    res = _cli("generate", "--model", tiny_dirs["llama"], "--prompt", "x", "--draft", "uniform:3", *args)
+    assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output

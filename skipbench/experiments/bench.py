@@ -10,9 +10,20 @@ Rows:
                         per-token policies also as `<policy> [mask]` with `--impl both`
   removed:<plan>        for a static plan: the same model with the other layers physically removed (the bound)
 
+  spec <draft> k=<K>    self-speculative decoding (`--drafts`, `--speculate`): the draft policy proposes K tokens,
+                        the full model verifies them; the output is full depth's, so its speedup is lossless
+
 Speedups are of decode tokens/s over `full`. The ideal speedup counts layers: a decode step costs a fixed
 part F (embedding, final norm, head, sampling; timed on its own) plus L layers, so running m layers on
 average ideally takes F + (m / L)(T_full - F).
+
+A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
+`alpha`: the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
+round, the shares of its time spent drafting, verifying and accepting (bookkeeping), and `predicted_speedup`: the
+standard expected-tokens-per-round formula, E = (1 - alpha^(K+1)) / (1 - alpha) tokens per round costing
+K t_draft + t_verify (the medians of its own draft steps and verify passes), over full depth's step time. The
+formula assumes batch 1 (at batch B a round lasts until its slowest row) and tokens accepted independently; the
+realized speedup below the predicted one is what the implementation and those assumptions cost.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
 from skipbench.engine.protocol import Policy
+from skipbench.engine.speculative import Speculation, expected_tokens, speculate
 from skipbench.policies import PolicySpec, parse_policies
 from skipbench.results import Written, check_out_path, manifest, tidy, write_atomic
 
@@ -66,13 +78,16 @@ class BenchConfig:
     dtype: str = "auto"
     seed: int = 0
     out: str | None = None
+    drafts: tuple[PolicySpec, ...] = ()  # self-speculative decoding: the draft policies
+    draft_search: bool = False  # `--drafts auto`: search a static draft layer set first (draft_search.py)
+    speculations: tuple[Speculation, ...] = (Speculation(),)  # `--speculate`: K per round, one variant per draft and K
 
 
 @dataclass
 class Variant:
     name: str
-    run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean)
-    kind: str  # baseline | policy | bound
+    run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean, extra columns)
+    kind: str  # baseline | policy | bound | speculative
     kv_mode: str = "fill"  # the KV mode it ran under (a full-depth run writes every K/V: `fill`)
 
 
@@ -97,7 +112,7 @@ def _hf_variant(lm: LoadedModel, n: int) -> Variant:
         lm.model.generate(input_ids=ids, attention_mask=present.long(), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=pad_id(lm), logits_processor=LogitsProcessorList([stamp]))
         marks = [start, *stamp.times]
-        return [("prefill" if j == 0 else "decode", b - a) for j, (a, b) in enumerate(zip(marks, marks[1:]))], lm.num_layers
+        return [("prefill" if j == 0 else "decode", b - a) for j, (a, b) in enumerate(zip(marks, marks[1:]))], lm.num_layers, {}
 
     return Variant("hf-generate", run, "baseline")
 
@@ -107,19 +122,45 @@ def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode:
         timings: list = []
         gen = generate(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings)
         layers = [len(rec) for row in gen.layers for rec in row]
-        return timings, float(np.mean(layers)) if layers else float(lm.num_layers)
+        return timings, float(np.mean(layers)) if layers else float(lm.num_layers), {}
 
     return run
 
 
-def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
+def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchConfig, kv_mode: str) -> Callable:
+    def run(prompts):
+        timings: list = []
+        gen = speculate(lm, prompts, draft, spec, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=_impl(cfg),
+                        timings=timings)
+        s = gen.speculation
+        laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept")}
+        total = sum(map(sum, laps.values()))
+        extra = {"draft_spec": draft.describe(), "speculate": spec.label, "acceptance_rate": s.acceptance_rate(),
+                 "alpha": s.alpha(), "accepted_per_round": s.accepted_per_round(),
+                 "k_mean": float(np.mean(s.round_k)), "rounds": len(s.round_k),
+                 "t_draft": float(np.median(laps["draft"])) if laps["draft"] else 0.0,
+                 "t_verify": float(np.median(laps["verify"])),
+                 **{f"{phase}_share": sum(laps[phase]) / total for phase in laps}}
+        return timings, float(lm.num_layers), extra
+
+    return run
+
+
+def _impl(cfg: BenchConfig) -> str:
+    """The one implementation a variant runs under (`both` runs per-token policies twice, everything else gathered)."""
+    return "gather" if cfg.impl == "both" else cfg.impl
+
+
+def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] = ()) -> list[Variant]:
     out = [_hf_variant(lm, cfg.new_tokens)]
     bounds = []
     specs = cfg.policies or parse_policies(f"full,uniform:{max(1, lm.num_layers // 2)}")
+    if drafts and not any(s.name == "full" for s in specs):
+        specs = (*parse_policies("full"), *specs)  # speculative speedups are over full depth, measured beside them
     for spec in specs:
         policy = spec.build(lm.num_layers, lm)
         label = spec.name + (f":{spec.arg}" if spec.arg else "")  # as the user wrote it
-        impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [cfg.impl if cfg.impl != "both" else "gather"]
+        impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [_impl(cfg)]
         kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
         spec.check_kv_mode(kv_mode)
         for impl in impls:
@@ -129,6 +170,13 @@ def variants(lm: LoadedModel, cfg: BenchConfig) -> list[Variant]:
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
             bounds.append(Variant(f"removed:{label}", _ours(small, None, cfg, "gather"), "bound"))
+    for spec in drafts:
+        draft = spec.build(lm.num_layers, lm)
+        kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{spec.label}'")
+        spec.check_kv_mode(kv_mode)
+        for k in cfg.speculations:
+            out.append(Variant(f"spec {spec.label} k={k.label}", _speculative(lm, draft, k, cfg, kv_mode), "speculative",
+                               kv_mode))
     return out + bounds
 
 
@@ -167,6 +215,7 @@ class BenchResult(Written):
     """rows: one per (variant, batch size, repeat, phase), written when --out is given."""
 
     summary: pd.DataFrame  # one row per (variant, batch size, phase), in the manifest
+    search: object = None  # `--drafts auto`: the draft search (draft_search.Search)
 
 
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
@@ -182,8 +231,14 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
 
         enable_compile(lm.adapter)
     torch.manual_seed(cfg.seed)
-    vs = variants(lm, cfg)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
+    drafts, found = cfg.drafts, None
+    if cfg.draft_search:
+        from skipbench.draft_search import search
+
+        found = search(lm, encoded[0], cfg.speculations[0].k)
+        drafts = (*drafts, *parse_policies(found.label))
+    vs = variants(lm, cfg, drafts)
     rows, fixed = [], {}
     if start:
         start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(vs))
@@ -194,60 +249,100 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
             for v in vs:
                 if lm.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                timings, layers = v.run(prompts)
+                timings, layers, extra = v.run(prompts)
                 if rep >= 0:
-                    rows += phase_rows(timings, prompts, peak_memory_mb=_peak_memory_mb(lm.device), variant=v.name,
-                                       kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep, layers_mean=layers)
+                    rows += phase_rows(timings, prompts, cfg.new_tokens, peak_memory_mb=_peak_memory_mb(lm.device),
+                                       variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
+                                       layers_mean=layers, **extra)
                 if progress:
                     progress()
     summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers)
     df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
-        return BenchResult(rows=df, summary=summary)
+        return BenchResult(rows=df, summary=summary, search=found)
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
+                    draft_search=None if found is None else {
+                        "chosen": found.label, "k": found.k, "t_full": found.t_full, "t_verify": found.t_verify,
+                        "path": [s.__dict__ for s in found.path]},
                     summary=summary.to_dict("records"),
                     memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
     from skipbench.plots import speedup_figure
 
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    figure = speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))
-    return BenchResult(rows=df, summary=summary, path=write_atomic(df, cfg.out, meta), files={"figure": figure})
+    figures = {"figure": speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))}
+    if drafts:
+        from skipbench.plots import speculative_figure
+
+        stem = Path(cfg.out)
+        figures["speculative"] = speculative_figure(summary, stem.with_name(stem.stem + "-speculative.png"))
+    return BenchResult(rows=df, summary=summary, path=write_atomic(df, cfg.out, meta), files=figures, search=found)
 
 
-def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], **fields) -> list[dict]:
+def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], new_tokens: int, **fields) -> list[dict]:
     """One row per phase of one timed run. Prefill: the batch's real prompt tokens (padding excluded) over its
-    seconds; decode: one token per sequence per step, over the steps' seconds."""
+    seconds; decode: the tokens after the first (new_tokens - 1 per sequence) over the steps' seconds. A step is
+    one token for plain decoding, one round (its draft steps, verify pass and acceptance) for a speculative run."""
     rows = []
     for phase in ("prefill", "decode"):
-        secs = [t for p, t in timings if p == phase]
-        tokens = sum(map(len, prompts)) if phase == "prefill" else len(prompts) * len(secs)
-        rows.append({**fields, "phase": phase, "seconds": float(sum(secs)), "steps": len(secs), "tokens": tokens,
+        secs = _steps(timings) if phase == "decode" else [t for p, t in timings if p == phase]
+        tokens = sum(map(len, prompts)) if phase == "prefill" else len(prompts) * (new_tokens - 1)
+        extra = fields if phase == "decode" else {k: v for k, v in fields.items() if k not in SPECULATIVE}
+        rows.append({**extra, "phase": phase, "seconds": float(sum(secs)), "steps": len(secs), "tokens": tokens,
                      "step_p50": float(np.median(secs)), "step_p90": float(np.percentile(secs, 90)),
                      "tokens_per_s": tokens / sum(secs)})
     return rows
 
 
+def _steps(timings: list[tuple[str, float]]) -> list[float]:
+    """Decode step times: each ("decode", s) lap, or each speculative round (laps up to its "accept")."""
+    steps, current = [], 0.0
+    for phase, t in timings:
+        if phase == "decode":
+            steps.append(t)
+        elif phase in ("draft", "verify"):
+            current += t
+        elif phase == "accept":
+            steps.append(current + t)
+            current = 0.0
+    return steps
+
+
+SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "k_mean", "rounds", "t_draft", "t_verify",
+               "draft_share", "verify_share", "accept_share")
+
+
 def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
     g = df.groupby(["batch_size", "variant", "kind", "kv_mode", "phase"], sort=False)
+    extra = {c: (c, "median") for c in SPECULATIVE if c in df}
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), step_p50=("step_p50", "median"), step_p90=("step_p90", "median"),
-                layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max")).reset_index()
-    realized, ideal = [], []
+                layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max"), **extra).reset_index()
+    realized, ideal, predicted = [], [], []
     for r in out.itertuples():
         full = out[(out.batch_size == r.batch_size) & (out.variant == "full") & (out.phase == r.phase)]
         if full.empty:
             realized.append(np.nan)
             ideal.append(np.nan)
+            predicted.append(np.nan)
             continue
         realized.append(r.tokens_per_s / float(full.tokens_per_s.iloc[0]))
-        if r.phase == "decode":
-            t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
+        t_full = float(full.step_p50.iloc[0])
+        if r.phase == "decode" and r.kind == "speculative":
+            ideal.append(np.nan)
+            # tokens per round from the standard formula, over the round's cost from its own measured parts
+            predicted.append(expected_tokens(r.alpha, r.k_mean) * t_full / (r.k_mean * r.t_draft + r.t_verify))
+        elif r.phase == "decode":
+            f = fixed[r.batch_size]
             ideal.append(t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0)))
+            predicted.append(np.nan)
         else:
             ideal.append(np.nan)
+            predicted.append(np.nan)
     out["speedup"] = realized
     out["ideal_speedup"] = ideal
     out["realized_over_ideal"] = out["speedup"] / out["ideal_speedup"]
+    out["predicted_speedup"] = predicted
+    out["realized_over_predicted"] = out["speedup"] / out["predicted_speedup"]
     out["vs_generate"] = [r.tokens_per_s / float(out[(out.batch_size == r.batch_size) & (out.variant == "hf-generate")
                                                     & (out.phase == r.phase)].tokens_per_s.iloc[0]) for r in out.itertuples()]
     return out

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, Sampling, generate, resolve_kv_mode
 from skipbench.policies import PolicySpec
+from skipbench.engine.speculative import Speculation, speculate
+from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 
 
@@ -21,10 +23,18 @@ class GenerateConfig:
     sampling: Sampling = field(default_factory=Sampling)
     device: str = "auto"
     dtype: str = "auto"
+    draft: PolicySpec | None = None  # self-speculative decoding: this policy drafts, the full model verifies
+    speculation: Speculation = field(default_factory=Speculation)
 
 
 def run(cfg: GenerateConfig) -> dict:
+    if cfg.draft is not None and cfg.policy.name != "full":
+        raise SkipbenchError(f"--draft verifies with the full model; --policy must be full, got '{cfg.policy.label}'")
+    if cfg.draft is not None and cfg.prompt_depth != "full":
+        raise SkipbenchError("--draft runs the prompt at full depth (the verifier's); --prompt-depth must be full")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.draft is not None:
+        return _speculative(cfg, lm)
     policy = cfg.policy.build(lm.num_layers, lm)
     cfg.policy.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{cfg.policy.label}'"))
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
@@ -43,4 +53,22 @@ def run(cfg: GenerateConfig) -> dict:
         "layers_per_token": out.layers[0],
         "layers_convention": LAYERS_CONVENTION,
         "cost_mean": out.cost_mean(0) if out.layers[0] else None,
+    }
+
+
+def _speculative(cfg: GenerateConfig, lm) -> dict:
+    draft = cfg.draft.build(lm.num_layers, lm)
+    kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{cfg.draft.label}'")
+    cfg.draft.check_kv_mode(kv_mode)
+    ids = encode_prompt(lm.tokenizer, cfg.prompt)
+    out = speculate(lm, [ids], draft, cfg.speculation, cfg.max_new_tokens, kv_mode, cfg.sampling)
+    tokens, s = out.tokens[0], out.speculation
+    return {
+        "model": cfg.model, "policy": "full", "num_layers": lm.num_layers, "kv_mode": out.kv_mode,
+        "prompt_depth": "full", "prompt_tokens": len(ids),
+        "text": lm.tokenizer.decode(tokens, skip_special_tokens=True), "token_ids": tokens,
+        "layers_per_token": out.layers[0], "layers_convention": LAYERS_CONVENTION,
+        "cost_mean": out.cost_mean(0) if out.layers[0] else None,
+        "speculation": {"draft": cfg.draft.label, "speculate": cfg.speculation.label, **s.row(0),
+                        "alpha": s.alpha(0), "round_k": s.round_k, "exit_layer": s.exit_layer},
     }
