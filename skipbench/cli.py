@@ -444,14 +444,15 @@ def bench(
     spec_rows = result.summary[(result.summary.kind == "speculative") & (result.summary.phase == "decode")]
     if len(spec_rows):
         t = Table(title="self-speculative decoding (decode phase; output = full depth's)")
-        for col in ("batch", "variant", "accept rate", "alpha", "accepted/round", "K mean", "draft %", "verify %",
-                    "accept %", "speedup", "predicted", "real/pred"):
+        for col in ("batch", "variant", "accept rate", "alpha", "accepted/round", "K mean", "passes/tok", "draft %",
+                    "verify %", "accept %", "speedup", "predicted", "real/pred", "cost model", "real/cost"):
             t.add_column(col, justify="left" if col == "variant" else "right")
         for r in spec_rows.itertuples():
             t.add_row(str(r.batch_size), r.variant, f"{r.acceptance_rate:.3f}", f"{r.alpha:.3f}",
-                      f"{r.accepted_per_round:.2f}", f"{r.k_mean:.2f}", f"{100 * r.draft_share:.0f}",
-                      f"{100 * r.verify_share:.0f}", f"{100 * r.accept_share:.1f}", f"{r.speedup:.3f}",
-                      f"{r.predicted_speedup:.3f}", f"{r.realized_over_predicted:.3f}")
+                      f"{r.accepted_per_round:.2f}", f"{r.k_mean:.2f}", f"{r.layer_passes_per_token:.1f}",
+                      f"{100 * r.draft_share:.0f}", f"{100 * r.verify_share:.0f}", f"{100 * r.accept_share:.1f}",
+                      f"{r.speedup:.3f}", f"{r.predicted_speedup:.3f}", f"{r.realized_over_predicted:.3f}",
+                      f"{r.cost_model_speedup:.3f}", f"{r.realized_over_cost_model:.3f}")
         Console(width=160).print(t)
     if result.path:
         console.print(f"wrote {result.path}")

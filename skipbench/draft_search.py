@@ -4,7 +4,9 @@ Calibration: the first `items` prompts of the embedded `text` suite's train spli
 continued `tokens` tokens by the full model (greedy). A layer set's *agreement* is the share of those continuation
 positions where the set's top-1 token, teacher-forced (prompt at full depth, continuation under the set), equals
 the full model's: the proxy SWIFT scores layer sets by. The search starts from every layer and greedily drops the
-layer whose removal keeps agreement highest, down to `min_layers`.
+layer whose removal keeps agreement highest (layer 0 is always kept), down to `min_layers` (L/4 unless set). The
+proxy is pessimistic: teacher forcing runs every continuation token under the set, so later tokens read K/V the
+set computed, where a real draft reads the full model's K/V of everything accepted and drafts at most K tokens.
 
 Each set on that path is then scored Draft & Verify's way, by wall clock on this machine: its draft step time
 t_draft is measured (a short plain decode under the set), the verify pass t_verify (a full forward over K + 1
@@ -73,10 +75,26 @@ def _agreement(engine: Engine, lm: LoadedModel, ids, present, drafted, target, l
 
 
 def _step_time(lm: LoadedModel, prompt: list[int], layers, steps: int = 8) -> float:
-    timings: list = []
+    """Median seconds of one decode step under the set (None: full depth), on the engine a draft runs on: a static
+    draft computes no K/V for the layers it skips (engine/speculative.py)."""
+    engine = Engine(lm.adapter, write_skipped=False)
     policy = None if layers is None else PlanPolicy(lm.num_layers, list(layers), "search")
-    generate(lm, [prompt], policy, steps + 1, stop_at_eos=False, timings=timings)
-    return statistics.median(t for p, t in timings if p == "decode")
+    ids, present = left_pad([prompt], pad_id(lm), lm.device)
+    cache = engine.prompt_cache(present, ids.shape[1] + steps + 1)
+    tok = engine.forward(ids, cache, None, present=present, last_only=True).logits[:, -1].argmax(-1)
+    times = []
+    for _ in range(steps):
+        _sync(lm)
+        t = time.perf_counter()
+        tok = engine.forward(tok[:, None], cache, policy).logits[:, -1].argmax(-1)
+        _sync(lm)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _sync(lm: LoadedModel) -> None:
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _verify_time(lm: LoadedModel, prompt: list[int], k: int, reps: int = 5) -> float:
@@ -86,12 +104,10 @@ def _verify_time(lm: LoadedModel, prompt: list[int], k: int, reps: int = 5) -> f
     for _ in range(reps):
         cache = engine.prompt_cache(present, ids.shape[1] + k + 1)
         engine.forward(ids, cache, None, present=present, last_only=True)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(lm)
         t = time.perf_counter()
         engine.forward(ids[:, -k - 1 :], cache, None)
-        if lm.device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(lm)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -101,7 +117,7 @@ def search(lm: LoadedModel, prompt: list[int], k: int, items: int = 4, tokens: i
            min_layers: int | None = None, progress=None) -> Search:
     """The draft layer set for K tokens per round (module docstring). `prompt`: the prompt timing runs on."""
     L = lm.num_layers
-    min_layers = max(1, min_layers if min_layers is not None else L // 2)
+    min_layers = max(1, min_layers if min_layers is not None else L // 4)
     engine = Engine(lm.adapter)
     ids, present, drafted = _calibration(lm, items, tokens)
     full = engine.forward(ids, engine.prompt_cache(present, ids.shape[1]), None, present=present).logits.argmax(-1)

@@ -61,7 +61,9 @@ FULL = PolicySpec(name="full")
 @dataclass(frozen=True)
 class Drafted:
     """`evaluate --draft`: the full model's output by self-speculative decoding, drafted by `draft` (one point
-    beside the policy points; its rows' `policy` is `speculative`, so no reader takes them for full depth)."""
+    beside the policy points; its rows' `policy` is `speculative`, so no reader takes them for full depth). Its
+    `cost` is the output's depth (L); `layers_mean` counts every layer pass drafting and verifying cost, per token
+    fed back (it can exceed L); the oracle and the report's quality figure leave these rows out."""
 
     draft: PolicySpec
     speculation: Speculation
@@ -171,8 +173,10 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
             gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth)
         for r, i in enumerate(idx):
             row = _row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode}
-            if gen.speculation is not None:  # what drafting did for this item
-                row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **gen.speculation.row(r)}
+            if gen.speculation is not None:  # what drafting did for this item; its layers: every pass it cost
+                stats = gen.speculation.row(r)
+                row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **stats,
+                        "layers_mean": stats["layer_passes"] / len(gen.layers[r]) if gen.layers[r] else math.nan}
             rows.append(row)
         if progress:
             progress(len(idx))

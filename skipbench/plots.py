@@ -187,7 +187,7 @@ def speedup_figure(summary, num_layers: int, path: Path) -> Path:
     """Decode speedup over full depth: realized (markers) vs the layer-count ideal (line), per batch size."""
     import numpy as np
 
-    d = summary[(summary["phase"] == "decode") & (summary["kind"] != "baseline")]
+    d = summary[(summary["phase"] == "decode") & ~summary["kind"].isin(["baseline", "speculative"])]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for j, (batch, g) in enumerate(d.groupby("batch_size")):
         color = f"C{j}"
@@ -209,20 +209,25 @@ def speedup_figure(summary, num_layers: int, path: Path) -> Path:
 
 
 def speculative_figure(summary, path: Path) -> Path:
-    """Self-speculative decoding: realized decode speedup over full depth against the draft's acceptance rate,
-    one marker per (draft, K), per batch size; the predicted speedup (hollow) beside each."""
+    """Self-speculative decoding: realized decode speedup over full depth against alpha (the per-token acceptance
+    probability, comparable across K), one colour per draft policy, one marker per batch size, K annotated; the
+    formula's prediction hollow beside each."""
     d = summary[(summary["phase"] == "decode") & (summary["kind"] == "speculative")]
+    drafts = list(dict.fromkeys(v.split(" k=")[0].removeprefix("spec ") for v in d["variant"]))
+    markers = dict(zip(sorted(d["batch_size"].unique()), "osD^v"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for j, (batch, g) in enumerate(d.groupby("batch_size")):
-        color = f"C{j}"
-        ax.scatter(g["acceptance_rate"], g["speedup"], color=color, zorder=3, label=f"realized, batch {batch}")
-        ax.scatter(g["acceptance_rate"], g["predicted_speedup"], facecolors="none", edgecolors=color, zorder=3,
-                   label=f"predicted, batch {batch}")
-        for r in g.itertuples():
-            ax.annotate(r.variant.removeprefix("spec "), (r.acceptance_rate, r.speedup), textcoords="offset points",
-                        xytext=(4, 3), fontsize=6)
+    for r in d.itertuples():
+        name, k = r.variant.removeprefix("spec ").split(" k=")
+        color, marker = f"C{drafts.index(name) % 10}", markers[r.batch_size]
+        ax.scatter(r.alpha, r.speedup, color=color, marker=marker, zorder=3)
+        ax.scatter(r.alpha, r.predicted_speedup, facecolors="none", edgecolors=color, marker=marker, zorder=3)
+        ax.annotate(f"K={k}", (r.alpha, r.speedup), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    for j, name in enumerate(drafts):
+        ax.scatter([], [], color=f"C{j % 10}", label=name)
+    for batch, marker in markers.items():
+        ax.scatter([], [], color="grey", marker=marker, label=f"batch {batch} (hollow: predicted)")
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_xlabel("acceptance rate (accepted / drafted tokens)")
+    ax.set_xlabel("alpha: per-token acceptance probability")
     ax.set_ylabel("decode tokens/s relative to full depth")
     ax.set_title("Self-speculative decoding: speedup against acceptance (output = full depth's)", fontsize=9)
     ax.set_xlim(0, 1)

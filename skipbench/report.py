@@ -85,7 +85,8 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     lines = ["## Generation quality by policy and cost (`evaluate`)", "",
              "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
              _table(rows), ""]
-    for (dataset, split), g in df.groupby(["dataset", "split"]):
+    # a speculative point is full depth's output (evaluate --draft): not a configuration of the quality figure
+    for (dataset, split), g in df[df["policy"] != "speculative"].groupby(["dataset", "split"]):
         if g["policy"].nunique() < 2:
             continue
         path = folder / f"quality-{dataset}-{split}.png"

@@ -60,13 +60,15 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 
 def distribution(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The probabilities sampling draws from (temperature, then top-p), over the last dimension of `logits`."""
+    """The normalised probabilities sampling draws from (temperature, then top-p), over the last dimension of
+    `logits` (normalised, so speculative sampling's ratios p/q compare the two distributions actually sampled)."""
     probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
     if sampling.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest set reaching top_p
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
     return probs
 
 

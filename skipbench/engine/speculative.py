@@ -8,9 +8,8 @@ After the full-depth prompt (which gives the first token), each round, for a bat
 2. **verify**: one full-depth forward over [last, d1 .. dK] at the same cache positions (it writes every layer's
    K/V there again, so the draft's entries never outlive the round);
 3. **accept**: greedy, the longest prefix of drafts equal to the verifier's argmax, then the verifier's own next
-   token; sampling, Leviathan et al.'s rule (accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first
-   rejection draw from the normalised max(p_j - q_j, 0); when every draft is accepted, a bonus token from p), so
-   tokens follow the full model's distribution (temperature and top-p applied to both p and q);
+   token; sampling, Leviathan et al.'s rule (`sample_rule`), so tokens follow the full model's distribution
+   (temperature and top-p applied to both p and q, each normalised);
 4. **roll back** without copying: row r keeps [last, d1 .. d_{n_r}]; the cache's common length moves past the
    longest kept run, and a shorter row's remaining positions become holes (`KVCache.drop`: invalid at every
    layer, and its later tokens' position ids shift back by their number). At batch 1 there are no holes.
@@ -22,6 +21,11 @@ Two savings the draft's shape allows, both exact:
 * an **early-exit** draft (layers 0 .. E-1) computes exactly what the full model computes below E, so its K/V
   there are kept (LayerSkip's shared cache) and the verify pass resumes its tokens at layer E from the states
   the draft left; only the last draft token, which the draft never fed, runs layers 0 .. E-1 first.
+
+"Equal to plain decoding" is exact in exact arithmetic: the verify pass computes K + 1 positions in one forward
+where plain decoding computes one, so a near-tie between two logits can round the other way in low precision or
+on another kernel; `evaluate --draft` records `matches_full` per item, and the tests (float32, CPU) require
+equality.
 
 `--speculate auto` starts at K and adapts between rounds as transformers' assisted generation does: K + 2 after a
 round in which every row accepted all it drafted, else K - 1 (between 1 and `k_max`).
@@ -76,10 +80,12 @@ class Speculation:
 class SpecStats:
     """What one speculative generation did, per row and per round."""
 
-    drafted: list[int]  # per row: draft tokens the verifier judged
+    drafted: list[int]  # per row: draft tokens proposed to the verifier (those after a rejection included)
     accepted: list[int]  # per row: of those, accepted
     rejections: list[int]  # per row: rounds that ended at a rejected draft token
     rounds: list[int]  # per row: rounds it took part in
+    layer_passes: list[int] = field(default_factory=list)  # per row: decoder layers run for it after the prompt,
+    # drafting and verifying (what the output cost; plain decoding runs L per token fed back)
     round_k: list[int] = field(default_factory=list)  # per round: the K it drafted with (the most any row drafted)
     exit_layer: int | None = None  # an early-exit draft's E (its K/V below E were kept)
 
@@ -99,14 +105,42 @@ class SpecStats:
         return a / n if n else float("nan")
 
     def row(self, r: int) -> dict:
-        return {"drafted": self.drafted[r], "accepted": self.accepted[r], "rounds": self.rounds[r],
-                "acceptance_rate": self.acceptance_rate(r), "accepted_per_round": self.accepted_per_round(r)}
+        return {"drafted": self.drafted[r], "accepted": self.accepted[r], "rejections": self.rejections[r],
+                "rounds": self.rounds[r], "acceptance_rate": self.acceptance_rate(r), "alpha": self.alpha(r),
+                "accepted_per_round": self.accepted_per_round(r), "layer_passes": self.layer_passes[r]}
+
+    def expected_per_round(self) -> float:
+        """The standard model's tokens per round at this run's alpha, averaged over its rounds' K."""
+        ks = [k for k in self.round_k] or [0]
+        return sum(expected_tokens(self.alpha(), k) for k in ks) / len(ks)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens one round yields on average when each of k draft tokens is accepted with probability alpha given
     the ones before (Leviathan et al., 2023, Eq. 1): (1 - alpha^(k+1)) / (1 - alpha)."""
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def sample_rule(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, count: torch.Tensor,
+                gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling (Leviathan et al., 2023, Algorithm 1; Chen et al., 2023): p [B, m+1, V] the verifier's
+    distributions after each prefix, q [B, m, V] the draft's, drafts [B, m] the tokens drawn from q, count [B] how
+    many of them each row proposed. Draft j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); at the first
+    rejection the token is drawn from the normalised max(p_j - q_j, 0); when a row's every proposal is accepted, a
+    bonus token from p after them. Returns (accepted per row, the token that follows them)."""
+    batch, m = drafts.shape
+    rows = torch.arange(batch, device=p.device)
+    if m == 0:
+        return torch.zeros(batch, dtype=torch.long, device=p.device), draw(p[:, 0], gen)
+    d = drafts[..., None]
+    u = torch.rand(batch, m, generator=gen, device=p.device)
+    judged = torch.arange(m, device=p.device)[None, :] < count[:, None]
+    ok = (u * q.gather(-1, d)[..., 0] <= p[:, :m].gather(-1, d)[..., 0]) & judged
+    n = ok.long().cumprod(1).sum(1)
+    rejected = (n < count)[:, None]
+    residual = (p[rows, n] - q[rows, n.clamp(max=m - 1)] * rejected).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    return n, draw(torch.where(mass > 0, residual, p[rows, n]), gen)
 
 
 def exit_layer(draft: Policy, num_layers: int) -> int | None:
@@ -137,7 +171,8 @@ def speculate(
 
     kv_mode: the draft's KV mode (the verifier writes every layer). timings: when a list, receives ("prefill", s),
     then per round one ("draft", s) per draft forward, ("verify", s) for the verify pass and ("accept", s) for the
-    acceptance and roll-back. propose(tokens [B]) -> tokens [B]: replaces the draft's token choice (tests use it
+    acceptance and roll-back. Greedy output equals plain decoding's in exact arithmetic (module docstring).
+    propose(tokens [B]) -> tokens [B]: replaces the draft's token choice (tests use it
     to make a draft that is never right); it applies to greedy decoding only.
     """
     kv_mode = resolve_kv_mode(kv_mode, draft.kv_mode, f"draft '{draft.describe()}'")
@@ -162,7 +197,7 @@ def speculate(
     stop_set = set(stops.tolist())
     done = [t in stop_set or max_new_tokens == 1 for t in first.tolist()]
     pending = first
-    stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
+    stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
     if clock is not None:
         timings.append(("prefill", clock.lap()))
     k = spec.k
@@ -176,9 +211,11 @@ def speculate(
         drafting = limit > 0
         count = torch.zeros(batch, dtype=torch.long, device=dev)
         drafts, q_probs, states = [], [], []
+        passes = torch.zeros(batch, dtype=torch.long, device=dev)
         tok = pending
         for j in range(rounds_k):
-            o = drafter.forward(tok[:, None], cache, draft, keep_hidden=exit_at is not None)
+            o = drafter.forward(tok[:, None], cache, draft, keep_hidden=exit_at is not None, record=True)
+            passes += o.executed[:, 0].sum(-1) * drafting  # rows no longer drafting run along, uncounted
             logits = o.logits[:, -1]
             if greedy:
                 tok = logits.argmax(-1) if propose is None else propose(logits.argmax(-1))
@@ -224,23 +261,13 @@ def speculate(
             n = ok.long().cumprod(1).sum(1)
             nxt = v.gather(1, n[:, None])[:, 0]
         else:
-            p = distribution(logits, sampling)  # [B, m + 1, V]
-            rows = torch.arange(batch, device=dev)
-            if m:
-                q = torch.stack(q_probs, 1)
-                d = seq[:, 1:, None]
-                u = torch.rand(batch, m, generator=gen, device=dev)
-                ok = (u * q.gather(-1, d)[..., 0] <= p[:, :m].gather(-1, d)[..., 0]) & judged
-                n = ok.long().cumprod(1).sum(1)
-                rejected = (n < count)[:, None]
-                residual = (p[rows, n] - q[rows, n.clamp(max=m - 1)] * rejected).clamp_min(0)
-                mass = residual.sum(-1, keepdim=True)
-                nxt = draw(torch.where(mass > 0, residual, p[rows, n]), gen)
-            else:
-                n = torch.zeros(batch, dtype=torch.long, device=dev)
-                nxt = draw(p[:, 0], gen)
+            q = torch.stack(q_probs, 1) if m else None
+            n, nxt = sample_rule(distribution(logits, sampling), q, seq[:, 1:], count, gen)
 
         # 4. keep each row's accepted run, roll the rest back, hand over the next token
+        # verify: layers >= E for the tokens the draft fed, every layer for the last draft token (or all of them)
+        verified = (m + 1) * num_layers if exit_at is None or not m else (m + 1) * (num_layers - exit_at) + exit_at
+        pass_list = (passes + verified).tolist()
         n_list, nxt_list, cnt = n.tolist(), nxt.tolist(), count.tolist()
         d_rows = seq[:, 1:].tolist()
         keep = []
@@ -252,6 +279,7 @@ def speculate(
             stats.drafted[r] += cnt[r]
             stats.accepted[r] += n_list[r]
             stats.rejections[r] += int(n_list[r] < cnt[r])
+            stats.layer_passes[r] += pass_list[r]
             for t in d_rows[r][: n_list[r]] + [nxt_list[r]]:
                 tokens[r].append(t)
                 if t in stop_set or len(tokens[r]) >= max_new_tokens:

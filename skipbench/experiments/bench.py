@@ -19,11 +19,15 @@ average ideally takes F + (m / L)(T_full - F).
 
 A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
 `alpha`: the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
-round, the shares of its time spent drafting, verifying and accepting (bookkeeping), and `predicted_speedup`: the
-standard expected-tokens-per-round formula, E = (1 - alpha^(K+1)) / (1 - alpha) tokens per round costing
-K t_draft + t_verify (the medians of its own draft steps and verify passes), over full depth's step time. The
-formula assumes batch 1 (at batch B a round lasts until its slowest row) and tokens accepted independently; the
-realized speedup below the predicted one is what the implementation and those assumptions cost.
+round, the layer passes per token (draft and verify), the shares of its time spent drafting, verifying and
+accepting (bookkeeping), and two predictions from its own measured parts, a round costing k_mean t_draft +
+t_verify (mean draft step, mean verify pass) against full depth's mean step:
+
+* `predicted_speedup`: tokens per round from the standard formula, E = (1 - alpha^(K+1)) / (1 - alpha) (averaged
+  over the rounds' K), which assumes tokens accepted independently and batch 1 (at batch B a round lasts until
+  its slowest row);
+* `cost_model_speedup`: the tokens per round it measured (accepted per round + 1), so the realized speedup below
+  it is only bookkeeping and timing outside the draft steps and verify passes.
 """
 
 from __future__ import annotations
@@ -135,13 +139,15 @@ def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchCo
         s = gen.speculation
         laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept")}
         total = sum(map(sum, laps.values()))
+        fed = sum(len(t) - 1 for t in gen.tokens)
         extra = {"draft_spec": draft.describe(), "speculate": spec.label, "acceptance_rate": s.acceptance_rate(),
                  "alpha": s.alpha(), "accepted_per_round": s.accepted_per_round(),
-                 "k_mean": float(np.mean(s.round_k)), "rounds": len(s.round_k),
-                 "t_draft": float(np.median(laps["draft"])) if laps["draft"] else 0.0,
-                 "t_verify": float(np.median(laps["verify"])),
+                 "expected_per_round": s.expected_per_round(), "k_mean": float(np.mean(s.round_k)),
+                 "rounds": len(s.round_k), "layer_passes_per_token": sum(s.layer_passes) / fed,
+                 "t_draft": float(np.mean(laps["draft"])) if laps["draft"] else 0.0,
+                 "t_verify": float(np.mean(laps["verify"])),
                  **{f"{phase}_share": sum(laps[phase]) / total for phase in laps}}
-        return timings, float(lm.num_layers), extra
+        return timings, extra["layer_passes_per_token"], extra  # its layers: every pass, drafting and verifying
 
     return run
 
@@ -290,7 +296,7 @@ def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], new_t
         extra = fields if phase == "decode" else {k: v for k, v in fields.items() if k not in SPECULATIVE}
         rows.append({**extra, "phase": phase, "seconds": float(sum(secs)), "steps": len(secs), "tokens": tokens,
                      "step_p50": float(np.median(secs)), "step_p90": float(np.percentile(secs, 90)),
-                     "tokens_per_s": tokens / sum(secs)})
+                     "step_mean": float(sum(secs) / len(secs)), "tokens_per_s": tokens / sum(secs)})
     return rows
 
 
@@ -308,41 +314,41 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
     return steps
 
 
-SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "k_mean", "rounds", "t_draft", "t_verify",
-               "draft_share", "verify_share", "accept_share")
+SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds",
+               "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
 
 
 def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
     g = df.groupby(["batch_size", "variant", "kind", "kv_mode", "phase"], sort=False)
     extra = {c: (c, "median") for c in SPECULATIVE if c in df}
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), step_p50=("step_p50", "median"), step_p90=("step_p90", "median"),
+                step_mean=("step_mean", "median"),
                 layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max"), **extra).reset_index()
-    realized, ideal, predicted = [], [], []
+    realized, ideal, predicted, costed = [], [], [], []
     for r in out.itertuples():
         full = out[(out.batch_size == r.batch_size) & (out.variant == "full") & (out.phase == r.phase)]
-        if full.empty:
-            realized.append(np.nan)
-            ideal.append(np.nan)
-            predicted.append(np.nan)
+        realized.append(r.tokens_per_s / float(full.tokens_per_s.iloc[0]) if len(full) else np.nan)
+        ideal.append(np.nan)
+        predicted.append(np.nan)
+        costed.append(np.nan)
+        if full.empty or r.phase != "decode":
             continue
-        realized.append(r.tokens_per_s / float(full.tokens_per_s.iloc[0]))
-        t_full = float(full.step_p50.iloc[0])
-        if r.phase == "decode" and r.kind == "speculative":
-            ideal.append(np.nan)
-            # tokens per round from the standard formula, over the round's cost from its own measured parts
-            predicted.append(expected_tokens(r.alpha, r.k_mean) * t_full / (r.k_mean * r.t_draft + r.t_verify))
-        elif r.phase == "decode":
-            f = fixed[r.batch_size]
-            ideal.append(t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0)))
-            predicted.append(np.nan)
+        if r.kind == "speculative":
+            # per round: E tokens (the formula at its alpha) or the tokens it measured, over the round's cost from
+            # its measured parts (mean draft step, mean verify pass), relative to full depth's mean step
+            t_full, round_cost = float(full.step_mean.iloc[0]), r.k_mean * r.t_draft + r.t_verify
+            predicted[-1] = r.expected_per_round * t_full / round_cost
+            costed[-1] = (r.accepted_per_round + 1) * t_full / round_cost
         else:
-            ideal.append(np.nan)
-            predicted.append(np.nan)
+            t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
+            ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
     out["speedup"] = realized
     out["ideal_speedup"] = ideal
     out["realized_over_ideal"] = out["speedup"] / out["ideal_speedup"]
     out["predicted_speedup"] = predicted
     out["realized_over_predicted"] = out["speedup"] / out["predicted_speedup"]
+    out["cost_model_speedup"] = costed  # measured tokens per round: what only the cost model (and overhead) explains
+    out["realized_over_cost_model"] = out["speedup"] / out["cost_model_speedup"]
     out["vs_generate"] = [r.tokens_per_s / float(out[(out.batch_size == r.batch_size) & (out.variant == "hf-generate")
                                                     & (out.phase == r.phase)].tokens_per_s.iloc[0]) for r in out.itertuples()]
     return out

@@ -132,6 +132,7 @@ def _chosen(df: pd.DataFrame, policies: tuple[str, ...], costs: tuple[int, ...] 
     named costs, and full depth; every row when neither is named."""
     if "policy" not in df.columns:
         df = df.assign(policy="config")
+    df = df[df["policy"] != "speculative"]  # full depth's output computed another way (evaluate --draft), not a choice
     keep = pd.Series(True, index=df.index)
     if policies:
         named = df["policy"].isin(policies)
