@@ -16,8 +16,9 @@ After the full-depth prompt (which gives the first token), each round, for a bat
 
 Two savings the draft's shape allows, both exact:
 
-* a **static** draft never reads the K/V of a layer it skips at its own positions before the verify pass writes
-  them again, so it does not compute them (`Engine(write_skipped=False)`), whatever the KV mode;
+* a draft that runs the same layers for every token (a static plan; a per-sequence draw at batch 1) never reads
+  the K/V of a layer it skips at its own positions before the verify pass writes them again, so it does not
+  compute them (`Engine(write_skipped=False)`), whatever the KV mode;
 * an **early-exit** draft (layers 0 .. E-1) computes exactly what the full model computes below E, so its K/V
   there are kept (LayerSkip's shared cache) and the verify pass resumes its tokens at layer E from the states
   the draft left; only the last draft token, which the draft never fed, runs layers 0 .. E-1 first.
@@ -145,7 +146,7 @@ def sample_rule(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, count: t
 
 def exit_layer(draft: Policy, num_layers: int) -> int | None:
     """E when the draft runs exactly layers 0 .. E-1 for every token (an early exit), else None."""
-    layers = draft.executed_layers() if draft.static else None
+    layers = draft.executed_layers()
     if layers and len(layers) < num_layers and layers == list(range(len(layers))):
         return len(layers)
     return None
@@ -179,16 +180,17 @@ def speculate(
     if propose is not None and sampling.temperature > 0:
         raise SkipbenchError("propose replaces greedy draft tokens only")
     num_layers, dev = lm.num_layers, lm.device
-    exit_at = exit_layer(draft, num_layers)
     verifier = Engine(lm.adapter, kv_mode, impl)
-    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=not draft.static)
     ids, present, cache = start(lm, verifier, prompts, max_new_tokens, max_new_tokens + spec.k_max + 1)
     batch = ids.shape[0]
+    draft.begin(batch, row_keys)
+    exit_at = exit_layer(draft, num_layers)
+    # a draft that runs the same layers for every token never reads a skipped layer's K/V at its own positions
+    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
     greedy = sampling.temperature == 0
     fill = pad_id(lm)
-    draft.begin(batch, row_keys)
 
     clock = Clock(dev) if timings is not None else None
     out = verifier.forward(ids, cache, None, present=present, last_only=True)

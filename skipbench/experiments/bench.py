@@ -26,8 +26,9 @@ t_verify (mean draft step, mean verify pass) against full depth's mean step:
 * `predicted_speedup`: tokens per round from the standard formula, E = (1 - alpha^(K+1)) / (1 - alpha) (averaged
   over the rounds' K), which assumes tokens accepted independently and batch 1 (at batch B a round lasts until
   its slowest row);
-* `cost_model_speedup`: the tokens per round it measured (accepted per round + 1), so the realized speedup below
-  it is only bookkeeping and timing outside the draft steps and verify passes.
+* `cost_model_speedup`: the tokens per round it measured (each row's new tokens after the first over the batch's
+  rounds, which last until the slowest row is done), so the realized speedup below it is only bookkeeping and
+  time outside the draft steps and verify passes.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchCo
         extra = {"draft_spec": draft.describe(), "speculate": spec.label, "acceptance_rate": s.acceptance_rate(),
                  "alpha": s.alpha(), "accepted_per_round": s.accepted_per_round(),
                  "expected_per_round": s.expected_per_round(), "k_mean": float(np.mean(s.round_k)),
-                 "rounds": len(s.round_k), "layer_passes_per_token": sum(s.layer_passes) / fed,
+                 "rounds": len(s.round_k), "tokens_per_round": (cfg.new_tokens - 1) / len(s.round_k),
+                 "layer_passes_per_token": sum(s.layer_passes) / fed,
                  "t_draft": float(np.mean(laps["draft"])) if laps["draft"] else 0.0,
                  "t_verify": float(np.mean(laps["verify"])),
                  **{f"{phase}_share": sum(laps[phase]) / total for phase in laps}}
@@ -314,7 +316,7 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
     return steps
 
 
-SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds",
+SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
                "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
 
 
@@ -338,7 +340,7 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
             # its measured parts (mean draft step, mean verify pass), relative to full depth's mean step
             t_full, round_cost = float(full.step_mean.iloc[0]), r.k_mean * r.t_draft + r.t_verify
             predicted[-1] = r.expected_per_round * t_full / round_cost
-            costed[-1] = (r.accepted_per_round + 1) * t_full / round_cost
+            costed[-1] = r.tokens_per_round * t_full / round_cost
         else:
             t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
             ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
