@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -69,10 +70,20 @@ def test_summary_on_synthetic_timings():
 
     def row(variant, tps, p50, layers, kind="policy"):
         return {"batch_size": 1, "variant": variant, "kind": kind, "kv_mode": "fill", "phase": "decode",
-                "tokens_per_s": tps, "step_p50": p50, "step_p90": p50, "layers_mean": layers, "peak_memory_mb": 1.0}
+                "tokens_per_s": tps, "step_p50": p50, "step_p90": p50, "step_mean": p50, "layers_mean": layers,
+                "peak_memory_mb": 1.0}
 
-    df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), row("full", 10.0, 0.1, 30), row("uniform:15", 15.0, 0.066, 15)])
+    spec = row("spec d k=2", 8.0, 0.2, 70, "speculative") | {
+        "alpha": 0.5, "k_mean": 2.0, "expected_per_round": 1.75, "tokens_per_round": 1.5, "t_draft": 0.03,
+        "t_verify": 0.12}
+    df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), row("full", 10.0, 0.1, 30),
+                       row("uniform:15", 15.0, 0.066, 15), spec])
     s = summarise(df, {1: 0.02}, 30).set_index("variant")
+    # speculative: E tokens per round over K t_draft + t_verify, against full depth's step (0.1 s)
+    assert s.loc["spec d k=2", "predicted_speedup"] == pytest.approx(1.75 * 0.1 / (2 * 0.03 + 0.12))
+    assert s.loc["spec d k=2", "cost_model_speedup"] == pytest.approx(1.5 * 0.1 / (2 * 0.03 + 0.12))
+    assert s.loc["spec d k=2", "speedup"] == pytest.approx(0.8) and np.isnan(s.loc["spec d k=2", "ideal_speedup"])
+    assert np.isnan(s.loc["uniform:15", "predicted_speedup"])
     assert s.loc["uniform:15", "speedup"] == pytest.approx(1.5)
     # ideal: T_full / (F + m/L (T_full - F)) = 0.1 / (0.02 + 0.5 * 0.08)
     assert s.loc["uniform:15", "ideal_speedup"] == pytest.approx(0.1 / 0.06)
