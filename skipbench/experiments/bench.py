@@ -52,7 +52,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
 from skipbench.engine.protocol import Policy
-from skipbench.engine.speculative import Speculation, expected_tokens, speculate
+from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec, parse_policies
 from skipbench.results import Written, check_out_path, manifest, tidy, write_atomic
 
