@@ -76,12 +76,12 @@ def test_summary_on_synthetic_timings():
     spec = row("spec d k=2", 8.0, 0.2, 70, "speculative") | {
         "alpha": 0.5, "k_mean": 2.0, "expected_per_round": 1.75, "tokens_per_round": 1.5, "t_draft": 0.03,
         "t_verify": 0.12}
-    df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), row("full", 10.0, 0.1, 30),
-                       row("uniform:15", 15.0, 0.066, 15), spec])
+    full = row("full", 10.0, 0.1, 30) | {"step_mean": 0.11}  # the ideal reads the median step, speculation the mean
+    df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), full, row("uniform:15", 15.0, 0.066, 15), spec])
     s = summarise(df, {1: 0.02}, 30).set_index("variant")
-    # speculative: E tokens per round over K t_draft + t_verify, against full depth's step (0.1 s)
-    assert s.loc["spec d k=2", "predicted_speedup"] == pytest.approx(1.75 * 0.1 / (2 * 0.03 + 0.12))
-    assert s.loc["spec d k=2", "cost_model_speedup"] == pytest.approx(1.5 * 0.1 / (2 * 0.03 + 0.12))
+    # speculative: E tokens per round over K t_draft + t_verify (means), against full depth's mean step (0.11 s)
+    assert s.loc["spec d k=2", "predicted_speedup"] == pytest.approx(1.75 * 0.11 / (2 * 0.03 + 0.12))
+    assert s.loc["spec d k=2", "cost_model_speedup"] == pytest.approx(1.5 * 0.11 / (2 * 0.03 + 0.12))
     assert s.loc["spec d k=2", "speedup"] == pytest.approx(0.8) and np.isnan(s.loc["spec d k=2", "ideal_speedup"])
     assert np.isnan(s.loc["uniform:15", "predicted_speedup"])
     assert s.loc["uniform:15", "speedup"] == pytest.approx(1.5)

@@ -126,8 +126,8 @@ def test_a_draft_that_is_never_right_accepts_nothing_and_changes_nothing(lm, tok
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])
 @pytest.mark.parametrize("name", ["early-exit:3", "uniform:4", "random-token:4"])
 def test_the_cache_after_rejections_is_plain_decodings(lm, tokenizer, name, kv_mode):
-    """Every valid position holds the K/V plain full-depth decoding wrote for the same token, at every layer; the
-    holes rejected tokens left are invalid everywhere; early-exit drafts' K/V below the exit are kept as computed."""
+    """Every valid position holds the K/V plain full-depth decoding wrote for the same token, at every layer (for
+    early-exit drafts, those below the exit are the draft's own); the holes rejected tokens left are invalid."""
     ps = prompts(tokenizer, 4)
     ref = generate(lm, ps, None, NEW, kv_mode=kv_mode, stop_at_eos=False)
     out = speculate(lm, ps, make_policy(name, lm.num_layers, seed=1), Speculation(k=3), NEW, kv_mode,
@@ -145,12 +145,57 @@ def test_the_cache_after_rejections_is_plain_decodings(lm, tokenizer, name, kv_m
         assert bool((~b.valid[0][:, b.pad.max():b.length]).any())  # some row has holes
 
 
+@pytest.mark.parametrize("name,batch", [("uniform:4", 4), ("early-exit:3", 4), ("random:5", 1)])
+def test_skipping_the_k_v_of_skipped_layers_changes_no_draft(lm, tokenizer, name, batch):
+    """A draft that runs the same layers for every token computes no K/V for the layers it skips: its proposals
+    (and so every count) are those of the same draft writing them, which a wrong choice would change."""
+    from skipbench.engine.protocol import Policy
+
+    class Writing(Policy):  # the same gates, but not known to run the same layers for every token
+        static = False
+
+        def __init__(self, inner):
+            super().__init__(inner.num_layers)
+            self.inner = inner
+
+        def begin(self, batch_size, row_keys=None):
+            self.inner.begin(batch_size, row_keys)
+
+        def new_step(self, positions):
+            self.inner.new_step(positions)
+
+        def gate(self, layer, hidden):
+            return self.inner.gate(layer, hidden)
+
+    ps = prompts(tokenizer, 4)[:batch]
+    a = speculate(lm, ps, make_policy(name, lm.num_layers, seed=1), Speculation(k=3), NEW).speculation
+    b = speculate(lm, ps, Writing(make_policy(name, lm.num_layers, seed=1)), Speculation(k=3), NEW).speculation
+    assert (a.drafted, a.accepted, a.round_k) == (b.drafted, b.accepted, b.round_k)
+    assert sum(a.accepted) > 0
+
+
+def test_layer_passes_count_every_draft_and_verify_layer(lm, tokenizer):
+    """At batch 1: a full draft runs L layers per draft token and L per verified token; an early-exit draft E per
+    draft token, then the verify pass L - E for the tokens it fed and L for its last one."""
+    ps = prompts(tokenizer, 1)
+    L = lm.num_layers
+    full = speculate(lm, ps, make_policy("full", L), Speculation(k=3), NEW).speculation
+    assert full.layer_passes == [sum(m * L + (m + 1) * L for m in full.round_k)]
+    ee = speculate(lm, ps, make_policy("early-exit:3", L), Speculation(k=3), NEW).speculation
+    assert ee.layer_passes == [sum(m * 3 + ((m + 1) * (L - 3) + 3 if m else L) for m in ee.round_k)]
+
+
 def test_exit_layer_is_found_for_prefix_plans_only():
     assert exit_layer(make_policy("early-exit:3", 6), 6) == 3
     assert exit_layer(make_policy("layers:0,1", 6), 6) == 2
     assert exit_layer(make_policy("layers:0,2", 6), 6) is None
     assert exit_layer(make_policy("full", 6), 6) is None
     assert exit_layer(make_policy("random-token:3", 6), 6) is None
+    seq = make_policy("random:3", 6, seed=1)
+    seq.begin(2)
+    assert exit_layer(seq, 6) is None  # two rows, two draws: not one plan
+    seq.begin(1)
+    assert seq.executed_layers() is not None  # one row: its plan (an exit only if it is a prefix)
 
 
 def test_expected_tokens_formula():

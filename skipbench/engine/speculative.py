@@ -136,7 +136,7 @@ def sample_rule(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, count: t
     d = drafts[..., None]
     u = torch.rand(batch, m, generator=gen, device=p.device)
     judged = torch.arange(m, device=p.device)[None, :] < count[:, None]
-    ok = (u * q.gather(-1, d)[..., 0] <= p[:, :m].gather(-1, d)[..., 0]) & judged
+    ok = (u * q.gather(-1, d)[..., 0] < p[:, :m].gather(-1, d)[..., 0]) & judged  # u < p/q, u in [0, 1)
     n = ok.long().cumprod(1).sum(1)
     rejected = (n < count)[:, None]
     residual = (p[rows, n] - q[rows, n.clamp(max=m - 1)] * rejected).clamp_min(0)
