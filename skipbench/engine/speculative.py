@@ -256,8 +256,8 @@ def speculate(
             timings.append(("verify", clock.lap()))
 
         # 3. accept
-        judged = steps[:m][None, :] < count[:, None]  # [B, m] the drafts each row proposed
         if greedy:
+            judged = steps[:m][None, :] < count[:, None]  # [B, m] the drafts each row proposed
             v = logits.argmax(-1)
             ok = (seq[:, 1:] == v[:, :m]) & judged
             n = ok.long().cumprod(1).sum(1)
@@ -266,8 +266,8 @@ def speculate(
             q = torch.stack(q_probs, 1) if m else None
             n, nxt = sample_rule(distribution(logits, sampling), q, seq[:, 1:], count, gen)
 
-        # 4. keep each row's accepted run, roll the rest back, hand over the next token
-        # verify: layers >= E for the tokens the draft fed, every layer for the last draft token (or all of them)
+        # 4. keep each row's accepted run, roll the rest back, hand over the next token; count the verify pass's
+        # layers: >= E for the tokens an early-exit draft fed, every layer for its last token (or for all of them)
         verified = (m + 1) * num_layers if exit_at is None or not m else (m + 1) * (num_layers - exit_at) + exit_at
         pass_list = (passes + verified).tolist()
         n_list, nxt_list, cnt = n.tolist(), nxt.tolist(), count.tolist()
