@@ -18,7 +18,6 @@ prediction is the draft; bench then measures its real acceptance and speed like 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ import torch
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import Engine, generate
-from skipbench.engine.decode import left_pad, pad_id
+from skipbench.engine.decode import Clock, left_pad, pad_id
 from skipbench.engine.speculative import expected_tokens
 from skipbench.models.loading import LoadedModel
 from skipbench.policies.static import PlanPolicy
@@ -80,35 +79,24 @@ def _step_time(lm: LoadedModel, prompt: list[int], layers, steps: int = 8) -> fl
     engine = Engine(lm.adapter, write_skipped=False)
     policy = None if layers is None else PlanPolicy(lm.num_layers, list(layers), "search")
     ids, present = left_pad([prompt], pad_id(lm), lm.device)
-    cache = engine.prompt_cache(present, ids.shape[1] + steps + 1)
-    tok = engine.forward(ids, cache, None, present=present, last_only=True).logits[:, -1].argmax(-1)
-    times = []
+    cache, out = engine.prefill(ids, present, ids.shape[1] + steps + 1, last_only=True)
+    tok, clock, times = out.logits[:, -1].argmax(-1), Clock(lm.device), []
     for _ in range(steps):
-        _sync(lm)
-        t = time.perf_counter()
         tok = engine.forward(tok[:, None], cache, policy).logits[:, -1].argmax(-1)
-        _sync(lm)
-        times.append(time.perf_counter() - t)
+        times.append(clock.lap())
     return statistics.median(times)
 
 
-def _sync(lm: LoadedModel) -> None:
-    if lm.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _verify_time(lm: LoadedModel, prompt: list[int], k: int, reps: int = 5) -> float:
+    """Median seconds of one full-depth forward over the prompt's last K + 1 tokens (a verify pass)."""
     engine = Engine(lm.adapter)
     ids, present = left_pad([prompt], pad_id(lm), lm.device)
     times = []
     for _ in range(reps):
-        cache = engine.prompt_cache(present, ids.shape[1] + k + 1)
-        engine.forward(ids, cache, None, present=present, last_only=True)
-        _sync(lm)
-        t = time.perf_counter()
+        cache, _ = engine.prefill(ids, present, ids.shape[1] + k + 1, last_only=True)
+        clock = Clock(lm.device)
         engine.forward(ids[:, -k - 1 :], cache, None)
-        _sync(lm)
-        times.append(time.perf_counter() - t)
+        times.append(clock.lap())
     return statistics.median(times)
 
 

@@ -111,22 +111,19 @@ def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
         for p in with_costs([spec], default_costs(num_layers)):
             if p.name != "full" and p not in pts:
                 pts.append(p)
-    built = {}
-    for p in pts:
+    def checked(p: PolicySpec, who: str) -> Policy:
         p.check_held_out(cfg.data)
-        built[p] = policy = p.build(num_layers, lm, cfg.data)
-        p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{p.label}'"))
+        policy = p.build(num_layers, lm, cfg.data)
+        p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"{who} '{p.label}'"))
         if p.name == "controller":
             check_backbone(p.value, cfg.model)
+        return policy
+
+    built = {p: checked(p, "policy") for p in pts}
     if cfg.draft is not None:
         if cfg.prompt_depth != "full":
             raise SkipbenchError("--draft runs the prompt at full depth (the verifier's); --prompt-depth must be full")
-        cfg.draft.check_held_out(cfg.data)
-        draft = cfg.draft.build(num_layers, lm, cfg.data)
-        cfg.draft.check_kv_mode(resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{cfg.draft.label}'"))
-        if cfg.draft.name == "controller":
-            check_backbone(cfg.draft.value, cfg.model)
-        built[Drafted(cfg.draft, cfg.speculation)] = draft
+        built[Drafted(cfg.draft, cfg.speculation)] = checked(cfg.draft, "draft")
     return built
 
 

@@ -412,6 +412,9 @@ def test_evaluate_with_a_draft_adds_a_lossless_point_with_acceptance_columns(tin
     full = df[df["policy"] == "full"].set_index("item_id")["output"]
     assert spec["matches_full"].all() and list(spec["output"]) == list(full[spec["item_id"]])
     assert (spec["drafted"] >= spec["accepted"]).all() and spec["acceptance_rate"].between(0, 1).all()
+    # its layers: every draft and verify pass per token fed back, more than full depth's 6
+    assert np.allclose(spec["layers_mean"], spec["layer_passes"] / (spec["new_tokens"] - 1))
+    assert (spec["layers_mean"] > 6).all()
     assert df.loc[df["policy"] != "speculative", "draft_spec"].isna().all()
     again = _cli(*args)
     assert again.exit_code == 0 and "3 finished part(s) reused" in again.output

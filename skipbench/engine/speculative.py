@@ -112,7 +112,7 @@ class SpecStats:
 
     def expected_per_round(self) -> float:
         """The standard model's tokens per round at this run's alpha, averaged over its rounds' K."""
-        ks = [k for k in self.round_k] or [0]
+        ks = self.round_k or [0]
         return sum(expected_tokens(self.alpha(), k) for k in ks) / len(ks)
 
 
