@@ -103,28 +103,37 @@ def default_costs(num_layers: int) -> tuple[int, ...]:
 def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
     """Full depth first, then every requested point, each built once and checked (argument, KV mode, held-out
     backbone) before any generation starts."""
-    from skipbench.policies import with_costs
-
-    num_layers = lm.num_layers
-    pts = [FULL]
-    for spec in cfg.policies:
-        for p in with_costs([spec], default_costs(num_layers)):
-            if p.name != "full" and p not in pts:
-                pts.append(p)
-    def checked(p: PolicySpec, who: str) -> Policy:
-        p.check_held_out(cfg.data)
-        policy = p.build(num_layers, lm, cfg.data)
-        p.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"{who} '{p.label}'"))
-        if p.name == "controller":
-            check_backbone(p.value, cfg.model)
-        return policy
-
-    built = {p: checked(p, "policy") for p in pts}
+    built = {p: build_checked(p, lm, cfg.model, cfg.data, cfg.kv_mode) for p in expand(cfg.policies, lm.num_layers)}
     if cfg.draft is not None:
         if cfg.prompt_depth != "full":
             raise SkipbenchError("--draft runs the prompt at full depth (the verifier's); --prompt-depth must be full")
-        built[Drafted(cfg.draft, cfg.speculation)] = checked(cfg.draft, "draft")
+        built[Drafted(cfg.draft, cfg.speculation)] = build_checked(cfg.draft, lm, cfg.model, cfg.data, cfg.kv_mode, "draft")
     return built
+
+
+def expand(policies: tuple[PolicySpec, ...], num_layers: int) -> list[PolicySpec]:
+    """Full depth first, then every point of `policies` once (a sweeping strategy without an argument, `uniform`,
+    at L/4, L/2, 3L/4)."""
+    from skipbench.policies import with_costs
+
+    pts = [FULL]
+    for spec in policies:
+        for p in with_costs([spec], default_costs(num_layers)):
+            if p.name != "full" and p not in pts:
+                pts.append(p)
+    return pts
+
+
+def build_checked(p: PolicySpec, lm: LoadedModel, model: str, data: DataSpec | None, kv_mode: str,
+                  who: str = "policy") -> Policy:
+    """A point's policy, checked before any work: the split it may be scored on, the KV mode it runs under, and a
+    controller's backbone."""
+    p.check_held_out(data)
+    policy = p.build(lm.num_layers, lm, data)
+    p.check_kv_mode(resolve_kv_mode(kv_mode, policy.kv_mode, f"{who} '{p.label}'"))
+    if p.name == "controller":
+        check_backbone(p.value, model)
+    return policy
 
 
 def nominal_cost(p: PolicySpec, num_layers: int) -> int:

@@ -9,6 +9,7 @@ tokens has N-1 records (none when N=1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -42,6 +43,7 @@ class Generation:
     kv_mode: str = "fill"  # the KV mode the run used (after resolving `auto`)
     speculation: "object | None" = None  # self-speculative decoding: its SpecStats (engine/speculative.py)
     cache: "KVCache | None" = None  # the cache as the run left it (tests compare its K/V)
+    prompt_passes: list[int] | None = None  # prompt_depth `policy`: layer passes of each prompt's tokens
 
     def cost_mean(self, row: int) -> float:
         rec = self.layers[row]
@@ -113,11 +115,14 @@ def generate(
     prompt_depth: str = "full",
     impl: str = "gather",
     timings: list | None = None,
+    stop: Callable[[list[list[int]]], list[bool]] | None = None,
 ) -> Generation:
     """Greedy or sampled decoding of left-padded prompts under `policy`.
 
     prompt_depth `full` (default, as in both papers) runs the prompt through every layer; `policy`
     runs it under the policy too (a static plan then equals the physically smaller model).
+    stop: given every row's new tokens so far, which rows are finished (stop strings); like EOS, the token that
+    finishes a row is kept and not fed back.
     timings: when a list, receives ("prefill", seconds) and one ("decode", seconds) per later token,
     each measured from the previous token's choice to this one's (CUDA synchronised).
     """
@@ -135,7 +140,8 @@ def generate(
     policy.begin(batch, row_keys)
     prompt_policy = policy if prompt_depth == "policy" else None
     clock = Clock(dev) if timings is not None else None
-    out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True)
+    out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True, record=prompt_policy is not None)
+    prompt_passes = None if out.executed is None else (out.executed & present[..., None]).sum((1, 2)).tolist()
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)
@@ -147,13 +153,15 @@ def generate(
         tokens.append(tok)
         lengths += (~done).long()
         fed = ~done & ~torch.isin(tok, stops)  # tokens that are fed back and get a layer record
+        if stop is not None:
+            fed &= ~torch.tensor(stop(torch.stack(tokens, 1).tolist()), dtype=torch.bool, device=dev)
         done = ~fed
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         out = engine.forward(tok[:, None], cache, policy, record=True)
         records.append((fed, out.executed[:, 0]))
     gen = _collect(tokens, lengths, records, prompts)
-    gen.kv_mode, gen.cache = kv_mode, cache
+    gen.kv_mode, gen.cache, gen.prompt_passes = kv_mode, cache, prompt_passes
     return gen
 
 
