@@ -41,6 +41,16 @@ def t_interval(values, level: float = LEVEL) -> tuple[float, float, float]:
     return mean, float(ci.low), float(ci.high)
 
 
+def proportion_interval(successes: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """A Wilson score interval for a proportion (statsmodels): sensible at 0 and 1, where mean +- z * stderr is not."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    if n < 1:
+        return math.nan, math.nan
+    lo, hi = proportion_confint(successes, n, alpha=1 - level, method="wilson")
+    return float(lo), float(hi)
+
+
 def welch_interval(a, b, level: float = LEVEL) -> tuple[float, float, float]:
     """Difference of means mean(a) - mean(b) of two independent samples, with Welch's interval."""
     from scipy.stats import ttest_ind

@@ -3,6 +3,9 @@
 `arith`: lists of 5-10 integers in 10..99 — repeat the list 5 times, sum, product — with exact answers.
 `text`: short paragraphs composed from templates (names, places, events) — copy, summarize in one
 sentence, continue, answer a factual question — with references from the templates.
+`choice`: multiple choice over the same paragraphs — which of four one-sentence summaries is right; the wrong ones
+change the place, the day or both, so every choice begins with the same words and the choice is decided by later
+tokens.
 """
 
 from __future__ import annotations
@@ -98,3 +101,25 @@ def text(n_per_subtask: int = 100, seed: int = 0) -> list[Item]:
                 items.append(make_item(f"Read the paragraph and answer the question.\n\n{para}\n\nQuestion: {question}",
                                        answer[0].upper() + answer[1:] + ".", subtask, answer))
     return items
+
+
+def choice(n_items: int = 1000, seed: int = 0) -> list[dict]:
+    """Multiple-choice records: `item_id` (a hash of the paragraph, as items have), `paragraph`, four `choices`,
+    `gold` (the index of the right one)."""
+    from skipbench.data.items import item_id
+
+    rng = random.Random(f"choice:{seed}")
+    records, seen = [], set()
+    while len(records) < n_items:
+        para, summary, _, facts = _paragraph(rng)
+        if para in seen:
+            continue
+        seen.add(para)
+        head = summary[: summary.index(f" in {facts['place']} on ")]  # name and event: the same in every choice
+        place = rng.choice([p for p in PLACES if p != facts["place"]])
+        day = rng.choice([d for d in DAYS if d != facts["day"]])
+        choices = [f"{head} in {p} on {d}." for p, d in
+                   [(facts["place"], facts["day"]), (place, facts["day"]), (facts["place"], day), (place, day)]]
+        rng.shuffle(choices)
+        records.append({"item_id": item_id(para), "paragraph": para, "choices": choices, "gold": choices.index(summary)})
+    return records

@@ -1,0 +1,321 @@
+"""A backend for lm-evaluation-harness: any skipbench policy on any lm-eval task, through skipbench's engine.
+
+Importing this module registers the model `skipbench` with lm-eval (`lm_eval.simple_evaluate(model="skipbench",
+model_args="model=smollm2-135m,policy=uniform:15", ...)`; in `model_args`, whose pairs lm-eval splits at commas,
+write a policy's own commas as semicolons: `policy=layers:0;3;5`). `skipbench lm-eval` (experiments/lmeval.py)
+runs it over policy sweeps and writes tidy parquet.
+
+Semantics are the project's (DESIGN.md § Skipping semantics), for scoring as for generation:
+
+* `prompt_depth="full"` (default): a request's context runs at full depth, so the first continuation token is
+  scored from the full-depth context (as generation picks its first token) and every later continuation token
+  teacher-forced under the policy (fed through the policy's layers, as a generated token is fed back). A
+  single-token continuation therefore scores the same under every policy; tasks whose answers are one token
+  (MMLU's letters) measure skipping with
+* `prompt_depth="policy"`: the context runs under the policy too (FlexiDepth skips the prompt's layers as well).
+
+Each request records the layer passes of the tokens the policy gated (continuation tokens fed back; with
+`prompt_depth="policy"` the context's tokens too), so every task's result carries its mean executed layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from skipbench import distributed
+from skipbench.engine import Engine, generate, resolve_kv_mode
+from skipbench.engine.decode import Sampling, left_pad, pad_id
+from skipbench.errors import SkipbenchError
+from skipbench.evaluation import build_checked
+from skipbench.models import load_model
+from skipbench.models.loading import LoadedModel, default_batch_size
+from skipbench.policies import PolicySpec, parse_policies
+
+TASKS_DIR = Path(__file__).parent / "tasks"  # the offline tasks shipped with the package
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's HF backend's default window; a longer model limit is used only when asked
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
+
+
+@dataclass
+class Usage:
+    """What one request cost: the tokens the policy gated and the layers they ran, summed."""
+
+    task: str
+    request: str  # loglikelihood | loglikelihood_rolling | generate_until
+    tokens: int
+    layer_passes: int
+
+
+def request_key(tokens: list[int]) -> int:
+    """A row key from the context's tokens: a per-sequence draw depends on the request, not on its batch (and the
+    choices of one question, which share a context, share it)."""
+    return int(hashlib.sha1(repr(tokens).encode()).hexdigest()[:15], 16)
+
+
+@register_model("skipbench")
+class SkipbenchLM(TemplateLM):
+    """lm-eval's `TemplateLM` on skipbench's engine under one policy point.
+
+    Arguments (lm-eval's `model_args`): model (alias, hub id, folder or .gguf; default the embedded model), policy
+    (one spec), kv_mode, prompt_depth (full | policy), impl, dtype, max_length, seed; lm-eval's own batch_size,
+    max_batch_size and device. `lm` and `spec` take an already loaded model and a parsed spec (the command)."""
+
+    def __init__(self, model: str = "smollm2-135m", policy: str | PolicySpec = "full", kv_mode: str = "auto",
+                 prompt_depth: str = "full", impl: str = "gather", device: str | None = None, dtype: str = "auto",
+                 batch_size: int | str | None = None, max_batch_size: int | None = None, max_length: int | None = None,
+                 seed: int = 0, lm: LoadedModel | None = None, **unknown) -> None:
+        super().__init__()
+        unknown = {k: v for k, v in unknown.items() if v is not None}
+        if unknown:
+            raise SkipbenchError(f"skipbench model: unknown argument(s) {', '.join(sorted(unknown))}; known: model, policy, "
+                                 "kv_mode, prompt_depth, impl, device, dtype, batch_size, max_batch_size, max_length, seed")
+        if prompt_depth not in ("full", "policy"):
+            raise SkipbenchError(f"prompt_depth must be 'full' or 'policy', got '{prompt_depth}'")
+        self.model_name = str(model)
+        self.lm = lm or load_model(self.model_name, device or "auto", dtype)
+        self.spec = policy if isinstance(policy, PolicySpec) else one_spec(str(policy), seed)
+        self.policy = build_checked(self.spec, self.lm, self.model_name, None, kv_mode)
+        self.kv_mode = resolve_kv_mode(kv_mode, self.policy.kv_mode, f"policy '{self.spec.label}'")
+        self.prompt_depth, self.impl, self.seed = prompt_depth, impl, int(seed)
+        self.engine = Engine(self.lm.adapter, self.kv_mode, impl)
+        self.tokenizer = self.lm.tokenizer
+        self.batch_size = _batch_size(batch_size, max_batch_size, self.lm.device)
+        limit = getattr(self.lm.model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
+        self.max_length = int(max_length) if max_length else min(limit, DEFAULT_MAX_LENGTH)
+        if self.max_length < 2:
+            raise SkipbenchError(f"max_length must be >= 2, got {self.max_length}")
+        self.usage: list[Usage] = []
+        d = distributed.current()
+        self._rank, self._world_size, self._device = d.rank, d.world, self.lm.device
+
+    # -- what TemplateLM needs
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else pad_id(self.lm)
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", self.model_name).replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    # -- the three request types
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)  # tokenises, then _loglikelihood_tokens
+        self._attribute(requests, range(len(requests)), "loglikelihood")
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Perplexity: the text in lm-eval's disjoint rolling windows of `max_length` tokens, each window scored as a
+        continuation of its context (the first window's context is the prefix token)."""
+        windows, owner = [], []
+        for r, (text,) in enumerate(req.args for req in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append(((None, None), ctx, cont))
+                owner.append(r)
+        scored = self._loglikelihood_tokens(windows)
+        totals = [0.0] * len(requests)
+        for (logprob, _), r in zip(scored, owner):
+            totals[r] += logprob
+        self._attribute(requests, owner, "loglikelihood_rolling")
+        return totals
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of the continuation's log-probabilities, whether every continuation token is the greedy choice) per
+        (_, context tokens, continuation tokens), in batches of similar length."""
+        fitted = [self._fit(ctx, cont) for _, ctx, cont in requests]
+        order = sorted(range(len(fitted)), key=lambda i: -sum(map(len, fitted[i])))
+        results: list = [None] * len(fitted)
+        self._pending = [None] * len(fitted)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            for i, res, cost in zip(idx, *self._score([fitted[i] for i in idx])):
+                results[i], self._pending[i] = res, cost
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when the task asks) generation under the policy, stopped at the first stop string
+        (cut off the text, as lm-eval's HF backend does), at EOS, or after max_gen_toks tokens."""
+        groups = defaultdict(list)
+        for r, req in enumerate(requests):
+            context, kwargs = req.args
+            groups[repr(sorted((kwargs or {}).items()))].append(r)
+        texts: list = [None] * len(requests)
+        self._pending = [None] * len(requests)
+        for members in groups.values():
+            until, max_gen, sampling = self._generation_kwargs(requests[members[0]].args[1])
+            prompts = {r: self.tok_encode(requests[r].args[0])[-max(1, self.max_length - max_gen):] for r in members}
+            members.sort(key=lambda r: -len(prompts[r]))
+            for start in range(0, len(members), self.batch_size):
+                idx = members[start : start + self.batch_size]
+                batch = [prompts[r] or [self.prefix_token_id] for r in idx]
+                gen = generate(self.lm, batch, self.policy, max_gen, self.kv_mode, sampling, row_keys=list(map(request_key, batch)),
+                               prompt_depth=self.prompt_depth, impl=self.impl, stop=self._stopper(until))
+                for row, r in enumerate(idx):
+                    texts[r] = _cut(self.tok_decode(gen.tokens[row]), until)
+                    passes = sum(map(len, gen.layers[row])) + (gen.prompt_passes[row] if gen.prompt_passes else 0)
+                    tokens = len(gen.layers[row]) + (len(batch[row]) if gen.prompt_passes else 0)
+                    self._pending[r] = (tokens, passes)
+        self._attribute(requests, range(len(requests)), "generate_until")
+        return texts
+
+    # -- the engine underneath
+    def _fit(self, ctx: list[int], cont: list[int]) -> tuple[list[int], list[int]]:
+        """Context and continuation within `max_length` input tokens (the context cut from the left, at least its last
+        token kept; lm-eval's HF backend cuts the same way)."""
+        if not cont:
+            raise SkipbenchError("lm-eval asked to score an empty continuation")
+        if len(cont) > self.max_length:
+            raise SkipbenchError(f"a continuation of {len(cont)} tokens exceeds max_length {self.max_length}")
+        room = self.max_length + 1 - len(cont)
+        return (ctx[-room:] if ctx else [self.prefix_token_id]), cont
+
+    @torch.no_grad()
+    def _score(self, batch: list[tuple[list[int], list[int]]]):
+        """One batch: the contexts left-padded into a prompt cache (full depth, or under the policy), then every
+        continuation but its last token teacher-forced under the policy in one pass."""
+        ctxs, conts = [b[0] for b in batch], [b[1] for b in batch]
+        dev, width = self.lm.device, max(map(len, conts))
+        self.policy.begin(len(batch), list(map(request_key, ctxs)))
+        ids, present = left_pad(ctxs, pad_id(self.lm), dev)
+        cache = self.engine.prompt_cache(present, ids.shape[1] + width)
+        context_policy = self.policy if self.prompt_depth == "policy" else None
+        first = self.engine.forward(ids, cache, context_policy, present=present, last_only=True,
+                                    record=context_policy is not None)
+        target = torch.full((len(batch), width), pad_id(self.lm), dtype=torch.long)
+        for r, c in enumerate(conts):
+            target[r, : len(c)] = torch.tensor(c)
+        target = target.to(dev)
+        logits, passes = first.logits, torch.zeros(len(batch), dtype=torch.long, device=dev)
+        if first.executed is not None:
+            passes += (first.executed & present[..., None]).sum((1, 2))
+        if width > 1:  # the continuation fed back, teacher-forced, under the policy
+            rest = self.engine.forward(target[:, :-1], cache, self.policy, record=True)
+            logits = torch.cat([logits, rest.logits], 1)
+            fed = torch.arange(width - 1, device=dev)[None] < torch.tensor([len(c) - 1 for c in conts], device=dev)[:, None]
+            passes += (rest.executed & fed[..., None]).sum((1, 2))
+        logp = torch.log_softmax(logits.float(), -1)
+        token_lp = logp.gather(-1, target[..., None])[..., 0]
+        greedy = logits.argmax(-1) == target
+        results, costs = [], []
+        for r, c in enumerate(conts):
+            n = len(c)
+            results.append((float(token_lp[r, :n].sum()), bool(greedy[r, :n].all())))
+            costs.append(((n - 1) + (len(ctxs[r]) if context_policy is not None else 0), int(passes[r])))
+        return results, costs
+
+    def _generation_kwargs(self, kwargs: dict | None) -> tuple[list[str], int, Sampling]:
+        kwargs = dict(kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id is not None else ""
+        max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        do_sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
+        sampling = Sampling(temperature=temperature if do_sample or temperature > 0 else 0.0, top_p=top_p, seed=self.seed)
+        return [u for u in until if u and u != eos], max_gen, sampling
+
+    def _stopper(self, until: list[str]):
+        if not until:
+            return None
+        return lambda rows: [any(u in self.tok_decode(row) for u in until) for row in rows]
+
+    def _attribute(self, requests, owner, kind: str) -> None:
+        """Each request's cost (summed over its windows) with the task it came from. Under torchrun lm-eval pads a
+        rank's requests with copies of its last one (the same object beyond its `repeats`): those are not counted."""
+        totals: dict = {}
+        for i, r in enumerate(owner):
+            tokens, passes = self._pending[i]
+            t, p = totals.get(r, (0, 0))
+            totals[r] = (t + tokens, p + passes)
+        seen: dict = defaultdict(int)
+        for r, (tokens, passes) in sorted(totals.items()):
+            req = requests[r]
+            seen[id(req)] += 1
+            if seen[id(req)] <= getattr(req, "repeats", 1):
+                self.usage.append(Usage(getattr(req, "task_name", None) or "", kind, tokens, passes))
+        self._pending = []
+
+    # -- torchrun: lm-eval shards requests by rank and gathers through these
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._world_size == 1:
+            return tensor
+        every = [torch.as_tensor(t) for t in distributed.current().all_gather(tensor.cpu())]
+        return (torch.stack(every) if tensor.dim() == 0 else torch.cat(every)).to(tensor.device)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self._world_size == 1:
+            return [obj]
+        everyone = distributed.current().all_gather(obj)
+        return everyone if self._rank == dst else None
+
+    def barrier(self) -> None:
+        distributed.current().barrier()
+
+
+def one_spec(text: str, seed: int = 0) -> PolicySpec:
+    """The one policy point of `model_args` (semicolons stand for the spec's commas there)."""
+    specs = parse_policies(text.replace(";", ","), seed=seed)
+    if len(specs) != 1:
+        raise SkipbenchError(f"policy '{text}' names {len(specs)} points; the skipbench model runs one "
+                             "(skipbench lm-eval sweeps)")
+    return specs[0]
+
+
+def usage_by_task(usage: list[Usage]) -> dict[str, tuple[int, int, int]]:
+    """Per task: (gated tokens, their layer passes, requests)."""
+    sums: dict = defaultdict(lambda: [0, 0, 0])
+    for u in usage:
+        s = sums[u.task]
+        s[0] += u.tokens
+        s[1] += u.layer_passes
+        s[2] += 1
+    return {t: tuple(v) for t, v in sums.items()}
+
+
+def _cut(text: str, until: list[str]) -> str:
+    for u in until:
+        text = text.split(u)[0]
+    return text
+
+
+def _batch_size(batch_size, max_batch_size, device) -> int:
+    """lm-eval passes an int, a string of one, or 'auto' (here: skipbench's default for the device, capped by
+    max_batch_size)."""
+    if batch_size in (None, "", "auto") or str(batch_size).startswith("auto"):
+        size = default_batch_size(device)
+        return min(size, int(max_batch_size)) if max_batch_size else size
+    try:
+        size = int(batch_size)
+    except ValueError:
+        raise SkipbenchError(f"batch_size must be an integer or 'auto', got '{batch_size}'") from None
+    if size < 1:
+        raise SkipbenchError(f"batch_size must be >= 1, got {size}")
+    return size
