@@ -549,10 +549,61 @@ def evaluate(
     console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused{shares})")
 
 
+@app.command("lm-eval")
+def lm_eval(
+    tasks: str = typer.Option(..., help="comma-separated lm-eval tasks, groups or tags, or task YAML paths; shipped "
+                              "offline: skipbench_choice, skipbench_arith, skipbench_text (its four subtasks)"),
+    model: str = ModelOpt,
+    policy: Optional[list[str]] = typer.Option(None, help="specs, repeatable, e.g. uniform:15,22,30 (" + PolicyHelp
+                                               + "); full always runs too"),
+    limit: int = typer.Option(0, min=0, help="documents per task (0 = all)"),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="few-shot examples (default: the task's)"),
+    seed: int = typer.Option(0, help="seed of random skipping and of lm-eval's sampling"),
+    batch_size: int = typer.Option(0, min=0, help="requests per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
+    kv_mode: KvMode = KvOpt,
+    prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain, help="the context's depth: full (first "
+                                             "continuation token from the full-depth context) | policy"),
+    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template", help="wrap each prompt in the model's "
+                                       "chat template (lm-eval's --apply_chat_template)"),
+    max_length: int = typer.Option(0, min=0, help="context window in tokens (0: the model's, at most 2048)"),
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
+    out: Optional[str] = typer.Option(None, help="parquet output (default results/lmeval-<model>-<tasks>.parquet)"),
+    resume: bool = typer.Option(True, help="reuse finished (task, policy point) parts of an earlier run"),
+    policy_option: Optional[list[str]] = PolicyOptionOpt,
+) -> None:
+    """Policies on lm-evaluation-harness tasks through skipbench's engine: a row per task, metric and policy point,
+    with each point's mean executed layers; lm-eval's results JSON per point; a figure of metric vs layers.
+
+    Example: skipbench lm-eval --tasks skipbench_choice --policy early-exit:8,15,22 --policy uniform:8,15,22
+    Example: skipbench lm-eval --tasks arc_easy,hellaswag --policy uniform:15,22,30 --limit 200
+    """
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's progress bars (tqdm reads it once, when first imported)
+    from skipbench.experiments.lmeval import LmEvalConfig, run
+
+    _quiet_transformers()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its warnings about the shipped tasks' custom datasets
+    specs = [s for text in policy or [] for s in _specs(text, seed=seed, policy_options=policy_option)]
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    cfg = LmEvalConfig(
+        model=model, tasks=names, policies=tuple(specs), limit=limit or None, num_fewshot=num_fewshot,
+        batch_size=batch_size or None, kv_mode=kv_mode, prompt_depth=prompt_depth, chat_template=chat_template,
+        max_length=max_length or None, seed=seed, device=device, dtype=dtype,
+        out=out or default_out("lmeval", model, "_".join(_slug(t) for t in names)), resume=resume,
+    )
+    with console.status("lm-eval") as status:
+        result = run(cfg, on_part=lambda task, p: status.update(f"lm-eval: {task} · {p.label} done"))
+    _print_frame(result.summary, f"lm-eval · {model}")
+    console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused); "
+                  f"lm-eval's results: {result.path.with_name(result.path.stem + '-lmeval')}/; figure: {result.files.get('figure', '-')}")
+
+
 def _print_frame(df, title: str) -> None:
     table = Table(title=title)
-    for col in df.columns:
-        table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left")
+    for col in df.columns:  # long names (tasks, specs) wrap rather than end in an ellipsis
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left", overflow="fold")
     for row in df.itertuples(index=False):
         table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
     Console().print(table)

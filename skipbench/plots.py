@@ -234,3 +234,28 @@ def speculative_figure(summary, path: Path) -> Path:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
+    """Each task's main metric against mean executed layers, one panel per task, one line per strategy, with 95%
+    intervals as bars (summary: task, metric, policy_spec, layers_mean, value, lo, hi)."""
+    tasks = list(dict.fromkeys(summary["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = summary[summary["task"] == task].assign(strategy=lambda f: f["policy_spec"].str.split(":").str[0])
+        full = g[g["strategy"] == "full"]
+        for strategy, s in g[g["strategy"] != "full"].groupby("strategy", sort=False):
+            s = s.sort_values("layers_mean")
+            color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
+            ax.errorbar(s["layers_mean"], s["value"], yerr=[s["value"] - s["lo"], s["hi"] - s["value"]], fmt="o-",
+                        color=color, label=label, capsize=3, markersize=4)
+        if len(full):
+            ax.axhline(full["value"].iloc[0], color="k", ls="--", lw=1, label="full depth")
+        ax.set_xlim(0, num_layers + 0.5)
+        ax.set_xlabel(f"mean executed layers per gated token (of {num_layers})")
+        ax.set_ylabel(g["metric"].iloc[0])
+        ax.set_title(f"{task} (bars: 95% intervals)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+

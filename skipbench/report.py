@@ -256,6 +256,24 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
             "`ideal` the layer-count bound.", "", _table(s), ""], []
 
 
+def section_lmeval(folder: Path) -> tuple[list[str], list]:
+    """`skipbench lm-eval` results: each task's main metric per policy point, with lm-eval's standard error."""
+    from skipbench.experiments.lmeval import summarise
+
+    lines = []
+    for path in _main_files(folder, "lmeval-"):
+        meta = _meta(path)
+        s = summarise(_read(path))
+        figure = path.with_suffix(".png")
+        depth = meta.get("config", {}).get("prompt_depth", "full")
+        lines += [f"## lm-evaluation-harness tasks (`{path.name}`)", "",
+                  f"Model: {_model(meta)}; context at {depth} depth; `layers_mean` counts the tokens the policy gated; "
+                  "`stderr` is lm-eval's.", "", _table(s), ""]
+        if figure.exists():
+            lines += [f"![{figure.stem}]({figure.name})", ""]
+    return lines, []
+
+
 def _at_a_glance(found: list[Verdict]) -> list[str]:
     if not found:
         return []
@@ -273,7 +291,7 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"--results folder not found: {results}")
     check_writable(out)
     sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
-                section_bench]
+                section_bench, section_lmeval]
     body, found = [], []
     for sec in sections:
         try:

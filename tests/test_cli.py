@@ -117,7 +117,7 @@ def test_cli_defaults_are_the_configs_defaults():
     import typer
 
     import skipbench.evaluation as ev
-    from skipbench.experiments import bench, cosine, finetune, generate, oracle
+    from skipbench.experiments import bench, cosine, finetune, generate, lmeval, oracle
 
     def norm(v):
         if v in ("", 0, None, ()) and not isinstance(v, bool):
@@ -130,7 +130,8 @@ def test_cli_defaults_are_the_configs_defaults():
 
     cmd = typer.main.get_command(app)
     pairs = {"evaluate": ev.EvalConfig, "cosine": cosine.CosineConfig, "bench": bench.BenchConfig,
-             "generate": generate.GenerateConfig, "finetune": finetune.FinetuneConfig, "oracle": oracle.OracleConfig}
+             "generate": generate.GenerateConfig, "finetune": finetune.FinetuneConfig, "oracle": oracle.OracleConfig,
+             "lm-eval": lmeval.LmEvalConfig}
     drift = []
     for name, config in pairs.items():
         params = {p.name: p.default for p in cmd.commands[name].params}

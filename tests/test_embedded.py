@@ -49,3 +49,22 @@ def test_embedded_speculative_decoding_gives_full_depths_tokens(lm, draft):
     out = speculate(lm, ps, make_policy(draft, 30), Speculation(k=4), 24)
     assert out.tokens == ref.tokens
     assert sum(out.speculation.drafted) > 0
+
+
+def test_embedded_multiple_choice_accuracy_follows_the_policy(lm):
+    """On the shipped multiple-choice task the real model's accuracy changes with the policy, with the context at
+    full depth (LayerSkip's harness scored every policy with the full model, so its accuracy never moved)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from skipbench.lmeval import TASKS_DIR, SkipbenchLM
+
+    tm = TaskManager(include_defaults=False, include_path=str(TASKS_DIR))
+    acc = {}
+    for policy in ("full", "early-exit:10"):
+        model = SkipbenchLM(lm=lm, policy=policy)
+        res = lm_eval.simple_evaluate(model=model, tasks=["skipbench_choice"], limit=12, task_manager=tm,
+                                      bootstrap_iters=0)
+        acc[policy] = res["results"]["skipbench_choice"]["acc,none"]
+        assert {u.task for u in model.usage} == {"skipbench_choice"} and len(model.usage) == 48
+    assert acc["full"] >= 0.9 and acc["early-exit:10"] <= 0.5

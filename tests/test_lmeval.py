@@ -1,0 +1,229 @@
+"""The lm-evaluation-harness backend on tiny models: scoring equals transformers (full depth, and a static plan's
+physically smaller model with a full-depth context), scores follow the policy, generation stops at stop strings,
+and `skipbench lm-eval` runs end to end on a shipped offline task and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import CORPUS, tiny_model
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from skipbench.cli import app  # noqa: E402
+from skipbench.lmeval import SkipbenchLM, request_key  # noqa: E402
+from skipbench.models import wrap_model  # noqa: E402
+from skipbench.models.loading import remove_layers  # noqa: E402
+from skipbench.policies import make_policy  # noqa: E402
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def lm(request, tokenizer):
+    return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, f"tiny-{request.param}")
+
+
+def requests_of(tokenizer, n: int = 4) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) token lists of different lengths (continuations of 1 to 6 tokens)."""
+    out = []
+    for i, text in enumerate(CORPUS[:n]):
+        ids = tokenizer(text)["input_ids"]
+        cut = len(ids) - 1 - (i * 5) % 6 if i else len(ids) - 1  # the first: a one-token continuation
+        out.append((ids[:cut], ids[cut:]))
+    return out
+
+
+def score(model: SkipbenchLM, reqs) -> list[tuple[float, bool]]:
+    return model._loglikelihood_tokens([((None, None), ctx, cont) for ctx, cont in reqs])
+
+
+def logprobs(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    lp = torch.log_softmax(logits.float(), -1)
+    t = torch.tensor(targets)
+    return float(lp[torch.arange(len(t)), t].sum()), bool((logits.argmax(-1) == t).all())
+
+
+def test_full_loglikelihood_equals_transformers(lm, tokenizer):
+    model = SkipbenchLM(model="tiny", lm=lm, policy="full", batch_size=3)
+    reqs = requests_of(tokenizer)
+    ours = score(model, reqs)
+    for (ctx, cont), (lp, greedy) in zip(reqs, ours):
+        logits = lm.model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+        ref_lp, ref_greedy = logprobs(logits, cont)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def _hf_smaller_with_full_context(lm, keep, ctx, cont):
+    """transformers only: the full model runs the context (its cache), the model with only `keep` continues from the
+    kept layers' cache entries; the first continuation token is scored by the full model's last context logits."""
+    full = lm.model(torch.tensor([ctx]), use_cache=True)
+    cache = DynamicCache()
+    for new, old in enumerate(keep):
+        layer = full.past_key_values.layers[old]
+        cache.update(layer.keys, layer.values, new)
+    logits = [full.logits[0, -1:]]
+    if len(cont) > 1:
+        smaller = remove_layers(lm.model, keep, share_weights=False)
+        positions = torch.arange(len(ctx), len(ctx) + len(cont) - 1)[None]
+        logits.append(smaller(torch.tensor([cont[:-1]]), past_key_values=cache, position_ids=positions,
+                              use_cache=True).logits[0])
+    return logprobs(torch.cat(logits), cont)
+
+
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("spec", ["uniform:3", "early-exit:2", "layers:0,2,5"])
+def test_static_plan_scores_equal_the_smaller_model_with_a_full_depth_context(lm, tokenizer, spec, kv_mode):
+    model = SkipbenchLM(model="tiny", lm=lm, policy=spec, kv_mode=kv_mode, batch_size=4)
+    keep = make_policy(spec, lm.num_layers).executed_layers()
+    reqs = requests_of(tokenizer)
+    for (ctx, cont), (lp, greedy) in zip(reqs, score(model, reqs)):
+        ref_lp, ref_greedy = _hf_smaller_with_full_context(lm, keep, ctx, cont)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert greedy == ref_greedy
+    # the layers counted: continuation tokens fed back, each through the plan's layers
+    fed = sum(len(cont) - 1 for _, cont in reqs)
+    assert model._pending == [(len(cont) - 1, (len(cont) - 1) * len(keep)) for _, cont in reqs]
+    assert fed > 0
+
+
+def test_prompt_depth_policy_scores_equal_the_smaller_model(lm, tokenizer):
+    model = SkipbenchLM(model="tiny", lm=lm, policy="uniform:3", prompt_depth="policy", batch_size=4)
+    keep = make_policy("uniform:3", lm.num_layers).executed_layers()
+    smaller = remove_layers(lm.model, keep, share_weights=False)
+    reqs = requests_of(tokenizer)
+    for (ctx, cont), (lp, _) in zip(reqs, score(model, reqs)):
+        logits = smaller(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+        assert lp == pytest.approx(logprobs(logits, cont)[0], abs=1e-4)
+    # a single-token continuation, scored from the context alone, now depends on the policy
+    one = [r for r in reqs if len(r[1]) == 1]
+    full = SkipbenchLM(model="tiny", lm=lm, policy="full")
+    assert one and score(model, one)[0][0] != pytest.approx(score(full, one)[0][0], abs=1e-3)
+
+
+def test_scores_differ_between_policies_and_not_with_the_batch(lm, tokenizer):
+    reqs = requests_of(tokenizer)
+    scores = {}
+    for spec in ("full", "early-exit:2", "uniform:3", "random:3", "random-token:3"):
+        together = score(SkipbenchLM(model="tiny", lm=lm, policy=spec, batch_size=4), reqs)
+        alone = [score(SkipbenchLM(model="tiny", lm=lm, policy=spec, batch_size=1), [r])[0] for r in reqs]
+        for (a, ga), (b, gb) in zip(together, alone):  # a request's draw depends on its context, not its batch
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
+        scores[spec] = [s for s, _ in together]
+    multi = [i for i, (_, cont) in enumerate(reqs) if len(cont) > 1]
+    for a in scores:
+        for b in scores:
+            if a < b:
+                assert any(abs(scores[a][i] - scores[b][i]) > 1e-3 for i in multi), (a, b)
+
+
+def test_rolling_loglikelihood_under_full_depth_equals_transformers(lm, tokenizer):
+    model = SkipbenchLM(model="tiny", lm=lm, policy="full", max_length=64)
+    text = CORPUS[1]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    inst = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0, metadata=("t", 0, 1))
+    ours = model.loglikelihood_rolling([inst])[0]
+    whole = [model.prefix_token_id] + ids
+    logits = lm.model(torch.tensor([whole])).logits[0, :-1]
+    assert ours == pytest.approx(logprobs(logits, ids)[0], abs=1e-4)
+    # short windows: every token is scored exactly once, each window under the policy
+    short = SkipbenchLM(model="tiny", lm=lm, policy="uniform:3", max_length=5)
+    short.loglikelihood_rolling([inst])
+    assert short.usage[-1].task == "t" and short.usage[-1].layer_passes == 3 * short.usage[-1].tokens
+    assert short.usage[-1].tokens == len(ids) - (len(ids) + 4) // 5  # each window's last token is not fed back
+
+
+def test_generate_until_stops_at_the_stop_string(lm, tokenizer):
+    model = SkipbenchLM(model="tiny", lm=lm, policy="uniform:4", batch_size=2)
+    ctxs = CORPUS[:2]
+
+    def ask(until):
+        reqs = [Instance(request_type="generate_until", doc={}, arguments=(c, {"until": until, "max_gen_toks": 24}),
+                         idx=0, metadata=("gen", i, 1)) for i, c in enumerate(ctxs)]
+        return model.generate_until(reqs), [u.tokens for u in model.usage[-len(ctxs):]]
+
+    free, free_tokens = ask([])
+    stop = free[0][len(free[0]) // 2 : len(free[0]) // 2 + 2]  # a string from the middle of the first output
+    assert stop.strip() and free[0].index(stop) > 0
+    cut, cut_tokens = ask([stop])
+    assert cut[0] == free[0].split(stop)[0]
+    assert cut_tokens[0] < free_tokens[0]  # it stopped generating, not only cut the text
+    assert cut[1] == free[1].split(stop)[0]
+
+
+def test_model_args_string_and_bad_arguments(lm, tokenizer, tiny_dirs):
+    from skipbench.errors import SkipbenchError
+
+    model = SkipbenchLM.create_from_arg_string(f"model={tiny_dirs['llama']},policy=layers:0;2;5", {"batch_size": 2})
+    assert model.spec.label == "layers:0,2,5" and model.batch_size == 2
+    with pytest.raises(SkipbenchError, match="unknown argument"):
+        SkipbenchLM(model="tiny", lm=lm, polcy="uniform:3")
+    with pytest.raises(SkipbenchError, match="names 2 points"):
+        SkipbenchLM(model="tiny", lm=lm, policy="uniform:2;3")
+    assert request_key([1, 2, 3]) == request_key([1, 2, 3]) != request_key([1, 2, 4])
+
+
+def test_shipped_tasks_use_evaluates_items_and_splits():
+    from skipbench.data import DataSpec, load_items
+    from skipbench.tasks import utils
+
+    for split in ("train", "test"):
+        ids = {it.item_id for it in load_items(DataSpec(name="text", split=split)) if it.subtask == "qa"}
+        assert set(utils.text_qa()[split]["item_id"]) == ids
+    choice = utils.choice()
+    splits = {s: set(choice[s]["item_id"]) for s in utils.SPLITS}
+    assert not (splits["train"] & splits["test"]) and not (splits["validation"] & splits["test"])
+    assert len(splits["test"]) == 150
+    for doc in choice["test"]:
+        first_words = {c.split(" in ")[0] for c in doc["choices"]}
+        assert len(set(doc["choices"])) == 4 and len(first_words) == 1  # decided by later tokens
+
+
+def test_lm_eval_command_end_to_end_and_resumes(tiny_dirs, tmp_path):
+    out = tmp_path / "lm.parquet"
+    args = ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", "skipbench_choice,skipbench_text_qa",
+            "--policy", "uniform:3", "--policy", "early-exit:2", "--limit", "4", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = pd.read_parquet(out)
+    assert set(rows["task"]) == {"skipbench_choice", "skipbench_text_qa"}
+    assert set(rows["policy_spec"]) == {"full", "uniform:3", "early-exit:2"}
+    assert {"acc", "acc_norm", "exact_match", "rougeL"} <= set(rows["metric"])
+    choice = rows[(rows["task"] == "skipbench_choice") & (rows["metric"] == "acc")].set_index("policy_spec")
+    assert choice["n"].tolist() == [4, 4, 4]
+    assert choice.loc["uniform:3", "layers_mean"] == 3 and choice.loc["full", "layers_mean"] == 6
+    assert choice.loc["early-exit:2", "layers_mean"] == 2
+    for label in ("full", "uniform_3", "early-exit_2"):  # lm-eval's own results, per point
+        raw = json.loads((tmp_path / "lm-lmeval" / f"{label}.json").read_text())
+        assert set(raw["results"]) == {"skipbench_choice", "skipbench_text_qa"}
+        assert raw["results"]["skipbench_choice"]["acc,none"] == choice.loc[label.replace("_", ":"), "value"]
+    assert (tmp_path / "lm.png").stat().st_size > 0
+    (tmp_path / "lm.parquet").rename(tmp_path / "lmeval-lm.parquet")  # the report reads lmeval-*.parquet
+    (tmp_path / "lm.json").rename(tmp_path / "lmeval-lm.json")
+    (tmp_path / "lm.png").rename(tmp_path / "lmeval-lm.png")
+    assert CliRunner().invoke(app, ["report", "--results", str(tmp_path)]).exit_code == 0
+    page = (tmp_path / "REPORT.md").read_text()
+    assert "## lm-evaluation-harness tasks (`lmeval-lm.parquet`)" in page and "![lmeval-lm](lmeval-lm.png)" in page
+    assert "skipbench_text_qa" in page and "early-exit:2" in page
+    out = tmp_path / "lmeval-lm.parquet"
+    args[-1] = str(out)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "6 finished part(s) reused" in again.output.replace("\n", " ")
+    pd.testing.assert_frame_equal(pd.read_parquet(out).drop(columns="run_id"), rows.drop(columns="run_id"))
+
+
+def test_lm_eval_bad_input_is_one_line(tiny_dirs, tmp_path):
+    runner = CliRunner()
+    for tasks, message in (("nosuch_task", "unknown lm-eval task"), (str(tmp_path / "missing.yaml"), "does not exist"),
+                           ("arc_easy", "task 'arc_easy' cannot be loaded")):  # a hub task without the hub
+        res = runner.invoke(app, ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", tasks,
+                                  "--out", str(tmp_path / "x.parquet")])
+        assert res.exit_code == 1 and message in res.output
+        assert "Traceback" not in res.output and not (tmp_path / "x.parquet").exists()
