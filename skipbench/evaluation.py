@@ -142,6 +142,20 @@ def nominal_cost(p: PolicySpec, num_layers: int) -> int:
     return int(cost) if cost is not None else 0
 
 
+def part_key(fields: dict, model: str, p: PolicySpec) -> str:
+    """A cached part's key: the fields that change its rows, plus what the names alone do not say: a local model
+    folder written again (a new fine-tuning run) is another model, and a checkpoint folder retrained another policy."""
+    fields = dict(fields)
+    fingerprint = model_fingerprint(model)
+    if fingerprint:
+        fields["model_fingerprint"] = fingerprint
+    if p.strategy.needs_checkpoint:
+        from skipbench.checkpoints import checkpoint_fingerprint
+
+        fields["checkpoint"] = checkpoint_fingerprint(p.value)
+    return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     """Where a point's part lives: `.skipbench-parts/` beside the output, keyed by everything that changes
     its rows (not the costs, the output name or the batch size), so reruns and other sweeps reuse it.
@@ -154,14 +168,7 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     else:  # a policy point does not depend on a draft (and keeps the key it had before drafts existed)
         fields.pop("draft")
         fields.pop("speculation")
-    fingerprint = model_fingerprint(cfg.model)
-    if fingerprint:  # a local folder written again (a new fine-tuning run) is another model
-        fields["model_fingerprint"] = fingerprint
-    if p.strategy.needs_checkpoint:  # the same folder retrained is another policy
-        from skipbench.checkpoints import checkpoint_fingerprint
-
-        fields["checkpoint"] = checkpoint_fingerprint((p.draft if drafted else p).value)
-    key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+    key = part_key(fields, cfg.model, p.draft if drafted else p)
     tag = "" if drafted else p.arg if p.strategy.sweeps else str(len(p.value.split(","))) if p.strategy.arg == "layers" else ""
     return Path(cfg.out).parent / ".skipbench-parts" / f"{p.name}{'-' + tag if tag else ''}-{key}.parquet"
 

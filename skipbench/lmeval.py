@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from skipbench import distributed
@@ -38,10 +39,12 @@ from skipbench.evaluation import build_checked
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size
 from skipbench.policies import PolicySpec, parse_policies
+from skipbench.policies.spec import parse_policy_options
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # the offline tasks shipped with the package
-DEFAULT_MAX_LENGTH = 2048  # lm-eval's HF backend's default window; a longer model limit is used only when asked
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
+LOGITS_BUDGET = 2**28  # logits held at once in scoring (1 GiB in fp32): long rolling windows go fewer per batch
+GENERATION_SETTINGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}  # after lm-eval's normalising
 
 
 @dataclass
@@ -49,7 +52,6 @@ class Usage:
     """What one request cost: the tokens the policy gated and the layers they ran, summed."""
 
     task: str
-    request: str  # loglikelihood | loglikelihood_rolling | generate_until
     tokens: int
     layer_passes: int
 
@@ -65,33 +67,37 @@ class SkipbenchLM(TemplateLM):
     """lm-eval's `TemplateLM` on skipbench's engine under one policy point.
 
     Arguments (lm-eval's `model_args`): model (alias, hub id, folder or .gguf; default the embedded model), policy
-    (one spec), kv_mode, prompt_depth (full | policy), impl, dtype, max_length, seed; lm-eval's own batch_size,
-    max_batch_size and device. `lm` and `spec` take an already loaded model and a parsed spec (the command)."""
+    (one spec), policy_options (`NAME=VALUE;NAME=VALUE`, as --policy-option), gate, kv_mode, prompt_depth (full |
+    policy), impl, dtype, max_length (default: the model's positions, as lm-eval's HF backend), seed; lm-eval's own
+    batch_size, max_batch_size and device. `lm` takes an already loaded model and `policy` a parsed spec (the
+    command)."""
 
-    def __init__(self, model: str = "smollm2-135m", policy: str | PolicySpec = "full", kv_mode: str = "auto",
-                 prompt_depth: str = "full", impl: str = "gather", device: str | None = None, dtype: str = "auto",
-                 batch_size: int | str | None = None, max_batch_size: int | None = None, max_length: int | None = None,
-                 seed: int = 0, lm: LoadedModel | None = None, **unknown) -> None:
+    def __init__(self, model: str = "smollm2-135m", policy: str | PolicySpec = "full", policy_options: str = "",
+                 gate: str = "sample", kv_mode: str = "auto", prompt_depth: str = "full", impl: str = "gather",
+                 device: str | None = None, dtype: str = "auto", batch_size: int | str | None = None,
+                 max_batch_size: int | None = None, max_length: int | None = None, seed: int = 0,
+                 lm: LoadedModel | None = None, **unknown) -> None:
         super().__init__()
         unknown = {k: v for k, v in unknown.items() if v is not None}
         if unknown:
             raise SkipbenchError(f"skipbench model: unknown argument(s) {', '.join(sorted(unknown))}; known: model, policy, "
-                                 "kv_mode, prompt_depth, impl, device, dtype, batch_size, max_batch_size, max_length, seed")
+                                 "policy_options, gate, kv_mode, prompt_depth, impl, device, dtype, batch_size, "
+                                 "max_batch_size, max_length, seed")
         if prompt_depth not in ("full", "policy"):
             raise SkipbenchError(f"prompt_depth must be 'full' or 'policy', got '{prompt_depth}'")
         self.model_name = str(model)
         self.lm = lm or load_model(self.model_name, device or "auto", dtype)
-        self.spec = policy if isinstance(policy, PolicySpec) else one_spec(str(policy), seed)
+        self.spec = policy if isinstance(policy, PolicySpec) else one_spec(str(policy), seed, str(policy_options), gate)
         self.policy = build_checked(self.spec, self.lm, self.model_name, None, kv_mode)
         self.kv_mode = resolve_kv_mode(kv_mode, self.policy.kv_mode, f"policy '{self.spec.label}'")
         self.prompt_depth, self.impl, self.seed = prompt_depth, impl, int(seed)
         self.engine = Engine(self.lm.adapter, self.kv_mode, impl)
         self.tokenizer = self.lm.tokenizer
         self.batch_size = _batch_size(batch_size, max_batch_size, self.lm.device)
-        limit = getattr(self.lm.model.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
-        self.max_length = int(max_length) if max_length else min(limit, DEFAULT_MAX_LENGTH)
-        if self.max_length < 2:
-            raise SkipbenchError(f"max_length must be >= 2, got {self.max_length}")
+        limit = resolve_max_length(self.lm.model.config, self.tokenizer)  # lm-eval's HF backend's default, 2048 if unknown
+        self.max_length = int(max_length) if max_length else limit
+        if not 2 <= self.max_length <= limit:
+            raise SkipbenchError(f"max_length must be in [2, {limit}] (the model's positions), got {self.max_length}")
         self.usage: list[Usage] = []
         d = distributed.current()
         self._rank, self._world_size, self._device = d.rank, d.world, self.lm.device
@@ -111,7 +117,12 @@ class SkipbenchLM(TemplateLM):
         return getattr(self.tokenizer, "name_or_path", self.model_name).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+        """None: the tokenizer's own default (a BOS where it adds one), except for text that already begins with BOS
+        (a chat template's output): lm-eval's HF backend encodes the same way."""
+        if add_special_tokens is None:
+            bos = self.tokenizer.bos_token
+            add_special_tokens = not (bos and string.startswith(bos))
+        return self.tokenizer(string, add_special_tokens=add_special_tokens)["input_ids"]
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -120,13 +131,15 @@ class SkipbenchLM(TemplateLM):
         return getattr(self.tokenizer, "chat_template", None) if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise SkipbenchError(f"model '{self.model_name}' has no chat template; leave out --apply_chat_template")
         return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 
     # -- the three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)  # tokenises, then _loglikelihood_tokens
-        self._attribute(requests, range(len(requests)), "loglikelihood")
+        self._attribute(requests, range(len(requests)))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -143,7 +156,7 @@ class SkipbenchLM(TemplateLM):
         totals = [0.0] * len(requests)
         for (logprob, _), r in zip(scored, owner):
             totals[r] += logprob
-        self._attribute(requests, owner, "loglikelihood_rolling")
+        self._attribute(requests, owner)
         return totals
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
@@ -152,11 +165,16 @@ class SkipbenchLM(TemplateLM):
         fitted = [self._fit(ctx, cont) for _, ctx, cont in requests]
         order = sorted(range(len(fitted)), key=lambda i: -sum(map(len, fitted[i])))
         results: list = [None] * len(fitted)
-        self._pending = [None] * len(fitted)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        self._pending = [None] * len(fitted)  # each request's cost, for the caller that knows its task (_attribute)
+        vocab = self.lm.model.config.vocab_size
+        start = 0
+        while start < len(order):  # longest first; a batch holds at most LOGITS_BUDGET logits
+            width = max(len(c) for c in fitted[order[start]][1:])
+            rows = max(1, min(self.batch_size, LOGITS_BUDGET // (width * vocab)))
+            idx = order[start : start + rows]
             for i, res, cost in zip(idx, *self._score([fitted[i] for i in idx])):
                 results[i], self._pending[i] = res, cost
+            start += rows
         return results
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -182,7 +200,7 @@ class SkipbenchLM(TemplateLM):
                     passes = sum(map(len, gen.layers[row])) + (gen.prompt_passes[row] if gen.prompt_passes else 0)
                     tokens = len(gen.layers[row]) + (len(batch[row]) if gen.prompt_passes else 0)
                     self._pending[r] = (tokens, passes)
-        self._attribute(requests, range(len(requests)), "generate_until")
+        self._attribute(requests, range(len(requests)))
         return texts
 
     # -- the engine underneath
@@ -231,23 +249,27 @@ class SkipbenchLM(TemplateLM):
         return results, costs
 
     def _generation_kwargs(self, kwargs: dict | None) -> tuple[list[str], int, Sampling]:
-        kwargs = dict(kwargs or {})
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        eos = self.tok_decode([self.eot_token_id]) if self.eot_token_id is not None else ""
-        max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-        do_sample = bool(kwargs.pop("do_sample", False))
-        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
-        top_p = float(kwargs.pop("top_p", 1.0) or 1.0)
-        sampling = Sampling(temperature=temperature if do_sample or temperature > 0 else 0.0, top_p=top_p, seed=self.seed)
-        return [u for u in until if u and u != eos], max_gen, sampling
+        """A task's generation settings, read by lm-eval's own rules (max_gen_toks and its aliases; do_sample false
+        means greedy whatever the temperature); a setting the engine has no use for is refused, not ignored."""
+        kw = normalize_gen_kwargs({k: v for k, v in (kwargs or {}).items() if v is not None}, DEFAULT_MAX_GEN_TOKS)
+        other = sorted(set(kw) - GENERATION_SETTINGS)
+        if other:
+            raise SkipbenchError(f"skipbench model: generation setting(s) {', '.join(other)} not supported "
+                                 f"(supported: {', '.join(sorted(GENERATION_SETTINGS))})")
+        temperature = float(kw.get("temperature", 0.0)) if kw["do_sample"] else 0.0
+        sampling = Sampling(temperature=temperature, top_p=float(kw.get("top_p", 1.0)), seed=self.seed)
+        eos = self.tokenizer.decode([self.eot_token_id])  # EOS ends generation anyway (and is not in the text)
+        return [u for u in kw["until"] if u and u != eos], int(kw["max_gen_toks"]), sampling
 
     def _stopper(self, until: list[str]):
+        """Which rows' text now contains a stop string: checked after every token, so a new match ends in the last
+        few tokens; only that tail is decoded (a token decodes to at least one character)."""
         if not until:
             return None
-        return lambda rows: [any(u in self.tok_decode(row) for u in until) for row in rows]
+        tail = max(map(len, until)) + 2
+        return lambda rows: [any(u in self.tok_decode(row[-tail:]) for u in until) for row in rows]
 
-    def _attribute(self, requests, owner, kind: str) -> None:
+    def _attribute(self, requests, owner) -> None:
         """Each request's cost (summed over its windows) with the task it came from. Under torchrun lm-eval pads a
         rank's requests with copies of its last one (the same object beyond its `repeats`): those are not counted."""
         totals: dict = {}
@@ -260,7 +282,7 @@ class SkipbenchLM(TemplateLM):
             req = requests[r]
             seen[id(req)] += 1
             if seen[id(req)] <= getattr(req, "repeats", 1):
-                self.usage.append(Usage(getattr(req, "task_name", None) or "", kind, tokens, passes))
+                self.usage.append(Usage(getattr(req, "task_name", None) or "", tokens, passes))
         self._pending = []
 
     # -- torchrun: lm-eval shards requests by rank and gathers through these
@@ -280,9 +302,11 @@ class SkipbenchLM(TemplateLM):
         distributed.current().barrier()
 
 
-def one_spec(text: str, seed: int = 0) -> PolicySpec:
-    """The one policy point of `model_args` (semicolons stand for the spec's commas there)."""
-    specs = parse_policies(text.replace(";", ","), seed=seed)
+def one_spec(text: str, seed: int = 0, policy_options: str = "", gate: str = "sample") -> PolicySpec:
+    """The one policy point of `model_args` (semicolons stand for the spec's commas there, and separate the
+    options: `policy_options=measure=state;min-layers=4`)."""
+    options = parse_policy_options([o for o in policy_options.split(";") if o])
+    specs = parse_policies(text.replace(";", ","), options, seed=seed, gate=gate)
     if len(specs) != 1:
         raise SkipbenchError(f"policy '{text}' names {len(specs)} points; the skipbench model runs one "
                              "(skipbench lm-eval sweeps)")

@@ -247,7 +247,8 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
         for strategy, s in g[g["strategy"] != "full"].groupby("strategy", sort=False):
             s = s.sort_values("layers_mean")
             color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
-            ax.errorbar(s["layers_mean"], s["value"], yerr=[s["value"] - s["lo"], s["hi"] - s["value"]], fmt="o-",
+            bars = [(s["value"] - s["lo"]).clip(lower=0), (s["hi"] - s["value"]).clip(lower=0)]  # Wilson at 0 or 1: ~1e-17
+            ax.errorbar(s["layers_mean"], s["value"], yerr=bars, fmt="o-",
                         color=color, label=label, capsize=3, markersize=4)
         if len(full):
             ax.axhline(full["value"].iloc[0], color="k", ls="--", lw=1, label="full depth")

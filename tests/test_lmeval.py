@@ -53,12 +53,16 @@ def logprobs(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
 def test_full_loglikelihood_equals_transformers(lm, tokenizer):
     model = SkipbenchLM(model="tiny", lm=lm, policy="full", batch_size=3)
     reqs = requests_of(tokenizer)
+    ctx = reqs[1][0]  # and a continuation of the model's own greedy tokens: is_greedy must be True for it
+    own = lm.model.generate(torch.tensor([ctx]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ctx):]
+    reqs.append((ctx, own.tolist()))
     ours = score(model, reqs)
     for (ctx, cont), (lp, greedy) in zip(reqs, ours):
         logits = lm.model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
         ref_lp, ref_greedy = logprobs(logits, cont)
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert greedy == ref_greedy
+    assert ours[-1][1] is True
 
 
 def _hf_smaller_with_full_context(lm, keep, ctx, cont):
@@ -89,9 +93,7 @@ def test_static_plan_scores_equal_the_smaller_model_with_a_full_depth_context(lm
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert greedy == ref_greedy
     # the layers counted: continuation tokens fed back, each through the plan's layers
-    fed = sum(len(cont) - 1 for _, cont in reqs)
     assert model._pending == [(len(cont) - 1, (len(cont) - 1) * len(keep)) for _, cont in reqs]
-    assert fed > 0
 
 
 def test_prompt_depth_policy_scores_equal_the_smaller_model(lm, tokenizer):
@@ -133,11 +135,18 @@ def test_rolling_loglikelihood_under_full_depth_equals_transformers(lm, tokenize
     whole = [model.prefix_token_id] + ids
     logits = lm.model(torch.tensor([whole])).logits[0, :-1]
     assert ours == pytest.approx(logprobs(logits, ids)[0], abs=1e-4)
-    # short windows: every token is scored exactly once, each window under the policy
+    # short windows: each scored as a continuation of its own context, every token once, each under the policy
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, model.prefix_token_id, 5, 1)]
+    assert len(windows) > 2 and sum(len(c) for _, c in windows) == len(ids)
+    ref = sum(logprobs(lm.model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1], cont)[0] for ctx, cont in windows)
+    five = SkipbenchLM(model="tiny", lm=lm, policy="full", max_length=5, batch_size=2)
+    assert five.loglikelihood_rolling([inst])[0] == pytest.approx(ref, abs=1e-4)
     short = SkipbenchLM(model="tiny", lm=lm, policy="uniform:3", max_length=5)
     short.loglikelihood_rolling([inst])
     assert short.usage[-1].task == "t" and short.usage[-1].layer_passes == 3 * short.usage[-1].tokens
-    assert short.usage[-1].tokens == len(ids) - (len(ids) + 4) // 5  # each window's last token is not fed back
+    assert short.usage[-1].tokens == len(ids) - len(windows)  # each window's last token is not fed back
 
 
 def test_generate_until_stops_at_the_stop_string(lm, tokenizer):
@@ -156,13 +165,37 @@ def test_generate_until_stops_at_the_stop_string(lm, tokenizer):
     assert cut[0] == free[0].split(stop)[0]
     assert cut_tokens[0] < free_tokens[0]  # it stopped generating, not only cut the text
     assert cut[1] == free[1].split(stop)[0]
-
-
-def test_model_args_string_and_bad_arguments(lm, tokenizer, tiny_dirs):
+    assert max(free_tokens) <= 23  # max_gen_toks bounds it (24 new tokens, 23 fed back)
+    # lm-eval's rules for settings: do_sample false is greedy whatever the temperature; unknown settings refused
+    reqs = [Instance(request_type="generate_until", doc={}, idx=0, metadata=("gen", 0, 1),
+                     arguments=(ctxs[0], {"until": [], "max_new_tokens": 24, "do_sample": False, "temperature": 0.7}))]
+    assert model.generate_until(reqs) == free[:1]
     from skipbench.errors import SkipbenchError
 
-    model = SkipbenchLM.create_from_arg_string(f"model={tiny_dirs['llama']},policy=layers:0;2;5", {"batch_size": 2})
-    assert model.spec.label == "layers:0,2,5" and model.batch_size == 2
+    with pytest.raises(SkipbenchError, match="num_beams"):
+        model.generate_until([Instance(request_type="generate_until", doc={}, idx=0, metadata=("gen", 0, 1),
+                                       arguments=(ctxs[0], {"until": [], "num_beams": 4}))])
+
+
+def test_registered_model_args_and_bad_arguments(lm, tokenizer, tiny_dirs):
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from skipbench.errors import SkipbenchError
+    from skipbench.lmeval import TASKS_DIR
+
+    assert get_model("skipbench") is SkipbenchLM
+    res = lm_eval.simple_evaluate(model="skipbench", model_args=f"model={tiny_dirs['llama']},policy=uniform:3",
+                                  tasks=["skipbench_choice"], limit=2, batch_size="auto", max_batch_size=3,
+                                  task_manager=TaskManager(include_defaults=False, include_path=str(TASKS_DIR)))
+    assert res["results"]["skipbench_choice"]["acc,none"] in (0.0, 0.5, 1.0)
+    model = SkipbenchLM.create_from_arg_string(
+        f"model={tiny_dirs['llama']},policy=confidence:0.9,policy_options=min-layers=2;measure=state", {"batch_size": 2})
+    assert model.spec.label == "confidence:0.9[measure=state;min-layers=2]" and model.batch_size == 2
+    model = SkipbenchLM.create_from_arg_string(f"model={tiny_dirs['llama']},policy=layers:0;2;5",
+                                               {"batch_size": "auto", "max_batch_size": 3})
+    assert model.spec.label == "layers:0,2,5" and model.batch_size == 3
     with pytest.raises(SkipbenchError, match="unknown argument"):
         SkipbenchLM(model="tiny", lm=lm, polcy="uniform:3")
     with pytest.raises(SkipbenchError, match="names 2 points"):
@@ -227,3 +260,44 @@ def test_lm_eval_bad_input_is_one_line(tiny_dirs, tmp_path):
                                   "--out", str(tmp_path / "x.parquet")])
         assert res.exit_code == 1 and message in res.output
         assert "Traceback" not in res.output and not (tmp_path / "x.parquet").exists()
+
+
+def test_lm_eval_missing_says_how_to_install(tiny_dirs, tmp_path, monkeypatch):
+    import sys
+
+    import skipbench
+
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    monkeypatch.delitem(sys.modules, "skipbench.lmeval", raising=False)
+    monkeypatch.delattr(skipbench, "lmeval", raising=False)
+    res = CliRunner().invoke(app, ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", "skipbench_choice",
+                                   "--out", str(tmp_path / "x.parquet")])
+    assert res.exit_code == 1 and "pip install 'skipbench[lmeval]'" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.parquet").exists()
+
+
+def test_tok_encode_adds_bos_where_the_tokenizer_does(tokenizer):
+    """As lm-eval's HF backend: the tokenizer's own default (here a BOS), except for text already beginning with it."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.post_processor = TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", 2)])
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<unk>")
+    model = SkipbenchLM(model="tiny", lm=wrap_model(tiny_model("llama", len(tokenizer)), with_bos, "tiny-bos"))
+    plain = tokenizer("Copy the paragraph", add_special_tokens=False)["input_ids"]
+    assert model.tok_encode("Copy the paragraph") == [2, *plain]
+    assert model.tok_encode("<unk>Copy the paragraph") == [2, *plain]  # no second BOS
+    assert model.tok_encode("Copy the paragraph", add_special_tokens=False) == plain
+
+
+def test_torchrun_padding_requests_are_not_counted(lm, tokenizer):
+    """lm-eval pads a rank's requests with copies of its last one; the copies' cost is not the task's."""
+    model = SkipbenchLM(model="tiny", lm=lm, policy="uniform:3")
+    ctx, cont = CORPUS[0][:20], CORPUS[0][20:]
+    inst = Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0, metadata=("t", 0, 1))
+    other = Instance(request_type="loglikelihood", doc={}, arguments=(CORPUS[1][:9], CORPUS[1][9:]), idx=0,
+                     metadata=("t", 1, 1))
+    out = model.loglikelihood([other, inst, inst, inst])
+    assert out[1] == out[2] == out[3] and len(model.usage) == 2

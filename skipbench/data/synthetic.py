@@ -105,11 +105,12 @@ def text(n_per_subtask: int = 100, seed: int = 0) -> list[Item]:
 
 def choice(n_items: int = 1000, seed: int = 0) -> list[dict]:
     """Multiple-choice records: `item_id` (a hash of the paragraph, as items have), `paragraph`, four `choices`,
-    `gold` (the index of the right one)."""
+    `gold` (the index of the right one). No paragraph of the `text` suite (same seed) is one of them, so a policy
+    tuned on any `text` split never saw a `choice` paragraph."""
     from skipbench.data.items import item_id
 
     rng = random.Random(f"choice:{seed}")
-    records, seen = [], set()
+    records, seen = [], {it.prompt.split("\n\n")[1] for it in text(seed=seed)}  # each text prompt: instruction, paragraph
     while len(records) < n_items:
         para, summary, _, facts = _paragraph(rng)
         if para in seen:

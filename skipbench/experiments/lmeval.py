@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,13 +21,13 @@ import pandas as pd
 
 from skipbench import distributed, readers
 from skipbench.errors import SkipbenchError
-from skipbench.evaluation import expand, nominal_cost
+from skipbench.evaluation import expand, nominal_cost, part_key
 from skipbench.models import load_model
-from skipbench.models.loading import model_fingerprint
 from skipbench.policies import PolicySpec
 from skipbench.readers import reusable
 from skipbench.stats import proportion_interval
-from skipbench.results import Written, atomic_path, check_out_path, manifest, manifest_path, tidy, write_atomic
+from skipbench.results import (Written, atomic_path, check_out_path, config_dict, manifest, manifest_path, tidy,
+                               write_atomic)
 
 INSTALL = "lm-eval is not installed: pip install 'skipbench[lmeval]' (make setup installs it)"
 SHIPPED_PREFIX = "skipbench"  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
@@ -78,12 +78,23 @@ class Tasks:
     files: dict  # task name -> the files that define it (their bytes key the cached parts)
 
 
+def shipped_files(tasks_dir: Path) -> list[Path]:
+    """What the shipped tasks' rows depend on besides the model and policy: their YAMLs, their utils.py, and the
+    skipbench code that makes their data and scores them."""
+    import skipbench.data.items as items
+    import skipbench.data.synthetic as synthetic
+    import skipbench.metrics as metrics
+
+    return sorted(tasks_dir.glob("*.yaml")) + [tasks_dir / "utils.py"] + [Path(m.__file__) for m in (synthetic, items, metrics)]
+
+
 def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
-    """Task names as lm-eval knows them: a YAML path becomes its `task:` name, with its folder indexed."""
+    """Task names as lm-eval knows them: a YAML path becomes its `task:` name, with its folder indexed (a path to a
+    shipped task is that task)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if not requested:
-        raise SkipbenchError("--tasks is empty; e.g. --tasks skipbench_choice (skipbench tasks list them)")
+        raise SkipbenchError("--tasks is empty; e.g. --tasks skipbench_choice")
     names, include, files = [], [str(tasks_dir)], {}
     for t in requested:
         path = Path(t)
@@ -96,15 +107,17 @@ def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
                 raise SkipbenchError(f"task file '{t}' is not a task YAML: {str(exc).splitlines()[0]}") from None
             if not isinstance(name, str):
                 raise SkipbenchError(f"task file '{t}' names no task (its 'task:' field)")
-            include.append(str(path.resolve().parent))
             names.append(name)
-            files[name] = sorted(path.resolve().parent.glob("*"))
+            folder = path.resolve().parent
+            if folder != tasks_dir.resolve():  # a user's task: its YAMLs and the Python they name, in its folder
+                include.append(str(folder))
+                files[name] = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.py"))
         else:
             names.append(t)
-    defaults = any(not n.startswith(SHIPPED_PREFIX) for n in names)
     for n in names:
         if n.startswith(SHIPPED_PREFIX) and n not in files:
-            files[n] = sorted(tasks_dir.glob("*.y*ml")) + [tasks_dir / "utils.py"]
+            files[n] = shipped_files(tasks_dir)
+    defaults = any(n not in files for n in names)
     return Tasks(tuple(dict.fromkeys(names)), tuple(dict.fromkeys(include)), defaults, files)
 
 
@@ -131,23 +144,16 @@ def check_loads(name: str, tm) -> None:
 
 
 def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, files: list[Path]) -> Path:
-    """A (task, point) part, keyed by everything that changes its rows: the model (a folder by its files), the
-    policy (a checkpoint by its files), the task's own files, lm-eval's version and the settings."""
+    """A (task, point) part, keyed like `evaluate`'s parts (the config without the output, the batch size and the
+    other points; the model and a checkpoint by their files), plus the task's own files and lm-eval's version.
+    Sampled generation (a task asking for do_sample) also depends on the batch size, which the key leaves out, as
+    `evaluate`'s does."""
     from lm_eval import __version__ as lm_eval_version
 
-    fields = {"model": cfg.model, "task": task, "policy": p.label, "seed": p.seed, "gate": p.gate,
-              "first_layer": p.first_layer, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot, "kv_mode": cfg.kv_mode,
-              "prompt_depth": cfg.prompt_depth, "chat_template": cfg.chat_template, "max_length": cfg.max_length,
-              "run_seed": cfg.seed, "device": cfg.device, "dtype": cfg.dtype, "lm_eval": lm_eval_version,
-              "task_files": hashlib.sha1(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest(),
-              "model_fingerprint": model_fingerprint(cfg.model)}
-    if p.strategy.needs_checkpoint:
-        from skipbench.checkpoints import checkpoint_fingerprint
-
-        fields["checkpoint"] = checkpoint_fingerprint(p.value)
-    key = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}-{p.label}")[:80]
-    return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{slug}-{key}.parquet"
+    ident = replace(cfg, tasks=(task,), policies=(p,), out="", resume=True, batch_size=None)
+    task_files = hashlib.sha1(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
+    key = part_key({**config_dict(ident), "task_files": task_files, "lm_eval": lm_eval_version}, cfg.model, p)
+    return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(task + '-' + p.label)[:80]}-{key}.parquet"
 
 
 def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalResult:
@@ -160,14 +166,21 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     if cfg.limit is not None and cfg.limit < 1:
         raise SkipbenchError(f"--limit must be >= 1, got {cfg.limit}")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.chat_template and not getattr(lm.tokenizer, "chat_template", None):
+        raise SkipbenchError(f"--chat-template: model '{cfg.model}' has no chat template")
     pts = expand(cfg.policies, lm.num_layers)
-    models = {p: lmeval.SkipbenchLM(model=cfg.model, lm=lm, policy=p, kv_mode=cfg.kv_mode, prompt_depth=cfg.prompt_depth,
-                                    batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed) for p in pts}
-    for name in tasks.names:
-        check_loads(name, tm)
     jobs = [(t, p, part_path(cfg, t, p, tasks.files.get(t, []))) for t in tasks.names for p in pts]
-    todo = [j for j in jobs if not (cfg.resume and reusable(j[2]))]
-    for task, p, path in todo:
+    # rank 0 decides what is left (the ranks run lm-eval's collectives together, so they must agree)
+    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]))])[0]
+    for name in dict.fromkeys(jobs[i][0] for i in todo):
+        check_loads(name, tm)
+    models: dict = {}
+    for i in todo:  # each point's policy built once, only when some task still needs it
+        task, p, path = jobs[i]
+        if p not in models:
+            models[p] = lmeval.SkipbenchLM(model=cfg.model, lm=lm, policy=p, kv_mode=cfg.kv_mode,
+                                           prompt_depth=cfg.prompt_depth, batch_size=cfg.batch_size,
+                                           max_length=cfg.max_length, seed=cfg.seed)
         rows, raw = evaluate_one(lmeval, models[p], task, tm, cfg, lm.num_layers)
         if d.main:  # lm-eval's own results travel in the part's manifest
             write_atomic(rows, path, {"lm_eval": raw})
@@ -177,16 +190,18 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     def write() -> LmEvalResult:
         parts = [readers.table(path, "cached part", "rerun to compute it again", checked=True) for _, _, path in jobs]
         rows = tidy(pd.concat(parts, ignore_index=True), cfg, skip=("out", "resume", "policies", "tasks"), model=cfg.model)
-        jsons = write_results_json(cfg, out, pts, jobs)
+        jsons = write_results_json(out, pts, jobs)
         meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, tasks=list(tasks.names), ranks=d.world,
                         points=[p.label for p in pts], results_json={k: str(v) for k, v in jsons.items()},
                         layers_convention="per token the policy gated: continuation tokens fed back (and the context "
-                                          "with prompt_depth policy); generated tokens fed back for generation tasks")
+                                          "with prompt_depth policy); generated tokens fed back for generation tasks "
+                                          "(and the prompt with prompt_depth policy)")
         path = write_atomic(rows, out, meta)
         from skipbench.plots import lmeval_figure
 
-        figure = lmeval_figure(summarise(rows), lm.num_layers, out.with_suffix(".png"))
-        return LmEvalResult(rows=rows, summary=summarise(rows), path=path, reused_parts=len(jobs) - len(todo),
+        summary = summarise(rows)
+        figure = lmeval_figure(summary, lm.num_layers, out.with_suffix(".png"))
+        return LmEvalResult(rows=rows, summary=summary, path=path, reused_parts=len(jobs) - len(todo),
                             results_json=jsons, files={"figure": figure})
 
     def read() -> LmEvalResult:
@@ -205,8 +220,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
     model.usage.clear()
     raw = lm_eval.simple_evaluate(model=model, tasks=[task], limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                                   task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=False,
-                                  bootstrap_iters=1000, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-                                  torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+                                  bootstrap_iters=1000)  # lm-eval's own seeds: its few-shot examples, as a plain run
     usage = [u for share in distributed.current().all_gather(model.usage) for u in share]
     if raw is None:  # not rank 0
         return pd.DataFrame(), {}
@@ -260,7 +274,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
         main = next((m for m in MAIN_METRICS if m in metrics), metrics[0])
         keep.append(g[g["metric"] == main])
     out = pd.concat(keep).reset_index(drop=True)
-    bounds = [interval(r.metric, r.value, r.stderr, r.n) for r in out.itertuples()]
+    bounds = [interval(r.metric, r.value, r.stderr, r.n, r.group) for r in out.itertuples()]
     out["lo"], out["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
     return out[["task", "metric", "policy_spec", "cost", "layers_mean", "value", "stderr", "lo", "hi", "n"]]
 
@@ -268,14 +282,15 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
 BINARY = ("acc", "acc_norm", "exact_match")  # a mean of 0/1 per document
 
 
-def interval(metric: str, value: float, stderr: float, n: int) -> tuple[float, float]:
-    """A 95% interval: Wilson for a proportion of documents (binary metrics), else value +- 1.96 lm-eval's stderr."""
-    if metric in BINARY and n:
+def interval(metric: str, value: float, stderr: float, n: int, group: bool = False) -> tuple[float, float]:
+    """A 95% interval: Wilson for a task's proportion of documents (binary metrics), else (other metrics, and a
+    group's mean of its tasks' means) value +- 1.96 lm-eval's stderr."""
+    if metric in BINARY and n and not group:
         return proportion_interval(round(value * n), int(n))
     return value - 1.96 * stderr, value + 1.96 * stderr
 
 
-def write_results_json(cfg: LmEvalConfig, out: Path, pts: list[PolicySpec], jobs) -> dict[str, Path]:
+def write_results_json(out: Path, pts: list[PolicySpec], jobs) -> dict[str, Path]:
     """lm-eval's results per point, the tasks' results merged: `<out>-lmeval/<point>.json`."""
     paths = {}
     for p in pts:
@@ -284,7 +299,7 @@ def write_results_json(cfg: LmEvalConfig, out: Path, pts: list[PolicySpec], jobs
             if q != p:
                 continue
             _merge_into(merged, readers.json_file(manifest_path(path), "part manifest", "rerun to compute it again")["lm_eval"])
-        target = out.with_name(f"{out.stem}-lmeval") / (re.sub(r"[^A-Za-z0-9_.-]+", "_", p.label) + ".json")
+        target = out.with_name(f"{out.stem}-lmeval") / (_slug(p.label) + ".json")
         with atomic_path(target) as tmp:
             tmp.write_text(json.dumps(merged, indent=1, default=str))
         paths[p.label] = target
@@ -298,3 +313,7 @@ def _merge_into(into: dict, other: dict) -> None:
             _merge_into(into[key], value)
         else:
             into.setdefault(key, value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
