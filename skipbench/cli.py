@@ -570,7 +570,7 @@ def lm_eval(
                                              "continuation token from the full-depth context) | policy"),
     chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template", help="wrap each prompt in the model's "
                                        "chat template (lm-eval's --apply_chat_template)"),
-    max_length: int = typer.Option(0, min=0, help="context window in tokens (0: the model's, at most 2048)"),
+    max_length: int = typer.Option(0, min=0, help="context window in tokens (0: the model's positions)"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet output (default results/lmeval-<model>-<tasks>.parquet)"),
@@ -600,7 +600,9 @@ def lm_eval(
     )
     with console.status("lm-eval") as status:
         result = run(cfg, on_part=lambda task, p: status.update(f"lm-eval: {task} · {p.label} done"))
-    _print_frame(result.summary, f"lm-eval · {model}")
+    s = result.summary
+    shown = s.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(s["lo"], s["hi"])])
+    _print_frame(shown[["task", "policy_spec", "layers_mean", "metric", "value", "interval", "n"]], f"lm-eval · {model}")
     console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused); "
                   f"lm-eval's results: {result.path.with_name(result.path.stem + '-lmeval')}/; figure: {result.files.get('figure', '-')}")
 

@@ -138,7 +138,7 @@ class SkipbenchLM(TemplateLM):
 
     # -- the three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = super().loglikelihood(requests, disable_tqdm=disable_tqdm)  # tokenises, then _loglikelihood_tokens
+        out = super().loglikelihood(requests, disable_tqdm=True)  # tokenises (quickly: no bar), _loglikelihood_tokens
         self._attribute(requests, range(len(requests)))
         return out
 
@@ -163,13 +163,14 @@ class SkipbenchLM(TemplateLM):
         """(sum of the continuation's log-probabilities, whether every continuation token is the greedy choice) per
         (_, context tokens, continuation tokens), in batches of similar length."""
         fitted = [self._fit(ctx, cont) for _, ctx, cont in requests]
-        order = sorted(range(len(fitted)), key=lambda i: -sum(map(len, fitted[i])))
+        # longest continuation first (a batch's logits are its rows times its longest continuation), then context
+        order = sorted(range(len(fitted)), key=lambda i: (-len(fitted[i][1]), -len(fitted[i][0])))
         results: list = [None] * len(fitted)
         self._pending = [None] * len(fitted)  # each request's cost, for the caller that knows its task (_attribute)
         vocab = self.lm.model.config.vocab_size
         start = 0
-        while start < len(order):  # longest first; a batch holds at most LOGITS_BUDGET logits
-            width = max(len(c) for c in fitted[order[start]][1:])
+        while start < len(order):  # a batch holds at most LOGITS_BUDGET logits
+            width = len(fitted[order[start]][1])
             rows = max(1, min(self.batch_size, LOGITS_BUDGET // (width * vocab)))
             idx = order[start : start + rows]
             for i, res, cost in zip(idx, *self._score([fitted[i] for i in idx])):

@@ -44,7 +44,7 @@ class LmEvalConfig:
     kv_mode: str = "auto"
     prompt_depth: str = "full"
     chat_template: bool = False
-    max_length: int | None = None  # None: the model's, at most 2048
+    max_length: int | None = None  # None: the model's positions (lm-eval's HF backend's default)
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"

@@ -1,9 +1,14 @@
 """The offline lm-eval tasks shipped with skipbench: datasets built from the embedded suites (no download) and
 their metrics. lm-eval loads this file by path (`!function utils.NAME` in the YAMLs beside it).
 
-The items and the 70/15/15 split are `evaluate`'s own (same item ids, `skipbench.data.load_items`), so a policy
-calibrated or trained on a suite's train split is scored on its test split here too. ROUGE-L is rouge-score's, as
-in `evaluate` (lm-eval registers no ROUGE-L metric, and its fallback fetches one from the network).
+The arith and text tasks' items and 70/15/15 split are `evaluate`'s own (same item ids, `skipbench.data.load_items`),
+so a policy calibrated or trained on a suite's train split is scored on its test split here too. The choice task's
+paragraphs come from the same templates but none is a `text` item's (`synthetic.choice`), split the same way. ROUGE-L
+is rouge-score's, as in `evaluate` (lm-eval registers no ROUGE-L metric, and its fallback fetches one from the
+network).
+
+Why `custom_dataset` and not `dataset_path: json` with `data_files`: lm-eval resolves `data_files` against the working
+directory, so a shipped YAML naming files would work from one folder only.
 """
 
 from __future__ import annotations
