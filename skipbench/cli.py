@@ -576,6 +576,8 @@ def lm_eval(
     out: Optional[str] = typer.Option(None, help="parquet output (default results/lmeval-<model>-<tasks>.parquet)"),
     resume: bool = typer.Option(True, help="reuse finished (task, policy point) parts of an earlier run"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
+    gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="policy controller: sample (as in the paper) | argmax"),
+    first_layer: bool = typer.Option(True, help="random: always run layer 0"),
 ) -> None:
     """Policies on lm-evaluation-harness tasks through skipbench's engine: a row per task, metric and policy point,
     with each point's mean executed layers; lm-eval's results JSON per point; a figure of metric vs layers.
@@ -590,7 +592,8 @@ def lm_eval(
 
     _quiet_transformers()
     logging.getLogger("lm_eval.api.task").addFilter(_no_custom_dataset_note)
-    specs = [s for text in policy or [] for s in _specs(text, seed=seed, policy_options=policy_option)]
+    specs = [s for text in policy or [] for s in _specs(text, seed=seed, policy_options=policy_option, gate=gate,
+                                                          first_layer=first_layer)]
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     cfg = LmEvalConfig(
         model=model, tasks=names, policies=tuple(specs), limit=limit or None, num_fewshot=num_fewshot,

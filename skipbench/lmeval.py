@@ -43,7 +43,8 @@ from skipbench.policies.spec import parse_policy_options
 
 TASKS_DIR = Path(__file__).parent / "tasks"  # the offline tasks shipped with the package
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
-LOGITS_BUDGET = 2**28  # logits held at once in scoring (1 GiB in fp32): long rolling windows go fewer per batch
+LOGITS_BUDGET = 2**28  # logits per scoring batch (1 GiB in fp32) when it holds more than one row: long windows go alone
+NO_OPS = {"num_beams": 1, "repetition_penalty": 1.0}  # settings some tasks pass at values that change nothing
 GENERATION_SETTINGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}  # after lm-eval's normalising
 
 
@@ -252,22 +253,28 @@ class SkipbenchLM(TemplateLM):
     def _generation_kwargs(self, kwargs: dict | None) -> tuple[list[str], int, Sampling]:
         """A task's generation settings, read by lm-eval's own rules (max_gen_toks and its aliases; do_sample false
         means greedy whatever the temperature); a setting the engine has no use for is refused, not ignored."""
-        kw = normalize_gen_kwargs({k: v for k, v in (kwargs or {}).items() if v is not None}, DEFAULT_MAX_GEN_TOKS)
+        kw = normalize_gen_kwargs({k: v for k, v in (kwargs or {}).items() if v is not None and NO_OPS.get(k) != v},
+                                  DEFAULT_MAX_GEN_TOKS)
         other = sorted(set(kw) - GENERATION_SETTINGS)
         if other:
             raise SkipbenchError(f"skipbench model: generation setting(s) {', '.join(other)} not supported "
                                  f"(supported: {', '.join(sorted(GENERATION_SETTINGS))})")
-        temperature = float(kw.get("temperature", 0.0)) if kw["do_sample"] else 0.0
+        # do_sample without a temperature samples at 1.0, as transformers' generate (lm-eval's HF backend) does
+        temperature = float(kw.get("temperature", 1.0)) if kw["do_sample"] else 0.0
         sampling = Sampling(temperature=temperature, top_p=float(kw.get("top_p", 1.0)), seed=self.seed)
+        max_gen = int(kw["max_gen_toks"])
+        if max_gen >= self.max_length:
+            raise SkipbenchError(f"the task asks for {max_gen} new tokens, not fewer than max_length {self.max_length}; "
+                                 "raise max_length (--max-length) or lower the task's max_gen_toks")
         eos = self.tokenizer.decode([self.eot_token_id])  # EOS ends generation anyway (and is not in the text)
-        return [u for u in kw["until"] if u and u != eos], int(kw["max_gen_toks"]), sampling
+        return [u for u in kw["until"] if u and u != eos], max_gen, sampling
 
     def _stopper(self, until: list[str]):
         """Which rows' text now contains a stop string: checked after every token, so a new match ends in the last
-        few tokens; only that tail is decoded (a token decodes to at least one character)."""
+        few tokens; only that tail is decoded (a token is at least one byte of the text)."""
         if not until:
             return None
-        tail = max(map(len, until)) + 2
+        tail = max(len(u.encode("utf-8")) for u in until) + 2
         return lambda rows: [any(u in self.tok_decode(row[-tail:]) for u in until) for row in rows]
 
     def _attribute(self, requests, owner) -> None:

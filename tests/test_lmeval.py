@@ -211,6 +211,10 @@ def test_shipped_tasks_use_evaluates_items_and_splits():
         ids = {it.item_id for it in load_items(DataSpec(name="text", split=split)) if it.subtask == "qa"}
         assert set(utils.text_qa()[split]["item_id"]) == ids
     choice = utils.choice()
+    from skipbench.data.synthetic import text
+
+    paragraphs = {it.prompt.split("\n\n")[1] for it in text()}  # no choice paragraph is a text item's
+    assert not paragraphs & {doc["paragraph"] for s in utils.SPLITS for doc in choice[s]}
     splits = {s: set(choice[s]["item_id"]) for s in utils.SPLITS}
     assert not (splits["train"] & splits["test"]) and not (splits["validation"] & splits["test"])
     assert len(splits["test"]) == 150
@@ -301,3 +305,45 @@ def test_torchrun_padding_requests_are_not_counted(lm, tokenizer):
                      metadata=("t", 1, 1))
     out = model.loglikelihood([other, inst, inst, inst])
     assert out[1] == out[2] == out[3] and len(model.usage) == 2
+
+
+def test_the_logits_budget_splits_batches_without_changing_scores(lm, tokenizer, monkeypatch):
+    import skipbench.lmeval as backend
+
+    reqs = requests_of(tokenizer)
+    whole = score(SkipbenchLM(model="tiny", lm=lm, policy="random:3", batch_size=4), reqs)
+    vocab = lm.model.config.vocab_size
+    monkeypatch.setattr(backend, "LOGITS_BUDGET", 3 * vocab)  # 3 continuation tokens' logits per batch
+    model = SkipbenchLM(model="tiny", lm=lm, policy="random:3", batch_size=4)
+    seen = []
+    real = model._score
+    model._score = lambda batch: seen.append([len(c) for _, c in batch]) or real(batch)
+    assert [s for s, _ in score(model, reqs)] == pytest.approx([s for s, _ in whole], abs=1e-4)
+    assert all(len(b) == 1 or len(b) * max(b) <= 3 for b in seen) and len(seen) > 1
+    assert all(b == sorted(b, reverse=True) for b in seen)  # longest continuation first: the first row sets the width
+
+
+def test_max_length_and_generation_settings(lm, tokenizer):
+    from skipbench.errors import SkipbenchError
+
+    model = SkipbenchLM(model="tiny", lm=lm)
+    assert model.max_length == lm.model.config.max_position_embeddings  # lm-eval's HF backend's default
+    with pytest.raises(SkipbenchError, match="max_length"):
+        SkipbenchLM(model="tiny", lm=lm, max_length=lm.model.config.max_position_embeddings + 1)
+    assert model._generation_kwargs({"do_sample": True})[2].temperature == 1.0  # transformers' default
+    assert model._generation_kwargs({"do_sample": False, "temperature": 0.5, "num_beams": 1})[2].temperature == 0.0
+    with pytest.raises(SkipbenchError, match="new tokens"):
+        model._generation_kwargs({"max_gen_toks": model.max_length})
+
+
+def test_summary_intervals_and_one_filter_per_task():
+    from skipbench.experiments.lmeval import interval, summarise
+
+    assert interval("acc", 1.0, 0.0, 150) == pytest.approx((0.97503, 1.0), abs=1e-4)  # Wilson
+    assert interval("acc", 0.5, 0.1, 10, group=True) == pytest.approx((0.304, 0.696))  # a group: +- 1.96 stderr
+    assert interval("rougeL", 0.4, 0.05, 20) == pytest.approx((0.302, 0.498))
+    rows = pd.DataFrame([{"task": "gsm8k", "metric": "exact_match", "filter": f, "policy_spec": "full", "cost": 30,
+                          "layers_mean": 30.0, "value": v, "stderr": 0.1, "n": 10, "group": False}
+                         for f, v in (("flexible-extract", 0.5), ("strict-match", 0.3))])
+    s = summarise(rows)
+    assert len(s) == 1 and s["value"].item() == 0.3

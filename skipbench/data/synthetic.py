@@ -3,7 +3,8 @@
 `arith`: lists of 5-10 integers in 10..99 — repeat the list 5 times, sum, product — with exact answers.
 `text`: short paragraphs composed from templates (names, places, events) — copy, summarize in one
 sentence, continue, answer a factual question — with references from the templates.
-`choice`: multiple choice over the same paragraphs — which of four one-sentence summaries is right; the wrong ones
+`choice`: multiple choice over paragraphs from the same templates (none of them a `text` item's paragraph at the same
+seed) — which of four one-sentence summaries is right; the wrong ones
 change the place, the day or both, so every choice begins with the same words and the choice is decided by later
 tokens.
 """

@@ -98,7 +98,7 @@ def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
     names, include, files = [], [str(tasks_dir)], {}
     for t in requested:
         path = Path(t)
-        if t.endswith((".yaml", ".yml")):
+        if t.endswith(".yaml"):  # (lm-eval indexes .yaml files only)
             if not path.is_file():
                 raise SkipbenchError(f"task file '{t}' does not exist")
             try:
@@ -111,7 +111,7 @@ def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
             folder = path.resolve().parent
             if folder != tasks_dir.resolve():  # a user's task: its YAMLs and the Python they name, in its folder
                 include.append(str(folder))
-                files[name] = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.py"))
+                files[name] = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.py"))  # lm-eval indexes it all
         else:
             names.append(t)
     for n in names:
@@ -264,15 +264,17 @@ MAIN_METRICS = ("acc", "exact_match", "rougeL", "acc_norm", "word_perplexity")  
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each task's main metric per point (the first of MAIN_METRICS it reports, else its first metric), with a 95%
-    interval."""
+    """Each task's main metric per point (the first of MAIN_METRICS it reports, else its first metric; its `none` or
+    `strict-match` filter, else its first), with a 95% interval."""
     if rows.empty:
         return rows
     keep = []
     for task, g in rows.groupby("task", sort=False):
         metrics = list(dict.fromkeys(g["metric"]))
         main = next((m for m in MAIN_METRICS if m in metrics), metrics[0])
-        keep.append(g[g["metric"] == main])
+        g = g[g["metric"] == main]
+        filters = list(dict.fromkeys(g["filter"]))  # GSM8K: strict-match and flexible-extract; one is shown
+        keep.append(g[g["filter"] == next((f for f in ("none", "strict-match") if f in filters), filters[0])])
     out = pd.concat(keep).reset_index(drop=True)
     bounds = [interval(r.metric, r.value, r.stderr, r.n, r.group) for r in out.itertuples()]
     out["lo"], out["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
