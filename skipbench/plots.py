@@ -244,6 +244,7 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
     for ax, task in zip(axes[0], tasks):
         g = summary[summary["task"] == task].assign(strategy=lambda f: f["policy_spec"].str.split(":").str[0])
         # a task whose answers are one token gates none under a full-depth context: its points sit at their cost
+        at_cost = g["layers_mean"].isna().any()
         g = g.assign(layers_mean=g["layers_mean"].fillna(g["cost"].astype(float)))
         full = g[g["strategy"] == "full"]
         for strategy, s in g[g["strategy"] != "full"].groupby("strategy", sort=False):
@@ -255,7 +256,8 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
         if len(full):
             ax.axhline(full["value"].iloc[0], color="k", ls="--", lw=1, label="full depth")
         ax.set_xlim(0, num_layers + 0.5)
-        ax.set_xlabel(f"mean executed layers per gated token (of {num_layers}; the cost where none was gated)")
+        ax.set_xlabel(f"mean executed layers per gated token (of {num_layers})" if not at_cost else
+                      f"layers (of {num_layers}; no token gated: the cost)")
         ax.set_ylabel(g["metric"].iloc[0])
         ax.set_title(f"{task} (bars: 95% intervals)", fontsize=9)
         ax.grid(alpha=0.3)

@@ -347,3 +347,19 @@ def test_summary_intervals_and_one_filter_per_task():
                          for f, v in (("flexible-extract", 0.5), ("strict-match", 0.3))])
     s = summarise(rows)
     assert len(s) == 1 and s["value"].item() == 0.3
+
+
+def test_figure_places_one_token_tasks_at_their_cost(tmp_path, monkeypatch):
+    """Under a full-depth context a task of one-token answers gates no token (layers_mean NaN): drawn at its cost."""
+    import matplotlib.pyplot as plt
+
+    from skipbench.plots import lmeval_figure
+
+    s = pd.DataFrame([{"task": "mmlu", "metric": "acc", "policy_spec": p, "cost": c, "layers_mean": float("nan"),
+                       "value": v, "lo": v - 0.1, "hi": v + 0.1} for p, c, v in (("full", 6, 0.6), ("uniform:3", 3, 0.4),
+                                                                                 ("uniform:4", 4, 0.5))])
+    seen = []
+    real = plt.Axes.errorbar
+    monkeypatch.setattr(plt.Axes, "errorbar", lambda ax, x, y, **kw: seen.append(list(x)) or real(ax, x, y, **kw))
+    assert lmeval_figure(s, 6, tmp_path / "f.png").stat().st_size > 0
+    assert seen == [[3.0, 4.0]]
