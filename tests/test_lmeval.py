@@ -189,7 +189,11 @@ def test_registered_model_args_and_bad_arguments(lm, tokenizer, tiny_dirs):
     res = lm_eval.simple_evaluate(model="skipbench", model_args=f"model={tiny_dirs['llama']},policy=uniform:3",
                                   tasks=["skipbench_choice"], limit=2, batch_size="auto", max_batch_size=3,
                                   task_manager=TaskManager(include_defaults=False, include_path=str(TASKS_DIR)))
-    assert res["results"]["skipbench_choice"]["acc,none"] in (0.0, 0.5, 1.0)
+    direct = lm_eval.simple_evaluate(model=SkipbenchLM(model=str(tiny_dirs["llama"]), policy="uniform:3"),
+                                     tasks=["skipbench_choice"], limit=2, bootstrap_iters=0,
+                                     task_manager=TaskManager(include_defaults=False, include_path=str(TASKS_DIR)))
+    assert res["results"]["skipbench_choice"]["acc,none"] == direct["results"]["skipbench_choice"]["acc,none"]
+    assert res["config"]["batch_size"] == "auto"
     model = SkipbenchLM.create_from_arg_string(
         f"model={tiny_dirs['llama']},policy=confidence:0.9,policy_options=min-layers=2;measure=state", {"batch_size": 2})
     assert model.spec.label == "confidence:0.9[measure=state;min-layers=2]" and model.batch_size == 2
@@ -254,6 +258,29 @@ def test_lm_eval_command_end_to_end_and_resumes(tiny_dirs, tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "6 finished part(s) reused" in again.output.replace("\n", " ")
     pd.testing.assert_frame_equal(pd.read_parquet(out).drop(columns="run_id"), rows.drop(columns="run_id"))
+
+
+def test_a_users_task_yaml_is_loaded_by_its_path(tiny_dirs, tmp_path):
+    """A task file outside the package: lm-eval loads it by path (its `!function utils.*` beside it); here a copy of
+    the shipped text_qa under another name gives the shipped task's rows."""
+    import shutil
+
+    from skipbench.lmeval import TASKS_DIR
+
+    mine = tmp_path / "mytasks"
+    mine.mkdir()
+    shutil.copy(TASKS_DIR / "utils.py", mine / "utils.py")
+    text = (TASKS_DIR / "text_qa.yaml").read_text().replace("task: skipbench_text_qa", "task: my_qa")
+    (mine / "my_qa.yaml").write_text(text.replace("tag: [skipbench, skipbench_text]", "tag: [mine]"))
+    res = CliRunner().invoke(app, ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks",
+                                   f"skipbench_text_qa,{mine / 'my_qa.yaml'}", "--policy", "uniform:3", "--limit", "3",
+                                   "--out", str(tmp_path / "lm.parquet")])
+    assert res.exit_code == 0, res.output
+    rows = pd.read_parquet(tmp_path / "lm.parquet").set_index(["task", "metric", "policy_spec"])["value"]
+    assert len(rows) == 8
+    for metric in ("exact_match", "rougeL"):
+        for spec in ("full", "uniform:3"):
+            assert rows["my_qa", metric, spec] == rows["skipbench_text_qa", metric, spec]
 
 
 def test_lm_eval_bad_input_is_one_line(tiny_dirs, tmp_path):

@@ -72,10 +72,9 @@ def backend():
 
 @dataclass(frozen=True)
 class Tasks:
-    names: tuple[str, ...]
-    include: tuple[str, ...]  # folders lm-eval indexes besides (or instead of) its own
+    names: tuple[str, ...]  # what lm-eval loads: a task, group or tag name, or a user's task YAML (its path)
     defaults: bool  # whether lm-eval's own task index is needed (slow to build: about 10 s)
-    files: dict  # task name -> the files that define it (their bytes key the cached parts)
+    digests: dict  # name -> a hash of the files that define it (they key the cached parts)
 
 
 def shipped_files(tasks_dir: Path) -> list[Path]:
@@ -89,43 +88,44 @@ def shipped_files(tasks_dir: Path) -> list[Path]:
 
 
 def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
-    """Task names as lm-eval knows them: a YAML path becomes its `task:` name, with its folder indexed (a path to a
-    shipped task is that task)."""
+    """What lm-eval is asked to load: names as given; a YAML path as its absolute path (lm-eval loads a task file by
+    path, resolving its `include:` and `!function` beside it), or, for a shipped task's file, that task's name."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     if not requested:
         raise SkipbenchError("--tasks is empty; e.g. --tasks skipbench_choice")
-    names, include, files = [], [str(tasks_dir)], {}
+    names, files = [], {}
     for t in requested:
         path = Path(t)
-        if t.endswith(".yaml"):  # (lm-eval indexes .yaml files only)
-            if not path.is_file():
-                raise SkipbenchError(f"task file '{t}' does not exist")
-            try:
-                name = load_yaml(path, resolve_func=False).get("task")
-            except Exception as exc:  # lm-eval's YAML loader: any parse error is the user's file
-                raise SkipbenchError(f"task file '{t}' is not a task YAML: {str(exc).splitlines()[0]}") from None
-            if not isinstance(name, str):
-                raise SkipbenchError(f"task file '{t}' names no task (its 'task:' field)")
-            names.append(name)
-            folder = path.resolve().parent
-            if folder != tasks_dir.resolve():  # a user's task: its YAMLs and the Python they name, in its folder
-                include.append(str(folder))
-                files[name] = sorted(folder.rglob("*.yaml")) + sorted(folder.rglob("*.py"))  # lm-eval indexes it all
-        else:
+        if not t.endswith(".yaml"):
             names.append(t)
+            continue
+        if not path.is_file():
+            raise SkipbenchError(f"task file '{t}' does not exist")
+        try:
+            name = load_yaml(path, resolve_func=False).get("task")
+        except Exception as exc:  # lm-eval's YAML loader: any parse error is the user's file
+            raise SkipbenchError(f"task file '{t}' is not a task YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(name, str):
+            raise SkipbenchError(f"task file '{t}' names no task (its 'task:' field)")
+        folder = path.resolve().parent
+        if folder == tasks_dir.resolve():
+            names.append(name)
+        else:  # the YAMLs it may include and the Python it may name, beside it
+            names.append(str(path.resolve()))
+            files[names[-1]] = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.py"))
     for n in names:
         if n.startswith(SHIPPED_PREFIX) and n not in files:
             files[n] = shipped_files(tasks_dir)
-    defaults = any(n not in files for n in names)
-    return Tasks(tuple(dict.fromkeys(names)), tuple(dict.fromkeys(include)), defaults, files)
+    digests = {n: hashlib.sha1(b"".join(f.read_bytes() for f in fs if f.is_file())).hexdigest() for n, fs in files.items()}
+    return Tasks(tuple(dict.fromkeys(names)), any(n not in files for n in names), digests)
 
 
-def task_manager(tasks: Tasks):
+def task_manager(tasks: Tasks, tasks_dir: Path):
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=list(tasks.include), include_defaults=tasks.defaults)
-    unknown = [n for n in tasks.names if n not in tm.all_tasks]
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=tasks.defaults)
+    unknown = [n for n in tasks.names if n not in tm.all_tasks and not n.endswith(".yaml")]
     if unknown:
         shipped = ", ".join(n for n in tm.all_tasks if n.startswith(SHIPPED_PREFIX))
         raise SkipbenchError(f"unknown lm-eval task(s) {', '.join(unknown)}; shipped offline: {shipped}; "
@@ -143,7 +143,7 @@ def check_loads(name: str, tm) -> None:
                              "use the shipped tasks (skipbench_choice, skipbench_arith, skipbench_text)") from None
 
 
-def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, files: list[Path]) -> Path:
+def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, task_files: str) -> Path:
     """A (task, point) part, keyed like `evaluate`'s parts (the config without the output, the batch size and the
     other points; the model and a checkpoint by their files), plus the task's own files and lm-eval's version.
     Sampled generation (a task asking for do_sample) also depends on the batch size, which the key leaves out, as
@@ -151,9 +151,8 @@ def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, files: list[Path]) ->
     from lm_eval import __version__ as lm_eval_version
 
     ident = replace(cfg, tasks=(task,), policies=(p,), out="", resume=True, batch_size=None)
-    task_files = hashlib.sha1(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest()
     key = part_key({**config_dict(ident), "task_files": task_files, "lm_eval": lm_eval_version}, cfg.model, p)
-    return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(task + '-' + p.label)[:80]}-{key}.parquet"
+    return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(Path(task).stem + '-' + p.label)[:80]}-{key}.parquet"
 
 
 def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalResult:
@@ -162,14 +161,14 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     lmeval = backend()
     d = distributed.current()
     tasks = resolve_tasks(cfg.tasks, lmeval.TASKS_DIR)
-    tm = task_manager(tasks)
+    tm = task_manager(tasks, lmeval.TASKS_DIR)
     if cfg.limit is not None and cfg.limit < 1:
         raise SkipbenchError(f"--limit must be >= 1, got {cfg.limit}")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.chat_template and not getattr(lm.tokenizer, "chat_template", None):
         raise SkipbenchError(f"--chat-template: model '{cfg.model}' has no chat template")
     pts = expand(cfg.policies, lm.num_layers)
-    jobs = [(t, p, part_path(cfg, t, p, tasks.files.get(t, []))) for t in tasks.names for p in pts]
+    jobs = [(t, p, part_path(cfg, t, p, tasks.digests.get(t, ""))) for t in tasks.names for p in pts]
     # rank 0 decides what is left (the ranks run lm-eval's collectives together, so they must agree)
     todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]))])[0]
     for name in dict.fromkeys(jobs[i][0] for i in todo):
