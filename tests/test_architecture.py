@@ -15,13 +15,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "skipbench"
 
 # lowest first; a module may import its own layer or any below it (docs/ARCHITECTURE.md draws this)
 LAYERS = [
-    {"skipbench", "errors", "readers", "keyed", "stats", "metrics"},
+    {"skipbench", "errors", "readers", "keyed", "stats", "metrics", "oracle"},
     {"distributed", "results", "checkpoints", "plots"},
     {"models"},
     {"data", "tasks"},
     {"engine"},
     {"policies"},
-    {"training", "oracle", "verdicts", "evaluation", "fidelity", "draft_search", "lmeval"},
+    {"training", "scores", "verdicts", "evaluation", "fidelity", "draft_search", "lmeval"},
     {"experiments"},
     {"report"},
     {"cli", "__main__"},
