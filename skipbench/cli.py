@@ -516,6 +516,8 @@ def evaluate(
     gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="policy controller: sample (as in the paper) | argmax"),
     router: Optional[str] = typer.Option(None, help="policy flexidepth: folder written by 'flexidepth train'"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
+    budget: Optional[float] = typer.Option(None, help="policy route: the mean layers per token over the items "
+                                           "(the same as -o budget=B)"),
     draft: Optional[str] = DraftOpt,
     speculate: str = SpeculateOpt,
     draft_threshold: float = DraftThresholdOpt,
@@ -526,11 +528,14 @@ def evaluate(
 
     Example: skipbench evaluate --dataset arith --policy uniform --costs 8,15,22,30 --limit 100
     Example: skipbench evaluate --dataset text --policy full --draft uniform:20 --speculate 4
+    Example: skipbench evaluate --dataset text --split test --policy route:runs/route-text --budget 12
     """
     from skipbench.data import DataSpec
     from skipbench.experiments.evaluate import EvalConfig, run
 
     _quiet_transformers()
+    if budget is not None:
+        policy_option = [*(policy_option or []), f"budget={budget}"]
     cfg = EvalConfig(
         model=model,
         data=DataSpec(name=dataset, split=split, limit=limit or None, seed=seed, prompt_field=prompt_field, reference_field=reference_field),
@@ -820,6 +825,75 @@ def controllers_sweep(
     typer.echo(f"hidden vs constant at matched cost ({res.comparison['test']}):")
     typer.echo(verdicts.line(verdicts.controllers(res.comparison)).replace("**", ""))
     console.print(f"wrote {res.path}")
+
+
+route_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
+                        help="A prompt-level router against the oracle: which configuration to run, decided from the "
+                             "prompt alone.")
+app.add_typer(route_app, name="route")
+RunsOpt = typer.Option(..., "--runs", help="evaluate parquet file(s) scoring the same items under static "
+                       "configurations (run with --split all, or one file per split)")
+
+
+@route_app.command("train")
+def route_train(
+    runs: list[str] = RunsOpt,
+    features: str = typer.Option("hidden", help="hidden (the prompt's residual stream) | tfidf (its words) | length"),
+    states: str = typer.Option("", help="hidden: residual-stream states to read, 0..L (default: L/2 and L)"),
+    metric: str = typer.Option("rougeL", help="the per-item score the router predicts"),
+    policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
+    costs: str = typer.Option("", help="keep only configurations of these costs (full always stays), comma-separated"),
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
+    out: str = typer.Option(STRATEGIES.get("route").default_arg, help="router folder (replaced)"),
+) -> None:
+    """Fit a router: one ridge regressor per configuration from the prompt's features, on the train split's items,
+    its penalty tuned on the validation split's; the test split is not read.
+
+    Example: skipbench route train --runs results/evaluate-text.parquet --features hidden --out runs/route-text
+    """
+    from skipbench.experiments.route import RouteTrainConfig, train
+
+    _quiet_transformers()
+    cfg = RouteTrainConfig(runs=tuple(runs), features=features, states=_int_list(states, "--states") if states else (),
+                           metric=metric, policies=tuple(p for p in policies.split(",") if p),
+                           costs=_int_list(costs, "--costs") if costs else (), device=device, dtype=dtype, out=out)
+    result = train(cfg)
+    for note in result.notes:
+        _note(note)
+    _print_frame(result.validation, f"router · {cfg.features} · {result.counts['train']} train, "
+                                    f"{result.counts['validation']} validation items (squared error on validation)")
+    console.print(f"wrote {result.path}")
+
+
+@route_app.command("curve")
+def route_curve(
+    router: list[str] = typer.Option(..., "--router", help="router folder(s) written by 'route train'"),
+    runs: list[str] = RunsOpt,
+    budgets: str = typer.Option("", help="budgets reported with intervals (default: 1/3, 1/2 and 2/3 of the layers)"),
+    bootstrap: int = typer.Option(1000, help="item resamples for the 95% intervals (0: none)"),
+    random_draws: int = typer.Option(20, help="random assignments averaged per budget"),
+    seed: int = typer.Option(0, help="seed of the resamples and the random assignments"),
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
+    out: str = typer.Option("results/route.parquet", help="parquet of (budget, method) rows; -assign parquet and PNG beside it"),
+) -> None:
+    """The routers on the test items, beside the exact and greedy oracle, the single configurations and a random
+    assignment at each budget; the share of the oracle's gain each captures, with 95% bootstrap intervals.
+
+    Example: skipbench route curve --router runs/route-text --runs results/evaluate-text.parquet --out results/route-text.parquet
+    """
+    from skipbench.experiments.route import RouteCurveConfig, curve
+
+    _quiet_transformers()
+    cfg = RouteCurveConfig(routers=tuple(router), runs=tuple(runs),
+                           budgets=_float_list(budgets, "--budgets") if budgets else (), bootstrap=bootstrap,
+                           random_draws=random_draws, seed=seed, device=device, dtype=dtype, out=out)
+    result = curve(cfg)
+    for note in result.notes:
+        _note(note)
+    _print_frame(result.summary, f"route curve · {result.test_items} test items")
+    console.print(f"wrote {result.path}")
 
 
 flexi_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,

@@ -264,3 +264,32 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
         ax.legend(fontsize=7)
     return _save(fig, path)
 
+
+
+def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
+    """The oracle curve (cf. Glavas et al. Fig. 2) with the routers' curves, a random assignment and the single
+    configurations; the reported budgets carry the routers' 95% bootstrap intervals."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"oracle": ("C3", "-", "oracle (exact knapsack, hindsight)"), "greedy": ("C0", "--", "greedy oracle"),
+              "random": ("0.5", ":", "random assignment")}
+    routers = sorted(m for m in table["method"].unique() if m.startswith("router:"))
+    for k, name in enumerate(routers):
+        styles[name] = (f"C{2 + 2 * k}", "-", name.removeprefix("router:") + " router (prompt only)")
+    for method, (color, line, label) in styles.items():
+        t = table[table["method"] == method].sort_values("budget")
+        ax.plot(t["budget"], t["value"], line, color=color, label=label)
+        if method.startswith("router:") and "value_lo" in t:
+            r = t[t["reported"] & t["value_lo"].notna()]
+            ax.errorbar(r["budget"], r["value"], yerr=[r["value"] - r["value_lo"], r["value_hi"] - r["value"]],
+                        fmt="o", color=color, capsize=3)
+    singles = table[table["method"].str.startswith("single:")].drop_duplicates("method")
+    ax.scatter(singles["mean_cost"], singles["value"], color="k", zorder=3, label="single configurations")
+    for r in singles.itertuples():
+        ax.annotate(r.method.removeprefix("single:"), (r.mean_cost, r.value), textcoords="offset points",
+                    xytext=(4, -10), fontsize=8)
+    ax.set_xlabel(f"budget: mean executed layers per token (of {num_layers})")
+    ax.set_ylabel(f"mean {metric} on the test items")
+    ax.set_title("A prompt-level router against the oracle")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -155,3 +155,18 @@ def safetensors_file(path: str | os.PathLike, what: str = "weights file", advice
         return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as exc:
         raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None
+
+
+def npz_file(path: str | os.PathLike, what: str = "array file", advice: str = "") -> dict:
+    """The arrays of a .npz file written by numpy (no pickled objects are read)."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    _present(path, what, advice)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise Unreadable(what, path, f"is not a readable .npz file ({why(exc)})", advice) from None

@@ -274,6 +274,32 @@ def section_lmeval(folder: Path) -> tuple[list[str], list]:
     return lines, []
 
 
+def section_route(folder: Path) -> tuple[list[str], list]:
+    """`skipbench route curve`: routers that see only the prompt against the oracle, at the reported budgets."""
+    lines = []
+    for path in _main_files(folder, "route-"):
+        meta = _meta(path)
+        t = _read(path)
+        t = t[t["reported"] & ~t["method"].str.startswith("single:")].copy()
+
+        def ci(stat):
+            return [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else (f"{v:.3f}" if v == v else "")
+                    for v, lo, hi in zip(t[stat], t.get(f"{stat}_lo", t[stat] * np.nan), t.get(f"{stat}_hi", t[stat] * np.nan))]
+
+        shown = pd.DataFrame({"budget": t["budget"], "method": t["method"], "mean cost": t["mean_cost"],
+                              meta.get("metric", "value"): ci("value"), "share of the oracle's gain": ci("share")})
+        lines += [f"## A prompt-level router against the oracle (`{path.name}`)", "",
+                  "Glavas et al. leave open what a decision from the prompt alone captures of the oracle's gain. Each "
+                  "router predicts every configuration's score from the prompt (trained on the train split, tuned on "
+                  "the validation split) and the oracle's knapsack assigns configurations from the predictions; the "
+                  f"values are on the {meta.get('test_items', '?')} test items, with "
+                  f"{meta.get('interval_method', 'bootstrap intervals')}. The share is (router - best single "
+                  "configuration) / (oracle - best single configuration).", "", _table(shown), ""]
+        if path.with_suffix(".png").exists():
+            lines += [f"![{path.stem}]({path.stem}.png)", ""]
+    return lines, []
+
+
 def _at_a_glance(found: list[Verdict]) -> list[str]:
     if not found:
         return []
@@ -291,7 +317,7 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"--results folder not found: {results}")
     check_writable(out)
     sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
-                section_bench, section_lmeval]
+                section_bench, section_lmeval, section_route]
     body, found = [], []
     for sec in sections:
         try:

@@ -117,7 +117,7 @@ def test_cli_defaults_are_the_configs_defaults():
     import typer
 
     import skipbench.evaluation as ev
-    from skipbench.experiments import bench, cosine, finetune, generate, lmeval, oracle
+    from skipbench.experiments import bench, cosine, finetune, generate, lmeval, oracle, route
 
     def norm(v):
         if v in ("", 0, None, ()) and not isinstance(v, bool):
@@ -131,10 +131,13 @@ def test_cli_defaults_are_the_configs_defaults():
     cmd = typer.main.get_command(app)
     pairs = {"evaluate": ev.EvalConfig, "cosine": cosine.CosineConfig, "bench": bench.BenchConfig,
              "generate": generate.GenerateConfig, "finetune": finetune.FinetuneConfig, "oracle": oracle.OracleConfig,
-             "lm-eval": lmeval.LmEvalConfig}
+             "lm-eval": lmeval.LmEvalConfig, "route train": route.RouteTrainConfig, "route curve": route.RouteCurveConfig}
     drift = []
     for name, config in pairs.items():
-        params = {p.name: p.default for p in cmd.commands[name].params}
+        command = cmd
+        for word in name.split():
+            command = command.commands[word]
+        params = {p.name: p.default for p in command.params}
         for f in dataclasses.fields(config):
             if f.name in params and f.default is not dataclasses.MISSING and norm(params[f.name]) != norm(f.default):
                 drift.append(f"{name} --{f.name}: command {params[f.name]!r}, config {f.default!r}")

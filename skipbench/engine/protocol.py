@@ -65,6 +65,10 @@ class Policy:
     def describe(self) -> str:
         return self.name
 
+    def row_record(self, row: int) -> dict:
+        """What the policy decided for a row of the current batch, kept in `evaluate`'s rows (a router's choice)."""
+        return {}
+
 
 class Full(Policy):
     """Every layer for every token (what `policy=None` means to the engine)."""

@@ -159,6 +159,10 @@ _BUILTIN = [
              plan="skipbench.policies.angular:plan", explain="skipbench.policies.angular:explain",
              needs=("model", "data"), options=_CALIBRATION,
              help="Gromov et al.: remove the L-C consecutive layers of least angular distance (last layer kept)"),
+    Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
+             default_arg="runs/route", needs=("model", "data"),
+             options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),),
+             help="a prompt-level router's configuration per item under a mean budget (skipbench route train)"),
 ]
 
 

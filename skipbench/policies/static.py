@@ -92,6 +92,15 @@ def random_layers(rng: np.random.Generator, num_layers: int, cost: int, first_la
     return np.sort(rng.choice(num_layers, size=cost, replace=False))
 
 
+def layer_gates(plan: np.ndarray, device) -> list[Gate]:
+    """Per-layer gates from a plan [L, B, T] of who runs what: a python bool where a whole layer agrees (the engine
+    then runs or skips it outright), else the layer's bool tensor [B, T]."""
+    import torch
+
+    run = torch.from_numpy(plan).to(device)
+    return [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
+
+
 class RandomPolicy(Policy):
     """Random layer skipping: exactly c layers, one draw per sequence (default) or per token.
 
@@ -132,11 +141,7 @@ class RandomPolicy(Policy):
             plan = np.zeros((self.num_layers, batch, num_tokens), dtype=bool)
             for (r, t), p in np.ndenumerate(positions.cpu().numpy()):
                 plan[self._draw(self._keys[r], p), r, t] = True
-        import torch
-
-        # python bools where a whole layer agrees: the engine then runs or skips it outright
-        run = torch.from_numpy(plan).to(positions.device)
-        self._gates = [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
+        self._gates = layer_gates(plan, positions.device)
 
     def gate(self, layer: int, hidden) -> Gate:
         return self._gates[layer]

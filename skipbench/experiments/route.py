@@ -1,0 +1,328 @@
+"""`skipbench route`: a prompt-level router against the oracle (Glavas et al.'s open question, Sec. 3.3).
+
+`train` reads `evaluate` runs that score the same items under K static configurations (run with `--split all`, or
+one file per split), takes the dataset's seeded 70/15/15 split of those items, and fits one regressor per
+configuration from the prompt's features on the train items, tuned on the validation items
+(policies/router.py). `curve` scores routers on the test items only: at each budget, the true mean metric of the
+configurations the router assigned with the oracle's knapsack (predicted scores instead of true ones), beside the
+exact and the greedy oracle, each single configuration and a random assignment at the same budget, and the share
+of the oracle's gain over the best single configuration the router captures, with 95% bootstrap intervals over
+items at the reported budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from skipbench import scores
+from skipbench.data import DataSpec, load_items
+from skipbench.errors import SkipbenchError
+from skipbench.oracle import Instance, greedy
+from skipbench.policies import router as routing
+from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
+
+MIN_TRAIN, MIN_VALIDATION = 8, 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteTrainConfig:
+    runs: tuple[str, ...]
+    features: str = "hidden"  # hidden | tfidf | length
+    states: tuple[int, ...] = ()  # hidden: residual-stream states read (default: the middle and after the last)
+    metric: str = "rougeL"
+    policies: tuple[str, ...] = ()  # keep only these policies (full always stays)
+    costs: tuple[int, ...] = ()  # keep only these costs (full always stays)
+    out: str = "runs/route"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteCurveConfig:
+    routers: tuple[str, ...]
+    runs: tuple[str, ...]
+    budgets: tuple[float, ...] = ()  # reported with intervals (default: 1/3, 1/2 and 2/3 of the layers)
+    bootstrap: int = 1000  # item resamples for the intervals
+    random_draws: int = 20  # random assignments averaged at each budget
+    seed: int = 0
+    out: str = "results/route.parquet"
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclass
+class Scores:
+    """Items x configurations of the metric, from evaluate runs of one model and dataset."""
+
+    wide: pd.DataFrame  # index item_id, one column per configuration (its spec label)
+    costs: list[float]
+    model: str
+    data: DataSpec  # split "all"
+    max_prompt_tokens: int
+    notes: list[str]
+
+    @property
+    def specs(self) -> list[str]:
+        return list(self.wide.columns)
+
+
+def _one(df: pd.DataFrame, column: str):
+    values = df[column].dropna().unique() if column in df.columns else []
+    if len(values) > 1:
+        raise SkipbenchError(f"--runs mix {column} values ({', '.join(map(str, values))}); pass the runs of one")
+    return values[0] if len(values) else None
+
+
+def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = (), costs: tuple[int, ...] = ()) -> Scores:
+    if not runs:
+        raise SkipbenchError("--runs: name the evaluate parquet file(s) that score the configurations")
+    df = scores.read_runs(list(runs), metric)
+    missing = [c for c in ("model", "data_name", "data_seed", "policy_spec") if c not in df.columns]
+    if missing:
+        raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; pass parquet files written by skipbench evaluate")
+    # a router's items span the splits: `--split all`, or one file per split
+    rows, notes = scores.load_scores(df.drop(columns=["split", "data_split", "data_limit", "run_id"], errors="ignore"),
+                                     metric, (), policies, costs)
+    wide, configs, config_costs, more, _ = scores.pivot(rows, metric)
+    spec_of = rows.groupby("config")["policy_spec"].first()
+    from skipbench.policies import parse_policies
+
+    for c in configs:
+        spec = parse_policies(spec_of[c])[0]
+        if spec.strategy.kind != "static":
+            raise SkipbenchError(f"a router chooses among static configurations (one plan per sequence); "
+                                 f"'{spec_of[c]}' is {spec.strategy.kind}: leave it out with --policies/--costs")
+    wide = wide.set_axis([spec_of[c] for c in configs], axis=1)
+    field_of = {"prompt_field": _one(df, "data_prompt_field"), "reference_field": _one(df, "data_reference_field")}
+    data = DataSpec(name=str(_one(df, "data_name")), split="all", seed=int(_one(df, "data_seed")), **field_of)
+    cut = _one(df, "max_prompt_tokens")
+    return Scores(wide=wide, costs=[float(c) for c in config_costs], model=str(_one(df, "model")), data=data,
+                  max_prompt_tokens=int(cut) if cut is not None else 1024, notes=notes + more)
+
+
+def split_scored(sc: Scores) -> tuple[dict[str, list], dict[str, str]]:
+    """The scored items of each split (Item objects, in the dataset's order) and each scored id's split."""
+    items = load_items(sc.data)
+    where = routing.splits_of(items, sc.data.seed)
+    scored = set(sc.wide.index)
+    unknown = scored - set(where)
+    if unknown:
+        raise SkipbenchError(f"{len(unknown)} item(s) of --runs are not in dataset '{sc.data.name}' (seed "
+                             f"{sc.data.seed}), e.g. {sorted(unknown)[0]}")
+    by_split = {s: [it for it in items if it.item_id in scored and where[it.item_id] == s] for s in routing.SPLIT_ORDER}
+    routing.assert_disjoint({s: [it.item_id for it in v] for s, v in by_split.items()})
+    return by_split, where
+
+
+# ---- train --------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RouteTrainResult(Written):
+    router: routing.Router
+    counts: dict[str, int]  # scored items per split
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def validation(self) -> pd.DataFrame:
+        r = self.router
+        return pd.DataFrame({"configuration": r.configs, "cost": r.costs, "alpha": r.alphas,
+                             "validation_mse": [r.meta["validation_mse"][c] for c in r.configs],
+                             "constant_mse": [r.meta["validation_mse_constant"][c] for c in r.configs]})
+
+
+def train(cfg: RouteTrainConfig, lm=None) -> RouteTrainResult:
+    """`lm`: the runs' model already loaded (else it is loaded here)."""
+    from skipbench.models import load_model
+
+    check_out_dir(cfg.out)
+    sc = read_scores(cfg.runs, cfg.metric, cfg.policies, cfg.costs)
+    by_split, _ = split_scored(sc)
+    n_tr, n_val = len(by_split["train"]), len(by_split["validation"])
+    if n_tr < MIN_TRAIN or n_val < MIN_VALIDATION:
+        raise SkipbenchError(f"--runs score {n_tr} train and {n_val} validation item(s) of '{sc.data.name}'; a router "
+                             f"needs at least {MIN_TRAIN} and {MIN_VALIDATION}: run evaluate with --split all (it trains "
+                             "on the train split, tunes on the validation split and is scored on the test split)")
+    lm = lm or load_model(sc.model, cfg.device, cfg.dtype)
+    if "full" not in sc.specs:
+        sc.notes.append(f"no full-depth configuration among {', '.join(sc.specs)}")
+    states = cfg.states or (routing.default_states(lm.num_layers) if cfg.features == "hidden" else ())
+    feats = routing.Features(cfg.features, tuple(states), sc.max_prompt_tokens).check(lm.num_layers)
+    y = {s: sc.wide.loc[[it.item_id for it in v]].to_numpy() for s, v in by_split.items()}
+    train_data = replace(sc.data, split="train")
+    meta = {"num_layers": lm.num_layers, "model": sc.model, "metric": cfg.metric, "dataset": sc.data.__dict__,
+            "train": {"data": train_data.__dict__},  # what evaluate's held-out check of learned policies reads
+            "train_ids": [it.item_id for it in by_split["train"]],
+            "validation_ids": [it.item_id for it in by_split["validation"]],
+            "counts": {s: len(v) for s, v in by_split.items()}, "runs": list(cfg.runs),
+            "manifest": manifest(cfg, lm=lm)}
+    router = routing.fit(feats, lm, by_split["train"], by_split["validation"], y["train"], y["validation"], sc.specs,
+                         sc.costs, sc.data.name, meta)
+    path = routing.save(router, cfg.out)
+    return RouteTrainResult(rows=pd.DataFrame(), path=path, router=router, counts=meta["counts"], notes=sc.notes)
+
+
+# ---- curve --------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RouteCurveResult(Written):
+    reported: list[float]
+    test_items: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """The reported budgets' rows of the routers and the baselines, with their intervals."""
+        t = self.rows
+        keep = t["reported"] & ~t["method"].str.startswith("single:")
+        return t.loc[keep, ["budget", "method", "value", "value_lo", "value_hi", "share", "share_lo", "share_hi"]]
+
+
+def default_budgets(num_layers: int) -> tuple[float, ...]:
+    """1/3, 1/2 and 2/3 of the layers (rounded to whole layers)."""
+    return tuple(float(round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3))
+
+
+def _router_name(folder: str, routers: list[routing.Router], k: int) -> str:
+    kinds = [r.features.kind for r in routers]
+    return f"router:{kinds[k]}" if kinds.count(kinds[k]) == 1 else f"router:{Path(folder).name}"
+
+
+def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
+    """`lm`: the runs' model already loaded (else it is loaded here)."""
+    from skipbench.models import load_model
+
+    out = check_out_path(cfg.out)
+    if not cfg.routers:
+        raise SkipbenchError("--router: name at least one folder written by skipbench route train")
+    if cfg.bootstrap < 0 or cfg.random_draws < 1:
+        raise SkipbenchError("--bootstrap must be >= 0 and --random-draws >= 1")
+    routers = [routing.load(r) for r in cfg.routers]
+    first = routers[0]
+    for folder, r in zip(cfg.routers[1:], routers[1:]):
+        if (r.configs, r.costs, r.meta.get("metric"), r.meta.get("dataset")) != (
+                first.configs, first.costs, first.meta.get("metric"), first.meta.get("dataset")):
+            raise SkipbenchError(f"'{folder}' was trained on other configurations, metric or dataset than "
+                                 f"'{cfg.routers[0]}'; compare routers of one set of runs")
+    metric = first.meta.get("metric", "rougeL")
+    sc = read_scores(cfg.runs, metric)
+    absent = [c for c in first.configs if c not in sc.specs]
+    if absent:
+        raise SkipbenchError(f"--runs do not score the routers' configuration(s) {', '.join(absent)}")
+    if sc.data.__dict__ != first.meta.get("dataset"):
+        raise SkipbenchError(f"--runs are of dataset {sc.data.__dict__}, the routers were trained on "
+                             f"{first.meta.get('dataset')}")
+    by_split, _ = split_scored(replace(sc, wide=sc.wide[first.configs]))
+    test = by_split["test"]
+    if len(test) < 2:
+        raise SkipbenchError(f"--runs score {len(test)} test item(s); the curve is measured on the test split (run "
+                             "evaluate with --split all or --split test)")
+    for r in routers:
+        routing.assert_disjoint({"train/validation": r.meta["train_ids"] + r.meta["validation_ids"],
+                                 "test": [it.item_id for it in test]})
+    lm = lm or load_model(sc.model, cfg.device, cfg.dtype)
+    V = sc.wide.loc[[it.item_id for it in test], first.configs].to_numpy()
+    costs = np.array(first.costs)
+    names = [_router_name(f, routers, k) for k, f in enumerate(cfg.routers)]
+    preds = {n: r.predict(lm, test, sc.data.name) for n, r in zip(names, routers)}
+    noise = np.random.default_rng(cfg.seed).random((cfg.random_draws, len(test), len(costs)))
+    reported = list(cfg.budgets or default_budgets(first.num_layers))
+    for b in reported:
+        routing.check_budget(b, costs, "--budgets")
+    grid = sorted(set(range(math.ceil(costs.min()), int(costs.max()) + 1)) | set(reported))
+    rows, assign = [], []
+    for b in grid:
+        point = _point(V, costs, b, preds, noise)
+        ci = _intervals(V, costs, b, preds, noise, cfg.bootstrap, cfg.seed) if b in reported and cfg.bootstrap else {}
+        for method, (value, mean_cost) in point.items():
+            row = {"budget": float(b), "method": method, "value": value, "mean_cost": mean_cost, "reported": b in reported}
+            row["gain"] = value - point["best-single"][0]
+            gain = point["oracle"][0] - point["best-single"][0]
+            row["share"] = row["gain"] / gain if gain > 1e-12 else math.nan
+            row |= ci.get(method, {})
+            rows.append(row)
+        for k, spec in enumerate(first.configs):
+            if costs[k] <= b + 1e-9:
+                rows.append({"budget": float(b), "method": f"single:{spec}", "value": float(V[:, k].mean()),
+                             "mean_cost": float(costs[k]), "reported": b in reported})
+        if b in reported:
+            for method, choice in [("oracle", routing.assign(V, costs, b)),
+                                   *[(n, routing.assign(p, costs, b)) for n, p in preds.items()]]:
+                assign.append(pd.DataFrame({"budget": float(b), "method": method, "item_id": [it.item_id for it in test],
+                                            "config": [first.configs[k] for k in choice],
+                                            "value": V[np.arange(len(test)), choice]}))
+    table = pd.DataFrame(rows)
+    notes = sc.notes + [f"{n}: {r.features.kind} features" + (f" at states {list(r.features.states)}" if r.features.states else "")
+                        + f", trained on {r.meta['counts']['train']} items, tuned on {r.meta['counts']['validation']}"
+                        for n, r in zip(names, routers)]
+    result = RouteCurveResult(rows=table, tables={"assign": pd.concat(assign, ignore_index=True)}, reported=reported,
+                              test_items=len(test), notes=notes)
+    return _write(cfg, out, result, routers, names, metric, len(test), lm)
+
+
+def _point(V, costs, budget, preds, noise) -> dict[str, tuple[float, float]]:
+    """(true mean metric, mean cost) of each method at one budget, on the items of V."""
+    rows = np.arange(len(V))
+
+    def of(choice):
+        return float(V[rows, choice].mean()), float(costs[choice].mean())
+
+    fits = np.nonzero(costs <= budget + 1e-9)[0]
+    best = fits[np.argmax(V[:, fits].mean(0))]  # the best single configuration within the budget, in hindsight
+    g = greedy(Instance(V, costs), budget)
+    out = {"oracle": of(routing.assign(V, costs, budget)), "greedy": (g.value, g.mean_cost),
+           "best-single": (float(V[:, best].mean()), float(costs[best]))}
+    for name, p in preds.items():
+        out[name] = of(routing.assign(p, costs, budget))
+    draws = [of(routing.assign(u, costs, budget)) for u in noise]
+    out["random"] = (float(np.mean([d[0] for d in draws])), float(np.mean([d[1] for d in draws])))
+    return out
+
+
+def _intervals(V, costs, budget, preds, noise, resamples: int, seed: int) -> dict[str, dict]:
+    """95% percentile intervals of each method's value, gain over the best single configuration and share of the
+    oracle's gain, from one set of item resamples shared by every method (so their differences stay paired).
+    Written here rather than with stats.bootstrap_interval, which resamples once per statistic: every statistic of a
+    resample comes from the same knapsack solutions. A resample where the oracle gains nothing has no share; the
+    random assignment takes one draw per resample."""
+    rng = np.random.default_rng(seed)
+    got: dict[str, dict[str, list]] = {}
+    for _ in range(resamples):
+        idx = rng.integers(0, len(V), len(V))
+        point = _point(V[idx], costs, budget, {n: p[idx] for n, p in preds.items()}, noise[:1, idx])
+        base, top = point["best-single"][0], point["oracle"][0]
+        for method, (value, _) in point.items():
+            g = got.setdefault(method, {"value": [], "gain": [], "share": []})
+            g["value"].append(value)
+            g["gain"].append(value - base)
+            if top - base > 1e-12:
+                g["share"].append((value - base) / (top - base))
+    out = {}
+    for method, g in got.items():
+        out[method] = {}
+        for stat, values in g.items():
+            lo, hi = np.quantile(values, [0.025, 0.975]) if len(values) >= 2 else (math.nan, math.nan)
+            out[method] |= {f"{stat}_lo": float(lo), f"{stat}_hi": float(hi)}
+        out[method]["share_resamples"] = len(g["share"])
+    return out
+
+
+def _write(cfg, out: Path, result: RouteCurveResult, routers, names, metric, n_test, lm) -> RouteCurveResult:
+    table = tidy(result.rows, cfg, skip=("out", "routers", "runs", "budgets"), metric=metric,
+                 model=routers[0].meta.get("model"), dataset=routers[0].meta.get("dataset", {}).get("name"))
+    meta = manifest(cfg, lm=lm, metric=metric, test_items=n_test, reported_budgets=result.reported,
+                    routers={n: {"folder": f, "features": r.features.kind, "states": list(r.features.states),
+                                 "configs": r.configs, "costs": r.costs, "alphas": r.alphas, "counts": r.meta.get("counts"),
+                                 "validation_mse": r.meta.get("validation_mse"),
+                                 "validation_mse_constant": r.meta.get("validation_mse_constant")}
+                             for n, f, r in zip(names, cfg.routers, routers)},
+                    interval_method=f"95% percentile bootstrap over test items, {cfg.bootstrap} resamples, paired "
+                                    "across methods", random=f"mean of {cfg.random_draws} uniformly random score draws "
+                                                            "through the same knapsack", notes=result.notes)
+    paths = write_tables(table, out, meta, **result.tables)
+    from skipbench.plots import route_figure
+
+    figure = route_figure(table, out.with_name(out.stem + ".png"), metric, routers[0].num_layers)
+    return replace(result, rows=table, path=paths.pop("rows"), files=paths | {"figure": figure})
