@@ -535,7 +535,9 @@ def evaluate(
 
     _quiet_transformers()
     if budget is not None:
-        policy_option = [*(policy_option or []), f"budget={budget}"]
+        if any(o.partition("=")[0].strip() == "budget" for o in policy_option or ()):
+            raise SkipbenchError("give the budget once: --budget B or -o budget=B")
+        policy_option = [*(policy_option or []), f"budget={budget:g}"]
     cfg = EvalConfig(
         model=model,
         data=DataSpec(name=dataset, split=split, limit=limit or None, seed=seed, prompt_field=prompt_field, reference_field=reference_field),
@@ -893,6 +895,8 @@ def route_curve(
     for note in result.notes:
         _note(note)
     _print_frame(result.summary, f"route curve · {result.test_items} test items")
+    _print_frame(result.differences.rename(columns={"method": "difference"}),
+                 "paired differences (95% bootstrap intervals over the same resamples)")
     console.print(f"wrote {result.path}")
 
 

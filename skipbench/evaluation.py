@@ -186,7 +186,7 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
             gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth)
         for r, i in enumerate(idx):
             row = (_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode}
-                   | policy.row_record(r))
+                   | (policy.row_record(r) if hasattr(policy, "row_record") else {}))
             if gen.speculation is not None:  # what drafting did for this item; its layers: every pass it cost
                 stats = gen.speculation.row(r)
                 row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **stats,

@@ -116,20 +116,28 @@ def solve(inst: Instance, budget: float, max_cells: float = 2e8) -> Solution:
     return solve_units(inst, cap, max_cells)
 
 
-def solve_units(inst: Instance, cap: int, max_cells: float = 2e8) -> Solution:
-    """The exact optimum for total cost units <= cap."""
+def price(inst: Instance, cap: int) -> float:
+    """lambda*: the smallest breakpoint price per cost unit at which every item's own choice, argmax_k V - lambda u
+    (cheaper on ties), fits `cap` (0 if the budget does not bind)."""
     breaks = inst.breakpoints()
-    # the smallest breakpoint whose cheaper tie-break fits: lambda* (0 if the budget does not bind)
-    lo, hi = 0, len(breaks) - 1
-    if inst._cost(inst._choose(breaks[hi])) > cap:
-        hi = len(breaks) - 1  # the cheapest choice everywhere still fits (checked by the caller)
+    lo, hi = 0, len(breaks) - 1  # the cheapest choice everywhere fits at the largest breakpoint (checked by callers)
     while lo < hi:
         mid = (lo + hi) // 2
         if inst._cost(inst._choose(breaks[mid])) <= cap:
             hi = mid
         else:
             lo = mid + 1
-    lam = float(breaks[lo])
+    return float(breaks[lo])
+
+
+def choose_at_price(inst: Instance, lam: float) -> np.ndarray:
+    """Each item's configuration at a price per cost unit, alone: argmax_k V - lambda u, cheaper on ties."""
+    return inst._choose(lam)
+
+
+def solve_units(inst: Instance, cap: int, max_cells: float = 2e8) -> Solution:
+    """The exact optimum for total cost units <= cap."""
+    lam = price(inst, cap)
     start = inst._choose(lam)
     lb_choice = _greedy_fill(inst, start, cap - inst._cost(start))
     lb = float(inst.V[np.arange(inst.n), lb_choice].sum())

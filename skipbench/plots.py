@@ -265,13 +265,13 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
     return _save(fig, path)
 
 
-
 def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
     """The oracle curve (cf. Glavas et al. Fig. 2) with the routers' curves, a random assignment and the single
     configurations; the reported budgets carry the routers' 95% bootstrap intervals."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"oracle": ("C3", "-", "oracle (exact knapsack, hindsight)"), "greedy": ("C0", "--", "greedy oracle"),
-              "random": ("0.5", ":", "random assignment")}
+              "random": ("0.5", ":", "random assignment"),
+              "blind": ("0.3", "-.", "no prompt read (configurations' train means)")}
     routers = sorted(m for m in table["method"].unique() if m.startswith("router:"))
     for k, name in enumerate(routers):
         styles[name] = (f"C{2 + 2 * k}", "-", name.removeprefix("router:") + " router (prompt only)")
@@ -290,6 +290,6 @@ def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
     ax.set_xlabel(f"budget: mean executed layers per token (of {num_layers})")
     ax.set_ylabel(f"mean {metric} on the test items")
     ax.set_title("A prompt-level router against the oracle")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
     ax.grid(alpha=0.3)
     return _save(fig, path)

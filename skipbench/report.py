@@ -279,8 +279,9 @@ def section_route(folder: Path) -> tuple[list[str], list]:
     lines = []
     for path in _main_files(folder, "route-"):
         meta = _meta(path)
-        t = _read(path)
-        t = t[t["reported"] & ~t["method"].str.startswith("single:")].copy()
+        full = _read(path)
+        t = full[full["reported"] & ~full["method"].str.startswith("single:")].copy()
+        diffs, t = t[t["kind"] == "difference"], t[t["kind"] != "difference"]
 
         def ci(stat):
             return [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else (f"{v:.3f}" if v == v else "")
@@ -294,7 +295,12 @@ def section_route(folder: Path) -> tuple[list[str], list]:
                   "the validation split) and the oracle's knapsack assigns configurations from the predictions; the "
                   f"values are on the {meta.get('test_items', '?')} test items, with "
                   f"{meta.get('interval_method', 'bootstrap intervals')}. The share is (router - best single "
-                  "configuration) / (oracle - best single configuration).", "", _table(shown), ""]
+                  "configuration) / (oracle - best single configuration); `blind` assigns from the configurations' "
+                  "train means, reading no prompt.", "", _table(shown), ""]
+        if len(diffs):
+            t = diffs
+            lines += ["Paired differences of the mean (the same resamples):", "",
+                      _table(pd.DataFrame({"budget": t["budget"], "difference": t["method"], "value": ci("value")})), ""]
         if path.with_suffix(".png").exists():
             lines += [f"![{path.stem}]({path.stem}.png)", ""]
     return lines, []

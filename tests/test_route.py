@@ -60,11 +60,15 @@ def test_routing_with_true_scores_is_the_oracle_and_with_constant_scores_the_bes
         assert point["router:const"] == pytest.approx(point["best-single"], abs=1e-12)
 
 
-def test_splits_never_share_an_item(tmp_path):
-    items = load_items(DataSpec(name="text"))
-    where = routing.splits_of(items, 0)
-    counts = pd.Series(where).value_counts()
-    assert len(where) == len(items) == 400 and (counts["train"], counts["validation"], counts["test"]) == (280, 60, 60)
+@pytest.mark.parametrize("name", ["text", "text,arith"])
+def test_the_routers_splits_are_evaluates(name):
+    """The split a router trains, tunes and is scored on is the one `evaluate --split` takes, also for a mix of
+    datasets (split per dataset, then interleaved)."""
+    where = routing.splits_of(DataSpec(name=name, split="test", limit=3))  # its split and limit are ignored
+    for split in ("train", "validation", "test"):
+        ids = [it.item_id for it in load_items(DataSpec(name=name, split=split))]
+        assert {where[i] for i in ids} == {split}
+    assert len(where) == len(load_items(DataSpec(name=name)))
     routing.assert_disjoint({"train": ["a", "b"], "test": ["c"]})
     with pytest.raises(SkipbenchError, match="item b is in both the train and the test split"):
         routing.assert_disjoint({"train": ["a", "b"], "test": ["b"]})
@@ -98,7 +102,7 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
     cfg = json.loads((folders["hidden"] / "config.json").read_text())
     assert cfg["configs"] == ["uniform:2", "uniform:4", "full"] and cfg["states"] == [3, 6]
     items = {it.item_id: it for it in load_items(DataSpec(name="text", limit=40))}
-    where = routing.splits_of(load_items(DataSpec(name="text")), 0)
+    where = routing.splits_of(DataSpec(name="text"))
     assert {where[i] for i in cfg["train_ids"]} == {"train"} and {where[i] for i in cfg["validation_ids"]} == {"validation"}
     assert len(cfg["train_ids"]) + len(cfg["validation_ids"]) + cfg["counts"]["test"] == len(items)
 
@@ -110,9 +114,10 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
     assert {"oracle", "greedy", "random", "best-single", "router:hidden", "router:tfidf"} <= set(table["method"])
     assert sorted(table["budget"].unique()) == [2, 3, 4, 5, 6]
     at4 = table[table["budget"] == 4].set_index("method")
-    for m in ("router:hidden", "router:tfidf", "random"):  # routed assignments keep the budget and stay below the oracle
+    for m in ("router:hidden", "router:tfidf", "random", "blind"):  # within the budget, never above the oracle
         assert at4.loc[m, "mean_cost"] <= 4 + 1e-9 and at4.loc[m, "value"] <= at4.loc["oracle", "value"] + 1e-12
-        assert at4.loc[m, "value_lo"] <= at4.loc[m, "value"] <= at4.loc[m, "value_hi"]
+        assert at4.loc[m, "value_lo"] < at4.loc[m, "value_hi"] or m == "blind"
+    assert at4.loc["oracle", "share"] == 1 and at4.loc["best-single", "share"] == 0
     assert (tmp_path / "curve.png").stat().st_size > 10_000
     assign = pd.read_parquet(tmp_path / "curve-assign.parquet")
     test_ids = [i for i in items if where[i] == "test"]
@@ -132,6 +137,23 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
     cost_of = {"uniform:2": 2, "uniform:4": 4, "full": 6}
     assert (got["layers_mean"] == got["route_config"].map(cost_of)).all() and got["layers_mean"].mean() <= 4 + 1e-9
     assert (got["route_feature_passes"] == 0).all()  # TF-IDF reads no layer
+    # the batch does not change a route: every row is its item's
+    res = runner.invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "text", "--split", "test",
+                              "--limit", str(len(test_ids)), "--policy", f"route:{folders['tfidf']}", "-o", "budget=4",
+                              "--max-new-tokens", "4", "--batch-size", "1", "--out", str(tmp_path / "ev-b1.parquet")])
+    assert res.exit_code == 0, res.output
+    one = pd.read_parquet(tmp_path / "ev-b1.parquet").query("policy == 'route'").set_index("item_id")
+    assert (one["route_config"] == got["route_config"].reindex(one.index)).all()
+    assert set(one["policy_spec"]) == set(got["policy_spec"]) == {f"route:{folders['tfidf']}[budget=4]"}
+    # -o assign=price: each item alone, so its configuration does not depend on which other items run
+    priced = {}
+    for n in (4, 12):
+        res = runner.invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "text", "--split", "test",
+                                  "--limit", str(n), "--policy", f"route:{folders['tfidf']}", "--budget", "4",
+                                  "-o", "assign=price", "--max-new-tokens", "2", "--out", str(tmp_path / f"p{n}.parquet")])
+        assert res.exit_code == 0, res.output
+        priced[n] = pd.read_parquet(tmp_path / f"p{n}.parquet").query("policy == 'route'").set_index("item_id")["route_config"]
+    assert (priced[4] == priced[12].reindex(priced[4].index)).all() and priced[12].nunique() > 1
 
     # a hidden-state router's features cost the prompt's tokens times the deepest state read
     res = runner.invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "text", "--split", "test",
@@ -164,7 +186,7 @@ def test_route_refuses_what_it_cannot_do_honestly(tiny_dirs, tiny_runs, tmp_path
     # runs of the test split only: nothing to train on
     test_only = tmp_path / "test-only.parquet"
     df = pd.read_parquet(tiny_runs)
-    where = routing.splits_of(load_items(DataSpec(name="text")), 0)
+    where = routing.splits_of(DataSpec(name="text"))
     df[df["item_id"].map(where) == "test"].to_parquet(test_only)
     fails(["route", "train", "--runs", str(test_only), "--out", str(tmp_path / "r2")], "run evaluate with --split all")
     fails(["route", "train", "--runs", str(tiny_runs), "--features", "words", "--out", str(tmp_path / "r3")],
@@ -180,7 +202,7 @@ def test_route_refuses_what_it_cannot_do_honestly(tiny_dirs, tiny_runs, tmp_path
           f"item {test_id} is in both")
 
 
-def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs, tiny_runs, tmp_path, monkeypatch):
+def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs, tmp_path, monkeypatch):
     """Through `curve` itself, with only the regressor's output replaced: predictions equal to the true scores give
     the oracle at every budget; predictions equal to the configurations' test means give the best single one."""
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
@@ -191,7 +213,7 @@ def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs
     assert CliRunner().invoke(app, ["route", "train", "--runs", str(runs), "--features", "length", "--out",
                                     str(folder)]).exit_code == 0
     truth = {it.item_id: [copy_is_hard(it, s) for s in TINY_CONFIGS] for it in items}
-    where = routing.splits_of(load_items(DataSpec(name="text")), 0)
+    where = routing.splits_of(DataSpec(name="text"))
     means = np.mean([truth[i] for i in truth if where[i] == "test"], axis=0)
     for kind, fake in [("true", lambda self, lm, its, source: np.array([truth[it.item_id] for it in its])),
                        ("constant", lambda self, lm, its, source: np.tile(means, (len(its), 1)))]:
@@ -202,6 +224,15 @@ def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs
         if kind == "true":
             assert np.allclose(t["router:length"], t["oracle"], atol=1e-12)
             assert (t["oracle"] - t["best-single"]).max() > 0.05  # a curve where hindsight matters
+            # the curve's oracle is `skipbench oracle`'s on the test items (another command, the same optimum)
+            df = pd.read_parquet(runs)
+            df[df["item_id"].map(where) == "test"].to_parquet(tmp_path / "test-runs.parquet")
+            res = CliRunner().invoke(app, ["oracle", "--runs", str(tmp_path / "test-runs.parquet"), "--curve",
+                                           "--bootstrap", "0", "--out", str(tmp_path / "o.parquet")])
+            assert res.exit_code == 0, res.output
+            o = pd.read_parquet(tmp_path / "o.parquet").pivot_table(index="budget", columns="method", values="value")
+            assert np.allclose(o["oracle"].reindex(t.index), t["oracle"], atol=1e-12)
+            assert np.allclose(o["greedy"].reindex(t.index), t["greedy"], atol=1e-12)
         else:
             at = t.loc[[2.0, 4.0, 6.0]]
             assert np.allclose(at["router:length"], at["best-single"], atol=1e-12)
@@ -211,7 +242,7 @@ def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs
 def test_routers_on_the_embedded_model_capture_a_planted_gain(tmp_path, monkeypatch):
     """On SmolLM2 and the text suite's prompts, with planted scores that depend on the subtask: the TF-IDF router
     captures most of the oracle's gain on the test items, a random assignment does not; the parquet reads back;
-    a rerun computes no hidden state again."""
+    a router loaded from its folder predicts what the trained one did."""
     from skipbench.models import load_model
 
     lm = load_model("smollm2-135m", "cpu", "float32")
@@ -224,25 +255,58 @@ def test_routers_on_the_embedded_model_capture_a_planted_gain(tmp_path, monkeypa
 
     runs = tmp_path / "runs.parquet"
     planted_runs(runs, items, "smollm2-135m", configs, score)
-    computed = []
-    real_states = routing._states
-    monkeypatch.setattr(routing, "_states", lambda lm, todo, feats: computed.append(len(todo)) or real_states(lm, todo, feats))
-    trained = {}
-    for kind in ("hidden", "tfidf"):
-        trained[kind] = route.train(route.RouteTrainConfig(runs=(str(runs),), features=kind, out=str(tmp_path / kind)), lm=lm)
-    assert sum(computed) == trained["hidden"].counts["train"] + trained["hidden"].counts["validation"]
+    trained = {kind: route.train(route.RouteTrainConfig(runs=(str(runs),), features=kind, out=str(tmp_path / kind)), lm=lm)
+               for kind in ("hidden", "tfidf")}
     res = route.curve(route.RouteCurveConfig(routers=(str(tmp_path / "hidden"), str(tmp_path / "tfidf")),
-                                             runs=(str(runs),), budgets=(20.0,), bootstrap=200,
+                                             runs=(str(runs),), budgets=(20.0,), bootstrap=100,
                                              out=str(tmp_path / "curve.parquet")), lm=lm)
     t = pd.read_parquet(res.path)
     at = t[(t["budget"] == 20) & t["reported"]].set_index("method")
     assert at.loc["router:tfidf", "share"] >= 0.8 and at.loc["random", "share"] <= 0.5
     assert at.loc["router:tfidf", "share_lo"] > at.loc["random", "share"]
-    # the saved router predicts what the trained one did
-    loaded = routing.load(str(tmp_path / "hidden"))
-    where = routing.splits_of(load_items(DataSpec(name="text")), 0)
+    where = routing.splits_of(DataSpec(name="text"))
     test = [it for it in items if where[it.item_id] == "test"]
+    loaded = routing.load(str(tmp_path / "hidden"))
     assert np.allclose(loaded.predict(lm, test, "text"), trained["hidden"].router.predict(lm, test, "text"))
+
+
+def test_no_test_score_reaches_the_router(tiny_dirs, tmp_path, monkeypatch):
+    """Scrambling the test items' scores leaves every fitted number the same (weights, penalties, standardisation,
+    vocabulary, train means): the test split's scores are never read in training or tuning."""
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    items = load_items(DataSpec(name="text", limit=40))
+    where = routing.splits_of(DataSpec(name="text"))
+    rng = np.random.default_rng(1)
+    fitted = []
+    for run, score in enumerate([copy_is_hard, lambda it, spec: float(rng.random()) if where[it.item_id] == "test"
+                                 else copy_is_hard(it, spec)]):
+        runs = tmp_path / f"runs{run}.parquet"
+        planted_runs(runs, items, str(tiny_dirs["llama"]), TINY_CONFIGS, score)
+        res = CliRunner().invoke(app, ["route", "train", "--runs", str(runs), "--features", "tfidf", "--out",
+                                       str(tmp_path / f"r{run}")])
+        assert res.exit_code == 0, res.output
+        fitted.append(routing.load(str(tmp_path / f"r{run}")))
+    a, b = fitted
+    assert sum(where[i] == "test" for i in (it.item_id for it in items)) >= 5
+    for name in ("coef", "intercept", "mean", "scale", "idf"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert a.alphas == b.alphas and a.vocabulary == b.vocabulary and a.meta["train_means"] == b.meta["train_means"]
+
+
+def test_hidden_states_are_computed_once_per_item(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs.parquet"
+    planted_runs(runs, load_items(DataSpec(name="text", limit=40)), str(tiny_dirs["llama"]), TINY_CONFIGS, copy_is_hard)
+    computed = []
+    real_states = routing._states
+    monkeypatch.setattr(routing, "_states", lambda lm, todo, feats: computed.append(len(todo)) or real_states(lm, todo, feats))
+    cfg = route.RouteTrainConfig(runs=(str(runs),), features="hidden", out=str(tmp_path / "r"))
+    first = route.train(cfg)
+    assert sum(computed) == first.counts["train"] + first.counts["validation"]
     computed.clear()
-    route.train(route.RouteTrainConfig(runs=(str(runs),), features="hidden", out=str(tmp_path / "hidden")), lm=lm)
-    assert computed == []  # every item's states came from the cache
+    again = route.train(cfg)
+    assert computed == [] and np.array_equal(first.router.coef, again.router.coef)
+    (cache,) = (tmp_path / "cache" / "route-features").glob("*.npz")
+    cache.write_bytes(b"garbage")  # a damaged cache is computed again, not fatal
+    route.train(cfg)
+    assert sum(computed) == first.counts["train"] + first.counts["validation"]

@@ -13,6 +13,7 @@ items at the reported budgets.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from skipbench import scores
 from skipbench.data import DataSpec, load_items
 from skipbench.errors import SkipbenchError
 from skipbench.oracle import Instance, greedy
+from skipbench.policies import parse_policies
 from skipbench.policies import router as routing
 from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
 
@@ -48,9 +50,9 @@ class RouteCurveConfig:
     runs: tuple[str, ...]
     budgets: tuple[float, ...] = ()  # reported with intervals (default: 1/3, 1/2 and 2/3 of the layers)
     bootstrap: int = 1000  # item resamples for the intervals
-    random_draws: int = 20  # random assignments averaged at each budget
+    random_draws: int = 5  # random assignments averaged at each budget (and in each resample)
     seed: int = 0
-    out: str = "results/route.parquet"
+    out: str = ""  # default: results/route-<dataset>.parquet
     device: str = "auto"
     dtype: str = "auto"
 
@@ -82,7 +84,7 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
     if not runs:
         raise SkipbenchError("--runs: name the evaluate parquet file(s) that score the configurations")
     df = scores.read_runs(list(runs), metric)
-    missing = [c for c in ("model", "data_name", "data_seed", "policy_spec") if c not in df.columns]
+    missing = [c for c in ("model", "data_name", "data_seed", "policy_spec") if c not in df.columns or df[c].isna().all()]
     if missing:
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; pass parquet files written by skipbench evaluate")
     # a router's items span the splits: `--split all`, or one file per split
@@ -90,8 +92,6 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
                                      metric, (), policies, costs)
     wide, configs, config_costs, more, _ = scores.pivot(rows, metric)
     spec_of = rows.groupby("config")["policy_spec"].first()
-    from skipbench.policies import parse_policies
-
     for c in configs:
         spec = parse_policies(spec_of[c])[0]
         if spec.strategy.kind != "static":
@@ -108,7 +108,7 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
 def split_scored(sc: Scores) -> tuple[dict[str, list], dict[str, str]]:
     """The scored items of each split (Item objects, in the dataset's order) and each scored id's split."""
     items = load_items(sc.data)
-    where = routing.splits_of(items, sc.data.seed)
+    where = routing.splits_of(sc.data)
     scored = set(sc.wide.index)
     unknown = scored - set(where)
     if unknown:
@@ -140,6 +140,8 @@ def train(cfg: RouteTrainConfig, lm=None) -> RouteTrainResult:
 
     check_out_dir(cfg.out)
     sc = read_scores(cfg.runs, cfg.metric, cfg.policies, cfg.costs)
+    if len(sc.specs) < 2:
+        raise SkipbenchError(f"--runs score one configuration ({sc.specs[0]}): a router needs two or more to choose from")
     by_split, _ = split_scored(sc)
     n_tr, n_val = len(by_split["train"]), len(by_split["validation"])
     if n_tr < MIN_TRAIN or n_val < MIN_VALIDATION:
@@ -151,7 +153,7 @@ def train(cfg: RouteTrainConfig, lm=None) -> RouteTrainResult:
         sc.notes.append(f"no full-depth configuration among {', '.join(sc.specs)}")
     states = cfg.states or (routing.default_states(lm.num_layers) if cfg.features == "hidden" else ())
     feats = routing.Features(cfg.features, tuple(states), sc.max_prompt_tokens).check(lm.num_layers)
-    y = {s: sc.wide.loc[[it.item_id for it in v]].to_numpy() for s, v in by_split.items()}
+    y = {s: sc.wide.loc[[it.item_id for it in by_split[s]]].to_numpy() for s in ("train", "validation")}  # never test
     train_data = replace(sc.data, split="train")
     meta = {"num_layers": lm.num_layers, "model": sc.model, "metric": cfg.metric, "dataset": sc.data.__dict__,
             "train": {"data": train_data.__dict__},  # what evaluate's held-out check of learned policies reads
@@ -176,8 +178,14 @@ class RouteCurveResult(Written):
     def summary(self) -> pd.DataFrame:
         """The reported budgets' rows of the routers and the baselines, with their intervals."""
         t = self.rows
-        keep = t["reported"] & ~t["method"].str.startswith("single:")
+        keep = t["reported"] & ~t["method"].str.startswith("single:") & t["kind"].isna()
         return t.loc[keep, ["budget", "method", "value", "value_lo", "value_hi", "share", "share_lo", "share_hi"]]
+
+    @property
+    def differences(self) -> pd.DataFrame:
+        """Paired differences of mean metric at the reported budgets: router against router, router against blind."""
+        t = self.rows
+        return t.loc[t["kind"] == "difference", ["budget", "method", "value", "value_lo", "value_hi"]]
 
 
 def default_budgets(num_layers: int) -> tuple[float, ...]:
@@ -194,26 +202,31 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
     """`lm`: the runs' model already loaded (else it is loaded here)."""
     from skipbench.models import load_model
 
-    out = check_out_path(cfg.out)
     if not cfg.routers:
         raise SkipbenchError("--router: name at least one folder written by skipbench route train")
     if cfg.bootstrap < 0 or cfg.random_draws < 1:
         raise SkipbenchError("--bootstrap must be >= 0 and --random-draws >= 1")
     routers = [routing.load(r) for r in cfg.routers]
+    dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(routers[0].meta["dataset"].get("name", "runs")))
+    out = check_out_path(cfg.out or f"results/route-{dataset}.parquet")
     first = routers[0]
+    names = [_router_name(f, routers, k) for k, f in enumerate(cfg.routers)]
+    if len(set(names)) < len(names):
+        raise SkipbenchError(f"--router names one folder twice ({', '.join(cfg.routers)})")
     for folder, r in zip(cfg.routers[1:], routers[1:]):
         if (r.configs, r.costs, r.meta.get("metric"), r.meta.get("dataset")) != (
                 first.configs, first.costs, first.meta.get("metric"), first.meta.get("dataset")):
             raise SkipbenchError(f"'{folder}' was trained on other configurations, metric or dataset than "
                                  f"'{cfg.routers[0]}'; compare routers of one set of runs")
-    metric = first.meta.get("metric", "rougeL")
-    sc = read_scores(cfg.runs, metric)
+    metric = first.meta["metric"]
+    sc = read_scores(cfg.runs, metric, tuple(first.configs))
     absent = [c for c in first.configs if c not in sc.specs]
     if absent:
         raise SkipbenchError(f"--runs do not score the routers' configuration(s) {', '.join(absent)}")
-    if sc.data.__dict__ != first.meta.get("dataset"):
-        raise SkipbenchError(f"--runs are of dataset {sc.data.__dict__}, the routers were trained on "
-                             f"{first.meta.get('dataset')}")
+    if sc.data.__dict__ != first.meta["dataset"] or sc.model != first.meta["model"]:
+        raise SkipbenchError(f"--runs are of {sc.model} on {sc.data.name} (seed {sc.data.seed}); the routers were "
+                             f"trained on {first.meta['model']} on {first.meta['dataset'].get('name')} (seed "
+                             f"{first.meta['dataset'].get('seed')})")
     by_split, _ = split_scored(replace(sc, wide=sc.wide[first.configs]))
     test = by_split["test"]
     if len(test) < 2:
@@ -223,14 +236,16 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
         routing.assert_disjoint({"train/validation": r.meta["train_ids"] + r.meta["validation_ids"],
                                  "test": [it.item_id for it in test]})
     lm = lm or load_model(sc.model, cfg.device, cfg.dtype)
+    for folder, r in zip(cfg.routers, routers):
+        r.check_model(lm, folder)
     V = sc.wide.loc[[it.item_id for it in test], first.configs].to_numpy()
     costs = np.array(first.costs)
-    names = [_router_name(f, routers, k) for k, f in enumerate(cfg.routers)]
     preds = {n: r.predict(lm, test, sc.data.name) for n, r in zip(names, routers)}
+    preds["blind"] = np.tile(first.blind, (len(test), 1))  # the configurations' train means: no prompt read
     noise = np.random.default_rng(cfg.seed).random((cfg.random_draws, len(test), len(costs)))
-    reported = list(cfg.budgets or default_budgets(first.num_layers))
+    reported = list(cfg.budgets or [b for b in default_budgets(first.num_layers) if b >= costs.min()])
     for b in reported:
-        routing.check_budget(b, costs, "--budgets")
+        routing.check_budget(b, costs, "--budgets" if cfg.budgets else "the default budgets (1/3, 1/2, 2/3 of the layers)")
     grid = sorted(set(range(math.ceil(costs.min()), int(costs.max()) + 1)) | set(reported))
     rows, assign = [], []
     for b in grid:
@@ -243,18 +258,27 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
             row["share"] = row["gain"] / gain if gain > 1e-12 else math.nan
             row |= ci.get(method, {})
             rows.append(row)
+        if b in reported:  # paired differences, as their own rows (kind "difference")
+            rows += [{"budget": float(b), "method": f"{x} - {y}", "kind": "difference", "value": point[x][0] - point[y][0],
+                      "reported": True, **ci.get(f"{x} - {y}", {})} for x, y in _pairs(list(preds))]
         for k, spec in enumerate(first.configs):
             if costs[k] <= b + 1e-9:
                 rows.append({"budget": float(b), "method": f"single:{spec}", "value": float(V[:, k].mean()),
                              "mean_cost": float(costs[k]), "reported": b in reported})
         if b in reported:
             for method, choice in [("oracle", routing.assign(V, costs, b)),
-                                   *[(n, routing.assign(p, costs, b)) for n, p in preds.items()]]:
+                                   *[(n, routing.assign(p, costs, b)) for n, p in preds.items() if n != "blind"]]:
                 assign.append(pd.DataFrame({"budget": float(b), "method": method, "item_id": [it.item_id for it in test],
                                             "config": [first.configs[k] for k in choice],
                                             "value": V[np.arange(len(test)), choice]}))
     table = pd.DataFrame(rows)
-    notes = sc.notes + [f"{n}: {r.features.kind} features" + (f" at states {list(r.features.states)}" if r.features.states else "")
+    if "kind" not in table:
+        table["kind"] = None
+    thin = table[table["reported"] & (table.get("share_resamples", 0) < cfg.bootstrap)] if cfg.bootstrap else table.iloc[:0]
+    notes = sc.notes + ([f"at budget(s) {', '.join(f'{b:g}' for b in sorted(thin['budget'].unique()))} some resamples "
+                         "had no oracle gain over the best single configuration: their share intervals use the others "
+                         "(share_resamples)"] if len(thin) else [])
+    notes = notes + [f"{n}: {r.features.kind} features" + (f" at states {list(r.features.states)}" if r.features.states else "")
                         + f", trained on {r.meta['counts']['train']} items, tuned on {r.meta['counts']['validation']}"
                         for n, r in zip(names, routers)]
     result = RouteCurveResult(rows=table, tables={"assign": pd.concat(assign, ignore_index=True)}, reported=reported,
@@ -276,7 +300,7 @@ def _point(V, costs, budget, preds, noise) -> dict[str, tuple[float, float]]:
            "best-single": (float(V[:, best].mean()), float(costs[best]))}
     for name, p in preds.items():
         out[name] = of(routing.assign(p, costs, budget))
-    draws = [of(routing.assign(u, costs, budget)) for u in noise]
+    draws = [of(routing.assign(u, costs, budget)) for u in noise]  # random scores: no information at all
     out["random"] = (float(np.mean([d[0] for d in draws])), float(np.mean([d[1] for d in draws])))
     return out
 
@@ -285,13 +309,12 @@ def _intervals(V, costs, budget, preds, noise, resamples: int, seed: int) -> dic
     """95% percentile intervals of each method's value, gain over the best single configuration and share of the
     oracle's gain, from one set of item resamples shared by every method (so their differences stay paired).
     Written here rather than with stats.bootstrap_interval, which resamples once per statistic: every statistic of a
-    resample comes from the same knapsack solutions. A resample where the oracle gains nothing has no share; the
-    random assignment takes one draw per resample."""
+    resample comes from the same knapsack solutions. A resample where the oracle gains nothing has no share."""
     rng = np.random.default_rng(seed)
     got: dict[str, dict[str, list]] = {}
     for _ in range(resamples):
         idx = rng.integers(0, len(V), len(V))
-        point = _point(V[idx], costs, budget, {n: p[idx] for n, p in preds.items()}, noise[:1, idx])
+        point = _point(V[idx], costs, budget, {n: p[idx] for n, p in preds.items()}, noise[:, idx])
         base, top = point["best-single"][0], point["oracle"][0]
         for method, (value, _) in point.items():
             g = got.setdefault(method, {"value": [], "gain": [], "share": []})
@@ -306,7 +329,16 @@ def _intervals(V, costs, budget, preds, noise, resamples: int, seed: int) -> dic
             lo, hi = np.quantile(values, [0.025, 0.975]) if len(values) >= 2 else (math.nan, math.nan)
             out[method] |= {f"{stat}_lo": float(lo), f"{stat}_hi": float(hi)}
         out[method]["share_resamples"] = len(g["share"])
+    for a, b in _pairs(list(preds)):  # paired differences: what one router's features add over another's
+        lo, hi = np.quantile(np.subtract(got[a]["value"], got[b]["value"]), [0.025, 0.975])
+        out[f"{a} - {b}"] = {"value_lo": float(lo), "value_hi": float(hi)}
     return out
+
+
+def _pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """The differences reported: each router against every later router and against the prompt-blind mixture."""
+    routers = [m for m in methods if m.startswith("router:")]
+    return [(a, b) for i, a in enumerate(routers) for b in routers[i + 1:]] + [(a, "blind") for a in routers]
 
 
 def _write(cfg, out: Path, result: RouteCurveResult, routers, names, metric, n_test, lm) -> RouteCurveResult:
@@ -321,8 +353,8 @@ def _write(cfg, out: Path, result: RouteCurveResult, routers, names, metric, n_t
                     interval_method=f"95% percentile bootstrap over test items, {cfg.bootstrap} resamples, paired "
                                     "across methods", random=f"mean of {cfg.random_draws} uniformly random score draws "
                                                             "through the same knapsack", notes=result.notes)
-    paths = write_tables(table, out, meta, **result.tables)
     from skipbench.plots import route_figure
 
-    figure = route_figure(table, out.with_name(out.stem + ".png"), metric, routers[0].num_layers)
+    figure = route_figure(table, out.with_name(out.stem + ".png"), metric, routers[0].num_layers)  # before the table
+    paths = write_tables(table, out, meta, **result.tables)
     return replace(result, rows=table, path=paths.pop("rows"), files=paths | {"figure": figure})

@@ -1,9 +1,16 @@
 """`route:DIR`: generate each item with the configuration a prompt-level router assigned it (policies/router.py).
 
-The decision is made once per prompt, before generation, from the prompt alone: the router predicts every
-configuration's score of each item of the run, and the exact knapsack assigns configurations to the run's items
-under the mean budget (`--budget B`, or `-o budget=B`), as `skipbench route curve` does on the test split. So a
-route policy is per-sequence: a row runs its configuration's layers for every generated token.
+The decision is made once per prompt, before generation, from the prompt alone (never from an output): the router
+predicts every configuration's score of each item of the run, and then (`-o assign=`)
+
+* `knapsack` (default): the exact knapsack assigns configurations to the run's items under the mean budget
+  (`--budget B`, or `-o budget=B`), as `skipbench route curve` does on the test split: the budget holds exactly
+  over the run, and an item's configuration depends on the other items' predictions;
+* `price`: each item alone takes argmax predicted score - price x cost, the price set on the router's validation
+  items to meet the budget there; an item's configuration depends on its prompt only, and the run's mean cost
+  meets the budget only as well as the validation items stand for the run's.
+
+A route policy is per-sequence: a row runs its configuration's layers for every generated token.
 
 It needs the run's items (a dataset), so it runs in `evaluate` (and any command that passes one); the items must be
 ones the router was neither trained nor tuned on. Each row records its configuration and what its features cost
@@ -68,8 +75,7 @@ def build(spec, ctx) -> Policy:
         raise SkipbenchError(f"policy '{spec.label}' needs a mean budget of layers per token: --budget B "
                              f"(or -o budget=B), between {min(router.costs):g} and {max(router.costs):g}")
     routing.check_budget(budget, router.costs, f"policy '{spec.label}'")
-    if router.num_layers != ctx.num_layers:
-        raise SkipbenchError(f"'{spec.value}' routes a {router.num_layers}-layer model; this one has {ctx.num_layers}")
+    router.check_model(ctx.lm, spec.value)
     if ctx.data is None:
         raise SkipbenchError(f"policy '{spec.label}' assigns configurations to the items of a dataset under a mean "
                              "budget: use it with evaluate --dataset (and a split it was not trained on)")
@@ -80,8 +86,14 @@ def build(spec, ctx) -> Policy:
         raise SkipbenchError(f"{used} of the {len(items)} items were used to train or tune '{spec.value}'; route "
                              "held-out items, e.g. --split test")
     plans = {c: parse_policies(c)[0].plan(ctx.num_layers, ctx.lm, ctx.data) for c in router.configs}
-    choice = routing.assign(router.predict(ctx.lm, items, ctx.data.name), router.costs, budget)
+    predicted = router.predict(ctx.lm, items, ctx.data.name)
+    if spec.opt("assign") == "price":
+        from skipbench.oracle import Instance, choose_at_price
+
+        choice = choose_at_price(Instance(predicted, router.costs), routing.price_for(router, ctx.lm, budget))
+    else:
+        choice = routing.assign(predicted, router.costs, budget)
     lengths = [len(p) for p in routing.prompt_ids(ctx.lm, items, router.features.max_prompt_tokens)]
     chosen = {it.key: router.configs[k] for it, k in zip(items, choice)}
     passes = {it.key: n * router.features.layers_run for it, n in zip(items, lengths)}
-    return RoutePolicy(ctx.num_layers, plans, chosen, passes, f"route@{budget:g}")
+    return RoutePolicy(ctx.num_layers, plans, chosen, passes, spec.label)

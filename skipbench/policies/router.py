@@ -12,12 +12,15 @@ Features of a prompt (`Features.kind`):
 * `length`: log prompt length alone.
 
 The regressor is ridge regression from scikit-learn, one per configuration on standardised features, its
-penalty chosen per configuration on the validation split by squared error; the test split is never read.
-Why ridge: a few hundred training items against thousands of features want a penalised linear model with a
-closed-form fit and one tuned number, and scikit-learn's TF-IDF sits beside it (lm-eval already installs it).
-The fitted router is stored as numbers (config.json + weights.safetensors, the checkpoint layout), not pickles.
+penalty chosen per configuration on the validation split by squared error; the test split's scores are never
+read. Why ridge: a few hundred training items against thousands of features want a penalised linear model with a
+closed-form fit and one tuned number. Why scikit-learn (a core dependency, pure wheels): its Ridge and its
+TF-IDF are the maintained versions of both halves, where hand-written numpy would duplicate them. The fitted
+router is stored as numbers (config.json + weights.safetensors, the checkpoint layout), not pickles.
 
 `assign(predicted, costs, budget)` is the one assignment path: the oracle is `assign(true scores, ...)`.
+`price_for(...)` is the per-prompt alternative: the knapsack's price per layer, set on the validation items, so
+each item takes argmax predicted score - price x cost on its own.
 """
 
 from __future__ import annotations
@@ -67,14 +70,17 @@ def default_states(num_layers: int) -> tuple[int, ...]:
     return (num_layers // 2, num_layers)
 
 
-def splits_of(items, seed: int) -> dict[str, str]:
-    """item id -> train | validation | test, the datasets' seeded 70/15/15 split; an id in two splits is an error
-    (a dataset with a repeated prompt would otherwise leak a test item into training)."""
-    from skipbench.data.items import split_items
+def splits_of(data) -> dict[str, str]:
+    """item id -> train | validation | test: the split `evaluate --split` takes of the dataset (data.DataSpec; its
+    split and limit are ignored), through the same loader, so a mix such as `text,arith` is split per dataset as
+    there. An id in two splits is an error (a repeated prompt would otherwise put a test item into training)."""
+    from dataclasses import replace
+
+    from skipbench.data import load_items
 
     where: dict[str, str] = {}
     for split in SPLIT_ORDER:
-        for it in split_items(items, split, seed):
+        for it in load_items(replace(data, split=split, limit=None)):
             if where.get(it.item_id, split) != split:
                 raise SkipbenchError(f"item {it.item_id} falls in both {where[it.item_id]} and {split}: the dataset "
                                      "repeats a prompt; remove the copies")
@@ -182,7 +188,22 @@ class Router:
         return design(self.features, lm, items, source, tfidf(self.vocabulary, self.idf) if self.vocabulary else None)
 
     def predict_from(self, x: np.ndarray) -> np.ndarray:
+        if x.shape[1] != self.mean.shape[0]:
+            raise SkipbenchError(f"the router reads {self.mean.shape[0]} features, this model's prompts give "
+                                 f"{x.shape[1]}: it was trained on another model ({self.meta.get('model')})")
         return ((x - self.mean) / self.scale) @ self.coef.T + self.intercept
+
+    def check_model(self, lm, folder: str) -> None:
+        """Features are the model's own (hidden states, its tokenizer's lengths): a router serves the model it was
+        trained on."""
+        if self.meta.get("model") != lm.name or self.num_layers != lm.num_layers:
+            raise SkipbenchError(f"'{folder}' routes prompts of {self.meta.get('model')} ({self.num_layers} layers); "
+                                 f"this run's model is {lm.name} ({lm.num_layers} layers)")
+
+    @property
+    def blind(self) -> np.ndarray:
+        """[K] what a router knowing no prompt predicts for every item: each configuration's mean train score."""
+        return np.array([float(self.meta["train_means"][c]) for c in self.configs])
 
     def predict(self, lm, items, source: str) -> np.ndarray:
         """[n, K] predicted scores."""
@@ -231,7 +252,8 @@ def fit(feats: Features, lm, train, validation, y_train: np.ndarray, y_val: np.n
         alphas.append(alpha)
         val_mse.append(mse)
         const_mse.append(float(np.mean((y_train[:, k].mean() - y_val[:, k]) ** 2)))
-    meta = meta | {"validation_mse": dict(zip(configs, val_mse)), "validation_mse_constant": dict(zip(configs, const_mse))}
+    meta = meta | {"validation_mse": dict(zip(configs, val_mse)), "validation_mse_constant": dict(zip(configs, const_mse)),
+                   "train_means": dict(zip(configs, y_train.mean(0).tolist()))}
     return Router(features=feats, configs=list(configs), costs=[float(c) for c in costs], num_layers=meta["num_layers"],
                   mean=mean, scale=scale, coef=np.array(coef), intercept=np.array(intercept), alphas=alphas,
                   vocabulary=vec.get_feature_names_out().tolist() if vec is not None else [],
@@ -259,12 +281,18 @@ def save(router: Router, folder: str) -> Path:
     return Path(folder)
 
 
+REQUIRED = ("model", "metric", "dataset", "train_ids", "validation_ids", "counts", "train_means")
+
+
 def load(folder: str) -> Router:
     from skipbench.checkpoints import load_checkpoint
 
     meta, weights = load_checkpoint(folder, KIND)
     try:
-        feats = Features(meta["features"], tuple(meta["states"]), int(meta["max_prompt_tokens"]))
+        feats = Features(meta["features"], tuple(meta["states"]), int(meta["max_prompt_tokens"])).check(int(meta["num_layers"]))
+        missing = [k for k in REQUIRED if k not in meta]
+        if missing:
+            raise KeyError(missing[0])
         w = {k: v.double().numpy() for k, v in weights.items()}
         router = Router(features=feats, configs=list(meta["configs"]), costs=[float(c) for c in meta["costs"]],
                         num_layers=int(meta["num_layers"]), mean=w["mean"], scale=w["scale"], coef=w["coef"],
@@ -274,7 +302,8 @@ def load(folder: str) -> Router:
         raise SkipbenchError(f"'{folder}' is not a complete router (missing or bad {exc}); train it again with "
                              "skipbench route train") from None
     k, d = router.coef.shape if router.coef.ndim == 2 else (0, 0)
-    if k != len(router.configs) or router.mean.shape != (d,) or router.intercept.shape != (k,):
+    idf_ok = (router.idf is None and not router.vocabulary) or (router.idf is not None and router.idf.shape == (len(router.vocabulary),))
+    if k != len(router.configs) or router.mean.shape != (d,) or router.intercept.shape != (k,) or not idf_ok:
         raise SkipbenchError(f"'{folder}/weights.safetensors' does not match its config.json; train it again")
     return router
 
@@ -287,8 +316,17 @@ def assign(scores: np.ndarray, costs, budget: float) -> np.ndarray:
     return solve(Instance(scores, costs), budget).choice
 
 
-def cheapest_budget(costs) -> float:
-    return float(min(costs))
+def price_for(router: Router, lm, budget: float) -> float:
+    """The price per cost unit at which the validation items, each choosing alone (argmax predicted score - price x
+    cost), meet the mean budget: the knapsack's Lagrange multiplier on predictions (oracle.price)."""
+    from skipbench.data import DataSpec, load_items
+    from skipbench.oracle import price
+
+    data = DataSpec(**router.meta["dataset"])
+    ids = set(router.meta["validation_ids"])
+    items = [it for it in load_items(data) if it.item_id in ids]
+    inst = Instance(router.predict(lm, items, data.name), router.costs)
+    return price(inst, inst.capacity(budget))
 
 
 def check_budget(budget: float, costs, who: str) -> None:

@@ -161,7 +161,10 @@ _BUILTIN = [
              help="Gromov et al.: remove the L-C consecutive layers of least angular distance (last layer kept)"),
     Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
              default_arg="runs/route", needs=("model", "data"),
-             options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),),
+             options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),
+                      Option(name="assign", default="knapsack", choices=("knapsack", "price"),
+                             help="knapsack: exact budget over the run's items; price: each item alone, at the "
+                                  "price per layer that meets the budget on the validation items")),
              help="a prompt-level router's configuration per item under a mean budget (skipbench route train)"),
 ]
 
@@ -318,7 +321,9 @@ class PolicySpec:
     def check_held_out(self, data: Any) -> None:
         """A strategy tuned on the dataset's train split (its entry needs "data": calibration prompts) is scored on
         other items only, as learned policies are: with --split test or validation."""
-        if "data" in self.strategy.needs and data is not None and data.split in ("all", "train"):
+        # a learned strategy checks its own training items (evaluation; route: train and validation items)
+        if ("data" in self.strategy.needs and self.strategy.kind != "learned" and data is not None
+                and data.split in ("all", "train")):
             raise SkipbenchError(f"policy '{self.label}' is calibrated on the train split of '{data.name}'; score it on "
                                  "held-out items: --split test (or validation)")
 
