@@ -874,11 +874,12 @@ def route_curve(
     runs: list[str] = RunsOpt,
     budgets: str = typer.Option("", help="budgets reported with intervals (default: 1/3, 1/2 and 2/3 of the layers)"),
     bootstrap: int = typer.Option(1000, help="item resamples for the 95% intervals (0: none)"),
-    random_draws: int = typer.Option(20, help="random assignments averaged per budget"),
+    random_draws: int = typer.Option(5, help="random assignments averaged per budget (and per resample)"),
     seed: int = typer.Option(0, help="seed of the resamples and the random assignments"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
-    out: str = typer.Option("results/route.parquet", help="parquet of (budget, method) rows; -assign parquet and PNG beside it"),
+    out: str = typer.Option("", help="parquet of (budget, method) rows, -assign parquet and PNG beside it (default "
+                            "results/route-<dataset>.parquet)"),
 ) -> None:
     """The routers on the test items, beside the exact and greedy oracle, the single configurations and a random
     assignment at each budget; the share of the oracle's gain each captures, with 95% bootstrap intervals.

@@ -272,6 +272,7 @@ def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
     styles = {"oracle": ("C3", "-", "oracle (exact knapsack, hindsight)"), "greedy": ("C0", "--", "greedy oracle"),
               "random": ("0.5", ":", "random assignment"),
               "blind": ("0.3", "-.", "no prompt read (configurations' train means)")}
+    table = table[table["kind"] != "difference"] if "kind" in table else table  # paired differences: not curves
     routers = sorted(m for m in table["method"].unique() if m.startswith("router:"))
     for k, name in enumerate(routers):
         styles[name] = (f"C{2 + 2 * k}", "-", name.removeprefix("router:") + " router (prompt only)")

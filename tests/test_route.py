@@ -119,6 +119,11 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
         assert at4.loc[m, "value_lo"] < at4.loc[m, "value_hi"] or m == "blind"
     assert at4.loc["oracle", "share"] == 1 and at4.loc["best-single", "share"] == 0
     assert (tmp_path / "curve.png").stat().st_size > 10_000
+    diffs = table[table["kind"] == "difference"]
+    assert set(diffs["method"]) == {"router:hidden - router:tfidf", "router:hidden - blind", "router:tfidf - blind"}
+    for r in diffs.itertuples():  # a difference is the difference of its two rows
+        a, b = r.method.split(" - ")
+        assert r.value == pytest.approx(at4.loc[a, "value"] - at4.loc[b, "value"], abs=1e-12)
     assign = pd.read_parquet(tmp_path / "curve-assign.parquet")
     test_ids = [i for i in items if where[i] == "test"]
     routed = assign[(assign["method"] == "router:tfidf") & (assign["budget"] == 4)].set_index("item_id")["config"]
