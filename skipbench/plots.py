@@ -271,14 +271,15 @@ def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"oracle": ("C3", "-", "oracle (exact knapsack, hindsight)"), "greedy": ("C0", "--", "greedy oracle"),
               "random": ("0.5", ":", "random assignment"),
-              "blind": ("0.3", "-.", "no prompt read (configurations' train means)")}
+              "blind": ("0.3", "-.", "no prompt read (the configurations' train means)")}
     table = table[table["kind"] != "difference"] if "kind" in table else table  # paired differences: not curves
     routers = sorted(m for m in table["method"].unique() if m.startswith("router:"))
     for k, name in enumerate(routers):
         styles[name] = (f"C{2 + 2 * k}", "-", name.removeprefix("router:") + " router (prompt only)")
     for method, (color, line, label) in styles.items():
         t = table[table["method"] == method].sort_values("budget")
-        ax.plot(t["budget"], t["value"], line, color=color, label=label)
+        x = t["mean_cost"] if method == "random" else t["budget"]  # random scores may leave budget unspent
+        ax.plot(x, t["value"], line, color=color, label=label + (" (at its mean cost)" if method == "random" else ""))
         if method.startswith("router:") and "value_lo" in t:
             r = t[t["reported"] & t["value_lo"].notna()]
             ax.errorbar(r["budget"], r["value"], yerr=[r["value"] - r["value_lo"], r["value_hi"] - r["value"]],

@@ -151,6 +151,8 @@ def train(cfg: RouteTrainConfig, lm=None) -> RouteTrainResult:
     lm = lm or load_model(sc.model, cfg.device, cfg.dtype)
     if "full" not in sc.specs:
         sc.notes.append(f"no full-depth configuration among {', '.join(sc.specs)}")
+    if cfg.states and cfg.features != "hidden":
+        raise SkipbenchError("--states is for --features hidden")
     states = cfg.states or (routing.default_states(lm.num_layers) if cfg.features == "hidden" else ())
     feats = routing.Features(cfg.features, tuple(states), sc.max_prompt_tokens).check(lm.num_layers)
     y = {s: sc.wide.loc[[it.item_id for it in by_split[s]]].to_numpy() for s in ("train", "validation")}  # never test
@@ -179,7 +181,8 @@ class RouteCurveResult(Written):
         """The reported budgets' rows of the routers and the baselines, with their intervals."""
         t = self.rows
         keep = t["reported"] & ~t["method"].str.startswith("single:") & t["kind"].isna()
-        return t.loc[keep, ["budget", "method", "value", "value_lo", "value_hi", "share", "share_lo", "share_hi"]]
+        return t.loc[keep, ["budget", "method", "value", "value_lo", "value_hi", "mean_cost", "share", "share_lo",
+                            "share_hi", "share_over_blind", "share_over_blind_lo", "share_over_blind_hi"]]
 
     @property
     def differences(self) -> pd.DataFrame:
@@ -193,9 +196,12 @@ def default_budgets(num_layers: int) -> tuple[float, ...]:
     return tuple(float(round(num_layers * f)) for f in (1 / 3, 1 / 2, 2 / 3))
 
 
-def _router_name(folder: str, routers: list[routing.Router], k: int) -> str:
+def router_names(folders: tuple[str, ...], routers: list[routing.Router]) -> list[str]:
+    """router:<features> where one router has them, else router:<folder name>, else router:<folder path>."""
     kinds = [r.features.kind for r in routers]
-    return f"router:{kinds[k]}" if kinds.count(kinds[k]) == 1 else f"router:{Path(folder).name}"
+    base = [Path(f).name for f in folders]
+    return [f"router:{kinds[k]}" if kinds.count(kinds[k]) == 1 else f"router:{base[k]}" if base.count(base[k]) == 1
+            else f"router:{folders[k]}" for k in range(len(folders))]
 
 
 def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
@@ -210,9 +216,9 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
     dataset = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(routers[0].meta["dataset"].get("name", "runs")))
     out = check_out_path(cfg.out or f"results/route-{dataset}.parquet")
     first = routers[0]
-    names = [_router_name(f, routers, k) for k, f in enumerate(cfg.routers)]
-    if len(set(names)) < len(names):
+    if len({Path(f).resolve() for f in cfg.routers}) < len(cfg.routers):
         raise SkipbenchError(f"--router names one folder twice ({', '.join(cfg.routers)})")
+    names = router_names(cfg.routers, routers)
     for folder, r in zip(cfg.routers[1:], routers[1:]):
         if (r.configs, r.costs, r.meta.get("metric"), r.meta.get("dataset")) != (
                 first.configs, first.costs, first.meta.get("metric"), first.meta.get("dataset")):
@@ -241,21 +247,26 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
     V = sc.wide.loc[[it.item_id for it in test], first.configs].to_numpy()
     costs = np.array(first.costs)
     preds = {n: r.predict(lm, test, sc.data.name) for n, r in zip(names, routers)}
-    preds["blind"] = np.tile(first.blind, (len(test), 1))  # the configurations' train means: no prompt read
+    blind = first.blind  # the configurations' train means: what a router that reads no prompt predicts
     noise = np.random.default_rng(cfg.seed).random((cfg.random_draws, len(test), len(costs)))
     reported = list(cfg.budgets or [b for b in default_budgets(first.num_layers) if b >= costs.min()])
+    if not reported:
+        raise SkipbenchError(f"1/3, 1/2 and 2/3 of the layers are all below the cheapest configuration "
+                             f"({costs.min():g} layers): name the budgets with --budgets")
     for b in reported:
         routing.check_budget(b, costs, "--budgets" if cfg.budgets else "the default budgets (1/3, 1/2, 2/3 of the layers)")
     grid = sorted(set(range(math.ceil(costs.min()), int(costs.max()) + 1)) | set(reported))
     rows, assign = [], []
     for b in grid:
-        point = _point(V, costs, b, preds, noise)
-        ci = _intervals(V, costs, b, preds, noise, cfg.bootstrap, cfg.seed) if b in reported and cfg.bootstrap else {}
+        point = _point(V, costs, b, preds, blind, noise)
+        ci = _intervals(V, costs, b, preds, blind, noise, cfg.bootstrap, cfg.seed) if b in reported and cfg.bootstrap else {}
         for method, (value, mean_cost) in point.items():
             row = {"budget": float(b), "method": method, "value": value, "mean_cost": mean_cost, "reported": b in reported}
             row["gain"] = value - point["best-single"][0]
             gain = point["oracle"][0] - point["best-single"][0]
             row["share"] = row["gain"] / gain if gain > 1e-12 else math.nan
+            over = point["oracle"][0] - point["blind"][0]
+            row["share_over_blind"] = (value - point["blind"][0]) / over if over > 1e-12 else math.nan
             row |= ci.get(method, {})
             rows.append(row)
         if b in reported:  # paired differences, as their own rows (kind "difference")
@@ -267,7 +278,7 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
                              "mean_cost": float(costs[k]), "reported": b in reported})
         if b in reported:
             for method, choice in [("oracle", routing.assign(V, costs, b)),
-                                   *[(n, routing.assign(p, costs, b)) for n, p in preds.items() if n != "blind"]]:
+                                   *[(n, routing.assign(p, costs, b)) for n, p in preds.items()]]:
                 assign.append(pd.DataFrame({"budget": float(b), "method": method, "item_id": [it.item_id for it in test],
                                             "config": [first.configs[k] for k in choice],
                                             "value": V[np.arange(len(test)), choice]}))
@@ -286,8 +297,10 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
     return _write(cfg, out, result, routers, names, metric, len(test), lm)
 
 
-def _point(V, costs, budget, preds, noise) -> dict[str, tuple[float, float]]:
-    """(true mean metric, mean cost) of each method at one budget, on the items of V."""
+def _point(V, costs, budget, preds, blind, noise) -> dict[str, tuple[float, float]]:
+    """(true mean metric, mean cost) of each method at one budget, on the items of V. `blind`: the scores a router
+    that reads no prompt predicts for every item; its knapsack picks a mixture of configurations, valued here as the
+    mean over which items get which (the solver would otherwise hand full depth to the first items in order)."""
     rows = np.arange(len(V))
 
     def of(choice):
@@ -300,12 +313,15 @@ def _point(V, costs, budget, preds, noise) -> dict[str, tuple[float, float]]:
            "best-single": (float(V[:, best].mean()), float(costs[best]))}
     for name, p in preds.items():
         out[name] = of(routing.assign(p, costs, budget))
-    draws = [of(routing.assign(u, costs, budget)) for u in noise]  # random scores: no information at all
+    mix = np.bincount(routing.assign(np.tile(blind, (len(V), 1)), costs, budget), minlength=len(costs)) / len(V)
+    out["blind"] = (float(mix @ V.mean(0)), float(mix @ costs))
+    # random scores: no information at all; the knapsack may leave budget unspent (their mean_cost says how much)
+    draws = [of(routing.assign(u, costs, budget)) for u in noise]
     out["random"] = (float(np.mean([d[0] for d in draws])), float(np.mean([d[1] for d in draws])))
     return out
 
 
-def _intervals(V, costs, budget, preds, noise, resamples: int, seed: int) -> dict[str, dict]:
+def _intervals(V, costs, budget, preds, blind, noise, resamples: int, seed: int) -> dict[str, dict]:
     """95% percentile intervals of each method's value, gain over the best single configuration and share of the
     oracle's gain, from one set of item resamples shared by every method (so their differences stay paired).
     Written here rather than with stats.bootstrap_interval, which resamples once per statistic: every statistic of a
@@ -314,14 +330,16 @@ def _intervals(V, costs, budget, preds, noise, resamples: int, seed: int) -> dic
     got: dict[str, dict[str, list]] = {}
     for _ in range(resamples):
         idx = rng.integers(0, len(V), len(V))
-        point = _point(V[idx], costs, budget, {n: p[idx] for n, p in preds.items()}, noise[:, idx])
-        base, top = point["best-single"][0], point["oracle"][0]
+        point = _point(V[idx], costs, budget, {n: p[idx] for n, p in preds.items()}, blind, noise[:, idx])
+        base, top, none = point["best-single"][0], point["oracle"][0], point["blind"][0]
         for method, (value, _) in point.items():
-            g = got.setdefault(method, {"value": [], "gain": [], "share": []})
+            g = got.setdefault(method, {"value": [], "gain": [], "share": [], "share_over_blind": []})
             g["value"].append(value)
             g["gain"].append(value - base)
             if top - base > 1e-12:
                 g["share"].append((value - base) / (top - base))
+            if top - none > 1e-12:
+                g["share_over_blind"].append((value - none) / (top - none))
     out = {}
     for method, g in got.items():
         out[method] = {}

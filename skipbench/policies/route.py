@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from skipbench.engine.protocol import Gate, Policy
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.policies import router as routing
 from skipbench.policies.static import layer_gates
 
@@ -80,6 +80,10 @@ def build(spec, ctx) -> Policy:
         raise SkipbenchError(f"policy '{spec.label}' assigns configurations to the items of a dataset under a mean "
                              "budget: use it with evaluate --dataset (and a split it was not trained on)")
     items = load_items(ctx.data)
+    trained_on = router.meta["dataset"].get("name")
+    if ctx.data.name != trained_on:
+        note(f"policy '{spec.label}' routes items of {ctx.data.name} with a router trained on {trained_on}"
+             + (" (and the price set on its validation items)" if spec.opt("assign") == "price" else ""))
     seen = set(router.meta.get("train_ids", ())) | set(router.meta.get("validation_ids", ()))
     used = sum(it.item_id in seen for it in items)
     if used:

@@ -321,10 +321,8 @@ class PolicySpec:
     def check_held_out(self, data: Any) -> None:
         """A strategy tuned on the dataset's train split (its entry needs "data": calibration prompts) is scored on
         other items only, as learned policies are: with --split test or validation."""
-        # a learned strategy checks its own training items (evaluation; route: train and validation items)
-        if ("data" in self.strategy.needs and self.strategy.kind != "learned" and data is not None
-                and data.split in ("all", "train")):
-            raise SkipbenchError(f"policy '{self.label}' is calibrated on the train split of '{data.name}'; score it on "
+        if "data" in self.strategy.needs and data is not None and data.split in ("all", "train"):
+            raise SkipbenchError(f"policy '{self.label}' is calibrated or trained on the train split of '{data.name}'; score it on "
                                  "held-out items: --split test (or validation)")
 
     def check_kv_mode(self, mode: str) -> None:
