@@ -288,15 +288,17 @@ def section_route(folder: Path) -> tuple[list[str], list]:
                     for v, lo, hi in zip(t[stat], t.get(f"{stat}_lo", t[stat] * np.nan), t.get(f"{stat}_hi", t[stat] * np.nan))]
 
         shown = pd.DataFrame({"budget": t["budget"], "method": t["method"], "mean cost": t["mean_cost"],
-                              meta.get("metric", "value"): ci("value"), "share of the oracle's gain": ci("share")})
+                              meta.get("metric", "value"): ci("value"), "share over best single": ci("share"),
+                              "share over blind": ci("share_over_blind")})
         lines += [f"## A prompt-level router against the oracle (`{path.name}`)", "",
                   "Glavas et al. leave open what a decision from the prompt alone captures of the oracle's gain. Each "
                   "router predicts every configuration's score from the prompt (trained on the train split, tuned on "
                   "the validation split) and the oracle's knapsack assigns configurations from the predictions; the "
                   f"values are on the {meta.get('test_items', '?')} test items, with "
                   f"{meta.get('interval_method', 'bootstrap intervals')}. The share is (router - best single "
-                  "configuration) / (oracle - best single configuration); `blind` assigns from the configurations' "
-                  "train means, reading no prompt.", "", _table(shown), ""]
+                  "configuration) / (oracle - best single configuration), the share over blind (router - blind) / "
+                  "(oracle - blind); `blind` assigns from the configurations' train means, reading no prompt.", "",
+                  _table(shown), ""]
         if len(diffs):
             t = diffs
             lines += ["Paired differences of the mean (the same resamples):", "",

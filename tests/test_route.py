@@ -126,7 +126,7 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
     assert {where[i] for i in cfg["train_ids"]} == {"train"} and {where[i] for i in cfg["validation_ids"]} == {"validation"}
     assert len(cfg["train_ids"]) + len(cfg["validation_ids"]) + cfg["counts"]["test"] == len(items)
 
-    out = tmp_path / "curve.parquet"
+    out = tmp_path / "route-tiny.parquet"
     res = runner.invoke(app, ["route", "curve", "--router", str(folders["hidden"]), "--router", str(folders["tfidf"]),
                               "--runs", str(tiny_runs), "--budgets", "4", "--bootstrap", "50", "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -138,10 +138,15 @@ def test_route_commands_end_to_end_on_a_tiny_model(tiny_dirs, tmp_path, monkeypa
         assert at4.loc[m, "mean_cost"] <= 4 + 1e-9 and at4.loc[m, "value"] <= at4.loc["oracle", "value"] + 1e-12
         assert at4.loc[m, "value_lo"] < at4.loc[m, "value_hi"] or m == "blind"
     assert at4.loc["oracle", "share"] == 1 and at4.loc["best-single", "share"] == 0
-    assert (tmp_path / "curve.png").stat().st_size > 10_000
+    assert (tmp_path / "route-tiny.png").stat().st_size > 10_000
+    res = runner.invoke(app, ["report", "--results", str(tmp_path), "--out", str(tmp_path / "REPORT.md")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "REPORT.md").read_text()
+    assert "A prompt-level router against the oracle (`route-tiny.parquet`)" in page and "share over blind" in page
+    assert "| router:hidden - blind |" in page and "![route-tiny](route-tiny.png)" in page
     diffs = table[table["kind"] == "difference"]
     assert set(diffs["method"]) == {"router:hidden - router:tfidf", "router:hidden - blind", "router:tfidf - blind"}
-    assign = pd.read_parquet(tmp_path / "curve-assign.parquet")
+    assign = pd.read_parquet(tmp_path / "route-tiny-assign.parquet")
     test_ids = [i for i in items if where[i] == "test"]
     routed = assign[(assign["method"] == "router:tfidf") & (assign["budget"] == 4)].set_index("item_id")["config"]
     assert sorted(routed.index) == sorted(test_ids) and routed.nunique() > 1
