@@ -274,6 +274,13 @@ def section_lmeval(folder: Path) -> tuple[list[str], list]:
     return lines, []
 
 
+def _with_interval(t: pd.DataFrame, stat: str) -> list[str]:
+    """`v [lo, hi]` from the columns stat, stat_lo, stat_hi (the value alone where there is no interval)."""
+    none = pd.Series(np.nan, index=t.index)
+    return [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else (f"{v:.3f}" if v == v else "")
+            for v, lo, hi in zip(t[stat], t.get(f"{stat}_lo", none), t.get(f"{stat}_hi", none))]
+
+
 def section_route(folder: Path) -> tuple[list[str], list]:
     """`skipbench route curve`: routers that see only the prompt against the oracle, at the reported budgets."""
     lines = []
@@ -283,13 +290,10 @@ def section_route(folder: Path) -> tuple[list[str], list]:
         t = full[full["reported"] & ~full["method"].str.startswith("single:")].copy()
         diffs, t = t[t["kind"] == "difference"], t[t["kind"] != "difference"]
 
-        def ci(stat):
-            return [f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else (f"{v:.3f}" if v == v else "")
-                    for v, lo, hi in zip(t[stat], t.get(f"{stat}_lo", t[stat] * np.nan), t.get(f"{stat}_hi", t[stat] * np.nan))]
-
         shown = pd.DataFrame({"budget": t["budget"], "method": t["method"], "mean cost": t["mean_cost"],
-                              meta.get("metric", "value"): ci("value"), "share over best single": ci("share"),
-                              "share over blind": ci("share_over_blind")})
+                              meta.get("metric", "value"): _with_interval(t, "value"),
+                              "share over best single": _with_interval(t, "share"),
+                              "share over blind": _with_interval(t, "share_over_blind")})
         lines += [f"## A prompt-level router against the oracle (`{path.name}`)", "",
                   "Glavas et al. leave open what a decision from the prompt alone captures of the oracle's gain. Each "
                   "router predicts every configuration's score from the prompt (trained on the train split, tuned on "
@@ -300,9 +304,9 @@ def section_route(folder: Path) -> tuple[list[str], list]:
                   "(oracle - blind); `blind` assigns from the configurations' train means, reading no prompt.", "",
                   _table(shown), ""]
         if len(diffs):
-            t = diffs
             lines += ["Paired differences of the mean (the same resamples):", "",
-                      _table(pd.DataFrame({"budget": t["budget"], "difference": t["method"], "value": ci("value")})), ""]
+                      _table(pd.DataFrame({"budget": diffs["budget"], "difference": diffs["method"],
+                                           "value": _with_interval(diffs, "value")})), ""]
         if path.with_suffix(".png").exists():
             lines += [f"![{path.stem}]({path.stem}.png)", ""]
     return lines, []

@@ -90,6 +90,16 @@ def test_the_routers_splits_are_evaluates(name):
         assert {where[i] for i in ids} == {split}
     assert len(where) == len(load_items(DataSpec(name=name)))
     routing.assert_disjoint({"train": ["a", "b"], "test": ["c"]})
+
+
+def test_a_repeated_prompt_cannot_straddle_the_splits(tmp_path):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(20)]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    assert len(routing.splits_of(DataSpec(name=str(path)))) == 20
+    path.write_text(json.dumps(records + [records[7]]))
+    with pytest.raises(SkipbenchError, match="repeats a prompt|is in both"):
+        routing.splits_of(DataSpec(name=str(path)))
     with pytest.raises(SkipbenchError, match="item b is in both the train and the test split"):
         routing.assert_disjoint({"train": ["a", "b"], "test": ["b"]})
 

@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from skipbench import scores
-from skipbench.data import DataSpec, load_items
+from skipbench.data import DataSpec
 from skipbench.errors import SkipbenchError
-from skipbench.oracle import Instance, greedy
+from skipbench.oracle import Instance, greedy, solve
 from skipbench.policies import parse_policies
 from skipbench.policies import router as routing
 from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
@@ -105,18 +105,15 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
                   max_prompt_tokens=int(cut) if cut is not None else 1024, notes=notes + more)
 
 
-def split_scored(sc: Scores) -> tuple[dict[str, list], dict[str, str]]:
-    """The scored items of each split (Item objects, in the dataset's order) and each scored id's split."""
-    items = load_items(sc.data)
-    where = routing.splits_of(sc.data)
+def split_scored(sc: Scores) -> dict[str, list]:
+    """The scored items of each split (Item objects, in the split's order), the splits disjoint (split_items_of)."""
+    splits = routing.split_items_of(sc.data)
     scored = set(sc.wide.index)
-    unknown = scored - set(where)
+    unknown = scored - {it.item_id for items in splits.values() for it in items}
     if unknown:
         raise SkipbenchError(f"{len(unknown)} item(s) of --runs are not in dataset '{sc.data.name}' (seed "
                              f"{sc.data.seed}), e.g. {sorted(unknown)[0]}")
-    by_split = {s: [it for it in items if it.item_id in scored and where[it.item_id] == s] for s in routing.SPLIT_ORDER}
-    routing.assert_disjoint({s: [it.item_id for it in v] for s, v in by_split.items()})
-    return by_split, where
+    return {s: [it for it in items if it.item_id in scored] for s, items in splits.items()}
 
 
 # ---- train --------------------------------------------------------------------------------------------------------
@@ -142,7 +139,7 @@ def train(cfg: RouteTrainConfig, lm=None) -> RouteTrainResult:
     sc = read_scores(cfg.runs, cfg.metric, cfg.policies, cfg.costs)
     if len(sc.specs) < 2:
         raise SkipbenchError(f"--runs score one configuration ({sc.specs[0]}): a router needs two or more to choose from")
-    by_split, _ = split_scored(sc)
+    by_split = split_scored(sc)
     n_tr, n_val = len(by_split["train"]), len(by_split["validation"])
     if n_tr < MIN_TRAIN or n_val < MIN_VALIDATION:
         raise SkipbenchError(f"--runs score {n_tr} train and {n_val} validation item(s) of '{sc.data.name}'; a router "
@@ -233,7 +230,7 @@ def curve(cfg: RouteCurveConfig, lm=None) -> RouteCurveResult:
         raise SkipbenchError(f"--runs are of {sc.model} on {sc.data.name} (seed {sc.data.seed}); the routers were "
                              f"trained on {first.meta['model']} on {first.meta['dataset'].get('name')} (seed "
                              f"{first.meta['dataset'].get('seed')})")
-    by_split, _ = split_scored(replace(sc, wide=sc.wide[first.configs]))
+    by_split = split_scored(replace(sc, wide=sc.wide[first.configs]))
     test = by_split["test"]
     if len(test) < 2:
         raise SkipbenchError(f"--runs score {len(test)} test item(s); the curve is measured on the test split (run "
@@ -308,8 +305,9 @@ def _point(V, costs, budget, preds, blind, noise) -> dict[str, tuple[float, floa
 
     fits = np.nonzero(costs <= budget + 1e-9)[0]
     best = fits[np.argmax(V[:, fits].mean(0))]  # the best single configuration within the budget, in hindsight
-    g = greedy(Instance(V, costs), budget)
-    out = {"oracle": of(routing.assign(V, costs, budget)), "greedy": (g.value, g.mean_cost),
+    truth = Instance(V, costs)
+    g = greedy(truth, budget)
+    out = {"oracle": of(solve(truth, budget).choice), "greedy": (g.value, g.mean_cost),  # = routing.assign(V, ...)
            "best-single": (float(V[:, best].mean()), float(costs[best]))}
     for name, p in preds.items():
         out[name] = of(routing.assign(p, costs, budget))

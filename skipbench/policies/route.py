@@ -21,24 +21,21 @@ separate, cached pass).
 
 from __future__ import annotations
 
-import numpy as np
-
-from skipbench.engine.protocol import Gate, Policy
+from skipbench.engine.protocol import Policy
 from skipbench.errors import SkipbenchError, note
 from skipbench.policies import router as routing
-from skipbench.policies.static import layer_gates
+from skipbench.policies.static import SequencePlans
 
 
-class RoutePolicy(Policy):
-    static = False
-
+class RoutePolicy(SequencePlans):
     def __init__(self, num_layers: int, plans: dict[str, list[int]], chosen: dict[int, str], feature_passes: dict[int, int],
                  name: str) -> None:
         super().__init__(num_layers)
         self.plans, self.chosen, self.feature_passes, self.name = plans, chosen, feature_passes, name
         self._keys: list[int] = []
-        self._plan: np.ndarray | None = None  # [L, B]
-        self._gates: list[Gate] = []
+
+    def layers_for(self, key: int) -> list[int]:
+        return self.plans[self.chosen[key]]
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         missing = [k for k in (row_keys or [None] * batch_size) if k not in self.chosen]
@@ -46,19 +43,10 @@ class RoutePolicy(Policy):
             raise SkipbenchError(f"policy '{self.name}' routes the items of its run's dataset only; {len(missing)} "
                                  "sequence(s) are not among them (use it with evaluate --dataset)")
         self._keys = list(row_keys)
-        plan = np.zeros((self.num_layers, batch_size), dtype=bool)
-        for r, key in enumerate(self._keys):
-            plan[self.plans[self.chosen[key]], r] = True
-        self._plan = plan
+        self.plan_rows(self._keys)
 
     def new_step(self, positions) -> None:
-        self._gates = layer_gates(np.repeat(self._plan[:, :, None], positions.shape[1], axis=2), positions.device)
-
-    def gate(self, layer: int, hidden) -> Gate:
-        return self._gates[layer]
-
-    def executed_layers(self) -> list[int] | None:
-        return np.nonzero(self._plan[:, 0])[0].tolist() if self._plan is not None and self._plan.shape[1] == 1 else None
+        self._gates = self.sequence_gates(positions)
 
     def row_record(self, row: int) -> dict:
         key = self._keys[row]

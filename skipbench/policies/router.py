@@ -70,22 +70,25 @@ def default_states(num_layers: int) -> tuple[int, ...]:
     return (num_layers // 2, num_layers)
 
 
-def splits_of(data) -> dict[str, str]:
-    """item id -> train | validation | test: the split `evaluate --split` takes of the dataset (data.DataSpec; its
-    split and limit are ignored), through the same loader, so a mix such as `text,arith` is split per dataset as
+def split_items_of(data) -> dict[str, list]:
+    """train / validation / test -> their items: the split `evaluate --split` takes of the dataset (data.DataSpec;
+    its split and limit are ignored), through the same loader, so a mix such as `text,arith` is split per dataset as
     there. An id in two splits is an error (a repeated prompt would otherwise put a test item into training)."""
     from dataclasses import replace
 
     from skipbench.data import load_items
 
-    where: dict[str, str] = {}
-    for split in SPLIT_ORDER:
-        for it in load_items(replace(data, split=split, limit=None)):
-            if where.get(it.item_id, split) != split:
-                raise SkipbenchError(f"item {it.item_id} falls in both {where[it.item_id]} and {split}: the dataset "
-                                     "repeats a prompt; remove the copies")
-            where[it.item_id] = split
-    return where
+    out = {split: load_items(replace(data, split=split, limit=None)) for split in SPLIT_ORDER}
+    for split, items in out.items():
+        if len({it.item_id for it in items}) < len(items):
+            raise SkipbenchError(f"the {split} split repeats a prompt; remove the copies")
+    assert_disjoint({split: [it.item_id for it in items] for split, items in out.items()})
+    return out
+
+
+def splits_of(data) -> dict[str, str]:
+    """item id -> train | validation | test (split_items_of)."""
+    return {it.item_id: split for split, items in split_items_of(data).items() for it in items}
 
 
 def assert_disjoint(ids_by_split: dict[str, list[str]]) -> None:

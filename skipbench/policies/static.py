@@ -101,7 +101,36 @@ def layer_gates(plan: np.ndarray, device) -> list[Gate]:
     return [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
 
 
-class RandomPolicy(Policy):
+class SequencePlans(Policy):
+    """One layer set per sequence of a batch: `plan_rows(keys)` fills the plan [L, B] from `layers_for(row key)`,
+    and every token of a row runs its row's layers (random skipping per sequence; a router's configurations)."""
+
+    static = False
+    _seq_plan: np.ndarray | None = None  # [L, B]
+    _gates: list[Gate] = []
+
+    def layers_for(self, key: int):
+        raise NotImplementedError
+
+    def plan_rows(self, keys: list[int]) -> None:
+        plan = np.zeros((self.num_layers, len(keys)), dtype=bool)
+        for r, key in enumerate(keys):
+            plan[self.layers_for(key), r] = True
+        self._seq_plan = plan
+
+    def sequence_gates(self, positions) -> list[Gate]:
+        return layer_gates(np.repeat(self._seq_plan[:, :, None], positions.shape[1], axis=2), positions.device)
+
+    def gate(self, layer: int, hidden) -> Gate:
+        return self._gates[layer]
+
+    def executed_layers(self) -> list[int] | None:
+        if self._seq_plan is not None and self._seq_plan.shape[1] == 1:
+            return np.nonzero(self._seq_plan[:, 0])[0].tolist()
+        return None
+
+
+class RandomPolicy(SequencePlans):
     """Random layer skipping: exactly c layers, one draw per sequence (default) or per token.
 
     Draws are reproducible and independent of batching: a sequence draws from numpy's generator
@@ -113,43 +142,32 @@ class RandomPolicy(Policy):
     def __init__(self, num_layers: int, cost: int, seed: int, per_token: bool, first_layer: bool) -> None:
         super().__init__(num_layers)
         self.cost, self.seed, self.per_token, self.first_layer = cost, seed, per_token, first_layer
-        self.static = False
         self.name = f"random{'-token' if per_token else ''}:{cost}"
         self._keys: list[int] | None = None
-        self._seq_plan: np.ndarray | None = None  # [L, B]
-        self._gates: list[Gate] = []
 
     def _draw(self, *key: int) -> np.ndarray:
         return random_layers(keyed.rng(self.seed, *key), self.num_layers, self.cost, self.first_layer)
+
+    def layers_for(self, key: int) -> np.ndarray:
+        return self._draw(key)
 
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         self._keys = list(row_keys) if row_keys is not None else list(range(batch_size))
         self._seq_plan = None
         if not self.per_token:
-            plan = np.zeros((self.num_layers, batch_size), dtype=bool)
-            for r, key in enumerate(self._keys):
-                plan[self._draw(key), r] = True
-            self._seq_plan = plan
+            self.plan_rows(self._keys)
 
     def new_step(self, positions) -> None:
         batch, num_tokens = positions.shape
         if self._keys is None or len(self._keys) != batch:
             self.begin(batch)
         if self._seq_plan is not None:
-            plan = np.repeat(self._seq_plan[:, :, None], num_tokens, axis=2)
-        else:
-            plan = np.zeros((self.num_layers, batch, num_tokens), dtype=bool)
-            for (r, t), p in np.ndenumerate(positions.cpu().numpy()):
-                plan[self._draw(self._keys[r], p), r, t] = True
+            self._gates = self.sequence_gates(positions)
+            return
+        plan = np.zeros((self.num_layers, batch, num_tokens), dtype=bool)
+        for (r, t), p in np.ndenumerate(positions.cpu().numpy()):
+            plan[self._draw(self._keys[r], p), r, t] = True
         self._gates = layer_gates(plan, positions.device)
-
-    def gate(self, layer: int, hidden) -> Gate:
-        return self._gates[layer]
-
-    def executed_layers(self) -> list[int] | None:
-        if self._seq_plan is not None and self._seq_plan.shape[1] == 1:
-            return np.nonzero(self._seq_plan[:, 0])[0].tolist()
-        return None
 
 
 def random(spec, ctx) -> Policy:
