@@ -18,6 +18,7 @@ import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.markup import escape
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
@@ -114,7 +115,6 @@ Device = _choices("Device", "auto", "cpu", "cuda")
 Dtype = _choices("Dtype", "auto", "float32", "bfloat16", "float16")
 KvMode = _choices("KvMode", "auto", "fill", "none")
 PromptDepth = _choices("PromptDepth", "full", "policy")
-Impl = _choices("Impl", "gather", "mask", "both")
 Teacher = _choices("Teacher", "full", "reference")  # cosine's teacher, and the training targets
 GateMode = _choices("GateMode", "sample", "argmax")
 ControllerInput = _choices("ControllerInput", "hidden", "constant")
@@ -354,7 +354,7 @@ def policies() -> None:
     for col in rows[0]:
         table.add_column(col)
     for r in rows:
-        table.add_row(*[str(v) for v in r.values()])
+        table.add_row(*[escape(str(v)) for v in r.values()])
     Console(width=160).print(table)
     typer.echo("Write NAME:ARG, several separated by commas; numbers after a comma continue the argument "
                "(uniform:8,15,22 is a sweep, layers:0,3,5 one set).")
@@ -395,7 +395,9 @@ def bench(
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
     warmup: int = typer.Option(1, help="untimed warm-up rounds"),
     kv_mode: KvMode = KvOpt,
-    impl: Impl = typer.Option(Impl.gather, callback=_plain, help="both: per-token policies are run under both"),
+    impl: str = typer.Option("auto", help="auto (per layer and step, the cheaper of the two by a measured cost "
+                             "table), gather, mask; comma-separated, per-token policies run under each (both = "
+                             "gather,mask; all = auto,gather,mask)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
@@ -412,7 +414,7 @@ def bench(
     memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound;
     self-speculative decoding with --drafts (acceptance, time shares, realized vs predicted speedup).
 
-    Example: skipbench bench --policies full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl both
+    Example: skipbench bench --policies full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl all
     Example: skipbench bench --policies full --drafts early-exit:8,uniform:20 --speculate 2,4,6 --batch-sizes 1,8
     """
     from skipbench.experiments.bench import BenchConfig, run
@@ -432,14 +434,17 @@ def bench(
     if result.search is not None:
         _print_search(result.search)
     table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
-    cols = ("batch", "variant", "phase", "tok/s", "p50 ms", "p90 ms", "layers", "speedup", "ideal", "real/ideal", "vs generate")
+    cols = ("batch", "variant", "phase", "tok/s", "p50 ms", "layers", "speedup", "ideal", "real/ideal",
+            "batch ideal", "real/batch", "policy %", "vs generate")  # p90 and the parts: in the parquet's summary
     for col in cols:
-        table.add_column(col, justify="left" if col in ("variant", "phase") else "right")
+        table.add_column(col, justify="left" if col in ("variant", "phase") else "right", no_wrap=col == "variant")
     fmt = lambda v, f: "" if v != v else f.format(v)  # noqa: E731  (NaN -> blank)
     for r in result.summary.itertuples():
-        table.add_row(str(r.batch_size), r.variant, r.phase, f"{r.tokens_per_s:.1f}", fmt(r.step_p50 * 1e3, "{:.1f}"),
-                      fmt(r.step_p90 * 1e3, "{:.1f}"), f"{r.layers_mean:.1f}", fmt(r.speedup, "{:.3f}"),
-                      fmt(r.ideal_speedup, "{:.3f}"), fmt(r.realized_over_ideal, "{:.3f}"), fmt(r.vs_generate, "{:.3f}"))
+        table.add_row(str(r.batch_size), escape(r.variant), r.phase, f"{r.tokens_per_s:.1f}", fmt(r.step_p50 * 1e3, "{:.1f}"),
+                      f"{r.layers_mean:.1f}", fmt(r.speedup, "{:.3f}"),
+                      fmt(r.ideal_speedup, "{:.3f}"), fmt(r.realized_over_ideal, "{:.3f}"),
+                      fmt(r.ideal_batch_speedup, "{:.3f}"), fmt(r.realized_over_batch_ideal, "{:.3f}"),
+                      fmt(100 * getattr(r, "policy_share", float("nan")), "{:.1f}"), fmt(r.vs_generate, "{:.3f}"))
     Console(width=160).print(table)
     spec_rows = result.summary[(result.summary.kind == "speculative") & (result.summary.phase == "decode")]
     if len(spec_rows):
@@ -448,7 +453,7 @@ def bench(
                     "verify %", "accept %", "speedup", "predicted", "real/pred", "cost model", "real/cost"):
             t.add_column(col, justify="left" if col == "variant" else "right")
         for r in spec_rows.itertuples():
-            t.add_row(str(r.batch_size), r.variant, f"{r.acceptance_rate:.3f}", f"{r.alpha:.3f}",
+            t.add_row(str(r.batch_size), escape(r.variant), f"{r.acceptance_rate:.3f}", f"{r.alpha:.3f}",
                       f"{r.accepted_per_round:.2f}", f"{r.k_mean:.2f}", f"{r.layer_passes_per_token:.1f}",
                       f"{100 * r.draft_share:.0f}", f"{100 * r.verify_share:.0f}", f"{100 * r.accept_share:.1f}",
                       f"{r.speedup:.3f}", f"{r.predicted_speedup:.3f}", f"{r.realized_over_predicted:.3f}",
@@ -622,7 +627,7 @@ def _print_frame(df, title: str) -> None:
     for col in df.columns:  # long names (tasks, specs) wrap rather than end in an ellipsis
         table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left", overflow="fold")
     for row in df.itertuples(index=False):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else escape(str(v)) for v in row])  # labels hold [options]
     Console().print(table)
 
 

@@ -74,7 +74,7 @@ class SkipbenchLM(TemplateLM):
     command)."""
 
     def __init__(self, model: str = "smollm2-135m", policy: str | PolicySpec = "full", policy_options: str = "",
-                 gate: str = "sample", kv_mode: str = "auto", prompt_depth: str = "full", impl: str = "gather",
+                 gate: str = "sample", kv_mode: str = "auto", prompt_depth: str = "full", impl: str = "auto",
                  device: str | None = None, dtype: str = "auto", batch_size: int | str | None = None,
                  max_batch_size: int | None = None, max_length: int | None = None, seed: int = 0,
                  lm: LoadedModel | None = None, **unknown) -> None:

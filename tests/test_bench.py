@@ -15,12 +15,14 @@ from skipbench.cli import app
 def test_bench_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "bench.parquet"
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1,2",
-                                   "--policies", "full,uniform:3,random-token:4", "--impl", "both",
+                                   "--policies", "full,uniform:3,random-token:4", "--impl", "all",
                                    "--new-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    variants = {"hf-generate", "full", "uniform:3", "random-token:4 [gather]", "random-token:4 [mask]", "removed:uniform:3"}
+    variants = {"hf-generate", "full", "uniform:3", "random-token:4 [auto]", "random-token:4 [gather]",
+                "random-token:4 [mask]", "removed:uniform:3"}
     assert set(df["variant"]) == variants
+    assert "[mask]" in res.stdout  # printed as written, not taken for markup
     assert len(df) == 2 * len(variants) * 2 * 2  # batch sizes x variants x repeats x phases
     decode = df[df["phase"] == "decode"]
     assert (decode["steps"] == 3).all() and (df["tokens_per_s"] > 0).all() and df["run_id"].nunique() == 1
@@ -32,8 +34,47 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     full = summary[(summary["variant"] == "full") & (summary["phase"] == "decode")]
     assert (full["speedup"] == 1.0).all() and (full["ideal_speedup"].round(9) == 1.0).all()
     assert set(meta["fixed_part_seconds"]) == {"1", "2"} or set(meta["fixed_part_seconds"]) == {1, 2}
-    assert "real/ideal" in res.stdout
+    assert "real/ideal" in res.stdout and "real/batch" in res.stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
+    # the policy's time and the parts each decode step ran are per variant; the batch ideal is recomputed from them
+    assert (decode.loc[decode["variant"] != "hf-generate", "policy_s"] >= 0).all()
+    assert df.loc[df["phase"] == "prefill", "policy_s"].isna().all()
+    ours = decode[decode["kind"] == "policy"]
+    assert (ours["attention_layers"] >= ours["layers_mean"] - 1e-9).all()  # a batch runs a layer any row runs
+    uniform = decode[decode["variant"] == "uniform:3"]
+    assert (uniform["attention_layers"] == 3).all() and (uniform["kv_layers"] == 3).all()  # fill: 3 skipped layers' K/V
+    mask = decode[decode["variant"] == "random-token:4 [mask]"]
+    assert (mask["gathered_layers"] == 0).all() and (mask.loc[mask["batch_size"] == 2, "dense_layers"] > 0).all()
+    costs = meta["layer_costs"]
+    assert set(costs) == {"1", "2"} and "auto" in costs["2"]["fill"]
+    for r in summary[(summary["phase"] == "decode") & (summary["kind"] == "policy")].itertuples():
+        c, f = costs[str(r.batch_size)]["fill"], meta["fixed_part_seconds"][str(r.batch_size)]
+        full_step = summary[(summary["variant"] == "full") & (summary["phase"] == "decode")
+                            & (summary["batch_size"] == r.batch_size)]["step_p50"].iloc[0]
+        rows = decode[(decode["variant"] == r.variant) & (decode["batch_size"] == r.batch_size)]
+        work = (rows["attention_layers"].median() * c["attention"] + rows["mlp_layers"].median() * c["mlp"]
+                + rows["kv_layers"].median() * c["kv"])
+        ideal = full_step / (f + work / (6 * (c["attention"] + c["mlp"])) * (full_step - f))
+        assert r.ideal_batch_speedup == pytest.approx(ideal)
+        # the speedup is the median over repeats of tokens/s over full depth's in the same round
+        fulls = decode[(decode["variant"] == "full") & (decode["batch_size"] == r.batch_size)].set_index("repeat")
+        paired = rows.set_index("repeat")["tokens_per_s"] / fulls["tokens_per_s"]
+        assert r.speedup == pytest.approx(paired.median())
+
+
+def test_bench_refuses_an_unknown_impl(tiny_dirs, tmp_path):
+    out = tmp_path / "bench.parquet"
+    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1",
+                                   "--impl", "auto,fast", "--out", str(out)])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert "--impl" in res.stderr and not out.exists()
+
+
+def test_impls_of():
+    from skipbench.experiments.bench import impls_of
+
+    assert impls_of("auto") == ["auto"] and impls_of("both") == ["gather", "mask"]
+    assert impls_of("all") == ["auto", "gather", "mask"] and impls_of("mask, auto,mask") == ["mask", "auto"]
 
 
 def test_removed_layers_model_equals_plan(tokenizer):
@@ -89,6 +130,33 @@ def test_summary_on_synthetic_timings():
     assert s.loc["uniform:15", "ideal_speedup"] == pytest.approx(0.1 / 0.06)
     assert s.loc["uniform:15", "realized_over_ideal"] == pytest.approx(1.5 / (0.1 / 0.06))
     assert s.loc["full", "vs_generate"] == pytest.approx(1.25) and s.loc["full", "kv_mode"] == "fill"
+
+
+def test_batch_ideal_counts_what_the_batch_can_skip():
+    """The batch ideal weighs the parts any row ran per step by the cost table's dense times: a per-token policy
+    whose every layer has a running row gets 1; a routed skip that still runs attention gets the MLP's share."""
+    from skipbench.engine.costs import LayerCosts
+    from skipbench.experiments.bench import summarise
+
+    def row(variant, tps, layers, attention, mlp, kv=0.0):
+        return {"batch_size": 8, "variant": variant, "kind": "policy", "kv_mode": "fill", "phase": "decode",
+                "tokens_per_s": tps, "step_p50": 0.1, "step_p90": 0.1, "step_mean": 0.1, "layers_mean": layers,
+                "peak_memory_mb": 1.0, "policy_s": 0.001, "attention_layers": attention, "mlp_layers": mlp,
+                "kv_layers": kv, "dense_layers": 0.0, "gathered_layers": 0.0}
+
+    parts = {8: LayerCosts(batch=8, dense=(), gathered=(), routed_dense=(), routed_gathered=(), attention=0.001,
+                           mlp=0.002, kv=0.0005)}
+    df = pd.DataFrame([row("full", 10.0, 30, 30, 30), row("random-token:22", 9.8, 22, 30, 30),
+                       row("flexi", 9.0, 20, 30, 20), row("uniform:15", 15.0, 15, 15, 15, kv=15)])
+    s = summarise(df, {8: 0.01}, 30, parts).set_index("variant")
+    assert s.loc["random-token:22", "ideal_batch_speedup"] == pytest.approx(1.0)
+    assert s.loc["random-token:22", "realized_over_batch_ideal"] == pytest.approx(0.98)
+    assert s.loc["random-token:22", "ideal_speedup"] > 1.2  # the layer count promises what the batch cannot skip
+    # FlexiDepth: 30 attentions and 20 MLPs of 30 layers at 1 and 2 ms: (30 + 40) / 90 of the layers' 0.09 s
+    assert s.loc["flexi", "ideal_batch_speedup"] == pytest.approx(0.1 / (0.01 + 70 / 90 * 0.09))
+    # fill mode: the skipped layers' K/V (0.5 ms each) are still written
+    assert s.loc["uniform:15", "ideal_batch_speedup"] == pytest.approx(0.1 / (0.01 + (45 + 7.5) / 90 * 0.09))
+    assert s.loc["random-token:22", "policy_share"] == pytest.approx(0.01)
 
 
 def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):

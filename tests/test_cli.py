@@ -148,13 +148,11 @@ def test_choice_enums_are_the_librarys_choices():
     """The command line's choices are exactly what the library accepts."""
     from skipbench import cli
     from skipbench.engine.cache import KV_CHOICES
-    from skipbench.engine.forward import IMPLS
     from skipbench.models.loading import DTYPES
     from skipbench.policies.controller import ALPHA_UNITS, GATES, INPUTS
 
     values = lambda e: {m.value for m in e}  # noqa: E731
     assert values(cli.KvMode) == set(KV_CHOICES)
-    assert values(cli.Impl) == {*IMPLS, "both"}
     assert values(cli.Dtype) == {"auto", *DTYPES}
     assert values(cli.AlphaUnits) == set(ALPHA_UNITS) and values(cli.GateMode) == set(GATES)
     assert values(cli.ControllerInput) == set(INPUTS)

@@ -221,3 +221,134 @@ def test_one_loop_soft_gates_of_0_and_1_equal_the_hard_plan(tokenizer, family):
     out = engine.run(resp, cache, soft)
     assert len(out.gates) == lm.num_layers  # every soft gate is handed back (the regulariser reads them)
     torch.testing.assert_close(out.logits, hard, rtol=1e-5, atol=1e-5)
+
+
+def _plant_costs(lm, kv_mode: str, batch: int, gather_rows: set[int]):
+    """A cost table in the cache that gathers at `gather_rows` running rows and runs densely otherwise (plain and
+    routed layers alike), so `--impl auto` takes both paths within one run."""
+    from skipbench.engine import costs
+
+    path, key = costs.table_path(lm.adapter, kv_mode, batch)
+    cheap = lambda gathered: tuple(1.0 if (r in gather_rows) == gathered else 2.0 for r in range(1, batch + 1))  # noqa: E731
+    table = costs.LayerCosts(batch=batch, dense=cheap(False), gathered=cheap(True), routed_dense=cheap(False),
+                             routed_gathered=cheap(True), attention=1.0, mlp=1.0, kv=0.1)
+    costs.save(path, table, key)
+    return table
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+def test_auto_with_a_mixed_choice_equals_gather_and_mask(family, kv_mode, tokenizer, tmp_path, monkeypatch):
+    """--impl auto, choosing per layer and step (here dense at some running-row counts, gathered at others), gives
+    the tokens and layer records of gather and of mask."""
+    from skipbench.engine.forward import Meter
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    lm = lm_for(family, tokenizer)
+    ps = prompts(tokenizer, 4)
+    table = _plant_costs(lm, kv_mode, 4, gather_rows={1, 3})
+    assert table.gather_pays(1) and not table.gather_pays(2) and table.crossover() == "gathers at [1, 3] of 4 rows"
+    runs, meters = {}, {}
+    for impl in ("gather", "mask", "auto"):
+        meters[impl] = Meter()
+        runs[impl] = generate(lm, ps, make_policy("random-token:3", lm.num_layers, seed=2), 12, kv_mode=kv_mode,
+                              impl=impl, meter=meters[impl])
+    assert runs["auto"].tokens == runs["gather"].tokens == runs["mask"].tokens
+    assert runs["auto"].layers == runs["gather"].layers == runs["mask"].layers
+    assert meters["auto"].dense > 0 and meters["auto"].gathered > 0  # both paths were taken
+    assert meters["gather"].dense == 0 and meters["mask"].gathered == 0
+    assert meters["auto"].dense + meters["auto"].gathered == meters["mask"].dense
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_routed_layers_dense_equal_gathered(kv, tokenizer, tmp_path, monkeypatch):
+    """A routed (FlexiDepth) layer whose MLP runs for every token and is then replaced for the skipped ones gives
+    what the gathered MLP gives, as does auto choosing between the two."""
+    from skipbench.engine.forward import Meter
+    from skipbench.policies.flexidepth import FlexiDepth, FlexiPolicy
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    lm = lm_for("llama", tokenizer)
+    torch.manual_seed(0)
+    flexi = FlexiDepth(64, 6, reduction=4, kv=kv)
+    with torch.no_grad():
+        for r in flexi.routers.values():
+            r.out.bias.fill_(0.0)  # G ~ 0.5 around tau: some tokens skip
+    ps = prompts(tokenizer, 4)
+    _plant_costs(lm, "fill" if kv else "none", 4, gather_rows={2})
+    runs, meters = {}, {}
+    for impl in ("gather", "mask", "auto"):
+        meters[impl] = Meter()
+        runs[impl] = generate(lm, ps, FlexiPolicy(flexi), 10, impl=impl, meter=meters[impl])
+    assert runs["auto"].tokens == runs["gather"].tokens == runs["mask"].tokens
+    assert runs["auto"].layers == runs["gather"].layers == runs["mask"].layers
+    assert meters["mask"].dense > 0 and meters["auto"].dense > 0 and meters["auto"].gathered > 0
+    assert meters["mask"].attention == meters["mask"].steps * lm.num_layers  # a routed skip still runs attention
+    assert meters["mask"].mlp < meters["mask"].attention
+
+
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+def test_meter_counts_the_parts_a_batch_runs(kv_mode, tokenizer):
+    """At batch 1 a per-token policy's parts are its layers: attention and MLP where the token runs, only the K/V
+    where it skips (`fill`); a static plan at any batch runs its layers for every row."""
+    from skipbench.engine.forward import Meter
+
+    lm = lm_for("llama", tokenizer)
+    m = Meter()
+    gen = generate(lm, prompts(tokenizer, 1), make_policy("random-token:2", lm.num_layers, seed=1), 8,
+                   kv_mode=kv_mode, meter=m, stop_at_eos=False)
+    ran = sum(map(len, gen.layers[0]))
+    assert m.steps == 7 and m.attention == m.mlp == ran == 7 * 2
+    assert m.kv == (7 * (lm.num_layers - 2) if kv_mode == "fill" else 0)
+    m = Meter()
+    generate(lm, prompts(tokenizer, 3), make_policy("uniform:3", lm.num_layers), 6, kv_mode=kv_mode, meter=m,
+             stop_at_eos=False)
+    assert m.steps == 5 and m.attention == m.mlp == 5 * 3 and m.dense == m.gathered == 0
+
+
+def test_meter_times_the_policy_apart(tokenizer):
+    """A policy's own calls are the meter's policy time: a gate that sleeps 2 ms per layer shows at least that."""
+    import time
+
+    from skipbench.engine.forward import Meter
+
+    class Slow(Policy):
+        static = True
+
+        def gate(self, layer, hidden):
+            time.sleep(0.002)
+            return True
+
+    lm = lm_for("llama", tokenizer)
+    m = Meter()
+    began = time.perf_counter()
+    generate(lm, prompts(tokenizer, 2), Slow(lm.num_layers), 5, meter=m, stop_at_eos=False)
+    total = time.perf_counter() - began
+    assert m.steps == 4 and 4 * lm.num_layers * 0.002 <= m.policy_seconds < total
+
+
+def test_cost_table_is_measured_once_and_read_back(tokenizer, tmp_path, monkeypatch):
+    """`auto`'s table is measured on first need (every running-row count, both ways), written to the cache and
+    read back after; a damaged table is noted and measured again; another batch or KV mode is another table."""
+    from skipbench import errors
+    from skipbench.engine import costs
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(errors, "NOTED", [])
+    lm = lm_for("llama", tokenizer)
+    engine = Engine(lm.adapter, "fill")
+    first = costs.layer_costs(engine, 3)
+    assert len(first.dense) == len(first.gathered) == len(first.routed_dense) == 3
+    assert min(first.dense + first.gathered + (first.attention, first.mlp, first.kv)) > 0
+    assert any("timing one layer at batch 3" in n for n in errors.NOTED)
+    monkeypatch.setattr(costs, "calibrate", lambda *a: pytest.fail("the cached table was not read"))
+    assert costs.layer_costs(engine, 3) == first
+    path, _ = costs.table_path(lm.adapter, "fill", 3)
+    assert path != costs.table_path(lm.adapter, "fill", 4)[0] != costs.table_path(lm.adapter, "none", 3)[0]
+    path.write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(errors, "NOTED", [])
+    again = costs.layer_costs(engine, 3)
+    assert any("measuring it again" in n for n in errors.NOTED) and len(again.dense) == 3
+    assert costs.layer_costs(engine, 3) == again  # rewritten

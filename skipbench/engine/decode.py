@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from skipbench.engine.cache import KVCache, resolve_kv_mode
-from skipbench.engine.forward import Engine
+from skipbench.engine.forward import Engine, Meter
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
 from skipbench.engine.protocol import Full, Policy
@@ -113,9 +113,10 @@ def generate(
     row_keys: list[int] | None = None,
     stop_at_eos: bool = True,
     prompt_depth: str = "full",
-    impl: str = "gather",
+    impl: str = "auto",
     timings: list | None = None,
     stop: Callable[[list[list[int]]], list[bool]] | None = None,
+    meter: Meter | None = None,
 ) -> Generation:
     """Greedy or sampled decoding of left-padded prompts under `policy`.
 
@@ -125,6 +126,7 @@ def generate(
     finishes a row is kept and not fed back.
     timings: when a list, receives ("prefill", seconds) and one ("decode", seconds) per later token,
     each measured from the previous token's choice to this one's (CUDA synchronised).
+    meter: when given, counts the decode steps' policy time and layer parts (engine/forward.Meter).
     """
     policy = policy or Full(lm.num_layers)
     kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
@@ -142,6 +144,7 @@ def generate(
     clock = Clock(dev) if timings is not None else None
     out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True, record=prompt_policy is not None)
     prompt_passes = None if out.executed is None else (out.executed & present[..., None]).sum((1, 2)).tolist()
+    engine.meter = meter
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)

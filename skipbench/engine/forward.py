@@ -10,6 +10,7 @@ token carries, `none` writes nothing (and later queries at layer i do not see th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,27 +32,47 @@ class ForwardOut:
     state: torch.Tensor | None = None  # a span that stops before the last layer: the stream leaving it (no logits)
 
 
-IMPLS = ("gather", "mask")
+IMPLS = ("auto", "gather", "mask")
+
+
+@dataclass
+class Meter:
+    """What the runs of an engine did, summed over its steps (bench reads it): the policy's own seconds (its
+    `new_step` and `gate` calls; host time, so on CUDA the time to launch its kernels) and, per layer and step, the
+    parts at least one row ran: attention, MLP, or only the K/V of rows that skip (`fill`); and how partial layers
+    (some rows run them) were executed."""
+
+    steps: int = 0
+    policy_seconds: float = 0.0
+    attention: int = 0
+    mlp: int = 0
+    kv: int = 0
+    dense: int = 0
+    gathered: int = 0
 
 
 class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
-    for every token and then selects (kept to measure what gathering saves; both give the same tokens).
+    for every token and then selects; `auto` (default) takes, at each partial layer of a one-token step, the path
+    the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. All three give
+    the same tokens.
 
     `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
     for a caller that never reads them before they are written again (a static plan's draft tokens, which the
     verify pass of self-speculative decoding rewrites at every layer)."""
 
-    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "gather", write_skipped: bool = True) -> None:
+    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "auto", write_skipped: bool = True) -> None:
         if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
         if impl not in IMPLS:
-            raise SkipbenchError(f"--impl must be 'gather' or 'mask', got '{impl}'")
+            raise SkipbenchError(f"--impl must be one of {', '.join(IMPLS)}, got '{impl}'")
         self.ad = adapter
         self.kv_mode = kv_mode
         self.impl = impl
         self.write_skipped = write_skipped
         self.gqa = adapter.num_heads != adapter.num_kv_heads
+        self.costs: dict = {}  # batch size -> costs.LayerCosts (`auto`), read or measured on first need
+        self.meter: Meter | None = None
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
         ad = self.ad
@@ -109,8 +130,11 @@ class Engine:
         real = True if present is None else present
         if self.kv_mode == "fill":  # every real token writes K/V at every layer
             cache.mark(range(ad.num_layers), real, num_tokens)
+        meter = self.meter
+        if meter is not None:
+            meter.steps += 1
         if policy is not None:
-            policy.new_step(positions)
+            self._timed(policy.new_step, positions)
         executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None
         hidden = [] if keep_hidden else None
         soft: list = []
@@ -118,7 +142,7 @@ class Engine:
         for i in span:
             if keep_hidden:
                 hidden.append(h)
-            gate = True if policy is None else policy.gate(i, h[:, gated_from:] if gated_from else h)
+            gate = True if policy is None else self._timed(policy.gate, i, h[:, gated_from:] if gated_from else h)
             if isinstance(gate, Route):  # the policy routes, the engine runs the routed layer
                 if gated_from:
                     raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
@@ -149,6 +173,39 @@ class Engine:
         logits = ad.head(ad.final_norm(h))
         return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft)
 
+    def _timed(self, call, *args):
+        """A policy call, its seconds added to the meter when one is attached."""
+        if self.meter is None:
+            return call(*args)
+        began = time.perf_counter()
+        out = call(*args)
+        self.meter.policy_seconds += time.perf_counter() - began
+        return out
+
+    def _gathers(self, h: torch.Tensor, running: torch.Tensor, routed: bool = False) -> bool:
+        """Whether a partial layer (`running` [B, T]: some tokens run it) is run gathered rather than densely."""
+        if self.impl != "auto":
+            return self.impl == "gather"
+        if h.shape[1] != 1 or torch.is_grad_enabled():  # a step of many tokens, or training: gather
+            return True
+        batch = h.shape[0]
+        if batch not in self.costs:
+            from skipbench.engine.costs import layer_costs
+
+            self.costs[batch] = layer_costs(self, batch)
+        rows = int(running.sum())  # one token per row
+        if rows == 0:  # nothing runs: gathering computes only the K/V
+            return True
+        table = self.costs[batch]
+        return table.routed_gather_pays(rows) if routed else table.gather_pays(rows)
+
+    def _count(self, attention: bool, mlp: bool, kv: bool, gathered: bool | None = None) -> None:
+        m = self.meter
+        if m is not None:
+            m.attention, m.mlp, m.kv = m.attention + attention, m.mlp + mlp, m.kv + kv
+            if gathered is not None:
+                m.gathered, m.dense = m.gathered + gathered, m.dense + (not gathered)
+
     def layer(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: Gate, real) -> torch.Tensor:
         """One decoder layer under a gate: run it, skip it, or run it for some tokens only."""
         ad, num_tokens = self.ad, h.shape[1]
@@ -157,11 +214,19 @@ class Engine:
                 cache.mark([i], False, num_tokens)
             elif self.write_skipped:
                 cache.write(i, *ad.kv(i, ad.attn_norm(i, h), pos))
+            self._count(False, False, self.kv_mode == "fill" and self.write_skipped)
             return h
         if self.kv_mode == "none":
             cache.mark([i], _both(gate, real), num_tokens)
-        if gate is not True and self.impl == "gather":
-            return self._gathered(i, h, pos, cache, gate)
+        if gate is True:
+            self._count(True, True, False)
+        else:
+            gathered = self._gathers(h, gate)
+            if self.meter is not None:
+                runs = bool(gate.any())  # a tensor gate no token takes costs what a skipped layer does
+                self._count(runs, runs, not runs and self.kv_mode == "fill", gathered if runs else None)
+            if gathered:
+                return self._gathered(i, h, pos, cache, gate)
         out = h + self.attend(i, h, pos, cache)
         out = out + ad.mlp_block(i, out)
         if gate is True:
@@ -194,17 +259,23 @@ class Engine:
 
     def routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: Route, real=True) -> torch.Tensor:
         """A routed layer (protocol.Route): attention for every token (K/V written for all, or only for the routed
-        ones when `kv_for_skipped` is False); the MLP, scaled, for the routed tokens only; the skip path for the
-        others."""
+        ones when `kv_for_skipped` is False); the MLP, scaled, for the routed tokens (gathered, or for every token
+        and then replaced where that is cheaper: `_gathers`); the skip path for the others."""
         ad, run = self.ad, route.run
         if not route.kv_for_skipped:  # skipped tokens write no K/V here (the cache is in `none` mode)
             cache.mark([i], run if real is True else run & real, h.shape[1])
         h_attn = h + self.attend(i, h, pos, cache)
-        out = torch.empty_like(h)
         full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
-        if full[0].numel():
-            x = h_attn[full]
-            out = out.index_put(full, x + route.scale[full][:, None] * ad.mlp_block(i, x))
+        partial = 0 < full[0].numel() < run.numel()
+        gathered = self._gathers(h, run, routed=True) if partial else True
+        self._count(True, full[0].numel() > 0, False, gathered if partial else None)
+        if not gathered:  # the MLP for every token (as cheap as for some, by the cost table), the skipped replaced
+            out = (h_attn + route.scale[..., None] * ad.mlp_block(i, h_attn)).to(h.dtype)
+        else:
+            out = torch.empty_like(h)
+            if full[0].numel():
+                x = h_attn[full]
+                out = out.index_put(full, x + route.scale[full][:, None] * ad.mlp_block(i, x))
         if skip[0].numel():
             y = h[skip]
             if route.skip is not None:

@@ -163,7 +163,7 @@ def speculate(
     sampling: Sampling = Sampling(),
     row_keys: list[int] | None = None,
     stop_at_eos: bool = True,
-    impl: str = "gather",
+    impl: str = "auto",
     timings: list | None = None,
     propose=None,
 ) -> Generation:

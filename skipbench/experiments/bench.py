@@ -7,15 +7,25 @@ Prefill (the prompt and the first token) and decode (each later token) are timed
 Rows:
   hf-generate           transformers' own `model.generate` at full depth (the baseline)
   <policy>              skipbench under each policy (`full`, `uniform:15`, `random-token:22`, `flexidepth:DIR`, ...);
-                        per-token policies also as `<policy> [mask]` with `--impl both`
+                        per-token policies once per implementation given (`--impl auto,gather,mask`: `<policy> [mask]`)
   removed:<plan>        for a static plan: the same model with the other layers physically removed (the bound)
 
   spec <draft> k=<K>    self-speculative decoding (`--drafts`, `--speculate`): the draft policy proposes K tokens,
                         the full model verifies them; the output is full depth's, so its speedup is lossless
 
-Speedups are of decode tokens/s over `full`. The ideal speedup counts layers: a decode step costs a fixed
-part F (embedding, final norm, head, sampling; timed on its own) plus L layers, so running m layers on
-average ideally takes F + (m / L)(T_full - F).
+Speedups are of decode tokens/s over `full`. Two ideals, both from a decode step costing a fixed part F (embedding,
+final norm, head, sampling; timed on its own) plus its layers, scaled so that full depth's L layers cost T_full - F:
+
+* `ideal_speedup` counts layers per token: m layers on average ideally take F + (m / L)(T_full - F);
+* `ideal_batch_speedup` counts what the batch can actually skip: a layer part (attention, MLP) costs its dense time
+  (engine/costs.py's table) at a step when at least one row runs it, and nothing when none does, except the K/V a
+  skipping row still writes (`fill`) and the attention a KV-preserving routed skip still runs (FlexiDepth). At
+  batch 8 almost every layer has a row that runs it, so a per-token policy's batch ideal is near 1.
+
+Each policy variant also reports the policy's own time per decode step (`policy_s`: its `new_step` and `gate`
+calls, host time), the layer parts any row ran per step (`attention_layers`, `mlp_layers`, `kv_layers`) and how
+its partial layers ran (`dense_layers`, `gathered_layers`): realized against the batch ideal then says whether the
+difference is the policy or the engine.
 
 A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
 `alpha`: the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
@@ -47,10 +57,12 @@ import torch
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import generate
 from skipbench.engine.cache import resolve_kv_mode
+from skipbench.engine.costs import LayerCosts, layer_costs
 from skipbench.engine.decode import left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
+from skipbench.engine.forward import IMPLS, Engine, Meter
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec, parse_policies
@@ -77,7 +89,7 @@ class BenchConfig:
     repeats: int = 3
     warmup: int = 1
     kv_mode: str = "auto"  # auto: fill, or the KV mode a trained policy requires
-    impl: str = "gather"  # gather | mask | both (per-token policies run under both)
+    impl: str = "auto"  # auto | gather | mask, comma-separated (per-token policies run under each); both = gather,mask
     compile: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -125,9 +137,14 @@ def _hf_variant(lm: LoadedModel, n: int) -> Variant:
 def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode: str = "fill") -> Callable:
     def run(prompts):
         timings: list = []
-        gen = generate(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings)
+        meter = Meter()
+        gen = generate(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings,
+                       meter=meter)
         layers = [len(rec) for row in gen.layers for rec in row]
-        return timings, float(np.mean(layers)) if layers else float(lm.num_layers), {}
+        steps = max(meter.steps, 1)
+        extra = {"policy_s": meter.policy_seconds / steps,
+                 **{f"{part}_layers": getattr(meter, part) / steps for part in METER_PARTS}}
+        return timings, float(np.mean(layers)) if layers else float(lm.num_layers), extra
 
     return run
 
@@ -154,9 +171,19 @@ def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchCo
     return run
 
 
+def impls_of(text: str) -> list[str]:
+    """`--impl`: implementations, comma-separated (`both` = gather,mask; `all` = auto,gather,mask)."""
+    names = {"both": ["gather", "mask"], "all": list(IMPLS)}
+    out = [i for part in text.split(",") if part.strip() for i in names.get(part.strip(), [part.strip()])]
+    bad = [i for i in out if i not in IMPLS]
+    if not out or bad:
+        raise SkipbenchError(f"--impl takes {', '.join(IMPLS)}, both or all, comma-separated; got '{text}'")
+    return list(dict.fromkeys(out))
+
+
 def _impl(cfg: BenchConfig) -> str:
-    """The one implementation a variant runs under (`both` runs per-token policies twice, everything else gathered)."""
-    return "gather" if cfg.impl == "both" else cfg.impl
+    """The implementation of variants that run once (static plans, drafts): the first one given."""
+    return impls_of(cfg.impl)[0]
 
 
 def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] = ()) -> list[Variant]:
@@ -168,7 +195,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
     for spec in specs:
         policy = spec.build(lm.num_layers, lm)
         label = spec.name + (f":{spec.arg}" if spec.arg else "")  # as the user wrote it
-        impls = ["gather", "mask"] if (cfg.impl == "both" and not policy.static) else [_impl(cfg)]
+        impls = [_impl(cfg)] if policy.static else impls_of(cfg.impl)
         kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
         spec.check_kv_mode(kv_mode)
         for impl in impls:
@@ -229,8 +256,7 @@ class BenchResult(Written):
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
-    if cfg.impl not in ("gather", "mask", "both"):
-        raise SkipbenchError(f"--impl must be gather, mask or both, got '{cfg.impl}'")
+    impls_of(cfg.impl)
     if cfg.out:
         check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
@@ -247,14 +273,16 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         found = search(lm, encoded[0], cfg.speculations[0].k)
         drafts = (*drafts, *parse_policies(found.label))
     vs = variants(lm, cfg, drafts)
-    rows, fixed = [], {}
+    rows, fixed, parts = [], {}, {}
     if start:
         start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(vs))
     for batch in cfg.batch_sizes:
         prompts = [encoded[i % len(encoded)] for i in range(batch)]
         fixed[batch] = fixed_part(lm, batch)
+        # the cost tables (auto's choice, the batch ideal's parts): read or measured now, before any clock runs
+        parts[batch] = {mode: layer_costs(Engine(lm.adapter, mode), batch) for mode in sorted({"fill", *(v.kv_mode for v in vs)})}
         for rep in range(-cfg.warmup, cfg.repeats):
-            for v in vs:
+            for v in (vs if rep % 2 == 0 else vs[::-1]):  # alternating order: a drift within a round cancels
                 if lm.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 timings, layers, extra = v.run(prompts)
@@ -264,12 +292,14 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                                        layers_mean=layers, **extra)
                 if progress:
                     progress()
-    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers)
+    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, {b: t["fill"] for b, t in parts.items()})
     df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
         return BenchResult(rows=df, summary=summary, search=found)
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
+                    layer_costs={str(b): {mode: {**c.__dict__, "auto": c.crossover()} for mode, c in t.items()}
+                                 for b, t in parts.items()},
                     draft_search=None if found is None else {
                         "chosen": found.label, "k": found.k, "t_full": found.t_full, "t_verify": found.t_verify,
                         "path": [s.__dict__ for s in found.path]},
@@ -295,7 +325,7 @@ def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], new_t
     for phase in ("prefill", "decode"):
         secs = _steps(timings) if phase == "decode" else [t for p, t in timings if p == phase]
         tokens = sum(map(len, prompts)) if phase == "prefill" else len(prompts) * (new_tokens - 1)
-        extra = fields if phase == "decode" else {k: v for k, v in fields.items() if k not in SPECULATIVE}
+        extra = fields if phase == "decode" else {k: v for k, v in fields.items() if k not in DECODE_ONLY}
         rows.append({**extra, "phase": phase, "seconds": float(sum(secs)), "steps": len(secs), "tokens": tokens,
                      "step_p50": float(np.median(secs)), "step_p90": float(np.percentile(secs, 90)),
                      "step_mean": float(sum(secs) / len(secs)), "tokens_per_s": tokens / sum(secs)})
@@ -318,19 +348,30 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
 
 SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
                "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
+METER_PARTS = ("attention", "mlp", "kv", "dense", "gathered")
+METERED = ("policy_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step
+DECODE_ONLY = SPECULATIVE + METERED
 
 
-def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
+def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, LayerCosts] | None = None) -> pd.DataFrame:
+    """Medians per (batch, variant, phase), speedups over `full`, the ideals (module docstring). `parts`: each
+    batch's cost table, whose attention, MLP and K/V times weigh the parts a variant ran for the batch ideal."""
+    # a speedup is the median over repeats of the variant's tokens/s over full depth's in the same round (paired:
+    # drift between rounds cancels; run() alternates the order of the variants from round to round)
+    keys = ["batch_size", "phase", "repeat"]
+    df = df.assign(repeat=df["repeat"] if "repeat" in df else 0)
+    full_tps = df[df.variant == "full"].groupby(keys)["tokens_per_s"].first()
+    df["paired_speedup"] = df["tokens_per_s"].to_numpy() / full_tps.reindex(pd.MultiIndex.from_frame(df[keys])).to_numpy()
     g = df.groupby(["batch_size", "variant", "kind", "kv_mode", "phase"], sort=False)
-    extra = {c: (c, "median") for c in SPECULATIVE if c in df}
+    extra = {c: (c, "median") for c in DECODE_ONLY if c in df}
     out = g.agg(tokens_per_s=("tokens_per_s", "median"), step_p50=("step_p50", "median"), step_p90=("step_p90", "median"),
-                step_mean=("step_mean", "median"),
+                step_mean=("step_mean", "median"), speedup=("paired_speedup", "median"),
                 layers_mean=("layers_mean", "mean"), peak_memory_mb=("peak_memory_mb", "max"), **extra).reset_index()
-    realized, ideal, predicted, costed = [], [], [], []
+    ideal, batch_ideal, predicted, costed = [], [], [], []
     for r in out.itertuples():
         full = out[(out.batch_size == r.batch_size) & (out.variant == "full") & (out.phase == r.phase)]
-        realized.append(r.tokens_per_s / float(full.tokens_per_s.iloc[0]) if len(full) else np.nan)
         ideal.append(np.nan)
+        batch_ideal.append(np.nan)
         predicted.append(np.nan)
         costed.append(np.nan)
         if full.empty or r.phase != "decode":
@@ -341,16 +382,23 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int) -> pd.DataFrame:
             t_full, round_cost = float(full.step_mean.iloc[0]), r.k_mean * r.t_draft + r.t_verify
             predicted[-1] = r.expected_per_round * t_full / round_cost
             costed[-1] = r.tokens_per_round * t_full / round_cost
-        else:
-            t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
-            ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
-    out["speedup"] = realized
+            continue
+        t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
+        ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
+        c = (parts or {}).get(r.batch_size)
+        if c is not None and not np.isnan(getattr(r, "attention_layers", np.nan)):
+            work = r.attention_layers * c.attention + r.mlp_layers * c.mlp + r.kv_layers * c.kv
+            batch_ideal[-1] = t_full / (f + work / (num_layers * (c.attention + c.mlp)) * max(t_full - f, 0.0))
     out["ideal_speedup"] = ideal
     out["realized_over_ideal"] = out["speedup"] / out["ideal_speedup"]
+    out["ideal_batch_speedup"] = batch_ideal
+    out["realized_over_batch_ideal"] = out["speedup"] / out["ideal_batch_speedup"]
+    if "policy_s" in out:
+        out["policy_share"] = out["policy_s"] / out["step_mean"]
     out["predicted_speedup"] = predicted
     out["realized_over_predicted"] = out["speedup"] / out["predicted_speedup"]
     out["cost_model_speedup"] = costed  # measured tokens per round: what only the cost model (and overhead) explains
     out["realized_over_cost_model"] = out["speedup"] / out["cost_model_speedup"]
-    out["vs_generate"] = [r.tokens_per_s / float(out[(out.batch_size == r.batch_size) & (out.variant == "hf-generate")
-                                                    & (out.phase == r.phase)].tokens_per_s.iloc[0]) for r in out.itertuples()]
+    hf = out[out.variant == "hf-generate"].set_index(["batch_size", "phase"])["tokens_per_s"]
+    out["vs_generate"] = out["tokens_per_s"].to_numpy() / hf.reindex(pd.MultiIndex.from_frame(out[["batch_size", "phase"]])).to_numpy()
     return out

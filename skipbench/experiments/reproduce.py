@@ -194,7 +194,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("bench", (
             "bench", "--model", bn.get("model", model), "--policies", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
             *_opt(bn, "new_tokens", "--new-tokens"), *_opt(bn, "repeats", "--repeats"),
-            *_opt(bn, "warmup", "--warmup"), "--impl", "both", "--out", str(target)), target))
+            *_opt(bn, "warmup", "--warmup"), "--impl", "all", "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
     training = ("finetune", "controllers sweep", "flexidepth train")
     products = {"finetune": r / "finetune", "flexidepth train": flexi_run}

@@ -97,8 +97,10 @@ def layer_gates(plan: np.ndarray, device) -> list[Gate]:
     then runs or skips it outright), else the layer's bool tensor [B, T]."""
     import torch
 
-    run = torch.from_numpy(plan).to(device)
-    return [bool(g.flat[0]) if g.all() or not g.any() else run[i] for i, g in enumerate(plan)]
+    run = torch.from_numpy(plan).to(device)  # one transfer per step; a layer's gate is a view of it
+    counts = plan.reshape(len(plan), -1).sum(1)  # one reduction for all layers
+    whole = plan[0].size
+    return [True if n == whole else False if n == 0 else run[i] for i, n in enumerate(counts.tolist())]
 
 
 class SequencePlans(Policy):
