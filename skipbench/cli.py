@@ -399,6 +399,8 @@ def bench(
                              "table), gather, mask; comma-separated, per-token policies run under each (both = "
                              "gather,mask; all = auto,gather,mask)"),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
+    lockstep: bool = typer.Option(True, help="skipbench's variants decode together, one step each in turn, so a "
+                                  "drift of the machine's speed hits all alike (--no-lockstep: one run after another)"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     seed: int = typer.Option(0, help="seed of random policies"),
@@ -422,7 +424,7 @@ def bench(
     _quiet_transformers()
     cfg = BenchConfig(model=model, policies=tuple(_specs(policies, seed=seed, policy_options=policy_option)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
-                      compile=compile, device=device, dtype=dtype, seed=seed, out=out,
+                      compile=compile, lockstep=lockstep, device=device, dtype=dtype, seed=seed, out=out,
                       drafts=() if drafts.strip() in ("", "auto") else tuple(_specs(drafts, seed=seed, policy_options=policy_option)),
                       draft_search=drafts.strip() == "auto",
                       speculations=tuple(_speculation(k, draft_threshold) for k in speculate.split(",") if k.strip()) or

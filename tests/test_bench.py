@@ -38,8 +38,8 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
     # the policy's time and the parts each decode step ran are per variant; the batch ideal is recomputed from them
     assert (decode.loc[decode["variant"] != "hf-generate", "policy_s"] >= 0).all()
-    assert df.loc[df["phase"] == "prefill", "policy_s"].isna().all()
     ours = decode[decode["kind"] == "policy"]
+    assert df.loc[df["phase"] == "prefill", "policy_s"].isna().all() and (ours["skip_path_s"] == 0).all()
     assert (ours["attention_layers"] >= ours["layers_mean"] - 1e-9).all()  # a batch runs a layer any row runs
     uniform = decode[decode["variant"] == "uniform:3"]
     assert (uniform["attention_layers"] == 3).all() and (uniform["kv_layers"] == 3).all()  # fill: 3 skipped layers' K/V
@@ -189,3 +189,41 @@ def test_phase_rows_of_a_speculative_run_count_rounds_as_steps():
     assert rows["decode"]["steps"] == 2 and rows["decode"]["tokens"] == 8
     assert rows["decode"]["seconds"] == pytest.approx(0.63) and rows["decode"]["step_p50"] == pytest.approx(0.315)
     assert rows["decode"]["alpha"] == 0.5 and "alpha" not in rows["prefill"]
+
+
+def test_lockstep_decodings_give_their_own_tokens_and_clocks(tokenizer):
+    """Decodings advanced in turn (bench's lockstep) give the tokens each gives alone, and each clock counts only
+    its own steps: a decoding beside one whose gates sleep 5 ms per layer does not take on that time."""
+    import time
+
+    from conftest import prompts, tiny_model
+    from skipbench.engine.decode import decoding, generate
+    from skipbench.engine.protocol import Policy
+    from skipbench.experiments.bench import Variant, lockstep
+    from skipbench.models import wrap_model
+    from skipbench.policies import make_policy
+
+    class Sleepy(Policy):
+        static = True
+
+        def gate(self, layer, hidden):
+            time.sleep(0.005)
+            return True
+
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
+    ps = prompts(tokenizer, 3)
+
+    def variant(name, policy):
+        def start(p):
+            timings = []
+            return decoding(lm, p, policy, 6, stop_at_eos=False, timings=timings), lambda gen: (timings, gen)
+        return Variant(name, None, "policy", start=start)
+
+    out = lockstep([variant("fast", make_policy("random-token:3", 6, seed=1)), variant("slow", Sleepy(6))], ps)
+    for name, policy in (("fast", make_policy("random-token:3", 6, seed=1)), ("slow", Sleepy(6))):
+        alone = generate(lm, ps, policy, 6, stop_at_eos=False)
+        timings, gen = out[name]
+        assert gen.tokens == alone.tokens and gen.layers == alone.layers
+        assert [p for p, _ in timings] == ["prefill"] + ["decode"] * 5
+    assert min(t for p, t in out["slow"][0] if p == "decode") >= 6 * 0.005
+    assert max(t for _, t in out["fast"][0]) < 6 * 0.005  # the slow one's steps are not on the fast one's clock

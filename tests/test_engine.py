@@ -285,6 +285,7 @@ def test_routed_layers_dense_equal_gathered(kv, tokenizer, tmp_path, monkeypatch
     assert meters["mask"].dense > 0 and meters["auto"].dense > 0 and meters["auto"].gathered > 0
     assert meters["mask"].attention == meters["mask"].steps * lm.num_layers  # a routed skip still runs attention
     assert meters["mask"].mlp < meters["mask"].attention
+    assert meters["mask"].skip_seconds > 0 and meters["mask"].policy_seconds > 0  # adapters and routers, apart
 
 
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])

@@ -9,7 +9,7 @@ tokens has N-1 records (none when N=1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Generator, Iterator
 
 import torch
 
@@ -102,8 +102,22 @@ def pad_id(lm: LoadedModel) -> int:
     return pid
 
 
+def generate(*args, **kw) -> Generation:
+    """Greedy or sampled decoding of left-padded prompts under `policy` (the arguments of `decoding`)."""
+    return finish(decoding(*args, **kw))
+
+
+def finish(steps: Iterator[None]) -> Generation:
+    """Run a `decoding` to its end: its Generation."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 @torch.no_grad()
-def generate(
+def decoding(
     lm: LoadedModel,
     prompts: list[list[int]],
     policy: Policy | None,
@@ -117,15 +131,17 @@ def generate(
     timings: list | None = None,
     stop: Callable[[list[list[int]]], list[bool]] | None = None,
     meter: Meter | None = None,
-) -> Generation:
-    """Greedy or sampled decoding of left-padded prompts under `policy`.
+) -> Generator[None, None, Generation]:
+    """Greedy or sampled decoding of left-padded prompts under `policy`, one token per `next` when timed (bench
+    interleaves several decodings step by step this way), returning its Generation; `generate` runs it through.
 
     prompt_depth `full` (default, as in both papers) runs the prompt through every layer; `policy`
     runs it under the policy too (a static plan then equals the physically smaller model).
     stop: given every row's new tokens so far, which rows are finished (stop strings); like EOS, the token that
     finishes a row is kept and not fed back.
     timings: when a list, receives ("prefill", seconds) and one ("decode", seconds) per later token,
-    each measured from the previous token's choice to this one's (CUDA synchronised).
+    each measured from the previous token's choice (or from the resumption after it) to this one's (CUDA
+    synchronised); the decoding pauses after each, so time spent elsewhere between two `next` is not counted.
     meter: when given, counts the decode steps' policy time and layer parts (engine/forward.Meter).
     """
     policy = policy or Full(lm.num_layers)
@@ -153,6 +169,8 @@ def generate(
         tok = torch.where(done, fill, next_token(out.logits[:, -1], sampling, gen))
         if clock is not None:
             timings.append(("prefill" if step == 0 else "decode", clock.lap()))
+            yield
+            clock.lap()  # the clock restarts when the decoding resumes
         tokens.append(tok)
         lengths += (~done).long()
         fed = ~done & ~torch.isin(tok, stops)  # tokens that are fed back and get a layer record

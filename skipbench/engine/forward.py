@@ -38,12 +38,14 @@ IMPLS = ("auto", "gather", "mask")
 @dataclass
 class Meter:
     """What the runs of an engine did, summed over its steps (bench reads it): the policy's own seconds (its
-    `new_step` and `gate` calls; host time, so on CUDA the time to launch its kernels) and, per layer and step, the
+    `new_step` and `gate` calls, and apart the skip path of routed layers; host time, so on CUDA the time to
+    launch its kernels) and, per layer and step, the
     parts at least one row ran: attention, MLP, or only the K/V of rows that skip (`fill`); and how partial layers
     (some rows run them) were executed."""
 
     steps: int = 0
     policy_seconds: float = 0.0
+    skip_seconds: float = 0.0  # a routed layer's skip path (FlexiDepth's adapters): the policy's code, run per layer
     attention: int = 0
     mlp: int = 0
     kv: int = 0
@@ -173,13 +175,13 @@ class Engine:
         logits = ad.head(ad.final_norm(h))
         return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft)
 
-    def _timed(self, call, *args):
-        """A policy call, its seconds added to the meter when one is attached."""
+    def _timed(self, call, *args, field: str = "policy_seconds"):
+        """A policy call, its seconds added to the meter's `field` when one is attached."""
         if self.meter is None:
             return call(*args)
         began = time.perf_counter()
         out = call(*args)
-        self.meter.policy_seconds += time.perf_counter() - began
+        setattr(self.meter, field, getattr(self.meter, field) + time.perf_counter() - began)
         return out
 
     def _gathers(self, h: torch.Tensor, running: torch.Tensor, routed: bool = False) -> bool:
@@ -278,8 +280,8 @@ class Engine:
                 out = out.index_put(full, x + route.scale[full][:, None] * ad.mlp_block(i, x))
         if skip[0].numel():
             y = h[skip]
-            if route.skip is not None:
-                y = y + route.skip(ad.mlp_norm(i, y), skip).to(h.dtype)
+            if route.skip is not None:  # the policy's skip path (FlexiDepth's adapter), timed apart
+                y = y + self._timed(route.skip, ad.mlp_norm(i, y), skip, field="skip_seconds").to(h.dtype)
             out = out.index_put(skip, y)
         return out
 

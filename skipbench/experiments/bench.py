@@ -1,8 +1,12 @@
 """`skipbench bench`: the wall-clock cost of skipping, measured side by side in one process.
 
 Every variant generates exactly `new_tokens` tokens (EOS does not stop it) on the same prompts, after
-warm-up, round-robin over the variants so drift hits all alike, CUDA synchronised before each clock read.
-Prefill (the prompt and the first token) and decode (each later token) are timed separately.
+warm-up, CUDA synchronised before each clock read. Prefill (the prompt and the first token) and decode (each
+later token) are timed separately. skipbench's own variants (every policy and the removed-layer bounds) decode in
+lockstep: one step of each in turn (`lockstep`), so that the steps compared are a few apart and a drift of the
+machine's speed hits all alike; `model.generate` and speculative variants run whole, one after another, in an
+order that alternates from round to round. A speedup is the median over rounds of the variant's tokens/s over full
+depth's in the same round.
 
 Rows:
   hf-generate           transformers' own `model.generate` at full depth (the baseline)
@@ -23,7 +27,7 @@ final norm, head, sampling; timed on its own) plus its layers, scaled so that fu
   batch 8 almost every layer has a row that runs it, so a per-token policy's batch ideal is near 1.
 
 Each policy variant also reports the policy's own time per decode step (`policy_s`: its `new_step` and `gate`
-calls, host time), the layer parts any row ran per step (`attention_layers`, `mlp_layers`, `kv_layers`) and how
+calls, host time; `skip_path_s`: a routed layer's skip path, FlexiDepth's adapters), the layer parts any row ran per step (`attention_layers`, `mlp_layers`, `kv_layers`) and how
 its partial layers ran (`dense_layers`, `gathered_layers`): realized against the batch ideal then says whether the
 difference is the policy or the engine.
 
@@ -55,10 +59,9 @@ import pandas as pd
 import torch
 
 from skipbench.data.prompts import encode_prompt
-from skipbench.engine import generate
 from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.costs import LayerCosts, layer_costs
-from skipbench.engine.decode import left_pad, next_token, pad_id, Sampling
+from skipbench.engine.decode import decoding, finish, left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
 from skipbench.models.loading import LoadedModel, remove_layers
@@ -98,6 +101,7 @@ class BenchConfig:
     drafts: tuple[PolicySpec, ...] = ()  # self-speculative decoding: the draft policies
     draft_search: bool = False  # `--drafts auto`: search a static draft layer set first (draft_search.py)
     speculations: tuple[Speculation, ...] = (Speculation(),)  # `--speculate`: K per round, one variant per draft and K
+    lockstep: bool = True  # skipbench's own variants decode together, one step each in turn (`lockstep`)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Variant:
     run: Callable  # prompts -> (timings [(phase, seconds)], layers_mean, extra columns)
     kind: str  # baseline | policy | bound | speculative
     kv_mode: str = "fill"  # the KV mode it ran under (a full-depth run writes every K/V: `fill`)
+    start: Callable | None = None  # skipbench's own decodings: prompts -> (steps, collect), for `lockstep`
 
 
 def _hf_variant(lm: LoadedModel, n: int) -> Variant:
@@ -134,19 +139,45 @@ def _hf_variant(lm: LoadedModel, n: int) -> Variant:
     return Variant("hf-generate", run, "baseline")
 
 
-def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode: str = "fill") -> Callable:
-    def run(prompts):
+def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode: str = "fill") -> tuple[Callable, Callable]:
+    """A skipbench variant: `start(prompts)` gives its decoding (one token per `next`) and what turns the finished
+    Generation into (timings, layers_mean, extra columns); `run(prompts)` runs it alone."""
+    def start(prompts):
         timings: list = []
         meter = Meter()
-        gen = generate(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings,
-                       meter=meter)
-        layers = [len(rec) for row in gen.layers for rec in row]
-        steps = max(meter.steps, 1)
-        extra = {"policy_s": meter.policy_seconds / steps,
-                 **{f"{part}_layers": getattr(meter, part) / steps for part in METER_PARTS}}
-        return timings, float(np.mean(layers)) if layers else float(lm.num_layers), extra
+        steps = decoding(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings,
+                         meter=meter)
 
-    return run
+        def collect(gen):
+            layers = [len(rec) for row in gen.layers for rec in row]
+            n = max(meter.steps, 1)
+            extra = {"policy_s": meter.policy_seconds / n, "skip_path_s": meter.skip_seconds / n,
+                     **{f"{part}_layers": getattr(meter, part) / n for part in METER_PARTS}}
+            return timings, float(np.mean(layers)) if layers else float(lm.num_layers), extra
+
+        return steps, collect
+
+    def run(prompts):
+        steps, collect = start(prompts)
+        return collect(finish(steps))
+
+    return run, start
+
+
+def lockstep(variants: list[Variant], prompts) -> dict[str, tuple]:
+    """Decode with every variant at once, one token each in turn, so that the steps compared are at most a few
+    steps apart: a machine whose speed drifts over seconds (this 2-core CPU's did by 10-20% between runs) then
+    slows all variants alike. Each variant's clock runs only during its own steps."""
+    running = {v.name: v.start(prompts) for v in variants}
+    results = {}
+    while running:
+        for name, (steps, collect) in list(running.items()):
+            try:
+                next(steps)
+            except StopIteration as done:
+                results[name] = collect(done.value)
+                del running[name]
+    return results
 
 
 def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchConfig, kv_mode: str) -> Callable:
@@ -200,11 +231,13 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
         spec.check_kv_mode(kv_mode)
         for impl in impls:
             name = label if len(impls) == 1 else f"{label} [{impl}]"
-            out.append(Variant(name, _ours(lm, policy, cfg, impl, kv_mode), "policy", kv_mode))
+            run, start = _ours(lm, policy, cfg, impl, kv_mode)
+            out.append(Variant(name, run, "policy", kv_mode, start))
         keep = policy.executed_layers() if policy.static else None
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
-            bounds.append(Variant(f"removed:{label}", _ours(small, None, cfg, "gather"), "bound"))
+            run, start = _ours(small, None, cfg, "gather")
+            bounds.append(Variant(f"removed:{label}", run, "bound", start=start))
     for spec in drafts:
         draft = spec.build(lm.num_layers, lm)
         kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{spec.label}'")
@@ -281,17 +314,32 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         fixed[batch] = fixed_part(lm, batch)
         # the cost tables (auto's choice, the batch ideal's parts): read or measured now, before any clock runs
         parts[batch] = {mode: layer_costs(Engine(lm.adapter, mode), batch) for mode in sorted({"fill", *(v.kv_mode for v in vs)})}
+        memory: dict[str, float] = {}  # peak memory of a variant run alone (warm-up rounds, or every round)
         for rep in range(-cfg.warmup, cfg.repeats):
-            for v in (vs if rep % 2 == 0 else vs[::-1]):  # alternating order: a drift within a round cancels
+            order = vs if rep % 2 == 0 else vs[::-1]  # alternating order: a drift within a round cancels
+            together = [v for v in order if v.start is not None] if cfg.lockstep and rep >= 0 else []
+            results = {}
+            for v in order:
+                if any(v is t for t in together):
+                    continue
                 if lm.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                timings, layers, extra = v.run(prompts)
-                if rep >= 0:
-                    rows += phase_rows(timings, prompts, cfg.new_tokens, peak_memory_mb=_peak_memory_mb(lm.device),
-                                       variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
-                                       layers_mean=layers, **extra)
+                results[v.name] = v.run(prompts)
+                memory[v.name] = _peak_memory_mb(lm.device)
                 if progress:
                     progress()
+            if together:
+                results.update(lockstep(together, prompts))
+                for _ in together:
+                    if progress:
+                        progress()
+            if rep < 0:
+                continue
+            for v in order:
+                timings, layers, extra = results[v.name]
+                rows += phase_rows(timings, prompts, cfg.new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
+                                   variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
+                                   layers_mean=layers, **extra)
     summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, {b: t["fill"] for b, t in parts.items()})
     df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
@@ -304,7 +352,8 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                         "chosen": found.label, "k": found.k, "t_full": found.t_full, "t_verify": found.t_verify,
                         "path": [s.__dict__ for s in found.path]},
                     summary=summary.to_dict("records"),
-                    memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative)")
+                    memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative); taken on runs "
+                           "of a variant alone (warm-up rounds, every round with --no-lockstep), none without them")
     from skipbench.plots import speedup_figure
 
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +398,7 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
 SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
                "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
 METER_PARTS = ("attention", "mlp", "kv", "dense", "gathered")
-METERED = ("policy_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step
+METERED = ("policy_s", "skip_path_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step
 DECODE_ONLY = SPECULATIVE + METERED
 
 
