@@ -115,6 +115,7 @@ Device = _choices("Device", "auto", "cpu", "cuda")
 Dtype = _choices("Dtype", "auto", "float32", "bfloat16", "float16")
 KvMode = _choices("KvMode", "auto", "fill", "none")
 PromptDepth = _choices("PromptDepth", "full", "policy")
+Impl = _choices("Impl", "auto", "gather", "mask")
 Teacher = _choices("Teacher", "full", "reference")  # cosine's teacher, and the training targets
 GateMode = _choices("GateMode", "sample", "argmax")
 ControllerInput = _choices("ControllerInput", "hidden", "constant")
@@ -401,6 +402,8 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
     lockstep: bool = typer.Option(True, help="skipbench's variants decode together, one step each in turn, so a "
                                   "drift of the machine's speed hits all alike (--no-lockstep: one run after another)"),
+    recalibrate: bool = typer.Option(False, "--recalibrate", help="measure --impl auto's layer cost tables again "
+                                     "(they are kept in the cache once measured)"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     seed: int = typer.Option(0, help="seed of random policies"),
@@ -424,7 +427,7 @@ def bench(
     _quiet_transformers()
     cfg = BenchConfig(model=model, policies=tuple(_specs(policies, seed=seed, policy_options=policy_option)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
                       new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
-                      compile=compile, lockstep=lockstep, device=device, dtype=dtype, seed=seed, out=out,
+                      compile=compile, lockstep=lockstep, recalibrate=recalibrate, device=device, dtype=dtype, seed=seed, out=out,
                       drafts=() if drafts.strip() in ("", "auto") else tuple(_specs(drafts, seed=seed, policy_options=policy_option)),
                       draft_search=drafts.strip() == "auto",
                       speculations=tuple(_speculation(k, draft_threshold) for k in speculate.split(",") if k.strip()) or
@@ -513,6 +516,9 @@ def evaluate(
     batch_size: int = typer.Option(0, min=0, help="sequences per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
     kv_mode: KvMode = KvOpt,
     prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain, help="the prompt's depth"),
+    impl: Impl = typer.Option(Impl.auto, callback=_plain, help="partial layers at decode steps: auto (the cheaper "
+                              "of gathered and dense, by a measured cost table), gather or mask; the rows agree but for "
+                              "floats' last bits"),
     prompt_field: Optional[str] = typer.Option(None, help="column holding the prompt (files)"),
     reference_field: Optional[str] = typer.Option(None, help="column holding the reference (files)"),
     device: Device = DeviceOpt,
@@ -552,7 +558,7 @@ def evaluate(
                               per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate,
                               policy_options=policy_option)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
-        kv_mode=kv_mode, prompt_depth=prompt_depth, device=device, dtype=dtype,
+        kv_mode=kv_mode, prompt_depth=prompt_depth, impl=impl, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,
         draft=_draft(draft, seed, policy_option), speculation=_speculation(speculate, draft_threshold),
     )

@@ -47,6 +47,7 @@ class EvalConfig:
     batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
     kv_mode: str = "auto"
     prompt_depth: str = "full"
+    impl: str = "auto"  # the engine's path at partial layers (engine/forward.Engine); not in a part's key
     device: str = "auto"
     dtype: str = "auto"
     out: str = ""
@@ -163,6 +164,7 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     drafted = isinstance(p, Drafted)
     ident = replace(cfg, policies=(p.draft,) if drafted else (p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
+    fields.pop("impl")  # like the batch size, it moves floats' last bits only (and keeps the keys parts had before)
     if drafted:
         fields["speculative"] = True
     else:  # a policy point does not depend on a draft (and keeps the key it had before drafts existed)
@@ -181,9 +183,11 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
         idx = order[start : start + batch_size]
         keys, batch = [items[i].key for i in idx], [encoded[i] for i in idx]
         if isinstance(p, Drafted):
-            gen = speculate(lm, batch, policy, p.speculation, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys)
+            gen = speculate(lm, batch, policy, p.speculation, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys,
+                            impl=cfg.impl)
         else:
-            gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth)
+            gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth,
+                           impl=cfg.impl)
         for r, i in enumerate(idx):
             row = (_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode}
                    | (policy.row_record(r) if hasattr(policy, "row_record") else {}))

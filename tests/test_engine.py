@@ -230,8 +230,8 @@ def _plant_costs(lm, kv_mode: str, batch: int, gather_rows: set[int]):
 
     path, key = costs.table_path(lm.adapter, kv_mode, batch)
     cheap = lambda gathered: tuple(1.0 if (r in gather_rows) == gathered else 2.0 for r in range(1, batch + 1))  # noqa: E731
-    table = costs.LayerCosts(batch=batch, dense=cheap(False), gathered=cheap(True), routed_dense=cheap(False),
-                             routed_gathered=cheap(True), attention=1.0, mlp=1.0, kv=0.1)
+    table = costs.LayerCosts(batch=batch, rows=tuple(range(1, batch + 1)), dense=cheap(False), gathered=cheap(True),
+                             routed_dense=cheap(False), routed_gathered=cheap(True), attention=1.0, mlp=1.0, kv=0.1)
     costs.save(path, table, key)
     return table
 
@@ -247,7 +247,7 @@ def test_auto_with_a_mixed_choice_equals_gather_and_mask(family, kv_mode, tokeni
     lm = lm_for(family, tokenizer)
     ps = prompts(tokenizer, 4)
     table = _plant_costs(lm, kv_mode, 4, gather_rows={1, 3})
-    assert table.gather_pays(1) and not table.gather_pays(2) and table.crossover() == "gathers at [1, 3] of 4 rows"
+    assert table.gather_pays(1) and not table.gather_pays(2) and table.crossover() == "gathers at [1, 3] running rows of 4"
     runs, meters = {}, {}
     for impl in ("gather", "mask", "auto"):
         meters[impl] = Meter()
@@ -283,8 +283,12 @@ def test_routed_layers_dense_equal_gathered(kv, tokenizer, tmp_path, monkeypatch
     assert runs["auto"].tokens == runs["gather"].tokens == runs["mask"].tokens
     assert runs["auto"].layers == runs["gather"].layers == runs["mask"].layers
     assert meters["mask"].dense > 0 and meters["auto"].dense > 0 and meters["auto"].gathered > 0
-    assert meters["mask"].attention == meters["mask"].steps * lm.num_layers  # a routed skip still runs attention
-    assert meters["mask"].mlp < meters["mask"].attention
+    m = meters["mask"]
+    assert m.mlp < m.steps * lm.num_layers
+    if kv:  # a KV-preserving routed skip still runs attention at every layer
+        assert m.attention == m.steps * lm.num_layers
+    else:  # without K/V for skipped tokens, a layer no token takes needs no attention
+        assert m.attention == m.mlp  # every layer runs both or neither (mlp < all layers: some ran neither)
     assert meters["mask"].skip_seconds > 0 and meters["mask"].policy_seconds > 0  # adapters and routers, apart
 
 
@@ -336,20 +340,53 @@ def test_cost_table_is_measured_once_and_read_back(tokenizer, tmp_path, monkeypa
 
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
     monkeypatch.setattr(errors, "NOTED", [])
+    monkeypatch.setattr(costs, "_READ", {})  # nothing read in this process yet
     lm = lm_for("llama", tokenizer)
     engine = Engine(lm.adapter, "fill")
+    real_calibrate = costs.calibrate
     first = costs.layer_costs(engine, 3)
-    assert len(first.dense) == len(first.gathered) == len(first.routed_dense) == 3
+    assert first.rows == (1, 2, 3) and len(first.dense) == len(first.gathered) == len(first.routed_dense) == 3
     assert min(first.dense + first.gathered + (first.attention, first.mlp, first.kv)) > 0
     assert any("timing one layer at batch 3" in n for n in errors.NOTED)
     monkeypatch.setattr(costs, "calibrate", lambda *a: pytest.fail("the cached table was not read"))
-    assert costs.layer_costs(engine, 3) == first
+    monkeypatch.setattr(costs, "_READ", {})
+    assert costs.layer_costs(engine, 3) == first  # from the file
     path, _ = costs.table_path(lm.adapter, "fill", 3)
-    assert path != costs.table_path(lm.adapter, "fill", 4)[0] != costs.table_path(lm.adapter, "none", 3)[0]
-    path.write_text("{not json")
-    monkeypatch.undo()
+    others = {costs.table_path(lm.adapter, "fill", 4)[0], costs.table_path(lm.adapter, "none", 3)[0]}
+    assert len(others) == 2 and path not in others
+    good = path.read_text()
+    for damage in ("{not json", good.replace('"batch": 3', '"batch": 4'), good.replace('"rows": [1, 2, 3]', '"rows": [1, 2]'),
+                   good.replace('"kv_mode": "fill"', '"kv_mode": "none"')):  # not JSON; another batch; short; another key
+        assert damage != good
+        path.write_text(damage)
+        monkeypatch.setattr(costs, "calibrate", real_calibrate)
+        monkeypatch.setattr(costs, "_READ", {})
+        monkeypatch.setattr(errors, "NOTED", [])
+        again = costs.layer_costs(engine, 3)
+        assert any("measuring it again" in n for n in errors.NOTED) and again.rows == (1, 2, 3)
+        monkeypatch.setattr(costs, "calibrate", lambda *a: pytest.fail("the table was not rewritten"))
+        monkeypatch.setattr(costs, "_READ", {})
+        assert costs.layer_costs(engine, 3) == again  # rewritten
+
+
+def test_cost_table_in_bfloat16_and_for_large_batches(tokenizer, tmp_path, monkeypatch):
+    """Calibration runs in the model's dtype (bf16 here) and times a grid of running-row counts above 16 rows,
+    interpolating between them; auto's choice in bf16 gives gather's tokens."""
+    from skipbench.engine import costs
+
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
-    monkeypatch.setattr(errors, "NOTED", [])
-    again = costs.layer_costs(engine, 3)
-    assert any("measuring it again" in n for n in errors.NOTED) and len(again.dense) == 3
-    assert costs.layer_costs(engine, 3) == again  # rewritten
+    lm = lm_for("llama", tokenizer)
+    lm.model.to(torch.bfloat16)
+    table = costs.calibrate(Engine(lm.adapter, "fill"), 2)
+    assert table.rows == (1, 2) and min(table.dense + table.routed_gathered) > 0
+    assert costs.measured_rows(8) == tuple(range(1, 9))
+    grid = costs.measured_rows(64)
+    assert grid[:4] == (1, 2, 3, 4) and grid[-2:] == (63, 64) and len(grid) < 20
+    flat = costs.LayerCosts(batch=64, rows=grid, dense=(2.0,) * len(grid), gathered=tuple(float(r) / 10 for r in grid),
+                            routed_dense=(1.0,) * len(grid), routed_gathered=(1.0,) * len(grid), attention=1, mlp=1, kv=1)
+    flat.check(64)
+    assert flat.gather_pays(19) and not flat.gather_pays(21)  # 1.9 and 2.1 interpolated against 2.0
+    ps = prompts(tokenizer, 2)
+    a = generate(lm, ps, make_policy("random-token:3", lm.num_layers, seed=2), 6, impl="auto")
+    b = generate(lm, ps, make_policy("random-token:3", lm.num_layers, seed=2), 6, impl="gather")
+    assert a.tokens == b.tokens

@@ -5,9 +5,11 @@ Why measured and not a rule: at a decode step a layer's matmuls have one row per
 at a small batch) they cost what reading the weights costs, however many rows there are. Gathering 6 of 8 rows
 then saves nothing and adds index work and a separate K/V pass for the rows that skip (`fill`); gathering 1 of 8
 can still pay. Where that crosses over depends on the machine, the model's width, the KV mode and the batch, so
-`--impl auto` times one layer of this shape once per (machine, threads, dtype, KV mode, batch) at each number of
-running rows, both ways, keeps the table in the cache (`<cache>/layer-costs/`), and takes the cheaper path at
-every partial layer of every decode step. Both paths give the same tokens (tests/test_engine.py).
+`--impl auto` times one layer of this shape once per (CPU model or GPU, threads, dtype, KV mode, batch) at each
+number of running rows, both ways, over a cache of CONTEXT positions (the choice does not follow the context
+length), keeps the table in the cache (`<cache>/layer-costs/`), and takes the cheaper path at every partial layer
+of every decode step. The two paths compute the same function; their floats may differ in the last bits (their
+matmuls have other row counts), and the tests find the same tokens (tests/test_engine.py).
 
 Only one-token steps (decode, drafts) are chosen this way; a step of many tokens (a prompt, a verify pass) gathers:
 its matmuls are large enough that their cost follows the rows and tokens they get.
@@ -20,11 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from skipbench import readers
@@ -37,36 +42,74 @@ WARMUP, REPEATS = 3, 15
 
 @dataclass(frozen=True)
 class LayerCosts:
-    """Median seconds of one decoder layer at a one-token step of `batch` rows."""
+    """Median seconds of one decoder layer at a one-token step of `batch` rows, timed at `rows` running rows (every
+    count up to 16 rows, a geometric grid above: between two, the times are interpolated)."""
 
     batch: int
-    dense: tuple[float, ...]  # [r - 1]: r of the rows run it (r = 1 .. batch), computed for every row, then selected
-    gathered: tuple[float, ...]  # [r - 1]: r rows run it, gathered (r = batch: every row, the plain layer)
-    routed_dense: tuple[float, ...]  # a routed layer (FlexiDepth), r rows taking the MLP: the MLP for every row
-    routed_gathered: tuple[float, ...]  # the same, the MLP for the r rows only
+    rows: tuple[int, ...]  # running-row counts timed, increasing, ending at `batch`
+    dense: tuple[float, ...]  # per count in `rows`: the layer computed for every row, then selected
+    gathered: tuple[float, ...]  # the same, gathered (at `batch` rows: every row, the plain layer)
+    routed_dense: tuple[float, ...]  # a routed layer (FlexiDepth), that many rows taking the MLP: MLP for every row
+    routed_gathered: tuple[float, ...]  # the same, the MLP for those rows only
     attention: float  # the parts of a layer every row runs: attention (norm, q/k/v, cache write, attention, output)
     mlp: float  # norm and MLP
-    kv: float  # K/V of every row without attention (`fill` mode's write for a layer no row runs)
+    kv: float  # K/V of all `batch` rows without attention (`fill` mode's write at a layer no row runs)
     seconds: float = 0.0  # what the calibration took
 
+    def _at(self, series: tuple[float, ...], rows: int) -> float:
+        return float(np.interp(rows, self.rows, series))
+
     def gather_pays(self, rows: int) -> bool:
-        return self.gathered[rows - 1] < self.dense[rows - 1]
+        return self._at(self.gathered, rows) < self._at(self.dense, rows)
 
     def routed_gather_pays(self, rows: int) -> bool:
-        return self.routed_gathered[rows - 1] < self.routed_dense[rows - 1]
+        return self._at(self.routed_gathered, rows) < self._at(self.routed_dense, rows)
 
     def crossover(self) -> str:
-        """Which running-row counts gather, in words (bench's manifest and notes)."""
+        """Which running-row counts gather, in words (bench's manifest)."""
+        if self.batch == 1:
+            return "batch 1 has no partial layers"
         rows = [r for r in range(1, self.batch) if self.gather_pays(r)]
-        return f"gathers at {rows} of {self.batch} rows" if rows else f"never gathers at {self.batch} rows"
+        return f"gathers at {rows} running rows of {self.batch}" if rows else f"never gathers at batch {self.batch}"
+
+    def check(self, batch: int) -> None:
+        """Raises ValueError unless this is a well-formed table for `batch` (a cache file may be anything)."""
+        series = (self.dense, self.gathered, self.routed_dense, self.routed_gathered)
+        ok = (self.batch == batch and len(self.rows) >= 1 and list(self.rows) == sorted(set(self.rows))
+              and all(isinstance(r, int) and 1 <= r <= batch for r in self.rows) and self.rows[-1] == batch
+              and all(len(x) == len(self.rows) for x in series)
+              and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                      for v in (*sum(series, ()), self.attention, self.mlp, self.kv)))
+        if not ok:
+            raise ValueError("not a cost table for this batch")
+
+
+def measured_rows(batch: int) -> tuple[int, ...]:
+    """Running-row counts a calibration times: all up to 16 rows; above, 1-4 and a grid of factor sqrt(2), plus
+    batch - 1 and batch (so a large batch costs seconds, not minutes)."""
+    if batch <= 16:
+        return tuple(range(1, batch + 1))
+    grid = {1, 2, 3, 4, batch - 1, batch} | {round(2 ** (k / 2)) for k in range(4, int(2 * math.log2(batch)) + 1)}
+    return tuple(sorted(r for r in grid if 1 <= r <= batch))
+
+
+def _where() -> str:
+    """The machine, as far as timings go: the GPU's name, or the CPU's model name and torch's threads."""
+    import os
+
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 def _shape_key(adapter, kv_mode: str, batch: int, device: torch.device, dtype: torch.dtype) -> str:
     cfg = adapter.model.config
     shape = {k: getattr(cfg, k, None) for k in ("model_type", "hidden_size", "intermediate_size", "ffn_dim",
                                                "num_attention_heads", "num_key_value_heads", "head_dim")}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _where()
     return json.dumps({"shape": shape, "kv_mode": kv_mode, "batch": batch, "device": where, "dtype": str(dtype),
                        "torch": torch.__version__, "compiled": bool(getattr(adapter, "compiled", False)),
                        "context": CONTEXT, "version": VERSION}, sort_keys=True)
@@ -87,21 +130,36 @@ def save(path, costs: LayerCosts, key: str) -> None:
     write_text_atomic(path, json.dumps({"costs": asdict(costs), "key": json.loads(key)}))
 
 
-def layer_costs(engine, batch: int) -> LayerCosts:
+_READ: dict[str, LayerCosts] = {}  # tables read or measured in this process (an engine per decoding reads none again)
+
+
+def layer_costs(engine, batch: int, fresh: bool = False) -> LayerCosts:
     """The table for an engine's layer shape and KV mode, this machine and `batch`: read from the cache, or measured
-    (about a second on the embedded model on two CPU cores) and written there."""
+    (about a second on the embedded model at batch 8 on two CPU cores) and written there; `fresh` measures it again
+    (`bench --recalibrate`: a table measured on a busy machine is otherwise kept)."""
     path, key = table_path(engine.ad, engine.kv_mode, batch)
-    if path.exists():
+    if not fresh and str(path) in _READ:
+        return _READ[str(path)]
+    if not fresh and path.exists():
         try:
             saved = readers.json_file(path, "layer cost table")
-            return LayerCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["costs"].items()})
-        except (readers.Unreadable, KeyError, TypeError) as exc:  # measured again, the cache rewritten
-            note(f"{exc if isinstance(exc, readers.Unreadable) else f'layer cost table {str(path)!r} is incomplete'}"
+            if saved.get("key") != json.loads(key):
+                raise ValueError("its key is another table's")
+            table = LayerCosts(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["costs"].items()})
+            table.check(batch)
+            _READ[str(path)] = table
+            return table
+        except (readers.Unreadable, KeyError, TypeError, ValueError, AttributeError) as exc:  # measured again
+            note(f"{exc if isinstance(exc, readers.Unreadable) else f'layer cost table {str(path)!r} is damaged ({exc})'}"
                  ": measuring it again")
     note(f"--impl auto: timing one layer at batch {batch}, dense and gathered (once per model shape and machine)")
-    costs = calibrate(engine, batch)
-    save(path, costs, key)
-    return costs
+    table = calibrate(engine, batch)
+    try:
+        save(path, table, key)
+    except OSError as exc:  # the run goes on with the table in memory
+        note(f"cannot keep the layer cost table in {str(path.parent)!r} ({readers.why(exc)}): measured again next time")
+    _READ[str(path)] = table
+    return table
 
 
 @torch.no_grad()
@@ -118,9 +176,11 @@ def calibrate(engine, batch: int) -> LayerCosts:
     cache.mark(range(adapter.num_layers), True, CONTEXT)
     cache.length = CONTEXT
     i = adapter.num_layers // 2
-    h = torch.randn(batch, 1, adapter.model.config.hidden_size, device=param.device, dtype=param.dtype)
+    noise = torch.Generator(device=param.device).manual_seed(0)  # leaves the global random state alone
+    h = torch.randn(batch, 1, adapter.model.config.hidden_size, device=param.device, dtype=param.dtype, generator=noise)
     pos = adapter.position_embeddings(h, cache.positions(1))
-    ones = torch.ones(batch, 1, device=param.device)
+    ones = torch.ones(batch, 1, device=param.device, dtype=param.dtype)
+    rows = measured_rows(batch)
 
     def running(r: int):
         gate = torch.zeros(batch, 1, dtype=torch.bool, device=param.device)
@@ -132,7 +192,7 @@ def calibrate(engine, batch: int) -> LayerCosts:
         return Route(run=torch.ones_like(ones, dtype=torch.bool) if g is True else g, scale=ones)
 
     cases = {}
-    for r in range(1, batch + 1):
+    for r in rows:
         for impl, eng in engines.items():
             cases[("layer", impl, r)] = (lambda e=eng, g=running(r): e.layer(i, h, pos, cache, g, True))
             cases[("routed", impl, r)] = (lambda e=eng, rt=route(r): e.routed(i, h, pos, cache, rt))
@@ -153,9 +213,9 @@ def calibrate(engine, batch: int) -> LayerCosts:
     med = {name: statistics.median(ts) for name, ts in times.items()}
 
     def series(kind: str, impl: str) -> tuple[float, ...]:
-        return tuple(med[(kind, impl, r)] for r in range(1, batch + 1))
+        return tuple(med[(kind, impl, r)] for r in rows)
 
-    return LayerCosts(batch=batch, dense=series("layer", "mask"), gathered=series("layer", "gather"),
+    return LayerCosts(batch=batch, rows=rows, dense=series("layer", "mask"), gathered=series("layer", "gather"),
                       routed_dense=series("routed", "mask"), routed_gathered=series("routed", "gather"),
                       attention=med["attention"], mlp=med["mlp"], kv=med["kv"], seconds=time.perf_counter() - began)
 

@@ -56,8 +56,8 @@ class Meter:
 class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
     for every token and then selects; `auto` (default) takes, at each partial layer of a one-token step, the path
-    the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. All three give
-    the same tokens.
+    the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. The three
+    compute the same function (floats may differ in the last bits; the tests find the same tokens).
 
     `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
     for a caller that never reads them before they are written again (a static plan's draft tokens, which the
@@ -184,22 +184,27 @@ class Engine:
         setattr(self.meter, field, getattr(self.meter, field) + time.perf_counter() - began)
         return out
 
-    def _gathers(self, h: torch.Tensor, running: torch.Tensor, routed: bool = False) -> bool:
-        """Whether a partial layer (`running` [B, T]: some tokens run it) is run gathered rather than densely."""
+    def _decides(self, h: torch.Tensor) -> bool:
+        """`auto` chooses by the cost table at one-token steps without gradients; steps of many tokens and training
+        gather (their matmuls are large enough that their cost follows their rows)."""
+        return self.impl == "auto" and h.shape[1] == 1 and not torch.is_grad_enabled()
+
+    def _gathers(self, h: torch.Tensor, running: int | None, routed: bool = False) -> bool:
+        """Whether a layer some tokens run (`running` of them, counted when `_decides`) is run gathered rather than
+        densely (for a routed layer: its MLP)."""
         if self.impl != "auto":
             return self.impl == "gather"
-        if h.shape[1] != 1 or torch.is_grad_enabled():  # a step of many tokens, or training: gather
+        if not self._decides(h) or running == 0:  # nothing runs: gathering computes only the K/V
             return True
         batch = h.shape[0]
+        if running == batch:  # every row: the plain layer
+            return False
         if batch not in self.costs:
             from skipbench.engine.costs import layer_costs
 
             self.costs[batch] = layer_costs(self, batch)
-        rows = int(running.sum())  # one token per row
-        if rows == 0:  # nothing runs: gathering computes only the K/V
-            return True
         table = self.costs[batch]
-        return table.routed_gather_pays(rows) if routed else table.gather_pays(rows)
+        return table.routed_gather_pays(running) if routed else table.gather_pays(running)
 
     def _count(self, attention: bool, mlp: bool, kv: bool, gathered: bool | None = None) -> None:
         m = self.meter
@@ -222,11 +227,13 @@ class Engine:
             cache.mark([i], _both(gate, real), num_tokens)
         if gate is True:
             self._count(True, True, False)
-        else:
-            gathered = self._gathers(h, gate)
-            if self.meter is not None:
-                runs = bool(gate.any())  # a tensor gate no token takes costs what a skipped layer does
-                self._count(runs, runs, not runs and self.kv_mode == "fill", gathered if runs else None)
+        else:  # one host sync: the running tokens, when auto decides or the meter counts
+            n = int(gate.sum()) if self.meter is not None or self._decides(h) else None
+            gathered = self._gathers(h, n)
+            if self.meter is not None:  # what runs: gathered, the running tokens (or only K/V); dense, everything
+                partial = 0 < n < gate.numel()
+                runs = n > 0 or not gathered
+                self._count(runs, runs, not runs and self.kv_mode == "fill", gathered if partial else None)
             if gathered:
                 return self._gathered(i, h, pos, cache, gate)
         out = h + self.attend(i, h, pos, cache)
@@ -261,16 +268,19 @@ class Engine:
 
     def routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: Route, real=True) -> torch.Tensor:
         """A routed layer (protocol.Route): attention for every token (K/V written for all, or only for the routed
-        ones when `kv_for_skipped` is False); the MLP, scaled, for the routed tokens (gathered, or for every token
-        and then replaced where that is cheaper: `_gathers`); the skip path for the others."""
+        ones when `kv_for_skipped` is False, and then no attention at all when no token is routed); the MLP, scaled,
+        for the routed tokens (gathered, or for every token and then replaced where that is cheaper: `_gathers`);
+        the skip path for the others."""
         ad, run = self.ad, route.run
         if not route.kv_for_skipped:  # skipped tokens write no K/V here (the cache is in `none` mode)
             cache.mark([i], run if real is True else run & real, h.shape[1])
-        h_attn = h + self.attend(i, h, pos, cache)
         full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
-        partial = 0 < full[0].numel() < run.numel()
-        gathered = self._gathers(h, run, routed=True) if partial else True
-        self._count(True, full[0].numel() > 0, False, gathered if partial else None)
+        n = full[0].numel()
+        attention = n > 0 or route.kv_for_skipped  # no token routed and no K/V kept: nothing needs the attention
+        partial = 0 < n < run.numel()
+        gathered = self._gathers(h, n, routed=True) if partial else True
+        self._count(attention, n > 0, False, gathered if partial else None)
+        h_attn = h + self.attend(i, h, pos, cache) if attention else h
         if not gathered:  # the MLP for every token (as cheap as for some, by the cost table), the skipped replaced
             out = (h_attn + route.scale[..., None] * ad.mlp_block(i, h_attn)).to(h.dtype)
         else:
@@ -328,5 +338,6 @@ def enable_compile(adapter: Adapter) -> None:
     # each layer index is its own guard: allow one compiled graph per layer and shape family
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * adapter.num_layers)
     mode = "max-autotune-no-cudagraphs" if next(adapter.model.parameters()).is_cuda else None
+    adapter.compiled = True  # engine/costs.py keys its timings on it
     for name in ("qkv", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
         setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=True, mode=mode))

@@ -22,9 +22,11 @@ final norm, head, sampling; timed on its own) plus its layers, scaled so that fu
 
 * `ideal_speedup` counts layers per token: m layers on average ideally take F + (m / L)(T_full - F);
 * `ideal_batch_speedup` counts what the batch can actually skip: a layer part (attention, MLP) costs its dense time
-  (engine/costs.py's table) at a step when at least one row runs it, and nothing when none does, except the K/V a
-  skipping row still writes (`fill`) and the attention a KV-preserving routed skip still runs (FlexiDepth). At
-  batch 8 almost every layer has a row that runs it, so a per-token policy's batch ideal is near 1.
+  (engine/costs.py's table for the variant's KV mode) at a step when at least one row runs it, and nothing when
+  none does, except the K/V every row still writes at a layer none runs (`fill`) and the attention a KV-preserving
+  routed skip still runs (FlexiDepth). At batch 8 almost every layer has a row that runs it, so a per-token
+  policy's batch ideal is near 1. (Gathering a layer that one row runs can cost a little less than its dense time,
+  so `auto` may beat this ideal slightly.)
 
 Each policy variant also reports the policy's own time per decode step (`policy_s`: its `new_step` and `gate`
 calls, host time; `skip_path_s`: a routed layer's skip path, FlexiDepth's adapters), the layer parts any row ran per step (`attention_layers`, `mlp_layers`, `kv_layers`) and how
@@ -102,6 +104,7 @@ class BenchConfig:
     draft_search: bool = False  # `--drafts auto`: search a static draft layer set first (draft_search.py)
     speculations: tuple[Speculation, ...] = (Speculation(),)  # `--speculate`: K per round, one variant per draft and K
     lockstep: bool = True  # skipbench's own variants decode together, one step each in turn (`lockstep`)
+    recalibrate: bool = False  # measure the cost tables again instead of reading them from the cache
 
 
 @dataclass
@@ -229,9 +232,10 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
         impls = [_impl(cfg)] if policy.static else impls_of(cfg.impl)
         kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
         spec.check_kv_mode(kv_mode)
-        for impl in impls:
+        for j, impl in enumerate(impls):
             name = label if len(impls) == 1 else f"{label} [{impl}]"
-            run, start = _ours(lm, policy, cfg, impl, kv_mode)
+            # one policy object per variant: lockstep interleaves their steps, and a policy keeps per-run state
+            run, start = _ours(lm, policy if j == 0 else spec.build(lm.num_layers, lm), cfg, impl, kv_mode)
             out.append(Variant(name, run, "policy", kv_mode, start))
         keep = policy.executed_layers() if policy.static else None
         if keep is not None and len(keep) < lm.num_layers:
@@ -245,7 +249,12 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
         for k in cfg.speculations:
             out.append(Variant(f"spec {spec.label} k={k.label}", _speculative(lm, draft, k, cfg, kv_mode), "speculative",
                                kv_mode))
-    return out + bounds
+    out += bounds
+    names = [v.name for v in out]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise SkipbenchError(f"bench: variant(s) {', '.join(twice)} named twice; give each policy once")
+    return out
 
 
 def fixed_part(lm: LoadedModel, batch: int, reps: int = 20) -> float:
@@ -313,7 +322,8 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         prompts = [encoded[i % len(encoded)] for i in range(batch)]
         fixed[batch] = fixed_part(lm, batch)
         # the cost tables (auto's choice, the batch ideal's parts): read or measured now, before any clock runs
-        parts[batch] = {mode: layer_costs(Engine(lm.adapter, mode), batch) for mode in sorted({"fill", *(v.kv_mode for v in vs)})}
+        parts[batch] = {mode: layer_costs(Engine(lm.adapter, mode), batch, fresh=cfg.recalibrate)
+                        for mode in sorted({"fill", *(v.kv_mode for v in vs)})}
         memory: dict[str, float] = {}  # peak memory of a variant run alone (warm-up rounds, or every round)
         for rep in range(-cfg.warmup, cfg.repeats):
             order = vs if rep % 2 == 0 else vs[::-1]  # alternating order: a drift within a round cancels
@@ -340,7 +350,7 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                 rows += phase_rows(timings, prompts, cfg.new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
                                    variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
                                    layers_mean=layers, **extra)
-    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, {b: t["fill"] for b, t in parts.items()})
+    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, parts)
     df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
@@ -402,9 +412,11 @@ METERED = ("policy_s", "skip_path_s", *(f"{part}_layers" for part in METER_PARTS
 DECODE_ONLY = SPECULATIVE + METERED
 
 
-def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, LayerCosts] | None = None) -> pd.DataFrame:
+def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, dict[str, LayerCosts]] | None = None
+              ) -> pd.DataFrame:
     """Medians per (batch, variant, phase), speedups over `full`, the ideals (module docstring). `parts`: each
-    batch's cost table, whose attention, MLP and K/V times weigh the parts a variant ran for the batch ideal."""
+    batch's cost tables by KV mode, whose attention, MLP and K/V times weigh the parts a variant ran for the batch
+    ideal."""
     # a speedup is the median over repeats of the variant's tokens/s over full depth's in the same round (paired:
     # drift between rounds cancels; run() alternates the order of the variants from round to round)
     keys = ["batch_size", "phase", "repeat"]
@@ -434,7 +446,7 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, L
             continue
         t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
         ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
-        c = (parts or {}).get(r.batch_size)
+        c = (parts or {}).get(r.batch_size, {}).get(r.kv_mode)
         if c is not None and not np.isnan(getattr(r, "attention_layers", np.nan)):
             work = r.attention_layers * c.attention + r.mlp_layers * c.mlp + r.kv_layers * c.kv
             batch_ideal[-1] = t_full / (f + work / (num_layers * (c.attention + c.mlp)) * max(t_full - f, 0.0))
