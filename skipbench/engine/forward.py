@@ -39,9 +39,8 @@ IMPLS = ("auto", "gather", "mask")
 class Meter:
     """What the runs of an engine did, summed over its steps (bench reads it): the policy's own seconds (its
     `new_step` and `gate` calls, and apart the skip path of routed layers; host time, so on CUDA the time to
-    launch its kernels) and, per layer and step, the
-    parts at least one row ran: attention, MLP, or only the K/V of rows that skip (`fill`); and how partial layers
-    (some rows run them) were executed."""
+    launch its kernels) and, per layer and step, the parts at least one row ran: attention, MLP, or only the K/V
+    of rows that skip (`fill`); and how partial layers (some rows run them) were executed."""
 
     steps: int = 0
     policy_seconds: float = 0.0
