@@ -116,6 +116,7 @@ Dtype = _choices("Dtype", "auto", "float32", "bfloat16", "float16")
 KvMode = _choices("KvMode", "auto", "fill", "none")
 PromptDepth = _choices("PromptDepth", "full", "policy")
 Impl = _choices("Impl", "auto", "gather", "mask")
+DropoutSchedule = _choices("DropoutSchedule", "uniform", "exp")
 Teacher = _choices("Teacher", "full", "reference")  # cosine's teacher, and the training targets
 GateMode = _choices("GateMode", "sample", "argmax")
 ControllerInput = _choices("ControllerInput", "hidden", "constant")
@@ -1026,6 +1027,13 @@ def finetune(
     eval_every: int = typer.Option(100, help="steps between validations"),
     patience: int = typer.Option(3, help="validations without a better ROUGE-L before stopping"),
     layer_dropout: float = typer.Option(0.0, help="drop each layer with this probability per example (LayerDrop, Fan et al.)"),
+    dropout_schedule: DropoutSchedule = typer.Option(DropoutSchedule.uniform, callback=_plain, help="uniform: every "
+                                                     "layer at --layer-dropout; exp: LayerSkip's rate rising with depth "
+                                                     "from 0 at the first layer to --layer-dropout at the last"),
+    early_exit_loss: float = typer.Option(0.0, help="LayerSkip's e_scale: an early-exit loss at every layer through the "
+                                          "shared head, weighted e_l = e_scale * sum_{i<=l} i (0: the last layer only)"),
+    early_exit_every: int = typer.Option(1, help="LayerSkip's rotational curriculum: an exit at every R-th layer, "
+                                         "rotating with the step (and always the last)"),
     max_seq_len: MaxSeqLen = 512,
     max_new_tokens: int = typer.Option(128, help="length of the validation responses"),
     seed: int = typer.Option(0, help="seed of the batches and the layer dropout (the 70/15/15 split is always seed 0)"),
@@ -1048,7 +1056,8 @@ def finetune(
     cfg = FinetuneConfig(model=model, data=DataSpec(name=dataset, split="train", limit=limit or None),
                          val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None), steps=steps,
                          batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
-                         patience=patience, layer_dropout=layer_dropout, max_seq_len=max_seq_len,
+                         patience=patience, layer_dropout=layer_dropout, dropout_schedule=dropout_schedule,
+                         early_exit_loss=early_exit_loss, early_exit_every=early_exit_every, max_seq_len=max_seq_len,
                          max_new_tokens=max_new_tokens, device=device, dtype=dtype, out=out, restart=restart)
     with TrainBar("finetune") as bar:
         result = run(cfg, progress=bar.step, start=bar.start)

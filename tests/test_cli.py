@@ -154,7 +154,10 @@ def test_choice_enums_are_the_librarys_choices():
     from skipbench.engine.forward import IMPLS
 
     values = lambda e: {m.value for m in e}  # noqa: E731
+    from skipbench.experiments.finetune import SCHEDULES
+
     assert values(cli.KvMode) == set(KV_CHOICES) and values(cli.Impl) == set(IMPLS)
+    assert values(cli.DropoutSchedule) == set(SCHEDULES)
     assert values(cli.Dtype) == {"auto", *DTYPES}
     assert values(cli.AlphaUnits) == set(ALPHA_UNITS) and values(cli.GateMode) == set(GATES)
     assert values(cli.ControllerInput) == set(INPUTS)

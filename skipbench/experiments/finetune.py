@@ -12,6 +12,18 @@ each decoder layer with probability P for the whole sequence (a dropped layer is
 from a generator keyed by (seed, step, example) — the backbone of Glavas et al.'s App. A.4 ablation (Fig. 7).
 Dropout inside the layers stays off, as everywhere in skipbench (the layers are called in eval mode).
 
+The LayerSkip recipe (Elhoushi et al., 2024, Sec. 4) adds two things:
+
+* `dropout_schedule="exp"`: the rate rises with depth, p_l = D(l) P with D(l) = exp(l ln 2 / (L - 1)) - 1, so the
+  first layer is never dropped and the last with probability P (the paper's S(t) = 1: no schedule over time);
+* `early_exit_loss` e_scale > 0: the loss is sum_l e~_l CE(head(norm(h_l)), y) over the states h_l leaving every
+  layer l, through the model's own final norm and head (shared), with e_l = e_scale sum_{i<=l} i for l < L - 1 and
+  e_{L-1} = L - 1 + e_scale sum_{i<=L-2} i, normalised over the exits enabled at the step (e~_l = C(t,l) e_l /
+  sum_i C(t,i) e_i). `early_exit_every` R > 1 is the paper's rotational curriculum: at step t only the layers
+  l = t mod R, t mod R + R, ... (and always the last) have an exit, which also bounds the logits held at once.
+
+Fine-tuned that way, the model is then run with `early-exit:E` (or drafts with it: `--draft early-exit:E`).
+
 Under torchrun each rank takes its share of every step's batch (DistributedDataParallel) and of the
 validation items.
 """
@@ -19,7 +31,7 @@ validation items.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -60,6 +72,9 @@ class FinetuneConfig:
     eval_every: int = 100
     patience: int = 3
     layer_dropout: float = 0.0
+    dropout_schedule: str = "uniform"  # uniform | exp (LayerSkip: the rate rises with depth to layer_dropout)
+    early_exit_loss: float = 0.0  # LayerSkip's e_scale: an early-exit loss at every layer (0: the last layer only)
+    early_exit_every: int = 1  # LayerSkip's rotational curriculum: exits at every R-th layer, rotating with the step
     max_seq_len: int = 512
     max_new_tokens: int = 128  # generation length of the validation responses
     device: str = "auto"
@@ -78,30 +93,69 @@ class FinetuneResult:
     notes: list[str] = field(default_factory=list)
 
 
-def layer_keep(keys: list, num_layers: int, p: float) -> torch.Tensor:
-    """[B, L] bool: the layers each example runs under layer dropout p, drawn per (seed, step, example) key."""
+SCHEDULES = ("uniform", "exp")
+
+
+def drop_rates(num_layers: int, p: float, schedule: str = "uniform") -> np.ndarray:
+    """[L] each layer's dropout rate: p everywhere (`uniform`), or LayerSkip's p D(l), D(l) = exp(l ln 2 / (L - 1)) - 1
+    (`exp`: 0 at the first layer, p at the last)."""
+    if schedule == "uniform":
+        return np.full(num_layers, p)
+    if schedule == "exp":
+        depth = np.arange(num_layers) / max(num_layers - 1, 1)
+        return p * (np.exp(depth * np.log(2)) - 1)
+    raise SkipbenchError(f"--dropout-schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+
+
+def layer_keep(keys: list, num_layers: int, p: float, schedule: str = "uniform") -> torch.Tensor:
+    """[B, L] bool: the layers each example runs under layer dropout, drawn per (seed, step, example) key."""
     draws = np.stack([keyed.rng(*key, 0x1A7E).random(num_layers) for key in keys])
-    return torch.from_numpy(draws >= p)
+    return torch.from_numpy(draws >= drop_rates(num_layers, p, schedule)[None, :])
 
 
-def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, layer_dropout: float):
-    """Cross-entropy of the response tokens given the prompt, summed and divided by `total`; (loss, parts)."""
+def exit_weights(num_layers: int, e_scale: float, step: int = 0, every: int = 1) -> np.ndarray:
+    """[L] LayerSkip's normalised early-exit loss weights e~_l at a step (module docstring): e_l = e_scale
+    sum_{i<=l} i below the last layer, e_{L-1} = L - 1 + e_scale sum_{i<=L-2} i; with `every` R > 1 only the layers
+    l with l = step mod R (mod R) and the last keep theirs."""
+    l = np.arange(num_layers, dtype=float)
+    e = e_scale * l * (l + 1) / 2
+    e[-1] = (num_layers - 1) + e_scale * (num_layers - 2) * (num_layers - 1) / 2
+    on = (np.arange(num_layers) % every) == (step % every)
+    on[-1] = True
+    e = np.where(on, e, 0.0)
+    return e / e.sum()
+
+
+def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, layer_dropout: float,
+                  schedule: str = "uniform", early_exit: float = 0.0, step: int = 0, every: int = 1):
+    """Cross-entropy of the response tokens given the prompt, summed and divided by `total`; (loss, parts). With
+    `early_exit` (LayerSkip's e_scale) the loss is the weighted sum over every layer's exit (`exit_weights`)."""
     ids, present, resp, mask = batch_tensors(lm, batch)
     width = ids.shape[1]
     cache = engine.prompt_cache(present, width + resp.shape[1])
     gate = None  # every layer runs
     if layer_dropout > 0:
-        keep = layer_keep(keys, lm.num_layers, layer_dropout).to(lm.device, lm.dtype)
+        keep = layer_keep(keys, lm.num_layers, layer_dropout, schedule).to(lm.device, lm.dtype)
         # a row drops layer i everywhere: a soft gate of exact 0s and 1s
         gate = GateFn(lm.num_layers, lambda i, h: keep[:, i, None].expand(h.shape[:2]), "layer-dropout")
     seq = torch.cat([ids, resp], 1)
     # logits from the last prompt position: position width - 1 + t predicts response token t
-    logits = engine.run(seq, cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1),
-                        logits_from=width - 1).logits
-    logits = logits[:, : resp.shape[1]]
-    per_token = nn.functional.cross_entropy(logits.flatten(0, 1).float(), resp.flatten(), reduction="none")
-    task = (per_token.view_as(mask) * mask).sum() / total
-    return task, {"task": float(task.detach())}
+    out = engine.run(seq, cache, gate, present=torch.cat([present, torch.ones_like(mask)], 1), logits_from=width - 1,
+                     keep_hidden=early_exit > 0)
+    cut = slice(width - 1, width - 1 + resp.shape[1])
+
+    def ce(logits: torch.Tensor) -> torch.Tensor:
+        per_token = nn.functional.cross_entropy(logits.flatten(0, 1).float(), resp.flatten(), reduction="none")
+        return (per_token.view_as(mask) * mask).sum() / total
+
+    last = ce(out.logits[:, : resp.shape[1]])
+    if early_exit <= 0:
+        return last, {"task": float(last.detach())}
+    weights = exit_weights(lm.num_layers, early_exit, step, every)
+    task = float(weights[-1]) * last
+    for l in np.nonzero(weights[:-1])[0]:  # the exit after layer l reads the stream entering layer l + 1
+        task = task + float(weights[l]) * ce(lm.adapter.head(lm.adapter.final_norm(out.hidden[l + 1][:, cut])))
+    return task, {"task": float(task.detach()), "last_layer": float(last.detach())}
 
 
 def validate(lm, items, prompts: list[list[int]], cfg: FinetuneConfig, d: distributed.Dist) -> float:
@@ -121,6 +175,9 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
         raise SkipbenchError("--steps, --batch-size, --grad-accum, --eval-every and --patience must be >= 1")
     if not 0 <= cfg.layer_dropout < 1:
         raise SkipbenchError(f"--layer-dropout must be in [0, 1), got {cfg.layer_dropout}")
+    drop_rates(2, cfg.layer_dropout, cfg.dropout_schedule)  # a bad schedule fails here, before any work
+    if cfg.early_exit_loss < 0 or cfg.early_exit_every < 1:
+        raise SkipbenchError("--early-exit-loss must be >= 0 and --early-exit-every >= 1")
     out = check_out_dir(cfg.out)
     d = distributed.current()
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
@@ -150,7 +207,9 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
         batch, chosen = pick_batch(data, cfg.batch_size, cfg.seed, step)
         result.log.append(optimizer_step(
             runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: len(e.response),
-            lambda sub, keys, total, clock: finetune_loss(lm, engine, sub, total, keys, cfg.layer_dropout)))
+            lambda sub, keys, total, clock: finetune_loss(lm, engine, sub, total, keys, cfg.layer_dropout,
+                                                          cfg.dropout_schedule, cfg.early_exit_loss, step,
+                                                          cfg.early_exit_every)))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             _evaluate(lm, val, val_prompts, cfg, d, step + 1, result, opt)
         if progress:
@@ -204,6 +263,9 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
         return fresh, []
     saved = _flat(readers.json_file(out / "config.json", "fine-tuning config", RESTART))
     now = _flat(config_dict(cfg))
+    # a run saved before the LayerSkip options existed used their defaults
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every")}, **saved}
     differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
