@@ -145,6 +145,7 @@ def decoding(
     meter: when given, counts the decode steps' policy time and layer parts (engine/forward.Meter).
     """
     policy = policy or Full(lm.num_layers)
+    lm = policy.lm or lm  # a policy whose layers are new weights (LaCo) runs on its own model
     kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
     if prompt_depth not in ("full", "policy"):
         raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")

@@ -45,6 +45,8 @@ class Policy:
     static: bool = True
     #: a KV mode the policy requires (e.g. FlexiDepth trained without K/V for skipped tokens), else None
     kv_mode: str | None = None
+    #: the model it runs on when its layers are new weights (LaCo's collapsed model), else None: the loaded one
+    lm: object = None
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers

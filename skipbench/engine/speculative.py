@@ -177,6 +177,9 @@ def speculate(
     to make a draft that is never right); it applies to greedy decoding only.
     """
     kv_mode = resolve_kv_mode(kv_mode, draft.kv_mode, f"draft '{draft.describe()}'")
+    if draft.lm is not None:
+        raise SkipbenchError(f"draft '{draft.describe()}' runs on weights of its own (a collapsed model), so it cannot "
+                             "share the full model's cache: self-speculative drafts skip layers of the full model")
     if propose is not None and sampling.temperature > 0:
         raise SkipbenchError("propose replaces greedy draft tokens only")
     num_layers, dev = lm.num_layers, lm.device

@@ -237,7 +237,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
             # one policy object per variant: lockstep interleaves their steps, and a policy keeps per-run state
             run, start = _ours(lm, policy if j == 0 else spec.build(lm.num_layers, lm), cfg, impl, kv_mode)
             out.append(Variant(name, run, "policy", kv_mode, start))
-        keep = policy.executed_layers() if policy.static else None
+        keep = policy.executed_layers() if policy.static and policy.lm is None else None  # LaCo: its own model
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
             run, start = _ours(small, None, cfg, "gather")

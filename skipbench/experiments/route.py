@@ -94,9 +94,10 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
     spec_of = rows.groupby("config")["policy_spec"].first()
     for c in configs:
         spec = parse_policies(spec_of[c])[0]
-        if spec.strategy.kind != "static":
-            raise SkipbenchError(f"a router chooses among static configurations (one plan per sequence); "
-                                 f"'{spec_of[c]}' is {spec.strategy.kind}: leave it out with --policies/--costs")
+        if spec.strategy.kind != "static" or spec.strategy.own_model:
+            what = "runs a model of its own" if spec.strategy.own_model else f"is {spec.strategy.kind}"
+            raise SkipbenchError(f"a router chooses among static configurations (one plan per sequence of one "
+                                 f"model); '{spec_of[c]}' {what}: leave it out with --policies/--costs")
     wide = wide.set_axis([spec_of[c] for c in configs], axis=1)
     field_of = {"prompt_field": _one(df, "data_prompt_field"), "reference_field": _one(df, "data_reference_field")}
     data = DataSpec(name=str(_one(df, "data_name")), split="all", seed=int(_one(df, "data_seed")), **field_of)

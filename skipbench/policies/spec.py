@@ -93,6 +93,7 @@ class Strategy:
     explain: str | Callable | None = None
     options: tuple[Option, ...] = ()
     needs: tuple[str, ...] = ()  # of NEEDS: what its build context must carry
+    own_model: bool = False  # its layers are new weights: its policy runs on a model of its own (Policy.lm)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -159,6 +160,19 @@ _BUILTIN = [
              plan="skipbench.policies.angular:plan", explain="skipbench.policies.angular:explain",
              needs=("model", "data"), options=_CALIBRATION,
              help="Gromov et al.: remove the L-C consecutive layers of least angular distance (last layer kept)"),
+    Strategy(name="laco", build="skipbench.policies.laco:build", kind="static", arg="cost",
+             plan="skipbench.policies.laco:plan", explain="skipbench.policies.laco:explain", needs=("model", "data"),
+             own_model=True,
+             options=(Option(name="merge", default=4, help="layers merged into one per step (the paper's C)"),
+                      Option(name="threshold", default=0.65, help="a merge is kept when the last hidden states' "
+                                                                  "cosine similarity to the model before it exceeds this"),
+                      Option(name="interval", default=2, help="layers to move down after a kept merge (the paper's I)"),
+                      Option(name="lowest", default=1, help="the lowest layer a merge may start at (the paper's L_l)"),
+                      Option(name="calibration", default=5, help="train-split items whose last hidden states judge a "
+                                                                 "merge (the paper used 5 sentences)"),
+                      _CALIBRATION[1]),
+             help="LaCo (Yang et al.): merge runs of layers by their parameter differences until C remain; runs the "
+                  "collapsed model (a folder in the cache)"),
     Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
              default_arg="runs/route", needs=("model", "data"),
              options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),

@@ -1,0 +1,200 @@
+"""`laco:C`: LaCo, layer collapse (Yang et al., 2024): merge runs of consecutive layers until C layers remain.
+
+Reserving-Differences-while-Seeking-Common merge (RDSC): a run of layers l .. l+K collapses into layer l with
+parameters theta* = theta_l + sum_{k=1..K} (theta_{l+k} - theta_l), every parameter of the layer (attention, MLP,
+norms); layers l+1 .. l+K are removed. The search (the paper's Algorithm 1, with the stopping rule of this
+benchmark: a given number of layers C to keep):
+
+    l = the top position a run of `merge` layers can start at
+    while more than C layers remain:
+        try the merge of `merge` layers at l (fewer where the top or C would be passed)
+        s = mean over the calibration prompts of cos(y, y'), y and y' the last hidden state of the current model
+            and of the merged one (every token; y the current model's, as in the paper: each merge is compared with
+            the model it is applied to)
+        s > `threshold`: keep the merge, l -= `interval`; else l -= 1
+        below `lowest`: start again from the top; a pass that kept no merge keeps its most similar one instead
+        (recorded as below the threshold), so the search always ends at C layers.
+
+Calibration prompts are the dataset's train split (policies/calibration.py's convention), so `laco` is scored on
+held-out items. The merged model is a plain model folder written once per (model, C, options, calibration) into
+the cache (`<cache>/laco/`); `laco:C` runs it (its policy carries the model: `Policy.lm`), `skipbench plan` prints
+its merges and the folder, and it loads in transformers like any model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from skipbench import readers
+from skipbench.engine.protocol import Full
+from skipbench.errors import SkipbenchError, note
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Merge:
+    into: int  # the original index of the layer the run collapsed into
+    layers: tuple[int, ...]  # the original indices merged (into first)
+    similarity: float
+    accepted_above_threshold: bool
+
+
+def _stack(model: nn.Module):
+    return model.model.decoder if model.config.model_type == "opt" else model.model
+
+
+def rdsc(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """theta* = theta_0 + sum_{k>=1} (theta_k - theta_0) for each parameter of the layers' state dicts."""
+    first = states[0]
+    return {name: first[name] + sum(s[name] - first[name] for s in states[1:]) for name in first}
+
+
+def _set_layers(model: nn.Module, layers: list[nn.Module]) -> None:
+    _stack(model).layers = nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+
+
+@torch.no_grad()
+def _last_states(model: nn.Module, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0].float()
+            for ids in prompts]
+
+
+def _similarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    cos = [torch.nn.functional.cosine_similarity(x, y, dim=-1).mean() for x, y in zip(a, b)]
+    return float(torch.stack(cos).mean())
+
+
+@torch.no_grad()
+def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: int, threshold: float, interval: int,
+             lowest: int) -> tuple[nn.Module, list[Merge], list[int]]:
+    """A copy of `model` collapsed to `keep` layers; the merges made; the original index of each remaining layer."""
+    import copy
+
+    work = copy.deepcopy(model)
+    layers = list(_stack(work).layers)
+    origin = [[i] for i in range(len(layers))]  # original indices merged into each current layer
+    merges: list[Merge] = []
+    current = _last_states(work, prompts)
+    while len(layers) > keep:
+        l, best, kept = len(layers) - merge, None, False
+        l = max(l, lowest)
+        while l >= lowest and len(layers) > keep:
+            k = min(merge - 1, len(layers) - 1 - l, len(layers) - keep)
+            if k < 1:
+                l -= 1
+                continue
+            saved = {n: t.clone() for n, t in layers[l].state_dict().items()}
+            layers[l].load_state_dict(rdsc([layers[j].state_dict() for j in range(l, l + k + 1)]))
+            _set_layers(work, layers[: l + 1] + layers[l + k + 1:])
+            trial = _last_states(work, prompts)
+            s = _similarity(current, trial)
+            if s > threshold:
+                merges.append(Merge(origin[l][0], tuple(sum(origin[l: l + k + 1], [])), s, True))
+                origin[l: l + k + 1] = [sum(origin[l: l + k + 1], [])]
+                del layers[l + 1: l + k + 1]
+                current, kept = trial, True
+                l -= interval
+                continue
+            if best is None or s > best[0]:
+                best = (s, l, k)
+            layers[l].load_state_dict(saved)
+            _set_layers(work, layers)
+            l -= 1
+        if not kept and len(layers) > keep:
+            if best is None:
+                raise SkipbenchError(f"laco: no run of layers can be merged above layer {lowest}; lower the option "
+                                     "'lowest' or keep more layers")
+            s, l, k = best  # no merge passed the threshold in a whole pass: the most similar one is kept
+            layers[l].load_state_dict(rdsc([layers[j].state_dict() for j in range(l, l + k + 1)]))
+            merges.append(Merge(origin[l][0], tuple(sum(origin[l: l + k + 1], [])), s, False))
+            origin[l: l + k + 1] = [sum(origin[l: l + k + 1], [])]
+            del layers[l + 1: l + k + 1]
+            _set_layers(work, layers)
+            current = _last_states(work, prompts)
+    _set_layers(work, layers)
+    for new_idx, layer in enumerate(layers):  # transformers' cache indexes layers by these
+        if hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_idx
+    return work, merges, [o[0] for o in origin]
+
+
+def _calibration_prompts(spec, ctx) -> tuple[list[torch.Tensor], str]:
+    from skipbench.data import DataSpec, load_items
+    from skipbench.data.prompts import encode_prompt
+
+    data = replace(ctx.data or DataSpec(name="text"), split="train", limit=spec.opt("calibration"))
+    lm = ctx.lm
+    out = []
+    for item in load_items(data):
+        ids = encode_prompt(lm.tokenizer, item.prompt) + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]
+        out.append(torch.tensor([ids[: spec.opt("calibration-tokens")]], device=lm.device))
+    return out, f"{data.name}/{data.split}"
+
+
+def _options(spec) -> dict:
+    return {name: spec.opt(name) for name in ("merge", "threshold", "interval", "lowest", "calibration",
+                                              "calibration-tokens")}
+
+
+def folder(spec, ctx) -> tuple[Path, dict]:
+    """The collapsed model's folder in the cache, written on first use, and its record (merges, origin)."""
+    from skipbench.models.loading import cache_dir, model_fingerprint, write_folder
+    from skipbench.results import atomic_dir
+
+    lm, keep = ctx.lm, spec.int_arg()
+    opts = _options(spec)
+    if opts["merge"] < 2 or opts["interval"] < 1 or opts["lowest"] < 0:
+        raise SkipbenchError(f"policy '{spec.label}': merge must be >= 2, interval >= 1 and lowest >= 0")
+    if keep >= lm.num_layers:
+        raise SkipbenchError(f"policy '{spec.label}': keeps every layer ({lm.num_layers}); give fewer")
+    data = ctx.data.__dict__ if ctx.data is not None else None
+    key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype), "keep": keep,
+                      "options": opts, "data": data, "version": VERSION}, sort_keys=True, default=str)
+    target = cache_dir() / "laco" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    stamp = target / "skipbench.json"
+    if stamp.exists():
+        try:
+            record = readers.json_file(stamp, "LaCo record")
+            if record.get("key") == json.loads(key) and (target / "config.json").exists():
+                return target, record
+        except readers.Unreadable as exc:
+            note(f"{exc}: collapsing the model again")
+    prompts, source = _calibration_prompts(spec, ctx)
+    model, merges, origin = collapse(lm.model, keep, prompts, opts["merge"], opts["threshold"], opts["interval"],
+                                     opts["lowest"])
+    record = {"key": json.loads(key), "kind": "laco", "base_model": lm.name, "calibration": source,
+              "origin": origin, "merges": [m.__dict__ for m in merges]}
+    with atomic_dir(target) as tmp:
+        write_folder(model, lm.tokenizer, tmp, record)
+    return target, record
+
+
+def build(spec, ctx):
+    from skipbench.models import load_model
+
+    path, record = folder(spec, ctx)
+    merged = load_model(str(path), str(ctx.lm.device), str(ctx.lm.dtype).removeprefix("torch."))
+    policy = Full(merged.num_layers)
+    policy.name, policy.lm = spec.label, merged  # the policy runs on the collapsed model's new weights
+    return policy
+
+
+def plan(spec, ctx) -> list[int]:
+    """The original indices of the layers that remain (each now holding its merged run's weights)."""
+    return folder(spec, ctx)[1]["origin"]
+
+
+def explain(spec, ctx) -> list[dict]:
+    path, record = folder(spec, ctx)
+    rows = [{"merge": str(j + 1), "into": str(m["into"]), "layers": ",".join(map(str, m["layers"])),
+             "similarity": m["similarity"], "above threshold": m["accepted_above_threshold"]}
+            for j, m in enumerate(record["merges"])]
+    return rows + [{"merge": "folder", "into": "", "layers": str(path), "similarity": "", "above threshold": ""}]

@@ -1,0 +1,123 @@
+"""LaCo (`laco:C`): the RDSC merge against a direct computation, the search down to C layers, and the collapsed
+model folder: it loads in transformers and gives the strategy's own tokens and logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import prompts, tiny_model
+from skipbench.cli import app
+from skipbench.engine import generate
+from skipbench.models import load_model, wrap_model
+from skipbench.policies import parse_policies
+from skipbench.policies.laco import collapse, rdsc
+
+
+def _layer(model, i):
+    return {k: v.clone() for k, v in model.model.layers[i].state_dict().items()}
+
+
+def test_rdsc_is_the_first_layer_plus_the_differences(tokenizer):
+    """theta* = theta_l + sum_k (theta_{l+k} - theta_l): identical layers give that layer back; otherwise the direct
+    sum of the differences, for every parameter (attention, MLP, norms)."""
+    model = tiny_model("llama", len(tokenizer))
+    a, b, c = (_layer(model, i) for i in (2, 3, 4))
+    merged = rdsc([a, b, c])
+    assert set(merged) == set(a) and any("norm" in k for k in merged)
+    for k in a:
+        torch.testing.assert_close(merged[k], a[k] + (b[k] - a[k]) + (c[k] - a[k]))
+    same = rdsc([a, copy.deepcopy(a), copy.deepcopy(a)])
+    for k in a:
+        torch.testing.assert_close(same[k], a[k])
+
+
+def test_collapse_merges_runs_until_c_layers_remain(tokenizer):
+    """With a threshold every merge passes, the search merges from the top: runs of 3 into layer 3 (keeping 4 of 6
+    layers), its weights theta_4 + theta_5 - theta_3; the other layers untouched; the original left as it was."""
+    model = tiny_model("llama", len(tokenizer))
+    before = {i: _layer(model, i) for i in range(6)}
+    ids = [torch.tensor([p]) for p in prompts(tokenizer, 2)]
+    small, merges, origin = collapse(model, 4, ids, merge=3, threshold=-1.0, interval=2, lowest=1)
+    assert small.config.num_hidden_layers == 4 and len(small.model.layers) == 4 and origin == [0, 1, 2, 3]
+    assert [(m.into, m.layers, m.accepted_above_threshold) for m in merges] == [(3, (3, 4, 5), True)]
+    for k, v in _layer(small, 3).items():
+        torch.testing.assert_close(v, before[4][k] + before[5][k] - before[3][k])
+    for i in range(3):
+        for k, v in _layer(small, i).items():
+            assert torch.equal(v, before[i][k])
+    assert len(model.model.layers) == 6 and all(torch.equal(_layer(model, 3)[k], before[3][k]) for k in before[3])
+    # a threshold no merge passes: each pass keeps its most similar merge instead, and says so
+    _, merges, origin = collapse(model, 3, ids, merge=2, threshold=1.5, interval=1, lowest=1)
+    assert len(origin) == 3 and merges and not any(m.accepted_above_threshold for m in merges)
+    assert all(-1 <= m.similarity <= 1 for m in merges)
+
+
+def test_laco_folder_loads_in_transformers_and_equals_the_strategy(tiny_dirs, tmp_path, monkeypatch, tokenizer):
+    """`laco:4` writes a plain model folder once (the cache), its policy runs that model: the tokens of transformers'
+    generate on the folder, the logits of its forward; `plan` prints the merges and the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from skipbench.data import DataSpec
+    from skipbench.policies.laco import folder
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    spec = parse_policies("laco:4", policy_options={"merge": "3", "threshold": "-1", "calibration": "2"})[0]
+    data = DataSpec(name="text", split="test")
+    policy = spec.build(6, lm, data)
+    assert policy.lm is not None and policy.lm.num_layers == 4 and policy.executed_layers() == [0, 1, 2, 3]
+    path, record = folder(spec, type("Ctx", (), {"lm": lm, "data": data})())
+    assert record["origin"] == spec.plan(6, lm, data) and len(record["merges"]) >= 1
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert hf.config.num_hidden_layers == 4
+    ps = prompts(tokenizer, 3)
+    ours = generate(lm, ps, policy, 8, stop_at_eos=False)
+    theirs = generate(wrap_model(hf, tokenizer, "hf"), ps, None, 8, stop_at_eos=False)
+    assert ours.tokens == theirs.tokens and all(len(r) == 4 for row in ours.layers for r in row)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor([ps[0]]), output_hidden_states=False).logits
+        from skipbench.engine import Engine
+
+        eng = Engine(policy.lm.adapter)
+        ids = torch.tensor([ps[0]])
+        mine = eng.forward(ids, eng.prompt_cache(torch.ones_like(ids, dtype=torch.bool), ids.shape[1]), policy).logits
+    torch.testing.assert_close(mine, out, rtol=1e-4, atol=1e-4)
+    mtime = (path / "config.json").stat().st_mtime_ns
+    spec.build(6, lm, data)  # read back, not collapsed again
+    assert (path / "config.json").stat().st_mtime_ns == mtime
+    res = CliRunner().invoke(app, ["plan", "--model", str(tiny_dirs["llama"]), "--policy", "laco:4",
+                                   "-o", "merge=3", "-o", "threshold=-1", "-o", "calibration=2"])
+    assert res.exit_code == 0, res.output
+    assert "folder" in res.output and "3,4,5" in res.output and res.output.strip().endswith("0 1 2 3")
+
+
+def test_laco_in_evaluate_and_where_it_cannot_go(tiny_dirs, tmp_path, monkeypatch):
+    """evaluate runs `laco:C` on the collapsed model (C layers per token); a router or a draft, which need the full
+    model's layers, refuse it in one line."""
+    import pandas as pd
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ev.parquet"
+    args = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--split", "test", "--limit", "4",
+            "--max-new-tokens", "6", "--policy", "laco:4", "-o", "merge=2", "-o", "threshold=-1", "-o", "calibration=2"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    laco = df[df["policy_spec"].str.startswith("laco")]
+    assert len(laco) == 4 and (laco["layers_mean"] == 4).all()
+    res = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--split",
+                                   "test", "--limit", "2", "--max-new-tokens", "4", "--policy", "full", "--draft",
+                                   "laco:4", "--out", str(tmp_path / "d.parquet")])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1 and "cache" in res.stderr
+    assert not (tmp_path / "d.parquet").exists()
+
+
+@pytest.mark.parametrize("bad", ["merge=1", "interval=0"])
+def test_laco_refuses_bad_options(tiny_dirs, tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["plan", "--model", str(tiny_dirs["llama"]), "--policy", "laco:4", "-o", bad])
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1 and "merge must be" in res.stderr
