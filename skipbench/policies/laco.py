@@ -8,9 +8,8 @@ benchmark: a given number of layers C to keep):
     l = the top position a run of `merge` layers can start at
     while more than C layers remain:
         try the merge of `merge` layers at l (fewer where the top or C would be passed)
-        s = mean over the calibration prompts of cos(y, y'), y and y' the last hidden state of the current model
-            and of the merged one (every token; y the current model's, as in the paper: each merge is compared with
-            the model it is applied to)
+        s = mean over the calibration prompts of cos(y, y'), y and y' the last hidden state of the original model
+            and of the merged one (mean over every token; as in the paper, every merge is compared with the original)
         s > `threshold`: keep the merge, l -= `interval`; else l -= 1
         below `lowest`: start again from the top; a pass that kept no merge keeps its most similar one instead
         (recorded as below the threshold), so the search always ends at C layers.
@@ -35,7 +34,7 @@ from skipbench import readers
 from skipbench.engine.protocol import Full
 from skipbench.errors import SkipbenchError, note
 
-VERSION = 1
+VERSION = 2  # 2: merges compared with the original model
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
     layers = list(_stack(work).layers)
     origin = [[i] for i in range(len(layers))]  # original indices merged into each current layer
     merges: list[Merge] = []
-    current = _last_states(work, prompts)
+    reference = _last_states(work, prompts)  # the original model's
     while len(layers) > keep:
         l, best, kept = len(layers) - merge, None, False
         l = max(l, lowest)
@@ -95,12 +94,12 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
             layers[l].load_state_dict(rdsc([layers[j].state_dict() for j in range(l, l + k + 1)]))
             _set_layers(work, layers[: l + 1] + layers[l + k + 1:])
             trial = _last_states(work, prompts)
-            s = _similarity(current, trial)
+            s = _similarity(reference, trial)
             if s > threshold:
                 merges.append(Merge(origin[l][0], tuple(sum(origin[l: l + k + 1], [])), s, True))
                 origin[l: l + k + 1] = [sum(origin[l: l + k + 1], [])]
                 del layers[l + 1: l + k + 1]
-                current, kept = trial, True
+                kept = True
                 l -= interval
                 continue
             if best is None or s > best[0]:
@@ -118,7 +117,6 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
             origin[l: l + k + 1] = [sum(origin[l: l + k + 1], [])]
             del layers[l + 1: l + k + 1]
             _set_layers(work, layers)
-            current = _last_states(work, prompts)
     _set_layers(work, layers)
     for new_idx, layer in enumerate(layers):  # transformers' cache indexes layers by these
         if hasattr(layer.self_attn, "layer_idx"):
