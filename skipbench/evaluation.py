@@ -108,7 +108,8 @@ def points(cfg: EvalConfig, lm: LoadedModel) -> dict[PolicySpec, Policy]:
     if cfg.draft is not None:
         if cfg.prompt_depth != "full":
             raise SkipbenchError("--draft runs the prompt at full depth (the verifier's); --prompt-depth must be full")
-        built[Drafted(cfg.draft, cfg.speculation)] = build_checked(cfg.draft, lm, cfg.model, cfg.data, cfg.kv_mode, "draft")
+        built[Drafted(cfg.draft, cfg.speculation)] = build_checked(cfg.draft.check_draft(), lm, cfg.model, cfg.data,
+                                                                   cfg.kv_mode, "draft")
     return built
 
 
@@ -154,6 +155,10 @@ def part_key(fields: dict, model: str, p: PolicySpec) -> str:
         from skipbench.checkpoints import checkpoint_fingerprint
 
         fields["checkpoint"] = checkpoint_fingerprint(p.value)
+    if p.strategy.own_model and isinstance(p.strategy.build, str):  # its model changes with its module's VERSION
+        import importlib
+
+        fields["strategy_version"] = getattr(importlib.import_module(p.strategy.build.partition(":")[0]), "VERSION", None)
     return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from dataclasses import dataclass
 
 from skipbench.engine import Engine
+from skipbench.errors import SkipbenchError
 from skipbench.engine.decode import left_pad, pad_id
 
 CONVENTION = "residual (raw residual-stream states entering each layer and after the last; no norm applied)"
@@ -86,6 +87,8 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
             other = early_exit_from_full(lm.adapter, full, policy[1])
             layers = torch.full(resp.shape, float(policy[1]))
         else:
+            if policy.lm is not None:
+                raise SkipbenchError(f"'{label}' runs a model of its own: its states are not the model's layers'")
             policy.begin(len(prompts), keys)
             other = engine.forward(resp, cache.clone(), policy, keep_hidden=True, record=True)
             layers = other.executed.sum(-1).float()

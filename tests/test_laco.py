@@ -21,15 +21,23 @@ def _layer(model, i):
     return {k: v.clone() for k, v in model.model.layers[i].state_dict().items()}
 
 
+def _expected(a, *rest):
+    """RDSC by hand: the first layer plus the differences of the others, norms the first layer's."""
+    return {k: a[k] if "norm" in k else a[k] + sum(r[k] - a[k] for r in rest) for k in a}
+
+
 def test_rdsc_is_the_first_layer_plus_the_differences(tokenizer):
-    """theta* = theta_l + sum_k (theta_{l+k} - theta_l): identical layers give that layer back; otherwise the direct
-    sum of the differences, for every parameter (attention, MLP, norms)."""
+    """theta* = theta_l + sum_k (theta_{l+k} - theta_l) for the attention and MLP weights, the first layer's norms
+    kept: identical layers give that layer back; otherwise the direct sum of the differences."""
     model = tiny_model("llama", len(tokenizer))
     a, b, c = (_layer(model, i) for i in (2, 3, 4))
     merged = rdsc([a, b, c])
-    assert set(merged) == set(a) and any("norm" in k for k in merged)
+    assert set(merged) == set(a) and any("norm" in k for k in merged) and any("mlp" in k for k in merged)
+    expected = _expected(a, b, c)
     for k in a:
-        torch.testing.assert_close(merged[k], a[k] + (b[k] - a[k]) + (c[k] - a[k]))
+        torch.testing.assert_close(merged[k], expected[k])
+        if "norm" not in k:
+            assert not torch.equal(merged[k], a[k])
     same = rdsc([a, copy.deepcopy(a), copy.deepcopy(a)])
     for k in a:
         torch.testing.assert_close(same[k], a[k])
@@ -44,8 +52,9 @@ def test_collapse_merges_runs_until_c_layers_remain(tokenizer):
     small, merges, origin = collapse(model, 4, ids, merge=3, threshold=-1.0, interval=2, lowest=1)
     assert small.config.num_hidden_layers == 4 and len(small.model.layers) == 4 and origin == [0, 1, 2, 3]
     assert [(m.into, m.layers, m.accepted_above_threshold) for m in merges] == [(3, (3, 4, 5), True)]
+    expected = _expected(before[3], before[4], before[5])
     for k, v in _layer(small, 3).items():
-        torch.testing.assert_close(v, before[4][k] + before[5][k] - before[3][k])
+        torch.testing.assert_close(v, expected[k])  # theta_4 + theta_5 - theta_3, layer 3's norms
     for i in range(3):
         for k, v in _layer(small, i).items():
             assert torch.equal(v, before[i][k])
@@ -56,16 +65,18 @@ def test_collapse_merges_runs_until_c_layers_remain(tokenizer):
     assert all(-1 <= m.similarity <= 1 for m in merges)
 
 
-def test_laco_folder_loads_in_transformers_and_equals_the_strategy(tiny_dirs, tmp_path, monkeypatch, tokenizer):
-    """`laco:4` writes a plain model folder once (the cache), its policy runs that model: the tokens of transformers'
-    generate on the folder, the logits of its forward; `plan` prints the merges and the folder."""
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+def test_laco_folder_loads_in_transformers_and_equals_the_strategy(family, tiny_dirs, tmp_path, monkeypatch, tokenizer):
+    """`laco:4` writes a plain model folder once (the cache) whose merged layer is RDSC of the original layers; its
+    policy runs that model: the tokens of transformers' generate on the folder, the logits of its forward; `plan`
+    prints the merges and the folder."""
     from transformers import AutoModelForCausalLM
 
     from skipbench.data import DataSpec
-    from skipbench.policies.laco import folder
+    from skipbench.policies.laco import _stack, folder
 
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
-    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    lm = load_model(str(tiny_dirs[family]), "cpu", "float32")
     spec = parse_policies("laco:4", policy_options={"merge": "3", "threshold": "-1", "calibration": "2"})[0]
     data = DataSpec(name="text", split="test")
     policy = spec.build(6, lm, data)
@@ -74,6 +85,12 @@ def test_laco_folder_loads_in_transformers_and_equals_the_strategy(tiny_dirs, tm
     assert record["origin"] == spec.plan(6, lm, data) and len(record["merges"]) >= 1
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     assert hf.config.num_hidden_layers == 4
+    first = record["merges"][0]  # threshold -1: the first try, layers 3, 4, 5 into 3
+    assert first["layers"] == [3, 4, 5] and record["origin"] == [0, 1, 2, 3]
+    original = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in _stack(lm.model).layers]
+    expected = _expected(*(original[i] for i in first["layers"]))
+    for k, v in _stack(hf).layers[3].state_dict().items():
+        torch.testing.assert_close(v, expected[k])
     ps = prompts(tokenizer, 3)
     ours = generate(lm, ps, policy, 8, stop_at_eos=False)
     theirs = generate(wrap_model(hf, tokenizer, "hf"), ps, None, 8, stop_at_eos=False)
@@ -89,6 +106,8 @@ def test_laco_folder_loads_in_transformers_and_equals_the_strategy(tiny_dirs, tm
     mtime = (path / "config.json").stat().st_mtime_ns
     spec.build(6, lm, data)  # read back, not collapsed again
     assert (path / "config.json").stat().st_mtime_ns == mtime
+    if family != "llama":
+        return
     res = CliRunner().invoke(app, ["plan", "--model", str(tiny_dirs["llama"]), "--policy", "laco:4",
                                    "-o", "merge=3", "-o", "threshold=-1", "-o", "calibration=2"])
     assert res.exit_code == 0, res.output

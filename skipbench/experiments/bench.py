@@ -243,7 +243,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
             run, start = _ours(small, None, cfg, "gather")
             bounds.append(Variant(f"removed:{label}", run, "bound", start=start))
     for spec in drafts:
-        draft = spec.build(lm.num_layers, lm)
+        draft = spec.check_draft().build(lm.num_layers, lm)
         kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{spec.label}'")
         spec.check_kv_mode(kv_mode)
         for k in cfg.speculations:

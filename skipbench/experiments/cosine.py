@@ -103,6 +103,8 @@ def _spec(cfg: CosineConfig, strategy: str, point: str, seed: int) -> PolicySpec
 def _variant(spec: PolicySpec, lm, data):
     """A static policy that runs a prefix of the layers (early exit) is read off the full pass; others are run."""
     spec.check_held_out(data)
+    if spec.strategy.own_model:
+        raise SkipbenchError(f"cosine compares states of one model's layers; '{spec.label}' runs a model of its own")
     policy = spec.build(lm.num_layers, lm, data)
     plan = policy.executed_layers() if policy.static else None
     if plan is not None and plan == list(range(len(plan))):

@@ -155,7 +155,8 @@ def finetune_loss(lm, engine: Engine, batch: list, total: float, keys: list, lay
     task = float(weights[-1]) * last
     for l in np.nonzero(weights[:-1])[0]:  # the exit after layer l reads the stream entering layer l + 1
         task = task + float(weights[l]) * ce(lm.adapter.head(lm.adapter.final_norm(out.hidden[l + 1][:, cut])))
-    return task, {"task": float(task.detach()), "last_layer": float(last.detach())}
+    # the log's other entries are per-token means of the micro-batch (training.optimizer_step weighs them)
+    return task, {"task": float(task.detach()), "last_layer": float(last.detach()) * total / float(mask.sum())}
 
 
 def validate(lm, items, prompts: list[list[int]], cfg: FinetuneConfig, d: distributed.Dist) -> float:

@@ -1,15 +1,16 @@
 """`laco:C`: LaCo, layer collapse (Yang et al., 2024): merge runs of consecutive layers until C layers remain.
 
 Reserving-Differences-while-Seeking-Common merge (RDSC): a run of layers l .. l+K collapses into layer l with
-parameters theta* = theta_l + sum_{k=1..K} (theta_{l+k} - theta_l), every parameter of the layer (attention, MLP,
-norms); layers l+1 .. l+K are removed. The search (the paper's Algorithm 1, with the stopping rule of this
+parameters theta* = theta_l + sum_{k=1..K} (theta_{l+k} - theta_l) for the attention and MLP weights (layer l's
+norms kept, as in the authors' code); layers l+1 .. l+K are removed. The search (the paper's Algorithm 1, with the stopping rule of this
 benchmark: a given number of layers C to keep):
 
     l = the top position a run of `merge` layers can start at
     while more than C layers remain:
         try the merge of `merge` layers at l (fewer where the top or C would be passed)
-        s = mean over the calibration prompts of cos(y, y'), y and y' the last hidden state of the original model
-            and of the merged one (mean over every token; as in the paper, every merge is compared with the original)
+        s = mean over the calibration prompts of cos(y, y'), y and y' the last hidden states of the original model
+            and of the merged one, flattened over the tokens (as in the paper, every merge is compared with the
+            original)
         s > `threshold`: keep the merge, l -= `interval`; else l -= 1
         below `lowest`: start again from the top; a pass that kept no merge keeps its most similar one instead
         (recorded as below the threshold), so the search always ends at C layers.
@@ -34,7 +35,7 @@ from skipbench import readers
 from skipbench.engine.protocol import Full
 from skipbench.errors import SkipbenchError, note
 
-VERSION = 2  # 2: merges compared with the original model
+VERSION = 3  # 2: merges compared with the original model; 3: norms kept, flattened cosine
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,22 @@ def _stack(model: nn.Module):
 
 
 def rdsc(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """theta* = theta_0 + sum_{k>=1} (theta_k - theta_0) for each parameter of the layers' state dicts."""
+    """theta* = theta_0 + sum_{k>=1} (theta_k - theta_0) for the attention and MLP parameters of the layers' state
+    dicts, in float32; the first layer's norms are kept (as the authors' code does: it merges the projections only)."""
     first = states[0]
-    return {name: first[name] + sum(s[name] - first[name] for s in states[1:]) for name in first}
+
+    def merged(name: str) -> torch.Tensor:
+        if "norm" in name:
+            return first[name]
+        base = first[name].float()
+        return (base + sum(s[name].float() - base for s in states[1:])).to(first[name].dtype)
+
+    return {name: merged(name) for name in first}
 
 
 def _set_layers(model: nn.Module, layers: list[nn.Module]) -> None:
     _stack(model).layers = nn.ModuleList(layers)
-    model.config.num_hidden_layers = len(layers)
+    model.config.num_hidden_layers = len(layers)  # (per-layer type lists are set once the search ends)
 
 
 @torch.no_grad()
@@ -67,8 +76,11 @@ def _last_states(model: nn.Module, prompts: list[torch.Tensor]) -> list[torch.Te
 
 
 def _similarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    cos = [torch.nn.functional.cosine_similarity(x, y, dim=-1).mean() for x, y in zip(a, b)]
-    return float(torch.stack(cos).mean())
+    """The mean over prompts of the cosine between the two last-hidden-state matrices, flattened (as the authors'
+    code compares them); NaN (an overflow) counts as the least similar."""
+    cos = [torch.nn.functional.cosine_similarity(x.flatten(), y.flatten(), dim=0) for x, y in zip(a, b)]
+    s = float(torch.stack(cos).mean())
+    return s if s == s else float("-inf")
 
 
 @torch.no_grad()
@@ -121,6 +133,9 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
     for new_idx, layer in enumerate(layers):  # transformers' cache indexes layers by these
         if hasattr(layer.self_attn, "layer_idx"):
             layer.self_attn.layer_idx = new_idx
+    for attr in ("layer_types", "mlp_layer_types"):  # per-layer lists in some configs (Qwen2/3, Mistral)
+        if getattr(work.config, attr, None):
+            setattr(work.config, attr, [getattr(model.config, attr)[o[0]] for o in origin])
     return work, merges, [o[0] for o in origin]
 
 
@@ -128,6 +143,8 @@ def _calibration_prompts(spec, ctx) -> tuple[list[torch.Tensor], str]:
     from skipbench.data import DataSpec, load_items
     from skipbench.data.prompts import encode_prompt
 
+    if spec.opt("calibration") < 1 or spec.opt("calibration-tokens") < 2:
+        raise SkipbenchError(f"policy '{spec.label}': calibration needs at least 1 item and 2 tokens")
     data = replace(ctx.data or DataSpec(name="text"), split="train", limit=spec.opt("calibration"))
     lm = ctx.lm
     out = []
@@ -153,32 +170,44 @@ def folder(spec, ctx) -> tuple[Path, dict]:
         raise SkipbenchError(f"policy '{spec.label}': merge must be >= 2, interval >= 1 and lowest >= 0")
     if keep >= lm.num_layers:
         raise SkipbenchError(f"policy '{spec.label}': keeps every layer ({lm.num_layers}); give fewer")
-    data = ctx.data.__dict__ if ctx.data is not None else None
-    key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype), "keep": keep,
-                      "options": opts, "data": data, "version": VERSION}, sort_keys=True, default=str)
-    target = cache_dir() / "laco" / hashlib.sha1(key.encode()).hexdigest()[:16]
-    stamp = target / "skipbench.json"
-    if stamp.exists():
-        try:
-            record = readers.json_file(stamp, "LaCo record")
-            if record.get("key") == json.loads(key) and (target / "config.json").exists():
-                return target, record
-        except readers.Unreadable as exc:
-            note(f"{exc}: collapsing the model again")
     prompts, source = _calibration_prompts(spec, ctx)
+    tokens = hashlib.sha1(json.dumps([p[0].tolist() for p in prompts]).encode()).hexdigest()  # the calibration itself
+    key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype), "keep": keep,
+                      "options": opts, "calibration": tokens, "version": VERSION}, sort_keys=True, default=str)
+    target = cache_dir() / "laco" / hashlib.sha1(key.encode()).hexdigest()[:16]
+    record = _valid(target, key)
+    if record is not None:
+        return target, record
     model, merges, origin = collapse(lm.model, keep, prompts, opts["merge"], opts["threshold"], opts["interval"],
                                      opts["lowest"])
     record = {"key": json.loads(key), "kind": "laco", "base_model": lm.name, "calibration": source,
               "origin": origin, "merges": [m.__dict__ for m in merges]}
-    with atomic_dir(target) as tmp:
-        write_folder(model, lm.tokenizer, tmp, record)
+    if _valid(target, key) is None:  # another process may have written it meanwhile: a valid folder is kept
+        with atomic_dir(target) as tmp:
+            write_folder(model, lm.tokenizer, tmp, record)
     return target, record
+
+
+def _valid(target: Path, key: str) -> dict | None:
+    stamp = target / "skipbench.json"
+    if not stamp.exists():
+        return None
+    try:
+        record = readers.json_file(stamp, "LaCo record")
+    except readers.Unreadable as exc:
+        note(f"{exc}: collapsing the model again")
+        return None
+    return record if record.get("key") == json.loads(key) and (target / "config.json").exists() else None
 
 
 def build(spec, ctx):
     from skipbench.models import load_model
 
     path, record = folder(spec, ctx)
+    below = sum(not m["accepted_above_threshold"] for m in record["merges"])
+    if below:
+        note(f"{spec.label}: {below} of {len(record['merges'])} merges stayed below the threshold "
+             f"{spec.opt('threshold')} (the most similar of a pass was kept; `skipbench plan --policy {spec.label}`)")
     merged = load_model(str(path), str(ctx.lm.device), str(ctx.lm.dtype).removeprefix("torch."))
     policy = Full(merged.num_layers)
     policy.name, policy.lm = spec.label, merged  # the policy runs on the collapsed model's new weights

@@ -165,7 +165,7 @@ _BUILTIN = [
              own_model=True,
              options=(Option(name="merge", default=4, help="layers merged into one per step (the paper's C)"),
                       Option(name="threshold", default=0.65, help="a merge is kept when the last hidden states' "
-                                                                  "cosine similarity to the model before it exceeds this"),
+                                                                  "cosine similarity to the original model's exceeds this"),
                       Option(name="interval", default=2, help="layers to move down after a kept merge (the paper's I)"),
                       Option(name="lowest", default=1, help="the lowest layer a merge may start at (the paper's L_l)"),
                       Option(name="calibration", default=5, help="train-split items whose last hidden states judge a "
@@ -338,6 +338,14 @@ class PolicySpec:
         if "data" in self.strategy.needs and data is not None and data.split in ("all", "train"):
             raise SkipbenchError(f"policy '{self.label}' is calibrated or trained on the train split of '{data.name}'; score it on "
                                  "held-out items: --split test (or validation)")
+
+    def check_draft(self) -> "PolicySpec":
+        """A self-speculative draft skips layers of the verifying model and shares its cache: a strategy that runs a
+        model of its own cannot draft (refused before anything is built)."""
+        if self.strategy.own_model:
+            raise SkipbenchError(f"draft '{self.label}' runs a model of its own (new weights), so it cannot share the "
+                                 "full model's cache: a self-speculative draft skips layers of the full model")
+        return self
 
     def check_kv_mode(self, mode: str) -> None:
         """The KV mode a run resolved to must be one the strategy supports (its entry says which)."""
