@@ -193,8 +193,10 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
         else:
             gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth,
                            impl=cfg.impl)
+        origin = getattr(policy, "origin", None)  # a collapsed model's layers, as the loaded model's (LaCo)
         for r, i in enumerate(idx):
-            row = (_row(lm, items[i], p, gen.tokens[r], gen.layers[r], len(encoded[i])) | {"kv_mode": gen.kv_mode}
+            layers = gen.layers[r] if origin is None else [[origin[j] for j in rec] for rec in gen.layers[r]]
+            row = (_row(lm, items[i], p, gen.tokens[r], layers, len(encoded[i])) | {"kv_mode": gen.kv_mode}
                    | (policy.row_record(r) if hasattr(policy, "row_record") else {}))
             if gen.speculation is not None:  # what drafting did for this item; its layers: every pass it cost
                 stats = gen.speculation.row(r)

@@ -128,6 +128,8 @@ def test_laco_in_evaluate_and_where_it_cannot_go(tiny_dirs, tmp_path, monkeypatc
     df = pd.read_parquet(out)
     laco = df[df["policy_spec"].str.startswith("laco")]
     assert len(laco) == 4 and (laco["layers_mean"] == 4).all()
+    use = laco["layer_use"].iloc[0]  # counted on the loaded model's layers: the merged runs' first layers
+    assert len(use) == 6 and [i for i, n in enumerate(use) if n] == [0, 1, 2, 4]
     res = CliRunner().invoke(app, ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--split",
                                    "test", "--limit", "2", "--max-new-tokens", "4", "--policy", "full", "--draft",
                                    "laco:4", "--out", str(tmp_path / "d.parquet")])

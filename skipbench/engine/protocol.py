@@ -47,6 +47,8 @@ class Policy:
     kv_mode: str | None = None
     #: the model it runs on when its layers are new weights (LaCo's collapsed model), else None: the loaded one
     lm: object = None
+    #: with `lm`: the loaded model's layer each of its layers stands for (what `layer_use` counts)
+    origin: list | None = None
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers

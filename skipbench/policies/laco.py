@@ -211,6 +211,7 @@ def build(spec, ctx):
     merged = load_model(str(path), str(ctx.lm.device), str(ctx.lm.dtype).removeprefix("torch."))
     policy = Full(merged.num_layers)
     policy.name, policy.lm = spec.label, merged  # the policy runs on the collapsed model's new weights
+    policy.origin = record["origin"]
     return policy
 
 
