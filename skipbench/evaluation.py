@@ -193,7 +193,7 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
         else:
             gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth,
                            impl=cfg.impl)
-        origin = getattr(policy, "origin", None)  # a collapsed model's layers, as the loaded model's (LaCo)
+        origin = policy.origin  # a collapsed model's layers, as the loaded model's (LaCo)
         for r, i in enumerate(idx):
             layers = gen.layers[r] if origin is None else [[origin[j] for j in rec] for rec in gen.layers[r]]
             row = (_row(lm, items[i], p, gen.tokens[r], layers, len(encoded[i])) | {"kv_mode": gen.kv_mode}

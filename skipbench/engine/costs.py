@@ -14,8 +14,8 @@ matmuls have other row counts), and the tests find the same tokens (tests/test_e
 Only one-token steps (decode, drafts) are chosen this way; a step of many tokens (a prompt, a verify pass) gathers:
 its matmuls are large enough that their cost follows the rows and tokens they get.
 
-The same table holds the parts of a dense layer (attention, MLP, the K/V a skipping row writes), which `bench`
-uses for its ideal of what a batch can actually skip.
+The same table holds the parts of a dense layer (attention, MLP, and the K/V every row writes at a layer none runs),
+which `bench` uses for its ideal of what a batch can actually skip.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 
 from skipbench import readers
 from skipbench.errors import note
+from skipbench.models.loading import sync
 
 VERSION = 1  # bump when what is timed changes: tables of an older version are not reused
 CONTEXT = 128  # cache positions a calibration step attends over
@@ -204,10 +205,10 @@ def calibrate(engine, batch: int) -> LayerCosts:
     times: dict = {name: [] for name in cases}
     for rep in range(WARMUP + REPEATS):
         for name, fn in cases.items():
-            _sync(param.device)
+            sync(param.device)
             t = time.perf_counter()
             fn()
-            _sync(param.device)
+            sync(param.device)
             if rep >= WARMUP:
                 times[name].append(time.perf_counter() - t)
     med = {name: statistics.median(ts) for name, ts in times.items()}
@@ -218,8 +219,3 @@ def calibrate(engine, batch: int) -> LayerCosts:
     return LayerCosts(batch=batch, rows=rows, dense=series("layer", "mask"), gathered=series("layer", "gather"),
                       routed_dense=series("routed", "mask"), routed_gathered=series("routed", "gather"),
                       attention=med["attention"], mlp=med["mlp"], kv=med["kv"], seconds=time.perf_counter() - began)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

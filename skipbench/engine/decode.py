@@ -16,7 +16,7 @@ import torch
 from skipbench.engine.cache import KVCache, resolve_kv_mode
 from skipbench.engine.forward import Engine, Meter
 from skipbench.errors import SkipbenchError
-from skipbench.models.loading import LoadedModel
+from skipbench.models.loading import LoadedModel, sync
 from skipbench.engine.protocol import Full, Policy
 
 LAYERS_CONVENTION = "input"
@@ -213,8 +213,7 @@ class Clock:
         self.last = self._read()
 
     def _read(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
         return self.now()
 
     def lap(self) -> float:

@@ -131,9 +131,8 @@ class Engine:
         real = True if present is None else present
         if self.kv_mode == "fill":  # every real token writes K/V at every layer
             cache.mark(range(ad.num_layers), real, num_tokens)
-        meter = self.meter
-        if meter is not None:
-            meter.steps += 1
+        if self.meter is not None:
+            self.meter.steps += 1
         if policy is not None:
             self._timed(policy.new_step, positions)
         executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None

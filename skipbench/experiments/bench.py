@@ -66,7 +66,7 @@ from skipbench.engine.costs import LayerCosts, layer_costs
 from skipbench.engine.decode import decoding, finish, left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
-from skipbench.models.loading import LoadedModel, remove_layers
+from skipbench.models.loading import LoadedModel, remove_layers, sync
 from skipbench.engine.forward import IMPLS, Engine, Meter
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
@@ -124,15 +124,14 @@ def _hf_variant(lm: LoadedModel, n: int) -> Variant:
             self.times = []
 
         def __call__(self, input_ids, scores):
-            if scores.is_cuda:
-                torch.cuda.synchronize()
+            sync(scores.device)
             self.times.append(time.perf_counter())
             return scores
 
     def run(prompts):
         ids, present = left_pad(prompts, pad_id(lm), lm.device)
         stamp = Stamp()
-        _sync(lm.device)
+        sync(lm.device)
         start = time.perf_counter()
         lm.model.generate(input_ids=ids, attention_mask=present.long(), max_new_tokens=n, min_new_tokens=n,
                           do_sample=False, pad_token_id=pad_id(lm), logits_processor=LogitsProcessorList([stamp]))
@@ -265,20 +264,15 @@ def fixed_part(lm: LoadedModel, batch: int, reps: int = 20) -> float:
     times = []
     with torch.no_grad():
         for r in range(reps + 3):
-            _sync(lm.device)
+            sync(lm.device)
             t = time.perf_counter()
             h = ad.embed(ids, pos)
             ad.position_embeddings(h, pos)
             next_token(ad.head(ad.final_norm(h))[:, -1], Sampling(), None)
-            _sync(lm.device)
+            sync(lm.device)
             if r >= 3:
                 times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -445,11 +439,13 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, d
             costed[-1] = r.tokens_per_round * t_full / round_cost
             continue
         t_full, f = float(full.step_p50.iloc[0]), fixed[r.batch_size]
-        ideal[-1] = t_full / (f + r.layers_mean / num_layers * max(t_full - f, 0.0))
+        # a step that does a share of full depth's layer work ideally takes F + share * (T_full - F)
+        ideal_at = lambda share: t_full / (f + share * max(t_full - f, 0.0))  # noqa: E731
+        ideal[-1] = ideal_at(r.layers_mean / num_layers)
         c = (parts or {}).get(r.batch_size, {}).get(r.kv_mode)
         if c is not None and not np.isnan(getattr(r, "attention_layers", np.nan)):
             work = r.attention_layers * c.attention + r.mlp_layers * c.mlp + r.kv_layers * c.kv
-            batch_ideal[-1] = t_full / (f + work / (num_layers * (c.attention + c.mlp)) * max(t_full - f, 0.0))
+            batch_ideal[-1] = ideal_at(work / (num_layers * (c.attention + c.mlp)))
     out["ideal_speedup"] = ideal
     out["realized_over_ideal"] = out["speedup"] / out["ideal_speedup"]
     out["ideal_batch_speedup"] = batch_ideal

@@ -121,6 +121,12 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it times that work; a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         # fp32 on CPU (exact comparisons, and bf16 matmuls are slow on most CPUs); bf16 on CUDA

@@ -33,14 +33,31 @@ class Similarities:
     source: str  # the dataset and split they came from
 
 
-def similarities(ctx, items: int, max_tokens: int) -> Similarities:
+def calibration_data(ctx, items: int, max_tokens: int):
+    """The calibration items: the first `items` of the run's dataset's train split (the embedded text suite when the
+    run names none)."""
     from skipbench.data import DataSpec
-    from skipbench.models.loading import cache_dir, model_fingerprint
-    from skipbench.results import write_text_atomic
 
     if items < 1 or max_tokens < 2:
         raise SkipbenchError(f"calibration needs at least 1 item and 2 tokens, got {items} and {max_tokens}")
-    data = replace(ctx.data or DataSpec(name="text"), split="train", limit=items)
+    return replace(ctx.data or DataSpec(name="text"), split="train", limit=items)
+
+
+def sequences(lm, data, max_tokens: int) -> list[list[int]]:
+    """Each calibration item's chat-formatted prompt followed by its reference response, cut to `max_tokens`."""
+    from skipbench.data import load_items
+    from skipbench.data.prompts import encode_prompt
+
+    return [(encode_prompt(lm.tokenizer, item.prompt)
+             + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"])[:max_tokens]
+            for item in load_items(data)]
+
+
+def similarities(ctx, items: int, max_tokens: int) -> Similarities:
+    from skipbench.models.loading import cache_dir, model_fingerprint
+    from skipbench.results import write_text_atomic
+
+    data = calibration_data(ctx, items, max_tokens)
     lm = ctx.lm
     key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype),
                       "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION}, sort_keys=True, default=str)
@@ -63,16 +80,13 @@ def similarities(ctx, items: int, max_tokens: int) -> Similarities:
 def _compute(lm, data, max_tokens: int) -> Similarities:
     import torch
 
-    from skipbench.data import load_items
-    from skipbench.data.prompts import encode_prompt
     from skipbench.engine import Engine
 
     engine = Engine(lm.adapter, "fill")
     size = lm.num_layers + 1
     cos_sum, angle_sum, tokens, seqs = np.zeros((size, size)), np.zeros((size, size)), 0, 0
-    for item in load_items(data):
-        ids = encode_prompt(lm.tokenizer, item.prompt) + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([ids[:max_tokens]], device=lm.device)
+    for seq in sequences(lm, data, max_tokens):
+        ids = torch.tensor([seq], device=lm.device)
         present = torch.ones_like(ids, dtype=torch.bool)
         out = engine.forward(ids, engine.prompt_cache(present, ids.shape[1]), keep_hidden=True)
         h = torch.nn.functional.normalize(torch.stack(out.hidden)[:, 0].float(), dim=-1)  # [L+1, T, d]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +34,7 @@ from torch import nn
 from skipbench import readers
 from skipbench.engine.protocol import Full
 from skipbench.errors import SkipbenchError, note
+from skipbench.policies.calibration import calibration_data, sequences
 
 VERSION = 3  # 2: merges compared with the original model; 3: norms kept, flattened cosine
 
@@ -140,18 +141,10 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
 
 
 def _calibration_prompts(spec, ctx) -> tuple[list[torch.Tensor], str]:
-    from skipbench.data import DataSpec, load_items
-    from skipbench.data.prompts import encode_prompt
-
-    if spec.opt("calibration") < 1 or spec.opt("calibration-tokens") < 2:
-        raise SkipbenchError(f"policy '{spec.label}': calibration needs at least 1 item and 2 tokens")
-    data = replace(ctx.data or DataSpec(name="text"), split="train", limit=spec.opt("calibration"))
-    lm = ctx.lm
-    out = []
-    for item in load_items(data):
-        ids = encode_prompt(lm.tokenizer, item.prompt) + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]
-        out.append(torch.tensor([ids[: spec.opt("calibration-tokens")]], device=lm.device))
-    return out, f"{data.name}/{data.split}"
+    """The calibration sequences (policies/calibration.py's: train-split prompts with their references)."""
+    data = calibration_data(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"))
+    ids = sequences(ctx.lm, data, spec.opt("calibration-tokens"))
+    return [torch.tensor([seq], device=ctx.lm.device) for seq in ids], f"{data.name}/{data.split}"
 
 
 def _options(spec) -> dict:
