@@ -1014,6 +1014,57 @@ def flexidepth_depthmap(
     console.print(f"wrote {res['html']} and {res['png'].name}")
 
 
+mindskip_app = typer.Typer(cls=SkipbenchGroup, no_args_is_help=True,
+                           help="MindSkip: per-token routers that skip attention sub-layers (Router-Tuning, He et al.).")
+app.add_typer(mindskip_app, name="mindskip")
+
+
+@mindskip_app.command("train")
+def mindskip_train(
+    model: str = ModelOpt,
+    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
+    split: str = typer.Option("train"),
+    limit: int = typer.Option(0, help="first N training items (0 = all)"),
+    capacity: float = typer.Option(0.5, help="the fraction of tokens that attend at a routed layer (the capacity "
+                                             "loss pushes it down to this)"),
+    weight: float = typer.Option(1.0, help="lambda of the capacity loss, summed over routed layers"),
+    capacity_loss: str = typer.Option("abs", help="abs: |attend - capacity| (towards it from both sides) | relu: "
+                                                  "relu(attend - capacity), the authors' (only down to it)"),
+    routed: int = typer.Option(0, help="route the N layers below the last (0: half the depth, the authors' 16 of 32)"),
+    routed_layers: str = typer.Option("", help="0-based layers to route instead of --routed"),
+    tau: float = typer.Option(0.5, help="a token attends when its router score is >= tau"),
+    kv: bool = typer.Option(False, "--kv/--no-kv", help="--kv: skipped tokens still write K/V at routed layers "
+                                                        "(fill); default none, as the authors' code"),
+    steps: Steps = 200,
+    batch_size: BatchSize = 4,
+    grad_accum: GradAccum = 1,
+    lr: Lr = 1e-2,
+    seed: Seed = 0,
+    loss: Loss = LossKind.ce,
+    targets: Targets = Teacher.full,
+    max_new_tokens: int = typer.Option(64),
+    max_seq_len: MaxSeqLen = 256,
+    device: Device = DeviceOpt,
+    dtype: TrainDtype = Dtype.float32,
+    out: str = typer.Option(STRATEGIES.get("mindskip").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
+    restart: bool = RestartOpt,
+) -> None:
+    """Train MindSkip routers on a frozen model; then --policy mindskip:OUT (-o skip=K to meet K skips per token).
+
+    Example: skipbench mindskip train --dataset text,arith --capacity 0.75 --steps 200 --out runs/mindskip-smollm2
+    """
+    from skipbench.experiments.mindskip import MindSkipTrainConfig, run_train
+
+    _quiet_transformers()
+    tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
+                         max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
+    cfg = MindSkipTrainConfig(train=tcfg, capacity=capacity, weight=weight, capacity_loss=capacity_loss, routed=routed, tau=tau, kv=kv,
+                              routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else ())
+    with TrainBar("train") as bar:
+        result = run_train(cfg, progress=bar.step, start=bar.start)
+    _report_training(result)
+
+
 @app.command()
 def finetune(
     model: str = ModelOpt,

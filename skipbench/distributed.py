@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # the commands that know how to share their work; the others refuse to run under torchrun
-COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train", "finetune", "lm-eval")
+COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train", "mindskip train", "finetune", "lm-eval")
 
 
 @dataclass(frozen=True)

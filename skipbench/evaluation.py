@@ -196,12 +196,14 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
         origin = policy.origin  # a collapsed model's layers, as the loaded model's (LaCo)
         for r, i in enumerate(idx):
             layers = gen.layers[r] if origin is None else [[origin[j] for j in rec] for rec in gen.layers[r]]
-            row = (_row(lm, items[i], p, gen.tokens[r], layers, len(encoded[i])) | {"kv_mode": gen.kv_mode}
+            row = (_row(lm, items[i], p, gen.tokens[r], layers, len(encoded[i]))
+                   | {"kv_mode": gen.kv_mode, "attention_mean": gen.attention_mean(r)}
                    | (policy.row_record(r) if hasattr(policy, "row_record") else {}))
             if gen.speculation is not None:  # what drafting did for this item; its layers: every pass it cost
                 stats = gen.speculation.row(r)
                 row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **stats,
-                        "layers_mean": stats["layer_passes"] / len(gen.layers[r]) if gen.layers[r] else math.nan}
+                        "layers_mean": stats["layer_passes"] / len(gen.layers[r]) if gen.layers[r] else math.nan,
+                        "attention_mean": math.nan}  # drafting's attention passes are not counted
             rows.append(row)
         if progress:
             progress(len(idx))

@@ -34,6 +34,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from skipbench import distributed
 from skipbench.engine import Engine, generate, resolve_kv_mode
 from skipbench.engine.decode import Sampling, left_pad, pad_id
+from skipbench.engine.forward import passes as engine_passes
 from skipbench.errors import SkipbenchError
 from skipbench.evaluation import build_checked
 from skipbench.models import load_model
@@ -55,6 +56,7 @@ class Usage:
     task: str
     tokens: int
     layer_passes: int
+    attention_passes: int  # attention sub-layers they ran (fewer than layer_passes under MindSkip)
 
 
 def request_key(tokens: list[int]) -> int:
@@ -201,8 +203,10 @@ class SkipbenchLM(TemplateLM):
                 for row, r in enumerate(idx):
                     texts[r] = _cut(self.tok_decode(gen.tokens[row]), until)
                     passes = sum(map(len, gen.layers[row])) + (gen.prompt_passes[row] if gen.prompt_passes else 0)
+                    attention = (passes - sum(gen.attention_skips[row])
+                                 - (gen.prompt_passes[row] - gen.prompt_attention_passes[row] if gen.prompt_passes else 0))
                     tokens = len(gen.layers[row]) + (len(batch[row]) if gen.prompt_passes else 0)
-                    self._pending[r] = (tokens, passes)
+                    self._pending[r] = (tokens, passes, attention)
         self._attribute(requests, range(len(requests)))
         return texts
 
@@ -233,14 +237,17 @@ class SkipbenchLM(TemplateLM):
         for r, c in enumerate(conts):
             target[r, : len(c)] = torch.tensor(c)
         target = target.to(dev)
-        logits, passes = first.logits, torch.zeros(len(batch), dtype=torch.long, device=dev)
+        logits = first.logits
+        passes, attention = (torch.zeros(len(batch), dtype=torch.long, device=dev) for _ in range(2))
         if first.executed is not None:
-            passes += (first.executed & present[..., None]).sum((1, 2))
+            layers, attended = engine_passes(first, present)
+            passes, attention = passes + layers, attention + attended
         if width > 1:  # the continuation fed back, teacher-forced, under the policy
             rest = self.engine.forward(target[:, :-1], cache, self.policy, record=True)
             logits = torch.cat([logits, rest.logits], 1)
             fed = torch.arange(width - 1, device=dev)[None] < torch.tensor([len(c) - 1 for c in conts], device=dev)[:, None]
-            passes += (rest.executed & fed[..., None]).sum((1, 2))
+            layers, attended = engine_passes(rest, fed)
+            passes, attention = passes + layers, attention + attended
         logp = torch.log_softmax(logits.float(), -1)
         token_lp = logp.gather(-1, target[..., None])[..., 0]
         greedy = logits.argmax(-1) == target
@@ -248,7 +255,7 @@ class SkipbenchLM(TemplateLM):
         for r, c in enumerate(conts):
             n = len(c)
             results.append((float(token_lp[r, :n].sum()), bool(greedy[r, :n].all())))
-            costs.append(((n - 1) + (len(ctxs[r]) if context_policy is not None else 0), int(passes[r])))
+            costs.append(((n - 1) + (len(ctxs[r]) if context_policy is not None else 0), int(passes[r]), int(attention[r])))
         return results, costs
 
     def _generation_kwargs(self, kwargs: dict | None) -> tuple[list[str], int, Sampling]:
@@ -283,15 +290,13 @@ class SkipbenchLM(TemplateLM):
         rank's requests with copies of its last one (the same object beyond its `repeats`): those are not counted."""
         totals: dict = {}
         for i, r in enumerate(owner):
-            tokens, passes = self._pending[i]
-            t, p = totals.get(r, (0, 0))
-            totals[r] = (t + tokens, p + passes)
+            totals[r] = tuple(a + b for a, b in zip(totals.get(r, (0, 0, 0)), self._pending[i]))
         seen: dict = defaultdict(int)
-        for r, (tokens, passes) in sorted(totals.items()):
+        for r, (tokens, passes, attention) in sorted(totals.items()):
             req = requests[r]
             seen[id(req)] += 1
             if seen[id(req)] <= getattr(req, "repeats", 1):
-                self.usage.append(Usage(getattr(req, "task_name", None) or "", tokens, passes))
+                self.usage.append(Usage(getattr(req, "task_name", None) or "", tokens, passes, attention))
         self._pending = []
 
     # -- torchrun: lm-eval shards requests by rank and gathers through these
@@ -322,14 +327,15 @@ def one_spec(text: str, seed: int = 0, policy_options: str = "", gate: str = "sa
     return specs[0]
 
 
-def usage_by_task(usage: list[Usage]) -> dict[str, tuple[int, int, int]]:
-    """Per task: (gated tokens, their layer passes, requests)."""
-    sums: dict = defaultdict(lambda: [0, 0, 0])
+def usage_by_task(usage: list[Usage]) -> dict[str, tuple[int, int, int, int]]:
+    """Per task: (gated tokens, their layer passes, requests, their attention passes)."""
+    sums: dict = defaultdict(lambda: [0, 0, 0, 0])
     for u in usage:
         s = sums[u.task]
         s[0] += u.tokens
         s[1] += u.layer_passes
         s[2] += 1
+        s[3] += u.attention_passes
     return {t: tuple(v) for t, v in sums.items()}
 
 

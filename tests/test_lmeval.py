@@ -92,8 +92,8 @@ def test_static_plan_scores_equal_the_smaller_model_with_a_full_depth_context(lm
         ref_lp, ref_greedy = _hf_smaller_with_full_context(lm, keep, ctx, cont)
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert greedy == ref_greedy
-    # the layers counted: continuation tokens fed back, each through the plan's layers
-    assert model._pending == [(len(cont) - 1, (len(cont) - 1) * len(keep)) for _, cont in reqs]
+    # the layers counted: continuation tokens fed back, each through the plan's layers (and their attention)
+    assert model._pending == [(len(cont) - 1, (len(cont) - 1) * len(keep), (len(cont) - 1) * len(keep)) for _, cont in reqs]
 
 
 def test_prompt_depth_policy_scores_equal_the_smaller_model(lm, tokenizer):

@@ -14,7 +14,7 @@ from typing import Callable, Generator, Iterator
 import torch
 
 from skipbench.engine.cache import KVCache, resolve_kv_mode
-from skipbench.engine.forward import Engine, Meter
+from skipbench.engine.forward import Engine, Meter, passes
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel, sync
 from skipbench.engine.protocol import Full, Policy
@@ -44,6 +44,17 @@ class Generation:
     speculation: "object | None" = None  # self-speculative decoding: its SpecStats (engine/speculative.py)
     cache: "KVCache | None" = None  # the cache as the run left it (tests compare its K/V)
     prompt_passes: list[int] | None = None  # prompt_depth `policy`: layer passes of each prompt's tokens
+    # per sequence, per fed-back generated token: layers it ran without their attention (MindSkip); None when not
+    # recorded (self-speculative decoding)
+    attention_skips: list[list[int]] | None = None
+    prompt_attention_passes: list[int] | None = None  # prompt_depth `policy`: attention sub-layers the prompt ran
+
+    def attention_mean(self, row: int) -> float:
+        """Attention sub-layers per fed-back token (the layers, less those run without attention)."""
+        rec = self.layers[row]
+        if not rec or self.attention_skips is None:
+            return float("nan")
+        return (sum(map(len, rec)) - sum(self.attention_skips[row])) / len(rec)
 
     def cost_mean(self, row: int) -> float:
         rec = self.layers[row]
@@ -160,7 +171,9 @@ def decoding(
     prompt_policy = policy if prompt_depth == "policy" else None
     clock = Clock(dev) if timings is not None else None
     out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True, record=prompt_policy is not None)
-    prompt_passes = None if out.executed is None else (out.executed & present[..., None]).sum((1, 2)).tolist()
+    prompt_passes = prompt_attention = None
+    if out.executed is not None:
+        prompt_passes, prompt_attention = (t.tolist() for t in passes(out, present))
     engine.meter = meter
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     tokens, records = [], []
@@ -181,9 +194,9 @@ def decoding(
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         out = engine.forward(tok[:, None], cache, policy, record=True)
-        records.append((fed, out.executed[:, 0]))
+        records.append((fed, out.executed[:, 0], None if out.attention_skips is None else out.attention_skips[:, 0]))
     gen = _collect(tokens, lengths, records, prompts)
-    gen.kv_mode, gen.cache, gen.prompt_passes = kv_mode, cache, prompt_passes
+    gen.kv_mode, gen.cache, gen.prompt_passes, gen.prompt_attention_passes = kv_mode, cache, prompt_passes, prompt_attention
     return gen
 
 
@@ -226,8 +239,11 @@ def _collect(tokens, lengths, records, prompts) -> Generation:
     rows = torch.stack(tokens, 1).tolist()
     toks = [row[:n] for row, n in zip(rows, lengths.tolist())]
     layers: list[list[list[int]]] = [[] for _ in toks]
-    for fed, executed in records:
+    skips: list[list[int]] = [[] for _ in toks]
+    for fed, executed, attention_skips in records:
         ex = executed.cpu()
+        sk = None if attention_skips is None else attention_skips.tolist()
         for r in torch.nonzero(fed.cpu()).flatten().tolist():
             layers[r].append(torch.nonzero(ex[r]).flatten().tolist())
-    return Generation(tokens=toks, layers=layers, prompt_tokens=[len(p) for p in prompts])
+            skips[r].append(0 if sk is None else sk[r])
+    return Generation(tokens=toks, layers=layers, prompt_tokens=[len(p) for p in prompts], attention_skips=skips)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from skipbench.errors import SkipbenchError
 
 from skipbench.engine.cache import KVCache
-from skipbench.engine.protocol import Gate, Policy, Route
+from skipbench.engine.protocol import AttnRoute, Gate, Policy, Route
 from skipbench.models.adapters import Adapter
 
 
@@ -30,6 +30,15 @@ class ForwardOut:
     hidden: list[torch.Tensor] | None  # the residual stream entering each layer, plus the last one
     gates: list | None = None  # soft gates and routers' gate values, layer by layer (training reads them)
     state: torch.Tensor | None = None  # a span that stops before the last layer: the stream leaving it (no logits)
+    attention_skips: torch.Tensor | None = None  # [B, T] int: layers a token ran without their attention (recorded
+    # when a policy routes attention, `AttnRoute`; such a layer counts as executed in `executed`: its MLP ran)
+
+
+def passes(out: ForwardOut, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a recorded run: the layers and the attention sub-layers the tokens marked in `tokens` [B, T] ran."""
+    layers = (out.executed & tokens[..., None]).sum((1, 2))
+    skips = 0 if out.attention_skips is None else (out.attention_skips * tokens).sum(1)
+    return layers, layers - skips
 
 
 IMPLS = ("auto", "gather", "mask")
@@ -138,6 +147,7 @@ class Engine:
         executed = torch.zeros(*ids.shape, ad.num_layers, dtype=torch.bool, device=ids.device) if record else None
         hidden = [] if keep_hidden else None
         soft: list = []
+        attention_skips = None
 
         for i in span:
             if keep_hidden:
@@ -148,6 +158,14 @@ class Engine:
                     raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
                 soft.append(gate.scale)  # the router's gate values (FlexiDepth's L_skip reads them)
                 h, gate = self.routed(i, h, pos, cache, gate, real), gate.run
+            elif isinstance(gate, AttnRoute):  # routed attention (MindSkip): every token runs the layer's MLP
+                if gated_from:
+                    raise SkipbenchError("routed attention (MindSkip) cannot train with the prompt in the same pass")
+                soft.append(gate.scale)
+                h, ran = self.attn_routed(i, h, pos, cache, gate, real), gate.run
+                if record:
+                    attention_skips = (0 if attention_skips is None else attention_skips) + (~ran).long()
+                gate = True
             elif isinstance(gate, torch.Tensor) and gate.is_floating_point():  # soft gate: blend (training)
                 soft.append(gate)
                 g = torch.cat([gate.new_ones(gate.shape[0], gated_from), gate], 1) if gated_from else gate
@@ -164,14 +182,15 @@ class Engine:
             hidden.append(h)
         cache.length += num_tokens
         if span.stop < ad.num_layers:
-            return ForwardOut(logits=None, executed=executed, hidden=hidden, gates=soft, state=h)
+            return ForwardOut(logits=None, executed=executed, hidden=hidden, gates=soft, state=h,
+                              attention_skips=attention_skips)
         first = gated_from if logits_from is None else logits_from
         if last_only:
             h = h[:, -1:]
         elif first:
             h = h[:, first:]
         logits = ad.head(ad.final_norm(h))
-        return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft)
+        return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft, attention_skips=attention_skips)
 
     def _timed(self, call, *args, field: str = "policy_seconds"):
         """A policy call, its seconds added to the meter's `field` when one is attached."""
@@ -293,6 +312,70 @@ class Engine:
             out = out.index_put(skip, y)
         return out
 
+    def attn_routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: AttnRoute, real=True) -> torch.Tensor:
+        """A layer with routed attention (protocol.AttnRoute), then the MLP for every token. K/V are written for
+        every token (`kv_for_skipped`) or only for the routed ones. Gathered (`gather`, `auto`): queries,
+        attention and its output projection for the routed tokens only, each row's packed to the longest row's
+        count (a step of one token: the rows with a routed token); no token routed: no attention at all. `mask`:
+        attention for every token, then the routed ones keep it."""
+        ad, run = self.ad, route.run
+        num_tokens = h.shape[1]
+        if not route.kv_for_skipped:  # skipped tokens write no K/V here
+            cache.mark([i], run if real is True else run & real, num_tokens)
+        n = int(run.sum())  # one host sync: what runs decides the path
+        everyone = n == run.numel()
+        self._count(n > 0, True, n == 0 and route.kv_for_skipped, None if everyone or n == 0 else self.impl != "mask")
+        if everyone or (n and self.impl == "mask"):
+            a = self.attend(i, h, pos, cache)
+            h_attn = h + (route.scale[..., None] * a if everyone else torch.where(run[..., None], route.scale[..., None] * a, 0)).to(h.dtype)
+        else:
+            h_attn = h + self._routed_attention(i, h, pos, cache, route)
+        return h_attn + ad.mlp_block(i, h_attn)
+
+    def _routed_attention(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: AttnRoute) -> torch.Tensor:
+        """What attention adds to each token when only `route.run` tokens attend (zero for the others)."""
+        ad, run = self.ad, route.run
+        normed = ad.attn_norm(i, h)
+        if route.kv_for_skipped:  # every token's K/V (`fill`)
+            keys, values = cache.write(i, *ad.kv(i, normed, pos))
+        rows = run.any(1).nonzero().flatten()
+        if rows.numel() == 0:
+            return torch.zeros_like(h)
+        every_row = rows.numel() == h.shape[0]
+        r = run if every_row else run[rows]
+        counts = r.sum(1)
+        width = int(counts.max())
+        # each row's routed tokens first, in order; the rest of the first `width` are skipped tokens whose outputs
+        # are dropped (a step of many tokens pads to its longest row this way)
+        order = torch.sort((~r).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        packed = order[..., None]
+        x = (normed if every_row else normed[rows]).gather(1, packed.expand(-1, -1, h.shape[-1]))
+        pq = None if pos is None else tuple(
+            t.gather(1, packed.expand(-1, -1, t.shape[-1])) for t in (pos if every_row else _take(pos, rows)))
+        if route.kv_for_skipped:
+            q = ad.q(i, x, pq)
+        else:  # only the routed tokens' K/V are computed (the others' slots are invalid at this layer)
+            q, k, v = ad.qkv(i, x, pq)
+            shape = (h.shape[0], k.shape[1], h.shape[1], k.shape[3])
+            at = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            full_k = k.new_zeros(shape).index_copy(0, rows, k.new_zeros(len(rows), *shape[1:]).scatter(2, at, k))
+            full_v = v.new_zeros(shape).index_copy(0, rows, v.new_zeros(len(rows), *shape[1:]).scatter(2, at, v))
+            keys, values = cache.write(i, full_k, full_v)
+        mask = cache.layer_mask(i, h.shape[1])
+        if mask is None:  # every position valid: causal (a one-token step sees everything)
+            end = cache.length + h.shape[1]
+            qpos = torch.arange(cache.length, end, device=h.device)[:, None]
+            mask = (torch.arange(end, device=h.device)[None, :] <= qpos)[None, None].expand(h.shape[0], 1, -1, -1)
+        if not every_row:
+            keys, values, mask = keys[rows], values[rows], mask[rows]
+        mask = mask.gather(2, order[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+        a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=ad.scale, enable_gqa=self.gqa)
+        o = ad.attn_out(i, a.transpose(1, 2).reshape(len(rows), width, -1))
+        kept = torch.arange(width, device=h.device)[None, :] < counts[:, None]
+        weight = (route.scale if every_row else route.scale[rows]).gather(1, order) * kept
+        added = torch.zeros_like(h[: len(rows)]).scatter(1, packed.expand(-1, -1, h.shape[-1]), (weight[..., None] * o).to(h.dtype))
+        return added if every_row else torch.zeros_like(h).index_copy(0, rows, added)
+
     def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of layer i for every token of h (writing their K/V): the first residual branch.
         `rows`: h holds only these rows of the batch."""
@@ -337,5 +420,5 @@ def enable_compile(adapter: Adapter) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * adapter.num_layers)
     mode = "max-autotune-no-cudagraphs" if next(adapter.model.parameters()).is_cuda else None
     adapter.compiled = True  # engine/costs.py keys its timings on it
-    for name in ("qkv", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
+    for name in ("qkv", "q", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
         setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=True, mode=mode))

@@ -8,7 +8,8 @@ layer. The answer is one of:
 * a float tensor [batch, tokens] in [0, 1]: a soft gate for training, h <- g * layer(h) + (1 - g) * h
   (straight-through hard samples keep the forward pass exact);
 * a `Route`: a routed layer (FlexiDepth): every token runs attention, the routed tokens the MLP scaled by
-  `scale`, the others a skip path (an adapter) — the engine runs it, the policy only decides.
+  `scale`, the others a skip path (an adapter) — the engine runs it, the policy only decides;
+* an `AttnRoute`: a layer whose attention only the routed tokens run (MindSkip); every token runs the MLP.
 
 Nothing here imports a policy; policies import this module.
 """
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Union
 if TYPE_CHECKING:
     import torch
 
-Gate = Union[bool, "torch.Tensor", "Route"]
+Gate = Union[bool, "torch.Tensor", "Route", "AttnRoute"]
 
 
 @dataclass
@@ -35,6 +36,19 @@ class Route:
     scale: "torch.Tensor"
     skip: Callable | None = None
     kv_for_skipped: bool = True
+
+
+@dataclass
+class AttnRoute:
+    """A layer with routed attention. `run` [B, T] bool: tokens whose attention is computed, its output scaled by
+    `scale` [B, T] (1 in the forward pass for a straight-through gate, which gives the router its gradient); the
+    others add nothing from attention, and no query of theirs is computed. Every token runs the MLP.
+    `kv_for_skipped`: skipped tokens still write the layer's K/V (`fill`), else none (`none`: later queries at
+    the layer do not see them)."""
+
+    run: "torch.Tensor"
+    scale: "torch.Tensor"
+    kv_for_skipped: bool = False
 
 
 class Policy:

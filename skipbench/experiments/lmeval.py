@@ -229,7 +229,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
     rows = []
     for name, metrics in raw["results"].items():
         subtasks = members.get(name, [name])
-        tokens, passes, requests = (sum(by_task.get(s, (0, 0, 0))[k] for s in subtasks) for k in range(3))
+        tokens, passes, requests, attention = (sum(by_task.get(s, (0, 0, 0, 0))[k] for s in subtasks) for k in range(4))
         n = sum(raw.get("n-samples", {}).get(s, {}).get("effective", 0) for s in subtasks)
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
@@ -240,7 +240,8 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
                          "n": int(n), "group": name in members, "policy": p.name, "policy_spec": p.label,
                          "policy_seed": p.seed, "cost": nominal_cost(p, num_layers),
-                         "layers_mean": passes / tokens if tokens else math.nan, "gated_tokens": tokens,
+                         "layers_mean": passes / tokens if tokens else math.nan,
+                         "attention_mean": attention / tokens if tokens else math.nan, "gated_tokens": tokens,
                          "requests": requests})
     df = pd.DataFrame(rows)
     if p.cost(num_layers) is None and len(df):  # thresholds and learned policies: the measured mean, rounded

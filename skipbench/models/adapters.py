@@ -45,6 +45,10 @@ class Adapter:
         """K/V of normed hidden states x at layer i (the `fill` mode for skipped tokens)."""
         raise NotImplementedError
 
+    def q(self, i: int, x: torch.Tensor, pos) -> torch.Tensor:
+        """The queries alone (routed attention: the K/V of every token come from `kv`)."""
+        raise NotImplementedError
+
     def attn_out(self, i: int, a: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -120,9 +124,16 @@ class LlamaAdapter(Adapter):
         a = self.attn[i]
         k = self._heads(i, a.k_proj, self.k_norm[i], x, self.num_kv_heads)
         v = self._split_heads(a.v_proj(x), self.num_kv_heads)
+        return self._rotate(k, pos), v
+
+    def q(self, i, x, pos):
+        return self._rotate(self._heads(i, self.attn[i].q_proj, self.q_norm[i], x, self.num_heads), pos)
+
+    def _rotate(self, t, pos):
+        """Rotary embedding of one of q or k (transformers' apply_rotary_pos_emb does both at once)."""
         cos, sin = pos
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return k * cos + self._rotate_half(k) * sin, v
+        return t * cos + self._rotate_half(t) * sin
 
     def attn_out(self, i, a):
         return self.attn[i].o_proj(a)
@@ -180,6 +191,9 @@ class OPTAdapter(Adapter):
     def kv(self, i, x, pos):
         a = self.layers[i].self_attn
         return self._split_heads(a.k_proj(x), self.num_heads), self._split_heads(a.v_proj(x), self.num_heads)
+
+    def q(self, i, x, pos):
+        return self._split_heads(self.layers[i].self_attn.q_proj(x), self.num_heads)
 
     def attn_out(self, i, a):
         return self.layers[i].self_attn.out_proj(a)

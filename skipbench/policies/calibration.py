@@ -96,3 +96,39 @@ def _compute(lm, data, max_tokens: int) -> Similarities:
         tokens += ids.shape[1]
         seqs += 1
     return Similarities(cos_sum / tokens, angle_sum / seqs, seqs, tokens, f"{data.name}/{data.split}")
+
+
+def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_tokens: int,
+                   steps: int = 20) -> tuple[float, float]:
+    """The threshold in (0, 1) at which `policy_at(threshold)` skips `target` per token on the calibration sequences
+    (teacher-forced, every token gated): `count` "attention" counts attention sub-layers skipped (MindSkip),
+    "layers" whole layers. Bisection, as skipping rises with the threshold; returns (threshold, what it skips), the
+    closest of the thresholds tried."""
+    import torch
+
+    from skipbench.engine import Engine
+
+    seqs = sequences(ctx.lm, calibration_data(ctx, items, max_tokens), max_tokens)
+    engine = Engine(ctx.lm.adapter, policy_at(0.5).kv_mode or "fill")
+
+    def skipped(threshold: float) -> float:
+        policy, total, tokens = policy_at(threshold), 0, 0
+        for seq in seqs:
+            ids = torch.tensor([seq], device=ctx.lm.device)
+            present = torch.ones_like(ids, dtype=torch.bool)
+            out = engine.forward(ids, engine.prompt_cache(present, ids.shape[1]), policy, record=True)
+            if count == "attention":
+                total += 0 if out.attention_skips is None else int(out.attention_skips.sum())
+            else:
+                total += int((~out.executed).sum())
+            tokens += ids.shape[1]
+        return total / tokens
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        got = skipped(mid)
+        if best is None or abs(got - target) < abs(best[1] - target):
+            best = (mid, got)
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    return best
