@@ -631,6 +631,73 @@ def lm_eval(
                   f"lm-eval's results: {result.path.with_name(result.path.stem + '-lmeval')}/; figure: {result.files.get('figure', '-')}")
 
 
+@app.command()
+def compare(
+    ctx: typer.Context,
+    methods: str = typer.Option("shortgpt,laco", help="comma-separated: shortgpt (block-influence), laco, angular, "
+                                "uniform, early-exit, ... (set to L-K layers), flexidepth:DIR, mindskip:DIR (-o skip=K), "
+                                "layerskip:DIR (early exit after L-K layers of `finetune`'s model)"),
+    skip: str = typer.Option("4,8", help="numbers of skipped layers K, comma-separated"),
+    tasks: str = typer.Option("skipbench_choice,skipbench_arith", help="lm-eval tasks, groups, tags or task YAMLs"),
+    preset: Optional[str] = typer.Option(None, help="offline: the embedded model and the shipped tasks | paper: "
+                                         "Llama-3-8B-Instruct on the talk's six benchmarks (a GPU machine with the "
+                                         "hub); sets --model, --tasks and --skip unless they are given"),
+    model: str = ModelOpt,
+    limit: int = typer.Option(0, min=0, help="documents per task (0 = all)"),
+    num_fewshot: Optional[int] = typer.Option(None, min=0, help="few-shot examples (default: the task's)"),
+    batch_size: int = typer.Option(0, min=0, help="requests per batch (0: automatic)"),
+    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template", help="wrap prompts in the chat template"),
+    allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let tasks such as humaneval run "
+                                              "the code the model writes (lm-eval's confirm_run_unsafe_code)"),
+    seed: int = typer.Option(0, help="seed of random skipping and sampled generation"),
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
+    out: Optional[str] = typer.Option(None, help="parquet output (default results/compare-<model>.parquet)"),
+    resume: bool = typer.Option(True, help="reuse finished (task, point) parts of an earlier run"),
+) -> None:
+    """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
+    score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.
+
+    Example: skipbench compare --methods shortgpt,laco,mindskip:runs/mindskip,layerskip:runs/finetune --skip 4,8
+    Example: skipbench compare --preset paper --methods shortgpt,laco,flexidepth:runs/flexi --allow-code-execution
+    """
+    import logging
+
+    from click.core import ParameterSource
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from skipbench.experiments.compare import PRESETS, CompareConfig, run
+
+    _quiet_transformers()
+    logging.getLogger("lm_eval.api.task").addFilter(_no_custom_dataset_note)
+    if preset is not None and preset not in PRESETS:
+        raise SkipbenchError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+    chosen = PRESETS.get(preset, {})
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    model = model if given("model") or "model" not in chosen else chosen["model"]
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if given("tasks") or "tasks" not in chosen else chosen["tasks"]
+    ks = _int_list(skip, "--skip") if given("skip") or "skip" not in chosen else chosen["skip"]
+    cfg = CompareConfig(model=model, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), skip=ks,
+                        tasks=names, limit=limit or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
+                        chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed,
+                        device=device, dtype=dtype, out=out or f"results/compare-{_slug(model)}.parquet", resume=resume)
+    with console.status("compare") as status:
+        result = run(cfg, on_part=lambda task, p: status.update(f"compare: {task} · {p.label} done"))
+    t = result.rows
+    shown = t.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(t["lo"], t["hi"])])
+    _print_frame(shown[["method", "skip", "task", "metric", "value", "interval", "full_value", "layers_mean",
+                        "attention_mean"]], f"compare · {model} · per task")
+    s = result.summary
+    shown = s.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(s["retain_pct"], s["retain_lo"], s["retain_hi"])])
+    _print_frame(shown[["method", "skip", "retain", "skipped", "skipped_unit", "layers_mean", "attention_mean"]],
+                 f"compare · {model} · Retain % (approximate 95% intervals)")
+    console.print(f"wrote {result.path}, {result.files['agg']}, {result.files['figure']}; every point's lm-eval rows: "
+                  f"{result.runs}")
+
+
 def _print_frame(df, title: str) -> None:
     table = Table(title=title)
     for col in df.columns:  # long names (tasks, specs) wrap rather than end in an ellipsis

@@ -2,7 +2,7 @@
 
 Importing this module registers the model `skipbench` with lm-eval (`lm_eval.simple_evaluate(model="skipbench",
 model_args="model=smollm2-135m,policy=uniform:15", ...)`; in `model_args`, whose pairs lm-eval splits at commas,
-write a policy's own commas as semicolons: `policy=layers:0;3;5`). `skipbench lm-eval` (experiments/lmeval.py)
+write a policy's own commas as semicolons: `policy=layers:0;3;5`). `skipbench lm-eval` (lmeval_sweep.py)
 runs it over policy sweeps and writes tidy parquet.
 
 Semantics are the project's (DESIGN.md § Skipping semantics), for scoring as for generation:

@@ -265,6 +265,26 @@ def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
     return _save(fig, path)
 
 
+def compare_figure(summary, num_layers: int, path: Path) -> Path:
+    """Retain % against the skip each method realized, one line per method, with approximate 95% intervals; the
+    full model at 100%."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for k, (method, g) in enumerate(summary.groupby("method", sort=False)):
+        g = g.sort_values("skipped")
+        unit = " (attention sub-layers)" if (g["skipped_unit"] == "attention").all() else ""
+        bars = [(g["retain_pct"] - g["retain_lo"]).clip(lower=0), (g["retain_hi"] - g["retain_pct"]).clip(lower=0)]
+        ax.errorbar(g["skipped"], g["retain_pct"], yerr=bars, fmt="o-", color=f"C{k}", capsize=3, label=method + unit)
+        for r in g.itertuples():
+            ax.annotate(f"K={r.skip}", (r.skipped, r.retain_pct), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(100, color="k", ls="--", lw=1, label="full model")
+    ax.set_xlabel(f"realized skip per token (of {num_layers} layers)")
+    ax.set_ylabel("Retain % (mean over tasks of score / full score)")
+    ax.set_title("Methods at the same number of skipped layers (bars: approximate 95% intervals)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def route_figure(table, path: Path, metric: str, num_layers: int) -> Path:
     """The oracle curve (cf. Glavas et al. Fig. 2) with the routers' curves, a random assignment and the single
     configurations; the reported budgets carry the routers' 95% bootstrap intervals."""

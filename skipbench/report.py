@@ -262,7 +262,7 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
 
 def section_lmeval(folder: Path) -> tuple[list[str], list]:
     """`skipbench lm-eval` results: each task's main metric per policy point, with lm-eval's standard error."""
-    from skipbench.experiments.lmeval import summarise
+    from skipbench.lmeval_sweep import summarise
 
     lines = []
     for path in _main_files(folder, "lmeval-"):
@@ -275,6 +275,37 @@ def section_lmeval(folder: Path) -> tuple[list[str], list]:
                   "`stderr` is lm-eval's.", "", _table(s), ""]
         if figure.exists():
             lines += [f"![{figure.stem}]({figure.name})", ""]
+    return lines, []
+
+
+def section_compare(folder: Path) -> tuple[list[str], list]:
+    """`skipbench compare`: every method at K skipped layers, Retain % beside the FlexiDepth talk's (another model)."""
+    from skipbench.experiments.compare import TALK
+
+    lines = []
+    for path in (p for p in _main_files(folder, "compare-") if not p.stem.endswith(".lmeval")):
+        meta = _meta(path)
+        rows, agg = _read(path), _read(path.with_name(f"{path.stem}-agg.parquet"))
+        s = agg.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in
+                               zip(agg["retain_pct"], agg["retain_lo"], agg["retain_hi"])])
+        tasks = ", ".join(dict.fromkeys(rows["task"]))
+        lines += [f"## Methods at the same number of skipped layers (`compare`, `{path.name}`)", "",
+                  f"Model: {_model(meta)}; tasks: {tasks}; the context under each policy. Retain % is 100 x the mean "
+                  "over tasks of score / full-depth score, its interval approximate (delta method, the method's and the "
+                  "full model's scores taken as independent). `skipped` is what a token realized (MindSkip: attention "
+                  "sub-layers; its layers all run).", "",
+                  _table(s[["method", "skip", "retain", "skipped", "skipped_unit", "layers_mean", "tasks"]], digits=2), "",
+                  "Per task (95% intervals: Wilson for accuracies, else 1.96 lm-eval stderr):", "",
+                  _table(rows.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(rows["lo"], rows["hi"])])[
+                      ["method", "skip", "task", "metric", "value", "interval", "full_value", "n"]]), ""]
+        figure = path.with_suffix(".png")
+        if figure.exists():
+            lines += [f"![{figure.stem}]({figure.name})", ""]
+    if lines:
+        talk = pd.DataFrame([{"method": m, **{f"skip {k}": v for k, v in by.items()}} for m, by in TALK.items()])
+        lines += ["The FlexiDepth talk's Retain % (Llama-3-8B-Instruct, 32 layers; MMLU, HellaSwag, WinoGrande, GSM8K, "
+                  "HumanEval, CoQA), as reported there, not measured here; a run above is comparable only on that model "
+                  "and those tasks (`skipbench compare --preset paper`):", "", _table(talk, digits=1), ""]
     return lines, []
 
 
@@ -333,7 +364,7 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"--results folder not found: {results}")
     check_writable(out)
     sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
-                section_bench, section_lmeval, section_route]
+                section_bench, section_lmeval, section_compare, section_route]
     body, found = [], []
     for sec in sections:
         try:

@@ -21,7 +21,7 @@ LAYERS = [
     {"data", "tasks"},
     {"engine"},
     {"policies"},
-    {"training", "scores", "verdicts", "evaluation", "fidelity", "draft_search", "lmeval"},
+    {"training", "scores", "verdicts", "evaluation", "fidelity", "draft_search", "lmeval", "lmeval_sweep"},
     {"experiments"},
     {"report"},
     {"cli", "__main__"},

@@ -117,7 +117,7 @@ def test_cli_defaults_are_the_configs_defaults():
     import typer
 
     import skipbench.evaluation as ev
-    from skipbench.experiments import bench, cosine, finetune, generate, lmeval, oracle, route
+    from skipbench.experiments import bench, compare, cosine, finetune, generate, lmeval, oracle, route
 
     def norm(v):
         if v in ("", 0, None, ()) and not isinstance(v, bool):
@@ -131,7 +131,7 @@ def test_cli_defaults_are_the_configs_defaults():
     cmd = typer.main.get_command(app)
     pairs = {"evaluate": ev.EvalConfig, "cosine": cosine.CosineConfig, "bench": bench.BenchConfig,
              "generate": generate.GenerateConfig, "finetune": finetune.FinetuneConfig, "oracle": oracle.OracleConfig,
-             "lm-eval": lmeval.LmEvalConfig, "route train": route.RouteTrainConfig, "route curve": route.RouteCurveConfig}
+             "lm-eval": lmeval.LmEvalConfig, "compare": compare.CompareConfig, "route train": route.RouteTrainConfig, "route curve": route.RouteCurveConfig}
     drift = []
     for name, config in pairs.items():
         command = cmd

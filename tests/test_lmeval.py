@@ -364,7 +364,7 @@ def test_max_length_and_generation_settings(lm, tokenizer):
 
 
 def test_summary_intervals_and_one_filter_per_task():
-    from skipbench.experiments.lmeval import interval, summarise
+    from skipbench.lmeval_sweep import interval, summarise
 
     assert interval("acc", 1.0, 0.0, 150) == pytest.approx((0.97503, 1.0), abs=1e-4)  # Wilson
     assert interval("acc", 0.5, 0.1, 10, group=True) == pytest.approx((0.304, 0.696))  # a group: +- 1.96 stderr

@@ -132,3 +132,23 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
             best = (mid, got)
         lo, hi = (mid, hi) if got < target else (lo, mid)
     return best
+
+
+def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
+    """A learned router's threshold as its spec's options set it: `-o tau=T` as given, `-o skip=K` chosen on
+    calibration prompts so that a token skips K (`count`: attention sub-layers or layers) on average, of at most
+    `most`; None: the trained one."""
+    tau, skip = spec.opt("tau"), spec.opt("skip")
+    if tau and skip:
+        raise SkipbenchError(f"{spec.name}: -o tau and -o skip choose the same threshold; give one")
+    if tau and not 0 < tau < 1:
+        raise SkipbenchError(f"{spec.name}: -o tau must be in (0, 1), got {tau}")
+    if not skip:
+        return tau or None
+    if not 0 < skip <= most:
+        raise SkipbenchError(f"{spec.name}: -o skip must be in (0, {most}] (its routed layers), got {skip:g}")
+    tau, realized = tune_threshold(ctx, policy_at, count, skip, spec.opt("calibration"), spec.opt("calibration-tokens"))
+    if abs(realized - skip) > 0.5:
+        note(f"{spec.name}: no threshold gives {skip:g} skipped {count} per token on the calibration prompts; the "
+             f"closest, tau={tau:.4f}, gives {realized:.2f}")
+    return tau

@@ -87,13 +87,14 @@ class FlexiDepth(nn.Module):
             return torch.ones(h.shape[:-1], dtype=h.dtype, device=h.device)
         return self.routers[str(layer)](h).to(h.dtype)
 
-    def route(self, layer: int, g: torch.Tensor) -> Route:
+    def route(self, layer: int, g: torch.Tensor, tau: float | None = None) -> Route:
         """The routed layer for gate values g [B, T]: the full path where G > tau (MLP scaled by G), the adapter
-        path scaled by 1 - G elsewhere; K/V for skipped tokens unless `no_kv`. The engine runs it."""
+        path scaled by 1 - G elsewhere; K/V for skipped tokens unless `no_kv`. The engine runs it. `tau`: another
+        threshold than the trained one (evaluation)."""
         adapter = self.adapters[str(layer)] if self.use_adapter else None
         # the adapter's output is cast to the state's dtype before the gate scales it (bf16 runs round as before)
         skip = (lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed).to(g.dtype)) if adapter is not None else None
-        return Route(run=g > self.tau, scale=g, skip=skip, kv_for_skipped=self.kv)
+        return Route(run=g > (self.tau if tau is None else tau), scale=g, skip=skip, kv_for_skipped=self.kv)
 
 
 class FlexiMethod:
@@ -133,9 +134,9 @@ class FlexiPolicy(Policy):
 
     static = False
 
-    def __init__(self, flexi: FlexiDepth) -> None:
+    def __init__(self, flexi: FlexiDepth, tau: float | None = None) -> None:
         super().__init__(flexi.num_layers)
-        self.f = flexi.eval()
+        self.f, self.tau = flexi.eval(), tau
         self.name = "flexidepth"
         self.kv_mode = "fill" if flexi.kv else "none"  # the checkpoint decides what skipped tokens write
 
@@ -145,7 +146,7 @@ class FlexiPolicy(Policy):
             return True
         if next(self.f.parameters()).device != hidden.device:
             self.f.to(hidden.device)
-        return self.f.route(layer, self.f.gate(layer, hidden))
+        return self.f.route(layer, self.f.gate(layer, hidden), self.tau)
 
 
 def load_flexidepth(path: str, model: dict | None = None) -> tuple[FlexiDepth, dict]:
@@ -155,5 +156,9 @@ def load_flexidepth(path: str, model: dict | None = None) -> tuple[FlexiDepth, d
 
 
 def flexidepth(spec, ctx) -> Policy:
+    """The trained routers; `-o tau=T` another threshold, `-o skip=K` the one that skips K layers per token on
+    calibration prompts (policies/calibration.threshold_of)."""
+    from skipbench.policies.calibration import threshold_of
+
     f, _ = checked_module(spec.value, ctx, load_flexidepth)
-    return FlexiPolicy(f)
+    return FlexiPolicy(f, threshold_of(spec, ctx, lambda t: FlexiPolicy(f, t), "layers", len(f.routed)))

@@ -32,7 +32,7 @@ from torch import nn
 
 from skipbench.checkpoints import checked_module, load_module
 from skipbench.engine.protocol import AttnRoute, Policy
-from skipbench.errors import SkipbenchError, note
+from skipbench.errors import SkipbenchError
 
 CAPACITY_LOSSES = ("abs", "relu")
 
@@ -149,20 +149,8 @@ def load_mindskip(path: str, model: dict | None = None) -> tuple[MindSkip, dict]
 
 
 def build(spec, ctx) -> Policy:
-    mind, _ = checked_module(spec.value, ctx, load_mindskip)
-    tau, skip = spec.opt("tau"), spec.opt("skip")
-    if tau and skip:
-        raise SkipbenchError("mindskip: -o tau and -o skip choose the same threshold; give one")
-    if tau and not 0 < tau < 1:
-        raise SkipbenchError(f"mindskip: -o tau must be in (0, 1), got {tau}")
-    if skip:
-        from skipbench.policies.calibration import tune_threshold
+    from skipbench.policies.calibration import threshold_of
 
-        if not 0 < skip <= len(mind.routed):
-            raise SkipbenchError(f"mindskip: -o skip must be in (0, {len(mind.routed)}] (its routed layers), got {skip}")
-        tau, realized = tune_threshold(ctx, lambda t: MindSkipPolicy(mind, ctx.lm.adapter, t), "attention", skip,
-                                       spec.opt("calibration"), spec.opt("calibration-tokens"))
-        if abs(realized - skip) > 0.5:
-            note(f"mindskip: no threshold gives {skip:g} attention skips per token on the calibration prompts; "
-                 f"the closest, tau={tau:.4f}, gives {realized:.2f}")
-    return MindSkipPolicy(mind, ctx.lm.adapter, tau or None)
+    mind, _ = checked_module(spec.value, ctx, load_mindskip)
+    tau = threshold_of(spec, ctx, lambda t: MindSkipPolicy(mind, ctx.lm.adapter, t), "attention", len(mind.routed))
+    return MindSkipPolicy(mind, ctx.lm.adapter, tau)

@@ -127,6 +127,15 @@ _CALIBRATION = (
     Option(name="calibration-tokens", default=256, help="tokens per calibration item (prompt and reference)"),
 )
 
+# a learned router's threshold: as trained, as given, or chosen to meet a number of skips (calibration.threshold_of)
+_THRESHOLD = (
+    Option(name="tau", default=0.0, help="the router's threshold (0: the trained one)"),
+    Option(name="skip", default=0.0, help="choose the threshold on calibration prompts so that a token skips this "
+                                          "many layers (mindskip: attention sub-layers) on average (0: off)"),
+    Option(name="calibration", default=8, help="train-split items that choose the threshold (-o skip)"),
+    _CALIBRATION[1],
+)
+
 _BUILTIN = [
     Strategy(name="full", build="skipbench.policies.static:full", plan="skipbench.policies.static:full_plan",
              kind="static", help="every layer"),
@@ -144,15 +153,15 @@ _BUILTIN = [
              kv_modes=("fill",), default_arg="runs/controllers",
              help="Gumbel-softmax skip controllers (skipbench controllers train)"),
     Strategy(name="flexidepth", build="skipbench.policies.flexidepth:flexidepth", kind="learned", arg="checkpoint",
-             default_arg="runs/flexidepth", help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
+             default_arg="runs/flexidepth", needs=("model", "data"), options=_THRESHOLD, help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
     Strategy(name="mindskip", build="skipbench.policies.mindskip:build", kind="learned", arg="checkpoint",
-             default_arg="runs/mindskip", needs=("model", "data"),
-             options=(Option(name="tau", default=0.0, help="the threshold of the router score (0: the trained one)"),
-                      Option(name="skip", default=0.0, help="choose the threshold on calibration prompts so that a "
-                                                            "token skips this many attention sub-layers (0: off)"),
-                      Option(name="calibration", default=8, help="train-split items that choose the threshold (skip)"),
-                      _CALIBRATION[1]),
+             default_arg="runs/mindskip", needs=("model", "data"), options=_THRESHOLD,
              help="MindSkip (He et al.): per-token routers skip attention sub-layers (skipbench mindskip train)"),
+    Strategy(name="layerskip", build="skipbench.policies.layerskip:build", plan="skipbench.policies.layerskip:plan",
+             kind="learned", arg="checkpoint", default_arg="runs/finetune", needs=("model",), own_model=True,
+             options=(Option(name="exit", default=0, help="layers run before the shared head (0: every layer)"),),
+             help="LayerSkip (Elhoushi et al.): early exit on the model `skipbench finetune --dropout-schedule exp "
+                  "--early-exit-loss E` wrote"),
     Strategy(name="confidence", build="skipbench.policies.confidence:build", kind="per-token", arg="threshold",
              needs=("model",), help="CALM early exit: a token exits once its confidence reaches the threshold",
              options=(Option(name="measure", default="softmax", choices=("softmax", "state"),

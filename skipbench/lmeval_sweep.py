@@ -1,0 +1,327 @@
+"""Policy sweeps over lm-evaluation-harness tasks through skipbench's backend (lmeval.py): the library of the
+`skipbench lm-eval` and `skipbench compare` recipes.
+
+One part per (task, policy point), written atomically under `.skipbench-parts/` beside the output with lm-eval's
+own results in its manifest, and reused on rerun; then one tidy parquet (a row per task, metric and point) with the
+manifest, one lm-eval results JSON per point, and a figure of each task's metric against mean executed layers.
+Under torchrun lm-eval shards each task's requests over the ranks (the backend's rank, world size and gathers) and
+rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from skipbench import distributed, readers
+from skipbench.errors import SkipbenchError
+from skipbench.evaluation import expand, nominal_cost, part_key
+from skipbench.models import load_model
+from skipbench.policies import PolicySpec
+from skipbench.readers import reusable
+from skipbench.stats import proportion_interval
+from skipbench.results import (Written, atomic_path, check_out_path, config_dict, manifest, manifest_path, tidy,
+                               write_atomic)
+
+INSTALL = "lm-eval is not installed: pip install 'skipbench[lmeval]' (make setup installs it)"
+SHIPPED_PREFIX = "skipbench"  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LmEvalConfig:
+    model: str
+    tasks: tuple[str, ...]  # lm-eval task, group or tag names, or paths to task YAML files
+    policies: tuple[PolicySpec, ...] = ()  # full depth always runs too
+    limit: int | None = None  # documents per task (lm-eval's --limit)
+    num_fewshot: int | None = None
+    batch_size: int | None = None  # None: 8 on CPU, 32 on CUDA
+    kv_mode: str = "auto"
+    prompt_depth: str = "full"
+    chat_template: bool = False
+    max_length: int | None = None  # None: the model's positions (lm-eval's HF backend's default)
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    out: str = ""
+    resume: bool = True
+    allow_code_execution: bool = False  # lm-eval's confirm_run_unsafe_code: tasks that run generated code (humaneval)
+
+
+@dataclass(kw_only=True)
+class LmEvalResult(Written):
+    summary: pd.DataFrame  # the main metric of each task per point
+    reused_parts: int
+    results_json: dict[str, Path]  # lm-eval's results per point, by label
+
+
+def backend():
+    """The backend module (it registers the `skipbench` model with lm-eval), or one line on how to install it."""
+    try:
+        from skipbench import lmeval
+    except ImportError as exc:
+        if "lm_eval" not in str(exc):
+            raise
+        raise SkipbenchError(INSTALL) from None
+    return lmeval
+
+
+@dataclass(frozen=True)
+class Tasks:
+    names: tuple[str, ...]  # what lm-eval loads: a task, group or tag name, or a user's task YAML (its path)
+    defaults: bool  # whether lm-eval's own task index is needed (slow to build: about 10 s)
+    digests: dict  # name -> a hash of the files that define it (they key the cached parts)
+
+
+def shipped_files(tasks_dir: Path) -> list[Path]:
+    """What the shipped tasks' rows depend on besides the model and policy: their YAMLs, their utils.py, and the
+    skipbench code that makes their data and scores them."""
+    import skipbench.data.items as items
+    import skipbench.data.synthetic as synthetic
+    import skipbench.metrics as metrics
+
+    return sorted(tasks_dir.glob("*.yaml")) + [tasks_dir / "utils.py"] + [Path(m.__file__) for m in (synthetic, items, metrics)]
+
+
+def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
+    """What lm-eval is asked to load: names as given; a YAML path as its absolute path (lm-eval loads a task file by
+    path, resolving its `include:` and `!function` beside it), or, for a shipped task's file, that task's name."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not requested:
+        raise SkipbenchError("--tasks is empty; e.g. --tasks skipbench_choice")
+    names, files = [], {}
+    for t in requested:
+        path = Path(t)
+        if not t.endswith(".yaml"):
+            names.append(t)
+            continue
+        if not path.is_file():
+            raise SkipbenchError(f"task file '{t}' does not exist")
+        try:
+            name = load_yaml(path, resolve_func=False).get("task")
+        except Exception as exc:  # lm-eval's YAML loader: any parse error is the user's file
+            raise SkipbenchError(f"task file '{t}' is not a task YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(name, str):
+            raise SkipbenchError(f"task file '{t}' names no task (its 'task:' field)")
+        folder = path.resolve().parent
+        if folder == tasks_dir.resolve():
+            names.append(name)
+        else:  # the YAMLs it may include and the Python it may name, beside it
+            names.append(str(path.resolve()))
+            files[names[-1]] = sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.py"))
+    for n in names:
+        if n.startswith(SHIPPED_PREFIX) and n not in files:
+            files[n] = shipped_files(tasks_dir)
+    digests = {n: hashlib.sha1(b"".join(f.read_bytes() for f in fs if f.is_file())).hexdigest() for n, fs in files.items()}
+    return Tasks(tuple(dict.fromkeys(names)), any(n not in files for n in names), digests)
+
+
+def task_manager(tasks: Tasks, tasks_dir: Path):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=tasks.defaults)
+    unknown = [n for n in tasks.names if n not in tm.all_tasks and not n.endswith(".yaml")]
+    if unknown:
+        shipped = ", ".join(n for n in tm.all_tasks if n.startswith(SHIPPED_PREFIX))
+        raise SkipbenchError(f"unknown lm-eval task(s) {', '.join(unknown)}; shipped offline: {shipped}; "
+                             "or any lm-eval task name, or a task YAML path")
+    return tm
+
+
+def check_loads(name: str, tm) -> None:
+    """Build the task once before any work: a hub task without the hub fails here, in one line."""
+    try:
+        tm.load([name])
+    except Exception as exc:  # lm-eval and datasets raise many kinds; all mean the task cannot be built here
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SkipbenchError(f"task '{name}' cannot be loaded ({type(exc).__name__}: {first[:200]}); offline, "
+                             "use the shipped tasks (skipbench_choice, skipbench_arith, skipbench_text)") from None
+
+
+def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, task_files: str) -> Path:
+    """A (task, point) part, keyed like `evaluate`'s parts (the config without the output, the batch size and the
+    other points; the model and a checkpoint by their files), plus the task's own files and lm-eval's version.
+    Sampled generation (a task asking for do_sample) also depends on the batch size, which the key leaves out, as
+    `evaluate`'s does."""
+    from lm_eval import __version__ as lm_eval_version
+
+    ident = replace(cfg, tasks=(task,), policies=(p,), out="", resume=True, batch_size=None)
+    fields = config_dict(ident)
+    fields.pop("allow_code_execution")  # a permission, not a setting: it changes no row (and keeps earlier keys)
+    key = part_key({**fields, "task_files": task_files, "lm_eval": lm_eval_version}, cfg.model, p)
+    return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(Path(task).stem + '-' + p.label)[:80]}-{key}.parquet"
+
+
+def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalResult:
+    """on_part(task, point) after each finished part. `lm`: an already loaded model."""
+    out = check_out_path(cfg.out)
+    lmeval = backend()
+    d = distributed.current()
+    tasks = resolve_tasks(cfg.tasks, lmeval.TASKS_DIR)
+    tm = task_manager(tasks, lmeval.TASKS_DIR)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise SkipbenchError(f"--limit must be >= 1, got {cfg.limit}")
+    lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.chat_template and not getattr(lm.tokenizer, "chat_template", None):
+        raise SkipbenchError(f"--chat-template: model '{cfg.model}' has no chat template")
+    pts = expand(cfg.policies, lm.num_layers)
+    jobs = [(t, p, part_path(cfg, t, p, tasks.digests.get(t, ""))) for t in tasks.names for p in pts]
+    # rank 0 decides what is left (the ranks run lm-eval's collectives together, so they must agree)
+    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]))])[0]
+    for name in dict.fromkeys(jobs[i][0] for i in todo):
+        check_loads(name, tm)
+    models: dict = {}
+    for i in todo:  # each point's policy built once, only when some task still needs it
+        task, p, path = jobs[i]
+        if p not in models:
+            models[p] = lmeval.SkipbenchLM(model=cfg.model, lm=lm, policy=p, kv_mode=cfg.kv_mode,
+                                           prompt_depth=cfg.prompt_depth, batch_size=cfg.batch_size,
+                                           max_length=cfg.max_length, seed=cfg.seed)
+        rows, raw = evaluate_one(lmeval, models[p], task, tm, cfg, lm.num_layers)
+        if d.main:  # lm-eval's own results travel in the part's manifest
+            write_atomic(rows, path, {"lm_eval": raw})
+        if on_part:
+            on_part(task, p)
+
+    def write() -> LmEvalResult:
+        parts = [readers.table(path, "cached part", "rerun to compute it again", checked=True) for _, _, path in jobs]
+        rows = tidy(pd.concat(parts, ignore_index=True), cfg, skip=("out", "resume", "policies", "tasks"), model=cfg.model)
+        jsons = write_results_json(out, pts, jobs)
+        meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, tasks=list(tasks.names), ranks=d.world,
+                        points=[p.label for p in pts], results_json={k: str(v) for k, v in jsons.items()},
+                        layers_convention="per token the policy gated: continuation tokens fed back (and the context "
+                                          "with prompt_depth policy); generated tokens fed back for generation tasks "
+                                          "(and the prompt with prompt_depth policy)")
+        path = write_atomic(rows, out, meta)
+        from skipbench.plots import lmeval_figure
+
+        summary = summarise(rows)
+        figure = lmeval_figure(summary, lm.num_layers, out.with_suffix(".png"))
+        return LmEvalResult(rows=rows, summary=summary, path=path, reused_parts=len(jobs) - len(todo),
+                            results_json=jsons, files={"figure": figure})
+
+    def read() -> LmEvalResult:
+        rows = readers.table(out)
+        return LmEvalResult(rows=rows, summary=summarise(rows), path=out, reused_parts=len(jobs) - len(todo),
+                            results_json={})
+
+    return d.on_main(write, read)
+
+
+def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: int) -> tuple[pd.DataFrame, dict]:
+    """One task under one point through `lm_eval.simple_evaluate`: tidy rows (a row per task and metric; a group
+    adds its subtasks' rows) and lm-eval's results (rank 0; the other ranks get empty ones)."""
+    import lm_eval
+
+    model.usage.clear()
+    raw = lm_eval.simple_evaluate(model=model, tasks=[task], limit=cfg.limit, num_fewshot=cfg.num_fewshot,
+                                  task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=False,
+                                  confirm_run_unsafe_code=cfg.allow_code_execution,
+                                  bootstrap_iters=1000)  # lm-eval's own seeds: its few-shot examples, as a plain run
+    usage = [u for share in distributed.current().all_gather(model.usage) for u in share]
+    if raw is None:  # not rank 0
+        return pd.DataFrame(), {}
+    by_task = lmeval.usage_by_task(usage)
+    members = _members(raw.get("group_subtasks", {}))
+    p = model.spec
+    rows = []
+    for name, metrics in raw["results"].items():
+        subtasks = members.get(name, [name])
+        tokens, passes, requests, attention = (sum(by_task.get(s, (0, 0, 0, 0))[k] for s in subtasks) for k in range(4))
+        n = sum(raw.get("n-samples", {}).get(s, {}).get("effective", 0) for s in subtasks)
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if not filt or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({"task": name, "metric": metric, "filter": filt, "value": float(value),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
+                         "n": int(n), "group": name in members, "policy": p.name, "policy_spec": p.label,
+                         "policy_seed": p.seed, "cost": nominal_cost(p, num_layers),
+                         "layers_mean": passes / tokens if tokens else math.nan,
+                         "attention_mean": attention / tokens if tokens else math.nan, "gated_tokens": tokens,
+                         "requests": requests})
+    df = pd.DataFrame(rows)
+    if p.cost(num_layers) is None and len(df):  # thresholds and learned policies: the measured mean, rounded
+        df["cost"] = int(round(df["layers_mean"].mean())) if df["layers_mean"].notna().any() else 0
+    raw["skipbench"] = {"policy": p.label, "layers_mean": {t: v[1] / v[0] if v[0] else None for t, v in by_task.items()},
+                        "prompt_depth": cfg.prompt_depth, "kv_mode": model.kv_mode}
+    return df, raw
+
+
+def _members(group_subtasks: dict) -> dict[str, list[str]]:
+    """Each group's leaf tasks (groups nest)."""
+    def leaves(name: str) -> list[str]:
+        subs = group_subtasks.get(name)
+        return [leaf for s in subs for leaf in leaves(s)] if subs else [name]
+
+    return {g: leaves(g) for g in group_subtasks if group_subtasks[g]}
+
+
+MAIN_METRICS = ("acc", "exact_match", "rougeL", "acc_norm", "word_perplexity")  # the first a task has is its main one
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each task's main metric per point (the first of MAIN_METRICS it reports, else its first metric; its `none` or
+    `strict-match` filter, else its first), with a 95% interval."""
+    if rows.empty:
+        return rows
+    keep = []
+    for task, g in rows.groupby("task", sort=False):
+        metrics = list(dict.fromkeys(g["metric"]))
+        main = next((m for m in MAIN_METRICS if m in metrics), metrics[0])
+        g = g[g["metric"] == main]
+        filters = list(dict.fromkeys(g["filter"]))  # GSM8K: strict-match and flexible-extract; one is shown
+        keep.append(g[g["filter"] == next((f for f in ("none", "strict-match") if f in filters), filters[0])])
+    out = pd.concat(keep).reset_index(drop=True)
+    bounds = [interval(r.metric, r.value, r.stderr, r.n, r.group) for r in out.itertuples()]
+    out["lo"], out["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
+    columns = ["task", "metric", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr", "lo", "hi", "n"]
+    return out[[c for c in columns if c in out]]  # runs before attention_mean existed lack it
+
+
+BINARY = ("acc", "acc_norm", "exact_match")  # a mean of 0/1 per document
+
+
+def interval(metric: str, value: float, stderr: float, n: int, group: bool = False) -> tuple[float, float]:
+    """A 95% interval: Wilson for a task's proportion of documents (binary metrics), else (other metrics, and a
+    group's mean of its tasks' means) value +- 1.96 lm-eval's stderr."""
+    if metric in BINARY and n and not group:
+        return proportion_interval(round(value * n), int(n))
+    return value - 1.96 * stderr, value + 1.96 * stderr
+
+
+def write_results_json(out: Path, pts: list[PolicySpec], jobs) -> dict[str, Path]:
+    """lm-eval's results per point, the tasks' results merged: `<out>-lmeval/<point>.json`."""
+    paths = {}
+    for p in pts:
+        merged: dict = {}
+        for _, q, path in jobs:
+            if q != p:
+                continue
+            _merge_into(merged, readers.json_file(manifest_path(path), "part manifest", "rerun to compute it again")["lm_eval"])
+        target = out.with_name(f"{out.stem}-lmeval") / (_slug(p.label) + ".json")
+        with atomic_path(target) as tmp:
+            tmp.write_text(json.dumps(merged, indent=1, default=str))
+        paths[p.label] = target
+    return paths
+
+
+def _merge_into(into: dict, other: dict) -> None:
+    """Nested dicts merged key by key (each task's results, configs, layers); other values: the first seen."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge_into(into[key], value)
+        else:
+            into.setdefault(key, value)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
