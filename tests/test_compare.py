@@ -39,10 +39,13 @@ def test_retain_by_hand():
     table["ratio"] = table["value"] / table["full_value"]
     s = retain(table).set_index("method")
     assert s.loc["a", "retain_pct"] == pytest.approx(100 * (0.8 + 0.5) / 2)
-    var = 0.8**2 * (0.1**2 + 0.1**2) + 0.5**2 * (0.1**2 + 0.1**2)  # each relative stderr is 0.1
+    var = (0.04**2 + 0.8**2 * 0.05**2) / 0.5**2 + (0.03**2 + 0.5**2 * 0.06**2) / 0.6**2  # delta method
     assert s.loc["a", "retain_hi"] - s.loc["a", "retain_pct"] == pytest.approx(100 * 1.96 * math.sqrt(var) / 2)
     assert s.loc["a", "skipped"] == 4 and s.loc["a", "skipped_unit"] == "layers"
     assert s.loc["b", "skipped"] == 4 and s.loc["b", "skipped_unit"] == "attention" and s.loc["b", "layers_skipped"] == 0
+    zero = table.assign(full_value=[0.0, 0.6, 0.0, 0.6])  # a task the full model scores 0 on has no ratio
+    z = retain(zero).set_index("method")
+    assert z.loc["a", "tasks"] == 1 and z.loc["a", "retain_pct"] == pytest.approx(50)
 
 
 def _recomputed(rows: pd.DataFrame, runs: pd.DataFrame) -> dict:

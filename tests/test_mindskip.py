@@ -197,3 +197,13 @@ def test_train_then_evaluate_with_a_tuned_threshold(tiny_dirs, tmp_path):
     assert res.exit_code == 1 and "give one" in res.output and not (tmp_path / "x.parquet").exists()
     res = runner.invoke(app, ["mindskip", "train", *common, "--capacity", "1.5", "--out", str(tmp_path / "bad")])
     assert res.exit_code == 1 and "--capacity must be in [0, 1]" in res.output
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_a_mindskip_draft_keeps_full_depths_tokens(tokenizer, kv):
+    from skipbench.engine.speculative import Speculation, speculate
+
+    lm = tiny(tokenizer)
+    ps = prompts(tokenizer, 3)
+    drafted = speculate(lm, ps, MindSkipPolicy(mixed(kv=kv), lm.adapter), Speculation(k=3), 16)
+    assert drafted.tokens == generate(lm, ps, make_policy("full", 6), 16).tokens

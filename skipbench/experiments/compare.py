@@ -159,20 +159,23 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
 
 def retain(table: pd.DataFrame) -> pd.DataFrame:
     """Per method and K: Retain % = 100 x the mean over tasks of score / full score, with an approximate 95%
-    interval (delta method, tasks independent, each ratio's variance r^2 (se^2/x^2 + se_f^2/f^2): the method's and
-    the full model's scores treated as independent, which they are not (the same documents), so it is wider than a
-    paired interval would be); and what a token ran, averaged over tasks: layers, attention sub-layers, and the
-    skip they realize against the full model's (MindSkip skips attention only: its layers stay at full depth)."""
+    interval (delta method, tasks independent: var(x / f) ~ (se_x^2 + r^2 se_f^2) / f^2, the method's and the full
+    model's scores treated as independent, which they are not (the same documents), so it is wider than a paired
+    interval would be); a task the full model scores 0 on has no ratio and is left out (`tasks` counts the ones in).
+    And what a token ran, averaged over tasks: layers, attention sub-layers, and the skip they realize against the
+    full model's (MindSkip skips attention only: its layers stay at full depth)."""
     out = []
     for (method, k), g in table.groupby(["method", "skip"], sort=False):
-        r = g["ratio"].to_numpy(float)
-        var = r**2 * ((g["stderr"] / g["value"]) ** 2 + (g["full_stderr"] / g["full_value"]) ** 2).to_numpy(float)
-        half = 1.96 * math.sqrt(np.nansum(var)) / len(r) if np.isfinite(var).any() else math.nan
-        mean = float(np.mean(r))
+        g = g.assign(attention_mean=g["attention_mean"].fillna(g["layers_mean"]))
+        scored = g[g["full_value"] != 0]
+        r = (scored["value"] / scored["full_value"]).to_numpy(float)
+        var = ((scored["stderr"] ** 2 + r**2 * scored["full_stderr"] ** 2) / scored["full_value"] ** 2).to_numpy(float)
+        half = 1.96 * math.sqrt(var.sum()) / len(r) if len(r) and np.isfinite(var).all() else math.nan
+        mean = float(np.mean(r)) if len(r) else math.nan
         layers = float((g["full_layers_mean"] - g["layers_mean"]).mean())
         attention = float((g["full_layers_mean"] - g["attention_mean"]).mean())
         only_attention = layers < 0.01 < attention  # MindSkip: its realized skip is in attention sub-layers
-        out.append({"method": method, "skip": int(k), "tasks": len(g), "retain_pct": 100 * mean,
+        out.append({"method": method, "skip": int(k), "tasks": len(r), "retain_pct": 100 * mean,
                     "retain_lo": 100 * (mean - half), "retain_hi": 100 * (mean + half),
                     "layers_mean": float(g["layers_mean"].mean()), "attention_mean": float(g["attention_mean"].mean()),
                     "layers_skipped": layers, "attention_skipped": attention,
