@@ -283,7 +283,7 @@ def section_compare(folder: Path) -> tuple[list[str], list]:
     from skipbench.experiments.compare import TALK
 
     lines = []
-    for path in (p for p in _main_files(folder, "compare-") if not p.stem.endswith(".lmeval")):
+    for path in (p for p in _main_files(folder, "compare") if not p.stem.endswith(".lmeval")):
         meta = _meta(path)
         rows, agg = _read(path), _read(path.with_name(f"{path.stem}-agg.parquet"))
         s = agg.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in

@@ -37,7 +37,7 @@ def test_report_has_every_section_and_rows(smoke):
     folder, _ = smoke
     page = (folder / "REPORT.md").read_text()
     for heading in ("Generation quality", "Hidden-state fidelity", "Sequence-level oracle", "Skip controllers",
-                    "FlexiDepth: layers used", "Wall-clock speed"):
+                    "FlexiDepth: layers used", "Wall-clock speed", "Methods at the same number of skipped layers"):
         assert heading in page, heading
     assert "## Findings at a glance" in page and "reproduced" not in page
     lines = [l for l in page.splitlines() if l.startswith("* **")]
@@ -57,6 +57,8 @@ def test_report_has_every_section_and_rows(smoke):
     assert set(cosine["strategy"]) == {"early-exit", "uniform", "random", "block-influence", "angular", "confidence"}
     agg = pd.read_parquet(folder / "controllers-text-agg.parquet")
     assert len(agg) == 2 * 2  # inputs x alphas
+    compare = pd.read_parquet(folder / "compare-agg.parquet")
+    assert set(compare["method"]) == {"shortgpt", f"mindskip:{folder / 'mindskip-run'}"} and (compare["skip"] == 1).all()
 
 
 def test_rerun_skips_finished_stages_and_report_is_deterministic(smoke, tmp_path):

@@ -119,8 +119,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
     model = preset["model"]
     r = Path(results or preset.get("results", "results"))
     out: list[Stage] = []
-    ft, ev, cs, orc, ct, fx, bn = (preset.get(k, {}) for k in ("finetune", "evaluate", "cosine", "oracle", "controllers",
-                                                                "flexidepth", "bench"))
+    ft, ev, cs, orc, ct, fx, bn, ms, lk, cp = (preset.get(k, {}) for k in (
+        "finetune", "evaluate", "cosine", "oracle", "controllers", "flexidepth", "bench", "mindskip", "layerskip", "compare"))
     if ft:  # the papers' first stage: every later stage of this model runs on the fine-tuned backbone
         run = r / "finetune"
         out.append(Stage("finetune", (
@@ -195,9 +195,35 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             "bench", "--model", bn.get("model", model), "--policies", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
             *_opt(bn, "new_tokens", "--new-tokens"), *_opt(bn, "repeats", "--repeats"),
             *_opt(bn, "warmup", "--warmup"), "--impl", "all", "--out", str(target)), target))
+    runs = {"flexidepth": flexi_run}  # the trained methods `compare` puts beside the others
+    if ms:
+        runs["mindskip"] = r / "mindskip-run"
+        out.append(Stage("mindskip train", (
+            "mindskip", "train", "--model", ms.get("model", model), "--dataset", ms["datasets"],
+            "--capacity", str(ms["capacity"]), "--steps", str(ms["steps"]), *_opt(ms, "train_limit", "--limit"),
+            *_opt(ms, "max_new_tokens", "--max-new-tokens"), "--out", str(runs["mindskip"])),
+            runs["mindskip"] / "config.json"))
+    if lk:  # the LayerSkip recipe: fine-tuning with depth-scaled layer dropout and an early-exit loss
+        runs["layerskip"] = r / "layerskip-run"
+        out.append(Stage("layerskip finetune", (
+            "finetune", "--model", lk.get("model", model), "--dataset", lk["datasets"], "--steps", str(lk["steps"]),
+            "--batch-size", str(lk["batch_size"]), "--lr", str(lk["lr"]), "--eval-every", str(lk["eval_every"]),
+            "--layer-dropout", str(lk["layer_dropout"]), "--dropout-schedule", "exp",
+            "--early-exit-loss", str(lk["early_exit_loss"]), *_opt(lk, "early_exit_every", "--early-exit-every"),
+            *_opt(lk, "train_limit", "--limit"), *_opt(lk, "val_limit", "--val-limit"),
+            *_opt(lk, "max_seq_len", "--max-seq-len"), *_opt(lk, "max_new_tokens", "--max-new-tokens"),
+            "--out", str(runs["layerskip"])), runs["layerskip"] / "best" / "config.json"))
+    if cp:
+        methods = [f"{m}:{runs[m]}" if runs.get(m) else m for m in cp["methods"]]
+        target = r / "compare.parquet"
+        out.append(Stage("compare", (
+            "compare", "--model", cp.get("model", model), "--methods", _csv(methods), "--skip", _csv(cp["skip"]),
+            "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
+            *(["--allow-code-execution"] if cp.get("allow_code_execution") else []), "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
-    training = ("finetune", "controllers sweep", "flexidepth train")
-    products = {"finetune": r / "finetune", "flexidepth train": flexi_run}
+    training = ("finetune", "controllers sweep", "flexidepth train", "mindskip train", "layerskip finetune")
+    products = {"finetune": r / "finetune", "flexidepth train": flexi_run, "mindskip train": runs.get("mindskip"),
+                "layerskip finetune": runs.get("layerskip")}
     done: list[tuple[str, str]] = []
     stages_ = []
     for st in out:
