@@ -155,8 +155,8 @@ def part_key(fields: dict, model: str, p: PolicySpec) -> str:
         from skipbench.checkpoints import checkpoint_fingerprint
 
         fields["checkpoint"] = checkpoint_fingerprint(p.value)
-        if p.strategy.own_model:  # a model folder as the checkpoint (layerskip): its weights' files too
-            fields["checkpoint_model"] = model_fingerprint(p.value) or model_fingerprint(str(Path(p.value) / "best"))
+        if p.strategy.own_model:  # a model folder as the checkpoint (layerskip: DIR or a fine-tuning's DIR/best)
+            fields["checkpoint_model"] = [model_fingerprint(p.value), model_fingerprint(str(Path(p.value) / "best"))]
     if p.strategy.own_model and isinstance(p.strategy.build, str):  # its model changes with its module's VERSION
         import importlib
 

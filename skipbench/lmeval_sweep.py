@@ -177,14 +177,18 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]))])[0]
     for name in dict.fromkeys(jobs[i][0] for i in todo):
         check_loads(name, tm)
-    models: dict = {}
-    for i in todo:  # each point's policy built once, only when some task still needs it
+    model, built = None, None
+    # point by point: each point's policy is built once, only when some task still needs it, and let go after its
+    # last task (a strategy with a model of its own, LaCo or LayerSkip, holds one model at a time)
+    for i in sorted(todo, key=lambda i: pts.index(jobs[i][1])):
         task, p, path = jobs[i]
-        if p not in models:
-            models[p] = lmeval.SkipbenchLM(model=cfg.model, lm=lm, policy=p, kv_mode=cfg.kv_mode,
-                                           prompt_depth=cfg.prompt_depth, batch_size=cfg.batch_size,
-                                           max_length=cfg.max_length, seed=cfg.seed)
-        rows, raw = evaluate_one(lmeval, models[p], task, tm, cfg, lm.num_layers)
+        if built != p:
+            model = built = None
+            model = lmeval.SkipbenchLM(model=cfg.model, lm=lm, policy=p, kv_mode=cfg.kv_mode,
+                                       prompt_depth=cfg.prompt_depth, batch_size=cfg.batch_size,
+                                       max_length=cfg.max_length, seed=cfg.seed)
+            built = p
+        rows, raw = evaluate_one(lmeval, model, task, tm, cfg, lm.num_layers)
         if d.main:  # lm-eval's own results travel in the part's manifest
             write_atomic(rows, path, {"lm_eval": raw})
         if on_part:
@@ -230,6 +234,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
         return pd.DataFrame(), {}
     by_task = lmeval.usage_by_task(usage)
     members = _members(raw.get("group_subtasks", {}))
+    children = {c for subs in raw.get("group_subtasks", {}).values() for c in subs}  # a group's tasks and subgroups
     p = model.spec
     rows = []
     for name, metrics in raw["results"].items():
@@ -243,7 +248,8 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append({"task": name, "metric": metric, "filter": filt, "value": float(value),
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
-                         "n": int(n), "group": name in members, "policy": p.name, "policy_spec": p.label,
+                         "n": int(n), "group": name in members, "top": name not in children,  # what was asked for
+                         "policy": p.name, "policy_spec": p.label,
                          "policy_seed": p.seed, "cost": nominal_cost(p, num_layers),
                          "layers_mean": passes / tokens if tokens else math.nan,
                          "attention_mean": attention / tokens if tokens else math.nan, "gated_tokens": tokens,
@@ -283,8 +289,12 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat(keep).reset_index(drop=True)
     bounds = [interval(r.metric, r.value, r.stderr, r.n, r.group) for r in out.itertuples()]
     out["lo"], out["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
-    columns = ["task", "metric", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr", "lo", "hi", "n"]
-    return out[[c for c in columns if c in out]]  # runs before attention_mean existed lack it
+    if "attention_mean" not in out:  # runs before it existed: unrecorded
+        out["attention_mean"] = math.nan
+    if "top" not in out:  # runs before it existed: every task as asked for
+        out["top"] = True
+    return out[["task", "metric", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr", "lo", "hi",
+                "n", "top"]]
 
 
 BINARY = ("acc", "acc_norm", "exact_match")  # a mean of 0/1 per document

@@ -25,9 +25,23 @@ def test_points_set_each_method_to_k_skipped_layers():
     assert labels[("flexidepth:runs/f", 2)] == "flexidepth:runs/f[skip=2]"
     assert labels[("layerskip:runs/ft", 4)] == "layerskip:runs/ft[exit=2]"
     for methods, skip, said in [(("shortgpt:3",), (2,), "takes no argument"), (("controller:x",), (2,), "cannot be set"),
-                                (("shortgpt",), (6,), "--skip takes"), (("nope",), (2,), "nope"), ((), (2,), "empty")]:
+                                (("shortgpt",), (6,), "--skip takes"), (("nope",), (2,), "nope"), ((), (2,), "empty"),
+                                (("shortgpt", "block-influence"), (2,), "the same strategy")]:
         with pytest.raises(SkipbenchError, match=said):
             points(methods, skip, 6)
+
+
+def test_a_group_counts_once():
+    """MMLU-like groups: the group's own aggregate is one task of Retain %, its subtasks are not more."""
+    from skipbench.experiments.compare import per_task
+
+    pts = points(("uniform",), (2,), 6)
+    rows = [{"task": t, "metric": "acc", "policy_spec": spec, "cost": 0, "layers_mean": 4.0, "attention_mean": 4.0,
+             "value": v, "stderr": 0.01, "lo": 0, "hi": 1, "n": 10, "top": top}
+            for spec, scale in (("full", 1.0), ("uniform:4", 0.5))
+            for t, v, top in (("group", 0.6 * scale, True), ("sub1", 0.9 * scale, False), ("other", 0.4 * scale, True))]
+    table = per_task(pd.DataFrame(rows), pts)
+    assert list(table["task"]) == ["group", "other"] and table["ratio"].tolist() == pytest.approx([0.5, 0.5])
 
 
 def test_retain_by_hand():

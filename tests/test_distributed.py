@@ -146,7 +146,7 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch):
     assert res.exit_code == 1
     assert res.stderr.strip().splitlines() == [
         "rank 0: error: 'bench' runs in one process; under torchrun: evaluate, cosine, controllers train, "
-        "flexidepth train, finetune, lm-eval"]
+        "flexidepth train, mindskip train, finetune, lm-eval"]
 
 
 def test_lm_eval_matches_one_process(tiny_dirs, tmp_path):

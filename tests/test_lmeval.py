@@ -390,3 +390,42 @@ def test_figure_places_one_token_tasks_at_their_cost(tmp_path, monkeypatch):
     monkeypatch.setattr(plt.Axes, "errorbar", lambda ax, x, y, **kw: seen.append(list(x)) or real(ax, x, y, **kw))
     assert lmeval_figure(s, 6, tmp_path / "f.png").stat().st_size > 0
     assert seen == [[3.0, 4.0]]
+
+
+def test_attention_passes_under_routed_attention(tokenizer, tmp_path):
+    """MindSkip skips attention, not layers: the scoring pass counts every layer and, apart, the attention
+    sub-layers the gated tokens ran, as the engine recorded them; generation the same, with the prompt's."""
+    from conftest import prompts as some_prompts
+    from skipbench.engine import Engine, generate
+    from skipbench.engine.decode import left_pad
+    from skipbench.policies import parse_policies
+    from skipbench.policies.mindskip import MindSkip
+
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
+    m = MindSkip(64, 6, [1, 2, 3, 4])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for r in m.routers.values():
+            r.weight.normal_(0, 0.3)
+    from test_mindskip import save
+
+    spec = parse_policies(f"mindskip:{save(m, tmp_path / 'm')}")[0]
+    model = SkipbenchLM(model="tiny", lm=lm, policy=spec, batch_size=1, prompt_depth="policy")
+    (ctx, cont), = requests_of(tokenizer, 1)
+    score(model, [(ctx, cont)])
+    tokens, passes, attention = model._pending[0]
+    policy = spec.build(6, lm)
+    e = Engine(lm.adapter, "none")
+    ids = torch.tensor([ctx + cont[:-1]])
+    out = e.forward(ids, e.prompt_cache(torch.ones_like(ids, dtype=torch.bool), ids.shape[1]), policy, record=True)
+    assert (tokens, passes) == (ids.shape[1], 6 * ids.shape[1])
+    assert attention == 6 * ids.shape[1] - int(out.attention_skips.sum()) and attention < passes
+
+    prompt = some_prompts(tokenizer, 1)
+    inst = Instance(request_type="generate_until", doc={}, idx=0, metadata=("t", 0, 1),
+                    arguments=(tokenizer.decode(prompt[0]), {"until": [], "max_gen_toks": 6, "do_sample": False}))
+    model.generate_until([inst])
+    gen = generate(lm, [model.tok_encode(inst.args[0])], policy, 6, prompt_depth="policy")
+    ran = sum(map(len, gen.layers[0])) + gen.prompt_passes[0]
+    skipped = sum(gen.attention_skips[0]) + gen.prompt_passes[0] - gen.prompt_attention_passes[0]
+    assert (model.usage[-1].layer_passes, model.usage[-1].attention_passes) == (ran, ran - skipped) and skipped > 0

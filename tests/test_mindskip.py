@@ -49,6 +49,50 @@ def test_open_routers_equal_full_depth(tokenizer, family):
     assert torch.equal(a.logits, b.logits)
 
 
+def test_untrained_routers_start_open(tokenizer):
+    """Zero routers score 0.5 >= tau for every token: the model is the base model before any training."""
+    lm = tiny(tokenizer)
+    ids, present = left_pad(prompts(tokenizer, 3), 0, "cpu")
+    e = Engine(lm.adapter, "none")
+    a = e.forward(ids, e.prompt_cache(present, ids.shape[1]), MindSkipPolicy(MindSkip(64, 6), lm.adapter),
+                  present=present, record=True)
+    b = e.forward(ids, e.prompt_cache(present, ids.shape[1]), None, present=present)
+    assert torch.equal(a.logits, b.logits) and int(a.attention_skips.sum()) == 0
+
+
+def save(m: MindSkip, folder):
+    """A MindSkip checkpoint as `mindskip train` writes it."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(folder / "weights.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"kind": "mindskip", **m.config()}))
+    return folder
+
+
+def test_the_threshold_for_k_skips(tokenizer, tmp_path):
+    """-o skip=K: skipping rises with tau, and the tau chosen gives about K attention skips on the calibration
+    prompts; -o tau=T is used as given."""
+    from skipbench.policies import Context
+    from skipbench.policies.calibration import tune_threshold
+
+    lm = tiny(tokenizer)
+    m = mixed()
+    ctx = Context(num_layers=6, lm=lm)
+    # one bisection step measures the skips of a fixed threshold
+    got = {t: tune_threshold(ctx, lambda _, t=t: MindSkipPolicy(m, lm.adapter, t), "attention", 0, 4, 64, steps=1)[1]
+           for t in (0.2, 0.5, 0.8)}
+    assert got[0.2] < got[0.5] < got[0.8]
+    tau, realized = tune_threshold(ctx, lambda t: MindSkipPolicy(m, lm.adapter, t), "attention", 2.0, 4, 64)
+    assert abs(realized - 2.0) < 0.25 and 0.2 < tau < 0.8
+    folder = save(m, tmp_path / "m")
+    from skipbench.policies import parse_policies
+
+    spec = parse_policies(f"mindskip:{folder}", {"skip": "2", "calibration": "4", "calibration-tokens": "64"})[0]
+    assert spec.build(6, lm).tau == pytest.approx(tau)
+    assert parse_policies(f"mindskip:{folder}", {"tau": "0.3"})[0].build(6, lm).tau == 0.3
+
+
 class Counting:
     """Counts the query rows the adapter computes per layer and the attention calls (torch's SDPA) of the engine."""
 

@@ -64,7 +64,8 @@ class Meter:
 class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
     for every token and then selects; `auto` (default) takes, at each partial layer of a one-token step, the path
-    the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. The three
+    the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. Routed attention
+    (`AttnRoute`) has no cost table: `auto` gathers it. The three
     compute the same function (floats may differ in the last bits; the tests find the same tokens).
 
     `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
@@ -320,6 +321,9 @@ class Engine:
         attention for every token, then the routed ones keep it."""
         ad, run = self.ad, route.run
         num_tokens = h.shape[1]
+        if route.kv_for_skipped != (cache.mode == "fill"):  # `fill` shares one validity record across layers
+            raise SkipbenchError(f"routed attention {'with' if route.kv_for_skipped else 'without'} K/V for skipped "
+                                 f"tokens needs a cache in {'fill' if route.kv_for_skipped else 'none'} mode, got {cache.mode}")
         if not route.kv_for_skipped:  # skipped tokens write no K/V here
             cache.mark([i], run if real is True else run & real, num_tokens)
         n = int(run.sum())  # one host sync: what runs decides the path

@@ -7,8 +7,9 @@ over the full model's. Here a method is a strategy set to skip K of the model's 
 * a strategy whose argument is a cost (`shortgpt` = block-influence, `laco`, `angular`, `uniform`, `early-exit`,
   ...): `NAME:L-K`;
 * a learned router with a threshold (`flexidepth:DIR`, `mindskip:DIR`): `-o skip=K`, the threshold chosen on
-  calibration prompts of the train split so that a token skips K layers (MindSkip: K attention sub-layers) on
-  average, as the talk tunes dynamic methods to the skipped layers;
+  calibration prompts (the embedded `text` suite's train split: lm-eval tasks carry no skipbench dataset) so that a
+  token skips about K layers (MindSkip: K attention sub-layers) there, as the talk tunes dynamic methods to the
+  skipped layers;
 * `layerskip:DIR`: early exit after L-K layers of the model the LayerSkip recipe fine-tuned (`-o exit=L-K`).
 
 Every point runs through `skipbench lm-eval`'s recipe (its parts are cached and reused) with the context under the
@@ -85,8 +86,9 @@ class Point:
     spec: PolicySpec
 
 
-def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int) -> list[Point]:
-    """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring)."""
+def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0) -> list[Point]:
+    """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
+    that name the same strategy (an alias and its name) are refused."""
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
     if not skip or any(not 0 < k < num_layers for k in skip):
@@ -100,14 +102,17 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int) -> 
             if strategy.arg == "cost":
                 if arg:
                     raise SkipbenchError(f"compare: method '{method}' takes no argument (compare sets it to L-K)")
-                spec = parse_policies(f"{strategy.name}:{num_layers - k}")[0]
+                spec = parse_policies(f"{strategy.name}:{num_layers - k}", seed=seed)[0]
             elif strategy.name in THRESHOLD_ROUTERS:
-                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {"skip": str(k)})[0]
+                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {"skip": str(k)}, seed=seed)[0]
             elif strategy.name == "layerskip":
-                spec = parse_policies(f"layerskip:{arg or strategy.default_arg}", {"exit": str(num_layers - k)})[0]
+                spec = parse_policies(f"layerskip:{arg or strategy.default_arg}", {"exit": str(num_layers - k)}, seed=seed)[0]
             else:
                 raise SkipbenchError(f"compare: method '{method}' cannot be set to a number of skipped layers (it "
                                      "takes a cost, a threshold router's -o skip, or layerskip's exit)")
+            twin = next((p.method for p in out if p.spec.label == spec.label), None)
+            if twin is not None:
+                raise SkipbenchError(f"compare: methods '{twin}' and '{method}' are the same strategy ({spec.label})")
             out.append(Point(method, k, spec))
     return out
 
@@ -121,7 +126,7 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
         raise SkipbenchError(f"{', '.join(code)} runs the code the model writes; pass --allow-code-execution to allow "
                              "it (lm-eval's confirm_run_unsafe_code), or leave the task out")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
-    pts = points(cfg.methods, cfg.skip, lm.num_layers)
+    pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed)
     runs = out.with_name(f"{out.stem}.lmeval.parquet")
     lcfg = LmEvalConfig(model=cfg.model, tasks=cfg.tasks, policies=tuple(p.spec for p in pts), limit=cfg.limit,
                         num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, prompt_depth="policy",
@@ -142,7 +147,9 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
 
 
 def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
-    """lm-eval's main metric per task and point, beside the full model's: a row per method, K and task."""
+    """lm-eval's main metric per task and point, beside the full model's: a row per method, K and task. Only the
+    tasks asked for count (a group such as MMLU by its own aggregate, not once per subtask)."""
+    summary = summary[summary["top"].astype(bool)]
     full = summary[summary["policy_spec"] == "full"].set_index("task")
     by_label = {p.spec.label: p for p in pts}
     rows = []

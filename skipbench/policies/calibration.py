@@ -136,8 +136,9 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
 
 def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
     """A learned router's threshold as its spec's options set it: `-o tau=T` as given, `-o skip=K` chosen on
-    calibration prompts so that a token skips K (`count`: attention sub-layers or layers) on average, of at most
-    `most`; None: the trained one."""
+    calibration prompts (the train split of the run's dataset; the embedded `text` suite when the run has none, as
+    under lm-eval and compare) so that a token skips about K (`count`: attention sub-layers or layers) there, of at
+    most `most`; None: the trained one. The evaluated items may realize another mean: runs record theirs."""
     tau, skip = spec.opt("tau"), spec.opt("skip")
     if tau and skip:
         raise SkipbenchError(f"{spec.name}: -o tau and -o skip choose the same threshold; give one")
@@ -147,6 +148,9 @@ def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
         return tau or None
     if not 0 < skip <= most:
         raise SkipbenchError(f"{spec.name}: -o skip must be in (0, {most}] (its routed layers), got {skip:g}")
+    if ctx.lm is None:
+        raise SkipbenchError(f"{spec.name}: -o skip chooses the threshold from the model's runs: this command needs the "
+                             "model")
     tau, realized = tune_threshold(ctx, policy_at, count, skip, spec.opt("calibration"), spec.opt("calibration-tokens"))
     if abs(realized - skip) > 0.5:
         note(f"{spec.name}: no threshold gives {skip:g} skipped {count} per token on the calibration prompts; the "

@@ -19,10 +19,12 @@ token's attention is not computed, so the task loss gives its gate no gradient, 
 on the tiny test model the fraction attending fell from 1 to 0 in one step and stayed there.
 Where skipbench differs from the authors' code: decisions are per token (their MindSkip model decides once per
 sequence, from the mean of the normed prompt states, and keeps that decision for every generated token; their
-per-token variant computes attention for every token and masks it); skipped attention is never computed here.
+per-token variant computes attention for every token and masks it); skipped attention is not computed here
+(except under `--impl mask`, the dense reference path, which computes it for every token and keeps the routed tokens' outputs).
 
-`-o tau=T` evaluates with another threshold; `-o skip=K` chooses the threshold on calibration prompts (train split)
-so that a token skips K attention sub-layers on average (what `compare` uses to meet a number of skipped layers).
+`-o tau=T` evaluates with another threshold; `-o skip=K` chooses the threshold on calibration prompts (the run's
+train split, or the embedded `text` suite's under lm-eval and compare) so that a token skips about K attention
+sub-layers there (what `compare` uses to aim at a number of skipped layers; the rows record what was realized).
 """
 
 from __future__ import annotations

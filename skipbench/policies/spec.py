@@ -94,6 +94,7 @@ class Strategy:
     options: tuple[Option, ...] = ()
     needs: tuple[str, ...] = ()  # of NEEDS: what its build context must carry
     own_model: bool = False  # its layers are new weights: its policy runs on a model of its own (Policy.lm)
+    calibrates_with: str = ""  # an option that, when set, makes its build calibrate on the run's train split
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -153,9 +154,9 @@ _BUILTIN = [
              kv_modes=("fill",), default_arg="runs/controllers",
              help="Gumbel-softmax skip controllers (skipbench controllers train)"),
     Strategy(name="flexidepth", build="skipbench.policies.flexidepth:flexidepth", kind="learned", arg="checkpoint",
-             default_arg="runs/flexidepth", needs=("model", "data"), options=_THRESHOLD, help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
+             default_arg="runs/flexidepth", options=_THRESHOLD, calibrates_with="skip", help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
     Strategy(name="mindskip", build="skipbench.policies.mindskip:build", kind="learned", arg="checkpoint",
-             default_arg="runs/mindskip", needs=("model", "data"), options=_THRESHOLD,
+             default_arg="runs/mindskip", needs=("model",), options=_THRESHOLD, calibrates_with="skip",
              help="MindSkip (He et al.): per-token routers skip attention sub-layers (skipbench mindskip train)"),
     Strategy(name="layerskip", build="skipbench.policies.layerskip:build", plan="skipbench.policies.layerskip:plan",
              kind="learned", arg="checkpoint", default_arg="runs/finetune", needs=("model",), own_model=True,
@@ -352,7 +353,9 @@ class PolicySpec:
     def check_held_out(self, data: Any) -> None:
         """A strategy tuned on the dataset's train split (its entry needs "data": calibration prompts) is scored on
         other items only, as learned policies are: with --split test or validation."""
-        if "data" in self.strategy.needs and data is not None and data.split in ("all", "train"):
+        option = self.strategy.calibrates_with
+        tuned = "data" in self.strategy.needs or bool(option and self.opt(option))
+        if tuned and data is not None and data.split in ("all", "train"):
             raise SkipbenchError(f"policy '{self.label}' is calibrated or trained on the train split of '{data.name}'; score it on "
                                  "held-out items: --split test (or validation)")
 
