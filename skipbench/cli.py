@@ -638,15 +638,17 @@ def compare(
                                 "uniform, early-exit, ... (set to L-K layers), flexidepth:DIR, mindskip:DIR (-o skip=K), "
                                 "layerskip:DIR (early exit after L-K layers of `finetune`'s model)"),
     skip: str = typer.Option("4,8", help="numbers of skipped layers K, comma-separated"),
-    tasks: str = typer.Option("skipbench_choice,skipbench_arith", help="lm-eval tasks, groups, tags or task YAMLs"),
-    preset: Optional[str] = typer.Option(None, help="offline: the embedded model and the shipped tasks | paper: "
-                                         "Llama-3-8B-Instruct on the talk's six benchmarks (a GPU machine with the "
-                                         "hub); sets --model, --tasks and --skip unless they are given"),
+    tasks: str = typer.Option("skipbench_choice,skipbench_text", help="lm-eval tasks, groups, tags or task YAMLs"),
+    preset: Optional[str] = typer.Option(None, help="offline: the embedded model, skipbench_choice and skipbench_text "
+                                         "with the chat template | paper: Llama-3-8B-Instruct on the talk's six "
+                                         "benchmarks (a GPU machine with the hub); sets --model, --tasks, --skip and "
+                                         "--chat-template unless they are given"),
     model: str = ModelOpt,
     limit: int = typer.Option(0, min=0, help="documents per task (0 = all)"),
     num_fewshot: Optional[int] = typer.Option(None, min=0, help="few-shot examples (default: the task's)"),
     batch_size: int = typer.Option(0, min=0, help="requests per batch (0: automatic)"),
-    chat_template: bool = typer.Option(False, "--chat-template/--no-chat-template", help="wrap prompts in the chat template"),
+    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="wrap prompts in the model's chat "
+                                       "template (an instruct model, as the embedded one; --no-chat-template for a base model)"),
     allow_code_execution: bool = typer.Option(False, "--allow-code-execution", help="let tasks such as humaneval run "
                                               "the code the model writes (lm-eval's confirm_run_unsafe_code)"),
     seed: int = typer.Option(0, help="seed of random skipping and sampled generation"),
@@ -680,6 +682,7 @@ def compare(
     model = model if given("model") or "model" not in chosen else chosen["model"]
     names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if given("tasks") or "tasks" not in chosen else chosen["tasks"]
     ks = _int_list(skip, "--skip") if given("skip") or "skip" not in chosen else chosen["skip"]
+    chat_template = chat_template if given("chat_template") or "chat_template" not in chosen else chosen["chat_template"]
     cfg = CompareConfig(model=model, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), skip=ks,
                         tasks=names, limit=limit or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
                         chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed,

@@ -45,10 +45,12 @@ def test_a_group_counts_once():
 
 
 def test_retain_by_hand():
+    se, se_full = pd.Series([0.04, 0.03, 0.05, 0.06]), pd.Series([0.05, 0.06, 0.05, 0.06])
+    value, full = pd.Series([0.4, 0.3, 0.5, 0.6]), pd.Series([0.5, 0.6, 0.5, 0.6])
     table = pd.DataFrame({
         "method": ["a", "a", "b", "b"], "skip": [4, 4, 4, 4], "task": ["t1", "t2", "t1", "t2"],
-        "value": [0.4, 0.3, 0.5, 0.6], "stderr": [0.04, 0.03, 0.05, 0.06], "full_value": [0.5, 0.6, 0.5, 0.6],
-        "full_stderr": [0.05, 0.06, 0.05, 0.06], "layers_mean": [26.0, 26.0, 30.0, 30.0],
+        "value": value, "lo": value - 1.96 * se, "hi": value + 1.96 * se, "full_value": full,
+        "full_lo": full - 1.96 * se_full, "full_hi": full + 1.96 * se_full, "layers_mean": [26.0, 26.0, 30.0, 30.0],
         "attention_mean": [26.0, 26.0, 25.0, 27.0], "full_layers_mean": [30.0, 30.0, 30.0, 30.0]})
     table["ratio"] = table["value"] / table["full_value"]
     s = retain(table).set_index("method")
@@ -97,7 +99,8 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     out = tmp_path / "c.parquet"
     res = runner.invoke(app, ["compare", "--model", model, "--methods", f"mindskip:{mind},layerskip:{model},early-exit",
-                              "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--out", str(out)])
+                              "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
+                              "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = pd.read_parquet(out).set_index("method")
     assert rows.loc["layerskip:" + model, "value"] == rows.loc["early-exit", "value"]
@@ -106,7 +109,8 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     agg = pd.read_parquet(tmp_path / "c-agg.parquet").set_index("method")
     assert agg.loc[f"mindskip:{mind}", "skipped_unit"] == "attention"
 
-    res = runner.invoke(app, ["compare", "--model", model, "--tasks", "humaneval", "--out", str(tmp_path / "h.parquet")])
+    res = runner.invoke(app, ["compare", "--model", model, "--tasks", "humaneval", "--no-chat-template",
+                              "--out", str(tmp_path / "h.parquet")])
     assert res.exit_code == 1 and "--allow-code-execution" in res.output
     res = runner.invoke(app, ["compare", "--preset", "nope", "--out", str(tmp_path / "h.parquet")])
     assert res.exit_code == 1 and "--preset must be one of" in res.output

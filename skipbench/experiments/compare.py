@@ -45,11 +45,13 @@ TALK = {"flexidepth": {4: 106.5, 8: 100.7}, "shortgpt": {4: 69.1, 8: 32.0}, "lac
         "mindskip": {4: 84.2, 8: 60.2}, "layerskip": {4: 54.0, 8: 43.9}}
 
 PRESETS = {
-    # here: the embedded model and the shipped offline tasks; the trained methods are added with --methods
-    "offline": {"model": EMBEDDED, "tasks": ("skipbench_choice", "skipbench_arith"), "skip": (4, 8),
-                "methods": ("shortgpt", "laco")},
+    # here: the embedded model and the shipped offline tasks with the chat template (an instruct model; its answers
+    # to `skipbench_arith` match none of the references even at full depth, so that task has no ratio); the trained
+    # methods are added with --methods
+    "offline": {"model": EMBEDDED, "tasks": ("skipbench_choice", "skipbench_text"), "skip": (4, 8),
+                "chat_template": True},
     # the talk's setting, for a GPU machine with the hub (humaneval also needs --allow-code-execution)
-    "paper": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "skip": (4, 8), "methods": ("shortgpt", "laco"),
+    "paper": {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "skip": (4, 8), "chat_template": False,
               "tasks": ("mmlu", "hellaswag", "winogrande", "gsm8k", "humaneval", "coqa")},
 }
 CODE_TASKS = ("humaneval", "mbpp")  # lm-eval runs the model's code for these
@@ -58,13 +60,13 @@ CODE_TASKS = ("humaneval", "mbpp")  # lm-eval runs the model's code for these
 @dataclass(frozen=True, kw_only=True)
 class CompareConfig:
     model: str = EMBEDDED
-    methods: tuple[str, ...] = PRESETS["offline"]["methods"]
+    methods: tuple[str, ...] = ("shortgpt", "laco")
     skip: tuple[int, ...] = (4, 8)
     tasks: tuple[str, ...] = PRESETS["offline"]["tasks"]
     limit: int | None = None  # documents per task
     num_fewshot: int | None = None
     batch_size: int | None = None
-    chat_template: bool = False
+    chat_template: bool = True  # the embedded model is an instruct model
     allow_code_execution: bool = False
     seed: int = 0
     device: str = "auto"
@@ -157,7 +159,7 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
         p, f = by_label[r.policy_spec], full.loc[r.task]
         rows.append({"method": p.method, "skip": p.skip, "policy_spec": r.policy_spec, "task": r.task,
                      "metric": r.metric, "value": r.value, "stderr": r.stderr, "lo": r.lo, "hi": r.hi, "n": r.n,
-                     "full_value": f["value"], "full_stderr": f["stderr"],
+                     "full_value": f["value"], "full_lo": f["lo"], "full_hi": f["hi"],
                      "ratio": r.value / f["value"] if f["value"] else math.nan,
                      "layers_mean": r.layers_mean, "attention_mean": r.attention_mean,
                      "full_layers_mean": f["layers_mean"]})
@@ -166,9 +168,10 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
 
 def retain(table: pd.DataFrame) -> pd.DataFrame:
     """Per method and K: Retain % = 100 x the mean over tasks of score / full score, with an approximate 95%
-    interval (delta method, tasks independent: var(x / f) ~ (se_x^2 + r^2 se_f^2) / f^2, the method's and the full
-    model's scores treated as independent, which they are not (the same documents), so it is wider than a paired
-    interval would be); a task the full model scores 0 on has no ratio and is left out (`tasks` counts the ones in).
+    interval (delta method, tasks independent: var(x / f) ~ (se_x^2 + r^2 se_f^2) / f^2, each se the half-width of
+    the score's own 95% interval over 1.96, so Wilson's for accuracies; the method's and the full model's scores are
+    treated as independent, which they are not (the same documents), so it is wider than a paired interval would
+    be); a task the full model scores 0 on has no ratio and is left out (`tasks` counts the ones in).
     And what a token ran, averaged over tasks: layers, attention sub-layers, and the skip they realize against the
     full model's (MindSkip skips attention only: its layers stay at full depth)."""
     out = []
@@ -176,7 +179,9 @@ def retain(table: pd.DataFrame) -> pd.DataFrame:
         g = g.assign(attention_mean=g["attention_mean"].fillna(g["layers_mean"]))
         scored = g[g["full_value"] != 0]
         r = (scored["value"] / scored["full_value"]).to_numpy(float)
-        var = ((scored["stderr"] ** 2 + r**2 * scored["full_stderr"] ** 2) / scored["full_value"] ** 2).to_numpy(float)
+        # each score's standard error from its 95% interval (Wilson for accuracies: not 0 at 0% or 100%)
+        se, se_full = (scored["hi"] - scored["lo"]) / 3.92, (scored["full_hi"] - scored["full_lo"]) / 3.92
+        var = ((se**2 + r**2 * se_full**2) / scored["full_value"] ** 2).to_numpy(float)
         half = 1.96 * math.sqrt(var.sum()) / len(r) if len(r) and np.isfinite(var).all() else math.nan
         mean = float(np.mean(r)) if len(r) else math.nan
         layers = float((g["full_layers_mean"] - g["layers_mean"]).mean())

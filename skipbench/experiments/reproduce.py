@@ -219,7 +219,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("compare", (
             "compare", "--model", cp.get("model", model), "--methods", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
-            *(["--allow-code-execution"] if cp.get("allow_code_execution") else []), "--out", str(target)), target))
+            *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
+            *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
     training = ("finetune", "controllers sweep", "flexidepth train", "mindskip train", "layerskip finetune")
     products = {"finetune": r / "finetune", "flexidepth train": flexi_run, "mindskip train": runs.get("mindskip"),
