@@ -251,3 +251,26 @@ def test_a_mindskip_draft_keeps_full_depths_tokens(tokenizer, kv):
     ps = prompts(tokenizer, 3)
     drafted = speculate(lm, ps, MindSkipPolicy(mixed(kv=kv), lm.adapter), Speculation(k=3), 16)
     assert drafted.tokens == generate(lm, ps, make_policy("full", 6), 16).tokens
+
+
+@pytest.mark.parametrize("kv", [False, True])
+def test_auto_takes_the_dense_path_where_the_cost_table_says(tokenizer, tmp_path, monkeypatch, kv):
+    """--impl auto at one-token steps: gathered attention at the running-row counts where the layer table says
+    gathering pays, dense elsewhere; the same tokens and attention records as gather and mask."""
+    from test_engine import _plant_costs
+
+    from skipbench.engine.forward import Meter
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    lm = tiny(tokenizer)
+    policy = MindSkipPolicy(mixed(kv=kv), lm.adapter)
+    _plant_costs(lm, policy.kv_mode, 4, gather_rows={1, 3})
+    ps = prompts(tokenizer, 4)
+    runs, meters = {}, {}
+    for impl in ("gather", "mask", "auto"):
+        meters[impl] = Meter()
+        runs[impl] = generate(lm, ps, policy, 12, impl=impl, meter=meters[impl])
+    assert runs["auto"].tokens == runs["gather"].tokens == runs["mask"].tokens
+    assert runs["auto"].attention_skips == runs["gather"].attention_skips == runs["mask"].attention_skips
+    assert meters["auto"].dense > 0 and meters["auto"].gathered > 0
+    assert meters["gather"].dense == 0 and meters["mask"].gathered == 0

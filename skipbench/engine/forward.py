@@ -65,7 +65,7 @@ class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
     for every token and then selects; `auto` (default) takes, at each partial layer of a one-token step, the path
     the measured cost table says is cheaper (engine/costs.py), and gathers at steps of many tokens. Routed attention
-    (`AttnRoute`) has no cost table: `auto` gathers it. The three
+    (`AttnRoute`) has no table of its own: the whole layer's decides for it. The three
     compute the same function (floats may differ in the last bits; the tests find the same tokens).
 
     `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
@@ -315,9 +315,10 @@ class Engine:
 
     def attn_routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: AttnRoute, real=True) -> torch.Tensor:
         """A layer with routed attention (protocol.AttnRoute), then the MLP for every token. K/V are written for
-        every token (`kv_for_skipped`) or only for the routed ones. Gathered (`gather`, `auto`): queries,
-        attention and its output projection for the routed tokens only, each row's packed to the longest row's
-        count (a step of one token: the rows with a routed token); no token routed: no attention at all. `mask`:
+        every token (`kv_for_skipped`) or only for the routed ones. Gathered (`gather`; `auto` at steps of many
+        tokens, and at one-token steps where the cost table says gathering pays): queries, attention and its output
+        projection for the routed tokens only, each row's packed to the longest row's count (a step of one token:
+        the rows with a routed token); no token routed: no attention at all. Dense (`mask`; `auto` elsewhere):
         attention for every token, then the routed ones keep it."""
         ad, run = self.ad, route.run
         num_tokens = h.shape[1]
@@ -328,8 +329,12 @@ class Engine:
             cache.mark([i], run if real is True else run & real, num_tokens)
         n = int(run.sum())  # one host sync: what runs decides the path
         everyone = n == run.numel()
-        self._count(n > 0, True, n == 0 and route.kv_for_skipped, None if everyone or n == 0 else self.impl != "mask")
-        if everyone or (n and self.impl == "mask"):
+        # dense: `mask`, or `auto` at a one-token step where the layer cost table says gathering `n` rows does not pay
+        # (no table is measured for attention alone: the whole layer's, whose gathered cost is mostly the gathered
+        # attention's copies of cached rows, stands in)
+        dense = 0 < n < run.numel() and (self.impl == "mask" or (self._decides(h) and not self._gathers(h, n)))
+        self._count(n > 0, True, n == 0 and route.kv_for_skipped, None if everyone or n == 0 else not dense)
+        if everyone or dense:
             a = self.attend(i, h, pos, cache)
             h_attn = h + (route.scale[..., None] * a if everyone else torch.where(run[..., None], route.scale[..., None] * a, 0)).to(h.dtype)
         else:

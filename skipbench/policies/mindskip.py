@@ -19,8 +19,11 @@ token's attention is not computed, so the task loss gives its gate no gradient, 
 on the tiny test model the fraction attending fell from 1 to 0 in one step and stayed there.
 Where skipbench differs from the authors' code: decisions are per token (their MindSkip model decides once per
 sequence, from the mean of the normed prompt states, and keeps that decision for every generated token; their
-per-token variant computes attention for every token and masks it); skipped attention is not computed here
-(except under `--impl mask`, the dense reference path, which computes it for every token and keeps the routed tokens' outputs).
+per-token variant computes attention for every token and masks it); skipped attention is not computed here on
+the gathered path (`--impl gather`; `auto` at steps of many tokens, and at one-token steps where the measured cost
+table says gathering pays: at batch 1 always), while the dense path (`--impl mask`; `auto` at a batch where
+gathering some rows costs more than the whole batch's attention) computes it for every token and keeps the routed
+tokens' outputs.
 
 `-o tau=T` evaluates with another threshold; `-o skip=K` chooses the threshold on calibration prompts (the run's
 train split, or the embedded `text` suite's under lm-eval and compare) so that a token skips about K attention
