@@ -234,7 +234,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
         return pd.DataFrame(), {}
     by_task = lmeval.usage_by_task(usage)
     members = _members(raw.get("group_subtasks", {}))
-    children = {c for subs in raw.get("group_subtasks", {}).values() for c in subs}  # a group's tasks and subgroups
+    asked = top_level(raw)
     p = model.spec
     rows = []
     for name, metrics in raw["results"].items():
@@ -248,7 +248,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append({"task": name, "metric": metric, "filter": filt, "value": float(value),
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else math.nan,
-                         "n": int(n), "group": name in members, "top": name not in children,  # what was asked for
+                         "n": int(n), "group": name in members, "top": name in asked,
                          "policy": p.name, "policy_spec": p.label,
                          "policy_seed": p.seed, "cost": nominal_cost(p, num_layers),
                          "layers_mean": passes / tokens if tokens else math.nan,
@@ -260,6 +260,23 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
     raw["skipbench"] = {"policy": p.label, "layers_mean": {t: v[1] / v[0] if v[0] else None for t, v in by_task.items()},
                         "prompt_depth": cfg.prompt_depth, "kv_mode": model.kv_mode}
     return df, raw
+
+
+def top_level(raw: dict) -> set[str]:
+    """The results that stand for what was asked: a task or group none of whose enclosing groups reports a metric of
+    its own (a group with an aggregate stands for its subtasks; one without, as lm-eval writes some, does not)."""
+    parents: dict[str, list[str]] = {}
+    for group, subs in raw.get("group_subtasks", {}).items():
+        for sub in subs:
+            parents.setdefault(sub, []).append(group)
+    scored = {name for name, metrics in raw["results"].items()
+              if any("," in k and not k.split(",")[0].endswith("_stderr") and isinstance(v, (int, float))
+                     for k, v in metrics.items())}
+
+    def covered(name: str, seen: frozenset = frozenset()) -> bool:
+        return any(g in scored or (g not in seen and covered(g, seen | {g})) for g in parents.get(name, []))
+
+    return {name for name in raw["results"] if not covered(name)}
 
 
 def _members(group_subtasks: dict) -> dict[str, list[str]]:

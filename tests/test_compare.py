@@ -44,6 +44,19 @@ def test_a_group_counts_once():
     assert list(table["task"]) == ["group", "other"] and table["ratio"].tolist() == pytest.approx([0.5, 0.5])
 
 
+def test_what_was_asked_for_in_lm_evals_results():
+    """A group with its own aggregate stands for its subtasks; a group without one (lm-eval writes no metric for
+    it) leaves its subtasks standing; nesting follows the groups."""
+    from skipbench.lmeval_sweep import top_level
+
+    raw = {"results": {"mmlu": {"acc,none": 0.5, "acc_stderr,none": 0.01}, "mmlu_stem": {"acc,none": 0.4},
+                       "mmlu_physics": {"acc,none": 0.3}, "tag": {"alias": "tag"}, "a": {"acc,none": 0.2},
+                       "b": {"rougeL,none": 0.1}, "single": {"acc,none": 0.9}},
+           "group_subtasks": {"mmlu": ["mmlu_stem"], "mmlu_stem": ["mmlu_physics"], "tag": ["a", "b"]}}
+    assert top_level(raw) == {"mmlu", "tag", "a", "b", "single"}
+    assert points(("shortgpt",), (4, 4), 6) == points(("shortgpt",), (4,), 6)  # a K given twice is one
+
+
 def test_retain_by_hand():
     se, se_full = pd.Series([0.04, 0.03, 0.05, 0.06]), pd.Series([0.05, 0.06, 0.05, 0.06])
     value, full = pd.Series([0.4, 0.3, 0.5, 0.6]), pd.Series([0.5, 0.6, 0.5, 0.6])

@@ -274,3 +274,22 @@ def test_auto_takes_the_dense_path_where_the_cost_table_says(tokenizer, tmp_path
     assert runs["auto"].attention_skips == runs["gather"].attention_skips == runs["mask"].attention_skips
     assert meters["auto"].dense > 0 and meters["auto"].gathered > 0
     assert meters["gather"].dense == 0 and meters["mask"].gathered == 0
+
+
+def test_refusals_of_a_mismatched_cache_and_of_training_items(tokenizer, tmp_path):
+    from skipbench.data import DataSpec
+    from skipbench.errors import SkipbenchError
+    from skipbench.policies import parse_policies
+
+    lm = tiny(tokenizer)
+    policy = MindSkipPolicy(mixed(kv=False), lm.adapter)  # trained without K/V for skipped tokens: `none`
+    ids = torch.tensor([prompts(tokenizer, 1)[0][:6]])
+    e = Engine(lm.adapter, "fill", "gather")
+    with pytest.raises(SkipbenchError, match="needs a cache in none mode"):
+        e.forward(ids, e.prompt_cache(torch.ones_like(ids, dtype=torch.bool), 6), policy)
+    folder = save(mixed(), tmp_path / "m")
+    tuned = parse_policies(f"mindskip:{folder}", {"skip": "2"})[0]
+    with pytest.raises(SkipbenchError, match="calibrated or trained on the train split"):
+        tuned.check_held_out(DataSpec(name="text", split="train"))
+    parse_policies(f"mindskip:{folder}")[0].check_held_out(DataSpec(name="text", split="train"))  # no tuning: no data
+    tuned.check_held_out(DataSpec(name="text", split="test"))

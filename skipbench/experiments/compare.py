@@ -93,6 +93,7 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
     that name the same strategy (an alias and its name) are refused."""
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
+    skip = tuple(dict.fromkeys(skip))  # a K given twice is one
     if not skip or any(not 0 < k < num_layers for k in skip):
         raise SkipbenchError(f"--skip takes layer counts in 1..{num_layers - 1} (the model has {num_layers}), got "
                              f"{','.join(map(str, skip)) or 'none'}")
@@ -171,7 +172,9 @@ def retain(table: pd.DataFrame) -> pd.DataFrame:
     interval (delta method, tasks independent: var(x / f) ~ (se_x^2 + r^2 se_f^2) / f^2, each se the half-width of
     the score's own 95% interval over 1.96, so Wilson's for accuracies; the method's and the full model's scores are
     treated as independent, which they are not (the same documents), so it is wider than a paired interval would
-    be); a task the full model scores 0 on has no ratio and is left out (`tasks` counts the ones in).
+    be; a ratio cannot be negative, so the interval starts at 0 at the lowest; a score whose own interval has no
+    width, a ROUGE-L of 0 on every item, adds no variance); a task the full model scores 0 on has no ratio and is
+    left out (`tasks` counts the ones in).
     And what a token ran, averaged over tasks: layers, attention sub-layers, and the skip they realize against the
     full model's (MindSkip skips attention only: its layers stay at full depth)."""
     out = []
@@ -188,7 +191,7 @@ def retain(table: pd.DataFrame) -> pd.DataFrame:
         attention = float((g["full_layers_mean"] - g["attention_mean"]).mean())
         only_attention = layers < 0.01 < attention  # MindSkip: its realized skip is in attention sub-layers
         out.append({"method": method, "skip": int(k), "tasks": len(r), "retain_pct": 100 * mean,
-                    "retain_lo": 100 * (mean - half), "retain_hi": 100 * (mean + half),
+                    "retain_lo": max(0.0, 100 * (mean - half)), "retain_hi": 100 * (mean + half),
                     "layers_mean": float(g["layers_mean"].mean()), "attention_mean": float(g["attention_mean"].mean()),
                     "layers_skipped": layers, "attention_skipped": attention,
                     "skipped": attention if only_attention else layers,
