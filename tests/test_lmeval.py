@@ -397,7 +397,6 @@ def test_attention_passes_under_routed_attention(tokenizer, tmp_path):
     sub-layers the gated tokens ran, as the engine recorded them; generation the same, with the prompt's."""
     from conftest import prompts as some_prompts
     from skipbench.engine import Engine, generate
-    from skipbench.engine.decode import left_pad
     from skipbench.policies import parse_policies
     from skipbench.policies.mindskip import MindSkip
 
