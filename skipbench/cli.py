@@ -793,6 +793,13 @@ def _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, los
                        max_seq_len=max_seq_len, device=device, dtype=dtype, out=out, **extra)
 
 
+def _train(run_train, cfg) -> None:
+    """A training recipe under the progress bar, then its last step's summary."""
+    with TrainBar("train") as bar:
+        result = run_train(cfg, progress=bar.step, start=bar.start)
+    _report_training(result)
+
+
 def _report_training(result) -> None:
     for note in result.notes:
         _note(note)
@@ -857,9 +864,7 @@ def controllers_train(
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
                          max_seq_len, device, dtype, out, targets, grad_accum,
                          train_backbone=train_backbone, backbone_lr=backbone_lr, restart=restart)
-    with TrainBar("train") as bar:
-        result = run_train(ControllerTrainConfig(train=tcfg, input=input, alpha=alpha, tau=tau, alpha_units=alpha_units), progress=bar.step, start=bar.start)
-    _report_training(result)
+    _train(run_train, ControllerTrainConfig(train=tcfg, input=input, alpha=alpha, tau=tau, alpha_units=alpha_units))
 
 
 @controllers_app.command("sweep")
@@ -1029,9 +1034,7 @@ def flexidepth_train(
                          max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
     cfg = FlexiTrainConfig(train=tcfg, alpha=alpha, routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else (),
                            reduction=router_reduction, tau=tau, adapter=adapter, kv=kv, linear_router=linear_router)
-    with TrainBar("train") as bar:
-        result = run_train(cfg, progress=bar.step, start=bar.start)
-    _report_training(result)
+    _train(run_train, cfg)
 
 
 @flexi_app.command("usage")
@@ -1130,9 +1133,7 @@ def mindskip_train(
                          max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
     cfg = MindSkipTrainConfig(train=tcfg, capacity=capacity, weight=weight, capacity_loss=capacity_loss, routed=routed, tau=tau, kv=kv,
                               routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else ())
-    with TrainBar("train") as bar:
-        result = run_train(cfg, progress=bar.step, start=bar.start)
-    _report_training(result)
+    _train(run_train, cfg)
 
 
 @app.command()

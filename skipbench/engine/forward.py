@@ -335,7 +335,7 @@ class Engine:
         dense = 0 < n < run.numel() and (self.impl == "mask" or (self._decides(h) and not self._gathers(h, n)))
         self._count(n > 0, True, n == 0 and route.kv_for_skipped, None if everyone or n == 0 else not dense)
         if everyone or dense:
-            a = self.attend(i, h, pos, cache)
+            a = self.attend(i, h, pos, cache, normed=route.normed)
             h_attn = h + (route.scale[..., None] * a if everyone else torch.where(run[..., None], route.scale[..., None] * a, 0)).to(h.dtype)
         else:
             h_attn = h + self._routed_attention(i, h, pos, cache, route)
@@ -344,7 +344,7 @@ class Engine:
     def _routed_attention(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: AttnRoute) -> torch.Tensor:
         """What attention adds to each token when only `route.run` tokens attend (zero for the others)."""
         ad, run = self.ad, route.run
-        normed = ad.attn_norm(i, h)
+        normed = ad.attn_norm(i, h) if route.normed is None else route.normed
         if route.kv_for_skipped:  # every token's K/V (`fill`)
             keys, values = cache.write(i, *ad.kv(i, normed, pos))
         rows = run.any(1).nonzero().flatten()
@@ -385,11 +385,12 @@ class Engine:
         added = torch.zeros_like(h[: len(rows)]).scatter(1, packed.expand(-1, -1, h.shape[-1]), (weight[..., None] * o).to(h.dtype))
         return added if every_row else torch.zeros_like(h).index_copy(0, rows, added)
 
-    def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor | None = None,
+               normed: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of layer i for every token of h (writing their K/V): the first residual branch.
-        `rows`: h holds only these rows of the batch."""
+        `rows`: h holds only these rows of the batch; `normed`: h through the attention norm, when already known."""
         ad, num_tokens = self.ad, h.shape[1]
-        q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
+        q, k, v = ad.qkv(i, ad.attn_norm(i, h) if normed is None else normed, pos)
         keys, values = cache.write(i, k, v, rows)
         mask = cache.layer_mask(i, num_tokens)
         if rows is not None:

@@ -37,7 +37,6 @@ from skipbench.policies import STRATEGIES, PolicySpec, parse_policies
 from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
 
 ALIASES = {"shortgpt": "block-influence"}  # the talk's names for skipbench's strategies
-THRESHOLD_ROUTERS = ("flexidepth", "mindskip")  # met K by `-o skip=K`
 
 # Retain % as the FlexiDepth talk reports it (Llama-3-8B-Instruct, 32 layers; MMLU, HellaSwag, WinoGrande, GSM8K,
 # HumanEval, CoQA), by skipped layers: the reference the report prints beside a run's own table. Not measured here.
@@ -106,13 +105,13 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
                 if arg:
                     raise SkipbenchError(f"compare: method '{method}' takes no argument (compare sets it to L-K)")
                 spec = parse_policies(f"{strategy.name}:{num_layers - k}", seed=seed)[0]
-            elif strategy.name in THRESHOLD_ROUTERS:
-                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {"skip": str(k)}, seed=seed)[0]
-            elif strategy.name == "layerskip":
-                spec = parse_policies(f"layerskip:{arg or strategy.default_arg}", {"exit": str(num_layers - k)}, seed=seed)[0]
+            elif strategy.skip_option:  # the registry says which option sets it (a threshold router, an exit)
+                option, means = strategy.skip_option
+                value = k if means == "K" else num_layers - k
+                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {option: str(value)}, seed=seed)[0]
             else:
-                raise SkipbenchError(f"compare: method '{method}' cannot be set to a number of skipped layers (it "
-                                     "takes a cost, a threshold router's -o skip, or layerskip's exit)")
+                raise SkipbenchError(f"compare: method '{method}' cannot be set to a number of skipped layers (its "
+                                     "argument is not a cost and its registry entry names no skip_option)")
             twin = next((p.method for p in out if p.spec.label == spec.label), None)
             if twin is not None:
                 raise SkipbenchError(f"compare: methods '{twin}' and '{method}' are the same strategy ({spec.label})")

@@ -78,11 +78,12 @@ class MindSkip(nn.Module):
         """The straight-through gate: its value is g (0 or 1), its gradient that of s."""
         if self.force_open:
             ones = torch.ones(normed.shape[:-1], dtype=normed.dtype, device=normed.device)
-            return AttnRoute(run=ones > 0, scale=ones, kv_for_skipped=self.kv)
+            return AttnRoute(run=ones > 0, scale=ones, kv_for_skipped=self.kv, normed=normed)
         s = self.score(layer, normed)
         hard = (s >= (self.tau if tau is None else tau)).to(s.dtype)
         g = hard + s - s.detach() if s.requires_grad else hard
-        return AttnRoute(run=hard > 0, scale=g.to(normed.dtype), kv_for_skipped=self.kv)
+        # the normed states travel with the route: the engine's attention reads them instead of norming again
+        return AttnRoute(run=hard > 0, scale=g.to(normed.dtype), kv_for_skipped=self.kv, normed=normed)
 
 
 def check_capacity(capacity: float, loss: str) -> None:

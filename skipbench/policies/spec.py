@@ -95,6 +95,9 @@ class Strategy:
     needs: tuple[str, ...] = ()  # of NEEDS: what its build context must carry
     own_model: bool = False  # its layers are new weights: its policy runs on a model of its own (Policy.lm)
     calibrates_with: str = ""  # an option that, when set, makes its build calibrate on the run's train split
+    #: how `compare` sets it to K skipped layers when its argument is not a cost: (option, "K" or "L-K"), e.g.
+    #: ("skip", "K") for a threshold router, ("exit", "L-K") for an early exit on a model of its own
+    skip_option: tuple[str, str] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -154,12 +157,15 @@ _BUILTIN = [
              kv_modes=("fill",), default_arg="runs/controllers",
              help="Gumbel-softmax skip controllers (skipbench controllers train)"),
     Strategy(name="flexidepth", build="skipbench.policies.flexidepth:flexidepth", kind="learned", arg="checkpoint",
-             default_arg="runs/flexidepth", options=_THRESHOLD, calibrates_with="skip", help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
+             default_arg="runs/flexidepth", options=_THRESHOLD, calibrates_with="skip", skip_option=("skip", "K"),
+             help="FlexiDepth routers and adapters (skipbench flexidepth train)"),
     Strategy(name="mindskip", build="skipbench.policies.mindskip:build", kind="learned", arg="checkpoint",
              default_arg="runs/mindskip", needs=("model",), options=_THRESHOLD, calibrates_with="skip",
+             skip_option=("skip", "K"),
              help="MindSkip (He et al.): per-token routers skip attention sub-layers (skipbench mindskip train)"),
     Strategy(name="layerskip", build="skipbench.policies.layerskip:build", plan="skipbench.policies.layerskip:plan",
              kind="learned", arg="checkpoint", default_arg="runs/finetune", needs=("model",), own_model=True,
+             skip_option=("exit", "L-K"),
              options=(Option(name="exit", default=0, help="layers run before the shared head (0: every layer)"),),
              help="LayerSkip (Elhoushi et al.): early exit on the model `skipbench finetune --dropout-schedule exp "
                   "--early-exit-loss E` wrote"),
