@@ -200,7 +200,8 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
             layers = gen.layers[r] if origin is None else [[origin[j] for j in rec] for rec in gen.layers[r]]
             row = (_row(lm, items[i], p, gen.tokens[r], layers, len(encoded[i]))
                    | {"kv_mode": gen.kv_mode, "attention_mean": gen.attention_mean(r)}
-                   | (policy.row_record(r) if hasattr(policy, "row_record") else {}))
+                   | (policy.row_record(r) if hasattr(policy, "row_record") else {})
+                   | (policy.point_record() if hasattr(policy, "point_record") else {}))
             if gen.speculation is not None:  # what drafting did for this item; its layers: every pass it cost
                 stats = gen.speculation.row(r)
                 row |= {"draft_spec": p.draft.label, "speculate": p.speculation.label, **stats,

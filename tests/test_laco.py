@@ -142,3 +142,80 @@ def test_laco_refuses_bad_options(tiny_dirs, tmp_path, monkeypatch, bad):
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
     res = CliRunner().invoke(app, ["plan", "--model", str(tiny_dirs["llama"]), "--policy", "laco:4", "-o", bad])
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1 and "merge must be" in res.stderr
+
+
+def test_rdsc_code_is_the_notebooks_in_place_merge_the_last_layer_of_the_run(tokenizer):
+    """`rdsc=code`: the authors' notebook adds theta_{l+k} - theta_l to the already-updated theta_l in place, which
+    telescopes to the run's last layer; `rdsc=paper` is the paper's sum. Both keep the first layer's norms, in the
+    merge and in a collapsed model."""
+    model = tiny_model("llama", len(tokenizer))
+    a, b, c = (_layer(model, i) for i in (3, 4, 5))
+    code, paper = rdsc([a, b, c], "code"), rdsc([a, b, c], "paper")
+    for k in a:
+        notebook = a[k].clone()
+        for other in (b, c):  # merge_layers_return_model: weight.data.add_(other - weight.data)
+            notebook.add_(other[k] - notebook)
+        torch.testing.assert_close(paper[k], _expected(a, b, c)[k])
+        if "norm" in k:
+            assert torch.equal(code[k], a[k]) and torch.equal(paper[k], a[k])
+            continue
+        assert torch.equal(code[k], notebook)
+        torch.testing.assert_close(code[k], c[k])
+        assert not torch.allclose(code[k], paper[k])
+    ids = [torch.tensor([p]) for p in prompts(tokenizer, 2)]
+    small, merges, _ = collapse(model, 4, ids, merge=3, threshold=-1.0, interval=2, lowest=1, form="code")
+    assert [m.layers for m in merges] == [(3, 4, 5)]
+    for k, v in _layer(small, 3).items():
+        torch.testing.assert_close(v, a[k] if "norm" in k else c[k])
+
+
+def test_below_threshold_stop_keeps_the_depth_and_force_counts_forced_merges_in_rows(tiny_dirs, tmp_path,
+                                                                                    monkeypatch):
+    """A threshold no cosine can pass: `below-threshold=stop` merges nothing (6 layers run, a note says the model
+    keeps 6, not 4; `plan` shows it stopped); `force` (the default) reaches 4 layers with 2 forced merges of 2, and
+    every row of evaluate and lm-eval says so (`laco_forced_merges`, `laco_rdsc`, `laco_below_threshold`); `plan`
+    marks them forced."""
+    import pandas as pd
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    model = ["--model", str(tiny_dirs["llama"])]
+    opts = ["-o", "merge=2", "-o", "threshold=1.5", "-o", "calibration=2"]
+    ev = ["evaluate", *model, "--dataset", "arith", "--split", "test", "--limit", "3", "--max-new-tokens", "4",
+          "--policy", "laco:4", *opts]
+    res = CliRunner().invoke(app, [*ev, "-o", "below-threshold=stop", "--out", str(tmp_path / "stop.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "below-threshold=stop): the model keeps 6 layers, not 4" in res.stderr
+    rows = pd.read_parquet(tmp_path / "stop.parquet")
+    laco = rows[rows["policy_spec"] == "laco:4[below-threshold=stop;calibration=2;merge=2;threshold=1.5]"]
+    assert len(laco) == 3 and (laco["layers_mean"] == 6).all() and (laco["laco_forced_merges"] == 0).all()
+    assert set(laco["laco_below_threshold"]) == {"stop"} and set(laco["laco_rdsc"]) == {"paper"}
+    res = CliRunner().invoke(app, ["plan", *model, "--policy", "laco:4", *opts, "-o", "below-threshold=stop"])
+    assert res.exit_code == 0 and "stopped" in res.output and res.output.strip().endswith("0 1 2 3 4 5")
+
+    res = CliRunner().invoke(app, [*ev, "--out", str(tmp_path / "force.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "2 of 2 merges were forced below the threshold 1.5" in res.stderr
+    rows = pd.read_parquet(tmp_path / "force.parquet")
+    laco = rows[rows["policy"] == "laco"]
+    assert len(laco) == 3 and (laco["layers_mean"] == 4).all() and (laco["laco_forced_merges"] == 2).all()
+    assert set(laco["laco_below_threshold"]) == {"force"} and rows[rows["policy"] == "full"]["laco_rdsc"].isna().all()
+    res = CliRunner().invoke(app, ["plan", *model, "--policy", "laco:4", *opts])
+    assert res.exit_code == 0 and res.output.count("no: forced") == 2
+
+    out = tmp_path / "lm.parquet"
+    res = CliRunner().invoke(app, ["lm-eval", *model, "--tasks", "skipbench_choice", "--policy", "laco:4", *opts,
+                                   "-o", "rdsc=code", "--limit", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    lm = pd.read_parquet(out)
+    laco = lm[lm["policy"] == "laco"]
+    assert len(laco) and (laco["laco_forced_merges"] == 2).all() and set(laco["laco_rdsc"]) == {"code"}
+
+
+@pytest.mark.parametrize("bad", ["rdsc=both", "below-threshold=skip"])
+def test_laco_refuses_bad_rdsc_and_below_threshold(tiny_dirs, tmp_path, monkeypatch, bad):
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(app, ["plan", "--model", str(tiny_dirs["llama"]), "--policy", "laco:4", "-o", bad])
+    name, _, value = bad.partition("=")
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1
+    assert f"option {name} must be one of" in res.stderr and f"got '{value}'" in res.stderr
+    assert not (tmp_path / "cache").exists()
