@@ -285,10 +285,10 @@ def test_routed_layers_dense_equal_gathered(kv, tokenizer, tmp_path, monkeypatch
     assert meters["mask"].dense > 0 and meters["auto"].dense > 0 and meters["auto"].gathered > 0
     m = meters["mask"]
     assert m.mlp < m.steps * lm.num_layers
-    if kv:  # a KV-preserving routed skip still runs attention at every layer
-        assert m.attention == m.steps * lm.num_layers
-    else:  # without K/V for skipped tokens, a layer no token takes needs no attention
-        assert m.attention == m.mlp  # every layer runs both or neither (mlp < all layers: some ran neither)
+    # a layer where some token is routed runs attention and MLP; where none is, a KV-preserving skip computes only
+    # the K/V (counted as such, not as attention), and a skip without K/V nothing
+    assert m.attention == m.mlp
+    assert m.kv == (m.steps * lm.num_layers - m.attention if kv else 0) and (m.kv > 0) == kv
     assert meters["mask"].skip_seconds > 0 and meters["mask"].policy_seconds > 0  # adapters and routers, apart
 
 

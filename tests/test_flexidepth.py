@@ -13,6 +13,7 @@ from conftest import prompts, tiny_model
 from skipbench.cli import app
 from skipbench.engine import Engine, generate
 from skipbench.engine.decode import left_pad
+from skipbench.engine.protocol import Policy
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy
 from skipbench.models import load_model
@@ -176,3 +177,208 @@ def test_a_policy_never_overrides_the_kv_mode_silently(tiny_dirs, tmp_path):
     policy = make_policy(f"flexidepth:{router}", 6)
     assert generate(lm, prompts(lm.tokenizer, 2), policy, 4).kv_mode == "none"
     assert generate(lm, prompts(lm.tokenizer, 2), make_policy("full", 6), 4, kv_mode="none").kv_mode == "none"
+
+
+# A routed layer's attention (issue 42): a skipped token bypasses attention and MLP; only its K/V are computed.
+
+ROUTED = 3  # the routed layer of the tests below; the others run in full
+
+
+class Rows:
+    """Tokens (rows) the adapter's attention projections get, per projection and layer."""
+
+    def __init__(self, ad, monkeypatch):
+        self.seen: dict = {}
+        for name in ("q", "qkv", "kv", "attn_out"):
+            real = getattr(ad, name)
+
+            def wrapped(i, x, *rest, real=real, name=name):
+                self.seen[name, i] = self.seen.get((name, i), 0) + x.shape[0] * x.shape[1]
+                return real(i, x, *rest)
+
+            monkeypatch.setattr(ad, name, wrapped)
+
+    def __call__(self, name: str, i: int = ROUTED) -> int:
+        return self.seen.get((name, i), 0)
+
+
+def _skip_adapter(seed=0):
+    from skipbench.policies.flexidepth import Adapter
+
+    torch.manual_seed(seed)
+    adapter = Adapter(64, 4)
+    with torch.no_grad():
+        adapter.down_proj.weight.normal_(0, 0.1)  # not the identity
+    return adapter
+
+
+def _one_routed_layer(tokenizer, kv, impl, runs):
+    """A tiny model whose layer ROUTED is routed by the Route of `runs[0]` (a fixed [B, T] pattern, set by the test),
+    its prompts run at full depth; returns (lm, engine, cache after the prompts, policy, the adapter)."""
+    from skipbench.engine.protocol import GateFn, Route
+
+    lm = tiny(tokenizer)
+    adapter = _skip_adapter()
+
+    def gate(i, h):
+        if i != ROUTED:
+            return True
+        run = runs[0]
+        scale = torch.linspace(0.2, 0.9, run.numel()).reshape(run.shape)
+        return Route(run=run, scale=scale, skip=lambda normed, sel: (1 - scale[sel])[:, None] * adapter(normed),
+                     kv_for_skipped=kv)
+
+    engine = Engine(lm.adapter, "fill" if kv else "none", impl)
+    ids, present = left_pad(prompts(tokenizer, 2), 0, "cpu")
+    cache, _ = engine.prefill(ids, present, ids.shape[1] + 6)
+    return lm, engine, cache, GateFn(6, gate), adapter
+
+
+STEP = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+RUN = torch.tensor([[True, False, True, False], [False, True, False, True]])  # two routed tokens per row
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_skipped_tokens_run_no_query_and_no_attention_output(tokenizer, monkeypatch, kv):
+    """Gathered, the routed layer's queries and output projection get the routed tokens only; the K/V projections
+    get every token under `fill` (KV-preserving skipping), only the routed ones under `none`."""
+    runs = [RUN]
+    lm, engine, cache, policy, _ = _one_routed_layer(tokenizer, kv, "gather", runs)
+    ad, start = lm.adapter, cache.length
+    count = Rows(ad, monkeypatch)
+    out = engine.forward(STEP, cache, policy, keep_hidden=True)
+    assert count("attn_out") == 4 and count("q") + count("qkv") == 4  # 4 routed tokens of 8
+    assert (count("q"), count("qkv"), count("kv")) == ((4, 0, 8) if kv else (0, 4, 0))
+    assert all(count("qkv", i) == count("attn_out", i) == 8 for i in range(6) if i != ROUTED)
+    new = slice(start, start + 4)
+    if kv:  # every token's K/V at the layer: those of the state it carries, valid for later queries
+        h = out.hidden[ROUTED]
+        k, v = ad.kv(ROUTED, ad.attn_norm(ROUTED, h), ad.position_embeddings(h, cache.positions(4) - 4))
+        torch.testing.assert_close(cache.k[ROUTED][:, :, new], k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.v[ROUTED][:, :, new], v, rtol=1e-5, atol=1e-5)
+        assert cache.valid[ROUTED][:, new].all()
+    else:
+        assert torch.equal(cache.valid[ROUTED][:, new], RUN)
+    # a one-token step of two rows, one routed: one query, one output row; the K/V of both (`fill`) or of one
+    count.seen.clear()
+    runs[0] = torch.tensor([[False], [True]])
+    engine.forward(torch.tensor([[13], [14]]), cache, policy)
+    assert count("attn_out") == 1 and count("q") + count("qkv") == 1
+    assert count("kv") == (2 if kv else 0)
+    # no token routed: only the K/V (`fill`), or no projection at all (`none`)
+    count.seen.clear()
+    runs[0] = torch.tensor([[False], [False]])
+    engine.forward(torch.tensor([[15], [16]]), cache, policy)
+    assert (count("q"), count("qkv"), count("attn_out"), count("kv")) == (0, 0, 0, 2 if kv else 0)
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_routed_tokens_equal_the_dense_layer_and_skipped_ones_take_the_adapter(tokenizer, kv):
+    """Routed tokens: h' = h + Attn(LN1 h), out = h' + G MLP(LN2 h') as the dense computation (`mask`, and by hand)
+    gives it, to 1e-5; skipped tokens: exactly h + (1 - G) Adapter(LN2 h), on both paths. With gradients (training
+    gathers) the gate values still get theirs."""
+    outs = {}
+    for impl in ("gather", "mask"):
+        lm, engine, cache, policy, adapter = _one_routed_layer(tokenizer, kv, impl, [RUN])
+        before = cache.clone()
+        outs[impl] = engine.forward(STEP, cache, policy, keep_hidden=True)
+    ad = lm.adapter
+    h = outs["gather"].hidden[ROUTED]
+    assert torch.equal(h, outs["mask"].hidden[ROUTED])  # the full layers before it are the same code
+    scale = torch.linspace(0.2, 0.9, RUN.numel()).reshape(RUN.shape)
+    # by hand: the attention of every token over the cache it sees (the skipped tokens' K/V under `fill` only)
+    if kv:
+        before.mark(range(6), True, 4)
+    else:
+        before.mark([ROUTED], RUN, 4)
+    pos = ad.position_embeddings(h, before.positions(4))
+    h_attn = h + Engine(ad, before.mode).attend(ROUTED, h, pos, before)
+    want = h_attn + scale[..., None] * ad.mlp_block(ROUTED, h_attn)
+    for impl, out in outs.items():
+        got = out.hidden[ROUTED + 1]
+        torch.testing.assert_close(got[RUN], want[RUN], rtol=0, atol=1e-5)
+        with torch.no_grad():
+            skipped = h[~RUN] + (1 - scale[~RUN])[:, None] * adapter(ad.mlp_norm(ROUTED, h[~RUN]))
+        assert torch.equal(got[~RUN], skipped), impl
+    torch.testing.assert_close(outs["gather"].hidden[ROUTED + 1], outs["mask"].hidden[ROUTED + 1], rtol=0, atol=1e-5)
+
+    # training's path: gradients through the gathered routed layer reach the gate values of every token
+    from skipbench.engine.protocol import GateFn, Route
+
+    g = scale.clone().requires_grad_(True)
+    route = Route(run=RUN, scale=g, skip=lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed), kv_for_skipped=kv)
+    lm, engine, cache, _, _ = _one_routed_layer(tokenizer, kv, "auto", [RUN])
+    out = engine.run(STEP, cache, GateFn(6, lambda i, x: route if i == ROUTED else True), keep_hidden=True)
+    assert out.gates == [g]  # the regulariser reads them
+    out.logits.square().sum().backward()
+    assert g.grad is not None and bool((g.grad != 0).all())
+    torch.testing.assert_close(out.hidden[ROUTED + 1].detach(), outs["gather"].hidden[ROUTED + 1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["gather", "mask"])
+def test_without_kv_for_skipped_tokens_they_write_none(tokenizer, monkeypatch, impl):
+    """`kv_for_skipped=False` (`--no-kv`): a skipped token's K/V are not valid at the layer (later queries there do
+    not see it), on both paths; gathered, its K/V are not even computed. The other layers keep every token."""
+    runs = [RUN]
+    lm, engine, cache, policy, _ = _one_routed_layer(tokenizer, False, impl, runs)
+    start = cache.length
+    count = Rows(lm.adapter, monkeypatch)
+    engine.forward(STEP, cache, policy)
+    new = slice(start, start + 4)
+    assert torch.equal(cache.valid[ROUTED][:, new], RUN)
+    assert all(cache.valid[i][:, new].all() for i in range(6) if i != ROUTED)
+    assert count("kv") == 0 and count("qkv") == (4 if impl == "gather" else 8)
+    # a later token at the layer sees the routed tokens only: its output does not depend on the skipped ones' slots
+    runs[0] = torch.tensor([[True], [True]])
+    probe = cache.clone()  # the skipped tokens' slots at the layer overwritten with large values
+    k, v = probe.k[ROUTED], probe.v[ROUTED]
+    k[:, :, start : start + 4] = torch.where(RUN[:, None, :, None], k[:, :, start : start + 4], 100.0)
+    v[:, :, start : start + 4] = torch.where(RUN[:, None, :, None], v[:, :, start : start + 4], -100.0)
+    a = engine.forward(torch.tensor([[13], [14]]), cache, policy).logits
+    b = engine.forward(torch.tensor([[13], [14]]), probe, policy).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+class PositionRoute(Policy):
+    """Routes a token through layers 2-4 unless (position + layer) % 3 == 0 (decisions no rounding can flip), gate
+    values from its state, a FlexiDepth adapter on the skip path."""
+
+    static = False
+
+    def __init__(self, kv: bool) -> None:
+        super().__init__(6)
+        self.kv, self.adapters = kv, {i: _skip_adapter(i) for i in (2, 3, 4)}
+
+    def new_step(self, positions):
+        self.positions = positions
+
+    def gate(self, layer, hidden):
+        from skipbench.engine.protocol import Route
+
+        if layer not in self.adapters:
+            return True
+        g, adapter = torch.sigmoid(hidden[..., 0]), self.adapters[layer]
+        return Route(run=(self.positions + layer) % 3 != 0, scale=g, kv_for_skipped=self.kv,
+                     skip=lambda normed, sel: (1 - g[sel])[:, None] * adapter(normed))
+
+
+@pytest.mark.parametrize("impl", ["gather", "mask"])
+@pytest.mark.parametrize("kv", [True, False])
+def test_routed_layers_cached_equal_uncached(tokenizer, impl, kv):
+    """Invariant 3 for routed layers: prompts and new tokens in one pass (each row's routed tokens packed to the
+    longest row's count) == the prompts, then one token at a time, under both KV modes and both paths."""
+    lm = tiny(tokenizer)
+    policy = PositionRoute(kv)
+    engine = Engine(lm.adapter, "fill" if kv else "none", impl)
+    ids, present = left_pad(prompts(tokenizer, 3), 0, "cpu")
+    gen = torch.randint(3, len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
+    whole = torch.cat([ids, gen], 1)
+    every = torch.cat([present, torch.ones_like(gen, dtype=torch.bool)], 1)
+    out = engine.forward(whole, engine.prompt_cache(present, whole.shape[1]), policy, present=every, record=True)
+    cache, first = engine.prefill(ids, present, whole.shape[1], policy, record=True)
+    steps = [engine.forward(gen[:, t : t + 1], cache, policy, record=True) for t in range(gen.shape[1])]
+    width = ids.shape[1]
+    assert torch.equal(out.executed[:, width:], torch.cat([s.executed for s in steps], 1))
+    assert torch.equal(out.executed[:, :width][present], first.executed[present])
+    assert not bool(out.executed[:, width:].all())  # some tokens skipped
+    torch.testing.assert_close(out.logits[:, width:], torch.cat([s.logits for s in steps], 1), rtol=0, atol=1e-4)

@@ -36,7 +36,8 @@ from skipbench import readers
 from skipbench.errors import note
 from skipbench.models.loading import sync
 
-VERSION = 1  # bump when what is timed changes: tables of an older version are not reused
+VERSION = 2  # bump when what is timed changes: tables of an older version are not reused (2: a routed layer's
+# gathered path computes only the K/V of its skipped tokens, and is timed in the engine's KV mode)
 CONTEXT = 128  # cache positions a calibration step attends over
 WARMUP, REPEATS = 3, 15
 
@@ -50,8 +51,9 @@ class LayerCosts:
     rows: tuple[int, ...]  # running-row counts timed, increasing, ending at `batch`
     dense: tuple[float, ...]  # per count in `rows`: the layer computed for every row, then selected
     gathered: tuple[float, ...]  # the same, gathered (at `batch` rows: every row, the plain layer)
-    routed_dense: tuple[float, ...]  # a routed layer (FlexiDepth), that many rows taking the MLP: MLP for every row
-    routed_gathered: tuple[float, ...]  # the same, the MLP for those rows only
+    routed_dense: tuple[float, ...]  # a routed layer (FlexiDepth), that many rows routed: attention, MLP for every row
+    routed_gathered: tuple[float, ...]  # the same, queries, attention, its output and the MLP for those rows only (the
+    # other rows: their K/V in `fill` mode)
     attention: float  # the parts of a layer every row runs: attention (norm, q/k/v, cache write, attention, output)
     mlp: float  # norm and MLP
     kv: float  # K/V of all `batch` rows without attention (`fill` mode's write at a layer no row runs)
@@ -188,9 +190,10 @@ def calibrate(engine, batch: int) -> LayerCosts:
         gate[:r] = True
         return True if r == batch else gate
 
-    def route(r: int) -> Route:
+    def route(r: int) -> Route:  # skipped rows write their K/V as a router of this KV mode has them do
         g = running(r)
-        return Route(run=torch.ones_like(ones, dtype=torch.bool) if g is True else g, scale=ones)
+        return Route(run=torch.ones_like(ones, dtype=torch.bool) if g is True else g, scale=ones,
+                     kv_for_skipped=engine.kv_mode == "fill")
 
     cases = {}
     for r in rows:

@@ -209,7 +209,7 @@ class Engine:
 
     def _gathers(self, h: torch.Tensor, running: int | None, routed: bool = False) -> bool:
         """Whether a layer some tokens run (`running` of them, counted when `_decides`) is run gathered rather than
-        densely (for a routed layer: its MLP)."""
+        densely (for a routed layer: its attention and MLP, by the table's routed series)."""
         if self.impl != "auto":
             return self.impl == "gather"
         if not self._decides(h) or running == 0:  # nothing runs: gathering computes only the K/V
@@ -285,26 +285,33 @@ class Engine:
         return hr_out if every_row else h.index_copy(0, rows, hr_out)
 
     def routed(self, i: int, h: torch.Tensor, pos, cache: KVCache, route: Route, real=True) -> torch.Tensor:
-        """A routed layer (protocol.Route): attention for every token (K/V written for all, or only for the routed
-        ones when `kv_for_skipped` is False, and then no attention at all when no token is routed); the MLP, scaled,
-        for the routed tokens (gathered, or for every token and then replaced where that is cheaper: `_gathers`);
-        the skip path for the others."""
+        """A routed layer (protocol.Route). The routed tokens run the layer, its MLP scaled by `route.scale`; a
+        skipped token bypasses attention and MLP through the skip path (FlexiDepth's adapter), and only its K/V are
+        computed (`kv_for_skipped`: later tokens attend to it) or none (it is then invisible at the layer).
+        Gathered (`gather`; `auto` at steps of many tokens, and at one-token steps where the cost table says gathering
+        pays): `_routed_attention`, as for MindSkip's `attn_routed` (queries, attention and output projection for the
+        routed tokens only, each row's packed to the longest row; unscaled: FlexiDepth scales the MLP), then the MLP
+        for the routed tokens only; no token routed: only the K/V, or nothing. Dense (`mask`; `auto` elsewhere):
+        attention and MLP for every token, then the skipped ones replaced."""
         ad, run = self.ad, route.run
         if not route.kv_for_skipped:  # skipped tokens write no K/V here (the cache is in `none` mode)
             cache.mark([i], run if real is True else run & real, h.shape[1])
         full, skip = run.nonzero(as_tuple=True), (~run).nonzero(as_tuple=True)
         n = full[0].numel()
-        attention = n > 0 or route.kv_for_skipped  # no token routed and no K/V kept: nothing needs the attention
-        partial = 0 < n < run.numel()
-        gathered = self._gathers(h, n, routed=True) if partial else True
-        self._count(attention, n > 0, False, gathered if partial else None)
-        h_attn = h + self.attend(i, h, pos, cache) if attention else h
-        if not gathered:  # the MLP for every token (as cheap as for some, by the cost table), the skipped replaced
+        everyone, partial = n == run.numel(), 0 < n < run.numel()
+        dense = partial and not self._gathers(h, n, routed=True)
+        # truthful parts: the attention where a token is routed; only the skipped tokens' K/V where none is
+        self._count(n > 0, n > 0, n == 0 and route.kv_for_skipped, not dense if partial else None)
+        if everyone or dense:
+            h_attn = h + self.attend(i, h, pos, cache)
             out = (h_attn + route.scale[..., None] * ad.mlp_block(i, h_attn)).to(h.dtype)
-        else:
-            out = torch.empty_like(h)
-            if full[0].numel():
-                x = h_attn[full]
+        else:  # a skipped token's state passes unchanged (its attention adds nothing) to be replaced below
+            out = h
+            if n or route.kv_for_skipped:  # the routed tokens' attention, unscaled (weight 1; 0 for the others)
+                attention = AttnRoute(run, run.to(h.dtype), route.kv_for_skipped)
+                out = h + self._routed_attention(i, h, pos, cache, attention)
+            if n:
+                x = out[full]
                 out = out.index_put(full, x + route.scale[full][:, None] * ad.mlp_block(i, x))
         if skip[0].numel():
             y = h[skip]

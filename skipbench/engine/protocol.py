@@ -7,8 +7,8 @@ layer. The answer is one of:
 * a bool tensor [batch, tokens]: the tokens that run it (per-token policies);
 * a float tensor [batch, tokens] in [0, 1]: a soft gate for training, h <- g * layer(h) + (1 - g) * h
   (straight-through hard samples keep the forward pass exact);
-* a `Route`: a routed layer (FlexiDepth): every token runs attention, the routed tokens the MLP scaled by
-  `scale`, the others a skip path (an adapter) — the engine runs it, the policy only decides;
+* a `Route`: a routed layer (FlexiDepth): the routed tokens run attention and the MLP scaled by `scale`, the
+  others a skip path (an adapter) and only their K/V — the engine runs it, the policy only decides;
 * an `AttnRoute`: a layer whose attention only the routed tokens run (MindSkip); every token runs the MLP.
 
 Nothing here imports a policy; policies import this module.
@@ -27,10 +27,12 @@ Gate = Union[bool, "torch.Tensor", "Route", "AttnRoute"]
 
 @dataclass
 class Route:
-    """A routed layer. `run` [B, T] bool: tokens that take the full layer; `scale` [B, T]: the weight of their
-    MLP output (the router's gate, so the router gets a gradient); `skip(normed, sel)`: what a skipped token adds
-    to its state, given its state through the layer's MLP norm and the index tuple of the skipped tokens (None:
-    the identity). `kv_for_skipped`: skipped tokens still write the layer's K/V (KV-preserving skipping)."""
+    """A routed layer. `run` [B, T] bool: tokens that take the full layer (attention, unscaled, and the MLP);
+    `scale` [B, T]: the weight of their MLP output (the router's gate, so the router gets a gradient);
+    `skip(normed, sel)`: what a skipped token adds to its state instead of attention and MLP, given its state
+    through the layer's MLP norm and the index tuple of the skipped tokens (None: the identity); a skipped token's
+    attention output is not needed (gathered, none is computed). `kv_for_skipped`: skipped tokens still write the
+    layer's K/V (KV-preserving skipping, `fill`), else none (`none`: later queries at the layer do not see them)."""
 
     run: "torch.Tensor"
     scale: "torch.Tensor"
@@ -87,6 +89,11 @@ class Policy:
 
     def row_record(self, row: int) -> dict:
         """What the policy decided for a row of the current batch, kept in `evaluate`'s rows (a router's choice)."""
+        return {}
+
+    def point_record(self) -> dict:
+        """What holds for every row the policy produces (how it was built: LaCo's forced merges), kept in
+        `evaluate`'s and `lmeval`'s rows."""
         return {}
 
 

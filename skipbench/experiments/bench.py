@@ -23,10 +23,12 @@ final norm, head, sampling; timed on its own) plus its layers, scaled so that fu
 * `ideal_speedup` counts layers per token: m layers on average ideally take F + (m / L)(T_full - F);
 * `ideal_batch_speedup` counts what the batch can actually skip: a layer part (attention, MLP) costs its dense time
   (engine/costs.py's table for the variant's KV mode) at a step when at least one row runs it, and nothing when
-  none does, except the K/V every row still writes at a layer none runs (`fill`) and the attention a KV-preserving
-  routed skip still runs (FlexiDepth). At batch 8 almost every layer has a row that runs it, so a per-token
-  policy's batch ideal is near 1. (Gathering a layer that one row runs can cost a little less than its dense time,
-  so `auto` may beat this ideal slightly.)
+  none does, except the K/V every row still writes where none attends (`fill`): a skipped layer, a FlexiDepth
+  layer no token is routed through (its KV-preserving skip computes the K/V, not the attention), a MindSkip
+  attention no token runs. At batch 8 almost every layer has a row that runs it, so a per-token policy's batch
+  ideal is near 1. (Gathering a layer that one row runs can cost a little less than its dense time, so `auto` may
+  beat this ideal slightly.) The policy's own work (routers, FlexiDepth's adapters) is not in it: `policy_s`,
+  `skip_path_s`.
 
 Each policy variant also reports the policy's own time per decode step (`policy_s`: its `new_step` and `gate`
 calls, host time; `skip_path_s`: a routed layer's skip path, FlexiDepth's adapters), the layer parts any row ran per step (`attention_layers`, `mlp_layers`, `kv_layers`) and how
@@ -444,6 +446,10 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, d
         ideal[-1] = ideal_at(r.layers_mean / num_layers)
         c = (parts or {}).get(r.batch_size, {}).get(r.kv_mode)
         if c is not None and not np.isnan(getattr(r, "attention_layers", np.nan)):
+            # per step: the layers where some row attended (A), ran the MLP (M), or only wrote K/V (K, `fill`), as the
+            # engine's meter counted them, each at its dense time: work = A t_attn + M t_mlp + K t_kv, a share
+            # work / (L (t_attn + t_mlp)) of full depth's. A routed layer (FlexiDepth, MindSkip's attention) counts
+            # as attention where a token attends and as K/V where none does: its skipped tokens' queries are not run
             work = r.attention_layers * c.attention + r.mlp_layers * c.mlp + r.kv_layers * c.kv
             batch_ideal[-1] = ideal_at(work / (num_layers * (c.attention + c.mlp)))
     out["ideal_speedup"] = ideal

@@ -4,10 +4,11 @@ For a routed layer, G = sigmoid(Router(Norm(X))) with Router(z) = W_r (W_up Norm
 bottleneck of hidden/16; `linear` gives Router(z) = W_r z). A token runs the full layer when G > tau:
 
     full path  h' = h + Attn(LN1 h);  out = h' + G * MLP(LN2 h')
-    skip path  out = h + (1 - G) * Adapter(LN2 h)      (attention output dropped)
+    skip path  out = h + (1 - G) * Adapter(LN2 h)      (no query, attention or MLP for the token)
 
 A skipped token's K/V at the layer are still computed and cached (KV-preserving skipping), unless
-`no_kv`, where it writes none and later tokens do not see it there. The gate scaling gives the router a
+`no_kv`, where it writes none and later tokens do not see it there; the engine computes only those K/V for it
+(engine/forward.py `Engine.routed`, gathered path; the dense path computes the layer for every token and selects). The gate scaling gives the router a
 gradient; the original weights stay frozen. L_skip = mean_t (sum_l G_t^l)^2 over the routed layers.
 """
 
