@@ -298,3 +298,114 @@ def test_length_test_runs_at_a_fractional_star_after_curve(tmp_path, capsys):
     assert counts.groupby("budget")["count"].sum().eq(120).all()
     assert f"length test at budget {star:g} (star)" in res.stdout and "chi2 = " in res.stdout
     assert "136-150" in res.stdout or ">150" in res.stdout
+
+
+def _exact_conditional_p(table) -> float:
+    """Freeman-Halton by enumeration of every 2 x c table with `table`'s margins: the probability (multivariate
+    hypergeometric) of the tables no more probable than the observed one."""
+    from math import comb
+
+    table = np.asarray(table)
+    rows, cols = table.sum(1), table.sum(0)
+
+    def prob(first):
+        return np.prod([comb(int(c), int(k)) for c, k in zip(cols, first)]) / comb(int(rows.sum()), int(rows[0]))
+
+    tables = [f for f in itertools.product(*(range(int(c) + 1) for c in cols)) if sum(f) == rows[0]]
+    observed = prob(table[0])
+    return sum(prob(f) for f in tables if prob(f) <= observed * (1 + 1e-9))
+
+
+def test_the_sparse_table_of_the_results_gets_an_exact_p():
+    """docs/RESULTS.md's label-length test at budget 7.5: 24 items in two bins (1-15 tokens: 18, 16-30: 6), chi2 =
+    6.93, dof 2, p = 0.031, 67% of cells expecting fewer than 5. The oracle sent 16 of the 18 short items to
+    uniform:5 and 2 of the 6 longer ones to full depth; dof 2 means three configurations. Of the 2 x 3 tables with
+    those counts (short: 16, a, 2 - a; long: x, 4 - x, 2 over uniform:5, a second configuration, full), only
+    [[16, 2, 0], [4, 0, 2]] gives chi2 6.93 (6.933) and 4 of 6 cells expecting < 5: short items 16 uniform:5 and
+    2 at another uniform cost, long ones 4 uniform:5 and 2 full. Its exact conditional p (Freeman-Halton, by
+    enumerating the 9 tables with its margins; the chi-square statistic orders them the same way) is 0.107: no
+    hint of a length effect."""
+    from scipy.stats import chi2_contingency
+
+    from skipbench.experiments.oracle import length_test
+
+    found = []
+    for a, x in itertools.product(range(3), range(5)):
+        t = np.array([[16, a, 2 - a], [x, 4 - x, 2]])
+        t = t[:, t.sum(0) > 0]
+        res = chi2_contingency(t)
+        if t.shape[1] == 3 and round(res.statistic, 2) == 6.93 and (res.expected_freq < 5).sum() == 4:
+            found.append(t.tolist())
+    assert found == [[[16, 2, 0], [4, 0, 2]]]
+    assert _exact_conditional_p(found[0]) == pytest.approx(0.10728, abs=5e-6)
+
+    picks = ["uniform:5"] * 16 + ["uniform:10"] * 2 + ["uniform:5"] * 4 + ["full:30"] * 2
+    items = [f"i{k:02d}" for k in range(24)]
+    lengths = pd.Series([8] * 18 + [22] * 6, index=items)
+    t = length_test(lengths, pd.Series(picks, index=items), ["uniform:5", "uniform:10", "uniform:15", "full:30"])
+    assert (t["bins_used"], t["configs_used"], t["dof"]) == (2, 3, 2)
+    assert t["statistic"] == pytest.approx(6.933, abs=5e-4) and t["p_chi2"] == pytest.approx(0.0312, abs=5e-5)
+    assert t["sparse_cells"] == pytest.approx(4 / 6)
+    assert t["test"] == "permutation (100,000 resamples, seed 0)" and t["resamples"] == 100_000
+    # the Monte-Carlo p within 3 standard errors (sqrt(p (1 - p) / 100,000) = 0.001) of the exact 0.107
+    assert t["p_value"] == pytest.approx(0.1073, abs=0.003)
+    assert "too few for the chi-square approximation, whose p is 0.0312" in t["note"]
+
+
+def test_contingency_test_picks_the_test_by_the_expected_counts():
+    """Cochran's rule: chi-square when at most 20% of cells expect fewer than 5; else Fisher's exact test for
+    2 x 2 (its p the hypergeometric enumeration's) and a permutation p for larger tables."""
+    from scipy.stats import hypergeom
+
+    from skipbench.stats import contingency_test
+
+    dense = contingency_test([[30, 10], [10, 30]])
+    assert dense["test"] == "chi-square" and dense["p_value"] == dense["p_chi2"] == pytest.approx(2.15e-5, rel=1e-3)
+    fisher = contingency_test([[9, 1], [1, 3]])  # 3 of 4 cells expect fewer than 5
+    null = hypergeom(14, 10, 10)  # the top-left cell given the margins
+    exact = sum(null.pmf(k) for k in range(6, 11) if null.pmf(k) <= null.pmf(9) * (1 + 1e-9))
+    assert fisher["test"] == "Fisher exact" and fisher["p_value"] == pytest.approx(exact) == pytest.approx(0.04096, abs=1e-5)
+    assert fisher["p_chi2"] == pytest.approx(0.0755, abs=1e-4)  # Yates-corrected chi-square: not what is reported
+    sparse = [[5, 1, 0], [1, 3, 2]]
+    again = contingency_test(sparse, resamples=20_000, seed=3)
+    assert again["test"] == "permutation (20,000 resamples, seed 3)"
+    assert again["p_value"] == pytest.approx(_exact_conditional_p(sparse), abs=4 * 0.5 / 20_000 ** 0.5)
+    assert contingency_test(sparse, resamples=20_000, seed=3)["p_value"] == again["p_value"]  # seeded
+
+
+def _full_best_runs(tmp_path, n: int = 60, seed: int = 0):
+    """Skipping costs every item some quality, items with references over 45 tokens much more: full depth scores
+    best on every item, so the star is full depth itself and sends every item there."""
+    rng = np.random.default_rng(seed)
+    lengths, base = rng.integers(1, 91, n), rng.uniform(0.5, 0.9, n)
+    rows = [{"item_id": f"i{i:02d}", "policy": "full" if c == 24 else "uniform", "cost": c,
+             "rougeL": base[i] - (1 - c / 24) ** 2 * (0.6 if lengths[i] > 45 else 0.05),
+             "reference_tokens": int(lengths[i])} for i in range(n) for c in (4, 8, 12, 24)]
+    path = tmp_path / "full-best.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_curve_tests_a_planted_length_effect_where_full_depth_is_best(tmp_path):
+    """`oracle --curve` alone tested the star only. When full depth scores best on every item (skipping hurts long
+    references most, short ones a little) the star is full depth and every item goes there: nothing to test, p None.
+    --curve now also tests the paper's budgets (6 and 24 of 24 layers, scaled), where the planted effect shows."""
+    out = tmp_path / "o.parquet"
+    res = CliRunner().invoke(app, ["oracle", "--runs", str(_full_best_runs(tmp_path)), "--curve", "--bootstrap", "0",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["star_budget"] == 24
+    tests = {t["budget"]: t for t in meta["length_tests"]}
+    assert set(tests) == {24.0, 6.0}  # the paper's 24 of 24 is the star: tested once
+    star, six = tests[24.0], tests[6.0]
+    assert star["why"] == "star" and star["p_value"] is None and star["configs_used"] == 1
+    assert "the star is full depth itself: full:24 scores best on every item" in star["note"]
+    assert six["why"] == "the paper's 6 of 24, scaled" and six["configs_used"] > 1
+    assert six["p_value"] is not None and six["p_value"] < 1e-3 and six["test"].startswith("permutation")
+    counts = pd.read_parquet(tmp_path / "o-length.parquet")
+    at_six = counts[counts["budget"] == 6.0]
+    short = at_six[at_six["bin"].isin(["1-15", "16-30", "31-45"])]
+    assert set(short.loc[short["count"] > 0, "config"]) == {"uniform:4"}  # the oracle spends on long references
+    assert "length test at budget 6 (the paper's 6 of 24, scaled)" in res.stdout and "permutation (100,000" in res.stdout
+    assert "the star is full depth itself" in res.stdout

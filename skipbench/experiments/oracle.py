@@ -36,7 +36,9 @@ class OracleConfig:
     curve: bool = False
     budgets: tuple[float, ...] = ()  # the curve's grid (default: every integer from cheapest to dearest)
     policies: tuple[str, ...] = ()  # keep only these policies (default: all)
-    length_budgets: tuple[float, ...] = ()  # the length test also runs here (always at the star and at `budget`)
+    # the length test also runs here (always at the star and at `budget`); with `curve` and none named, at the
+    # paper's 6 and 24 of 24 layers scaled to the depth (PAPER_LENGTH_LAYERS)
+    length_budgets: tuple[float, ...] = ()
     bootstrap: int = 200  # item resamples for the star budget's interval (0: none)
     out: str | None = None
     max_cells: float = 2e8
@@ -46,6 +48,10 @@ class OracleConfig:
 
 # Glavas et al.'s oracle chooses among uniformly skipped models at 4, 8 and 12 of 24 layers and full depth
 PAPER_POLICIES, PAPER_FRACTIONS = ("uniform",), (1 / 6, 1 / 3, 1 / 2)
+# ... and tests the label-length dependence of its choice at 6 and 24 of those 24 layers (App. A.5.2): with --curve
+# and no --length-budgets these budgets, scaled, are tested besides the star, which is full depth itself (every item
+# at full, nothing to test) whenever full depth scores best on every item
+PAPER_LENGTH_LAYERS = (6, 24)
 
 
 def paper_costs(num_layers: int) -> tuple[int, ...]:
@@ -195,6 +201,10 @@ def run(cfg: OracleConfig, runs: pd.DataFrame | None = None) -> OracleResult:
     named = [("star", star)] if star is not None else []
     named += [("budget", cfg.budget)] if cfg.budget is not None else []
     named += [("length budget", b) for b in cfg.length_budgets]
+    if cfg.curve and not cfg.length_budgets and lengths is not None:
+        more, skipped = paper_length_budgets(costs[configs.index(full)], cheapest)
+        named += more
+        notes += skipped
     done: set[float] = set()
     for why, b in named:  # the star's assignment is computed here: the curve's grid holds integer budgets only
         if b in done:
@@ -205,8 +215,10 @@ def run(cfg: OracleConfig, runs: pd.DataFrame | None = None) -> OracleResult:
             given = _assignment(b, wide.index, configs, solve(inst, b, cfg.max_cells).choice, greedy(inst, b).choice)
             assign.append(given)
         if lengths is not None:
-            tests.append({"budget": float(b), "why": why, **length_test(lengths, given.set_index("item_id")["oracle"],
-                                                                         configs, unit)})
+            test = length_test(lengths, given.set_index("item_id")["oracle"], configs, unit)
+            if why == "star" and test["bins_used"] > 1 and set(given["oracle"]) == {full}:
+                test["note"] += f" (the star is full depth itself: {full} scores best on every item)"
+            tests.append({"budget": float(b), "why": why, **test})
     if lengths is None:
         notes.append("the runs have no reference lengths (reference_tokens or reference): no length test")
     assignment = pd.concat(assign, ignore_index=True).sort_values(["budget", "item_id"], kind="stable")
@@ -216,6 +228,20 @@ def run(cfg: OracleConfig, runs: pd.DataFrame | None = None) -> OracleResult:
                           configs=configs, costs=costs, full=full, star=star, star_interval=star_ci, config_means=singles,
                           length_tests=tests, notes=notes, group=cfg.group)
     return write(cfg, result) if cfg.out else result
+
+
+def paper_length_budgets(depth: int, cheapest: float) -> tuple[list[tuple[str, float]], list[str]]:
+    """App. A.5.2 tests the oracle's choice at 6 and 24 of OPT's 24 layers: those budgets scaled to `depth` (30 ->
+    7.5, 30), as (why, budget) pairs, and a note for each one below the cheapest configuration (left out)."""
+    named, notes = [], []
+    for layers in PAPER_LENGTH_LAYERS:
+        b = depth * layers / 24
+        if b < cheapest - 1e-9:
+            notes.append(f"the paper's length-test budget {layers} of 24 layers ({b:g} of {depth}) is below the "
+                         f"cheapest configuration ({cheapest:g}): not tested there")
+        else:
+            named.append((f"the paper's {layers} of 24, scaled", b))
+    return named, notes
 
 
 def _assignment(budget: float, items, configs: list[str], oracle_choice, greedy_choice) -> pd.DataFrame:
@@ -251,8 +277,10 @@ def length_bin(lengths) -> np.ndarray:
 
 def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: str = "tokens") -> dict:
     """App. A.5.2: a chi-square test of homogeneity of the oracle's choice of configuration across label-length
-    bins (H0: the choice does not depend on the label's length). `lengths` and `picks` are indexed by item."""
-    from scipy.stats import chi2_contingency
+    bins (H0: the choice does not depend on the label's length). `lengths` and `picks` are indexed by item. A sparse
+    table (over 20% of cells expecting fewer than 5 items) reports an exact conditional p instead: Fisher's exact
+    test (2 x 2) or a permutation p (`stats.contingency_test`); `test` names it, `p_chi2` keeps the chi-square's."""
+    from skipbench.stats import contingency_test
 
     bins = length_bin(lengths.reindex(picks.index).to_numpy())
     counts = pd.crosstab(pd.Categorical(bins, categories=range(LENGTH_BINS)),
@@ -261,16 +289,15 @@ def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: 
     tidy = [{"bin": LENGTH_LABELS[b], "config": c, "count": int(counts.loc[b, c])}
             for b in counts.index if counts.loc[b].sum() > 0 for c in configs]
     out = {"unit": unit, "items": int(len(picks)), "bins_used": int(used.shape[0]), "configs_used": int(used.shape[1]),
-           "counts": tidy, "statistic": None, "dof": 0, "p_value": None}
+           "counts": tidy, "test": None, "statistic": None, "dof": 0, "p_value": None}
     if used.shape[0] < 2 or used.shape[1] < 2:
-        what = "every label falls in one length bin" if used.shape[0] < 2 else "the oracle picks one configuration for every item"
+        what = ("every label falls in one length bin" if used.shape[0] < 2
+                else f"the oracle picks {used.columns[0]} for every item")
         return out | {"note": f"{what}: nothing to test"}
-    res = chi2_contingency(used.to_numpy())
-    sparse = float((res.expected_freq < 5).mean())
-    out |= {"statistic": float(res.statistic), "dof": int(res.dof), "p_value": float(res.pvalue),
-            "sparse_cells": sparse}
-    if sparse > 0.2:  # Cochran's rule: the chi-square approximation wants expected counts of 5 or more
-        out["note"] = f"{100 * sparse:.0f}% of cells expect fewer than 5 items: the p-value is approximate"
+    out |= contingency_test(used.to_numpy())
+    if out["test"] != "chi-square":
+        out["note"] = (f"{100 * out['sparse_cells']:.0f}% of cells expect fewer than 5 items, too few for the "
+                       f"chi-square approximation, whose p is {out['p_chi2']:.3g}")
     return out
 
 
