@@ -1,9 +1,10 @@
 """Hidden-state fidelity to the full model, teacher-forced: what `cosine` measures per token, and what the
 controllers sweep measures of its trained runs (KL). A library: recipes import it, it imports no recipe.
 
-Per response token: cos_final (the last layer's output state vs the full model's), cos_layerwise (mean over
-layers 1..L-1 of the cosine of the state entering each layer: the KV-cache propagation error), kl_next
-(KL(p_full || p_other) of the next-token distributions) and top1_agree.
+Per response token: cos_final (the last layer's output state vs the full model's, raw), cos_final_normed (the same
+states through the model's final norm: the state the head reads, the authors' "final hidden state"), cos_layerwise
+(mean over layers 1..L-1 of the cosine of the raw state entering each layer: the KV-cache propagation error),
+kl_next (KL(p_full || p_other) of the next-token distributions) and top1_agree.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from skipbench.engine import Engine
 from skipbench.errors import SkipbenchError
 from skipbench.engine.decode import left_pad, pad_id
 
-CONVENTION = "residual (raw residual-stream states entering each layer and after the last; no norm applied)"
-MEASURES = ("cos_final", "cos_layerwise", "kl_next", "top1_agree")
+CONVENTION = ("residual (raw residual-stream states entering each layer and after the last; no norm applied), except "
+              "cos_final_normed: the last state through the model's final norm (what the head reads)")
+MEASURES = ("cos_final", "cos_final_normed", "cos_layerwise", "kl_next", "top1_agree")
 
 
 def cosines(h_a: list[torch.Tensor], h_b: list[torch.Tensor]) -> torch.Tensor:
@@ -40,8 +42,8 @@ class FullDist:
         return cls(p, torch.linalg.vecdot(p, logp), logits.argmax(-1))
 
 
-def measures(full, other, num_layers: int, dist: FullDist | None = None) -> dict[str, torch.Tensor]:
-    """Per-token fidelity of `other` to `full`.
+def measures(full, other, num_layers: int, final_norm, dist: FullDist | None = None) -> dict[str, torch.Tensor]:
+    """Per-token fidelity of `other` to `full`; `final_norm` is the model's (the adapter's `final_norm`).
 
     KL(p_full || p_other) = sum p log p - (sum p z - logsumexp z) for the other's logits z, so no
     vocabulary-sized temporary is built per comparison (they dominated the time as page faults)."""
@@ -51,6 +53,8 @@ def measures(full, other, num_layers: int, dist: FullDist | None = None) -> dict
     cross = torch.linalg.vecdot(dist.p, z) - torch.logsumexp(z, -1)
     return {
         "cos_final": cos[num_layers],
+        "cos_final_normed": F.cosine_similarity(final_norm(full.hidden[num_layers]).float(),
+                                                final_norm(other.hidden[num_layers]).float(), dim=-1),
         "cos_layerwise": cos[1:num_layers].mean(0),
         "kl_next": (dist.neg_entropy - cross).clamp_min(0),
         "top1_agree": (dist.top1 == z.argmax(-1)).float(),
@@ -92,7 +96,7 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
             policy.begin(len(prompts), keys)
             other = engine.forward(resp, cache.clone(), policy, keep_hidden=True, record=True)
             layers = other.executed.sum(-1).float()
-        yield label, {**{k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, dist).items()},
+        yield label, {**{k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, lm.adapter.final_norm, dist).items()},
                       "layers": layers.cpu().numpy()}
 
 

@@ -95,8 +95,10 @@ def quality_figure(points, oracle, num_layers: int, path: Path, title: str) -> P
 def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
     """Figure 1a of Glavas et al.: final-state and layerwise cosine similarity vs cost, 95% CI bands."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, measure, title in zip(axes, ("cos_final", "cos_layerwise"),
-                                  ("final hidden state", "layerwise (states K/V come from)")):
+    final = "cos_final_normed" if "cos_final_normed" in agg.columns else "cos_final"
+    for ax, measure, title in zip(axes, (final, "cos_layerwise"),
+                                  ("final hidden state" + (" (after the final norm)" if final != "cos_final" else ""),
+                                   "layerwise (states K/V come from)")):
         x = "layers" if "layers" in agg.columns else "cost"  # a threshold's point sits at the layers it ran
         for strategy, g in agg.groupby("strategy"):
             g = g.sort_values(x)

@@ -501,3 +501,28 @@ def check_held_out(items, path: str) -> None:
         raise SkipbenchError(f"{seen} of the {len(items)} items to evaluate were used to train '{path}' (dataset "
                              f"{spec.name}, split {spec.split}, seed {spec.seed}); evaluate a learned policy on "
                              "held-out items, e.g. --split test")
+
+
+def training_summary(path: str | Path) -> dict | None:
+    """What a checkpoint's training did, for judging whether it trained long enough (read off its trainer.pt log and
+    config.json): steps, examples seen and epochs over its training items, and the mean loss over the last fifth
+    of the steps against the fifth before it. None without a log (a hand-made checkpoint)."""
+    path = Path(path)
+    if not (path / "trainer.pt").exists():
+        return None
+    log = load_trainer(path / "trainer.pt").get("log") or []
+    record = training_record(str(path)) or {}
+    if len(log) < 5:
+        return {"steps": len(log)}
+    fifth = max(1, len(log) // 5)
+    last, before = (float(np.mean([r["loss"] for r in part])) for part in (log[-fifth:], log[-2 * fifth : -fifth]))
+    batch = int(record.get("batch_size") or 0)
+    items = None
+    if record.get("data"):
+        try:
+            items = len(load_items(DataSpec(**record["data"])))
+        except (TypeError, SkipbenchError):
+            items = None
+    return {"steps": len(log), "examples": len(log) * batch, "train_items": items,
+            "epochs": len(log) * batch / items if items and batch else None,
+            "loss_first": float(log[0]["loss"]), "loss_last_fifth": last, "loss_fifth_before": before}

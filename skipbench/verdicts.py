@@ -9,11 +9,12 @@ the report prints them beside each verdict.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 
-from skipbench.stats import Verdict, combine, directional, equivalent, t_interval, welch_interval
+from skipbench.stats import Verdict, at_least, combine, directional, equivalent, t_interval, welch_interval
 
 #: the smallest difference that matters, per measure (what "no difference" means in an equivalence test)
 MARGINS = {
@@ -21,6 +22,7 @@ MARGINS = {
     "rougeL": 0.05,  # ROUGE-L F1: 5 points, the smallest gap the papers discuss as a change in quality
     "oracle_pct": 5.0,  # percentage points of the layers at which the oracle matches the full model
     "layers": 0.5,  # layers used per token (FlexiDepth usage): half a layer
+    "retain_pct": 5.0,  # Retain %: a method keeps the full model's scores when its Retain % is at least 100 - 5
 }
 
 # Glavas et al. Sec. 3.3: the oracle matches the full model at 5.6 of 24 layers on Alpaca, 5.5 on CNN-DM
@@ -40,39 +42,70 @@ def mid_costs(costs, num_layers: int) -> list[int]:
     return sorted(set(picks))
 
 
-def _paired(per_item: pd.DataFrame, measure: str, a: str, b: str, cost: int) -> tuple[float, float, float, int]:
-    """Mean over items of (a - b) at one cost, with its t-interval (items are the unit: the same items run both)."""
-    wide = per_item[per_item["cost"] == cost].pivot(index="item_id", columns="strategy", values=measure)
-    d = (wide[a] - wide[b]).dropna().to_numpy()
+def _paired(per_item: pd.DataFrame, measure: str, a: str, b: str, costs) -> tuple[float, float, float, int]:
+    """Mean over items of (a - b), averaged per item over `costs`, with its t-interval (items are the unit: the same
+    items run both)."""
+    at = per_item[per_item["cost"].isin(list(costs))]
+    wide = at.pivot_table(index=["item_id", "cost"], columns="strategy", values=measure)
+    d = (wide[a] - wide[b]).dropna().groupby(level="item_id").mean().to_numpy()
     mean, lo, hi = t_interval(d)
     return mean, lo, hi, len(d)
 
 
-def cosine(rows: pd.DataFrame, num_layers: int) -> list[Verdict]:
-    """Fig. 1a of Glavas et al. at the costs nearest L/2 and 2L/3, from the per-token rows of `cosine`:
-    (1) ULS keeps the final hidden state closer to the full model's than EE and than RLS;
-    (2) EE keeps the layerwise (KV) states closer than ULS and than RLS — the trade-off."""
-    rows = rows[rows["strategy"].isin(["early-exit", "uniform", "random"])]  # the paper's three
-    per_item = rows.groupby(["strategy", "cost", "item_id"])[["cos_final", "cos_layerwise"]].mean().reset_index()
+NAMES = {"early-exit": "EE", "uniform": "ULS", "random": "RLS"}
+TEACHER_NOTE = ("teacher-forced on the full model's greedy responses; the authors teacher-force the labels "
+                "(`cosine --teacher reference`)")
+
+
+def cosine(rows: pd.DataFrame, num_layers: int, teacher: str = "full") -> list[Verdict]:
+    """Fig. 1a and Sec. 3.1 of Glavas et al., from the per-token rows of `cosine` (per-item paired differences):
+
+    * ULS keeps the final hidden state closer to the full model's than EE, and than RLS (directional, at each of the
+      costs nearest L/2 and 2L/3), on the state after the final norm (the authors' final hidden state; a file
+      without it falls back to the raw state, and says so);
+    * EE keeps the layerwise (KV) states closest to the full model's: above ULS and above RLS, each averaged over
+      every cost run (directional);
+    * at L/2 and 2L/3 ULS matches EE on the layerwise states (equivalence within the cosine margin).
+    """
+    rows = rows[rows["strategy"].isin(list(NAMES))]  # the paper's three
+    final = "cos_final_normed" if "cos_final_normed" in rows.columns else "cos_final"
+    per_item = rows.groupby(["strategy", "cost", "item_id"])[[final, "cos_layerwise"]].mean().reset_index()
     have = set(per_item["strategy"])
-    costs = mid_costs(per_item["cost"].unique(), num_layers)
+    mids = mid_costs(per_item["cost"].unique(), num_layers)
+    every = sorted(int(c) for c in per_item["cost"].unique())
     margin, unit = MARGINS["cosine"], "cosine"
-    claims = (("ULS keeps the final hidden state closer to the full model's than {other}", "cos_final", "uniform"),
-              ("EE keeps the layerwise (KV) states closer to the full model's than {other}", "cos_layerwise", "early-exit"))
+    state = ("after the final norm" if final == "cos_final_normed"
+             else "raw: this file has no post-norm state; rerun `skipbench cosine`")
+    teacher_note = "" if teacher == "reference" else f"; {TEACHER_NOTE}"
     out = []
-    for text, measure, winner in claims:
-        for other in ("early-exit", "uniform", "random"):
-            if other == winner or not {winner, other} <= have:
-                continue
-            name = {"early-exit": "EE", "uniform": "ULS", "random": "RLS"}[other]
-            claim = text.format(other=name)
-            parts = []
-            for c in costs:
-                mean, lo, hi, n = _paired(per_item, measure, winner, other, c)
-                v = directional(claim, mean, lo, hi, margin, unit)
-                parts.append(Verdict(claim, v.outcome, mean, lo, hi, margin, unit,
-                                     f"at {c} of {num_layers} layers, {n} items: {v.reason}"))
-            out.append(combine(claim, parts))
+
+    def at_each(claim, measure, a, b, rule, costs):
+        parts = []
+        for c in costs:
+            mean, lo, hi, n = _paired(per_item, measure, a, b, [c])
+            v = rule(claim, mean, lo, hi, margin, unit)
+            parts.append(Verdict(claim, v.outcome, mean, lo, hi, margin, unit,
+                                 f"at {c} of {num_layers} layers, {n} items: {v.reason}"))
+        return combine(claim, parts)
+
+    for other in ("early-exit", "random"):
+        if {"uniform", other} <= have:
+            claim = f"ULS keeps the final hidden state ({state}) closer to the full model's than {NAMES[other]}"
+            v = at_each(claim, final, "uniform", other, directional, mids)
+            out.append(replace(v, reason=v.reason + teacher_note))
+    parts = []
+    claim = "EE keeps the layerwise (KV) states closest to the full model's (averaged over every cost)"
+    for other in ("uniform", "random"):
+        if {"early-exit", other} <= have:
+            mean, lo, hi, n = _paired(per_item, "cos_layerwise", "early-exit", other, every)
+            v = directional(claim, mean, lo, hi, margin, unit)
+            parts.append(Verdict(claim, v.outcome, mean, lo, hi, margin, unit,
+                                 f"EE minus {NAMES[other]} over costs {', '.join(map(str, every))}, {n} items: {v.reason}"))
+    if parts:
+        out.append(combine(claim, parts))
+    if {"uniform", "early-exit"} <= have:
+        claim = "at L/2 and 2L/3 ULS matches EE on the layerwise (KV) states"
+        out.append(at_each(claim, "cos_layerwise", "uniform", "early-exit", equivalent, mids))
     return out
 
 
@@ -135,10 +168,35 @@ def controllers(comparison: dict) -> Verdict:
     return Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, unit, f"{v.reason}; {runs}{more}")
 
 
-def flexidepth(usage: pd.DataFrame) -> list[Verdict]:
+# A router is judged on its orderings only once it trained this much (the paper's routers trained to convergence;
+# a router that barely learned routes every subtask alike, and its "disagreement" says nothing about the method)
+MIN_EPOCHS = 2.0  # passes over its training items
+PLATEAU = 0.02  # the mean loss over the last fifth of the steps within 2% of the fifth before it
+
+
+def trained_enough(training: dict | None) -> tuple[bool, str]:
+    """Whether a router's training meets the stated criterion (MIN_EPOCHS and a loss PLATEAU), and why (read off the
+    usage manifest's `router_training`, written from the checkpoint's log)."""
+    if not training or "loss_last_fifth" not in training:
+        return False, "the router's training log is not recorded (or has fewer than 5 steps)"
+    epochs, last, before = training.get("epochs"), training["loss_last_fifth"], training["loss_fifth_before"]
+    change = abs(last - before) / abs(before) if before else float("inf")
+    said = (f"{training['steps']} steps, {epochs:.1f} epochs, loss {training['loss_fifth_before']:.3f} -> {last:.3f} "
+            f"over the last two fifths ({100 * change:.1f}%)" if epochs is not None else f"{training['steps']} steps")
+    if epochs is None or epochs < MIN_EPOCHS:
+        return False, f"{said}: fewer than {MIN_EPOCHS:g} epochs"
+    if change > PLATEAU:
+        return False, f"{said}: the loss has not levelled off (more than {100 * PLATEAU:g}%)"
+    return True, said
+
+
+def flexidepth(usage: pd.DataFrame, training: dict | None = None) -> list[Verdict]:
     """FlexiDepth's layer usage per subtask: copy < summarize < continue and repeat < sum < product. Items are
-    the unit (a response's tokens are not independent): per-item mean layers, Welch intervals between subtasks."""
+    the unit (a response's tokens are not independent): per-item mean layers, Welch intervals between subtasks.
+    A router that does not meet the training criterion (`trained_enough`) gives inconclusive verdicts whatever its
+    intervals say: its orderings are printed, not judged."""
     per_item = usage.groupby(["subtask", "item_id"])["layers_used"].mean().reset_index()
+    enough, why = trained_enough(training)
     out = []
     for order in FLEXI_ORDERS:
         claim = " < ".join(order) + " (layers used per token)"
@@ -152,7 +210,43 @@ def flexidepth(usage: pd.DataFrame) -> list[Verdict]:
                                           per_item.loc[per_item["subtask"] == a, "layers_used"])
             v = directional(claim, diff, lo, hi, MARGINS["layers"], "layers")
             parts.append(Verdict(claim, v.outcome, diff, lo, hi, v.margin, v.unit, f"{b} minus {a}: {v.reason}"))
-        out.append(combine(claim, parts))
+        v = combine(claim, parts)
+        if not enough:  # the intervals stay visible; the outcome waits for a router that learned
+            v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, v.margin, v.unit,
+                        f"the router does not meet the training criterion ({why}); the data would say "
+                        f"{v.outcome}: {v.reason}", tuple(replace(p, outcome="inconclusive") for p in v.parts))
+        out.append(v)
+    return out
+
+
+# The FlexiDepth talk: FlexiDepth keeps the full model's scores (Retain 106.5% at 4 of 32 layers skipped, 100.7% at 8)
+# on Llama-3-8B-Instruct over these six benchmarks
+TALK_MODEL, TALK_TASKS = "llama-3-8b-instruct", ("mmlu", "hellaswag", "winogrande", "gsm8k", "humaneval", "coqa")
+TALK_FLEXIDEPTH = {4: 106.5, 8: 100.7}
+
+
+def compare(summary: pd.DataFrame, model: dict | None, tasks: list[str]) -> list[Verdict]:
+    """The talk's headline, FlexiDepth keeps the full model's scores with K of 32 layers skipped, as a
+    non-inferiority claim on Retain % (at least 100 - margin, the paired bootstrap interval) at each K the run has
+    of the talk's 4 and 8; on another model or other tasks the value is printed, not judged (inconclusive)."""
+    margin = MARGINS["retain_pct"]
+    name = str((model or {}).get("name", "")).lower()
+    same = (TALK_MODEL in name.replace("meta-llama/meta-", "") and sorted(tasks) == sorted(TALK_TASKS))
+    out = []
+    for r in summary[summary["method"].str.partition(":")[0] == "flexidepth"].itertuples():
+        if r.skip not in TALK_FLEXIDEPTH:
+            continue
+        claim = (f"FlexiDepth keeps the full model's scores with {r.skip} layers skipped (the talk: Retain "
+                 f"{TALK_FLEXIDEPTH[r.skip]}% at {r.skip} of 32)")
+        v = at_least(claim, r.retain_pct, r.retain_lo, r.retain_hi, 100 - margin, "Retain %", margin)
+        realized = f"realized {r.skipped:.2f} skipped {r.skipped_unit}"
+        if not same:
+            v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, margin, v.unit,
+                        f"not comparable: the talk's value is for Llama-3-8B-Instruct on {', '.join(TALK_TASKS)}; "
+                        f"this is {(model or {}).get('name', 'another model')} on {', '.join(tasks)} ({realized})")
+        else:
+            v = Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, v.unit, f"{v.reason} ({realized})")
+        out.append(v)
     return out
 
 

@@ -87,3 +87,26 @@ def test_cosine_cli_end_to_end(tiny_dirs, tmp_path):
     assert (tmp_path / "cos.png").stat().st_size > 10_000
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["hidden_state_convention"].startswith("residual") and "t-interval" in meta["confidence_interval"]
+
+
+def test_the_post_norm_final_cosine_is_hfs_last_hidden_state(tokenizer):
+    """cos_final_normed compares the states the head reads: the final norm of the last state, which is what
+    transformers returns as its last `hidden_states`; with a final norm whose weights are not all one, it differs from
+    the raw cosine."""
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
+    with torch.no_grad():
+        lm.model.model.norm.weight.copy_(torch.rand(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 2)
+    ids, present = left_pad(prompts(tokenizer, 1), 0, "cpu")
+    resp = torch.randint(3, len(tokenizer), (1, 5), generator=torch.Generator().manual_seed(2))
+    engine = Engine(lm.adapter)
+    cache, _ = engine.prefill(ids, present, ids.shape[1] + 5)
+    full = engine.forward(resp, cache.clone(), None, keep_hidden=True)
+    other = engine.forward(resp, cache.clone(), make_policy("layers:0,2,3,5", 6), keep_hidden=True)
+    ours = fidelity.measures(full, other, 6, lm.adapter.final_norm)["cos_final_normed"][0]
+    with torch.no_grad():
+        hf_last = lm.model(torch.cat([ids, resp], 1), output_hidden_states=True).hidden_states[-1][0, ids.shape[1]:]
+    assert torch.allclose(lm.adapter.final_norm(full.hidden[6])[0], hf_last, atol=1e-5)  # HF's last state: post-norm
+    want = torch.nn.functional.cosine_similarity(lm.adapter.final_norm(full.hidden[6])[0],
+                                                 lm.adapter.final_norm(other.hidden[6])[0], dim=-1)
+    raw = fidelity.cosines(full.hidden, other.hidden)[6][0]
+    assert torch.allclose(ours, want, atol=1e-6) and (ours - raw).abs().max() > 1e-3

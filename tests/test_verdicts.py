@@ -19,6 +19,11 @@ def test_rules():
     assert d("c", 0.0, -0.05, 0.05, 0.1, "u").outcome == "disagrees"  # equivalent: no difference that matters
     assert d("c", 0.0, -0.5, 0.5, 0.1, "u").outcome == "inconclusive"  # not significant, not equivalent either
     assert d("c", 0.001, 0.0005, 0.0015, 0.02, "u").outcome == "disagrees"  # significant, but too small to matter
+    # the docstring's rule: above zero by a difference that matters, so a significant effect whose interval reaches
+    # below the margin is not yet agreement
+    assert d("c", 0.05, 0.01, 0.09, 0.02, "u").outcome == "inconclusive"
+    assert d("c", 0.05, 0.02, 0.09, 0.02, "u").outcome == "agrees"
+    assert d("c", -0.1, -0.5, 0.01, 0.02, "u").outcome == "disagrees"  # certainly below the margin
     assert d("c", 0.0, math.nan, math.nan, 0.1, "u").outcome == "inconclusive"
     e = stats.equivalent
     assert e("c", 0.01, -0.02, 0.04, 0.05, "u").outcome == "agrees"
@@ -43,30 +48,57 @@ def test_intervals_match_scipy():
     assert stats.t_interval([2.0, 2.0, 2.0]) == (2.0, 2.0, 2.0)
 
 
-def _cosine_rows(uls_minus_ee: float, noise: float, n: int = 40, seed: int = 0) -> pd.DataFrame:
-    """Per-token cosine rows at costs 5 and 7 of 10 layers: ULS's final cosine = EE's + the given shift."""
+def _cosine_rows(uls_minus_ee: float, noise: float, n: int = 40, seed: int = 0, uls_layerwise: float = 0.6,
+                 normed: bool = True) -> pd.DataFrame:
+    """Per-token cosine rows at costs 5 and 7 of 10 layers: ULS's final cosine (after the norm) = EE's + the given
+    shift; the raw final cosine is the reverse, so a verdict read off the wrong column shows."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         base = rng.uniform(0.3, 0.6)
         for cost in (5, 7):
-            for strategy, final, layerwise in (("early-exit", base, 0.9), ("uniform", base + uls_minus_ee, 0.6),
+            for strategy, final, layerwise in (("early-exit", base, 0.9), ("uniform", base + uls_minus_ee, uls_layerwise),
                                                ("random", base - 0.1, 0.7)):
+                value = final + rng.normal(0, noise)
                 rows.append({"item_id": f"i{i}", "strategy": strategy, "cost": cost, "seed": 0, "token": 0,
-                             "cos_final": final + rng.normal(0, noise), "cos_layerwise": layerwise + rng.normal(0, 0.01)})
+                             "cos_final": value if not normed else 1 - value,
+                             **({"cos_final_normed": value} if normed else {}),
+                             "cos_layerwise": layerwise + rng.normal(0, 0.01)})
     return pd.DataFrame(rows)
+
+
+FINAL = "ULS keeps the final hidden state (after the final norm) closer to the full model's than EE"
+LAYERWISE = "EE keeps the layerwise (KV) states closest to the full model's (averaged over every cost)"
+MATCH = "at L/2 and 2L/3 ULS matches EE on the layerwise (KV) states"
 
 
 @pytest.mark.parametrize("shift, noise, outcome", [(0.3, 0.02, "agrees"), (-0.3, 0.02, "disagrees"),
                                                    (0.0, 0.002, "disagrees"), (0.02, 0.4, "inconclusive")])
 def test_cosine_final_state_claim(shift, noise, outcome):
     found = {v.claim: v for v in verdicts.cosine(_cosine_rows(shift, noise), 10)}
-    v = found["ULS keeps the final hidden state closer to the full model's than EE"]
+    v = found[FINAL]
     assert v.outcome == outcome, verdicts.line(v)
     assert len(v.parts) == 2 and "at 5 of 10 layers" in v.parts[0].reason and "at 7 of 10 layers" in v.parts[1].reason
-    # random skipping is compared too (the old verdict ignored it), and EE's layerwise advantage
-    assert found["EE keeps the layerwise (KV) states closer to the full model's than RLS"].outcome == "agrees"
-    assert "ULS keeps the final hidden state closer to the full model's than RLS" in found
+    assert "the authors teacher-force the labels" in v.reason  # the teacher differs from the paper's: said
+    assert "the authors" not in verdicts.cosine(_cosine_rows(shift, noise), 10, teacher="reference")[0].reason
+    # random skipping is compared too, and EE's layerwise advantage over both, averaged over the costs
+    assert found[LAYERWISE].outcome == "agrees" and len(found[LAYERWISE].parts) == 2
+    assert "over costs 5, 7" in found[LAYERWISE].parts[0].reason
+    assert "ULS keeps the final hidden state (after the final norm) closer to the full model's than RLS" in found
+
+
+def test_cosine_final_state_falls_back_to_the_raw_state_and_says_so():
+    found = verdicts.cosine(_cosine_rows(0.3, 0.02, normed=False), 10)
+    assert "raw: this file has no post-norm state" in found[0].claim and found[0].outcome == "agrees"
+
+
+@pytest.mark.parametrize("uls_layerwise, outcome", [(0.6, "disagrees"), (0.9, "agrees")])
+def test_uls_matching_ee_layerwise_is_an_equivalence_claim(uls_layerwise, outcome):
+    """Sec. 3.1: at L/2 and 2L/3 ULS *matches* EE on the layerwise states; an EE advantage of 0.3 disagrees with
+    that (the old verdict tested EE > ULS there and called it agreement), equal states agree."""
+    found = {v.claim: v for v in verdicts.cosine(_cosine_rows(0.3, 0.02, uls_layerwise=uls_layerwise), 10)}
+    v = found[MATCH]
+    assert v.outcome == outcome and v.margin == verdicts.MARGINS["cosine"] and len(v.parts) == 2
 
 
 def test_mid_costs_scale_the_papers_12_and_16_of_24():
@@ -157,11 +189,25 @@ def _usage(means: dict, spread: float, items: int = 12, seed: int = 0) -> pd.Dat
     ({"copy": 20, "summarize": 20.5, "continue": 21}, 3.0, "inconclusive"),
 ])
 def test_flexidepth_orderings(means, spread, outcome):
-    found = verdicts.flexidepth(_usage(means, spread))
+    trained = {"steps": 600, "epochs": 4.0, "loss_first": 3.0, "loss_last_fifth": 1.00, "loss_fifth_before": 1.01}
+    found = verdicts.flexidepth(_usage(means, spread), trained)
     text = next(v for v in found if v.claim.startswith("copy < summarize"))
     assert text.outcome == outcome, verdicts.line(text)
     arith = next(v for v in found if v.claim.startswith("repeat < sum"))
     assert arith.outcome == "inconclusive" and "not run" in arith.reason
+
+
+@pytest.mark.parametrize("training, why", [
+    (None, "not recorded"),
+    ({"steps": 60, "epochs": 0.9, "loss_first": 3.0, "loss_last_fifth": 1.0, "loss_fifth_before": 1.0}, "fewer than 2 epochs"),
+    ({"steps": 600, "epochs": 5.0, "loss_first": 3.0, "loss_last_fifth": 1.0, "loss_fifth_before": 1.2}, "not levelled off"),
+])
+def test_a_router_that_barely_learned_is_not_judged(training, why):
+    """The orderings of a router that does not meet the training criterion are inconclusive, whatever the data say
+    (a 60-step router gave the old page's 'disagrees'); the reason names the criterion and what the data would say."""
+    found = verdicts.flexidepth(_usage({"copy": 27, "summarize": 24, "continue": 20}, 0.5), training)
+    text = next(v for v in found if v.claim.startswith("copy < summarize"))
+    assert text.outcome == "inconclusive" and why in text.reason and "would say disagrees" in text.reason
 
 
 def test_line_prints_interval_margin_and_reason():

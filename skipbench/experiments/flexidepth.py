@@ -26,7 +26,7 @@ from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, 
 from skipbench.results import (
     Written, check_out_dir, check_out_path, check_writable, manifest, tidy, write_tables, write_text_atomic,
 )
-from skipbench.training import TrainConfig, TrainResult, check_held_out, train
+from skipbench.training import TrainConfig, TrainResult, check_held_out, train, training_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +99,8 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
     agg = (df.groupby("subtask")["layers_used"].agg(tokens="count", mean="mean", var="var").reset_index()
            .sort_values("mean"))
     meta_out = manifest(cfg, lm=lm, routed_layers=flexi.routed, num_layers=lm.num_layers,
-                        layers_convention=LAYERS_CONVENTION, router_config=meta)
+                        layers_convention=LAYERS_CONVENTION, router_config=meta,
+                        router_training=training_summary(cfg.router))
     paths = write_tables(df, out, meta_out, agg=agg)
     return Written(rows=df, path=paths.pop("rows"), tables={"agg": agg}, files=paths)
 
