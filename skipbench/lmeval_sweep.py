@@ -18,20 +18,22 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 
 from skipbench import distributed, readers
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.evaluation import expand, nominal_cost, part_key
 from skipbench.models import load_model
 from skipbench.policies import PolicySpec
 from skipbench.readers import reusable
-from skipbench.stats import proportion_interval
-from skipbench.results import (Written, atomic_path, check_out_path, config_dict, manifest, manifest_path, tidy,
-                               write_atomic)
+from skipbench.stats import group_weighting, paired_test, proportion_interval, stratified_means
+from skipbench.results import (Written, atomic_path, check_out_path, companion, config_dict, manifest, manifest_path,
+                               run_id, tidy, write_tables)
 
 INSTALL = "lm-eval is not installed: pip install 'skipbench[lmeval]' (make setup installs it)"
-SHIPPED_PREFIX = "skipbench"  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
+SHIPPED_PREFIX = "skipbench"
+PARTS_VERSION = 2  # 2: each part keeps its per-document scores (the `docs` table) for paired intervals  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +125,37 @@ def resolve_tasks(requested: tuple[str, ...], tasks_dir: Path) -> Tasks:
     return Tasks(tuple(dict.fromkeys(names)), any(n not in files for n in names), digests)
 
 
+# What the shipped tasks score (tasks/*.yaml, `test_split: test`): the test split of a suite, or of one of its
+# subtasks; the choice task's paragraphs are no suite's items. tests/test_lmeval.py checks this against the YAMLs.
+SHIPPED_SUITES = {"skipbench_arith": ("arith", None), "skipbench_choice": None,
+                  **{f"skipbench_text_{s}": ("text", s) for s in ("copy", "summarize", "continue", "qa")}}
+SHIPPED_TAGS = {"skipbench": tuple(SHIPPED_SUITES), "skipbench_text": tuple(n for n in SHIPPED_SUITES if "_text_" in n)}
+
+
+def check_held_out(pts: list[PolicySpec], names: tuple[str, ...]) -> None:
+    """A learned policy is scored on documents it was not trained on, as `evaluate` holds it: a shipped task's test
+    items must not be among its checkpoint's training items (refused); a task skipbench did not ship cannot be
+    checked (a note)."""
+    from skipbench.data import DataSpec, load_items
+    from skipbench.training import check_held_out as refuse_seen
+
+    learned = [p for p in pts if p.strategy.kind == "learned" and p.strategy.needs_checkpoint]
+    if not learned:
+        return
+    leaves = [leaf for n in names for leaf in SHIPPED_TAGS.get(n, (n,))]
+    for leaf in dict.fromkeys(leaves):
+        if leaf not in SHIPPED_SUITES:
+            note(f"task '{leaf}' is not shipped with skipbench: whether its documents were among the training items of "
+                 f"{', '.join(p.label for p in learned)} cannot be checked")
+            continue
+        if SHIPPED_SUITES[leaf] is None:
+            continue
+        suite, subtask = SHIPPED_SUITES[leaf]
+        items = [it for it in load_items(DataSpec(name=suite, split="test")) if subtask in (None, it.subtask)]
+        for p in learned:
+            refuse_seen(items, p.value)
+
+
 def task_manager(tasks: Tasks, tasks_dir: Path):
     from lm_eval.tasks import TaskManager
 
@@ -155,7 +188,7 @@ def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, task_files: str) -> P
     ident = replace(cfg, tasks=(task,), policies=(p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
     fields.pop("allow_code_execution")  # a permission, not a setting: it changes no row (and keeps earlier keys)
-    key = part_key({**fields, "task_files": task_files, "lm_eval": lm_eval_version}, cfg.model, p)
+    key = part_key({**fields, "task_files": task_files, "lm_eval": lm_eval_version, "parts": PARTS_VERSION}, cfg.model, p)
     return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(Path(task).stem + '-' + p.label)[:80]}-{key}.parquet"
 
 
@@ -172,9 +205,10 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     if cfg.chat_template and not getattr(lm.tokenizer, "chat_template", None):
         raise SkipbenchError(f"--chat-template: model '{cfg.model}' has no chat template")
     pts = expand(cfg.policies, lm.num_layers)
+    check_held_out(pts, tasks.names)
     jobs = [(t, p, part_path(cfg, t, p, tasks.digests.get(t, ""))) for t in tasks.names for p in pts]
     # rank 0 decides what is left (the ranks run lm-eval's collectives together, so they must agree)
-    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]))])[0]
+    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]) and reusable(companion(j[2], "docs")))])[0]
     for name in dict.fromkeys(jobs[i][0] for i in todo):
         check_loads(name, tm)
     model, built = None, None
@@ -188,54 +222,62 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
                                        prompt_depth=cfg.prompt_depth, batch_size=cfg.batch_size,
                                        max_length=cfg.max_length, seed=cfg.seed)
             built = p
-        rows, raw = evaluate_one(lmeval, model, task, tm, cfg, lm.num_layers)
-        if d.main:  # lm-eval's own results travel in the part's manifest
-            write_atomic(rows, path, {"lm_eval": raw})
+        rows, docs, raw = evaluate_one(lmeval, model, task, tm, cfg, lm.num_layers)
+        if d.main:  # lm-eval's own results travel in the part's manifest; its per-document scores beside it
+            write_tables(rows, path, {"lm_eval": raw}, docs=docs)
         if on_part:
             on_part(task, p)
 
     def write() -> LmEvalResult:
         parts = [readers.table(path, "cached part", "rerun to compute it again", checked=True) for _, _, path in jobs]
         rows = tidy(pd.concat(parts, ignore_index=True), cfg, skip=("out", "resume", "policies", "tasks"), model=cfg.model)
+        docs = pd.concat([readers.table(companion(path, "docs"), "cached part", "rerun to compute it again", checked=True)
+                          for _, _, path in jobs], ignore_index=True)
+        docs.insert(0, "run_id", rows["run_id"].iloc[0] if len(rows) else run_id(cfg))
         jsons = write_results_json(out, pts, jobs)
         meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, tasks=list(tasks.names), ranks=d.world,
                         points=[p.label for p in pts], results_json={k: str(v) for k, v in jsons.items()},
                         layers_convention="per token the policy gated: continuation tokens fed back (and the context "
                                           "with prompt_depth policy); generated tokens fed back for generation tasks "
                                           "(and the prompt with prompt_depth policy)")
-        path = write_atomic(rows, out, meta)
+        summary = with_paired_tests(summarise(rows), docs)
+        path = write_tables(rows, out, meta, docs=docs)["rows"]
         from skipbench.plots import lmeval_figure
 
-        summary = summarise(rows)
         figure = lmeval_figure(summary, lm.num_layers, out.with_suffix(".png"))
         return LmEvalResult(rows=rows, summary=summary, path=path, reused_parts=len(jobs) - len(todo),
-                            results_json=jsons, files={"figure": figure})
+                            results_json=jsons, files={"figure": figure, "docs": companion(out, "docs")},
+                            tables={"docs": docs})
 
     def read() -> LmEvalResult:
-        rows = readers.table(out)
-        return LmEvalResult(rows=rows, summary=summarise(rows), path=out, reused_parts=len(jobs) - len(todo),
-                            results_json={})
+        rows, docs = readers.table(out), readers.table(companion(out, "docs"))
+        return LmEvalResult(rows=rows, summary=with_paired_tests(summarise(rows), docs), path=out,
+                            reused_parts=len(jobs) - len(todo), results_json={}, tables={"docs": docs})
 
     return d.on_main(write, read)
 
 
-def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: int) -> tuple[pd.DataFrame, dict]:
+def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig,
+                 num_layers: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One task under one point through `lm_eval.simple_evaluate`: tidy rows (a row per task and metric; a group
-    adds its subtasks' rows) and lm-eval's results (rank 0; the other ranks get empty ones)."""
+    adds its subtasks' rows), the per-document scores (`doc_scores`) and lm-eval's results without its logged
+    samples (rank 0; the other ranks get empty ones)."""
     import lm_eval
 
     model.usage.clear()
     raw = lm_eval.simple_evaluate(model=model, tasks=[task], limit=cfg.limit, num_fewshot=cfg.num_fewshot,
-                                  task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=False,
+                                  task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=True,
                                   confirm_run_unsafe_code=cfg.allow_code_execution,
                                   bootstrap_iters=1000)  # lm-eval's own seeds: its few-shot examples, as a plain run
     usage = [u for share in distributed.current().all_gather(model.usage) for u in share]
     if raw is None:  # not rank 0
-        return pd.DataFrame(), {}
+        return pd.DataFrame(), pd.DataFrame(), {}
     by_task = lmeval.usage_by_task(usage)
     members = _members(raw.get("group_subtasks", {}))
     asked = top_level(raw)
     p = model.spec
+    policy = getattr(model, "policy", None)  # what holds for all its rows (LaCo: its forced merges)
+    point_record = policy.point_record() if hasattr(policy, "point_record") else {}
     rows = []
     for name, metrics in raw["results"].items():
         subtasks = members.get(name, [name])
@@ -253,13 +295,34 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig, num_layers: in
                          "policy_seed": p.seed, "cost": nominal_cost(p, num_layers),
                          "layers_mean": passes / tokens if tokens else math.nan,
                          "attention_mean": attention / tokens if tokens else math.nan, "gated_tokens": tokens,
-                         "requests": requests})
+                         "requests": requests, **point_record})
     df = pd.DataFrame(rows)
     if p.cost(num_layers) is None and len(df):  # thresholds and learned policies: the measured mean, rounded
         df["cost"] = int(round(df["layers_mean"].mean())) if df["layers_mean"].notna().any() else 0
     raw["skipbench"] = {"policy": p.label, "layers_mean": {t: v[1] / v[0] if v[0] else None for t, v in by_task.items()},
                         "prompt_depth": cfg.prompt_depth, "kv_mode": model.kv_mode}
-    return df, raw
+    docs = doc_scores(raw.pop("samples", {}), members, asked).assign(policy_spec=p.label)
+    return df, docs, raw
+
+
+DOC_COLUMNS = ["task", "of", "filter", "metric", "doc_id", "value"]
+
+
+def doc_scores(samples: dict, members: dict[str, list[str]], asked: set[str]) -> pd.DataFrame:
+    """Per document, lm-eval's numeric score per metric and filter (its logged samples): a row per (task, filter,
+    metric, doc_id); `of` names the result the document counts in (a group asked for, such as MMLU, or the task
+    itself), so paired intervals resample a group's documents within each of its tasks."""
+    owner = {leaf: group for group, leaves in members.items() if group in asked for leaf in leaves}
+    rows = []
+    for name, examples in samples.items():
+        for ex in examples:
+            for metric in ex.get("metrics", []):
+                value = ex.get(metric)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue  # corpus-level metrics log tuples per document (BLEU, perplexity): no paired score
+                rows.append({"task": name, "of": owner.get(name, name), "filter": ex["filter"], "metric": metric,
+                             "doc_id": int(ex["doc_id"]), "value": float(value)})
+    return pd.DataFrame(rows, columns=DOC_COLUMNS)
 
 
 def top_level(raw: dict) -> set[str]:
@@ -310,8 +373,47 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
         out["attention_mean"] = math.nan
     if "top" not in out:  # runs before it existed: every task as asked for
         out["top"] = True
-    return out[["task", "metric", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr", "lo", "hi",
-                "n", "top"]]
+    return out[["task", "metric", "filter", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr",
+                "lo", "hi", "n", "top"]]
+
+
+def strata(docs: pd.DataFrame, task: str, metric: str, filt: str, points: list[str]) -> list[np.ndarray]:
+    """The per-document scores behind one result, paired across points: one array [documents, points] per task it
+    averages (a group: each of its tasks; a task: itself), over the documents every point scored."""
+    d = docs[(docs["metric"] == metric) & (docs["filter"] == filt) & docs["policy_spec"].isin(points)]
+    d = d[(d["of"] == task) & (d["task"] != task)] if ((d["of"] == task) & (d["task"] != task)).any() else d[d["task"] == task]
+    wide = d.pivot_table(index=["task", "doc_id"], columns="policy_spec", values="value", aggfunc="first")
+    wide = wide.reindex(columns=points).dropna()
+    return [g.to_numpy() for _, g in wide.groupby(level="task", sort=True)]
+
+
+RESAMPLES = 2000  # bootstrap replicates of the paired intervals
+
+
+def with_paired_tests(summary: pd.DataFrame, docs: pd.DataFrame) -> pd.DataFrame:
+    """Each point's result beside full depth's on the same documents: the paired difference with a 95% bootstrap
+    interval (documents resampled within each task, `RESAMPLES` replicates) and a paired test's p (McNemar's exact
+    test for 0/1 scores, else Wilcoxon's signed-rank test)."""
+    if summary.empty:
+        return summary
+    full = summary[summary["policy_spec"] == "full"].set_index("task")
+    extra = []
+    for r in summary.itertuples():
+        if r.policy_spec == "full" or r.task not in full.index:
+            extra.append({})
+            continue
+        parts = strata(docs, r.task, r.metric, r.filter, [r.policy_spec, "full"])
+        if not parts:
+            extra.append({})
+            continue
+        weighting = group_weighting([p[:, 1] for p in parts], float(full.loc[r.task, "value"])) if len(parts) > 1 else "size"
+        reps = stratified_means(parts, RESAMPLES, weighting=weighting)
+        stacked = np.concatenate(parts)
+        test, p = paired_test(stacked[:, 0], stacked[:, 1])
+        lo, hi = np.quantile(reps[:, 0] - reps[:, 1], [0.025, 0.975])
+        extra.append({"diff_vs_full": float(r.value - full.loc[r.task, "value"]), "diff_lo": float(lo),
+                      "diff_hi": float(hi), "p_vs_full": p, "paired_test": test, "paired_docs": len(stacked)})
+    return pd.concat([summary.reset_index(drop=True), pd.DataFrame(extra, index=range(len(summary)))], axis=1)
 
 
 BINARY = ("acc", "acc_norm", "exact_match")  # a mean of 0/1 per document

@@ -128,20 +128,27 @@ def section_cosine(folder: Path) -> tuple[list[str], list]:
         agg = _read(companion(path, "agg"))
         meta = _meta(path)
         L = int(meta.get("num_layers", agg["cost"].max()))
-        rows = _read(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise"])
-        here = verdicts.cosine(rows, L)
+        normed = "cos_final_normed" in agg.columns  # files before it have the raw final state only
+        final = "cos_final_normed" if normed else "cos_final"
+        rows = _read(path, columns=["item_id", "strategy", "cost", "seed", "cos_final", "cos_layerwise",
+                                    *(["cos_final_normed"] if normed else [])])
+        teacher = meta.get("config", {}).get("teacher", "full")
+        here = verdicts.cosine(rows, L, teacher)
         found += here
-        shown = ["strategy", *(["point", "layers"] if "layers" in agg.columns else ["cost"]), "items", "cos_final",
-                 "cos_final_lo", "cos_final_hi", "cos_layerwise", "kl_next", "top1_agree"]
+        shown = ["strategy", *(["point", "layers"] if "layers" in agg.columns else ["cost"]), "items", final,
+                 f"{final}_lo", f"{final}_hi", *(["cos_final"] if normed else []), "cos_layerwise", "kl_next", "top1_agree"]
         table = agg.sort_values(["strategy", shown[2]])[shown] if "layers" in agg.columns else agg[shown]
         out += [f"## Hidden-state fidelity: EE vs ULS vs RLS (Glavas et al. Fig. 1a) — `{path.name}`", "",
                 f"![cosine]({path.with_suffix('.png').name})", "",
-                "Paper (OPT-1.3B, Alpaca): ULS keeps the final hidden state closest to the full model and EE the "
-                "farthest, while EE has the best layerwise (KV) similarity — a trade-off.", "",
+                "Paper (OPT-1.3B, Alpaca; Sec. 3.1): ULS keeps the final hidden state closest to the full model and EE "
+                "the farthest, while EE has the best layerwise (KV) similarity, which ULS matches at L/2 and 2L/3.", "",
+                f"The final state here is {'after the final norm (`cos_final_normed`, as the authors compare it; the raw state is `cos_final`)' if normed else 'the raw residual state (this file predates the post-norm state)'}; "
+                f"teacher: {'the references (as the authors)' if teacher == 'reference' else verdicts.TEACHER_NOTE}.", "",
                 f"Ours ({_model(meta)}, {meta.get('hidden_state_convention', '')}; CI: {meta.get('confidence_interval', '')}):",
                 "", _table(table), "",
-                f"Verdicts at the costs nearest L/2 and 2L/3 ({', '.join(map(str, verdicts.mid_costs(agg.loc[agg['strategy'].isin(['early-exit', 'uniform', 'random']), 'cost'], L)))} of {L}; "
-                "paired differences per item):", "", *_verdict_lines(here)]
+                f"Verdicts (paired differences per item; the final-state and matching claims at the costs nearest L/2 "
+                f"and 2L/3, {', '.join(map(str, verdicts.mid_costs(agg.loc[agg['strategy'].isin(['early-exit', 'uniform', 'random']), 'cost'], L)))} of {L}; "
+                "EE's layerwise lead averaged over every cost):", "", *_verdict_lines(here)]
     return out, found
 
 
@@ -177,7 +184,8 @@ def _length_lines(path: Path, meta: dict) -> list[str]:
                else "this oracle file was written by an older skipbench; run `skipbench oracle` again")
         return [f"Label-length test: not run ({why}).", ""]
     lines = ["Label-length test (App. A.5.2; chi-square test of homogeneity of the oracle's choice across label-length "
-             "bins 1–15, 16–30, …, >150):", ""]
+             "bins 1–15, 16–30, …, >150; where over 20% of cells expect fewer than 5 items, an exact conditional p "
+             "given the table's margins instead: Fisher's exact test for 2 × 2, else a permutation p):", ""]
     counts_file = companion(path, "length")
     counts = _read(counts_file) if counts_file.exists() else pd.DataFrame()
     for t in tests:
@@ -186,7 +194,8 @@ def _length_lines(path: Path, meta: dict) -> list[str]:
             lines.append(head + t.get("note", "nothing to test") + ".")
             continue
         note = f" ({t['note']})" if t.get("note") else ""
-        lines.append(head + f"chi2 = {t['statistic']:.2f}, dof = {t['dof']}, p = {t['p_value']:.3g}{note}.")
+        test = t.get("test") or "chi-square"  # files before the exact tests ran chi-square alone
+        lines.append(head + f"{test}, chi2 = {t['statistic']:.2f}, dof = {t['dof']}, p = {t['p_value']:.3g}{note}.")
     lines.append("")
     if not counts.empty:
         for budget, g in counts.groupby("budget", sort=True):
@@ -225,7 +234,7 @@ def section_flexidepth(folder: Path) -> tuple[list[str], list]:
         return [], []
     usage = _read(path, columns=["item_id", "subtask", "layers_used"])
     meta = _meta(path)
-    found = verdicts.flexidepth(usage)
+    found = verdicts.flexidepth(usage, meta.get("router_training"))
     split = meta.get("config", {}).get("data", {}).get("split", "?")
     out = ["## FlexiDepth: layers used per subtask — `flexi-usage.parquet`", "",
            "Paper (Llama-3-8B-Instruct, 32 layers): copy 22.0 < summarisation 28.7 < continuation 30.3; "
@@ -262,51 +271,102 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
 
 def section_lmeval(folder: Path) -> tuple[list[str], list]:
     """`skipbench lm-eval` results: each task's main metric per policy point, with lm-eval's standard error."""
-    from skipbench.lmeval_sweep import summarise
+    from skipbench.lmeval_sweep import RESAMPLES, summarise, with_paired_tests
 
     lines = []
     for path in _main_files(folder, "lmeval-"):
         meta = _meta(path)
         s = summarise(_read(path))
+        docs = companion(path, "docs")
+        paired = docs.exists()  # files before the per-document scores have no paired test
+        if paired:
+            s = with_paired_tests(s, _read(docs))
         figure = path.with_suffix(".png")
         depth = meta.get("config", {}).get("prompt_depth", "full")
+        shown = s.drop(columns=[c for c in ("stderr", "top", "paired_docs") if c in s.columns])
         lines += [f"## lm-evaluation-harness tasks (`{path.name}`)", "",
                   f"Model: {_model(meta)}; context at {depth} depth; `layers_mean` counts the tokens the policy gated; "
-                  "`stderr` is lm-eval's.", "", _table(s), ""]
+                  "[lo, hi]: 95% (Wilson for accuracies, else 1.96 lm-eval's stderr)"
+                  + (f"; against full depth on the same documents: the difference `diff_vs_full` with a paired bootstrap "
+                     f"interval ({RESAMPLES} replicates) and `p_vs_full` from the paired test named (McNemar's exact test "
+                     "for 0/1 scores, else Wilcoxon's signed-rank test)" if paired else
+                     "; this file predates the per-document scores: no paired tests (run `skipbench lm-eval` again)")
+                  + ".", "", _table(shown), ""]
         if figure.exists():
             lines += [f"![{figure.stem}]({figure.name})", ""]
     return lines, []
 
 
 def section_compare(folder: Path) -> tuple[list[str], list]:
-    """`skipbench compare`: every method at K skipped layers, Retain % beside the FlexiDepth talk's (another model)."""
-    from skipbench.experiments.compare import TALK
+    """`skipbench compare`: every method at K skipped layers, Retain % with paired intervals, orderings of methods
+    that realized the same skip, and the talk's claim as a verdict (another model: not comparable)."""
+    from skipbench.experiments.compare import NOISY_CV, TALK
 
-    lines = []
+    lines, found = [], []
     for path in (p for p in _main_files(folder, "compare") if not p.stem.endswith(".lmeval")):
         meta = _meta(path)
-        rows, agg = _read(path), _read(path.with_name(f"{path.stem}-agg.parquet"))
-        s = agg.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in
-                               zip(agg["retain_pct"], agg["retain_lo"], agg["retain_hi"])])
-        tasks = ", ".join(dict.fromkeys(rows["task"]))
+        rows, agg = _read(path), _read(companion(path, "agg"))
+        if "retain_replicates_dropped" not in agg.columns:  # written before paired intervals: no verdict from it
+            lines += [f"## Methods at the same number of skipped layers (`compare`, `{path.name}`)", "",
+                      "This file was written by an older skipbench without paired intervals; run `skipbench compare` "
+                      "again (its lm-eval parts are recomputed once, to keep their per-document scores).", ""]
+            continue
+        pairs = _read(companion(path, "pairs"))
+        tasks = list(dict.fromkeys(rows["task"]))
+        here = verdicts.compare(agg, meta.get("model"), tasks)
+        found += here
+        s = agg[agg["skip"] > 0].copy()
+        s["retain"] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(s["retain_pct"], s["retain_lo"], s["retain_hi"])]
+        shown = ["method", "skip", "retain", "skipped", "skipped_unit", "tasks", "noisy_tasks"]
+        if "retain_own_pct" in s.columns and s["retain_own_pct"].notna().any():
+            s["retain_own"] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" if v == v else "" for v, lo, hi in
+                               zip(s["retain_own_pct"], s["retain_own_lo"], s["retain_own_hi"])]
+            shown.insert(3, "retain_own")
+        per_task = rows.assign(
+            diff=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(rows["diff"], rows["diff_lo"], rows["diff_hi"])],
+            full_cv=rows["full_cv"].round(2), noisy=rows["noisy_ratio"].map({True: "yes", False: ""}))
         lines += [f"## Methods at the same number of skipped layers (`compare`, `{path.name}`)", "",
-                  f"Model: {_model(meta)}; tasks: {tasks}; the context under each policy. Retain % is 100 x the mean "
-                  "over tasks of score / full-depth score, its interval approximate (delta method, the method's and the "
-                  "full model's scores taken as independent). `skipped` is what a token realized (MindSkip: attention "
-                  "sub-layers; its layers all run).", "",
-                  _table(s[["method", "skip", "retain", "skipped", "skipped_unit", "layers_mean", "tasks"]], digits=2), "",
-                  "Per task (95% intervals: Wilson for accuracies, else 1.96 lm-eval stderr):", "",
-                  _table(rows.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(rows["lo"], rows["hi"])])[
-                      ["method", "skip", "task", "metric", "value", "interval", "full_value", "n"]]), ""]
+                  f"Model: {_model(meta)}; tasks: {', '.join(tasks)}; the context under each policy. Retain % is 100 x the "
+                  f"mean over tasks of score / full-depth score; its interval: {meta.get('interval', '?')}. `retain_own` "
+                  "divides by the method's own model at full depth (LayerSkip's fine-tuned model). `skipped` is what a "
+                  "token realized (MindSkip: attention sub-layers; its layers all run). `noisy_tasks` counts ratios "
+                  f"whose full-depth score varies by more than {100 * NOISY_CV:.0f}% across replicates (CV > {NOISY_CV:g}).", "",
+                  _table(s[shown], digits=2), "",
+                  "Per task: the score, the full model's, and their paired difference with its 95% bootstrap interval:", "",
+                  _table(per_task[["method", "skip", "task", "metric", "value", "full_value", "diff", "full_cv", "noisy"]]), ""]
+        lines += _orderings(pairs, meta.get("matched_within", 0.5))
         figure = path.with_suffix(".png")
         if figure.exists():
             lines += [f"![{figure.stem}]({figure.name})", ""]
+        lines += _verdict_lines(here) if here else []
     if lines:
         talk = pd.DataFrame([{"method": m, **{f"skip {k}": v for k, v in by.items()}} for m, by in TALK.items()])
         lines += ["The FlexiDepth talk's Retain % (Llama-3-8B-Instruct, 32 layers; MMLU, HellaSwag, WinoGrande, GSM8K, "
                   "HumanEval, CoQA), as reported there, not measured here; a run above is comparable only on that model "
                   "and those tasks (`skipbench compare --preset paper`):", "", _table(talk, digits=1), ""]
-    return lines, []
+    return lines, found
+
+
+def _orderings(pairs: pd.DataFrame, within: float) -> list[str]:
+    """What the pairs table lets one say: an ordering only for two methods that realized the same skip (both within
+    `within` layers of K) and whose paired difference of Retain % excludes 0; the others are listed as not ordered."""
+    if pairs.empty:
+        return []
+    said, open_ = [], []
+    for r in pairs.itertuples():
+        diff = f"{r.diff_pct:+.1f} [{r.diff_lo:+.1f}, {r.diff_hi:+.1f}] points"
+        if not r.matched:
+            open_.append(f"{r.method_a} vs {r.method_b} at K={r.skip}: not ordered, they realized different skips "
+                         f"({r.skipped_a:.2f} and {r.skipped_b:.2f})")
+        elif r.diff_lo > 0 or r.diff_hi < 0:
+            hi_m, lo_m = (r.method_a, r.method_b) if r.diff_lo > 0 else (r.method_b, r.method_a)
+            said.append(f"at K={r.skip}, {hi_m} retains more than {lo_m}: {r.method_a} minus {r.method_b} {diff}")
+        else:
+            open_.append(f"{r.method_a} vs {r.method_b} at K={r.skip}: not resolved, {diff}")
+    lines = [f"Orderings (paired differences of Retain %, only between methods that realized K within ±{within:g} "
+             "layers):", ""]
+    lines += [f"* {x}" for x in said] or ["* none resolved"]
+    return lines + [""] + [f"* {x}" for x in open_] + [""]
 
 
 def _with_interval(t: pd.DataFrame, stat: str) -> list[str]:

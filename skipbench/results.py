@@ -287,7 +287,7 @@ def tidy(df: pd.DataFrame, cfg: Any, skip: tuple[str, ...] = ("out",), **columns
     return df
 
 
-COMPANIONS = ("agg", "assign", "layers", "length")  # the tables written beside a result (not results themselves)
+COMPANIONS = ("agg", "assign", "layers", "length", "docs", "pairs")  # the tables written beside a result (not results themselves)
 
 
 def companion(out: str | os.PathLike, name: str, suffix: str = ".parquet") -> Path:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from skipbench.cli import app
 from skipbench.errors import SkipbenchError
-from skipbench.experiments.compare import points, retain
+from skipbench.experiments.compare import matched_pairs, points, replicates, retain, with_task_intervals
 from skipbench.models.loading import embedded_gguf
 
 pytest.importorskip("lm_eval")
@@ -24,6 +25,7 @@ def test_points_set_each_method_to_k_skipped_layers():
     assert labels[("mindskip:runs/m", 4)] == "mindskip:runs/m[skip=4]"
     assert labels[("flexidepth:runs/f", 2)] == "flexidepth:runs/f[skip=2]"
     assert labels[("layerskip:runs/ft", 4)] == "layerskip:runs/ft[exit=2]"
+    assert labels[("layerskip:runs/ft", 0)] == "layerskip:runs/ft[exit=6]"  # its own model at full depth
     for methods, skip, said in [(("shortgpt:3",), (2,), "takes no argument"), (("controller:x",), (2,), "cannot be set"),
                                 (("shortgpt",), (6,), "--skip takes"), (("nope",), (2,), "nope"), ((), (2,), "empty"),
                                 (("shortgpt", "block-influence"), (2,), "the same strategy")]:
@@ -36,7 +38,7 @@ def test_a_group_counts_once():
     from skipbench.experiments.compare import per_task
 
     pts = points(("uniform",), (2,), 6)
-    rows = [{"task": t, "metric": "acc", "policy_spec": spec, "cost": 0, "layers_mean": 4.0, "attention_mean": 4.0,
+    rows = [{"task": t, "metric": "acc", "filter": "none", "policy_spec": spec, "cost": 0, "layers_mean": 4.0, "attention_mean": 4.0,
              "value": v, "stderr": 0.01, "lo": 0, "hi": 1, "n": 10, "top": top}
             for spec, scale in (("full", 1.0), ("uniform:4", 0.5))
             for t, v, top in (("group", 0.6 * scale, True), ("sub1", 0.9 * scale, False), ("other", 0.4 * scale, True))]
@@ -57,24 +59,71 @@ def test_what_was_asked_for_in_lm_evals_results():
     assert points(("shortgpt",), (4, 4), 6) == points(("shortgpt",), (4,), 6)  # a K given twice is one
 
 
-def test_retain_by_hand():
-    se, se_full = pd.Series([0.04, 0.03, 0.05, 0.06]), pd.Series([0.05, 0.06, 0.05, 0.06])
-    value, full = pd.Series([0.4, 0.3, 0.5, 0.6]), pd.Series([0.5, 0.6, 0.5, 0.6])
-    table = pd.DataFrame({
-        "method": ["a", "a", "b", "b"], "skip": [4, 4, 4, 4], "task": ["t1", "t2", "t1", "t2"],
-        "value": value, "lo": value - 1.96 * se, "hi": value + 1.96 * se, "full_value": full,
-        "full_lo": full - 1.96 * se_full, "full_hi": full + 1.96 * se_full, "layers_mean": [26.0, 26.0, 30.0, 30.0],
-        "attention_mean": [26.0, 26.0, 25.0, 27.0], "full_layers_mean": [30.0, 30.0, 30.0, 30.0]})
-    table["ratio"] = table["value"] / table["full_value"]
-    s = retain(table).set_index("method")
-    assert s.loc["a", "retain_pct"] == pytest.approx(100 * (0.8 + 0.5) / 2)
-    var = (0.04**2 + 0.8**2 * 0.05**2) / 0.5**2 + (0.03**2 + 0.5**2 * 0.06**2) / 0.6**2  # delta method
-    assert s.loc["a", "retain_hi"] - s.loc["a", "retain_pct"] == pytest.approx(100 * 1.96 * math.sqrt(var) / 2)
-    assert s.loc["a", "skipped"] == 4 and s.loc["a", "skipped_unit"] == "layers"
-    assert s.loc["b", "skipped"] == 4 and s.loc["b", "skipped_unit"] == "attention" and s.loc["b", "layers_skipped"] == 0
-    zero = table.assign(full_value=[0.0, 0.6, 0.0, 0.6])  # a task the full model scores 0 on has no ratio
-    z = retain(zero).set_index("method")
+def _planted(full_scores: dict, method_scores: dict, layers: dict | None = None):
+    """A per-task table and per-document scores for methods a, b at K=4 of 30 layers: each task's documents under
+    full depth and under each method, as compare reads them from lm-eval."""
+    docs, rows = [], []
+    for task, f in full_scores.items():
+        docs += [{"task": task, "of": task, "filter": "none", "metric": "acc", "doc_id": i, "value": v,
+                  "policy_spec": "full"} for i, v in enumerate(f)]
+        for m, by_task in method_scores.items():
+            x = by_task[task]
+            docs += [{"task": task, "of": task, "filter": "none", "metric": "acc", "doc_id": i, "value": v,
+                      "policy_spec": f"{m}:26"} for i, v in enumerate(x)]
+            rows.append({"method": m, "skip": 4, "policy_spec": f"{m}:26", "task": task, "metric": "acc",
+                         "filter": "none", "value": float(np.mean(x)), "full_value": float(np.mean(f)),
+                         "ratio": float(np.mean(x) / np.mean(f)) if np.mean(f) else np.nan, "own_value": np.nan, "own_ratio": np.nan,
+                         "layers_mean": (layers or {}).get(m, 26.0), "attention_mean": (layers or {}).get(m, 26.0),
+                         "full_layers_mean": 30.0})
+    table = pd.DataFrame(rows)
+    reps = replicates(table, pd.DataFrame(docs))
+    return with_task_intervals(table, reps), reps
+
+
+def test_retain_interval_is_paired_over_documents():
+    """Planted: method a scores exactly half of full depth on every document, so every bootstrap replicate has the
+    ratio 1/2 and the paired interval is the point 50%, while treating the two scores as independent (the old delta
+    method) gave a wide one. Method b loses one of a 13-item task's 5 right answers (CV of its full score 0.4): its
+    ratio can only be <= 1, so its interval ends at or below 100%, and the noisy denominator is flagged."""
+    rng = np.random.default_rng(0)
+    cont = rng.uniform(0.2, 0.9, 40)
+    small = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0], float)
+    lost = small.copy()
+    lost[0] = 0
+    table, reps = _planted({"t1": cont, "t2": small}, {"a": {"t1": cont / 2, "t2": small / 2},
+                                                        "b": {"t1": cont, "t2": lost}})
+    s = retain(table, reps).set_index("method")
+    assert s.loc["a", "retain_pct"] == pytest.approx(50) and s.loc["a", "retain_lo"] == pytest.approx(50)
+    assert s.loc["a", "retain_hi"] == pytest.approx(50)
+    assert s.loc["b", "retain_pct"] == pytest.approx(100 * (1 + 4 / 5) / 2)
+    assert s.loc["b", "retain_hi"] <= 100 + 1e-9 < s.loc["b", "retain_pct"] + 1.96 * 100 * 0.5 * 0.2  # narrower
+    noisy = table.set_index(["method", "task"])
+    assert noisy.loc[("b", "t2"), "noisy_ratio"] and noisy.loc[("b", "t2"), "full_cv"] > 0.2
+    assert not noisy.loc[("b", "t1"), "noisy_ratio"] and s.loc["b", "noisy_tasks"] == 1
+    # the paired difference per task: b loses exactly one right answer of 13 on t2, never more
+    assert noisy.loc[("b", "t2"), "diff"] == pytest.approx(-1 / 13)
+    assert noisy.loc[("b", "t2"), "diff_hi"] <= 0 and noisy.loc[("b", "t2"), "diff_lo"] < -1 / 13
+    zero = _planted({"t1": cont, "t2": np.zeros(13)}, {"a": {"t1": cont / 2, "t2": np.zeros(13)}})
+    z = retain(*zero).set_index("method")  # a task the full model scores 0 on has no ratio
     assert z.loc["a", "tasks"] == 1 and z.loc["a", "retain_pct"] == pytest.approx(50)
+
+
+def test_only_methods_that_realized_the_same_skip_are_ordered():
+    cont = np.random.default_rng(1).uniform(0.2, 0.9, 60)
+    table, reps = _planted({"t1": cont}, {"a": {"t1": cont * 0.9}, "b": {"t1": cont * 0.5}, "c": {"t1": cont * 0.95}},
+                           layers={"a": 26.0, "b": 26.0, "c": 25.0})
+    s = retain(table, reps)
+    pairs = matched_pairs(table, s, reps).set_index(["method_a", "method_b"])
+    assert pairs.loc[("a", "b"), "matched"] and pairs.loc[("a", "b"), "diff_lo"] > 0  # a above b, resolved
+    assert pairs.loc[("a", "b"), "diff_pct"] == pytest.approx(40)
+    assert not pairs.loc[("a", "c"), "matched"]  # c realized 5 skipped layers, not 4: not ordered
+
+
+def test_layerskip_gets_its_own_baseline_point():
+    pts = points(("layerskip:runs/ft", "shortgpt"), (2,), 6)
+    assert [(p.method, p.skip, p.spec.label) for p in pts] == [
+        ("layerskip:runs/ft", 0, "layerskip:runs/ft[exit=6]"), ("layerskip:runs/ft", 2, "layerskip:runs/ft[exit=4]"),
+        ("shortgpt", 2, "block-influence:4")]
 
 
 def _recomputed(rows: pd.DataFrame, runs: pd.DataFrame) -> dict:
@@ -115,12 +164,20 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
                               "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
                               "--out", str(out)])
     assert res.exit_code == 0, res.output
-    rows = pd.read_parquet(out).set_index("method")
+    all_rows = pd.read_parquet(out)
+    rows = all_rows[all_rows["skip"] == 2].set_index("method")
     assert rows.loc["layerskip:" + model, "value"] == rows.loc["early-exit", "value"]
     assert rows.loc["layerskip:" + model, "layers_mean"] == 4
+    # its own baseline (K=0) is its model at full depth, here the loaded model: Retain against it is Retain
+    own = all_rows[all_rows["skip"] == 0].set_index("method").loc["layerskip:" + model]
+    assert own["value"] == own["full_value"] and rows.loc["layerskip:" + model, "own_value"] == own["value"]
     assert rows.loc[f"mindskip:{mind}", "layers_mean"] == 6 and rows.loc[f"mindskip:{mind}", "attention_mean"] < 6
-    agg = pd.read_parquet(tmp_path / "c-agg.parquet").set_index("method")
-    assert agg.loc[f"mindskip:{mind}", "skipped_unit"] == "attention"
+    agg = pd.read_parquet(tmp_path / "c-agg.parquet").set_index(["method", "skip"])
+    assert agg.loc[(f"mindskip:{mind}", 2), "skipped_unit"] == "attention"
+    ls = agg.loc[("layerskip:" + model, 2)]
+    assert ls["retain_own_pct"] == pytest.approx(ls["retain_pct"]) and ls["retain_own_lo"] == pytest.approx(ls["retain_lo"])
+    pairs = pd.read_parquet(tmp_path / "c-pairs.parquet")
+    assert len(pairs) == 3 and not pairs[pairs["method_a"] == f"mindskip:{mind}"]["matched"].any()  # attention
 
     res = runner.invoke(app, ["compare", "--model", model, "--tasks", "humaneval", "--no-chat-template",
                               "--out", str(tmp_path / "h.parquet")])

@@ -246,9 +246,31 @@ def test_lm_eval_command_end_to_end_and_resumes(tiny_dirs, tmp_path):
         assert set(raw["results"]) == {"skipbench_choice", "skipbench_text_qa"}
         assert raw["results"]["skipbench_choice"]["acc,none"] == choice.loc[label.replace("_", ":"), "value"]
     assert (tmp_path / "lm.png").stat().st_size > 0
+    # the per-document scores: their means are lm-eval's results, and the paired tests read them
+    docs = pd.read_parquet(tmp_path / "lm-docs.parquet")
+    means = docs.groupby(["task", "metric", "filter", "policy_spec"])["value"].mean()
+    for r in rows[rows["filter"] == "none"].itertuples():
+        if (r.task, r.metric, r.filter, r.policy_spec) in means.index:
+            assert means[(r.task, r.metric, r.filter, r.policy_spec)] == pytest.approx(r.value)
+    from scipy.stats import binomtest
+
+    from skipbench.lmeval_sweep import summarise, with_paired_tests
+
+    s = with_paired_tests(summarise(rows), docs).set_index(["task", "policy_spec"])
+    acc = docs[(docs["task"] == "skipbench_choice") & (docs["metric"] == "acc")].pivot(
+        index="doc_id", columns="policy_spec", values="value")
+    only_full = int(((acc["full"] == 1) & (acc["uniform:3"] == 0)).sum())
+    only_uniform = int(((acc["full"] == 0) & (acc["uniform:3"] == 1)).sum())
+    mcnemar = 1.0 if only_full + only_uniform == 0 else binomtest(only_full, only_full + only_uniform).pvalue
+    got = s.loc[("skipbench_choice", "uniform:3")]
+    assert got["paired_test"] == "McNemar exact" and got["p_vs_full"] == pytest.approx(min(1.0, mcnemar))
+    assert got["diff_vs_full"] == pytest.approx(acc["uniform:3"].mean() - acc["full"].mean())
+    assert got["diff_lo"] <= got["diff_vs_full"] <= got["diff_hi"] and got["paired_docs"] == 4
     (tmp_path / "lm.parquet").rename(tmp_path / "lmeval-lm.parquet")  # the report reads lmeval-*.parquet
     (tmp_path / "lm.json").rename(tmp_path / "lmeval-lm.json")
     (tmp_path / "lm.png").rename(tmp_path / "lmeval-lm.png")
+    for name in ("lm-docs.parquet", "lm-docs.json"):
+        (tmp_path / name).rename(tmp_path / name.replace("lm-", "lmeval-lm-"))
     assert CliRunner().invoke(app, ["report", "--results", str(tmp_path)]).exit_code == 0
     page = (tmp_path / "REPORT.md").read_text()
     assert "## lm-evaluation-harness tasks (`lmeval-lm.parquet`)" in page and "![lmeval-lm](lmeval-lm.png)" in page
@@ -428,3 +450,40 @@ def test_attention_passes_under_routed_attention(tokenizer, tmp_path):
     ran = sum(map(len, gen.layers[0])) + gen.prompt_passes[0]
     skipped = sum(gen.attention_skips[0]) + gen.prompt_passes[0] - gen.prompt_attention_passes[0]
     assert (model.usage[-1].layer_passes, model.usage[-1].attention_passes) == (ran, ran - skipped) and skipped > 0
+
+
+def test_a_router_trained_on_the_scored_items_is_refused(tiny_dirs, tmp_path):
+    """A FlexiDepth router trained on every item of the text suite (--split all) is scored by `evaluate` only on
+    held-out items; lm-eval's shipped text tasks score the suite's test split, so they refuse it too (compare runs
+    through the same sweep), while a task on other documents (choice) accepts it."""
+    runner = CliRunner()
+    model, router = str(tiny_dirs["llama"]), tmp_path / "flexi"
+    res = runner.invoke(app, ["flexidepth", "train", "--model", model, "--dataset", "text", "--split", "all", "--limit",
+                              "0", "--steps", "1", "--max-new-tokens", "4", "--out", str(router)])
+    assert res.exit_code == 0, res.output
+    for tasks in ("skipbench_text", "skipbench_text_qa"):
+        res = runner.invoke(app, ["lm-eval", "--model", model, "--tasks", tasks, "--policy", f"flexidepth:{router}",
+                                  "--limit", "2", "--out", str(tmp_path / "x.parquet")])
+        assert res.exit_code == 1 and "were used to train" in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "x.parquet").exists()
+    res = runner.invoke(app, ["lm-eval", "--model", model, "--tasks", "skipbench_choice", "--policy",
+                              f"flexidepth:{router}", "--limit", "2", "--out", str(tmp_path / "x.parquet")])
+    assert res.exit_code == 0, res.output
+
+
+def test_the_shipped_tasks_map_to_their_suites():
+    """lmeval_sweep's map of what each shipped task scores agrees with the task YAMLs."""
+    import yaml
+
+    from skipbench.lmeval import TASKS_DIR
+    from skipbench.lmeval_sweep import SHIPPED_SUITES, SHIPPED_TAGS
+
+    names, tags = set(), {}
+    for path in TASKS_DIR.glob("*.yaml"):
+        text = "\n".join(line for line in path.read_text().splitlines() if "!function" not in line)
+        doc = yaml.safe_load(text)
+        names.add(doc["task"])
+        assert doc["test_split"] == "test"
+        for tag in [doc["tag"]] if isinstance(doc["tag"], str) else doc["tag"]:
+            tags.setdefault(tag, set()).add(doc["task"])
+    assert names == set(SHIPPED_SUITES) and {t: set(v) for t, v in SHIPPED_TAGS.items()} == tags

@@ -7,7 +7,8 @@ over the full model's. Here a method is a strategy set to skip K of the model's 
 * a strategy whose argument is a cost (`shortgpt` = block-influence, `laco`, `angular`, `uniform`, `early-exit`,
   ...): `NAME:L-K`;
 * a learned router with a threshold (`flexidepth:DIR`, `mindskip:DIR`): `-o skip=K`, the threshold chosen on
-  calibration prompts (the embedded `text` suite's train split: lm-eval tasks carry no skipbench dataset) so that a
+  held-out calibration prompts (the validation splits of the embedded `text` and `arith` suites, 64 items: lm-eval
+  tasks carry no skipbench dataset, and the routers trained on the train splits) so that a
   token skips about K layers (MindSkip: K attention sub-layers) there, as the talk tunes dynamic methods to the
   skipped layers;
 * `layerskip:DIR`: early exit after L-K layers of the model the LayerSkip recipe fine-tuned (`-o exit=L-K`).
@@ -89,7 +90,8 @@ class Point:
 
 def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0) -> list[Point]:
     """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
-    that name the same strategy (an alias and its name) are refused."""
+    that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
+    set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline."""
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
     skip = tuple(dict.fromkeys(skip))  # a K given twice is one
@@ -100,7 +102,8 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
     for method in dict.fromkeys(methods):
         name, _, arg = method.partition(":")
         strategy = STRATEGIES.get(ALIASES.get(name, name))
-        for k in skip:
+        own_baseline = strategy.own_model and bool(strategy.skip_option)
+        for k in ((0,) if own_baseline else ()) + skip:
             if strategy.arg == "cost":
                 if arg:
                     raise SkipbenchError(f"compare: method '{method}' takes no argument (compare sets it to L-K)")
@@ -136,63 +139,165 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
                         out=str(runs), resume=cfg.resume, allow_code_execution=cfg.allow_code_execution)
     result = lmeval_run(lcfg, on_part, lm=lm)
     table = per_task(summarise(result.rows), pts)
-    summary = retain(table)
+    reps = replicates(table, result.tables["docs"], RESAMPLES, cfg.seed)
+    table = with_task_intervals(table, reps)
+    summary = retain(table, reps)
+    pairs = matched_pairs(table, summary, reps)
     rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks"), model=cfg.model)
     from skipbench.plots import compare_figure
 
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, points={p.spec.label: [p.method, p.skip] for p in pts},
-                    lmeval_runs=str(runs), talk=TALK)
-    paths = write_tables(rows, out, meta, agg=summary)
-    figure = compare_figure(summary, lm.num_layers, out.with_suffix(".png"))
-    return CompareResult(rows=rows, path=paths["rows"], tables={"agg": summary}, files={"agg": paths["agg"], "figure": figure},
-                         summary=summary, runs=runs)
+                    lmeval_runs=str(runs), talk=TALK, interval=INTERVAL, matched_within=MATCHED_WITHIN)
+    paths = write_tables(rows, out, meta, agg=summary, pairs=pairs)
+    figure = compare_figure(summary[summary["skip"] > 0], lm.num_layers, out.with_suffix(".png"))
+    return CompareResult(rows=rows, path=paths["rows"], tables={"agg": summary, "pairs": pairs},
+                         files={"agg": paths["agg"], "pairs": paths["pairs"], "figure": figure}, summary=summary, runs=runs)
+
+
+RESAMPLES = 2000
+INTERVAL = (f"95% percentile interval of a paired bootstrap over documents ({RESAMPLES} replicates): each replicate "
+            "resamples every task's documents (a group's within each of its tasks), the same documents for every "
+            "method and full depth, and recomputes each task's scores, ratios and Retain %")
+NOISY_CV = 0.2  # a ratio whose denominator (the full model's score) varies this much across replicates is flagged
+MATCHED_WITHIN = 0.5  # two methods realize the same skip when both lie within this many layers of K, in layers
 
 
 def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
     """lm-eval's main metric per task and point, beside the full model's: a row per method, K and task. Only the
-    tasks asked for count (a group such as MMLU by its own aggregate, not once per subtask)."""
+    tasks asked for count (a group such as MMLU by its own aggregate, not once per subtask). A method with a
+    baseline of its own (K=0: LayerSkip's fine-tuned model at full depth) carries it as `own_value`."""
     summary = summary[summary["top"].astype(bool)]
     full = summary[summary["policy_spec"] == "full"].set_index("task")
     by_label = {p.spec.label: p for p in pts}
+    own = {(by_label[r.policy_spec].method, r.task): r.value for r in summary.itertuples()
+           if r.policy_spec in by_label and by_label[r.policy_spec].skip == 0}
     rows = []
     for r in summary[summary["policy_spec"] != "full"].itertuples():
         p, f = by_label[r.policy_spec], full.loc[r.task]
+        own_value = own.get((p.method, r.task), math.nan)
         rows.append({"method": p.method, "skip": p.skip, "policy_spec": r.policy_spec, "task": r.task,
-                     "metric": r.metric, "value": r.value, "stderr": r.stderr, "lo": r.lo, "hi": r.hi, "n": r.n,
-                     "full_value": f["value"], "full_lo": f["lo"], "full_hi": f["hi"],
+                     "metric": r.metric, "filter": r.filter, "value": r.value, "stderr": r.stderr, "lo": r.lo,
+                     "hi": r.hi, "n": r.n, "full_value": f["value"], "full_lo": f["lo"], "full_hi": f["hi"],
                      "ratio": r.value / f["value"] if f["value"] else math.nan,
+                     "own_value": own_value, "own_ratio": r.value / own_value if own_value else math.nan,
                      "layers_mean": r.layers_mean, "attention_mean": r.attention_mean,
                      "full_layers_mean": f["layers_mean"]})
     return pd.DataFrame(rows)
 
 
-def retain(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method and K: Retain % = 100 x the mean over tasks of score / full score, with an approximate 95%
-    interval (delta method, tasks independent: var(x / f) ~ (se_x^2 + r^2 se_f^2) / f^2, each se the half-width of
-    the score's own 95% interval over 1.96, so Wilson's for accuracies; the method's and the full model's scores are
-    treated as independent, which they are not (the same documents), so it is wider than a paired interval would
-    be; a ratio cannot be negative, so the interval starts at 0 at the lowest; a score whose own interval has no
-    width, a ROUGE-L of 0 on every item, adds no variance); a task the full model scores 0 on has no ratio and is
-    left out (`tasks` counts the ones in).
-    And what a token ran, averaged over tasks: layers, attention sub-layers, and the skip they realize against the
-    full model's (MindSkip skips attention only: its layers stay at full depth)."""
+@dataclass(frozen=True)
+class Replicates:
+    """Per task: the bootstrap replicates of every point's mean score, paired ([resamples, points]), and each
+    point's column."""
+
+    by_task: dict[str, np.ndarray]
+    column: dict[str, int]  # policy_spec -> column ("full" included)
+
+
+def replicates(table: pd.DataFrame, docs: pd.DataFrame, resamples: int = RESAMPLES, seed: int = 0) -> Replicates:
+    """The paired bootstrap behind every interval of compare: per task, its documents resampled (a group's within
+    each of its tasks, weighted as lm-eval averaged them), one draw for every point, so that differences and ratios
+    between points are paired."""
+    from skipbench.lmeval_sweep import strata
+    from skipbench.stats import group_weighting, stratified_means
+
+    specs = ["full", *dict.fromkeys(table["policy_spec"])]
+    by_task = {}
+    for k, (task, g) in enumerate(table.groupby("task", sort=True)):
+        parts = strata(docs, task, g["metric"].iloc[0], g["filter"].iloc[0], specs)
+        if not parts:
+            raise SkipbenchError(f"compare: no per-document scores of task '{task}' under every point (lm-eval logged "
+                                 "none for its metric); its Retain % has no paired interval")
+        weighting = group_weighting([p[:, 0] for p in parts], float(g["full_value"].iloc[0])) if len(parts) > 1 else "size"
+        by_task[task] = stratified_means(parts, resamples, seed=seed * 1000 + k, weighting=weighting)
+    return Replicates(by_task, {spec: j for j, spec in enumerate(specs)})
+
+
+def with_task_intervals(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
+    """Per task and point: the paired difference from the full model with its interval, the ratio's interval, and
+    how much the full model's score varies across replicates (its coefficient of variation; a ratio whose
+    denominator varies more than NOISY_CV is flagged `noisy_ratio`)."""
+    extra = []
+    for r in table.itertuples():
+        rep = reps.by_task[r.task]
+        x, f = rep[:, reps.column[r.policy_spec]], rep[:, reps.column["full"]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = x / f
+        ratio = ratio[np.isfinite(ratio)]
+        cv = float(f.std(ddof=1) / r.full_value) if r.full_value else math.nan
+        extra.append({"diff": r.value - r.full_value, "diff_lo": float(np.quantile(x - f, 0.025)),
+                      "diff_hi": float(np.quantile(x - f, 0.975)),
+                      "ratio_lo": float(np.quantile(ratio, 0.025)) if len(ratio) else math.nan,
+                      "ratio_hi": float(np.quantile(ratio, 0.975)) if len(ratio) else math.nan,
+                      "full_cv": cv, "noisy_ratio": bool(cv > NOISY_CV)})
+    return pd.concat([table.reset_index(drop=True), pd.DataFrame(extra, index=range(len(table)))], axis=1)
+
+
+def _retain_replicates(g: pd.DataFrame, reps: Replicates, denominator: str) -> np.ndarray:
+    """Retain % per replicate for one method and K over the tasks in `g` (NaN where a task's denominator is 0)."""
+    ratios = []
+    for r in g.itertuples():
+        rep = reps.by_task[r.task]
+        den = rep[:, reps.column[getattr(r, denominator)]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(np.where(den != 0, rep[:, reps.column[r.policy_spec]] / den, np.nan))
+    return 100 * np.mean(ratios, axis=0)
+
+
+def retain(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
+    """Per method and K: Retain % = 100 x the mean over tasks of score / full score, with the paired bootstrap's 95%
+    interval (INTERVAL; a replicate in which some task's full score is 0 is left out, and counted); a task the full
+    model scores 0 on has no ratio and is left out (`tasks` counts the ones in), and `noisy_tasks` counts the ratios
+    flagged noisy. For a method with a baseline of its own (LayerSkip's fine-tuned model), `retain_own_pct` divides
+    by that baseline instead. And what a token ran, averaged over tasks: layers, attention sub-layers, and the skip
+    they realize against the full model's (MindSkip skips attention only: its layers stay at full depth)."""
     out = []
-    for (method, k), g in table.groupby(["method", "skip"], sort=False):
+    full_specs = table.assign(full_spec="full")
+    for (method, k), g in full_specs.groupby(["method", "skip"], sort=False):
         g = g.assign(attention_mean=g["attention_mean"].fillna(g["layers_mean"]))
         scored = g[g["full_value"] != 0]
-        r = (scored["value"] / scored["full_value"]).to_numpy(float)
-        # each score's standard error from its 95% interval (Wilson for accuracies: not 0 at 0% or 100%)
-        se, se_full = (scored["hi"] - scored["lo"]) / 3.92, (scored["full_hi"] - scored["full_lo"]) / 3.92
-        var = ((se**2 + r**2 * se_full**2) / scored["full_value"] ** 2).to_numpy(float)
-        half = 1.96 * math.sqrt(var.sum()) / len(r) if len(r) and np.isfinite(var).all() else math.nan
-        mean = float(np.mean(r)) if len(r) else math.nan
+        mean = float(scored["ratio"].mean()) if len(scored) else math.nan
+        row = {"method": method, "skip": int(k), "tasks": len(scored), "noisy_tasks": int(scored["noisy_ratio"].sum()),
+               "retain_pct": 100 * mean, **_interval(_retain_replicates(scored, reps, "full_spec"), "retain")}
+        own = scored[scored["own_value"].notna() & (scored["own_value"] != 0)]
+        if len(own) and k > 0:
+            own_spec = next(s for s, c in reps.column.items() if s != "full" and
+                            table[(table["method"] == method) & (table["skip"] == 0)]["policy_spec"].eq(s).any())
+            row |= {"retain_own_pct": 100 * float(own["own_ratio"].mean()),
+                    **_interval(_retain_replicates(own.assign(own_spec=own_spec), reps, "own_spec"), "retain_own")}
         layers = float((g["full_layers_mean"] - g["layers_mean"]).mean())
         attention = float((g["full_layers_mean"] - g["attention_mean"]).mean())
         only_attention = layers < 0.01 < attention  # MindSkip: its realized skip is in attention sub-layers
-        out.append({"method": method, "skip": int(k), "tasks": len(r), "retain_pct": 100 * mean,
-                    "retain_lo": max(0.0, 100 * (mean - half)), "retain_hi": 100 * (mean + half),
-                    "layers_mean": float(g["layers_mean"].mean()), "attention_mean": float(g["attention_mean"].mean()),
-                    "layers_skipped": layers, "attention_skipped": attention,
-                    "skipped": attention if only_attention else layers,
-                    "skipped_unit": "attention" if only_attention else "layers"})
+        out.append(row | {"layers_mean": float(g["layers_mean"].mean()), "attention_mean": float(g["attention_mean"].mean()),
+                          "layers_skipped": layers, "attention_skipped": attention,
+                          "skipped": attention if only_attention else layers,
+                          "skipped_unit": "attention" if only_attention else "layers"})
     return pd.DataFrame(out)
+
+
+def _interval(values: np.ndarray, name: str) -> dict:
+    kept = values[np.isfinite(values)]
+    lo, hi = np.quantile(kept, [0.025, 0.975]) if len(kept) > 1 else (math.nan, math.nan)
+    return {f"{name}_lo": float(lo), f"{name}_hi": float(hi), f"{name}_replicates_dropped": int(len(values) - len(kept))}
+
+
+def matched_pairs(table: pd.DataFrame, summary: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
+    """Every two methods at the same K: the paired difference of their Retain % (first minus second) with its
+    interval, and whether they realized the same skip (both in whole layers, within MATCHED_WITHIN of K): only matched
+    pairs may be ordered, since a method that skipped fewer layers is not better for the same K."""
+    scored = table[table["full_value"] != 0].assign(full_spec="full")
+    at = summary.set_index(["method", "skip"])
+    rows = []
+    for k, g in scored[scored["skip"] > 0].groupby("skip"):
+        methods = list(dict.fromkeys(g["method"]))
+        values = {m: _retain_replicates(g[g["method"] == m], reps, "full_spec") for m in methods}
+        for i, a in enumerate(methods):
+            for b in methods[i + 1 :]:
+                ra, rb = at.loc[(a, k)], at.loc[(b, k)]
+                matched = all(r["skipped_unit"] == "layers" and abs(r["skipped"] - k) <= MATCHED_WITHIN for r in (ra, rb))
+                diff = values[a] - values[b]
+                rows.append({"skip": int(k), "method_a": a, "method_b": b,
+                             "diff_pct": float(ra["retain_pct"] - rb["retain_pct"]), **_interval(diff, "diff"),
+                             "skipped_a": float(ra["skipped"]), "skipped_b": float(rb["skipped"]), "matched": matched})
+    return pd.DataFrame(rows, columns=["skip", "method_a", "method_b", "diff_pct", "diff_lo", "diff_hi",
+                                       "diff_replicates_dropped", "skipped_a", "skipped_b", "matched"])

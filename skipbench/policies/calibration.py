@@ -33,14 +33,20 @@ class Similarities:
     source: str  # the dataset and split they came from
 
 
-def calibration_data(ctx, items: int, max_tokens: int):
-    """The calibration items: the first `items` of the run's dataset's train split (the embedded text suite when the
-    run names none)."""
+def calibration_data(ctx, items: int, max_tokens: int, split: str = "train", default: str = "text"):
+    """The calibration items: the first `items` of the run's dataset's `split` (the embedded `default` suite(s) when
+    the run names none)."""
     from skipbench.data import DataSpec
 
     if items < 1 or max_tokens < 2:
         raise SkipbenchError(f"calibration needs at least 1 item and 2 tokens, got {items} and {max_tokens}")
-    return replace(ctx.data or DataSpec(name="text"), split="train", limit=items)
+    return replace(ctx.data or DataSpec(name=default), split=split, limit=items)
+
+
+# A learned router's threshold (`-o skip=K`) is chosen on held-out items: the validation split, which its training
+# (the train split) never saw, and which `evaluate` then refuses to score (check_held_out); with no dataset (lm-eval,
+# compare), both embedded suites' validation splits (105 items), so that the default 64 can be met.
+THRESHOLD_SPLIT, THRESHOLD_DATA = "validation", "text,arith"
 
 
 def sequences(lm, data, max_tokens: int) -> list[list[int]]:
@@ -108,7 +114,11 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
 
     from skipbench.engine import Engine
 
-    seqs = sequences(ctx.lm, calibration_data(ctx, items, max_tokens), max_tokens)
+    data = calibration_data(ctx, items, max_tokens, THRESHOLD_SPLIT, THRESHOLD_DATA)
+    seqs = sequences(ctx.lm, data, max_tokens)
+    if len(seqs) < items:
+        note(f"threshold calibration: the {data.split} split of '{data.name}' has {len(seqs)} items, fewer than the "
+             f"{items} asked for (-o calibration); all {len(seqs)} are used")
     engine = Engine(ctx.lm.adapter, policy_at(0.5).kv_mode or "fill")
 
     def skipped(threshold: float) -> float:
@@ -136,9 +146,10 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
 
 def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
     """A learned router's threshold as its spec's options set it: `-o tau=T` as given, `-o skip=K` chosen on
-    calibration prompts (the train split of the run's dataset; the embedded `text` suite when the run has none, as
-    under lm-eval and compare) so that a token skips about K (`count`: attention sub-layers or layers) there, of at
-    most `most`; None: the trained one. The evaluated items may realize another mean: runs record theirs."""
+    held-out calibration prompts (the validation split of the run's dataset; both embedded suites' when the run has
+    none, as under lm-eval and compare) so that a token skips about K (`count`: attention sub-layers or layers)
+    there, of at most `most`; None: the trained one. The evaluated items may realize another mean: runs record
+    theirs."""
     tau, skip = spec.opt("tau"), spec.opt("skip")
     if tau and skip:
         raise SkipbenchError(f"{spec.name}: -o tau and -o skip choose the same threshold; give one")

@@ -94,7 +94,7 @@ class Strategy:
     options: tuple[Option, ...] = ()
     needs: tuple[str, ...] = ()  # of NEEDS: what its build context must carry
     own_model: bool = False  # its layers are new weights: its policy runs on a model of its own (Policy.lm)
-    calibrates_with: str = ""  # an option that, when set, makes its build calibrate on the run's train split
+    calibrates_with: str = ""  # an option that, when set, makes its build calibrate on the run's validation split
     #: how `compare` sets it to K skipped layers when its argument is not a cost: (option, "K" or "L-K"), e.g.
     #: ("skip", "K") for a threshold router, ("exit", "L-K") for an early exit on a model of its own
     skip_option: tuple[str, str] = ()
@@ -136,7 +136,8 @@ _THRESHOLD = (
     Option(name="tau", default=0.0, help="the router's threshold (0: the trained one)"),
     Option(name="skip", default=0.0, help="choose the threshold on calibration prompts so that a token skips this "
                                           "many layers (mindskip: attention sub-layers) on average (0: off)"),
-    Option(name="calibration", default=8, help="train-split items that choose the threshold (-o skip)"),
+    Option(name="calibration", default=64, help="validation-split items (held out from training) that choose the "
+                                                "threshold (-o skip)"),
     _CALIBRATION[1],
 )
 
@@ -192,6 +193,13 @@ _BUILTIN = [
                                                                   "cosine similarity to the original model's exceeds this"),
                       Option(name="interval", default=2, help="layers to move down after a kept merge (the paper's I)"),
                       Option(name="lowest", default=1, help="the lowest layer a merge may start at (the paper's L_l)"),
+                      Option(name="rdsc", default="paper", choices=("paper", "code"),
+                             help="paper: theta_l + sum_k (theta_{l+k} - theta_l); code: the authors' notebook, which "
+                                  "merges in place and so gets theta_{l+K}, the run's last layer (norms: layer l's)"),
+                      Option(name="below-threshold", default="force", choices=("force", "stop"),
+                             help="when no merge of a pass passes the threshold: force its most similar one (C layers "
+                                  "always; rows count them, laco_forced_merges) or stop merging (the authors' rule: "
+                                  "more than C layers may remain)"),
                       Option(name="calibration", default=5, help="train-split items whose last hidden states judge a "
                                                                  "merge (the paper used 5 sentences)"),
                       _CALIBRATION[1]),
@@ -360,8 +368,12 @@ class PolicySpec:
         """A strategy tuned on the dataset's train split (its entry needs "data": calibration prompts) is scored on
         other items only, as learned policies are: with --split test or validation."""
         option = self.strategy.calibrates_with
-        tuned = "data" in self.strategy.needs or bool(option and self.opt(option))
-        if tuned and data is not None and data.split in ("all", "train"):
+        if data is None:
+            return
+        if option and self.opt(option) and data.split in ("all", "validation"):
+            raise SkipbenchError(f"policy '{self.label}' chooses its threshold on the validation split of '{data.name}' "
+                                 "(-o " + option + "); score it on other items: --split test")
+        if "data" in self.strategy.needs and data.split in ("all", "train"):
             raise SkipbenchError(f"policy '{self.label}' is calibrated or trained on the train split of '{data.name}'; score it on "
                                  "held-out items: --split test (or validation)")
 
