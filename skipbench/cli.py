@@ -754,7 +754,8 @@ def cosine(
     )
     with Bar("cosine") as bar:
         result = run(cfg, progress=bar.advance, start=bar.start)
-    shown = result.agg[["strategy", "point", "layers", "items", "cos_final", "cos_layerwise", "kl_next", "top1_agree"]]
+    shown = result.agg[["strategy", "point", "layers", "items", "cos_final_normed", "cos_final", "cos_layerwise",
+                        "kl_next", "top1_agree"]]
     _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
     console.print(f"wrote {result.path}, {result.files['agg'].name}, {result.files['figure'].name}")
 
@@ -1324,7 +1325,8 @@ def _print_length_test(lt: dict) -> None:
     if lt["p_value"] is None:
         typer.echo(head + lt.get("note", "nothing to test"))
         return
-    typer.echo(head + f"chi2 = {lt['statistic']:.2f}, dof = {lt['dof']}, p = {lt['p_value']:.3g}"
+    typer.echo(head + f"{lt.get('test') or 'chi-square'}, chi2 = {lt['statistic']:.2f}, dof = {lt['dof']}, "
+               f"p = {lt['p_value']:.3g}"
                + (f" ({lt['note']})" if lt.get("note") else ""))
     counts = pd.DataFrame(lt["counts"]).pivot(index="bin", columns="config", values="count")
     counts = counts.reindex([b for b in dict.fromkeys(c["bin"] for c in lt["counts"])]).reset_index()

@@ -22,6 +22,17 @@ The LayerSkip recipe (Elhoushi et al., 2024, Sec. 4) adds two things:
   sum_i C(t,i) e_i). `early_exit_every` R > 1 is the paper's rotational curriculum: at step t only the layers
   l = t mod R, t mod R + R, ... (and always the last) have an exit, which also bounds the logits held at once.
 
+These weights are the paper's. The authors' training code (the torchtune recipe their README points to:
+pytorch/torchtune PR #1076, commit f8563ddc750c of 2024-12-06; torchtune/modules/early_exit_loss.py
+`sum_l_loss_scale`, recipes/dev/early_exit_finetune_distributed.py; its config's default `0::4`, rotational, `sum_l`,
+e_scale 1) scales otherwise: over the exits enabled at the step, in order, e_k = sum_{j<=k} (l_j + 1), times e_scale
+below the last layer and 1 at it, then normalised. So indices count from 1 (the first exit weighs e_scale, not 0), the
+sum runs over the enabled exits only (under the rotation it leaves the disabled layers out), and the last exit weighs
+the whole sum, L (L + 1) / 2 with every exit on, where the paper has L - 1 + e_scale sum_{i<=L-2} i. Its exit l also
+reads the state entering layer l (torchtune's `output_hidden_states`): its exits 0 .. L - 1 are the embeddings .. the
+output of layer L - 2, and the model's final output gets no loss; here exit l reads the state leaving layer l, the
+last the final output. Its rotation (np.roll of the pattern by one a step) is the same as here where R divides L.
+
 Fine-tuned that way, the model is then run with `early-exit:E` (or drafts with it: `--draft early-exit:E`).
 
 Under torchrun each rank takes its share of every step's batch (DistributedDataParallel) and of the

@@ -3,6 +3,13 @@
 Block influence of layer l: BI_l = 1 - E_{X,t}[cos(h_l, h_{l+1})], the expectation over every token of the
 calibration sequences (policies/calibration.py: the dataset's train split, `calibration` items). The C layers with
 the highest BI run; the others are removed (ties go to the earlier layer).
+
+h_L, after the last layer, is the raw residual stream, so the last layer's BI is 1 - E cos(h_{L-1}, h_L). The
+authors' code (github.com/icip-cas/ShortGPT, shortgpt/shortgpt.py `compute_bi`, commit 9a2ee8dfe9e2 of 2025-05-30)
+reads HF `output_hidden_states`, whose last entry is the state through the model's final norm, so its last-layer BI is
+1 - E cos(h_{L-1}, norm(h_L)) (the norm's weight turns the direction); the other layers' BI agree. The unofficial
+sramshetty/ShortGPT (short_gpt/short_llama.py) takes h_L before the norm, as here. Their calibration: 256-token
+windows of PG19 validation texts, each run on its own, BI summed over tokens.
 """
 
 from __future__ import annotations

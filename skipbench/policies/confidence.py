@@ -14,6 +14,13 @@ lambda_t = clip(0.9 lambda + 0.1 exp(-tau t / N), 0, 1), N = `decay-length`; t i
 position of the first token the policy saw in its sequence, so a decode loop (one token per step) and a
 teacher-forced pass over the whole response (`cosine`) give every token the same threshold. Tokens still running at the last
 layer run it: a threshold above 1 is full depth, a threshold of 0 (softmax) exits every token at `min-layers`.
+
+That decay is the paper's form. The authors' code (google-research/t5x, t5x/contrib/calm/models.py,
+`position_adjusted_threshold`, the same since ca3d2e43c8db of 2022-10-10) differs: it scales the decaying term by
+lambda, lambda_t = lambda (0.9 + 0.1 exp(-tau t / N)), unclipped, which falls from lambda at t = 0 to 0.9 lambda (the
+paper's from 0.9 lambda + 0.1), tau = `position_temp` (default 4), N the decode length; and its decoding loop never
+passes the position (`pos` keeps its default 0), so its threshold is lambda at every step: no decay in effect. It
+also exits a whole batch together, once the batch's minimum confidence reaches the threshold, not each token.
 """
 
 from __future__ import annotations

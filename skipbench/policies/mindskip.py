@@ -8,8 +8,9 @@ For a routed layer l the router reads the token's state through the layer's own 
     h' = h + g * Attn(LN_l h);   out = h' + MLP(LN2 h')
 
 A token with g = 0 computes no query and no attention at the layer (engine `AttnRoute`); its K/V there follow the
-KV mode the routers were trained under: `none` (the authors' code: a skipped token has no K/V at the layer) or
-`fill` (`--kv`). The routed layers are the n below the last one (the authors' layers L-n-1 .. L-2; n = 16 of 32).
+KV mode the routers were trained under: `none` (the authors' code at 75faa3b8b25e, below: a skipped row has no K/V
+at the layer) or `fill` (`--kv`). The routed layers are the n below the last one (the authors' layers L-n-1 .. L-2;
+n = 16 of 32).
 
 Loss: L = L_task + lambda * sum_l |mean_t g_l - capacity|: at each routed layer the fraction of tokens that attend
 is driven towards `capacity` from both sides. `--capacity-loss relu` is the authors' router-tuning patch
@@ -17,16 +18,26 @@ is driven towards `capacity` from both sides. `--capacity-loss relu` is the auth
 start at s = 0.5 = tau, one optimiser step moves every token below tau, and then nothing brings one back (a skipped
 token's attention is not computed, so the task loss gives its gate no gradient, and the relu none below capacity);
 on the tiny test model the fraction attending fell from 1 to 0 in one step and stayed there.
-Where skipbench differs from the authors' code: decisions are per token (their MindSkip model decides once per
-sequence, from the mean of the normed prompt states, and keeps that decision for every generated token; their
-per-token variant computes attention for every token and masks it); skipped attention is not computed here on
-the gathered path (`--impl gather`; `auto` at steps of many tokens, and at one-token steps where the measured cost
-table says gathering pays: at batch 1 always), while the dense path (`--impl mask`; `auto` at a batch where
-gathering some rows costs more than the whole batch's attention) computes it for every token and keeps the routed
-tokens' outputs.
+
+The authors' code followed (github.com/CASE-Lab-UMD/Router-Tuning-Mixture-of-Depths; Shwai-He/Router-Tuning shares its
+history to 2024-10-19): the model files ckpt/*/modeling_*.py of commit 75faa3b8b25e (2024-10-18), their routing
+unchanged through 82d6d733e25b (2026-03-26): Linear(hidden, 1) without bias on the input_layernorm output, sigmoid,
+threshold 0.5, straight-through; a skipped row is gathered out, so it computes no attention and writes no K/V; routed
+layers from `mindskip_n` (entrypoints/finetune/finetune_mindskip.py); capacity term gradient_scale * mean(g), no
+target. Their release since 6f7ad0433379 (2026-04-25, utils/model/model_patch.py) is mask-based with K/V kept: every
+token's attention runs and writes K/V, the update is multiplied by the 0/1 gate (`granularity=attn_token` per token;
+the default `attn_sequence` from the mean of each forward call's normed states), the capacity term is gradient_scale *
+relu(mean(g) - target_capacity); `--kv` (`fill`) with `--impl mask` approximates it.
+Where skipbench differs from the authors' code: decisions are per token (the model files of 75faa3b8b25e decide once
+per sequence, from the mean of the normed prompt states, and keep that decision for every generated token); skipped
+attention is not computed here on the gathered path (`--impl gather`; `auto` at steps of many tokens, and at one-token
+steps where the measured cost table says gathering pays: at batch 1 always), while the dense path (`--impl mask`;
+`auto` at a batch where gathering some rows costs more than the whole batch's attention) computes it for every token
+and keeps the routed tokens' outputs.
 
 `-o tau=T` evaluates with another threshold; `-o skip=K` chooses the threshold on calibration prompts (the run's
-train split, or the embedded `text` suite's under lm-eval and compare) so that a token skips about K attention
+validation split, held out from the routers' training, or both embedded suites' under lm-eval and compare; 64
+items by default) so that a token skips about K attention
 sub-layers there (what `compare` uses to aim at a number of skipped layers; the rows record what was realized).
 """
 
