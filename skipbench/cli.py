@@ -67,11 +67,57 @@ class SkipbenchGroup(TyperGroup):
         name, cmd, rest = super().resolve_command(ctx, args)
         from skipbench.distributed import COMMANDS, world_size
 
-        if world_size() > 1 and cmd is not None and not isinstance(cmd, TyperGroup):  # the command about to run
-            words = [c.info_name for c in _ancestry(ctx) if c.parent is not None] + [name]
-            if " ".join(words) not in COMMANDS:
-                raise SkipbenchError(f"'{' '.join(words)}' runs in one process; under torchrun: {', '.join(COMMANDS)}")
+        if cmd is None or isinstance(cmd, TyperGroup):
+            return name, cmd, rest
+        words = " ".join([c.info_name for c in _ancestry(ctx) if c.parent is not None] + [name])  # the command to run
+        if world_size() > 1 and words not in COMMANDS:
+            raise SkipbenchError(f"'{words}' runs in one process; under torchrun: {', '.join(COMMANDS)}")
+        rest = _renamed(words, rest)
+        _refuse_repeats(cmd, rest)
         return name, cmd, rest
+
+
+# Options renamed so that one idea has one spelling in every command (issue 42): the old spelling still works, with a
+# note, until the next release; `--help` shows only the new one.
+RENAMED = {
+    "generate": {"--cost": "--costs"},
+    "plan": {"--cost": "--costs"},
+    "bench": {"--policies": "--policy", "--drafts": "--draft", "--new-tokens": "--max-new-tokens"},
+    "cosine": {"--strategies": "--policy", "--seeds": "--num-seeds"},
+    "compare": {"--methods": "--policy"},
+    "oracle": {"--policies": "--policy"},
+    "route train": {"--policies": "--policy"},
+    "controllers sweep": {"--alphas": "--alpha", "--seeds": "--num-seeds"},
+    "flexidepth train": {"--alpha": "--skip-weight"},
+    "mindskip train": {"--weight": "--capacity-weight"},
+}
+
+
+def _renamed(command: str, args: list[str]) -> list[str]:
+    """The arguments with old option spellings replaced by the new ones (a note for each)."""
+    from skipbench.errors import note
+
+    renames, out = RENAMED.get(command, {}), []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in renames:
+            note(f"'{command} {flag}' is now '{renames[flag]}' (the old spelling works until the next release)")
+            arg = renames[flag] + eq + value
+        out.append(arg)
+    return out
+
+
+def _refuse_repeats(cmd, args: list[str]) -> None:
+    """An option that takes one value, given twice, is refused (click would keep the last one silently); options that
+    take several values (`--policy`, `-o`) append."""
+    for param in cmd.params:
+        if getattr(param, "param_type_name", "") != "option" or param.multiple:
+            continue
+        names = set(param.opts) | set(param.secondary_opts)
+        given = [a.partition("=")[0] for a in args if a.partition("=")[0] in names]
+        if len(given) > 1:
+            raise SkipbenchError(f"{' and '.join(dict.fromkeys(given))} given {len(given)} times; "
+                                 f"{param.opts[0]} takes one value")
 
 
 def _ancestry(ctx) -> list:
@@ -92,9 +138,24 @@ def _fail(message: str) -> None:
 
 app = typer.Typer(
     cls=SkipbenchGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Run pre-trained decoder-only LLMs under layer-skipping policies and measure what skipping costs and saves.",
 )
 console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from skipbench import __version__
+
+        typer.echo(f"skipbench {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print skipbench's version and exit")) -> None:
+    """Run pre-trained decoder-only LLMs under layer-skipping policies and measure what skipping costs and saves."""
 # the library's notes (errors.note), one plain line each on stderr (not wrapped: a path stays on its line); rank 0 only
 def _note(message: str) -> None:
     if not console.quiet:
@@ -137,13 +198,56 @@ KvOpt = typer.Option(KvMode.auto, callback=_plain, help="K/V of a token at a lay
                      "(nothing written) | auto (fill, or the mode a trained policy requires)")
 
 
+def show(df, title: str, formats: dict | None = None, width: int | None = None) -> None:
+    """Every table a command prints: a rich table on a terminal; piped (not a terminal), plain aligned text that is
+    never wrapped, one row per line, so that a table can be read by another program. `formats`: a format string per
+    column (floats default to 3 decimals; NaN is blank)."""
+    formats = formats or {}
+
+    def cell(col, v) -> str:
+        if isinstance(v, float) and v != v:
+            return ""
+        if col in formats:
+            return formats[col].format(v)
+        return f"{v:.3f}" if isinstance(v, (float, np.floating)) else str(v)
+
+    cells = [[cell(col, v) for col, v in zip(df.columns, row)] for row in df.itertuples(index=False)]
+    if not sys.stdout.isatty():
+        import pandas as pd
+
+        typer.echo(f"# {title}")
+        shown = pd.DataFrame(cells, columns=[str(c) for c in df.columns])
+        typer.echo(shown.to_string(index=False) if len(shown) else "(no rows)")
+        return
+    table = Table(title=title)
+    for col in df.columns:  # long names (tasks, specs) wrap rather than end in an ellipsis
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left", overflow="fold")
+    for row in cells:
+        table.add_row(*[escape(c) for c in row])  # labels hold [options]
+    Console(width=width).print(table)
+
+
+def piped() -> bool:
+    """Progress is drawn on a terminal; piped, it is a plain log line now and then (and one per finished point)."""
+    return not console.is_terminal
+
+
 class Bar:
-    """A rich progress bar with ETA that appears only once the work starts (after inputs are checked)."""
+    """A rich progress bar with ETA that appears only once the work starts (after inputs are checked); piped, a log
+    line every LOG_EVERY seconds and at the end instead."""
+
+    LOG_EVERY = 10.0
 
     def __init__(self, label: str) -> None:
         self.label, self.progress, self.task = label, None, None
+        self.done, self.total, self.began, self.logged = 0, None, 0.0, 0.0
 
     def start(self, total: int | None) -> None:
+        import time
+
+        self.total, self.began = total, time.perf_counter()
+        if piped():
+            return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -152,9 +256,26 @@ class Bar:
         self.task = self.progress.add_task(self.label, total=total)
 
     def advance(self, n: int = 1) -> None:
-        if self.progress is None:
+        import time
+
+        if self.progress is None and not piped():
             self.start(None)
-        self.progress.advance(self.task, n)
+        self.done += n
+        if self.progress is not None:
+            self.progress.advance(self.task, n)
+            return
+        now = time.perf_counter()
+        if now - self.logged >= self.LOG_EVERY or self.done == self.total:
+            self.logged = now
+            of = f"/{self.total}" if self.total else ""
+            typer.echo(f"{self.label}: {self.done}{of} ({now - self.began:.0f} s)", err=True)
+
+    def point(self, what: str) -> None:
+        """A finished point (a part of a sweep): one log line when piped, the bar's description on a terminal."""
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"{self.label}: {what} done")
+        else:
+            typer.echo(f"{self.label}: {what} done", err=True)
 
     def __enter__(self) -> "Bar":
         return self
@@ -225,6 +346,16 @@ def _specs(policy: str, *, cost=None, costs=(), exit_layer=None, keep=None, seed
     return with_costs(out, costs)
 
 
+def _no_policy(policy_option) -> list:
+    """No --policy: then no -o either (it would be dropped silently), and a malformed one is refused all the same."""
+    from skipbench.policies.spec import parse_policy_options
+
+    given = parse_policy_options(policy_option)
+    if given:
+        raise SkipbenchError(f"--policy-option {', '.join(given)}: no policy given takes it (give --policy)")
+    return []
+
+
 def _one_spec(policy: str, **kw):
     specs = _specs(policy, **kw)
     if len(specs) != 1:
@@ -237,18 +368,19 @@ def generate(
     prompt: str = typer.Option(..., help="the user instruction (the chat template is applied when the model has one)"),
     model: str = ModelOpt,
     policy: str = typer.Option("full", help=PolicyHelp),
-    cost: Optional[int] = typer.Option(None, help="layers executed per generated token (same as uniform:C)"),
+    cost: Optional[int] = typer.Option(None, "--costs", help="layers executed per generated token, for a policy given "
+                                       "without its argument (--policy uniform --costs 15 is uniform:15)"),
     exit_layer: Optional[int] = typer.Option(None, help="early-exit: number of layers run before the exit"),
     keep: Optional[str] = typer.Option(None, help="layers: comma-separated 0-based layer indices"),
     seed: int = typer.Option(0, help="seed of random skipping and of sampling"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw for every token"),
     first_layer: bool = typer.Option(True, help="random: always run layer 0"),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate at most"),
     kv_mode: KvMode = KvOpt,
     prompt_depth: PromptDepth = typer.Option(PromptDepth.full, callback=_plain,
                                              help="full: the prompt runs every layer; policy: the prompt is skipped too"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_p: float = typer.Option(1.0),
+    top_p: float = typer.Option(1.0, help="nucleus sampling: the smallest set of tokens with this much probability"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
@@ -297,13 +429,14 @@ def generate(
 def plan(
     layers: Optional[int] = typer.Option(None, help="number of decoder layers L (default: the model's, when --model "
                                                     "is given or the policy is computed from a model)"),
-    cost: Optional[int] = typer.Option(None, help="layers to execute c"),
+    cost: Optional[int] = typer.Option(None, "--costs", help="layers to execute c (a policy given without its argument)"),
     policy: str = typer.Option("uniform", help="a static or per-sequence policy: uniform:C | early-exit:E | random:C | "
                                "layers:0,3,5 | full | block-influence:C | angular:C | a plugin's"),
-    exit_layer: Optional[int] = typer.Option(None),
-    keep: Optional[str] = typer.Option(None),
-    seed: int = typer.Option(0, help="random: the seed of the draw; calibrated plans: the seed of the data split"),
-    first_layer: bool = typer.Option(True),
+    exit_layer: Optional[int] = typer.Option(None, help="early-exit: number of layers run before the exit"),
+    keep: Optional[str] = typer.Option(None, help="layers: comma-separated 0-based layer indices"),
+    seed: int = typer.Option(0, help="random: the seed of the draw"),
+    data_seed: int = typer.Option(0, help="calibrated plans: the seed of the dataset's 70/15/15 split"),
+    first_layer: bool = typer.Option(True, help="random: always run layer 0"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="a model (policies computed from its states need "
                                                                   "one; default then: the embedded model)"),
     dataset: str = typer.Option("text", "--dataset", "-d", help="calibration prompts: this dataset's train split"),
@@ -326,7 +459,7 @@ def plan(
         from skipbench.models import load_model
 
         _quiet_transformers()
-        lm, data = load_model(model or EMBEDDED, device, dtype), DataSpec(name=dataset, seed=seed)  # evaluate's split
+        lm, data = load_model(model or EMBEDDED, device, dtype), DataSpec(name=dataset, seed=data_seed)  # evaluate's split
         if layers is not None and layers != lm.num_layers:
             raise SkipbenchError(f"--layers {layers} disagrees with the model's {lm.num_layers} layers")
         layers = lm.num_layers
@@ -339,7 +472,7 @@ def plan(
     if table:
         import pandas as pd
 
-        _print_frame(pd.DataFrame(table), f"{spec.label} · {model or EMBEDDED} · {dataset} (train split)")
+        show(pd.DataFrame(table), f"{spec.label} · {model or EMBEDDED} · {dataset} (train split)")
     typer.echo(" ".join(map(str, executed)))
 
 
@@ -349,15 +482,11 @@ def policies() -> None:
 
     Example: skipbench policies
     """
+    import pandas as pd
+
     from skipbench.policies.spec import describe
 
-    table = Table(title="skipbench policies")
-    rows = describe()
-    for col in rows[0]:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(*[escape(str(v)) for v in r.values()])
-    Console(width=160).print(table)
+    show(pd.DataFrame(describe()), "skipbench policies", width=160)
     typer.echo("Write NAME:ARG, several separated by commas; numbers after a comma continue the argument "
                "(uniform:8,15,22 is a sweep, layers:0,3,5 one set).")
 
@@ -368,15 +497,19 @@ def models() -> None:
 
     Example: skipbench models
     """
+    import pandas as pd
+
     from skipbench.models.loading import ALIASES, available_offline
 
-    table = Table(title="skipbench models")
-    for col in ("alias", "hub id", "family", "offline"):
-        table.add_column(col)
-    for alias, (hub_id, family) in ALIASES.items():
-        table.add_row(alias, hub_id, family, "yes" if available_offline(alias) else "no")
-    Console().print(table)
+    show(pd.DataFrame([{"alias": alias, "hub id": hub_id, "family": family,
+                        "offline": "yes" if available_offline(alias) else "no"}
+                       for alias, (hub_id, family) in ALIASES.items()]), "skipbench models")
     typer.echo("Also accepted: any hub id (org/name), a local model directory, or a .gguf file.")
+
+
+def _names(values: list[str] | None) -> tuple[str, ...]:
+    """A repeatable option of comma-separated names, flattened."""
+    return tuple(n.strip() for v in values or () for n in v.split(",") if n.strip())
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
@@ -391,9 +524,10 @@ def _int_list(text: str, what: str) -> tuple[int, ...]:
 @app.command()
 def bench(
     model: str = ModelOpt,
-    policies: str = typer.Option("", help="comma-separated specs (default: full and uniform at half the depth): " + PolicyHelp),
+    policy: Optional[list[str]] = typer.Option(None, help="specs, repeatable (default: full and uniform at half the "
+                                               "depth): " + PolicyHelp),
     batch_sizes: str = typer.Option("1,8", help="comma-separated batch sizes"),
-    new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per sequence (EOS does not stop a run)"),
     repeats: int = typer.Option(3, help="timed repeats per variant (medians are reported)"),
     warmup: int = typer.Option(1, help="untimed warm-up rounds"),
     kv_mode: KvMode = KvOpt,
@@ -410,27 +544,33 @@ def bench(
     seed: int = typer.Option(0, help="seed of random policies"),
     out: Optional[str] = typer.Option(None, help="parquet of per-repeat timings (manifest beside it)"),
     policy_option: Optional[list[str]] = PolicyOptionOpt,
-    drafts: str = typer.Option("", help="self-speculative decoding: draft policies (specs), each verified by the full "
-                               "model, or 'auto' (search a draft layer set for this model and machine)"),
-    speculate: str = typer.Option("4", help="--drafts: draft tokens per round, comma-separated (one variant each), "
+    draft: Optional[list[str]] = typer.Option(None, help="self-speculative decoding: draft policies (specs, repeatable), "
+                                              "each verified by the full model, or 'auto' (search a draft layer set "
+                                              "for this model and machine)"),
+    speculate: str = typer.Option("4", help="--draft: draft tokens per round, comma-separated (one variant each), "
                                   "or 'auto'"),
     draft_threshold: float = DraftThresholdOpt,
 ) -> None:
     """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
     memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound;
-    self-speculative decoding with --drafts (acceptance, time shares, realized vs predicted speedup).
+    self-speculative decoding with --draft (acceptance, time shares, realized vs predicted speedup).
 
-    Example: skipbench bench --policies full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl all
-    Example: skipbench bench --policies full --drafts early-exit:8,uniform:20 --speculate 2,4,6 --batch-sizes 1,8
+    Example: skipbench bench --policy full,uniform:15,uniform:8,random-token:22 --batch-sizes 1,8 --impl all
+    Example: skipbench bench --policy full --draft early-exit:8,uniform:20 --speculate 2,4,6 --batch-sizes 1,8
     """
     from skipbench.experiments.bench import BenchConfig, run
 
     _quiet_transformers()
-    cfg = BenchConfig(model=model, policies=tuple(_specs(policies, seed=seed, policy_options=policy_option)) if policies.strip() else (), batch_sizes=_int_list(batch_sizes, "--batch-sizes"),
-                      new_tokens=new_tokens, repeats=repeats, warmup=warmup, kv_mode=kv_mode, impl=impl,
-                      compile=compile, lockstep=lockstep, recalibrate=recalibrate, device=device, dtype=dtype, seed=seed, out=out,
-                      drafts=() if drafts.strip() in ("", "auto") else tuple(_specs(drafts, seed=seed, policy_options=policy_option)),
-                      draft_search=drafts.strip() == "auto",
+    drafts = [d for d in draft or [] if d.strip()]
+    search = drafts == ["auto"]
+    if "auto" in drafts and not search:
+        raise SkipbenchError("--draft auto searches a draft of its own: give it alone")
+    cfg = BenchConfig(model=model, policies=tuple(_specs(policy, seed=seed, policy_options=policy_option)) if policy else (),
+                      batch_sizes=_int_list(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens, repeats=repeats,
+                      warmup=warmup, kv_mode=kv_mode, impl=impl, compile=compile, lockstep=lockstep,
+                      recalibrate=recalibrate, device=device, dtype=dtype, seed=seed, out=out,
+                      drafts=() if search or not drafts else tuple(_specs(drafts, seed=seed, policy_options=policy_option)),
+                      draft_search=search,
                       speculations=tuple(_speculation(k, draft_threshold) for k in speculate.split(",") if k.strip()) or
                       (_speculation("4", draft_threshold),))
     if cfg.draft_search:
@@ -439,50 +579,44 @@ def bench(
         result = run(cfg, progress=bar.advance, start=bar.start)
     if result.search is not None:
         _print_search(result.search)
-    table = Table(title=f"skipbench bench · {model} · {new_tokens} new tokens")
-    cols = ("batch", "variant", "phase", "tok/s", "p50 ms", "layers", "speedup", "ideal", "real/ideal",
-            "batch ideal", "real/batch", "policy %", "vs generate")  # p90 and the parts: in the parquet's summary
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("variant", "phase") else "right", no_wrap=col == "variant")
-    fmt = lambda v, f: "" if v != v else f.format(v)  # noqa: E731  (NaN -> blank)
-    for r in result.summary.itertuples():
-        table.add_row(str(r.batch_size), escape(r.variant), r.phase, f"{r.tokens_per_s:.1f}", fmt(r.step_p50 * 1e3, "{:.1f}"),
-                      f"{r.layers_mean:.1f}", fmt(r.speedup, "{:.3f}"),
-                      fmt(r.ideal_speedup, "{:.3f}"), fmt(r.realized_over_ideal, "{:.3f}"),
-                      fmt(r.ideal_batch_speedup, "{:.3f}"), fmt(r.realized_over_batch_ideal, "{:.3f}"),
-                      fmt(100 * getattr(r, "policy_share", float("nan")), "{:.1f}"), fmt(r.vs_generate, "{:.3f}"))
-    Console(width=160).print(table)
-    spec_rows = result.summary[(result.summary.kind == "speculative") & (result.summary.phase == "decode")]
-    if len(spec_rows):
-        t = Table(title="self-speculative decoding (decode phase; output = full depth's)")
-        for col in ("batch", "variant", "accept rate", "alpha", "accepted/round", "K mean", "passes/tok", "draft %",
-                    "verify %", "accept %", "speedup", "predicted", "real/pred", "cost model", "real/cost"):
-            t.add_column(col, justify="left" if col == "variant" else "right")
-        for r in spec_rows.itertuples():
-            t.add_row(str(r.batch_size), escape(r.variant), f"{r.acceptance_rate:.3f}", f"{r.alpha:.3f}",
-                      f"{r.accepted_per_round:.2f}", f"{r.k_mean:.2f}", f"{r.layer_passes_per_token:.1f}",
-                      f"{100 * r.draft_share:.0f}", f"{100 * r.verify_share:.0f}", f"{100 * r.accept_share:.1f}",
-                      f"{r.speedup:.3f}", f"{r.predicted_speedup:.3f}", f"{r.realized_over_predicted:.3f}",
-                      f"{r.cost_model_speedup:.3f}", f"{r.realized_over_cost_model:.3f}")
-        Console(width=160).print(t)
+    import pandas as pd
+
+    s = result.summary
+    shown = pd.DataFrame({  # p90 and the parts: in the parquet's summary
+        "batch": s["batch_size"], "variant": s["variant"], "phase": s["phase"], "tok/s": s["tokens_per_s"],
+        "p50 ms": 1e3 * s["step_p50"], "layers": s["layers_mean"], "speedup": s["speedup"], "ideal": s["ideal_speedup"],
+        "real/ideal": s["realized_over_ideal"], "batch ideal": s["ideal_batch_speedup"],
+        "real/batch": s["realized_over_batch_ideal"], "policy %": 100 * s.get("policy_share", np.nan),
+        "vs generate": s["vs_generate"]})
+    show(shown, f"skipbench bench · {model} · {max_new_tokens} new tokens",
+         {"tok/s": "{:.1f}", "p50 ms": "{:.1f}", "layers": "{:.1f}", "policy %": "{:.1f}"}, width=160)
+    d = s[(s.kind == "speculative") & (s.phase == "decode")]
+    if len(d):
+        shown = pd.DataFrame({
+            "batch": d["batch_size"], "variant": d["variant"], "accept rate": d["acceptance_rate"],
+            "accept prob": d["acceptance_prob"], "accepted/round": d["accepted_per_round"], "K mean": d["k_mean"],
+            "passes/tok": d["layer_passes_per_token"], "draft %": 100 * d["draft_share"],
+            "verify %": 100 * d["verify_share"], "accept %": 100 * d["accept_share"], "speedup": d["speedup"],
+            "predicted": d["predicted_speedup"], "real/pred": d["realized_over_predicted"],
+            "cost model": d["cost_model_speedup"], "real/cost": d["realized_over_cost_model"]})
+        show(shown, "self-speculative decoding (decode phase; output = full depth's)",
+             {"accepted/round": "{:.2f}", "K mean": "{:.2f}", "passes/tok": "{:.1f}", "draft %": "{:.0f}",
+              "verify %": "{:.0f}", "accept %": "{:.1f}"}, width=160)
     if result.path:
         console.print(f"wrote {result.path}")
 
 
 def _print_search(found) -> None:
-    t = Table(title=f"draft search (K={found.k}; full step {1e3 * found.t_full:.1f} ms, verify pass "
-                    f"{1e3 * found.t_verify:.1f} ms)")
-    for col in ("layers", "dropped last", "agreement", "draft step ms", "predicted speedup"):
-        t.add_column(col, justify="right")
-    prev = None
+    import pandas as pd
+
+    rows, prev = [], None
     for s in found.path:
-        dropped = "" if prev is None else str(next(iter(set(prev) - set(s.layers))))
-        mark = " *" if s.layers == found.chosen else ""
-        t.add_row(f"{len(s.layers)}{mark}", dropped, f"{s.agreement:.3f}",
-                  "" if s.t_draft != s.t_draft else f"{1e3 * s.t_draft:.1f}",
-                  "" if s.predicted_speedup != s.predicted_speedup else f"{s.predicted_speedup:.3f}")
+        rows.append({"layers": f"{len(s.layers)}{' *' if s.layers == found.chosen else ''}",
+                     "dropped last": "" if prev is None else str(next(iter(set(prev) - set(s.layers)))),
+                     "agreement": s.agreement, "draft step ms": 1e3 * s.t_draft, "predicted speedup": s.predicted_speedup})
         prev = s.layers
-    Console(width=160).print(t)
+    show(pd.DataFrame(rows), f"draft search (K={found.k}; full step {1e3 * found.t_full:.1f} ms, verify pass "
+                             f"{1e3 * found.t_verify:.1f} ms)", {"draft step ms": "{:.1f}"}, width=160)
     console.print(f"chosen draft: {found.label}")
 
 
@@ -507,12 +641,14 @@ def evaluate(
     dataset: str = DatasetOpt,
     split: str = typer.Option("all", help="all | train | validation | test (a seeded 70/15/15 split)"),
     limit: int = typer.Option(100, help="first N items of the split (0 = all)"),
-    policy: str = typer.Option("uniform", help="specs, e.g. uniform:8,15,22 or early-exit:10,uniform:15 (" + PolicyHelp
-                               + "); a sweeping policy without an argument takes --costs"),
+    policy: Optional[list[str]] = typer.Option(None, help="specs, repeatable, e.g. uniform:8,15,22 or early-exit:10,uniform:15 "
+                                               "(default: uniform; " + PolicyHelp
+                                               + "); a sweeping policy without an argument takes --costs"),
     costs: str = typer.Option("", help="comma-separated layer counts (default: L/4, L/2, 3L/4); full always runs too"),
-    seed: int = typer.Option(0, help="seed of random skipping and of the data split"),
+    seed: int = typer.Option(0, help="seed of random skipping (the items do not depend on it: --data-seed)"),
+    data_seed: int = typer.Option(0, help="seed of the dataset's 70/15/15 split (the items of --split)"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
-    max_new_tokens: int = typer.Option(96),
+    max_new_tokens: int = typer.Option(96, help="tokens to generate per item at most"),
     max_prompt_tokens: int = typer.Option(1024, help="longer instructions are truncated (counted in the manifest)"),
     batch_size: int = typer.Option(0, min=0, help="sequences per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
     kv_mode: KvMode = KvOpt,
@@ -554,8 +690,9 @@ def evaluate(
         policy_option = [*(policy_option or []), f"budget={budget:g}"]
     cfg = EvalConfig(
         model=model,
-        data=DataSpec(name=dataset, split=split, limit=limit or None, seed=seed, prompt_field=prompt_field, reference_field=reference_field),
-        policies=tuple(_specs(policy, costs=_int_list(costs, "--costs") if costs else (), seed=seed,
+        data=DataSpec(name=dataset, split=split, limit=limit or None, seed=data_seed, prompt_field=prompt_field,
+                      reference_field=reference_field),
+        policies=tuple(_specs(policy or ["uniform"], costs=_int_list(costs, "--costs") if costs else (), seed=seed,
                               per_token=per_token, checkpoint={"controller": controller, "flexidepth": router}, gate=gate,
                               policy_options=policy_option)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
@@ -564,8 +701,8 @@ def evaluate(
         draft=_draft(draft, seed, policy_option), speculation=_speculation(speculate, draft_threshold),
     )
     with Bar("evaluate") as bar:
-        result = run(cfg, progress=bar.advance, start=bar.start)
-    _print_frame(result.summary, f"evaluate · {model} · {dataset}")
+        result = run(cfg, progress=bar.advance, start=bar.start, on_part=lambda p: bar.point(p.label))
+    show(result.summary, f"evaluate · {model} · {dataset}")
     shares = f", {result.reused_shares} rank share(s) of a failed run reused" if result.reused_shares else ""
     console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused{shares})")
 
@@ -613,8 +750,8 @@ def lm_eval(
 
     _quiet_transformers()
     logging.getLogger("lm_eval.api.task").addFilter(_no_custom_dataset_note)
-    specs = [s for text in policy or [] for s in _specs(text, seed=seed, policy_options=policy_option, gate=gate,
-                                                          first_layer=first_layer)]
+    specs = (_specs(policy, seed=seed, policy_options=policy_option, gate=gate, first_layer=first_layer) if policy
+             else _no_policy(policy_option))
     names = tuple(t.strip() for t in tasks.split(",") if t.strip())
     cfg = LmEvalConfig(
         model=model, tasks=names, policies=tuple(specs), limit=limit or None, num_fewshot=num_fewshot,
@@ -622,11 +759,14 @@ def lm_eval(
         max_length=max_length or None, seed=seed, device=device, dtype=dtype,
         out=out or default_out("lmeval", model, "_".join(_slug(t) for t in names)), resume=resume,
     )
-    with console.status("lm-eval") as status:
-        result = run(cfg, on_part=lambda task, p: status.update(f"lm-eval: {task} · {p.label} done"))
-    s = result.summary
-    shown = s.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(s["lo"], s["hi"])])
-    _print_frame(shown[["task", "policy_spec", "layers_mean", "metric", "value", "interval", "n"]], f"lm-eval · {model}")
+    with Bar("lm-eval") as bar:
+        result = run(cfg, on_part=lambda task, p: bar.point(f"{task} · {p.label}"))
+    from skipbench.lmeval_sweep import interval
+
+    r = result.rows  # every metric and filter lm-eval reported (the figure and the report take each task's main one)
+    bounds = [interval(m, v, e, n, g) for m, v, e, n, g in zip(r["metric"], r["value"], r["stderr"], r["n"], r["group"])]
+    shown = r.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in bounds])
+    show(shown[["task", "policy_spec", "layers_mean", "metric", "filter", "value", "interval", "n"]], f"lm-eval · {model}")
     console.print(f"wrote {result.path} ({len(result.rows)} rows; {result.reused_parts} finished part(s) reused); "
                   f"lm-eval's results: {result.path.with_name(result.path.stem + '-lmeval')}/; figure: {result.files.get('figure', '-')}")
 
@@ -634,10 +774,12 @@ def lm_eval(
 @app.command()
 def compare(
     ctx: typer.Context,
-    methods: str = typer.Option("shortgpt,laco", help="comma-separated: shortgpt (block-influence), laco, angular, "
-                                "uniform, early-exit, ... (set to L-K layers), flexidepth:DIR, mindskip:DIR (-o skip=K), "
-                                "layerskip:DIR (early exit after L-K layers of `finetune`'s model)"),
-    skip: str = typer.Option("4,8", help="numbers of skipped layers K, comma-separated"),
+    policy: Optional[list[str]] = typer.Option(None, help="the methods, comma-separated or repeated (default: shortgpt,"
+                                               "laco): shortgpt (block-influence), laco, angular, uniform, early-exit, "
+                                               "... (each set to L-K layers), flexidepth:DIR, mindskip:DIR (-o skip=K), "
+                                               "layerskip:DIR (early exit after L-K layers of `finetune`'s model)"),
+    skip: str = typer.Option("4,8", help="numbers of skipped layers K, comma-separated (compare counts the layers a "
+                             "method skips, as the FlexiDepth talk does; other commands' --costs count those run)"),
     tasks: str = typer.Option("skipbench_choice,skipbench_text", help="lm-eval tasks, groups, tags or task YAMLs"),
     preset: Optional[str] = typer.Option(None, help="offline: the embedded model, skipbench_choice and skipbench_text "
                                          "with the chat template | paper: Llama-3-8B-Instruct on the talk's six "
@@ -660,8 +802,8 @@ def compare(
     """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
     score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.
 
-    Example: skipbench compare --methods shortgpt,laco,mindskip:runs/mindskip,layerskip:runs/finetune --skip 4,8
-    Example: skipbench compare --preset paper --methods shortgpt,laco,flexidepth:runs/flexi --allow-code-execution
+    Example: skipbench compare --policy shortgpt,laco,mindskip:runs/mindskip,layerskip:runs/finetune --skip 4,8
+    Example: skipbench compare --preset paper --policy shortgpt,laco,flexidepth:runs/flexi --allow-code-execution
     """
     import logging
 
@@ -683,48 +825,42 @@ def compare(
     names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if given("tasks") or "tasks" not in chosen else chosen["tasks"]
     ks = _int_list(skip, "--skip") if given("skip") or "skip" not in chosen else chosen["skip"]
     chat_template = chat_template if given("chat_template") or "chat_template" not in chosen else chosen["chat_template"]
-    cfg = CompareConfig(model=model, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), skip=ks,
+    methods = [m.strip() for text in policy or ["shortgpt,laco"] for m in text.split(",") if m.strip()]
+    cfg = CompareConfig(model=model, methods=tuple(methods), skip=ks,
                         tasks=names, limit=limit or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
                         chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed,
                         device=device, dtype=dtype, out=out or f"results/compare-{_slug(model)}.parquet", resume=resume)
-    with console.status("compare") as status:
-        result = run(cfg, on_part=lambda task, p: status.update(f"compare: {task} · {p.label} done"))
+    with Bar("compare") as bar:
+        result = run(cfg, on_part=lambda task, p: bar.point(f"{task} · {p.label}"))
     t = result.rows
-    shown = t.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in zip(t["lo"], t["hi"])])
-    _print_frame(shown[["method", "skip", "task", "metric", "value", "interval", "full_value", "layers_mean",
-                        "attention_mean"]], f"compare · {model} · per task")
+    shown = t.assign(difference=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(t["diff"], t["diff_lo"], t["diff_hi"])])
+    show(shown[["method", "skip", "task", "metric", "value", "full_value", "difference", "noisy_ratio", "layers_mean",
+                "attention_mean"]], f"compare · {model} · per task (paired differences from full depth, 95%)")
     s = result.summary
     shown = s.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(s["retain_pct"], s["retain_lo"], s["retain_hi"])])
-    _print_frame(shown[["method", "skip", "retain", "skipped", "skipped_unit", "layers_mean", "attention_mean"]],
-                 f"compare · {model} · Retain % (approximate 95% intervals)")
+    show(shown[["method", "skip", "retain", "noisy_tasks", "skipped", "skipped_unit", "layers_mean", "attention_mean"]],
+         f"compare · {model} · Retain % (paired bootstrap 95% intervals)")
     console.print(f"wrote {result.path}, {result.files['agg']}, {result.files['figure']}; every point's lm-eval rows: "
                   f"{result.runs}")
-
-
-def _print_frame(df, title: str) -> None:
-    table = Table(title=title)
-    for col in df.columns:  # long names (tasks, specs) wrap rather than end in an ellipsis
-        table.add_column(str(col), justify="right" if df[col].dtype.kind in "if" else "left", overflow="fold")
-    for row in df.itertuples(index=False):
-        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else escape(str(v)) for v in row])  # labels hold [options]
-    Console().print(table)
 
 
 @app.command()
 def cosine(
     model: str = ModelOpt,
     dataset: str = DatasetOpt,
-    split: str = typer.Option("all"),
+    split: str = typer.Option("all", help="all | train | validation | test (a seeded 70/15/15 split)"),
     limit: int = typer.Option(100, help="first N items (0 = all)"),
     costs: str = typer.Option("", help="comma-separated costs (default: about L/5, L/3, L/2, 2L/3, 4L/5)"),
-    strategies: str = typer.Option("early-exit,uniform,random", help="strategies that take a cost, in the policy "
-                                   "grammar: names run at every --costs value, points (uniform:10,15) at theirs; "
-                                   "a threshold strategy at its points (confidence:0.9,0.95)"),
-    seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
+    policy: Optional[list[str]] = typer.Option(None, help="strategies that take a cost, in the policy grammar, "
+                                               "repeatable (default: early-exit,uniform,random): names run at every "
+                                               "--costs value, points (uniform:10,15) at theirs; a threshold strategy "
+                                               "at its points (confidence:0.9,0.95)"),
+    num_seeds: int = typer.Option(3, help="random skipping is repeated with seeds 0..N-1"),
     per_token: bool = typer.Option(False, "--per-token", help="random: a fresh draw per token"),
-    teacher: Teacher = typer.Option(Teacher.full, callback=_plain, help="full: the full model's greedy response"),
-    max_new_tokens: int = typer.Option(64),
-    max_prompt_tokens: int = typer.Option(1024),
+    teacher: Teacher = typer.Option(Teacher.full, callback=_plain, help="full: the full model's greedy response; "
+                                    "reference: the item's reference (the authors teacher-force the labels)"),
+    max_new_tokens: int = typer.Option(64, help="tokens of the teacher response compared at most"),
+    max_prompt_tokens: int = typer.Option(1024, help="longer instructions are truncated (counted in the manifest)"),
     batch_size: int = typer.Option(0, min=0, help="sequences per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
     kv_mode: KvMode = KvOpt,
     device: Device = DeviceOpt,
@@ -745,7 +881,8 @@ def cosine(
     _quiet_transformers()
     cfg = CosineConfig(
         model=model, data=DataSpec(name=dataset, split=split, limit=limit or None), costs=_int_list(costs, "--costs") if costs else (),
-        strategies=tuple(s.name + (f":{s.arg}" if s.arg else "") for s in parse_policies(strategies)), seeds=seeds,
+        strategies=tuple(s.name + (f":{s.arg}" if s.arg else "")
+                         for s in parse_policies(policy or ["early-exit,uniform,random"])), num_seeds=num_seeds,
         per_token=per_token,
         teacher=teacher, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
         batch_size=batch_size or None, kv_mode=kv_mode, device=device, dtype=dtype,
@@ -756,7 +893,7 @@ def cosine(
         result = run(cfg, progress=bar.advance, start=bar.start)
     shown = result.agg[["strategy", "point", "layers", "items", "cos_final_normed", "cos_final", "cos_layerwise",
                         "kl_next", "top1_agree"]]
-    _print_frame(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
+    show(shown, f"cosine · {model} · {dataset} (means; 95% CIs in the -agg file)")
     console.print(f"wrote {result.path}, {result.files['agg'].name}, {result.files['figure'].name}")
 
 
@@ -818,11 +955,16 @@ class TrainBar(Bar):
 
     def start(self, total, done=0) -> None:
         super().start(total)
-        self.progress.advance(self.task, done)
+        self.done = done  # a resumed run starts where it stopped
+        if self.progress is not None:
+            self.progress.advance(self.task, done)
 
     def step(self, rec: dict) -> None:
         parts = " ".join(f"{k}={v:.3f}" for k, v in rec.items() if k != "step" and not k.startswith("seconds"))
-        self.progress.update(self.task, description=parts)
+        if self.progress is not None:
+            self.progress.update(self.task, description=parts)
+        else:
+            self.label = f"{self.label.partition(':')[0]}: {parts} ·"  # piped: the log line carries the last step's parts
         self.advance(1)
 
 
@@ -874,19 +1016,24 @@ def controllers_sweep(
     dataset: str = DatasetOpt,
     train_limit: int = typer.Option(0, help="training items (0 = the whole train split)"),
     eval_limit: int = typer.Option(50, help="held-out test items evaluated per run"),
-    alphas: str = typer.Option("2,4,6,10", help="cost weights (see --alpha-units)"),
+    alpha: str = typer.Option("2,4,6,10", help="cost weights, comma-separated (see --alpha-units)"),
     alpha_units: AlphaUnits = AlphaUnitsOpt,
-    inputs: str = typer.Option("hidden,constant"),
-    seeds: int = typer.Option(3),
-    tau: float = typer.Option(1.0),
-    gate: GateMode = typer.Option(GateMode.sample, callback=_plain),
+    inputs: str = typer.Option("hidden,constant", help="the controllers' inputs compared: hidden, constant"),
+    num_seeds: int = typer.Option(3, help="training runs per (input, alpha), with seeds 0..N-1"),
+    tau: float = typer.Option(1.0, help="Gumbel-softmax temperature"),
+    gate: GateMode = typer.Option(GateMode.sample, callback=_plain, help="evaluation gates: sample (as in the paper) | argmax"),
+    metric: str = typer.Option("full_rougeL", help="the quality the hidden-vs-constant test compares: full_rougeL "
+                               "(against the full model's output) | rougeL (against the references, the paper's)"),
     steps: Steps = 300,
     batch_size: BatchSize = 4,
     lr: Lr = 1e-3,
     loss: Loss = LossKind.kl,
     targets: Targets = Teacher.full,
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="length of the training targets and of the evaluated responses"),
     max_seq_len: MaxSeqLen = 256,
+    train_backbone: bool = typer.Option(False, "--train-backbone", help="each run fine-tunes the model jointly with its "
+                                        "controllers (the paper's and the authors' setting), from the original weights"),
+    backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
     device: Device = DeviceOpt,
     dtype: TrainDtype = Dtype.float32,
     out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
@@ -894,28 +1041,31 @@ def controllers_sweep(
 ) -> None:
     """Train and evaluate controllers for every (input, alpha, seed); Figures 1b and 6; hidden vs constant test.
 
-    Example: skipbench controllers sweep --dataset text --alphas 2,4,6,10 --inputs hidden,constant --seeds 3
+    Example: skipbench controllers sweep --dataset text --alpha 2,4,6,10 --inputs hidden,constant --num-seeds 3
     """
     from skipbench.data import DataSpec
     from skipbench.experiments.controllers import SweepConfig, run_sweep
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, "train", train_limit, steps, batch_size, lr, 0, loss, max_new_tokens,
-                         max_seq_len, device, dtype, "", targets, restart=restart)
+                         max_seq_len, device, dtype, "", targets, restart=restart, train_backbone=train_backbone,
+                         backbone_lr=backbone_lr)
     cfg = SweepConfig(train=tcfg, eval_data=DataSpec(name=dataset, split="test", limit=eval_limit or None),
                       inputs=tuple(i.strip() for i in inputs.split(",") if i.strip()),
-                      alphas=_float_list(alphas, "--alphas"), seeds=seeds, tau=tau, alpha_units=alpha_units, gate=gate,
-                      eval_max_new_tokens=max_new_tokens, out=out or default_out("controllers", model, dataset))
+                      alphas=_float_list(alpha, "--alpha"), num_seeds=num_seeds, tau=tau, alpha_units=alpha_units, gate=gate,
+                      metric=metric, eval_max_new_tokens=max_new_tokens,
+                      out=out or default_out("controllers", model, dataset))
     with Bar("sweep") as bar:
         res = run_sweep(cfg, progress=bar.advance, start=bar.start)
     for note in res.notes:
         _note(note)
     shown = res.tables["agg"][["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
-    _print_frame(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
+    show(shown, f"controllers · {model} · {dataset} (means over seeds; CIs in -agg)")
     from skipbench import verdicts
 
     typer.echo(f"hidden vs constant at matched cost ({res.comparison['test']}):")
-    typer.echo(verdicts.line(verdicts.controllers(res.comparison)).replace("**", ""))
+    for v in verdicts.controllers(res.comparison, res.exception):
+        typer.echo(verdicts.line(v).replace("**", ""))
     console.print(f"wrote {res.path}")
 
 
@@ -933,7 +1083,8 @@ def route_train(
     features: str = typer.Option("hidden", help="hidden (the prompt's residual stream) | tfidf (its words) | length"),
     states: str = typer.Option("", help="hidden: residual-stream states to read, 0..L (default: L/2 and L)"),
     metric: str = typer.Option("rougeL", help="the per-item score the router predicts"),
-    policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
+    policy: Optional[list[str]] = typer.Option(None, help="keep only these policies (full always stays), "
+                                               "comma-separated or repeated"),
     costs: str = typer.Option("", help="keep only configurations of these costs (full always stays), comma-separated"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
@@ -948,12 +1099,12 @@ def route_train(
 
     _quiet_transformers()
     cfg = RouteTrainConfig(runs=tuple(runs), features=features, states=_int_list(states, "--states") if states else (),
-                           metric=metric, policies=tuple(p for p in policies.split(",") if p),
+                           metric=metric, policies=_names(policy),
                            costs=_int_list(costs, "--costs") if costs else (), device=device, dtype=dtype, out=out)
     result = train(cfg)
     for note in result.notes:
         _note(note)
-    _print_frame(result.validation, f"router · {cfg.features} · {result.counts['train']} train, "
+    show(result.validation, f"router · {cfg.features} · {result.counts['train']} train, "
                                     f"{result.counts['validation']} validation items (squared error on validation)")
     console.print(f"wrote {result.path}")
 
@@ -985,8 +1136,8 @@ def route_curve(
     result = curve(cfg)
     for note in result.notes:
         _note(note)
-    _print_frame(result.summary, f"route curve · {result.test_items} test items")
-    _print_frame(result.differences.rename(columns={"method": "difference"}),
+    show(result.summary, f"route curve · {result.test_items} test items")
+    show(result.differences.rename(columns={"method": "difference"}),
                  "paired differences (95% bootstrap intervals over the same resamples)")
     console.print(f"wrote {result.path}")
 
@@ -1000,10 +1151,11 @@ RouterOpt = typer.Option(STRATEGIES.get("flexidepth").default_arg, "--router", h
 @flexi_app.command("train")
 def flexidepth_train(
     model: str = ModelOpt,
-    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
-    split: str = typer.Option("train"),
+    dataset: str = typer.Option("text,arith", "--dataset", "-d", help="training data: datasets, comma-separated to mix"),
+    split: str = typer.Option("train", help="training items: train (default) | validation | test | all (a seeded 70/15/15 split)"),
     limit: int = typer.Option(0, help="first N training items (0 = all)"),
-    alpha: float = typer.Option(1e-3, help="weight of L_skip = mean_t (sum_l G)^2"),
+    skip_weight: float = typer.Option(1e-3, help="FlexiDepth's alpha: the weight of L_skip = mean_t (sum_l G)^2 in "
+                                      "alpha L_skip + L_lm"),
     routed_layers: str = typer.Option("", help="0-based layers to route (default: the second half)"),
     router_reduction: int = typer.Option(16, help="bottleneck = hidden / reduction (router and adapter)"),
     tau: float = typer.Option(0.5, help="a token runs the full layer when G > tau"),
@@ -1017,7 +1169,7 @@ def flexidepth_train(
     seed: Seed = 0,
     loss: Loss = LossKind.ce,
     targets: Targets = Teacher.full,
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per item at most (training targets: the full model's)"),
     max_seq_len: MaxSeqLen = 256,
     device: Device = DeviceOpt,
     dtype: TrainDtype = Dtype.float32,
@@ -1026,14 +1178,14 @@ def flexidepth_train(
 ) -> None:
     """Train FlexiDepth routers and adapters on a frozen model.
 
-    Example: skipbench flexidepth train --dataset text,arith --alpha 1e-3 --steps 400 --out runs/flexi-smollm2
+    Example: skipbench flexidepth train --dataset text,arith --skip-weight 1e-3 --steps 400 --out runs/flexi-smollm2
     """
     from skipbench.experiments.flexidepth import FlexiTrainConfig, run_train
 
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
                          max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
-    cfg = FlexiTrainConfig(train=tcfg, alpha=alpha, routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else (),
+    cfg = FlexiTrainConfig(train=tcfg, alpha=skip_weight, routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else (),
                            reduction=router_reduction, tau=tau, adapter=adapter, kv=kv, linear_router=linear_router)
     _train(run_train, cfg)
 
@@ -1042,10 +1194,10 @@ def flexidepth_train(
 def flexidepth_usage(
     model: str = ModelOpt,
     router: str = RouterOpt,
-    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
-    split: str = typer.Option("test"),
+    dataset: str = typer.Option("text,arith", "--dataset", "-d", help="datasets, comma-separated to mix"),
+    split: str = typer.Option("test", help="held-out items: test (default) | validation (a seeded 70/15/15 split)"),
     limit: int = typer.Option(50, help="items per run (0 = all)"),
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per item at most (training targets: the full model's)"),
     batch_size: int = typer.Option(8, min=1, help="sequences per generation batch"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
@@ -1063,7 +1215,7 @@ def flexidepth_usage(
                       out=out or f"results/flexi-usage-{_slug(model)}.parquet")
     with Bar("usage") as bar:
         res = run_usage(cfg, progress=bar.advance, start=bar.start)
-    _print_frame(res.tables["agg"], f"FlexiDepth layers used per subtask · {model}")
+    show(res.tables["agg"], f"FlexiDepth layers used per subtask · {model}")
     console.print(f"wrote {res.path}")
 
 
@@ -1072,7 +1224,7 @@ def flexidepth_depthmap(
     prompt: str = typer.Option(..., help="the instruction to answer"),
     model: str = ModelOpt,
     router: str = RouterOpt,
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per item at most (training targets: the full model's)"),
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     out: str = typer.Option("results/depthmap.html", help="HTML page (a PNG is written beside it)"),
@@ -1096,12 +1248,12 @@ app.add_typer(mindskip_app, name="mindskip")
 @mindskip_app.command("train")
 def mindskip_train(
     model: str = ModelOpt,
-    dataset: str = typer.Option("text,arith", "--dataset", "-d"),
-    split: str = typer.Option("train"),
+    dataset: str = typer.Option("text,arith", "--dataset", "-d", help="training data: datasets, comma-separated to mix"),
+    split: str = typer.Option("train", help="training items: train (default) | validation | test | all (a seeded 70/15/15 split)"),
     limit: int = typer.Option(0, help="first N training items (0 = all)"),
     capacity: float = typer.Option(0.5, help="the fraction of tokens that attend at a routed layer (the capacity "
                                              "loss pushes it down to this)"),
-    weight: float = typer.Option(1.0, help="lambda of the capacity loss, summed over routed layers"),
+    capacity_weight: float = typer.Option(1.0, help="lambda of the capacity loss, summed over routed layers"),
     capacity_loss: str = typer.Option("abs", help="abs: |attend - capacity| (towards it from both sides) | relu: "
                                                   "relu(attend - capacity), the authors' (only down to it)"),
     routed: int = typer.Option(0, help="route the N layers below the last (0: half the depth, the authors' 16 of 32)"),
@@ -1116,7 +1268,7 @@ def mindskip_train(
     seed: Seed = 0,
     loss: Loss = LossKind.ce,
     targets: Targets = Teacher.full,
-    max_new_tokens: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per item at most (training targets: the full model's)"),
     max_seq_len: MaxSeqLen = 256,
     device: Device = DeviceOpt,
     dtype: TrainDtype = Dtype.float32,
@@ -1132,7 +1284,7 @@ def mindskip_train(
     _quiet_transformers()
     tcfg = _train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens,
                          max_seq_len, device, dtype, out, targets, grad_accum, restart=restart)
-    cfg = MindSkipTrainConfig(train=tcfg, capacity=capacity, weight=weight, capacity_loss=capacity_loss, routed=routed, tau=tau, kv=kv,
+    cfg = MindSkipTrainConfig(train=tcfg, capacity=capacity, weight=capacity_weight, capacity_loss=capacity_loss, routed=routed, tau=tau, kv=kv,
                               routed_layers=_int_list(routed_layers, "--routed-layers") if routed_layers else ())
     _train(run_train, cfg)
 
@@ -1147,6 +1299,8 @@ def finetune(
     batch_size: int = typer.Option(8, min=1, help="examples per step (the global batch under torchrun)"),
     grad_accum: GradAccum = 1,
     lr: Lr = 2e-5,
+    lr_schedule: str = typer.Option("constant", help="constant | linear (decays to 0 at --steps; App. A.2.2's, with "
+                                    "--lr 5e-5 --batch-size 64 --patience 1)"),
     eval_every: int = typer.Option(100, help="steps between validations"),
     patience: int = typer.Option(3, help="validations without a better ROUGE-L before stopping"),
     layer_dropout: float = typer.Option(0.0, help="drop each layer with this probability per example (LayerDrop, Fan et al.)"),
@@ -1167,7 +1321,8 @@ def finetune(
 ) -> None:
     """Fine-tune the model on the train split (prompt masked from the loss), early stopping on validation ROUGE-L.
 
-    Example: skipbench finetune --model opt-iml-1.3b --dataset alpaca --lr 2e-5 --out runs/opt-iml-alpaca
+    Example: skipbench finetune --model opt-iml-1.3b --dataset alpaca --lr 5e-5 --lr-schedule linear --batch-size 64 \\
+             --steps 3414 --eval-every 569 --patience 1 --out runs/opt-iml-alpaca   # App. A.2.2: 6 epochs
     Then:    skipbench evaluate --model runs/opt-iml-alpaca/best --dataset alpaca --split test
     """
     from skipbench.data import DataSpec
@@ -1178,7 +1333,8 @@ def finetune(
     # test items into the fine-tuning data
     cfg = FinetuneConfig(model=model, data=DataSpec(name=dataset, split="train", limit=limit or None),
                          val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None), steps=steps,
-                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, seed=seed, eval_every=eval_every,
+                         batch_size=batch_size, grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, seed=seed,
+                         eval_every=eval_every,
                          patience=patience, layer_dropout=layer_dropout, dropout_schedule=dropout_schedule,
                          early_exit_loss=early_exit_loss, early_exit_every=early_exit_every, max_seq_len=max_seq_len,
                          max_new_tokens=max_new_tokens, device=device, dtype=dtype, out=out, restart=restart)
@@ -1236,7 +1392,7 @@ def datasets() -> None:
 
     df = pd.DataFrame(catalogue()).fillna("")
     df["items"] = [str(int(x)) if x != "" else "(hub)" for x in df["items"]]
-    _print_frame(df, "skipbench datasets")
+    show(df, "skipbench datasets")
     typer.echo("Files: Alpaca JSON/JSONL (instruction, input, output), or JSONL/CSV/parquet with --prompt-field/--reference-field.")
 
 
@@ -1256,11 +1412,12 @@ def oracle(
     curve: bool = typer.Option(False, "--curve", help="every budget from the cheapest to the dearest configuration"),
     budgets: str = typer.Option("", help="the curve's budgets, comma-separated (default: every integer)"),
     metric: str = typer.Option("rougeL", help="rougeL | full_rougeL | exact_match | any numeric column"),
-    policies: str = typer.Option("", help="keep only these policies (full always stays), comma-separated"),
+    policy: Optional[list[str]] = typer.Option(None, help="keep only these policies (full always stays), "
+                                               "comma-separated or repeated"),
     costs: str = typer.Option("", help="keep only configurations of these costs (full always stays), comma-separated"),
     length_budgets: str = typer.Option("", help="budgets for the label-length test besides the star and --budget "
                                        "(the paper: 6 and 24 of 24 layers)"),
-    bootstrap: int = typer.Option(200, help="item resamples for the star budget's 95% interval (0: none)"),
+    bootstrap: int = typer.Option(2000, help="item resamples for the star budget's 95% interval (0: none)"),
     out: Optional[str] = typer.Option(None, help="parquet of (budget, method) rows; -assign, -length parquet and PNGs beside it"),
 ) -> None:
     """The exact sequence-level knapsack oracle and the greedy oracle (Glavas et al. Sec. 3.3).
@@ -1278,7 +1435,7 @@ def oracle(
         raise SkipbenchError(f"--bootstrap must be >= 0, got {bootstrap}")
     cfg = OracleConfig(runs=tuple(runs or ()), metric=metric, budget=budget, curve=curve,
                        budgets=_float_list(budgets, "--budgets") if budgets else (),
-                       policies=tuple(p for p in policies.split(",") if p),
+                       policies=_names(policy),
                        costs=_int_list(costs, "--costs") if costs else (),
                        length_budgets=_float_list(length_budgets, "--length-budgets") if length_budgets else (),
                        bootstrap=bootstrap, out=out)
@@ -1297,13 +1454,13 @@ def _print_oracle(result, cfg, name: str) -> None:
     t, metric, budget = result.table, cfg.metric, cfg.budget
     if budget is not None:
         shown = t[t["budget"] == budget]
-        _print_frame(shown[["method", "value", "mean_cost", "exact", "gap"]], f"oracle · budget {budget:g} · {metric}")
+        show(shown[["method", "value", "mean_cost", "exact", "gap"]], f"oracle · budget {budget:g} · {metric}")
         shares = shown[shown["method"].isin(["oracle", "greedy"])].set_index("method").filter(like="share:")
         shares = shares.T.rename(index=lambda c: c.removeprefix("share:")).reset_index(names="configuration")
-        _print_frame(shares, "share of items per configuration")
+        show(shares, "share of items per configuration")
     if cfg.curve:
         wide = t[t["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value").reset_index()
-        _print_frame(wide, f"oracle curve · {metric}")
+        show(wide, f"oracle curve · {metric}")
     L = max(result.costs)
     if result.star is not None:
         ci = (f", 95% bootstrap interval [{result.star_interval[0]:.2f}, {result.star_interval[1]:.2f}]"
@@ -1330,13 +1487,13 @@ def _print_length_test(lt: dict) -> None:
                + (f" ({lt['note']})" if lt.get("note") else ""))
     counts = pd.DataFrame(lt["counts"]).pivot(index="bin", columns="config", values="count")
     counts = counts.reindex([b for b in dict.fromkeys(c["bin"] for c in lt["counts"])]).reset_index()
-    _print_frame(counts, f"oracle's choice per label-length bin · budget {lt['budget']:g}")
+    show(counts, f"oracle's choice per label-length bin · budget {lt['budget']:g}")
 
 
 @app.command("bench-oracle")
 def bench_oracle(
     items: int = typer.Option(7800, min=1, help="items (the paper's Alpaca test size)"),
-    costs: str = typer.Option("4,8,12,24"),
+    costs: str = typer.Option("4,8,12,24", help="the configurations' costs (layers per token), comma-separated"),
     metric: OracleMetric = typer.Option(OracleMetric.rouge, callback=_plain, help="rouge: continuous; binary: 0/1, tie-heavy"),
     big_items: int = typer.Option(1_000_000, min=0, help="a large instance run by the oracle alone (0 to skip)"),
     seed: int = typer.Option(0, help="seed of the synthetic instance"),
@@ -1350,9 +1507,9 @@ def bench_oracle(
     if metric not in ("rouge", "binary"):
         raise SkipbenchError(f"--metric must be rouge or binary, got '{metric}'")
     df = run(OracleBenchConfig(items=items, costs=_int_list(costs, "--costs"), metric=metric, big_items=big_items, seed=seed))
-    table = Table(title=f"bench-oracle · {metric} · costs {costs}")
-    for col in ("what", "items", "seconds", "mean value", "note"):
-        table.add_column(col, justify="left" if col in ("what", "note") else "right")
+    import pandas as pd
+
+    rows = []
     for r in df.to_dict("records"):
         if "speedup" in r and r["speedup"] == r["speedup"]:
             note = f"{r['speedup']:.0f}x slower than the oracle; same value: {r['same_value']}"
@@ -1361,8 +1518,9 @@ def bench_oracle(
         else:
             note = ""
         value = r.get("value")
-        table.add_row(r["what"], str(r["items"]), f"{r['seconds']:.3f}", "" if value is None or value != value else f"{value:.6f}", note)
-    Console(width=120).print(table)
+        rows.append({"what": r["what"], "items": r["items"], "seconds": r["seconds"],
+                     "mean value": np.nan if value is None else value, "note": note})
+    show(pd.DataFrame(rows), f"bench-oracle · {metric} · costs {costs}", {"mean value": "{:.6f}"}, width=120)
 
 
 def main() -> None:

@@ -79,6 +79,10 @@ class Drafted:
         return self.draft.seed
 
     @property
+    def gate(self) -> str:
+        return self.draft.gate
+
+    @property
     def strategy(self):
         return self.draft.strategy
 
@@ -228,10 +232,10 @@ def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int
     for rec in layers:
         use[rec] += 1
     return {
-        # `random-token` rows keep the policy name `random` older outputs had (per_token says which; policy_spec too)
+        # `random-token` rows keep the policy name `random` older outputs had (policy_spec says which)
         "item_id": item.item_id, "subtask": item.subtask, "policy": "random" if p.name == "random-token" else p.name,
         "cost": nominal_cost(p, lm.num_layers),
-        "policy_spec": p.label, "policy_seed": p.seed,
+        "policy_spec": p.label, "policy_seed": p.seed, "policy_gate": p.gate,
         "layers_mean": float(np.mean([len(r) for r in layers])) if layers else math.nan,
         "layers_per_token": [len(r) for r in layers],  # realized layers of each generated token that ran the model
         "layer_use": use.tolist(), "skipped_tokens": len(layers),
@@ -239,6 +243,20 @@ def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int
         "reference_tokens": len(lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"]),
         "rougeL": rouge_l(output, item.reference), "exact_match": exact_match(item.subtask, output, item.answer),
     }
+
+
+SPECULATION_DTYPES = {"speculation_k": "Int64", "speculation_adaptive": "boolean", "speculation_threshold": "Float64",
+                      "speculation_k_max": "Int64", "draft_spec": "string", "speculate": "string", "drafted": "Int64",
+                      "accepted": "Int64", "rejections": "Int64", "rounds": "Int64", "acceptance_rate": "Float64",
+                      "acceptance_prob": "Float64", "accepted_per_round": "Float64", "layer_passes": "Int64",
+                      "matches_full": "boolean"}
+
+
+def speculation_columns(cfg: EvalConfig) -> dict:
+    """The speculation settings as columns (null on every row but the speculative point's, `--draft`)."""
+    from skipbench.results import flat_config
+
+    return {k: v for k, v in flat_config(cfg).items() if k in SPECULATION_DTYPES}
 
 
 def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | None = None,
@@ -276,15 +294,13 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         for p in todo if d.enabled else ():
             write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p), {})
             d.remove_parts(part_path(cfg, p))
-        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies", "draft", "speculation"), model=cfg.model,
-                    dataset=cfg.data.name, split=cfg.data.split, seed=cfg.seed)
-        # run-wide columns older outputs carried (kept, with their old meaning, for readers that use them)
-        asked = [p for p in pts if p.name != "full" and not isinstance(p, Drafted)]
-        rows["costs"] = ",".join(p.arg for p in asked if p.strategy.sweeps)
-        rows["per_token"] = any(p.name == "random-token" for p in asked)
-        rows["controller"] = next((p.value for p in asked if p.name == "controller"), None)
-        rows["router"] = next((p.value for p in asked if p.name == "flexidepth"), None)
-        rows["gate"] = asked[0].gate if asked else "sample"
+        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies", "draft", "speculation"), lm=lm,
+                    model=cfg.model, seed=cfg.seed, batch_size=batch_size, **speculation_columns(cfg))
+        speculative = rows["policy"] == "speculative"
+        for column, dtype in SPECULATION_DTYPES.items():  # only the speculative point's rows speculated: null elsewhere
+            if column not in rows:
+                rows[column] = None
+            rows[column] = rows[column].where(speculative, None).astype(dtype)
         meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated,
                         layers_convention=LAYERS_CONVENTION, batch_size=batch_size, ranks=d.world,
                         points=[f"{p.name}:{nominal_cost(p, lm.num_layers)}" if p.strategy.arg == "none" else p.label

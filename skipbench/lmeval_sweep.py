@@ -25,6 +25,7 @@ from skipbench import distributed, readers
 from skipbench.errors import SkipbenchError, note
 from skipbench.evaluation import expand, nominal_cost, part_key
 from skipbench.models import load_model
+from skipbench.models.loading import default_batch_size
 from skipbench.policies import PolicySpec
 from skipbench.readers import reusable
 from skipbench.stats import group_weighting, paired_test, proportion_interval, stratified_means
@@ -230,7 +231,8 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
 
     def write() -> LmEvalResult:
         parts = [readers.table(path, "cached part", "rerun to compute it again", checked=True) for _, _, path in jobs]
-        rows = tidy(pd.concat(parts, ignore_index=True), cfg, skip=("out", "resume", "policies", "tasks"), model=cfg.model)
+        rows = tidy(pd.concat(parts, ignore_index=True), cfg, skip=("out", "resume", "policies", "tasks"), lm=lm,
+                    model=cfg.model, batch_size=cfg.batch_size or default_batch_size(lm.device))
         docs = pd.concat([readers.table(companion(path, "docs"), "cached part", "rerun to compute it again", checked=True)
                           for _, _, path in jobs], ignore_index=True)
         docs.insert(0, "run_id", rows["run_id"].iloc[0] if len(rows) else run_id(cfg))

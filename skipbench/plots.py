@@ -221,15 +221,15 @@ def speculative_figure(summary, path: Path) -> Path:
     for r in d.itertuples():
         name, k = r.variant.removeprefix("spec ").split(" k=")
         color, marker = f"C{drafts.index(name) % 10}", markers[r.batch_size]
-        ax.scatter(r.alpha, r.speedup, color=color, marker=marker, zorder=3)
-        ax.scatter(r.alpha, r.predicted_speedup, facecolors="none", edgecolors=color, marker=marker, zorder=3)
-        ax.annotate(f"K={k}", (r.alpha, r.speedup), textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.scatter(r.acceptance_prob, r.speedup, color=color, marker=marker, zorder=3)
+        ax.scatter(r.acceptance_prob, r.predicted_speedup, facecolors="none", edgecolors=color, marker=marker, zorder=3)
+        ax.annotate(f"K={k}", (r.acceptance_prob, r.speedup), textcoords="offset points", xytext=(4, 3), fontsize=6)
     for j, name in enumerate(drafts):
         ax.scatter([], [], color=f"C{j % 10}", label=name)
     for batch, marker in markers.items():
         ax.scatter([], [], color="grey", marker=marker, label=f"batch {batch} (hollow: predicted)")
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_xlabel("alpha: per-token acceptance probability")
+    ax.set_xlabel("per-token acceptance probability (Leviathan et al.'s alpha)")
     ax.set_ylabel("decode tokens/s relative to full depth")
     ax.set_title("Self-speculative decoding: speedup against acceptance (output = full depth's)", fontsize=9)
     ax.set_xlim(0, 1)

@@ -29,14 +29,19 @@ def config_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+# the data spec's name and split are the `dataset` and `split` columns of every table (docs/COLUMNS.md)
+FLAT_NAMES = {"data_name": "dataset", "data_split": "split"}
+
+
 def flat_config(cfg: Any, prefix: str = "") -> dict:
-    """Config fields as scalar columns (nested configs joined with '_', lists as strings)."""
+    """Config fields as scalar columns (nested configs joined with '_', lists as strings; FLAT_NAMES renamed)."""
     out = {}
     for key, value in config_dict(cfg).items():
         name = prefix + key
         if isinstance(value, dict):
             for k, v in value.items():
-                out[f"{name}_{k}"] = v if isinstance(v, (int, float, str, bool, type(None))) else json.dumps(v)
+                flat = FLAT_NAMES.get(f"{name}_{k}", f"{name}_{k}")
+                out[flat] = v if isinstance(v, (int, float, str, bool, type(None))) else json.dumps(v)
         elif isinstance(value, list):  # a list of policy specs is written as their labels
             out[name] = ",".join(_spec_text(v) if isinstance(v, dict) and {"name", "arg"} <= set(v) else str(v) for v in value)
         else:
@@ -275,16 +280,49 @@ def manifest_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def tidy(df: pd.DataFrame, cfg: Any, skip: tuple[str, ...] = ("out",), **columns: Any) -> pd.DataFrame:
+def tidy(df: pd.DataFrame, cfg: Any, skip: tuple[str, ...] = ("out",), lm: Any = None, **columns: Any) -> pd.DataFrame:
     """The table tail every recipe shares: `run_id` first, the run's own `columns`, then each config field that is
-    not a column already (a row's own value wins: e.g. the KV mode a variant ran under, not the option given)."""
+    not a column already (a row's own value wins: e.g. the KV mode a variant ran under, not the option given).
+    With the loaded model `lm`, `device` and `dtype` are what the run resolved (cuda:0, float32), not what was asked
+    for (auto). Score columns are float64 whatever their values (an all-zero column is not an integer one)."""
+    if lm is not None:
+        columns = {"device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch."), **columns}
     df.insert(0, "run_id", run_id(cfg))
     for key, value in columns.items():
         df[key] = value
+    nullable = _nullable_dtypes(cfg)
     for key, value in flat_config(cfg).items():
-        if key not in df.columns and key not in skip:
+        if key not in df.columns and not any(key == s or key.startswith(s + "_") for s in skip):
             df[key] = value
+            if key in nullable:  # a setting that may be left to None: one nullable type, given or not
+                df[key] = df[key].astype(nullable[key])
+    for col in SCORES:
+        if col in df.columns and df[col].dtype.kind in "iub":
+            df[col] = df[col].astype("float64")
     return df
+
+
+_NULLABLE = {"int | None": "Int64", "float | None": "Float64", "str | None": "string", "bool | None": "boolean"}
+
+
+def _nullable_dtypes(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """The pandas dtype of each config field that may be None, from its annotation (`int | None` -> Int64), under
+    its flat column name, so that a column's type does not depend on whether a value was given."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(cfg) else ():
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= {FLAT_NAMES.get(k, k): v for k, v in _nullable_dtypes(value, f"{prefix}{f.name}_").items()}
+        elif str(f.type) in _NULLABLE:
+            out[prefix + f.name] = _NULLABLE[str(f.type)]
+    return out
+
+
+# per-item or per-token scores: float64 in every table (docs/COLUMNS.md)
+SCORES = ("rougeL", "full_rougeL", "exact_match", "value", "full_value", "layers_mean", "attention_mean", "kl",
+          "cos_final", "cos_final_normed", "cos_layerwise", "kl_next", "top1_agree", "layers")
 
 
 COMPANIONS = ("agg", "assign", "layers", "length", "docs", "pairs")  # the tables written beside a result (not results themselves)

@@ -151,20 +151,31 @@ def _cheapest(config_means: dict, full: str | None) -> str | None:
         return None
 
 
-def controllers(comparison: dict) -> Verdict:
+def controllers(comparison: dict, exception: dict | None = None) -> list[Verdict]:
     """Sec. 3.2: a hidden-state input gives the skip controllers no advantage over a constant input at matched
-    cost. An equivalence claim on the run-level hidden-input effect."""
-    claim = "the hidden-state input gives no advantage over a constant input at matched cost"
+    cost (an equivalence claim on the run-level hidden-input effect); App. A.4.3's exception, tested apart: near 16
+    of 24 executed layers (2L/3) the hidden state does help (a directional claim on the runs in that window)."""
+    out = [_controllers_claim("the hidden-state input gives no advantage over a constant input at matched cost",
+                              comparison, equivalent)]
+    if exception is not None:
+        out.append(_controllers_claim("near 2L/3 executed layers the hidden-state input helps (App. A.4.3's exception)",
+                                      exception, directional))
+    return out
+
+
+def _controllers_claim(claim: str, comparison: dict, rule) -> Verdict:
     margin = comparison.get("margin", MARGINS["rougeL"])
     unit = comparison.get("metric", "full_rougeL")
     if "hidden_effect" not in comparison:
         return Verdict(claim, "inconclusive", math.nan, math.nan, math.nan, margin, unit,
                        comparison.get("note", "no comparison was made"))
-    v = equivalent(claim, comparison["hidden_effect"], comparison["lo"], comparison["hi"], margin, unit)
-    runs = f"{comparison['runs']} training runs (dof {comparison['dof']})"
+    v = rule(claim, comparison["hidden_effect"], comparison["lo"], comparison["hi"], margin, unit)
+    window = comparison.get("window")
+    runs = (f"{comparison['runs']} training runs (dof {comparison['dof']})"
+            + (f" at {window[0]:g}-{window[1]:g} executed layers" if window else ""))
     need = comparison.get("runs_needed_per_input")
     more = (f"; if the estimate held, about {need} runs per input would narrow the interval to within ±{margin:g} "
-            "(a guide: new runs move the estimate)" if need and v.outcome == "inconclusive" else "")
+            "(a guide: new runs move the estimate)" if need and v.outcome == "inconclusive" and rule is equivalent else "")
     return Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, unit, f"{v.reason}; {runs}{more}")
 
 

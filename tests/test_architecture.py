@@ -207,16 +207,16 @@ def test_a_plugin_strategy_works_in_every_command(plugin, tiny_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(ev)
     assert set(df["policy_spec"]) == {"full", "last:2", "last:4"} and set(df["cost"]) == {2, 4, 6}
-    res = run("oracle", "--runs", ev, "--policies", "last", "--budget", 6, "--out", tmp_path / "o.parquet")
+    res = run("oracle", "--runs", ev, "--policy", "last", "--budget", 6, "--out", tmp_path / "o.parquet")
     assert res.exit_code == 0, res.output
     assert {"share:last:2", "share:last:4"} <= set(pd.read_parquet(tmp_path / "o.parquet").columns)
     res = run("policies")
     assert res.exit_code == 0 and "last" in res.stdout and "plugin" in res.stdout
-    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--strategies", "last,uniform",
+    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--policy", "last,uniform",
               "--costs", 2, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet")
     assert res.exit_code == 0, res.output
     assert "last" in set(pd.read_parquet(tmp_path / "cos.parquet")["strategy"])
-    res = run("bench", "--model", model, "--policies", "full,last:3", "--batch-sizes", 1, "--new-tokens", 3,
+    res = run("bench", "--model", model, "--policy", "full,last:3", "--batch-sizes", 1, "--max-new-tokens", 3,
               "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet")
     assert res.exit_code == 0, res.output
     variants = set(pd.read_parquet(tmp_path / "b.parquet")["variant"])

@@ -93,8 +93,18 @@ def _model_folder(world, tmp: Path, damage) -> Path:
 
 
 def _evaluate(world, out, *more):
-    return ["evaluate", "--model", world["model"], "--dataset", "arith", "--split", "test", "--limit", "2",
-            "--max-new-tokens", "2", "--out", out, *more]
+    """evaluate with these options; an option given in `more` replaces the base one (a repeat is refused)."""
+    args = ["evaluate", "--model", world["model"], "--dataset", "arith", "--split", "test", "--limit", "2",
+            "--max-new-tokens", "2", "--out", out]
+    more = list(more)
+    while more:
+        flag = more.pop(0)
+        value = more.pop(0) if more and not str(more[0]).startswith("--") else None
+        if flag in args and value is not None and flag not in ("--policy", "-o", "--policy-option"):
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag] + ([value] if value is not None else [])
+    return args
 
 
 def _policy(world, out, flag, folder):
@@ -212,7 +222,7 @@ CASES = [
     # other commands
     ("dataset JSON of values", lambda w, t: _evaluate(w, t / "out" / "e.parquet", "--dataset", _write(t / "d.json", "[1, 2]")),
      "holds a list of values, not of records"),
-    ("plan calibrated on a garbage dataset", lambda w, t: ["plan", "--policy", "block-influence", "--cost", "3", "--model",
+    ("plan calibrated on a garbage dataset", lambda w, t: ["plan", "--policy", "block-influence", "--costs", "3", "--model",
                                                           w["model"], "--dataset", _write(t / "d.json", "{oops")],
      "is not valid JSON"),
     ("sweep batch size 0", lambda w, t: ["controllers", "sweep", "--model", w["model"], "--batch-size", "0", "--out",

@@ -227,11 +227,11 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert set(conf0["cost"]) == {2} and all(set(t) <= {2} for t in conf0["layers_per_token"])
     res = run("oracle", "--runs", ev, "--budget", 4, "--out", tmp_path / "o.parquet")
     assert res.exit_code == 0, res.output
-    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--strategies", "angular", "--costs", 3,
+    res = run("cosine", "--model", model, "--dataset", "text", "--limit", 2, "--policy", "angular", "--costs", 3,
               "--out", tmp_path / "cos.parquet", *cal)
     assert res.exit_code == 1 and "--split test" in res.output
     res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2,
-              "--strategies", "block-influence,angular",
+              "--policy", "block-influence,angular",
               "--costs", 3, "--max-new-tokens", 3, "--out", tmp_path / "cos.parquet", *cal)
     assert res.exit_code == 0, res.output
     assert set(pd.read_parquet(tmp_path / "cos.parquet")["strategy"]) == {"block-influence", "angular"}
@@ -244,7 +244,7 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     # a threshold strategy at its points: confidence 0 exits every token at --min-layers (= early exit there),
     # above 1 none exits (= full depth); each pass is costed by the layers its tokens ran
     res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2, "--max-new-tokens", 4,
-              "--strategies", "confidence:0,1.5,early-exit:2", "-o", "min-layers=2", "--out", tmp_path / "conf.parquet")
+              "--policy", "confidence:0,1.5,early-exit:2", "-o", "min-layers=2", "--out", tmp_path / "conf.parquet")
     assert res.exit_code == 0, res.output
     cos = pd.read_parquet(tmp_path / "conf.parquet").set_index(["strategy", "point", "item_id", "token"]).sort_index()
     exit0, early, never = cos.loc[("confidence", "0")], cos.loc[("early-exit", "2")], cos.loc[("confidence", "1.5")]
@@ -254,13 +254,13 @@ def test_the_baselines_work_in_every_command(tiny_dirs, tmp_path, monkeypatch):
     assert never["cos_final"].to_numpy() == pytest.approx(1, abs=1e-5) and (never["cost"] == 6).all()
     agg = pd.read_parquet(tmp_path / "conf-agg.parquet").set_index(["strategy", "point"])
     assert agg.loc[("confidence", "0"), "layers"] == 2 and agg.loc[("confidence", "1.5"), "layers"] == 6
-    res = run("cosine", "--model", model, "--dataset", "text", "--strategies", "confidence", "--out", tmp_path / "c.parquet")
+    res = run("cosine", "--model", model, "--dataset", "text", "--policy", "confidence", "--out", tmp_path / "c.parquet")
     assert res.exit_code == 1 and "a threshold given as NAME:T" in res.output
     res = run("cosine", "--model", model, "--dataset", "text", "--split", "test", "--limit", 2, "--max-new-tokens", 4,
-              "--strategies", "confidence:0.5", "-o", "decay=2", "--out", tmp_path / "c.parquet")
+              "--policy", "confidence:0.5", "-o", "decay=2", "--out", tmp_path / "c.parquet")
     assert res.exit_code == 0, res.output
-    res = run("bench", "--model", model, "--policies", "full,confidence:0.5,angular:3", "--batch-sizes", 1,
-              "--new-tokens", 3, "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet", *cal)
+    res = run("bench", "--model", model, "--policy", "full,confidence:0.5,angular:3", "--batch-sizes", 1,
+              "--max-new-tokens", 3, "--repeats", 1, "--warmup", 0, "--out", tmp_path / "b.parquet", *cal)
     assert res.exit_code == 0, res.output
     assert {"confidence:0.5", "angular:3", "removed:angular:3"} <= set(pd.read_parquet(tmp_path / "b.parquet")["variant"])
     res = run("evaluate", "--model", model, "--dataset", "text", "--limit", 2, "--policy", "uniform:3",

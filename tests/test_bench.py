@@ -15,8 +15,8 @@ from skipbench.cli import app
 def test_bench_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "bench.parquet"
     res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1,2",
-                                   "--policies", "full,uniform:3,random-token:4", "--impl", "all",
-                                   "--new-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+                                   "--policy", "full,uniform:3,random-token:4", "--impl", "all",
+                                   "--max-new-tokens", "4", "--repeats", "2", "--warmup", "0", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     variants = {"hf-generate", "full", "uniform:3", "random-token:4 [auto]", "random-token:4 [gather]",
@@ -115,7 +115,7 @@ def test_summary_on_synthetic_timings():
                 "peak_memory_mb": 1.0}
 
     spec = row("spec d k=2", 8.0, 0.2, 70, "speculative") | {
-        "alpha": 0.5, "k_mean": 2.0, "expected_per_round": 1.75, "tokens_per_round": 1.5, "t_draft": 0.03,
+        "acceptance_prob": 0.5, "k_mean": 2.0, "expected_per_round": 1.75, "tokens_per_round": 1.5, "t_draft": 0.03,
         "t_verify": 0.12}
     full = row("full", 10.0, 0.1, 30) | {"step_mean": 0.11}  # the ideal reads the median step, speculation the mean
     df = pd.DataFrame([row("hf-generate", 8.0, 0.125, 30, "baseline"), full, row("uniform:15", 15.0, 0.066, 15), spec])
@@ -167,8 +167,8 @@ def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):
 
     router = no_kv_router(tmp_path / "r")
     out = tmp_path / "bench.parquet"
-    args = ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1", "--policies", f"full,uniform:3,flexidepth:{router}",
-            "--new-tokens", "3", "--repeats", "1", "--warmup", "0"]
+    args = ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1", "--policy", f"full,uniform:3,flexidepth:{router}",
+            "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0"]
     res = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     modes = pd.read_parquet(out).groupby("variant")["kv_mode"].agg(set).to_dict()
@@ -186,10 +186,10 @@ def test_phase_rows_of_a_speculative_run_count_rounds_as_steps():
 
     timings = [("prefill", 0.5), ("draft", 0.1), ("draft", 0.1), ("verify", 0.2), ("accept", 0.01),
                ("verify", 0.2), ("accept", 0.02)]
-    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2], [3]], 5, variant="s", alpha=0.5)}
+    rows = {r["phase"]: r for r in phase_rows(timings, [[1, 2], [3]], 5, variant="s", acceptance_prob=0.5)}
     assert rows["decode"]["steps"] == 2 and rows["decode"]["tokens"] == 8
     assert rows["decode"]["seconds"] == pytest.approx(0.63) and rows["decode"]["step_p50"] == pytest.approx(0.315)
-    assert rows["decode"]["alpha"] == 0.5 and "alpha" not in rows["prefill"]
+    assert rows["decode"]["acceptance_prob"] == 0.5 and "acceptance_prob" not in rows["prefill"]
 
 
 def test_lockstep_decodings_give_their_own_tokens_and_clocks(tokenizer):

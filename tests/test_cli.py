@@ -18,14 +18,14 @@ def invoke(*args):
 
 
 def test_plan_prints_eq2():
-    res = invoke("plan", "--layers", 24, "--cost", 12, "--policy", "uniform")
+    res = invoke("plan", "--layers", 24, "--costs", 12, "--policy", "uniform")
     assert res.exit_code == 0
     assert res.stdout.split() == [str(i) for i in range(0, 24, 2)]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
 def test_generate_json_uniform(tiny_dirs, family):
-    res = invoke("generate", "--model", tiny_dirs[family], "--policy", "uniform", "--cost", 3,
+    res = invoke("generate", "--model", tiny_dirs[family], "--policy", "uniform", "--costs", 3,
                  "--prompt", "Please calculate the sum of 99, 45 and 12.", "--max-new-tokens", 12, "--json")
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -36,7 +36,7 @@ def test_generate_json_uniform(tiny_dirs, family):
 
 
 def test_generate_json_random_per_token(tiny_dirs):
-    res = invoke("generate", "--model", tiny_dirs["llama"], "--policy", "random", "--cost", 4, "--per-token",
+    res = invoke("generate", "--model", tiny_dirs["llama"], "--policy", "random", "--costs", 4, "--per-token",
                  "--seed", 3, "--prompt", "Repeat the list 5 times: 12, 34.", "--max-new-tokens", 10, "--json")
     out = json.loads(res.stdout)
     assert all(len(layers) == 4 and layers[0] == 0 for layers in out["layers_per_token"])
@@ -46,15 +46,15 @@ def test_generate_json_random_per_token(tiny_dirs):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["plan", "--layers", 24, "--cost", 30], "the cost must be between 1 and 24"),
-        (["plan", "--layers", 24, "--cost", "x"], "Invalid value for '--cost'"),
-        (["plan", "--layers", 24, "--cost", 3, "--policy", "nope"], "unknown policy 'nope'"),
+        (["plan", "--layers", 24, "--costs", 30], "the cost must be between 1 and 24"),
+        (["plan", "--layers", 24, "--costs", "x"], "Invalid value for '--costs'"),
+        (["plan", "--layers", 24, "--costs", 3, "--policy", "nope"], "unknown policy 'nope'"),
         (["generate", "--model", "no-such-alias", "--prompt", "hi"], "unknown model 'no-such-alias'"),
         (["generate", "--model", "some-org/not-cached-anywhere", "--prompt", "hi"], "not in the local Hugging Face cache"),
         (["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"], "GGUF file not found"),
         (["generate", "--prompt", "hi", "--kv-mode", "maybe", "--model", "{llama}"], "Invalid value for '--kv-mode'"),
         (["generate", "--prompt", "hi", "--policy", "uniform", "--model", "{llama}"], "needs a cost"),
-        (["generate", "--prompt", "hi", "--policy", "uniform", "--cost", 7, "--model", "{llama}"], "between 1 and 6"),
+        (["generate", "--prompt", "hi", "--policy", "uniform", "--costs", 7, "--model", "{llama}"], "between 1 and 6"),
         (["generate", "--prompt", "hi", "--device", "tpu", "--model", "{llama}"], "Invalid value for '--device'"),
     ],
 )
@@ -161,3 +161,103 @@ def test_choice_enums_are_the_librarys_choices():
     assert values(cli.Dtype) == {"auto", *DTYPES}
     assert values(cli.AlphaUnits) == set(ALPHA_UNITS) and values(cli.GateMode) == set(GATES)
     assert values(cli.ControllerInput) == set(INPUTS)
+
+
+def _commands():
+    """Every leaf command of the app: (words, click command)."""
+    import typer
+
+    out = []
+
+    def walk(cmd, words):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, words + [name])
+        else:
+            out.append((words, cmd))
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+def test_every_option_of_every_command_has_help_and_help_exits_0():
+    """`-h` and `--help` work everywhere; every option says what it does."""
+    missing = [f"{' '.join(w)} {p.opts[0]}" for w, cmd in _commands() for p in cmd.params
+               if getattr(p, "param_type_name", "") == "option" and not p.help]
+    assert not missing, missing
+    for words, _ in _commands():
+        res = invoke(*words, "-h")
+        assert res.exit_code == 0 and "Usage:" in res.output, (words, res.output)
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.stdout.strip().startswith("skipbench 0.")
+
+
+def test_a_repeated_single_value_option_is_refused_and_policies_append(tiny_dirs, tmp_path):
+    """`evaluate --policy uniform:2 --policy early-exit:2` runs both (as lm-eval's --tasks); an option that takes one
+    value given twice is refused in one line, not silently the last one kept."""
+    import pandas as pd
+
+    out = tmp_path / "e.parquet"
+    res = invoke("evaluate", "--model", tiny_dirs["llama"], "--dataset", "arith", "--split", "test", "--limit", 2,
+                 "--policy", "uniform:2", "--policy", "early-exit:2", "--max-new-tokens", 2, "--out", out)
+    assert res.exit_code == 0, res.output
+    assert set(pd.read_parquet(out)["policy_spec"]) == {"full", "uniform:2", "early-exit:2"}
+    for args, said in ((["evaluate", "--limit", 2, "--limit", 3], "--limit given 2 times"),
+                       (["generate", "--prompt", "a", "--policy", "full", "--policy", "uniform:2"], "--policy given 2 times"),
+                       (["evaluate", "--resume", "--no-resume"], "--resume and --no-resume given 2 times"),
+                       (["evaluate", "--limit=2", "--limit", 3], "--limit given 2 times")):
+        res = invoke(*args)
+        assert res.exit_code == 1 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+
+
+def test_a_malformed_or_unused_policy_option_is_refused_everywhere(tiny_dirs, tmp_path):
+    """lm-eval's habit `-o DIR` (its output path) is skipbench's --policy-option: refused, with or without --policy,
+    before any work."""
+    pytest.importorskip("lm_eval")
+    for extra in ([], ["--policy", "uniform:3"]):
+        res = invoke("lm-eval", "--model", tiny_dirs["llama"], "--tasks", "skipbench_choice", *extra, "-o", tmp_path / "dir",
+                     "--out", tmp_path / "x.parquet")
+        assert res.exit_code == 1 and "NAME=VALUE" in res.stderr and not (tmp_path / "x.parquet").exists(), res.output
+    res = invoke("lm-eval", "--model", tiny_dirs["llama"], "--tasks", "skipbench_choice", "-o", "min-layers=2",
+                 "--out", tmp_path / "x.parquet")
+    assert res.exit_code == 1 and "no policy given takes it" in res.stderr
+
+
+def test_seed_draws_skips_and_data_seed_draws_items(tiny_dirs, tmp_path):
+    import pandas as pd
+
+    def items(*extra):
+        out = tmp_path / f"e{len(list(tmp_path.iterdir()))}.parquet"
+        res = invoke("evaluate", "--model", tiny_dirs["llama"], "--dataset", "arith", "--split", "test", "--limit", 3,
+                     "--policy", "random:3", "--max-new-tokens", 2, "--out", out, *extra)
+        assert res.exit_code == 0, res.output
+        df = pd.read_parquet(out)
+        return sorted(set(df["item_id"])), df[df["policy"] == "random"]["layer_use"].map(tuple).tolist()
+
+    (a, use_a), (b, use_b), (c, _) = items("--seed", 1), items("--seed", 2), items("--data-seed", 2)
+    assert a == b and a != c  # the test items follow --data-seed only
+    assert use_a != use_b  # --seed draws the random skips
+
+
+def test_old_spellings_still_work_with_a_note():
+    res = invoke("plan", "--layers", 24, "--cost", 12)
+    assert res.exit_code == 0 and res.stdout.split() == [str(i) for i in range(0, 24, 2)]
+    assert "'plan --cost' is now '--costs'" in res.stderr
+
+
+def test_piped_tables_are_plain_and_never_wrapped(tiny_dirs):
+    """Piped (not a terminal), a table is plain aligned text, one row per line, its long cells whole."""
+    res = invoke("policies")
+    assert res.exit_code == 0 and "┃" not in res.stdout and res.stdout.startswith("# skipbench policies")
+    row = next(line for line in res.stdout.splitlines() if line.lstrip().startswith("laco "))
+    assert "laco" in row and "LaCo (Yang et al.)" in row and "collapsed model" in row  # the help cell, whole
+
+
+def test_lm_eval_prints_every_metric(tiny_dirs, tmp_path):
+    pytest.importorskip("lm_eval")
+    res = invoke("lm-eval", "--model", tiny_dirs["llama"], "--tasks", "skipbench_choice", "--limit", 2,
+                 "--out", tmp_path / "x.parquet")
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.stdout.splitlines() if "skipbench_choice" in line]
+    assert any(" acc " in line for line in lines) and any(" acc_norm " in line for line in lines)
+    assert "lm-eval: skipbench_choice · full done" in res.stderr  # piped: a log line per finished point

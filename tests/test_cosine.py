@@ -23,7 +23,7 @@ from skipbench.policies import make_policy
 
 
 def test_every_strategy_at_full_cost_is_the_full_model(tiny_dirs, tmp_path):
-    cfg = cs.CosineConfig(model=str(tiny_dirs["qwen3"]), data=DataSpec(name="text", limit=4), costs=(6,), seeds=2,
+    cfg = cs.CosineConfig(model=str(tiny_dirs["qwen3"]), data=DataSpec(name="text", limit=4), costs=(6,), num_seeds=2,
                           max_new_tokens=8, out=str(tmp_path / "c.parquet"))
     res = cs.run(cfg)
     assert set(res.rows["strategy"]) == {"early-exit", "uniform", "random"}
@@ -74,7 +74,7 @@ def test_aggregate_uses_item_means():
 def test_cosine_cli_end_to_end(tiny_dirs, tmp_path):
     out = tmp_path / "cos.parquet"
     res = CliRunner().invoke(app, ["cosine", "--model", str(tiny_dirs["opt"]), "--dataset", "arith", "--limit", "5",
-                                   "--costs", "2,4", "--seeds", "2", "--max-new-tokens", "6", "--out", str(out)])
+                                   "--costs", "2,4", "--num-seeds", "2", "--max-new-tokens", "6", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = pd.read_parquet(out)
     agg = pd.read_parquet(tmp_path / "cos-agg.parquet")

@@ -66,7 +66,7 @@ def test_evaluate_and_cosine_match_one_process(tiny_dirs, tmp_path):
     same_rows(tmp_path / "two" / "eval.parquet", tmp_path / "one" / "eval.parquet")
     assert not list((tmp_path / "two" / ".skipbench-parts").glob("*rank*"))  # shares merged, then removed
 
-    cosine = ["cosine", "--model", model, "--dataset", "text", "--limit", "6", "--costs", "2,4", "--seeds", "2",
+    cosine = ["cosine", "--model", model, "--dataset", "text", "--limit", "6", "--costs", "2,4", "--num-seeds", "2",
               "--max-new-tokens", "6", "--batch-size", "2"]
     torchrun(*cosine, "--out", str(tmp_path / "two" / "cos.parquet"))
     single(*cosine, "--out", str(tmp_path / "one" / "cos.parquet"))

@@ -110,7 +110,7 @@ def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):
     runner = CliRunner()
     run = tmp_path / "flexi"
     common = ["--model", str(tiny_dirs["llama"])]
-    res = runner.invoke(app, ["flexidepth", "train", *common, "--dataset", "text,arith", "--limit", "8", "--alpha", "1",
+    res = runner.invoke(app, ["flexidepth", "train", *common, "--dataset", "text,arith", "--limit", "8", "--skip-weight", "1",
                               "--router-reduction", "4", "--steps", "30", "--batch-size", "4", "--lr", "0.05",
                               "--max-new-tokens", "8", "--max-seq-len", "1024", "--out", str(run)])
     assert res.exit_code == 0, res.output

@@ -74,7 +74,7 @@ def test_a_damaged_teacher_cache_is_generated_again(tiny_dirs, tmp_path):
 
 def test_a_damaged_calibration_cache_is_computed_again(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
-    args = ["plan", "--policy", "block-influence", "--cost", "3", "--model", tiny_dirs["llama"], "--dataset", "arith",
+    args = ["plan", "--policy", "block-influence", "--costs", "3", "--model", tiny_dirs["llama"], "--dataset", "arith",
             "-o", "calibration=4"]
     first = invoke(*args)
     assert first.exit_code == 0, first.output

@@ -24,7 +24,7 @@ def planted_runs(path, items, model: str, configs: dict[str, tuple[str, int]], s
     """evaluate-shaped rows whose scores are planted: score(item, spec) (a test double for the generations only)."""
     rows = [{"item_id": it.item_id, "policy": policy, "cost": cost, "policy_spec": spec, "rougeL": score(it, spec),
              "layers_mean": float(cost), "model": model, "dataset": "text", "split": "all", "seed": 0,
-             "data_name": "text", "data_split": "all", "data_seed": 0, "data_prompt_field": None,
+             "data_seed": 0, "data_prompt_field": None,
              "data_reference_field": None, "max_prompt_tokens": 1024}
             for it in items for spec, (policy, cost) in configs.items()]
     df = pd.DataFrame(rows)

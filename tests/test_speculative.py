@@ -74,7 +74,7 @@ def test_greedy_output_is_the_full_models_for_every_draft(lm, tokenizer, name, k
         left_padding = torch.tensor([max(map(len, ps)) - len(p) for p in ps])
         assert bool((out.cache.pad > left_padding).any())
     if name == "full":  # a draft identical to the full model: everything is accepted
-        assert s.acceptance_rate() == 1.0 and s.alpha() == 1.0 and sum(s.rejections) == 0
+        assert s.acceptance_rate() == 1.0 and s.acceptance_prob() == 1.0 and sum(s.rejections) == 0
         assert s.rounds == [int(np.ceil((len(t) - 1) / 4)) for t in out.tokens]
 
 
@@ -353,8 +353,8 @@ def test_generate_with_a_draft_prints_full_depths_tokens_and_acceptance(tiny_dir
 
 def test_bench_with_drafts_reports_acceptance_shares_and_predicted_speedup(tiny_dirs, tmp_path):
     out = tmp_path / "b.parquet"
-    res = _cli("bench", "--model", tiny_dirs["llama"], "--policies", "uniform:3", "--drafts", "early-exit:3,uniform:4",
-               "--speculate", "2,auto", "--batch-sizes", "1,2", "--new-tokens", 8, "--repeats", 1, "--warmup", 0,
+    res = _cli("bench", "--model", tiny_dirs["llama"], "--policy", "uniform:3", "--draft", "early-exit:3,uniform:4",
+               "--speculate", "2,auto", "--batch-sizes", "1,2", "--max-new-tokens", 8, "--repeats", 1, "--warmup", 0,
                "--out", out)
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
@@ -376,8 +376,8 @@ def test_bench_with_drafts_reports_acceptance_shares_and_predicted_speedup(tiny_
 
 
 def test_bench_drafts_auto_searches_a_layer_set(tiny_dirs):
-    res = _cli("bench", "--model", tiny_dirs["llama"], "--policies", "full", "--drafts", "auto", "--speculate", 3,
-               "--batch-sizes", 1, "--new-tokens", 6, "--repeats", 1, "--warmup", 0)
+    res = _cli("bench", "--model", tiny_dirs["llama"], "--policy", "full", "--draft", "auto", "--speculate", 3,
+               "--batch-sizes", 1, "--max-new-tokens", 6, "--repeats", 1, "--warmup", 0)
     assert res.exit_code == 0, res.output
     chosen = [line for line in res.output.splitlines() if line.startswith("chosen draft: layers:")]
     assert len(chosen) == 1

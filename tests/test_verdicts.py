@@ -156,17 +156,32 @@ def _runs(effect: float, spread: float, seeds: int, seed: int = 0) -> pd.DataFra
                                                             (0.0, 0.06, 2, "inconclusive"), (-0.3, 0.004, 6, "disagrees")])
 def test_controllers_claim(effect, spread, seeds, outcome):
     c = compare_inputs(_runs(effect, spread, seeds))
-    v = verdicts.controllers(c)
+    (v,) = verdicts.controllers(c)
     assert v.outcome == outcome, verdicts.line(v)
     assert c["runs"] == 2 * 2 * seeds and c["dof"] == c["runs"] - 3  # runs are the unit, not items
     if outcome == "inconclusive":
         assert c["runs_needed_per_input"] > seeds and "runs per input" in v.reason
 
 
+def test_the_a43_exception_is_tested_on_the_runs_near_two_thirds_apart():
+    """App. A.4.3: near 16 of 24 executed layers the hidden state helps. Planted: the runs at alpha 10 execute about
+    20 of 30 layers (2L/3 = 20, window 17.5-22.5), those at alpha 2 about 24, outside it; a hidden-input effect of
+    +0.2 agrees with the exception's directional claim, no effect disagrees, and the main claim is tested over all."""
+    from skipbench.experiments.controllers import exception_window
+
+    assert exception_window(24) == (14, 18) and exception_window(30) == (17.5, 22.5)
+    for effect, outcome in ((0.2, "agrees"), (0.0, "disagrees")):
+        runs = _runs(effect, 0.004, 6)
+        exception = compare_inputs(runs, window=exception_window(30))
+        assert exception["runs"] == 2 * 6 and exception["window"] == (17.5, 22.5)  # the alpha 10 runs only
+        main, near = verdicts.controllers(compare_inputs(runs), exception)
+        assert near.outcome == outcome and "App. A.4.3" in near.claim and "at 17.5-22.5 executed layers" in near.reason
+
+
 def test_not_significant_is_not_agreement():
     """1 seed x 2 alphas x 2 inputs: the old code said 'reproduced' whenever p >= 0.05, however wide the interval."""
     c = compare_inputs(_runs(0.0, 0.03, 1))
-    v = verdicts.controllers(c)
+    (v,) = verdicts.controllers(c)
     assert c["p_value"] > 0.05 and c["hi"] - c["lo"] > 2 * c["margin"]
     assert v.outcome == "inconclusive" and "(dof 1)" in v.reason
 
@@ -211,7 +226,7 @@ def test_a_router_that_barely_learned_is_not_judged(training, why):
 
 
 def test_line_prints_interval_margin_and_reason():
-    v = verdicts.controllers(compare_inputs(_runs(0.0, 0.004, 6)))
+    (v,) = verdicts.controllers(compare_inputs(_runs(0.0, 0.004, 6)))
     text = verdicts.line(v)
     assert text.startswith("**agrees**") and "margin ±0.05" in text and "[" in text and "runs" in text
 

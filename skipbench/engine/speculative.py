@@ -95,7 +95,7 @@ class SpecStats:
         a, d = (sum(self.accepted), sum(self.drafted)) if row is None else (self.accepted[row], self.drafted[row])
         return a / d if d else float("nan")
 
-    def alpha(self, row: int | None = None) -> float:
+    def acceptance_prob(self, row: int | None = None) -> float:
         """The per-token acceptance probability of the standard model (each draft token accepted with probability
         alpha given the ones before it were): accepted / (accepted + rejections), its maximum-likelihood estimate."""
         a, r = (sum(self.accepted), sum(self.rejections)) if row is None else (self.accepted[row], self.rejections[row])
@@ -107,13 +107,13 @@ class SpecStats:
 
     def row(self, r: int) -> dict:
         return {"drafted": self.drafted[r], "accepted": self.accepted[r], "rejections": self.rejections[r],
-                "rounds": self.rounds[r], "acceptance_rate": self.acceptance_rate(r), "alpha": self.alpha(r),
+                "rounds": self.rounds[r], "acceptance_rate": self.acceptance_rate(r), "acceptance_prob": self.acceptance_prob(r),
                 "accepted_per_round": self.accepted_per_round(r), "layer_passes": self.layer_passes[r]}
 
     def expected_per_round(self) -> float:
-        """The standard model's tokens per round at this run's alpha, averaged over its rounds' K."""
+        """The standard model's tokens per round at this run's acceptance probability (alpha), averaged over its rounds' K."""
         ks = self.round_k or [0]
-        return sum(expected_tokens(self.alpha(), k) for k in ks) / len(ks)
+        return sum(expected_tokens(self.acceptance_prob(), k) for k in ks) / len(ks)
 
 
 def expected_tokens(alpha: float, k: int) -> float:

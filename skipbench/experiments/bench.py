@@ -1,6 +1,6 @@
 """`skipbench bench`: the wall-clock cost of skipping, measured side by side in one process.
 
-Every variant generates exactly `new_tokens` tokens (EOS does not stop it) on the same prompts, after
+Every variant generates exactly `max_new_tokens` tokens (EOS does not stop it) on the same prompts, after
 warm-up, CUDA synchronised before each clock read. Prefill (the prompt and the first token) and decode (each
 later token) are timed separately. skipbench's own variants (every policy and the removed-layer bounds) decode in
 lockstep: one step of each in turn (`lockstep`), so that the steps compared are a few apart and a drift of the
@@ -36,7 +36,7 @@ its partial layers ran (`dense_layers`, `gathered_layers`): realized against the
 difference is the policy or the engine.
 
 A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
-`alpha`: the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
+`acceptance_prob`: Leviathan et al.'s alpha, the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
 round, the layer passes per token (draft and verify), the shares of its time spent drafting, verifying and
 accepting (bookkeeping), and two predictions from its own measured parts, a round costing k_mean t_draft +
 t_verify (mean draft step, mean verify pass) against full depth's mean step:
@@ -92,7 +92,7 @@ class BenchConfig:
     model: str = EMBEDDED
     policies: tuple[PolicySpec, ...] = ()  # empty: full and uniform at half depth
     batch_sizes: tuple[int, ...] = (1, 8)
-    new_tokens: int = 64
+    max_new_tokens: int = 64  # exactly: EOS does not stop a run
     repeats: int = 3
     warmup: int = 1
     kv_mode: str = "auto"  # auto: fill, or the KV mode a trained policy requires
@@ -149,7 +149,7 @@ def _ours(lm: LoadedModel, policy: Policy, cfg: BenchConfig, impl: str, kv_mode:
     def start(prompts):
         timings: list = []
         meter = Meter()
-        steps = decoding(lm, prompts, policy, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings,
+        steps = decoding(lm, prompts, policy, cfg.max_new_tokens, kv_mode, stop_at_eos=False, impl=impl, timings=timings,
                          meter=meter)
 
         def collect(gen):
@@ -187,16 +187,16 @@ def lockstep(variants: list[Variant], prompts) -> dict[str, tuple]:
 def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchConfig, kv_mode: str) -> Callable:
     def run(prompts):
         timings: list = []
-        gen = speculate(lm, prompts, draft, spec, cfg.new_tokens, kv_mode, stop_at_eos=False, impl=_impl(cfg),
+        gen = speculate(lm, prompts, draft, spec, cfg.max_new_tokens, kv_mode, stop_at_eos=False, impl=_impl(cfg),
                         timings=timings)
         s = gen.speculation
         laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept")}
         total = sum(map(sum, laps.values()))
         fed = sum(len(t) - 1 for t in gen.tokens)
         extra = {"draft_spec": draft.describe(), "speculate": spec.label, "acceptance_rate": s.acceptance_rate(),
-                 "alpha": s.alpha(), "accepted_per_round": s.accepted_per_round(),
+                 "acceptance_prob": s.acceptance_prob(), "accepted_per_round": s.accepted_per_round(),
                  "expected_per_round": s.expected_per_round(), "k_mean": float(np.mean(s.round_k)),
-                 "rounds": len(s.round_k), "tokens_per_round": (cfg.new_tokens - 1) / len(s.round_k),
+                 "rounds": len(s.round_k), "tokens_per_round": (cfg.max_new_tokens - 1) / len(s.round_k),
                  "layer_passes_per_token": sum(s.layer_passes) / fed,
                  "t_draft": float(np.mean(laps["draft"])) if laps["draft"] else 0.0,
                  "t_verify": float(np.mean(laps["verify"])),
@@ -222,7 +222,7 @@ def _impl(cfg: BenchConfig) -> str:
 
 
 def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] = ()) -> list[Variant]:
-    out = [_hf_variant(lm, cfg.new_tokens)]
+    out = [_hf_variant(lm, cfg.max_new_tokens)]
     bounds = []
     specs = cfg.policies or parse_policies(f"full,uniform:{max(1, lm.num_layers // 2)}")
     if drafts and not any(s.name == "full" for s in specs):
@@ -292,7 +292,7 @@ class BenchResult(Written):
 
 
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
-    if cfg.new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
+    if cfg.max_new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
         raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     impls_of(cfg.impl)
     if cfg.out:
@@ -343,11 +343,11 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                 continue
             for v in order:
                 timings, layers, extra = results[v.name]
-                rows += phase_rows(timings, prompts, cfg.new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
+                rows += phase_rows(timings, prompts, cfg.max_new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
                                    variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
                                    layers_mean=layers, **extra)
     summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, parts)
-    df = tidy(pd.DataFrame(rows), cfg, skip=())  # a row's own kv_mode is the mode it ran under, not the option given
+    df = tidy(pd.DataFrame(rows), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
         return BenchResult(rows=df, summary=summary, search=found)
@@ -401,7 +401,7 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
     return steps
 
 
-SPECULATIVE = ("acceptance_rate", "alpha", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
+SPECULATIVE = ("acceptance_rate", "acceptance_prob", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
                "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
 METER_PARTS = ("attention", "mlp", "kv", "dense", "gathered")
 METERED = ("policy_s", "skip_path_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step

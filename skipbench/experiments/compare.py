@@ -33,7 +33,7 @@ import pandas as pd
 
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
-from skipbench.models.loading import EMBEDDED
+from skipbench.models.loading import EMBEDDED, default_batch_size
 from skipbench.policies import STRATEGIES, PolicySpec, parse_policies
 from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
 
@@ -143,7 +143,8 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     table = with_task_intervals(table, reps)
     summary = retain(table, reps)
     pairs = matched_pairs(table, summary, reps)
-    rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks"), model=cfg.model)
+    rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks"), lm=lm, model=cfg.model,
+                batch_size=cfg.batch_size or default_batch_size(lm.device))
     from skipbench.plots import compare_figure
 
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, points={p.spec.label: [p.method, p.skip] for p in pts},

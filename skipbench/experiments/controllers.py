@@ -28,7 +28,7 @@ from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
 )
 from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
-from skipbench.training import TrainConfig, TrainResult, train
+from skipbench.training import BACKBONE, TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,10 +55,11 @@ class SweepConfig:
     eval_data: DataSpec  # held-out items (split test)
     inputs: tuple[str, ...] = INPUTS
     alphas: tuple[float, ...] = (2.0, 4.0, 6.0, 10.0)
-    seeds: int = 3
+    num_seeds: int = 3
     tau: float = 1.0
     alpha_units: str = "fraction"
     gate: str = "sample"
+    metric: str = "full_rougeL"  # the hidden-vs-constant test's quality: vs the full model's output, or vs references
     eval_max_new_tokens: int = 64
     out: str = ""
 
@@ -71,10 +72,12 @@ def run_dir(cfg: SweepConfig, input_kind: str, alpha: float, seed: int) -> Path:
 def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callable | None = None) -> SweepResult:
     out = check_out_path(cfg.out)
     bad = [i for i in cfg.inputs if i not in INPUTS]
-    if bad or not cfg.alphas or cfg.seeds < 1:
-        raise SkipbenchError(f"sweep needs inputs from {', '.join(INPUTS)}, at least one alpha and --seeds >= 1")
+    if bad or not cfg.alphas or cfg.num_seeds < 1:
+        raise SkipbenchError(f"sweep needs inputs from {', '.join(INPUTS)}, at least one alpha and --num-seeds >= 1")
+    if cfg.metric not in METRICS:
+        raise SkipbenchError(f"--metric must be one of {', '.join(METRICS)}, got '{cfg.metric}'")
     lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
-    grid = [(i, a, s) for i in cfg.inputs for a in cfg.alphas for s in range(cfg.seeds)]
+    grid = [(i, a, s) for i in cfg.inputs for a in cfg.alphas for s in range(cfg.num_seeds)]
     Path(cfg.out).with_name(Path(cfg.out).stem + ".runs").mkdir(parents=True, exist_ok=True)
     if start:
         start(len(grid))
@@ -82,9 +85,12 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
         tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
-        trained = run_train(ControllerTrainConfig(train=tcfg, input=input_kind, alpha=alpha, tau=cfg.tau, alpha_units=cfg.alpha_units), lm)
+        # joint training changes the model's weights: every run starts from the original ones and is evaluated on
+        # the backbone it trained (OUT/backbone), as `evaluate --model OUT/backbone` would
+        run_lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype) if cfg.train.train_backbone else lm
+        trained = run_train(ControllerTrainConfig(train=tcfg, input=input_kind, alpha=alpha, tau=cfg.tau, alpha_units=cfg.alpha_units), run_lm)
         notes += [n for n in trained.notes if n not in notes]  # the same data in every run: say each thing once
-        rows = evaluate_run(cfg, lm, folder, seed)
+        rows = evaluate_run(cfg, run_lm, folder, seed)
         rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed
         frames.append(rows)
         use = np.stack(rows["layer_use"].to_numpy()).sum(0) / max(1, rows["skipped_tokens"].sum())
@@ -92,11 +98,12 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
                        for l, u in enumerate(use)]
         if progress:
             progress(1)
-    items = tidy(pd.concat(frames, ignore_index=True), cfg)
+    items = tidy(pd.concat(frames, ignore_index=True), cfg, lm=lm)
     layers = pd.DataFrame(layer_rows)
     agg = aggregate(items)
-    test = compare_inputs(items)
-    meta = manifest(cfg, lm=lm, comparison=test, notes=notes, confidence_interval="95% t-interval over seed means (per input, alpha)",
+    test = compare_inputs(items, cfg.metric)
+    exception = compare_inputs(items, cfg.metric, window=exception_window(lm.num_layers))
+    meta = manifest(cfg, lm=lm, comparison=test, exception=exception, notes=notes, confidence_interval="95% t-interval over seed means (per input, alpha)",
                     alpha_units=cfg.alpha_units, cost_term=COST_TERMS[cfg.alpha_units])
     from skipbench.plots import controller_figures
 
@@ -104,7 +111,8 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     figures = controller_figures(agg, layers, lm.num_layers, out.with_name(out.stem))
     paths = write_tables(items, out, meta, layers=layers, agg=agg)
     return SweepResult(rows=items, path=paths.pop("rows"), tables={"agg": agg, "layers": layers},
-                       files=paths | {f"figure{n}": f for n, f in enumerate(figures)}, comparison=test, notes=notes)
+                       files=paths | {f"figure{n}": f for n, f in enumerate(figures)}, comparison=test,
+                       exception=exception, notes=notes)
 
 
 @dataclass(kw_only=True)
@@ -112,6 +120,7 @@ class SweepResult(Written):
     """rows: one per (input, alpha, seed, item); tables: agg (per input and alpha), layers (skip ratio per layer)."""
 
     comparison: dict  # hidden vs constant at matched cost (compare_inputs)
+    exception: dict  # the same near 2L/3 executed layers only (App. A.4.3)
     notes: list[str]
 
 
@@ -120,7 +129,8 @@ def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
     from skipbench.policies import PolicySpec
 
     spec = PolicySpec(name="controller", arg=str(folder), gate=cfg.gate, seed=seed)
-    ecfg = ev.EvalConfig(model=cfg.train.model, data=cfg.eval_data, policies=(spec,), seed=0,
+    model = str(folder / BACKBONE) if cfg.train.train_backbone else cfg.train.model  # jointly trained: its own backbone
+    ecfg = ev.EvalConfig(model=model, data=cfg.eval_data, policies=(spec,), seed=0,
                          max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
                          dtype=cfg.train.dtype, out=str(folder / "eval.parquet"))
     rows = ev.run(ecfg, lm=lm).rows
@@ -164,11 +174,21 @@ def aggregate(items: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: float | None = None) -> dict:
+METRICS = ("full_rougeL", "rougeL")
+
+
+def exception_window(num_layers: int) -> tuple[float, float]:
+    """App. A.4.3's exception, near 16 of 24 executed layers: 2L/3 +- L/12 (14-18 of 24, 17.5-22.5 of 30)."""
+    return 2 * num_layers / 3 - num_layers / 12, 2 * num_layers / 3 + num_layers / 12
+
+
+def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: float | None = None,
+                   window: tuple[float, float] | None = None) -> dict:
     """Does the hidden-state input help at matched cost? Each training run (input, alpha, seed) is one unit:
     its items are averaged first, so items of one run are not counted as independent evidence. An OLS over
     runs of the run-mean metric on the run-mean executed layers plus a hidden-input indicator (an ANCOVA);
-    the indicator's coefficient with its 95% interval, and a guide to the runs per input an equivalence verdict needs."""
+    the indicator's coefficient with its 95% interval, and a guide to the runs per input an equivalence verdict needs.
+    `window` (lo, hi): only the runs whose mean executed layers lie in it (App. A.4.3's exception)."""
     from skipbench.stats import ols_effect, runs_to_resolve
     from skipbench.verdicts import MARGINS
 
@@ -176,6 +196,9 @@ def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: flo
     runs = items.dropna(subset=[metric, "layers_mean"]).groupby(["input", "alpha", "seed"])[[metric, "layers_mean"]].mean()
     runs = runs.reset_index()
     test = f"OLS over training runs: run-mean {metric} ~ 1 + run-mean layers + hidden (a run is one unit)"
+    if window is not None:
+        runs = runs[runs["layers_mean"].between(*window)]
+        test += f", the runs at {window[0]:g}-{window[1]:g} executed layers"
     if runs["input"].nunique() < 2:
         return {"test": test, "note": "needs both inputs", "runs": len(runs)}
     X = np.column_stack([np.ones(len(runs)), runs["layers_mean"].to_numpy(), (runs["input"] == "hidden").to_numpy(float)])
@@ -183,7 +206,7 @@ def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: flo
         return {"test": test, "note": "executed layers do not vary apart from the input: no matched-cost comparison",
                 "runs": len(runs)}
     eff = ols_effect(runs[metric].to_numpy(), X, 2)
-    return {"test": test, "metric": metric, "unit": "training run", "runs": len(runs),
+    return {"test": test, "metric": metric, "unit": "training run", "runs": len(runs), "window": window,
             "runs_per_input": runs.groupby("input").size().to_dict(), "hidden_effect": eff["effect"],
             "lo": eff["lo"], "hi": eff["hi"], "std_error": eff["std_error"], "dof": eff["dof"],
             "p_value": eff.get("p_value"), "residual_sd": eff["residual_sd"], "margin": margin,

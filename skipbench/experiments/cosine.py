@@ -43,7 +43,7 @@ class CosineConfig:
     data: DataSpec
     costs: tuple[int, ...] = ()  # empty: about L/5, L/3, L/2, 2L/3, 4L/5
     strategies: tuple[str, ...] = STRATEGIES  # names (each at every cost) or points such as uniform:15
-    seeds: int = 3  # random skipping is repeated with seeds 0..seeds-1
+    num_seeds: int = 3  # random skipping is repeated with seeds 0..num_seeds-1
     per_token: bool = False
     teacher: str = "full"  # full | reference
     max_new_tokens: int = 64
@@ -85,7 +85,7 @@ def passes(cfg: CosineConfig, lm) -> dict[tuple[str, str, int], object]:
         # a dynamic plan at a cost draws its layers at random (random, random-token); a threshold decides (confidence)
         random_draws = entry.kind in ("per-sequence", "per-token") and entry.arg == "cost"
         for point in [arg] if arg else map(str, cfg.costs or default_costs(lm.num_layers)):
-            for seed in range(cfg.seeds if random_draws else 1):
+            for seed in range(cfg.num_seeds if random_draws else 1):
                 out[(strategy, point, seed)] = _variant(_spec(cfg, strategy, point, seed), lm, cfg.data)
     unused = [n for n, _ in cfg.policy_options
               if not any(REGISTRY.get(t.partition(":")[0]).option(n) for t in cfg.strategies)]
@@ -190,7 +190,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
         own = df["strategy"].map(lambda s: REGISTRY.get(s).arg == "cost")
         df.insert(df.columns.get_loc("point"), "cost", mean.where(~own, pd.to_numeric(df["point"], errors="coerce")).astype(int))
         df["subtask"] = df["item_id"].map({it.item_id: it.subtask for it in items})
-        df = tidy(df, cfg, model=cfg.model, dataset=cfg.data.name, num_layers=lm.num_layers,
+        df = tidy(df, cfg, lm=lm, model=cfg.model, num_layers=lm.num_layers, batch_size=batch_size,
                   kv_mode=resolve_kv_mode(cfg.kv_mode, None))
         agg = aggregate(df)
         agg.insert(0, "run_id", df["run_id"].iloc[0])

@@ -12,6 +12,13 @@ each decoder layer with probability P for the whole sequence (a dropped layer is
 from a generator keyed by (seed, step, example) — the backbone of Glavas et al.'s App. A.4 ablation (Fig. 7).
 Dropout inside the layers stays off, as everywhere in skipbench (the layers are called in eval mode).
 
+Glavas et al.'s two recipes (`make reproduce PRESET=paper` runs the first):
+
+* the paper's App. A.2.2: AdamW at lr 5e-5 decaying linearly (`--lr 5e-5 --lr-schedule linear`), batch 64, 6 epochs,
+  early stopping with patience 1 (a validation per epoch);
+* the authors' released code (AdalasOPT): lr 2e-5 (this command's default, constant), batch 8, 2 epochs, keeping the
+  epoch with the better validation ROUGE-L.
+
 The LayerSkip recipe (Elhoushi et al., 2024, Sec. 4) adds two things:
 
 * `dropout_schedule="exp"`: the rate rises with depth, p_l = D(l) P with D(l) = exp(l ln 2 / (L - 1)) - 1, so the
@@ -79,6 +86,7 @@ class FinetuneConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-5
+    lr_schedule: str = "constant"  # constant | linear (decay to 0 at `steps`, App. A.2.2's)
     seed: int = 0
     eval_every: int = 100
     patience: int = 3
@@ -105,6 +113,13 @@ class FinetuneResult:
 
 
 SCHEDULES = ("uniform", "exp")
+LR_SCHEDULES = ("constant", "linear")
+
+
+def lr_at(cfg: FinetuneConfig, step: int) -> float:
+    """The learning rate of a step: constant, or decaying linearly from `lr` to 0 over `steps` (transformers'
+    get_linear_schedule_with_warmup without warm-up, the Trainer's default the paper's App. A.2.2 names)."""
+    return cfg.lr if cfg.lr_schedule == "constant" else cfg.lr * (1 - step / cfg.steps)
 
 
 def drop_rates(num_layers: int, p: float, schedule: str = "uniform") -> np.ndarray:
@@ -188,6 +203,10 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
     if not 0 <= cfg.layer_dropout < 1:
         raise SkipbenchError(f"--layer-dropout must be in [0, 1), got {cfg.layer_dropout}")
     drop_rates(2, cfg.layer_dropout, cfg.dropout_schedule)  # a bad schedule fails here, before any work
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise SkipbenchError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got '{cfg.lr_schedule}'")
+    if not cfg.lr > 0 or cfg.lr == float("inf"):
+        raise SkipbenchError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.early_exit_loss < 0 or cfg.early_exit_every < 1:
         raise SkipbenchError("--early-exit-loss must be >= 0 and --early-exit-every >= 1")
     out = check_out_dir(cfg.out)
@@ -217,6 +236,8 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
         if result.stopped_early:
             break
         batch, chosen = pick_batch(data, cfg.batch_size, cfg.seed, step)
+        for group in opt.param_groups:  # a function of the step alone, so a resumed run continues the schedule
+            group["lr"] = lr_at(cfg, step)
         result.log.append(optimizer_step(
             runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: len(e.response),
             lambda sub, keys, total, clock: finetune_loss(lm, engine, sub, total, keys, cfg.layer_dropout,
@@ -277,7 +298,7 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
     now = _flat(config_dict(cfg))
     # a run saved before the LayerSkip options existed used their defaults
     defaults = {f.name: f.default for f in fields(FinetuneConfig)}
-    saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every")}, **saved}
+    saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every", "lr_schedule")}, **saved}
     differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])

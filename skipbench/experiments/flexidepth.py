@@ -95,7 +95,7 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
             progress(len(chunk))
     if not rows:
         raise SkipbenchError("no generated token ran through the model (every response ended at once)")
-    df = tidy(pd.DataFrame(rows), cfg)
+    df = tidy(pd.DataFrame(rows), cfg, lm=lm)
     agg = (df.groupby("subtask")["layers_used"].agg(tokens="count", mean="mean", var="var").reset_index()
            .sort_values("mean"))
     meta_out = manifest(cfg, lm=lm, routed_layers=flexi.routed, num_layers=lm.num_layers,

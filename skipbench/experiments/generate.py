@@ -70,5 +70,5 @@ def _speculative(cfg: GenerateConfig, lm) -> dict:
         "layers_per_token": out.layers[0], "layers_convention": LAYERS_CONVENTION,
         "cost_mean": out.cost_mean(0) if out.layers[0] else None,
         "speculation": {"draft": cfg.draft.label, "speculate": cfg.speculation.label, **s.row(0),
-                        "alpha": s.alpha(0), "round_k": s.round_k, "exit_layer": s.exit_layer},
+                        "acceptance_prob": s.acceptance_prob(0), "round_k": s.round_k, "exit_layer": s.exit_layer},
     }

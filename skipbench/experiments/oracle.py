@@ -39,7 +39,7 @@ class OracleConfig:
     # the length test also runs here (always at the star and at `budget`); with `curve` and none named, at the
     # paper's 6 and 24 of 24 layers scaled to the depth (PAPER_LENGTH_LAYERS)
     length_budgets: tuple[float, ...] = ()
-    bootstrap: int = 200  # item resamples for the star budget's interval (0: none)
+    bootstrap: int = 2000  # item resamples for the star budget's interval (0: none)
     out: str | None = None
     max_cells: float = 2e8
     costs: tuple[int, ...] = ()  # keep only configurations of these nominal costs (full depth always stays)

@@ -126,7 +126,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("finetune", (
             "finetune", "--model", model, "--dataset", ft["dataset"], *_opt(ft, "limit", "--limit"),
             *_opt(ft, "val_limit", "--val-limit"), "--steps", str(ft["steps"]), "--batch-size", str(ft["batch_size"]),
-            "--lr", str(ft["lr"]), "--eval-every", str(ft["eval_every"]), "--patience", str(ft["patience"]),
+            "--lr", str(ft["lr"]), *_opt(ft, "lr_schedule", "--lr-schedule"), "--eval-every", str(ft["eval_every"]),
+            "--patience", str(ft["patience"]),
             "--max-seq-len", str(ft["max_seq_len"]), "--max-new-tokens", str(ft["max_new_tokens"]),
             *_opt(ft, "layer_dropout", "--layer-dropout"), *_opt(ft, "dtype", "--dtype"),
             "--out", str(run)), run / "best" / "config.json"))
@@ -148,8 +149,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         target = r / f"cosine-{cs['dataset']}.parquet"
         out.append(Stage("cosine", (
             "cosine", "--model", model, "--dataset", cs["dataset"], *split(cs), "--costs", _csv(cs["costs"]),
-            *(["--strategies", _csv(cs["strategies"])] if "strategies" in cs else []),
-            *_opt(cs, "seeds", "--seeds"), *_opt(cs, "limit", "--limit"),
+            *(["--policy", _csv(cs["strategies"])] if "strategies" in cs else []),
+            *_opt(cs, "seeds", "--num-seeds"), *_opt(cs, "limit", "--limit"),
             *_opt(cs, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if orc:
         target = r / f"oracle-{orc['dataset']}.parquet"
@@ -160,7 +161,9 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         target = r / f"controllers-{ct['dataset']}.parquet"
         out.append(Stage("controllers sweep", (
             "controllers", "sweep", "--model", model, "--dataset", ct["dataset"], "--inputs", _csv(ct["inputs"]),
-            "--alphas", _csv(ct["alphas"]), "--alpha-units", ct["alpha_units"], "--seeds", str(ct["seeds"]),
+            "--alpha", _csv(ct["alphas"]), "--alpha-units", ct["alpha_units"], "--num-seeds", str(ct["seeds"]),
+            *_opt(ct, "metric", "--metric"), *(["--train-backbone"] if ct.get("train_backbone") else []),
+            *_opt(ct, "backbone_lr", "--backbone-lr"),
             "--steps", str(ct["steps"]), "--lr", str(ct["lr"]), "--batch-size", str(ct["batch_size"]),
             "--loss", ct["loss"], "--targets", ct["targets"], "--max-seq-len", str(ct["max_seq_len"]),
             *_opt(ct, "train_limit", "--train-limit"), *_opt(ct, "eval_limit", "--eval-limit"),
@@ -170,7 +173,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         fmodel = fx.get("model", model)
         flexi_run = r / "flexidepth-run"
         out.append(Stage("flexidepth train", (
-            "flexidepth", "train", "--model", fmodel, "--dataset", fx["datasets"], "--alpha", str(fx["alpha"]),
+            "flexidepth", "train", "--model", fmodel, "--dataset", fx["datasets"], "--skip-weight", str(fx["alpha"]),
             "--steps", str(fx["steps"]), *_opt(fx, "train_limit", "--limit"),
             *_opt(fx, "max_new_tokens", "--max-new-tokens"), "--out", str(flexi_run)), flexi_run / "config.json"))
         first = fx["datasets"].split(",")[-1]
@@ -192,8 +195,8 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         policies = [f"flexidepth:{flexi_run}" if p == "flexidepth" and flexi_run else p for p in bn["policies"]]
         target = r / "bench.parquet"
         out.append(Stage("bench", (
-            "bench", "--model", bn.get("model", model), "--policies", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
-            *_opt(bn, "new_tokens", "--new-tokens"), *_opt(bn, "repeats", "--repeats"),
+            "bench", "--model", bn.get("model", model), "--policy", _csv(policies), "--batch-sizes", _csv(bn["batch_sizes"]),
+            *_opt(bn, "new_tokens", "--max-new-tokens"), *_opt(bn, "repeats", "--repeats"),
             *_opt(bn, "warmup", "--warmup"), "--impl", "all", "--out", str(target)), target))
     runs = {"flexidepth": flexi_run}  # the trained methods `compare` puts beside the others
     if ms:
@@ -217,7 +220,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         methods = [f"{m}:{runs[m]}" if runs.get(m) else m for m in cp["methods"]]
         target = r / "compare.parquet"
         out.append(Stage("compare", (
-            "compare", "--model", cp.get("model", model), "--methods", _csv(methods), "--skip", _csv(cp["skip"]),
+            "compare", "--model", cp.get("model", model), "--policy", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
             *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
             *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))

@@ -84,7 +84,9 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
     if not runs:
         raise SkipbenchError("--runs: name the evaluate parquet file(s) that score the configurations")
     df = scores.read_runs(list(runs), metric)
-    missing = [c for c in ("model", "data_name", "data_seed", "policy_spec") if c not in df.columns or df[c].isna().all()]
+    if "data_name" in df.columns and "dataset" not in df.columns:  # files written before `dataset` named the data
+        df = df.rename(columns={"data_name": "dataset"})
+    missing = [c for c in ("model", "dataset", "data_seed", "policy_spec") if c not in df.columns or df[c].isna().all()]
     if missing:
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; pass parquet files written by skipbench evaluate")
     # a router's items span the splits: `--split all`, or one file per split
@@ -100,7 +102,7 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
                                  f"model); '{spec_of[c]}' {what}: leave it out with --policies/--costs")
     wide = wide.set_axis([spec_of[c] for c in configs], axis=1)
     field_of = {"prompt_field": _one(df, "data_prompt_field"), "reference_field": _one(df, "data_reference_field")}
-    data = DataSpec(name=str(_one(df, "data_name")), split="all", seed=int(_one(df, "data_seed")), **field_of)
+    data = DataSpec(name=str(_one(df, "dataset")), split="all", seed=int(_one(df, "data_seed")), **field_of)
     cut = _one(df, "max_prompt_tokens")
     return Scores(wide=wide, costs=[float(c) for c in config_costs], model=str(_one(df, "model")), data=data,
                   max_prompt_tokens=int(cut) if cut is not None else 1024, notes=notes + more)
@@ -127,7 +129,7 @@ class RouteTrainResult(Written):
     @property
     def validation(self) -> pd.DataFrame:
         r = self.router
-        return pd.DataFrame({"configuration": r.configs, "cost": r.costs, "alpha": r.alphas,
+        return pd.DataFrame({"configuration": r.configs, "cost": r.costs, "ridge_penalty": r.alphas,
                              "validation_mse": [r.meta["validation_mse"][c] for c in r.configs],
                              "constant_mse": [r.meta["validation_mse_constant"][c] for c in r.configs]})
 
