@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PRESET ?= quick
 
-.PHONY: setup test reproduce bench clean
+.PHONY: setup test test-fast reproduce bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest
 
-# the exact sequence of CLI calls of experiments/$(PRESET).toml (quick: CPU, embedded model and data)
+# everything but the tests marked slow (the smoke pipeline, torchrun runs, SIGKILL, the embedded-model comparison)
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+# the exact sequence of CLI calls of skipbench/experiments/presets/$(PRESET).toml (quick: CPU, embedded model and data)
 reproduce: setup
 	$(VENV)/bin/skipbench reproduce --preset $(PRESET)
 

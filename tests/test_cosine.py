@@ -16,7 +16,8 @@ from skipbench.cli import app
 from skipbench.data import DataSpec
 from skipbench.engine import Engine
 from skipbench.engine.decode import left_pad
-from skipbench import fidelity, stats
+from skipbench.evaluation import fidelity
+from skipbench.analysis import stats
 from skipbench.experiments import cosine as cs
 from skipbench.models import wrap_model
 from skipbench.policies import make_policy

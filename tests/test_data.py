@@ -13,7 +13,7 @@ from conftest import SHARED
 from skipbench.data import DataSpec, load_items
 from skipbench.data.synthetic import arith, text
 from skipbench.errors import SkipbenchError
-from skipbench.metrics import exact_match, rouge_l
+from skipbench.analysis.metrics import exact_match, rouge_l
 
 
 def test_generators_are_deterministic():

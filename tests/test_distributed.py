@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from skipbench.cli import app
-from skipbench.distributed import Dist
+from skipbench.store.distributed import Dist
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on two cores
 # columns that name the run (its output path) rather than what it computed
@@ -59,6 +59,7 @@ EVAL = ["evaluate", "--dataset", "arith", "--limit", "10", "--policy", "random",
         "--max-new-tokens", "8", "--batch-size", "4"]
 
 
+@pytest.mark.slow
 def test_evaluate_and_cosine_match_one_process(tiny_dirs, tmp_path):
     model = str(tiny_dirs["llama"])
     torchrun(*EVAL, "--model", model, "--out", str(tmp_path / "two" / "eval.parquet"))
@@ -74,6 +75,7 @@ def test_evaluate_and_cosine_match_one_process(tiny_dirs, tmp_path):
     same_rows(tmp_path / "two" / "cos-agg.parquet", tmp_path / "one" / "cos-agg.parquet")
 
 
+@pytest.mark.slow
 def test_data_parallel_training_matches_one_process(tiny_dirs, tmp_path):
     """2 ranks x 2 examples == 1 process x 4 examples, with gradient accumulation on the ranks."""
     args = ["controllers", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8",
@@ -88,6 +90,7 @@ def test_data_parallel_training_matches_one_process(tiny_dirs, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["layers"] == pytest.approx(y["layers"])
 
 
+@pytest.mark.slow
 def test_data_parallel_finetuning_matches_one_process(tiny_dirs, tmp_path):
     """2 ranks (DistributedDataParallel over the whole model, validation shared) == 1 process."""
     args = ["finetune", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8", "--val-limit", "3",
@@ -115,6 +118,7 @@ def _rank_pid(rank: int, marker: str) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+@pytest.mark.slow
 def test_a_killed_rank_leaves_no_result_and_a_rerun_completes_it(tiny_dirs, tmp_path):
     model, out = str(tiny_dirs["llama"]), tmp_path / "two" / "eval.parquet"
     args = [*EVAL[:-6], "--costs", "1,2,3,4,5", "--max-new-tokens", "16", "--batch-size", "4", "--model", model, "--out", str(out)]
@@ -149,6 +153,7 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch):
         "flexidepth train, mindskip train, finetune, lm-eval"]
 
 
+@pytest.mark.slow
 def test_lm_eval_matches_one_process(tiny_dirs, tmp_path):
     """lm-eval shards each task's requests over the ranks through the backend's rank, gathers and barrier; the
     metrics and the layers counted equal one process's (3 and 2 documents of 5: lm-eval pads the second rank's

@@ -57,7 +57,7 @@ def test_embedded_multiple_choice_accuracy_follows_the_policy(lm):
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    from skipbench.lmeval import TASKS_DIR, SkipbenchLM
+    from skipbench.evaluation.lmeval_model import TASKS_DIR, SkipbenchLM
 
     tm = TaskManager(include_defaults=False, include_path=str(TASKS_DIR))
     acc = {}

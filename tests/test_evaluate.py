@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from skipbench.cli import app
 from skipbench.data import DataSpec
 from skipbench.policies import parse_policies
-from skipbench.experiments import evaluate as ev
+from skipbench.evaluation import quality as ev
 
 COLUMNS = {"run_id", "model", "dataset", "item_id", "policy", "cost", "layers_mean", "prompt_tokens", "new_tokens",
            "output", "reference", "rougeL", "full_rougeL", "exact_match", "seed", "subtask", "layer_use"}

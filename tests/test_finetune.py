@@ -16,7 +16,7 @@ from skipbench.engine import Engine
 from skipbench.experiments.finetune import finetune_loss, layer_keep
 from skipbench.models import load_model, wrap_model
 from skipbench.models.loading import remove_layers
-from skipbench.training import Example
+from skipbench.training.loop import Example
 
 
 def _hf_loss(model, ex: Example) -> torch.Tensor:

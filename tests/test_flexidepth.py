@@ -82,7 +82,7 @@ def test_skip_loss_by_hand_and_gradients(tokenizer):
     assert float(loss) == pytest.approx(0.5 * parts["l_skip"] * 3)  # a token sum: the trainer divides by tokens
 
     lm = tiny(tokenizer)
-    from skipbench.training import TrainConfig, examples, step_loss, task_weight
+    from skipbench.training.loop import TrainConfig, examples, step_loss, task_weight
     from skipbench.data import DataSpec
 
     cfg = TrainConfig(model="tiny", data=DataSpec(name="arith", limit=4), loss="ce", max_new_tokens=6)

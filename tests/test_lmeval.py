@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from skipbench.cli import app  # noqa: E402
-from skipbench.lmeval import SkipbenchLM, request_key  # noqa: E402
+from skipbench.evaluation.lmeval_model import SkipbenchLM, request_key  # noqa: E402
 from skipbench.models import wrap_model  # noqa: E402
 from skipbench.models.loading import remove_layers  # noqa: E402
 from skipbench.policies import make_policy  # noqa: E402
@@ -183,7 +183,7 @@ def test_registered_model_args_and_bad_arguments(lm, tokenizer, tiny_dirs):
     from lm_eval.tasks import TaskManager
 
     from skipbench.errors import SkipbenchError
-    from skipbench.lmeval import TASKS_DIR
+    from skipbench.evaluation.lmeval_model import TASKS_DIR
 
     assert get_model("skipbench") is SkipbenchLM
     res = lm_eval.simple_evaluate(model="skipbench", model_args=f"model={tiny_dirs['llama']},policy=uniform:3",
@@ -254,7 +254,7 @@ def test_lm_eval_command_end_to_end_and_resumes(tiny_dirs, tmp_path):
             assert means[(r.task, r.metric, r.filter, r.policy_spec)] == pytest.approx(r.value)
     from scipy.stats import binomtest
 
-    from skipbench.lmeval_sweep import summarise, with_paired_tests
+    from skipbench.analysis.lmeval_tables import summarise, with_paired_tests
 
     s = with_paired_tests(summarise(rows), docs).set_index(["task", "policy_spec"])
     acc = docs[(docs["task"] == "skipbench_choice") & (docs["metric"] == "acc")].pivot(
@@ -287,7 +287,7 @@ def test_a_users_task_yaml_is_loaded_by_its_path(tiny_dirs, tmp_path):
     the shipped text_qa under another name gives the shipped task's rows."""
     import shutil
 
-    from skipbench.lmeval import TASKS_DIR
+    from skipbench.evaluation.lmeval_model import TASKS_DIR
 
     mine = tmp_path / "mytasks"
     mine.mkdir()
@@ -322,8 +322,10 @@ def test_lm_eval_missing_says_how_to_install(tiny_dirs, tmp_path, monkeypatch):
 
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    monkeypatch.delitem(sys.modules, "skipbench.lmeval", raising=False)
-    monkeypatch.delattr(skipbench, "lmeval", raising=False)
+    import skipbench.evaluation
+
+    monkeypatch.delitem(sys.modules, "skipbench.evaluation.lmeval_model", raising=False)
+    monkeypatch.delattr(skipbench.evaluation, "lmeval_model", raising=False)
     res = CliRunner().invoke(app, ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", "skipbench_choice",
                                    "--out", str(tmp_path / "x.parquet")])
     assert res.exit_code == 1 and "pip install 'skipbench[lmeval]'" in res.output
@@ -357,7 +359,7 @@ def test_torchrun_padding_requests_are_not_counted(lm, tokenizer):
 
 
 def test_the_logits_budget_splits_batches_without_changing_scores(lm, tokenizer, monkeypatch):
-    import skipbench.lmeval as backend
+    import skipbench.evaluation.lmeval_model as backend
 
     reqs = requests_of(tokenizer)
     whole = score(SkipbenchLM(model="tiny", lm=lm, policy="random:3", batch_size=4), reqs)
@@ -386,7 +388,7 @@ def test_max_length_and_generation_settings(lm, tokenizer):
 
 
 def test_summary_intervals_and_one_filter_per_task():
-    from skipbench.lmeval_sweep import interval, summarise
+    from skipbench.analysis.lmeval_tables import interval, summarise
 
     assert interval("acc", 1.0, 0.0, 150) == pytest.approx((0.97503, 1.0), abs=1e-4)  # Wilson
     assert interval("acc", 0.5, 0.1, 10, group=True) == pytest.approx((0.304, 0.696))  # a group: +- 1.96 stderr
@@ -402,7 +404,7 @@ def test_figure_places_one_token_tasks_at_their_cost(tmp_path, monkeypatch):
     """Under a full-depth context a task of one-token answers gates no token (layers_mean NaN): drawn at its cost."""
     import matplotlib.pyplot as plt
 
-    from skipbench.plots import lmeval_figure
+    from skipbench.analysis.plots import lmeval_figure
 
     s = pd.DataFrame([{"task": "mmlu", "metric": "acc", "policy_spec": p, "cost": c, "layers_mean": float("nan"),
                        "value": v, "lo": v - 0.1, "hi": v + 0.1} for p, c, v in (("full", 6, 0.6), ("uniform:3", 3, 0.4),
@@ -475,8 +477,8 @@ def test_the_shipped_tasks_map_to_their_suites():
     """lmeval_sweep's map of what each shipped task scores agrees with the task YAMLs."""
     import yaml
 
-    from skipbench.lmeval import TASKS_DIR
-    from skipbench.lmeval_sweep import SHIPPED_SUITES, SHIPPED_TAGS
+    from skipbench.evaluation.lmeval_model import TASKS_DIR
+    from skipbench.evaluation.lmeval_sweep import SHIPPED_SUITES, SHIPPED_TAGS
 
     names, tags = set(), {}
     for path in TASKS_DIR.glob("*.yaml"):
@@ -487,3 +489,16 @@ def test_the_shipped_tasks_map_to_their_suites():
         for tag in [doc["tag"]] if isinstance(doc["tag"], str) else doc["tag"]:
             tags.setdefault(tag, set()).add(doc["task"])
     assert names == set(SHIPPED_SUITES) and {t: set(v) for t, v in SHIPPED_TAGS.items()} == tags
+
+
+def test_the_public_name_registers_the_model_for_lm_eval():
+    """The README's `import skipbench.lmeval`: lm-eval then finds the model by the name `skipbench`, and the shipped
+    tasks' folder is the package's."""
+    import importlib
+    from pathlib import Path
+
+    from lm_eval.api.registry import get_model
+
+    public = importlib.import_module("skipbench.lmeval")
+    assert get_model("skipbench") is public.SkipbenchLM is SkipbenchLM
+    assert Path(public.TASKS_DIR).is_dir() and any(Path(public.TASKS_DIR).glob("*.yaml"))

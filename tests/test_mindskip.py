@@ -193,7 +193,7 @@ def test_capacity_loss_by_hand():
 def test_only_routers_learn_and_the_capacity_loss_drives_the_attending_fraction(tokenizer):
     from skipbench.data import DataSpec
     from skipbench.experiments.mindskip import MindSkipTrainConfig, run_train
-    from skipbench.training import TrainConfig, examples, step_loss
+    from skipbench.training.loop import TrainConfig, examples, step_loss
 
     lm = tiny(tokenizer)
     cfg = TrainConfig(model="tiny", data=DataSpec(name="arith", limit=4), loss="ce", max_new_tokens=6)

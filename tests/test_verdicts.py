@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skipbench import stats, verdicts
+from skipbench.analysis import stats
+from skipbench.analysis import verdicts
 from skipbench.experiments.controllers import compare_inputs
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.data.items import Item, make_item
 from skipbench.errors import SkipbenchError
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.errors import note
 from skipbench.models.loading import sync
 
@@ -128,7 +128,7 @@ def table_path(adapter, kv_mode: str, batch: int):
 
 
 def save(path, costs: LayerCosts, key: str) -> None:
-    from skipbench.results import write_text_atomic
+    from skipbench.store.results import write_text_atomic
 
     write_text_atomic(path, json.dumps({"costs": asdict(costs), "key": json.loads(key)}))
 

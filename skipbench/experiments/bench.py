@@ -73,7 +73,7 @@ from skipbench.engine.forward import IMPLS, Engine, Meter
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec, parse_policies
-from skipbench.results import Written, check_out_path, manifest, tidy, write_atomic
+from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_atomic
 
 PROMPTS = [
     "Please calculate the sum of 99, 45 and 12.",
@@ -293,7 +293,7 @@ class BenchResult(Written):
 
 def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.max_new_tokens < 2 or cfg.repeats < 1 or cfg.warmup < 0 or any(b < 1 for b in cfg.batch_sizes):
-        raise SkipbenchError("bench needs --new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
+        raise SkipbenchError("bench needs --max-new-tokens >= 2, --repeats >= 1, --warmup >= 0 and batch sizes >= 1")
     impls_of(cfg.impl)
     if cfg.out:
         check_out_path(cfg.out)
@@ -306,7 +306,7 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
     drafts, found = cfg.drafts, None
     if cfg.draft_search:
-        from skipbench.draft_search import search
+        from skipbench.evaluation.draft_search import search
 
         found = search(lm, encoded[0], cfg.speculations[0].k)
         drafts = (*drafts, *parse_policies(found.label))
@@ -350,7 +350,8 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     df = tidy(pd.DataFrame(rows), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
-        return BenchResult(rows=df, summary=summary, search=found)
+        return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found),
+                           said=[] if found is None else [f"chosen draft: {found.label}"])
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
                     layer_costs={str(b): {mode: {**c.__dict__, "auto": c.crossover()} for mode, c in t.items()}
                                  for b, t in parts.items()},
@@ -360,16 +361,57 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                     summary=summary.to_dict("records"),
                     memory="CUDA: max_memory_allocated per variant; CPU: process peak RSS (cumulative); taken on runs "
                            "of a variant alone (warm-up rounds, every round with --no-lockstep), none without them")
-    from skipbench.plots import speedup_figure
+    from skipbench.analysis.plots import speedup_figure
 
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     figures = {"figure": speedup_figure(summary, lm.num_layers, Path(cfg.out).with_suffix(".png"))}
     if drafts:
-        from skipbench.plots import speculative_figure
+        from skipbench.analysis.plots import speculative_figure
 
         stem = Path(cfg.out)
         figures["speculative"] = speculative_figure(summary, stem.with_name(stem.stem + "-speculative.png"))
-    return BenchResult(rows=df, summary=summary, path=write_atomic(df, cfg.out, meta), files=figures, search=found)
+    path = write_atomic(df, cfg.out, meta)
+    return BenchResult(rows=df, summary=summary, path=path, files=figures, search=found,
+                       shown=shown(summary, cfg, found),
+                       said=([] if found is None else [f"chosen draft: {found.label}"]) + [f"wrote {path}"])
+
+
+def shown(s: pd.DataFrame, cfg: BenchConfig, found=None) -> list[Shown]:
+    """What a person sees: the draft search's path (with --draft auto), every variant's speed beside its ideals, and
+    the self-speculative variants' acceptance and time shares (p90 and the parts are in the summary)."""
+    out = [] if found is None else [search_table(found)]
+    out.append(Shown(f"skipbench bench · {cfg.model} · {cfg.max_new_tokens} new tokens", pd.DataFrame({
+        "batch": s["batch_size"], "variant": s["variant"], "phase": s["phase"], "tok/s": s["tokens_per_s"],
+        "p50 ms": 1e3 * s["step_p50"], "layers": s["layers_mean"], "speedup": s["speedup"], "ideal": s["ideal_speedup"],
+        "real/ideal": s["realized_over_ideal"], "batch ideal": s["ideal_batch_speedup"],
+        "real/batch": s["realized_over_batch_ideal"], "policy %": 100 * s.get("policy_share", np.nan),
+        "vs generate": s["vs_generate"]}), {"tok/s": "{:.1f}", "p50 ms": "{:.1f}", "layers": "{:.1f}", "policy %": "{:.1f}"},
+        width=160))
+    d = s[(s["kind"] == "speculative") & (s["phase"] == "decode")]
+    if len(d):
+        out.append(Shown("self-speculative decoding (decode phase; output = full depth's)", pd.DataFrame({
+            "batch": d["batch_size"], "variant": d["variant"], "accept rate": d["acceptance_rate"],
+            "accept prob": d["acceptance_prob"], "accepted/round": d["accepted_per_round"], "K mean": d["k_mean"],
+            "passes/tok": d["layer_passes_per_token"], "draft %": 100 * d["draft_share"],
+            "verify %": 100 * d["verify_share"], "accept %": 100 * d["accept_share"], "speedup": d["speedup"],
+            "predicted": d["predicted_speedup"], "real/pred": d["realized_over_predicted"],
+            "cost model": d["cost_model_speedup"], "real/cost": d["realized_over_cost_model"]}),
+            {"accepted/round": "{:.2f}", "K mean": "{:.2f}", "passes/tok": "{:.1f}", "draft %": "{:.0f}",
+             "verify %": "{:.0f}", "accept %": "{:.1f}"}, width=160))
+    return out
+
+
+def search_table(found) -> Shown:
+    """The draft search's path: each layer set it tried (the chosen one starred), the layer it dropped last, its
+    agreement with full depth, its measured step and the speedup predicted from them."""
+    rows, prev = [], None
+    for s in found.path:
+        rows.append({"layers": f"{len(s.layers)}{' *' if s.layers == found.chosen else ''}",
+                     "dropped last": "" if prev is None else str(next(iter(set(prev) - set(s.layers)))),
+                     "agreement": s.agreement, "draft step ms": 1e3 * s.t_draft, "predicted speedup": s.predicted_speedup})
+        prev = s.layers
+    return Shown(f"draft search (K={found.k}; full step {1e3 * found.t_full:.1f} ms, verify pass {1e3 * found.t_verify:.1f} "
+                 "ms)", pd.DataFrame(rows), {"draft step ms": "{:.1f}"}, width=160)
 
 
 def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], new_tokens: int, **fields) -> list[dict]:

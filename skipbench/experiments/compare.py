@@ -24,25 +24,23 @@ threshold does on the evaluated items, which the table shows.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 
+from skipbench.analysis.lmeval_tables import NOISY_CV
+from skipbench.analysis.papers import TALK
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.models.loading import EMBEDDED, default_batch_size
 from skipbench.policies import STRATEGIES, PolicySpec, parse_policies
-from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
+from skipbench.store.paths import slug
+from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_tables
 
 ALIASES = {"shortgpt": "block-influence"}  # the talk's names for skipbench's strategies
-
-# Retain % as the FlexiDepth talk reports it (Llama-3-8B-Instruct, 32 layers; MMLU, HellaSwag, WinoGrande, GSM8K,
-# HumanEval, CoQA), by skipped layers: the reference the report prints beside a run's own table. Not measured here.
-TALK = {"flexidepth": {4: 106.5, 8: 100.7}, "shortgpt": {4: 69.1, 8: 32.0}, "laco": {4: 81.7, 8: 65.3},
-        "mindskip": {4: 84.2, 8: 60.2}, "layerskip": {4: 54.0, 8: 43.9}}
 
 PRESETS = {
     # here: the embedded model and the shipped offline tasks with the chat template (an instruct model; its answers
@@ -73,6 +71,17 @@ class CompareConfig:
     dtype: str = "auto"
     out: str = ""
     resume: bool = True
+
+
+def with_preset(cfg: CompareConfig, preset: str | None, given: set[str]) -> CompareConfig:
+    """The preset's model, tasks, K and chat template for the fields not given on the command line (`given`), and
+    the output path settled (results/compare-<model>.parquet for the model the preset may set), so the manifest
+    records the path written."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise SkipbenchError(f"--preset must be one of {', '.join(PRESETS)}, got '{preset}'")
+        cfg = replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k not in given})
+    return replace(cfg, out=cfg.out or f"results/compare-{slug(cfg.model)}.parquet")
 
 
 @dataclass(kw_only=True)
@@ -123,9 +132,10 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
 
 
 def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> CompareResult:
-    from skipbench.lmeval_sweep import LmEvalConfig, run as lmeval_run, summarise
+    from skipbench.analysis.lmeval_tables import summarise
+    from skipbench.evaluation.lmeval_sweep import LmEvalConfig, run as lmeval_run
 
-    out = check_out_path(cfg.out)
+    out = check_out_path(cfg.out or f"results/compare-{slug(cfg.model)}.parquet")  # the model a preset may set
     code = [t for t in cfg.tasks if t in CODE_TASKS]
     if code and not cfg.allow_code_execution:
         raise SkipbenchError(f"{', '.join(code)} runs the code the model writes; pass --allow-code-execution to allow "
@@ -145,21 +155,37 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     pairs = matched_pairs(table, summary, reps)
     rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks"), lm=lm, model=cfg.model,
                 batch_size=cfg.batch_size or default_batch_size(lm.device))
-    from skipbench.plots import compare_figure
+    from skipbench.analysis.plots import compare_figure
 
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, points={p.spec.label: [p.method, p.skip] for p in pts},
                     lmeval_runs=str(runs), talk=TALK, interval=INTERVAL, matched_within=MATCHED_WITHIN)
     paths = write_tables(rows, out, meta, agg=summary, pairs=pairs)
     figure = compare_figure(summary[summary["skip"] > 0], lm.num_layers, out.with_suffix(".png"))
     return CompareResult(rows=rows, path=paths["rows"], tables={"agg": summary, "pairs": pairs},
-                         files={"agg": paths["agg"], "pairs": paths["pairs"], "figure": figure}, summary=summary, runs=runs)
+                         files={"agg": paths["agg"], "pairs": paths["pairs"], "figure": figure}, summary=summary, runs=runs,
+                         shown=shown(rows, summary, cfg.model),
+                         said=[f"wrote {paths['rows']}, {paths['agg']}, {paths['pairs']}, {figure}; every point's lm-eval "
+                               f"rows: {runs}"])
+
+
+def shown(rows: pd.DataFrame, summary: pd.DataFrame, model: str) -> list[Shown]:
+    """Per task, the score beside full depth's with their paired difference; per method and K, Retain %."""
+    per_task = rows.assign(difference=[f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+                                       for d, lo, hi in zip(rows["diff"], rows["diff_lo"], rows["diff_hi"])])
+    retain = summary.assign(retain=[f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in
+                                    zip(summary["retain_pct"], summary["retain_lo"], summary["retain_hi"])])
+    return [Shown(f"compare · {model} · per task (paired differences from full depth, 95%)",
+                  per_task[["method", "skip", "task", "metric", "value", "full_value", "difference", "noisy_ratio",
+                            "layers_mean", "attention_mean"]]),
+            Shown(f"compare · {model} · Retain % (paired bootstrap 95% intervals)",
+                  retain[["method", "skip", "retain", "noisy_tasks", "skipped", "skipped_unit", "layers_mean",
+                          "attention_mean"]])]
 
 
 RESAMPLES = 2000
 INTERVAL = (f"95% percentile interval of a paired bootstrap over documents ({RESAMPLES} replicates): each replicate "
             "resamples every task's documents (a group's within each of its tasks), the same documents for every "
             "method and full depth, and recomputes each task's scores, ratios and Retain %")
-NOISY_CV = 0.2  # a ratio whose denominator (the full model's score) varies this much across replicates is flagged
 MATCHED_WITHIN = 0.5  # two methods realize the same skip when both lie within this many layers of K, in layers
 
 
@@ -199,8 +225,8 @@ def replicates(table: pd.DataFrame, docs: pd.DataFrame, resamples: int = RESAMPL
     """The paired bootstrap behind every interval of compare: per task, its documents resampled (a group's within
     each of its tasks, weighted as lm-eval averaged them), one draw for every point, so that differences and ratios
     between points are paired."""
-    from skipbench.lmeval_sweep import strata
-    from skipbench.stats import group_weighting, stratified_means
+    from skipbench.analysis.lmeval_tables import strata
+    from skipbench.analysis.stats import group_weighting, stratified_means
 
     specs = ["full", *dict.fromkeys(table["policy_spec"])]
     by_task = {}

@@ -19,16 +19,16 @@ import torch
 from skipbench.data import DataSpec, load_items
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
-from skipbench import evaluation as ev
-from skipbench import readers
-from skipbench.fidelity import compare_to_full
-from skipbench.stats import t_interval
+from skipbench.evaluation import quality as ev
+from skipbench.store import readers
+from skipbench.evaluation.fidelity import compare_to_full
+from skipbench.analysis.stats import t_interval
 from skipbench.models import load_model
 from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
 )
-from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
-from skipbench.training import BACKBONE, TrainConfig, TrainResult, train
+from skipbench.store.results import Shown, Written, check_out_dir, check_out_path, manifest, tidy, write_tables
+from skipbench.training.loop import BACKBONE, TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,14 +105,21 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     exception = compare_inputs(items, cfg.metric, window=exception_window(lm.num_layers))
     meta = manifest(cfg, lm=lm, comparison=test, exception=exception, notes=notes, confidence_interval="95% t-interval over seed means (per input, alpha)",
                     alpha_units=cfg.alpha_units, cost_term=COST_TERMS[cfg.alpha_units])
-    from skipbench.plots import controller_figures
+    from skipbench.analysis.plots import controller_figures
 
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = controller_figures(agg, layers, lm.num_layers, out.with_name(out.stem))
     paths = write_tables(items, out, meta, layers=layers, agg=agg)
+    from skipbench.analysis import verdicts
+
+    shown = agg[["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
+    lines = [verdicts.line(v).replace("**", "") for v in verdicts.controllers(test, exception)]
     return SweepResult(rows=items, path=paths.pop("rows"), tables={"agg": agg, "layers": layers},
                        files=paths | {f"figure{n}": f for n, f in enumerate(figures)}, comparison=test,
-                       exception=exception, notes=notes)
+                       exception=exception, notes=notes,
+                       shown=[Shown(f"controllers · {cfg.train.model} · {cfg.train.data.name} (means over seeds; CIs in "
+                                    "-agg)", shown)],
+                       said=[f"hidden vs constant at matched cost ({test['test']}):", *lines, f"wrote {out}"])
 
 
 @dataclass(kw_only=True)
@@ -189,8 +196,8 @@ def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: flo
     runs of the run-mean metric on the run-mean executed layers plus a hidden-input indicator (an ANCOVA);
     the indicator's coefficient with its 95% interval, and a guide to the runs per input an equivalence verdict needs.
     `window` (lo, hi): only the runs whose mean executed layers lie in it (App. A.4.3's exception)."""
-    from skipbench.stats import ols_effect, runs_to_resolve
-    from skipbench.verdicts import MARGINS
+    from skipbench.analysis.stats import ols_effect, runs_to_resolve
+    from skipbench.analysis.verdicts import MARGINS
 
     margin = MARGINS["rougeL"] if margin is None else margin
     runs = items.dropna(subset=[metric, "layers_mean"]).groupby(["input", "alpha", "seed"])[[metric, "layers_mean"]].mean()

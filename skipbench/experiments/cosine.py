@@ -20,18 +20,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
-from skipbench import distributed, readers
+from skipbench.store import distributed
+from skipbench.store import readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_items
-from skipbench.fidelity import CONVENTION, MEASURES, compare_to_full
-from skipbench.stats import t_interval
+from skipbench.evaluation.fidelity import CONVENTION, MEASURES, compare_to_full
+from skipbench.analysis.stats import t_interval
 from skipbench.engine import generate, resolve_kv_mode
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench.policies import STRATEGIES as REGISTRY, PolicySpec
 from skipbench.models import load_model
 from skipbench.models.loading import default_batch_size
-from skipbench.results import Written, check_out_path, companion, manifest, run_id, tidy, write_tables
+from skipbench.store.results import Shown, Written, check_out_path, companion, manifest, run_id, tidy, write_tables
 
 STRATEGIES = ("early-exit", "uniform", "random")
 CI = "95% t-interval over per-item means (items are the unit)"
@@ -63,6 +64,21 @@ class CosineResult(Written):
     @property
     def agg(self) -> pd.DataFrame:
         return self.tables["agg"]
+
+    def __post_init__(self) -> None:  # what a person sees: the means per point, and where the files went
+        first = self.rows.iloc[0] if len(self.rows) else {}
+        columns = ["strategy", "point", "layers", "items", "cos_final_normed", "cos_final", "cos_layerwise", "kl_next",
+                   "top1_agree"]
+        self.shown = [Shown(f"cosine · {first.get('model', '')} · {first.get('dataset', '')} (means; 95% CIs in the "
+                            "-agg file)", self.agg[[c for c in columns if c in self.agg]])]
+        self.said = [f"wrote {self.path}, {self.files['agg'].name}, {self.files['figure'].name}"]
+
+
+def strategies(policy: list[str]) -> tuple[str, ...]:
+    """`--policy` texts as the strategies compared: names (each at every cost) or points (uniform:10,15)."""
+    from skipbench.policies import parse_policies
+
+    return tuple(s.name + (f":{s.arg}" if s.arg else "") for s in parse_policies(policy))
 
 
 def default_costs(num_layers: int) -> tuple[int, ...]:
@@ -196,7 +212,7 @@ def run(cfg: CosineConfig, progress: Callable | None = None, start: Callable | N
         agg.insert(0, "run_id", df["run_id"].iloc[0])
         meta = manifest(cfg, lm=lm, hidden_state_convention=CONVENTION, confidence_interval=CI,
                         num_layers=lm.num_layers, items=len(items), prompt_truncations=truncated, ranks=d.world)
-        from skipbench.plots import cosine_figure
+        from skipbench.analysis.plots import cosine_figure
 
         out.parent.mkdir(parents=True, exist_ok=True)
         figure = cosine_figure(agg, lm.num_layers, out.with_suffix(".png"), cfg.model)

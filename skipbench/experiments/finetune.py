@@ -57,18 +57,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed, keyed, readers
+from skipbench import keyed
+from skipbench.store import distributed
+from skipbench.store import readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
-from skipbench.metrics import rouge_l
+from skipbench.analysis.metrics import rouge_l
 from skipbench.models import load_model
 from skipbench.engine.protocol import GateFn
 from skipbench.models.loading import write_folder
-from skipbench.results import check_out_dir, config_dict, finish_together, write_together
-from skipbench.training import (
+from skipbench.store.results import check_out_dir, config_dict, finish_together, write_together
+from skipbench.training.loop import (
     RESTART, RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
     load_trainer,
     optimizer_step, pick_batch,
@@ -311,3 +313,11 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
     load_model_weights(lm, out / LAST, state["step"])
     opt.load_state_dict(state["optimizer"])
     return {k: state[k] for k in fresh}, []
+
+
+def summary(result: FinetuneResult) -> str:
+    """The line a fine-tuning run ends with: validation ROUGE-L at the start and at its best, and the model to use."""
+    first, best, last = result.evals[0], result.best, result.evals[-1]["step"]
+    stop = f"stopped early at step {last}" if result.stopped_early else f"ran to step {last}"
+    return (f"validation ROUGE-L {first['rougeL']:.4f} at step 0, best {best['rougeL']:.4f} at step {best['step']}; "
+            f"{stop}; the model to use: {result.out / 'best'}")

@@ -21,12 +21,13 @@ from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, generate
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
-from skipbench.checkpoints import checked_module
+from skipbench.store.checkpoints import checked_module
 from skipbench.policies.flexidepth import FlexiDepth, FlexiMethod, FlexiPolicy, load_flexidepth
-from skipbench.results import (
-    Written, check_out_dir, check_out_path, check_writable, manifest, tidy, write_tables, write_text_atomic,
+from skipbench.store.results import (
+    Shown, Written, check_out_dir, check_out_path, check_writable, manifest, tidy, write_tables, write_text_atomic,
 )
-from skipbench.training import TrainConfig, TrainResult, check_held_out, train, training_summary
+from skipbench.data.heldout import check_held_out
+from skipbench.training.loop import TrainConfig, TrainResult, train, training_summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,7 +103,8 @@ def run_usage(cfg: UsageConfig, progress: Callable | None = None, start: Callabl
                         layers_convention=LAYERS_CONVENTION, router_config=meta,
                         router_training=training_summary(cfg.router))
     paths = write_tables(df, out, meta_out, agg=agg)
-    return Written(rows=df, path=paths.pop("rows"), tables={"agg": agg}, files=paths)
+    return Written(rows=df, path=paths["rows"], tables={"agg": agg}, files={"agg": paths["agg"]},
+                   shown=[Shown(f"FlexiDepth layers used per subtask · {cfg.model}", agg)], said=[f"wrote {paths['rows']}"])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +130,7 @@ def run_depthmap(cfg: DepthmapConfig) -> dict:
     texts = [lm.tokenizer.decode([t]) for t in tokens]
     used = [len(rec) for rec in layers] + [None] * (len(tokens) - len(layers))  # the last token never ran
     write_text_atomic(out, depthmap_html(cfg.prompt, texts, used, lm.num_layers, flexi.routed))
-    from skipbench.plots import depthmap_png
+    from skipbench.analysis.plots import depthmap_png
 
     png = depthmap_png(texts, used, lm.num_layers, out.with_suffix(".png"))
     return {"html": out, "png": png, "tokens": texts, "layers_used": used}

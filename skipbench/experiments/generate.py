@@ -72,3 +72,15 @@ def _speculative(cfg: GenerateConfig, lm) -> dict:
         "speculation": {"draft": cfg.draft.label, "speculate": cfg.speculation.label, **s.row(0),
                         "acceptance_prob": s.acceptance_prob(0), "round_k": s.round_k, "exit_layer": s.exit_layer},
     }
+
+
+def summary(record: dict) -> str:
+    """The one line shown under the generated text: the policy (or the draft and its acceptance) and the depth."""
+    n = len(record["token_ids"])
+    if record.get("speculation"):
+        sp = record["speculation"]
+        return (f"full depth, drafted by {sp['draft']} (K={sp['speculate']}) · {n} new tokens · acceptance "
+                f"{sp['acceptance_rate']:.2f} · {sp['accepted_per_round']:.2f} accepted per round over {sp['rounds']} rounds")
+    mean = record["cost_mean"]
+    depth = f" · mean executed layers {mean:.2f} of {record['num_layers']}" if mean is not None else ""
+    return f"{record['policy']} · {n} new tokens{depth}"

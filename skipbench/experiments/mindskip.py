@@ -9,8 +9,8 @@ import torch
 
 from skipbench.models import load_model
 from skipbench.policies.mindskip import MindSkip, MindSkipMethod, check_capacity, default_layers
-from skipbench.results import check_out_dir
-from skipbench.training import TrainConfig, TrainResult, train
+from skipbench.store.results import check_out_dir
+from skipbench.training.loop import TrainConfig, TrainResult, train
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skipbench import readers, scores
+from skipbench.store import readers
+from skipbench.analysis import scores
 from skipbench.errors import SkipbenchError
-from skipbench.oracle import Instance, greedy, smallest_budget_reaching, solve
-from skipbench.results import Written, check_out_path, manifest, tidy, write_tables
-from skipbench.scores import chosen_rows, group_name, groups_of, in_group, pivot
+from skipbench.analysis.knapsack import Instance, greedy, smallest_budget_reaching, solve
+from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_tables
+from skipbench.analysis.scores import chosen_rows, group_name, groups_of, in_group, pivot
 
 # App. A.5.2's bins of label length: 1-15, 16-30, ..., 136-150 and >150 (index (length - 1) // 15, capped)
 LENGTH_BIN, LENGTH_BINS = 15, 11
@@ -86,7 +87,7 @@ class OracleResult(Written):
 def _paths(cfg: OracleConfig) -> list[str]:
     if cfg.runs:
         return list(cfg.runs)
-    from skipbench.results import COMPANIONS
+    from skipbench.store.results import COMPANIONS
 
     return sorted(p for p in glob.glob("results/evaluate-*.parquet")
                   if not any(p.endswith(f"-{c}.parquet") for c in COMPANIONS))
@@ -106,9 +107,11 @@ def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
     depth. A group that has nothing to choose from, or fails, is left out with a note when other groups remain.
     With several groups, `out` gets each group's name: results/oracle.parquet -> results/oracle-text.parquet."""
     _needs_a_budget(cfg)
+    if cfg.bootstrap < 0:
+        raise SkipbenchError(f"--bootstrap must be >= 0, got {cfg.bootstrap}")
     if cfg.out:
         check_out_path(cfg.out)
-    paper = not (cfg.runs or cfg.costs)  # the paper's costs per group; its policy unless --policies names others
+    paper = not (cfg.runs or cfg.costs)  # the paper's costs per group; its policy unless --policy names others
     if not (cfg.runs or cfg.policies):
         cfg = replace(cfg, policies=PAPER_POLICIES)
     df = read_runs(cfg)
@@ -134,17 +137,58 @@ def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:
             notes.append(f"{name} left out: no configuration besides full depth among {chosen}")
             continue
         try:
-            results.append(run(one, df))
+            r = run(one, df)
+            header = " · ".join(v for _, v in group) if len(groups) > 1 else ""
+            r.shown, r.said = shown(r, one, header), [f"wrote {r.path}"] if r.path else []
+            results.append(r)
         except SkipbenchError as exc:
             if len(groups) == 1:
                 raise
             notes.append(f"{name} left out: {exc}")
     if not results:
-        raise SkipbenchError(f"nothing to solve: {'; '.join(notes)}; name the configurations with --policies / --costs")
+        raise SkipbenchError(f"nothing to solve: {'; '.join(notes)}; name the configurations with --policy / --costs")
     if paper:
         notes.insert(0, f"the paper's configurations: {','.join(cfg.policies) or 'every policy'} at 1/6, 1/3 and 1/2 of "
-                        "the layers, and full depth (--policies and --costs choose others)")
+                        "the layers, and full depth (--policy and --costs choose others)")
     return results, notes
+
+
+def shown(result: OracleResult, cfg: OracleConfig, name: str = "") -> list[Shown]:
+    """What a person sees of one group's oracle, in order: the group's name (with several), the budget's values and
+    shares, the curve, where the oracle matches full depth, and each label-length test with its counts."""
+    out = [Shown(f"\n== {name} ==")] if name else []  # plain: a long model path is neither wrapped nor cut
+    t, metric, budget = result.table, cfg.metric, cfg.budget
+    if budget is not None:
+        at = t[t["budget"] == budget]
+        shares = at[at["method"].isin(["oracle", "greedy"])].set_index("method").filter(like="share:")
+        shares = shares.T.rename(index=lambda c: c.removeprefix("share:")).reset_index(names="configuration")
+        out += [Shown(f"oracle · budget {budget:g} · {metric}", at[["method", "value", "mean_cost", "exact", "gap"]]),
+                Shown("share of items per configuration", shares)]
+    if cfg.curve:
+        wide = t[t["method"].isin(["oracle", "greedy"])].pivot(index="budget", columns="method", values="value")
+        out.append(Shown(f"oracle curve · {metric}", wide.reset_index()))
+    L = max(result.costs)
+    if result.star is not None:
+        ci = (f", 95% bootstrap interval [{result.star_interval[0]:.2f}, {result.star_interval[1]:.2f}]"
+              if result.star_interval else "")
+        out.append(Shown(f"oracle matches {result.full} at budget {result.star:.3f} layers "
+                         f"({100 * result.star / L:.1f}% of {L}{ci})"))
+    else:
+        out.append(Shown(f"oracle never reaches {result.full}'s mean {metric}"))
+    for lt in result.length_tests:
+        out += _length_shown(lt)
+    return out
+
+
+def _length_shown(lt: dict) -> list[Shown]:
+    head = f"length test at budget {lt['budget']:g} ({lt['why']}), label length in {lt['unit']}, {lt['items']} items: "
+    if lt["p_value"] is None:
+        return [Shown(head + lt.get("note", "nothing to test"))]
+    counts = pd.DataFrame(lt["counts"]).pivot(index="bin", columns="config", values="count")
+    counts = counts.reindex([b for b in dict.fromkeys(c["bin"] for c in lt["counts"])]).reset_index()
+    return [Shown(head + f"{lt.get('test') or 'chi-square'}, chi2 = {lt['statistic']:.2f}, dof = {lt['dof']}, "
+                  f"p = {lt['p_value']:.3g}" + (f" ({lt['note']})" if lt.get("note") else "")),
+            Shown(f"oracle's choice per label-length bin · budget {lt['budget']:g}", counts)]
 
 
 def _group_out(out: str, group, groups) -> str:
@@ -252,7 +296,7 @@ def _assignment(budget: float, items, configs: list[str], oracle_choice, greedy_
 def star_interval(inst: Instance, full: int, resamples: int, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval of the star budget: items resampled with replacement, the target (the full
     configuration's mean) recomputed on each resample."""
-    from skipbench.stats import bootstrap_interval
+    from skipbench.analysis.stats import bootstrap_interval
 
     def star_of(idx):
         sub = Instance(inst.V[idx], inst.C[idx])
@@ -280,7 +324,7 @@ def length_test(lengths: pd.Series, picks: pd.Series, configs: list[str], unit: 
     bins (H0: the choice does not depend on the label's length). `lengths` and `picks` are indexed by item. A sparse
     table (over 20% of cells expecting fewer than 5 items) reports an exact conditional p instead: Fisher's exact
     test (2 x 2) or a permutation p (`stats.contingency_test`); `test` names it, `p_chi2` keeps the chi-square's."""
-    from skipbench.stats import contingency_test
+    from skipbench.analysis.stats import contingency_test
 
     bins = length_bin(lengths.reindex(picks.index).to_numpy())
     counts = pd.crosstab(pd.Categorical(bins, categories=range(LENGTH_BINS)),
@@ -329,10 +373,10 @@ def write(cfg: OracleConfig, result: OracleResult) -> OracleResult:
                     star_interval=result.star_interval, star_interval_method=f"95% percentile bootstrap, {cfg.bootstrap} item resamples",
                     length_tests=[{k: v for k, v in t.items() if k != "counts"} for t in result.length_tests],
                     length_bins=LENGTH_LABELS, notes=result.notes, source=_source(cfg),
-                    solver="Lagrangian bound + reduced-cost fixing + exact DP over the core (skipbench.oracle)")
+                    solver="Lagrangian bound + reduced-cost fixing + exact DP over the core (skipbench.analysis.knapsack)")
     paths = write_tables(table, out, meta, **result.tables)
     if cfg.curve:
-        from skipbench.plots import oracle_figures
+        from skipbench.analysis.plots import oracle_figures
 
         paths |= {f"figure{n}": f for n, f in enumerate(oracle_figures(result, cfg.metric, out.with_name(out.stem)) or ())}
     return replace(result, rows=table, path=paths.pop("rows"), files=paths)

@@ -1,6 +1,7 @@
 """`skipbench reproduce --preset NAME`: the papers' experiments as the exact sequence of CLI calls.
 
-A preset (experiments/NAME.toml) names the model, datasets, costs, budgets, alphas, steps and limits;
+A preset (skipbench/experiments/presets/NAME.toml, shipped in the wheel; `experiments/` at the repository's root
+links to it) names the model, datasets, costs, budgets, alphas, steps and limits;
 this module turns it into `skipbench ...` argument lists. A finished stage is skipped, so an interrupted
 run resumes (evaluate also resumes inside a stage, point by point) — but only when the stage's recorded
 command is the one the preset asks for now: a stage whose settings changed runs again.
@@ -17,7 +18,7 @@ from typing import Callable
 
 from skipbench.errors import SkipbenchError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "experiments"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data (the repository's experiments/ links here)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Stage:
         return self._record_of(self.name)
 
     def _read(self, path: Path) -> dict | None:
-        from skipbench import readers
+        from skipbench.store import readers
         from skipbench.errors import note
 
         if not path.exists():
@@ -72,7 +73,7 @@ class Stage:
     def finish(self) -> None:
         import time
 
-        from skipbench.results import write_text_atomic
+        from skipbench.store.results import write_text_atomic
 
         write_text_atomic(self.record, json.dumps({"argv": list(self.argv), "output": str(self.output),
                                                    "stamp": time.time_ns(), "upstream": self._upstream()}))
@@ -88,9 +89,9 @@ def load_preset(name: str) -> dict:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
         raise SkipbenchError(f"unknown preset '{name}'; known: {known} (or a path to a .toml file)")
-    from skipbench import readers
+    from skipbench.store import readers
 
-    raw = readers.file_bytes(path, "preset", "see experiments/quick.toml for the format")
+    raw = readers.file_bytes(path, "preset", "see skipbench/experiments/presets/quick.toml for the format")
     try:
         return tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -99,7 +100,7 @@ def load_preset(name: str) -> dict:
 
 def record_preset(preset: dict, name: str, results: Path) -> None:
     """The preset's name and its stated differences from the papers' setups, for the report."""
-    from skipbench.results import write_text_atomic
+    from skipbench.store.results import write_text_atomic
 
     write_text_atomic(results / ".reproduce" / "preset.json",
                       json.dumps({"name": Path(name).stem, "differences": preset.get("differences", [])}, indent=2))
@@ -242,13 +243,13 @@ def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list
     """Run the preset's stages in order through `command` (the CLI itself), skipping finished ones."""
     import time
 
-    from skipbench.results import check_out_dir
+    from skipbench.store.results import check_out_dir
 
     chosen = load_preset(preset)
     try:
         plan = stages(chosen, results)
     except (KeyError, TypeError) as exc:  # a section without a key its stage needs, or a value of the wrong kind
-        raise SkipbenchError(f"preset '{preset}' lacks or misstates {exc} (see experiments/quick.toml)") from None
+        raise SkipbenchError(f"preset '{preset}' lacks or misstates {exc} (see skipbench/experiments/presets/quick.toml)") from None
     if not dry_run:
         check_out_dir(plan[-1].results, "--results")
         record_preset(chosen, preset, plan[-1].results)

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skipbench import scores
+from skipbench.analysis import scores
 from skipbench.data import DataSpec
 from skipbench.errors import SkipbenchError
-from skipbench.oracle import Instance, greedy, solve
+from skipbench.analysis.knapsack import Instance, greedy, solve
 from skipbench.policies import parse_policies
 from skipbench.policies import router as routing
-from skipbench.results import Written, check_out_dir, check_out_path, manifest, tidy, write_tables
+from skipbench.store.results import Shown, Written, check_out_dir, check_out_path, manifest, tidy, write_tables
 
 MIN_TRAIN, MIN_VALIDATION = 8, 2
 
@@ -99,7 +99,7 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
         if spec.strategy.kind != "static" or spec.strategy.own_model:
             what = "runs a model of its own" if spec.strategy.own_model else f"is {spec.strategy.kind}"
             raise SkipbenchError(f"a router chooses among static configurations (one plan per sequence of one "
-                                 f"model); '{spec_of[c]}' {what}: leave it out with --policies/--costs")
+                                 f"model); '{spec_of[c]}' {what}: leave it out with --policy/--costs")
     wide = wide.set_axis([spec_of[c] for c in configs], axis=1)
     field_of = {"prompt_field": _one(df, "data_prompt_field"), "reference_field": _one(df, "data_reference_field")}
     data = DataSpec(name=str(_one(df, "dataset")), split="all", seed=int(_one(df, "data_seed")), **field_of)
@@ -125,6 +125,11 @@ class RouteTrainResult(Written):
     router: routing.Router
     counts: dict[str, int]  # scored items per split
     notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:  # what a person sees
+        self.shown = [Shown(f"router · {self.router.features.kind} · {self.counts['train']} train, "
+                            f"{self.counts['validation']} validation items (squared error on validation)", self.validation)]
+        self.said = [f"wrote {self.path}"]
 
     @property
     def validation(self) -> pd.DataFrame:
@@ -176,19 +181,27 @@ class RouteCurveResult(Written):
     test_items: int
     notes: list[str] = field(default_factory=list)
 
+    def showing(self) -> "RouteCurveResult":
+        """The result with what a person sees: the reported budgets' rows, the paired differences, the file."""
+        return replace(self, shown=[Shown(f"route curve · {self.test_items} test items", self.summary),
+                                    Shown("paired differences (95% bootstrap intervals over the same resamples)",
+                                          self.differences.rename(columns={"method": "difference"}))],
+                       said=[f"wrote {self.path}"] if self.path else [])
+
     @property
     def summary(self) -> pd.DataFrame:
         """The reported budgets' rows of the routers and the baselines, with their intervals."""
         t = self.rows
         keep = t["reported"] & ~t["method"].str.startswith("single:") & t["kind"].isna()
-        return t.loc[keep, ["budget", "method", "value", "value_lo", "value_hi", "mean_cost", "share", "share_lo",
-                            "share_hi", "share_over_blind", "share_over_blind_lo", "share_over_blind_hi"]]
+        columns = ["budget", "method", "value", "value_lo", "value_hi", "mean_cost", "share", "share_lo", "share_hi",
+                   "share_over_blind", "share_over_blind_lo", "share_over_blind_hi"]
+        return t.loc[keep, [c for c in columns if c in t]]  # no intervals with --bootstrap 0
 
     @property
     def differences(self) -> pd.DataFrame:
         """Paired differences of mean metric at the reported budgets: router against router, router against blind."""
         t = self.rows
-        return t.loc[t["kind"] == "difference", ["budget", "method", "value", "value_lo", "value_hi"]]
+        return t.loc[t["kind"] == "difference", [c for c in ("budget", "method", "value", "value_lo", "value_hi") if c in t]]
 
 
 def default_budgets(num_layers: int) -> tuple[float, ...]:
@@ -372,8 +385,8 @@ def _write(cfg, out: Path, result: RouteCurveResult, routers, names, metric, n_t
                     interval_method=f"95% percentile bootstrap over test items, {cfg.bootstrap} resamples, paired "
                                     "across methods", random=f"mean of {cfg.random_draws} uniformly random score draws "
                                                             "through the same knapsack", notes=result.notes)
-    from skipbench.plots import route_figure
+    from skipbench.analysis.plots import route_figure
 
     figure = route_figure(table, out.with_name(out.stem + ".png"), metric, routers[0].num_layers)  # before the table
     paths = write_tables(table, out, meta, **result.tables)
-    return replace(result, rows=table, path=paths.pop("rows"), files=paths | {"figure": figure})
+    return replace(result, rows=table, path=paths.pop("rows"), files=paths | {"figure": figure}).showing()

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from skipbench.errors import SkipbenchError, note
-from skipbench.distributed import world_size
-from skipbench.readers import Unreadable, why
-from skipbench.results import atomic_dir
+from skipbench.store.distributed import world_size
+from skipbench.store.readers import Unreadable, why
+from skipbench.store.results import atomic_dir
 from skipbench.models.adapters import SUPPORTED_FAMILIES, Adapter, make_adapter
 
 EMBEDDED = "smollm2-135m"

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.errors import SkipbenchError, note
 
 VERSION = 1  # bump when the computation changes: cached summaries of an older one are not reused
@@ -61,7 +61,7 @@ def sequences(lm, data, max_tokens: int) -> list[list[int]]:
 
 def similarities(ctx, items: int, max_tokens: int) -> Similarities:
     from skipbench.models.loading import cache_dir, model_fingerprint
-    from skipbench.results import write_text_atomic
+    from skipbench.store.results import write_text_atomic
 
     data = calibration_data(ctx, items, max_tokens)
     lm = ctx.lm

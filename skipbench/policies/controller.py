@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipbench import keyed
-from skipbench.checkpoints import BACKBONE, checked_module, load_checkpoint, load_module
+from skipbench.store.checkpoints import BACKBONE, checked_module, load_checkpoint, load_module
 from skipbench.engine.protocol import Gate, Policy
 from skipbench.errors import SkipbenchError
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipbench.checkpoints import checked_module, load_module
+from skipbench.store.checkpoints import checked_module, load_module
 from skipbench.engine.protocol import Policy, Route
 from skipbench.errors import SkipbenchError
 

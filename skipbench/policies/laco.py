@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.engine.protocol import Full
 from skipbench.errors import SkipbenchError, note
 from skipbench.policies.calibration import calibration_data, sequences
@@ -199,7 +199,7 @@ def _options(spec) -> dict:
 def folder(spec, ctx) -> tuple[Path, dict]:
     """The collapsed model's folder in the cache, written on first use, and its record (merges, origin)."""
     from skipbench.models.loading import cache_dir, model_fingerprint, write_folder
-    from skipbench.results import atomic_dir
+    from skipbench.store.results import atomic_dir
 
     lm, keep = ctx.lm, spec.int_arg()
     opts = _options(spec)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.errors import SkipbenchError, note
 from skipbench.policies.static import PlanPolicy
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skipbench.checkpoints import checked_module, load_module
+from skipbench.store.checkpoints import checked_module, load_module
 from skipbench.engine.protocol import AttnRoute, Policy
 from skipbench.errors import SkipbenchError
 

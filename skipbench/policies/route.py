@@ -80,7 +80,7 @@ def build(spec, ctx) -> Policy:
     plans = {c: parse_policies(c)[0].plan(ctx.num_layers, ctx.lm, ctx.data) for c in router.configs}
     predicted = router.predict(ctx.lm, items, ctx.data.name)
     if spec.opt("assign") == "price":
-        from skipbench.oracle import Instance, choose_at_price
+        from skipbench.analysis.knapsack import Instance, choose_at_price
 
         choice = choose_at_price(Instance(predicted, router.costs), routing.price_for(router, ctx.lm, budget))
     else:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from skipbench.errors import SkipbenchError, note
-from skipbench.oracle import Instance, solve
+from skipbench.analysis.knapsack import Instance, solve
 
 KIND = "router"
 FEATURES = ("hidden", "tfidf", "length")
@@ -110,9 +110,9 @@ def prompt_ids(lm, items, max_prompt_tokens: int) -> list[list[int]]:
 def hidden_features(lm, items, feats: Features, source: str) -> np.ndarray:
     """[n, 2 * len(states) * d]: per state, the mean over the prompt's tokens and the last token. Cached in one
     file per (model, states, prompt cut, source): items not in it are computed and added."""
-    from skipbench import readers
+    from skipbench.store import readers
     from skipbench.models.loading import cache_dir, model_fingerprint
-    from skipbench.results import atomic_path
+    from skipbench.store.results import atomic_path
 
     key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype),
                       "states": list(feats.states), "max_prompt_tokens": feats.max_prompt_tokens, "source": source,
@@ -269,7 +269,7 @@ def save(router: Router, folder: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from skipbench.results import atomic_dir
+    from skipbench.store.results import atomic_dir
 
     config = {"kind": KIND, "features": router.features.kind, "states": list(router.features.states),
               "max_prompt_tokens": router.features.max_prompt_tokens, "configs": router.configs, "costs": router.costs,
@@ -288,7 +288,7 @@ REQUIRED = ("model", "metric", "dataset", "train_ids", "validation_ids", "counts
 
 
 def load(folder: str) -> Router:
-    from skipbench.checkpoints import load_checkpoint
+    from skipbench.store.checkpoints import load_checkpoint
 
     meta, weights = load_checkpoint(folder, KIND)
     try:
@@ -314,16 +314,16 @@ def load(folder: str) -> Router:
 # ---- assignment -------------------------------------------------------------------------------------------------
 def assign(scores: np.ndarray, costs, budget: float) -> np.ndarray:
     """The configuration of each item that maximises the mean of `scores` with mean cost <= budget: the exact
-    multiple-choice knapsack of the oracle (skipbench.oracle.solve). Given true scores this is the oracle; given a
+    multiple-choice knapsack of the oracle (skipbench.analysis.knapsack.solve). Given true scores this is the oracle; given a
     router's predictions, the router."""
     return solve(Instance(scores, costs), budget).choice
 
 
 def price_for(router: Router, lm, budget: float) -> float:
     """The price per cost unit at which the validation items, each choosing alone (argmax predicted score - price x
-    cost), meet the mean budget: the knapsack's Lagrange multiplier on predictions (oracle.price)."""
+    cost), meet the mean budget: the knapsack's Lagrange multiplier on predictions (knapsack.price)."""
     from skipbench.data import DataSpec, load_items
-    from skipbench.oracle import price
+    from skipbench.analysis.knapsack import price
 
     data = DataSpec(**router.meta["dataset"])
     ids = set(router.meta["validation_ids"])

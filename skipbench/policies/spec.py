@@ -457,6 +457,26 @@ def parse_policies(text: str | list[str] | tuple[str, ...], policy_options: dict
     return specs
 
 
+def from_flags(policy: str | list[str] | tuple[str, ...], *, cost=None, costs=(), exit_layer=None, keep=None, seed=0,
+               per_token=False, first_layer=True, checkpoint=None, gate="sample",
+               policy_options: list[str] | tuple[str, ...] | None = None) -> list[PolicySpec]:
+    """The points a command's flags name: the policy grammar (`--policy`, repeatable), `-o NAME=VALUE` options, and
+    the older separate flags (`--policy uniform --costs 15`, `--exit-layer`, `--keep 0,3,5`, `--per-token`,
+    `--controller DIR`), which fill in the argument a spec leaves out."""
+    specs = parse_policies(policy, parse_policy_options(policy_options), seed=seed, gate=gate, first_layer=first_layer)
+    out = []
+    for s in specs:
+        name, arg = s.name, s.arg
+        if name == "random" and per_token:
+            name = "random-token"
+        if not arg:
+            given = {"cost": exit_layer if name == "early-exit" and exit_layer is not None else cost,
+                     "layers": keep, "checkpoint": (checkpoint or {}).get(name)}.get(s.strategy.arg)
+            arg = "" if given is None else str(given)
+        out.append(replace(s, name=name, arg=arg))
+    return with_costs(out, costs)
+
+
 def parse_policy_options(pairs: list[str] | tuple[str, ...] | None) -> dict[str, str]:
     """`["min-layers=4", "measure=state"]` -> {"min-layers": "4", "measure": "state"}."""
     out = {}

@@ -18,7 +18,7 @@ import datasets
 from skipbench.data import DataSpec, load_items
 from skipbench.data.items import make_item, split_items
 from skipbench.data.synthetic import choice as choice_records
-from skipbench.metrics import exact_match, rouge_l
+from skipbench.analysis.metrics import exact_match, rouge_l
 
 SPLITS = ("train", "validation", "test")
 

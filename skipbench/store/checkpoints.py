@@ -5,11 +5,12 @@ Below the policies (which load them) and the trainers (which write them); it imp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from skipbench.errors import SkipbenchError
-from skipbench.results import JOURNAL
+from skipbench.store.results import JOURNAL
 
 if TYPE_CHECKING:
     import torch
@@ -24,7 +25,7 @@ ADVICE = "train it again, or point to another folder"
 def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     """(config, weights) of a saved method; a clear error when the folder is not one or a file is damaged. The
     files are read once: their fingerprint (the cache keys' part) is taken from the same bytes."""
-    from skipbench import readers
+    from skipbench.store import readers
 
     folder = Path(path)
     cfg_file, weights = folder / "config.json", folder / "weights.safetensors"
@@ -40,7 +41,7 @@ def load_checkpoint(path: str, kind: str) -> tuple[dict, dict]:
     meta = readers.json_bytes(raw[0], cfg_file, f"{kind} checkpoint config", ADVICE)
     if meta.get("kind") != kind:
         raise SkipbenchError(f"'{path}' holds a '{meta.get('kind')}' checkpoint, not '{kind}'")
-    return meta, readers.safetensors_bytes(raw[1], weights, f"{kind} checkpoint weights", ADVICE)
+    return meta, safetensors_bytes(raw[1], weights, f"{kind} checkpoint weights", ADVICE)
 
 
 def load_module(path: str, kind: str, build: Callable[[dict], "torch.nn.Module"],
@@ -112,7 +113,38 @@ def checkpoint_fingerprint(path: str) -> str:
 
 def training_record(path: str) -> dict | None:
     """The `train` section a trainer recorded in a checkpoint (its data spec, among others), or None."""
-    from skipbench import readers
+    from skipbench.store import readers
 
     cfg_file = Path(path) / "config.json"
     return readers.json_file(cfg_file, "checkpoint config", ADVICE).get("train") if cfg_file.exists() else None
+
+
+# the tensor readers live here, not in store/readers.py, so reading tables and manifests never reaches torch
+def safetensors_bytes(data: bytes, path: str | os.PathLike, what: str = "weights file", advice: str = "") -> dict:
+    """Tensors from the bytes of a safetensors file (read once by the caller, who also fingerprints them)."""
+    from safetensors import SafetensorError
+
+    from skipbench.store.readers import Unreadable, why
+    from safetensors.torch import load
+
+    if not data:
+        raise Unreadable(what, path, "is empty", advice)
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None
+
+
+def safetensors_file(path: str | os.PathLike, what: str = "weights file", advice: str = "") -> dict:
+    """Tensors of a safetensors file, memory-mapped (a model's weights are not copied into memory first)."""
+    from safetensors import SafetensorError
+
+    from skipbench.store.readers import Unreadable, present, why
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    present(path, what, advice)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None

@@ -26,17 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from skipbench import distributed, keyed, readers
+from skipbench import keyed
+from skipbench.store import distributed
+from skipbench.store import checkpoints, readers
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine, generate
 from skipbench.engine.protocol import GateFn
 from skipbench.engine.decode import eos_ids, left_pad, pad_id
-from skipbench.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
+from skipbench.store.checkpoints import BACKBONE, checkpoint_fingerprint, load_checkpoint, training_record  # noqa: F401
 from skipbench.errors import SkipbenchError, note
-from skipbench.metrics import kl_divergence
 from skipbench.models.loading import LoadedModel, model_fingerprint, write_folder
-from skipbench.results import config_dict, finish_together, write_text_atomic, write_together
+from skipbench.store.results import config_dict, finish_together, write_text_atomic, write_together
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +268,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     d.barrier()  # no rank reads the checkpoint before rank 0 has put it in order
     if state_file.exists() and (out / "weights.safetensors").exists():
         _check_resumable(out, method, cfg)
-        _load_into(module, readers.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART), out)
+        _load_into(module, checkpoints.safetensors_file(out / "weights.safetensors", "checkpoint weights", RESTART), out)
         state = trainer_state(out)
         if state["step"] > cfg.steps:
             raise SkipbenchError(f"'{out}' was trained for {state['step']} steps, more than --steps {cfg.steps}; "
@@ -465,7 +466,7 @@ def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
                              "pass --restart to start over")
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
-        weights.update(readers.safetensors_file(f, "model weights", RESTART))
+        weights.update(checkpoints.safetensors_file(f, "model weights", RESTART))
     missing, unexpected = _load_into(lm.model, weights, folder, strict=False)
     tied = set(getattr(lm.model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
@@ -482,25 +483,6 @@ def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConf
                                                      str(tmp), metadata={"step": str(step)}),
     }
     write_together(out, writers)
-
-
-def check_held_out(items, path: str) -> None:
-    """Learned policies are evaluated on items they were not trained on: the checkpoint's training items
-    (rebuilt from its recorded data spec) must not overlap the items to evaluate."""
-    train_cfg = training_record(path)
-    if not isinstance(train_cfg, dict) or not train_cfg.get("data"):
-        return  # no training record (a hand-made checkpoint): nothing to check against
-    try:
-        spec = DataSpec(**train_cfg["data"])
-    except TypeError as exc:
-        raise SkipbenchError(f"'{path}/config.json' records a training dataset skipbench cannot rebuild ({exc}); "
-                             "train it again, or point to another folder") from None
-    trained = {it.item_id for it in load_items(spec)}
-    seen = sum(it.item_id in trained for it in items)
-    if seen:
-        raise SkipbenchError(f"{seen} of the {len(items)} items to evaluate were used to train '{path}' (dataset "
-                             f"{spec.name}, split {spec.split}, seed {spec.seed}); evaluate a learned policy on "
-                             "held-out items, e.g. --split test")
 
 
 def training_summary(path: str | Path) -> dict | None:
@@ -526,3 +508,11 @@ def training_summary(path: str | Path) -> dict | None:
     return {"steps": len(log), "examples": len(log) * batch, "train_items": items,
             "epochs": len(log) * batch / items if items and batch else None,
             "loss_first": float(log[0]["loss"]), "loss_last_fifth": last, "loss_fifth_before": before}
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension, from logits."""
+    dtype = torch.promote_types(logits_p.dtype, torch.float32)  # at least fp32 (float64 stays float64)
+    logp = torch.log_softmax(logits_p.to(dtype), -1)
+    logq = torch.log_softmax(logits_q.to(dtype), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)

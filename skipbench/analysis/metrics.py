@@ -1,12 +1,11 @@
-"""Metrics: ROUGE-L through rouge-score (with stemming), exact match per subtask, KL and cosine helpers."""
+"""Metrics of a generated text: ROUGE-L through rouge-score (with stemming) and exact match per subtask (no torch;
+the training loss's KL lives with the loop, training/loop.py)."""
 
 from __future__ import annotations
 
 import math
 import re
 from functools import lru_cache
-
-import torch
 
 _INT = re.compile(r"-?\d[\d,]*")
 
@@ -47,11 +46,3 @@ def exact_match(subtask: str, output: str, answer: str | None) -> float:
     if subtask == "repeat":
         return float(integers(output) == [int(x) for x in answer.split(",")])
     return float(answer.lower() in output.lower())
-
-
-def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the last dimension, from logits."""
-    dtype = torch.promote_types(logits_p.dtype, torch.float32)  # at least fp32 (float64 stays float64)
-    logp = torch.log_softmax(logits_p.to(dtype), -1)
-    logq = torch.log_softmax(logits_q.to(dtype), -1)
-    return (logp.exp() * (logp - logq)).sum(-1)

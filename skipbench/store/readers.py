@@ -33,7 +33,7 @@ def why(exc: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-def _present(path: Path, what: str, advice: str) -> None:
+def present(path: Path, what: str, advice: str) -> None:
     if not path.exists():
         raise Unreadable(what, path, "does not exist", advice)
     if not path.is_file():
@@ -56,7 +56,7 @@ def json_file(path: str | os.PathLike, what: str = "JSON file", advice: str = ""
 
 def file_bytes(path: str | os.PathLike, what: str, advice: str = "") -> bytes:
     path = Path(path)
-    _present(path, what, advice)
+    present(path, what, advice)
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -81,7 +81,7 @@ def table(path: str | os.PathLike, what: str = "results file", advice: str = "",
     import pyarrow.parquet as pq
 
     path = Path(path)
-    _present(path, what, advice)
+    present(path, what, advice)
     if checked:
         _verify(path, what, advice)
     try:
@@ -131,32 +131,6 @@ def reusable(path: str | os.PathLike, what: str = "cached part") -> bool:
     return True
 
 
-def safetensors_bytes(data: bytes, path: str | os.PathLike, what: str = "weights file", advice: str = "") -> dict:
-    """Tensors from the bytes of a safetensors file (read once by the caller, who also fingerprints them)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    if not data:
-        raise Unreadable(what, path, "is empty", advice)
-    try:
-        return load(data)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None
-
-
-def safetensors_file(path: str | os.PathLike, what: str = "weights file", advice: str = "") -> dict:
-    """Tensors of a safetensors file, memory-mapped (a model's weights are not copied into memory first)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    _present(path, what, advice)
-    try:
-        return load_file(str(path))
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise Unreadable(what, path, f"is not a readable safetensors file ({why(exc)})", advice) from None
-
-
 def npz_file(path: str | os.PathLike, what: str = "array file", advice: str = "") -> dict:
     """The arrays of a .npz file written by numpy (no pickled objects are read)."""
     import zipfile
@@ -164,7 +138,7 @@ def npz_file(path: str | os.PathLike, what: str = "array file", advice: str = ""
     import numpy as np
 
     path = Path(path)
-    _present(path, what, advice)
+    present(path, what, advice)
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

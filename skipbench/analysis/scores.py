@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from skipbench import readers
+from skipbench.store import readers
 from skipbench.errors import SkipbenchError
-from skipbench.oracle import Instance
+from skipbench.analysis.knapsack import Instance
 
 GROUP_BY = ("model", "dataset", "split")  # the runs of one oracle share these (when the runs record them)
 SETTINGS = ("max_new_tokens", "kv_mode", "prompt_depth", "max_prompt_tokens")  # should agree within a group

@@ -1,4 +1,5 @@
-"""`skipbench bench-oracle`: the exact oracle vs scipy's HiGHS MILP on the same instance, in one process.
+"""`skipbench bench-oracle`: the exact sequence-level knapsack (the oracle's solver, analysis/knapsack.py) vs scipy's
+HiGHS MILP on the same instance, in one process.
 
 The instance mimics per-item ROUGE-L of uniform-skipping models: item difficulty from Beta(2, 2), a
 quality factor rising with cost, and noise; `--metric binary` draws 0/1 scores (exact match), the
@@ -14,11 +15,12 @@ import numpy as np
 import pandas as pd
 
 from skipbench.errors import SkipbenchError
-from skipbench.oracle import Instance, solve
+from skipbench.analysis.knapsack import Instance, solve
+from skipbench.store.results import Shown, Written
 
 
 @dataclass(frozen=True, kw_only=True)
-class OracleBenchConfig:
+class KnapsackBenchConfig:
     items: int = 7800
     costs: tuple[int, ...] = (4, 8, 12, 24)
     metric: str = "rouge"  # rouge | binary
@@ -55,7 +57,7 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def run(cfg: OracleBenchConfig) -> pd.DataFrame:
+def run(cfg: KnapsackBenchConfig) -> Written:
     if cfg.items < 1 or cfg.big_items < 0 or not cfg.costs or min(cfg.costs) < 1:
         raise SkipbenchError("bench-oracle needs --items >= 1, --big-items >= 0 and costs >= 1")
     inst = instance(cfg.items, cfg.costs, cfg.metric, cfg.seed)
@@ -75,4 +77,23 @@ def run(cfg: OracleBenchConfig) -> pd.DataFrame:
             sol, secs = _timed(lambda: solve(big, b))
             rows.append({"what": f"budget {b:g}: oracle", "items": cfg.big_items, "seconds": secs, "value": sol.value,
                          "exact": sol.exact, "gap": sol.gap, "core": sol.core})
+    df = pd.DataFrame(rows)
+    return Written(rows=df, shown=[Shown(f"bench-oracle · {cfg.metric} · costs {','.join(map(str, cfg.costs))}",
+                                         _table(df), {"mean value": "{:.6f}"}, width=120)])
+
+
+def _table(df: pd.DataFrame) -> pd.DataFrame:
+    """Each timing with what it says: the speed ratio to the oracle and whether both found the same value, or
+    whether the solution is exact (else its certified gap)."""
+    rows = []
+    for r in df.to_dict("records"):
+        if "speedup" in r and r["speedup"] == r["speedup"]:
+            note = f"{r['speedup']:.0f}x slower than the oracle; same value: {r['same_value']}"
+        elif r.get("exact") is True or r.get("exact") is False:
+            note = "exact" if r["exact"] else f"certified gap {r['gap']:.2e}"
+        else:
+            note = ""
+        value = r.get("value")
+        rows.append({"what": r["what"], "items": r["items"], "seconds": r["seconds"],
+                     "mean value": np.nan if value is None else value, "note": note})
     return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Policy sweeps over lm-evaluation-harness tasks through skipbench's backend (lmeval.py): the library of the
+"""Policy sweeps over lm-evaluation-harness tasks through skipbench's backend (evaluation/lmeval_model.py): the library of the
 `skipbench lm-eval` and `skipbench compare` recipes.
 
 One part per (task, policy point), written atomically under `.skipbench-parts/` beside the output with lm-eval's
@@ -18,23 +18,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 
-from skipbench import distributed, readers
+from skipbench.store import distributed
+from skipbench.store import readers
 from skipbench.errors import SkipbenchError, note
-from skipbench.evaluation import expand, nominal_cost, part_key
+from skipbench.evaluation.quality import expand, nominal_cost, part_key
 from skipbench.models import load_model
 from skipbench.models.loading import default_batch_size
 from skipbench.policies import PolicySpec
-from skipbench.readers import reusable
-from skipbench.stats import group_weighting, paired_test, proportion_interval, stratified_means
-from skipbench.results import (Written, atomic_path, check_out_path, companion, config_dict, manifest, manifest_path,
+from skipbench.store.readers import reusable
+from skipbench.analysis.lmeval_tables import summarise, with_paired_tests
+from skipbench.store.results import (Shown, Written, atomic_path, check_out_path, companion, config_dict, manifest, manifest_path,
                                run_id, tidy, write_tables)
 
 INSTALL = "lm-eval is not installed: pip install 'skipbench[lmeval]' (make setup installs it)"
-SHIPPED_PREFIX = "skipbench"
-PARTS_VERSION = 2  # 2: each part keeps its per-document scores (the `docs` table) for paired intervals  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
+SHIPPED_PREFIX = "skipbench"  # the shipped tasks' names (skipbench_choice, ...) and tags (skipbench, skipbench_text)
+PARTS_VERSION = 2  # 2: each part keeps its per-document scores (the `docs` table) for paired intervals
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +67,7 @@ class LmEvalResult(Written):
 def backend():
     """The backend module (it registers the `skipbench` model with lm-eval), or one line on how to install it."""
     try:
-        from skipbench import lmeval
+        from skipbench.evaluation import lmeval_model as lmeval
     except ImportError as exc:
         if "lm_eval" not in str(exc):
             raise
@@ -87,7 +87,7 @@ def shipped_files(tasks_dir: Path) -> list[Path]:
     skipbench code that makes their data and scores them."""
     import skipbench.data.items as items
     import skipbench.data.synthetic as synthetic
-    import skipbench.metrics as metrics
+    import skipbench.analysis.metrics as metrics
 
     return sorted(tasks_dir.glob("*.yaml")) + [tasks_dir / "utils.py"] + [Path(m.__file__) for m in (synthetic, items, metrics)]
 
@@ -138,7 +138,7 @@ def check_held_out(pts: list[PolicySpec], names: tuple[str, ...]) -> None:
     items must not be among its checkpoint's training items (refused); a task skipbench did not ship cannot be
     checked (a note)."""
     from skipbench.data import DataSpec, load_items
-    from skipbench.training import check_held_out as refuse_seen
+    from skipbench.data.heldout import check_held_out as refuse_seen
 
     learned = [p for p in pts if p.strategy.kind == "learned" and p.strategy.needs_checkpoint]
     if not learned:
@@ -244,12 +244,14 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
                                           "(and the prompt with prompt_depth policy)")
         summary = with_paired_tests(summarise(rows), docs)
         path = write_tables(rows, out, meta, docs=docs)["rows"]
-        from skipbench.plots import lmeval_figure
+        from skipbench.analysis.plots import lmeval_figure
 
         figure = lmeval_figure(summary, lm.num_layers, out.with_suffix(".png"))
         return LmEvalResult(rows=rows, summary=summary, path=path, reused_parts=len(jobs) - len(todo),
                             results_json=jsons, files={"figure": figure, "docs": companion(out, "docs")},
-                            tables={"docs": docs})
+                            tables={"docs": docs}, shown=shown(rows, cfg.model),
+                            said=[f"wrote {path} ({len(rows)} rows; {len(jobs) - len(todo)} finished part(s) reused); "
+                                  f"lm-eval's results: {out.with_name(out.stem + '-lmeval')}/; figure: {figure}"])
 
     def read() -> LmEvalResult:
         rows, docs = readers.table(out), readers.table(companion(out, "docs"))
@@ -257,6 +259,18 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
                             reused_parts=len(jobs) - len(todo), results_json={}, tables={"docs": docs})
 
     return d.on_main(write, read)
+
+
+def shown(rows: pd.DataFrame, model: str) -> list[Shown]:
+    """Every metric and filter lm-eval reported, with a 95% interval each (the figure and the report take each task's
+    main one)."""
+    from skipbench.analysis.lmeval_tables import interval
+
+    bounds = [interval(m, v, e, n, g) for m, v, e, n, g in zip(rows["metric"], rows["value"], rows["stderr"], rows["n"],
+                                                                rows["group"])]
+    table = rows.assign(interval=[f"[{lo:.3f}, {hi:.3f}]" for lo, hi in bounds])
+    return [Shown(f"lm-eval · {model}", table[["task", "policy_spec", "layers_mean", "metric", "filter", "value",
+                                               "interval", "n"]])]
 
 
 def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig,
@@ -351,82 +365,6 @@ def _members(group_subtasks: dict) -> dict[str, list[str]]:
         return [leaf for s in subs for leaf in leaves(s)] if subs else [name]
 
     return {g: leaves(g) for g in group_subtasks if group_subtasks[g]}
-
-
-MAIN_METRICS = ("acc", "exact_match", "rougeL", "acc_norm", "word_perplexity")  # the first a task has is its main one
-
-
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each task's main metric per point (the first of MAIN_METRICS it reports, else its first metric; its `none` or
-    `strict-match` filter, else its first), with a 95% interval."""
-    if rows.empty:
-        return rows
-    keep = []
-    for task, g in rows.groupby("task", sort=False):
-        metrics = list(dict.fromkeys(g["metric"]))
-        main = next((m for m in MAIN_METRICS if m in metrics), metrics[0])
-        g = g[g["metric"] == main]
-        filters = list(dict.fromkeys(g["filter"]))  # GSM8K: strict-match and flexible-extract; one is shown
-        keep.append(g[g["filter"] == next((f for f in ("none", "strict-match") if f in filters), filters[0])])
-    out = pd.concat(keep).reset_index(drop=True)
-    bounds = [interval(r.metric, r.value, r.stderr, r.n, r.group) for r in out.itertuples()]
-    out["lo"], out["hi"] = [b[0] for b in bounds], [b[1] for b in bounds]
-    if "attention_mean" not in out:  # runs before it existed: unrecorded
-        out["attention_mean"] = math.nan
-    if "top" not in out:  # runs before it existed: every task as asked for
-        out["top"] = True
-    return out[["task", "metric", "filter", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr",
-                "lo", "hi", "n", "top"]]
-
-
-def strata(docs: pd.DataFrame, task: str, metric: str, filt: str, points: list[str]) -> list[np.ndarray]:
-    """The per-document scores behind one result, paired across points: one array [documents, points] per task it
-    averages (a group: each of its tasks; a task: itself), over the documents every point scored."""
-    d = docs[(docs["metric"] == metric) & (docs["filter"] == filt) & docs["policy_spec"].isin(points)]
-    d = d[(d["of"] == task) & (d["task"] != task)] if ((d["of"] == task) & (d["task"] != task)).any() else d[d["task"] == task]
-    wide = d.pivot_table(index=["task", "doc_id"], columns="policy_spec", values="value", aggfunc="first")
-    wide = wide.reindex(columns=points).dropna()
-    return [g.to_numpy() for _, g in wide.groupby(level="task", sort=True)]
-
-
-RESAMPLES = 2000  # bootstrap replicates of the paired intervals
-
-
-def with_paired_tests(summary: pd.DataFrame, docs: pd.DataFrame) -> pd.DataFrame:
-    """Each point's result beside full depth's on the same documents: the paired difference with a 95% bootstrap
-    interval (documents resampled within each task, `RESAMPLES` replicates) and a paired test's p (McNemar's exact
-    test for 0/1 scores, else Wilcoxon's signed-rank test)."""
-    if summary.empty:
-        return summary
-    full = summary[summary["policy_spec"] == "full"].set_index("task")
-    extra = []
-    for r in summary.itertuples():
-        if r.policy_spec == "full" or r.task not in full.index:
-            extra.append({})
-            continue
-        parts = strata(docs, r.task, r.metric, r.filter, [r.policy_spec, "full"])
-        if not parts:
-            extra.append({})
-            continue
-        weighting = group_weighting([p[:, 1] for p in parts], float(full.loc[r.task, "value"])) if len(parts) > 1 else "size"
-        reps = stratified_means(parts, RESAMPLES, weighting=weighting)
-        stacked = np.concatenate(parts)
-        test, p = paired_test(stacked[:, 0], stacked[:, 1])
-        lo, hi = np.quantile(reps[:, 0] - reps[:, 1], [0.025, 0.975])
-        extra.append({"diff_vs_full": float(r.value - full.loc[r.task, "value"]), "diff_lo": float(lo),
-                      "diff_hi": float(hi), "p_vs_full": p, "paired_test": test, "paired_docs": len(stacked)})
-    return pd.concat([summary.reset_index(drop=True), pd.DataFrame(extra, index=range(len(summary)))], axis=1)
-
-
-BINARY = ("acc", "acc_norm", "exact_match")  # a mean of 0/1 per document
-
-
-def interval(metric: str, value: float, stderr: float, n: int, group: bool = False) -> tuple[float, float]:
-    """A 95% interval: Wilson for a task's proportion of documents (binary metrics), else (other metrics, and a
-    group's mean of its tasks' means) value +- 1.96 lm-eval's stderr."""
-    if metric in BINARY and n and not group:
-        return proportion_interval(round(value * n), int(n))
-    return value - 1.96 * stderr, value + 1.96 * stderr
 
 
 def write_results_json(out: Path, pts: list[PolicySpec], jobs) -> dict[str, Path]:

@@ -2,7 +2,7 @@
 
 Deterministic: the same files give the same page (no timestamps; files and rows in sorted order).
 Each finding is set against the paper's claim as **agrees**, **disagrees** or **inconclusive**, decided
-from a 95% interval and a stated margin (skipbench.verdicts); the page prints the interval, the margin
+from a 95% interval and a stated margin (skipbench.analysis.verdicts); the page prints the interval, the margin
 and the reason beside every verdict, and a table of all of them at the top.
 """
 
@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skipbench import readers, verdicts
+from skipbench.store import readers
+from skipbench.analysis import verdicts
 from skipbench.errors import SkipbenchError
-from skipbench.results import COMPANIONS, check_writable, companion
-from skipbench.stats import Verdict
+from skipbench.store.results import COMPANIONS, check_writable, companion
+from skipbench.analysis.stats import Verdict
 
 
 def _table(df: pd.DataFrame, digits: int = 3) -> str:
@@ -91,7 +92,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
             continue
         path = folder / f"quality-{dataset}-{split}.png"
         points, oracle, L = quality_points(g)
-        from skipbench.plots import quality_figure
+        from skipbench.analysis.plots import quality_figure
 
         quality_figure(points, oracle, L, path, f"{dataset} ({split}): quality against layers; bars: 95% CI over items")
         lines += [f"### Quality against executed layers — {dataset}, {split} split", "", f"![quality]({path.name})", "",
@@ -104,9 +105,9 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
 
 def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     """Per configuration: mean layers and full_rougeL with its interval; and the oracle curve over them."""
-    from skipbench.experiments.oracle import pivot
-    from skipbench.oracle import Instance, solve
-    from skipbench.stats import t_interval
+    from skipbench.analysis.scores import pivot
+    from skipbench.analysis.knapsack import Instance, solve
+    from skipbench.analysis.stats import t_interval
 
     rows = []
     for (policy, spec), g in df.groupby(["policy", "policy_spec"], sort=False):
@@ -277,7 +278,7 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
 
 def section_lmeval(folder: Path) -> tuple[list[str], list]:
     """`skipbench lm-eval` results: each task's main metric per policy point, with lm-eval's standard error."""
-    from skipbench.lmeval_sweep import RESAMPLES, summarise, with_paired_tests
+    from skipbench.analysis.lmeval_tables import RESAMPLES, summarise, with_paired_tests
 
     lines = []
     for path in _main_files(folder, "lmeval-"):
@@ -306,7 +307,8 @@ def section_lmeval(folder: Path) -> tuple[list[str], list]:
 def section_compare(folder: Path) -> tuple[list[str], list]:
     """`skipbench compare`: every method at K skipped layers, Retain % with paired intervals, orderings of methods
     that realized the same skip, and the talk's claim as a verdict (another model: not comparable)."""
-    from skipbench.experiments.compare import NOISY_CV, TALK
+    from skipbench.analysis.lmeval_tables import NOISY_CV
+    from skipbench.analysis.papers import TALK
 
     lines, found = [], []
     for path in (p for p in _main_files(folder, "compare") if not p.stem.endswith(".lmeval")):
@@ -420,8 +422,13 @@ def _at_a_glance(found: list[Verdict]) -> list[str]:
                           "margin": f"±{v.margin:g} {v.unit}"} for v in found])
     return ["## Findings at a glance", "",
             "Each paper claim against our runs: **agrees** / **disagrees** / **inconclusive**, decided from a 95% interval "
-            "and the margin shown (skipbench/verdicts.py). The sections below give every interval and the reason.", "",
+            "and the margin shown (skipbench/analysis/verdicts.py). The sections below give every interval and the reason.", "",
             _table(rows), ""]
+
+
+def run(results: str, out: str | None = None) -> Path:
+    """The report of a results folder, written to `out` (default <results>/REPORT.md)."""
+    return write_report(results, out or str(Path(results) / "REPORT.md"))
 
 
 def write_report(results: str, out: str) -> Path:
@@ -445,6 +452,6 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"no skipbench results under {results}; run `skipbench reproduce` or an experiment first")
     page = ["# skipbench report", "", f"Results folder: `{folder.as_posix()}`. Figures are PNG files beside this page.", "",
             *_at_a_glance(found), *body]
-    from skipbench.results import write_text_atomic
+    from skipbench.store.results import write_text_atomic
 
     return write_text_atomic(out, "\n".join(page))

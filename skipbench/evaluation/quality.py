@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from skipbench import distributed, readers
+from skipbench.store import distributed
+from skipbench.store import readers
 from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
@@ -27,12 +28,12 @@ from skipbench.errors import SkipbenchError
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec
-from skipbench.metrics import exact_match, rouge_l
+from skipbench.analysis.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size, model_fingerprint
 from skipbench.policies.controller import check_backbone
-from skipbench.readers import reusable
-from skipbench.results import Written, check_out_path, config_dict, manifest, tidy, write_atomic
+from skipbench.store.readers import reusable
+from skipbench.store.results import Shown, Written, check_out_path, config_dict, manifest, tidy, write_atomic
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,7 +157,7 @@ def part_key(fields: dict, model: str, p: PolicySpec) -> str:
     if fingerprint:
         fields["model_fingerprint"] = fingerprint
     if p.strategy.needs_checkpoint:
-        from skipbench.checkpoints import checkpoint_fingerprint
+        from skipbench.store.checkpoints import checkpoint_fingerprint
 
         fields["checkpoint"] = checkpoint_fingerprint(p.value)
         if p.strategy.own_model:  # a model folder as the checkpoint (layerskip: DIR or a fine-tuning's DIR/best)
@@ -254,7 +255,7 @@ SPECULATION_DTYPES = {"speculation_k": "Int64", "speculation_adaptive": "boolean
 
 def speculation_columns(cfg: EvalConfig) -> dict:
     """The speculation settings as columns (null on every row but the speculative point's, `--draft`)."""
-    from skipbench.results import flat_config
+    from skipbench.store.results import flat_config
 
     return {k: v for k, v in flat_config(cfg).items() if k in SPECULATION_DTYPES}
 
@@ -271,7 +272,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     items = load_items(cfg.data)
     for p in pts:
         if p.strategy.kind == "learned":
-            from skipbench.training import check_held_out
+            from skipbench.data.heldout import check_held_out
 
             check_held_out(items, p.value)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
@@ -308,8 +309,11 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         return result(rows, write_atomic(rows, out, meta))
 
     def result(rows: pd.DataFrame, path: Path) -> EvalResult:
-        return EvalResult(rows=rows, summary=summarise(rows), path=path, reused_parts=len(pts) - len(todo),
-                          reused_shares=reused_shares)
+        summary, reused = summarise(rows), len(pts) - len(todo)
+        shares = f", {reused_shares} rank share(s) of a failed run reused" if reused_shares else ""
+        return EvalResult(rows=rows, summary=summary, path=path, reused_parts=reused, reused_shares=reused_shares,
+                          shown=[Shown(f"evaluate · {cfg.model} · {cfg.data.name}", summary)],
+                          said=[f"wrote {path} ({len(rows)} rows; {reused} finished part(s) reused{shares})"])
 
     return d.on_main(write, lambda: result(readers.table(out), out))
 

@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# the commands that know how to share their work; the others refuse to run under torchrun
-COMMANDS = ("evaluate", "cosine", "controllers train", "flexidepth train", "mindskip train", "finetune", "lm-eval")
-
 
 @dataclass(frozen=True)
 class Dist:
@@ -62,7 +59,7 @@ class Dist:
         """The ranks' parts of `path` as one frame (rank 0, after a barrier)."""
         import pandas as pd
 
-        from skipbench.readers import table
+        from skipbench.store.readers import table
 
         return pd.concat([table(f, "a rank's share", "rerun the same command to compute it again", checked=True)
                           for f in self.parts(path)], ignore_index=True)
@@ -80,8 +77,8 @@ class Dist:
         """This rank's rows of `whole`: computed and, under torchrun, written as its share (a share an earlier,
         failed run finished is reused instead of computed). `whole` itself is never written here; after `on_main`'s
         barrier, rank 0 reads every share with `joined`."""
-        from skipbench.readers import reusable
-        from skipbench.results import write_atomic
+        from skipbench.store.readers import reusable
+        from skipbench.store.results import write_atomic
 
         share = self.part(whole)
         if self.enabled and reusable(share, "cached share"):

@@ -31,18 +31,18 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from skipbench import distributed
+from skipbench.store import distributed
 from skipbench.engine import Engine, generate, resolve_kv_mode
 from skipbench.engine.decode import Sampling, left_pad, pad_id
 from skipbench.engine.forward import passes as engine_passes
 from skipbench.errors import SkipbenchError
-from skipbench.evaluation import build_checked
+from skipbench.evaluation.quality import build_checked
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size
 from skipbench.policies import PolicySpec, parse_policies
 from skipbench.policies.spec import parse_policy_options
 
-TASKS_DIR = Path(__file__).parent / "tasks"  # the offline tasks shipped with the package
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # the offline tasks shipped with the package
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
 LOGITS_BUDGET = 2**28  # logits per scoring batch (1 GiB in fp32) when it holds more than one row: long windows go alone
 NO_OPS = {"num_beams": 1, "repetition_penalty": 1.0}  # settings some tasks pass at values that change nothing

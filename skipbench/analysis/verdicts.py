@@ -14,7 +14,9 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from skipbench.stats import Verdict, at_least, combine, directional, equivalent, t_interval, welch_interval
+from skipbench.analysis.papers import (FLEXI_ORDERS, FLEXI_PAPER, PAPER_MODEL_FAMILY, PAPER_STAR, TALK, TALK_MODEL,
+                                      TALK_TASKS)
+from skipbench.analysis.stats import Verdict, at_least, combine, directional, equivalent, t_interval, welch_interval
 
 #: the smallest difference that matters, per measure (what "no difference" means in an equivalence test)
 MARGINS = {
@@ -25,12 +27,6 @@ MARGINS = {
     "retain_pct": 5.0,  # Retain %: a method keeps the full model's scores when its Retain % is at least 100 - 5
 }
 
-# Glavas et al. Sec. 3.3: the oracle matches the full model at 5.6 of 24 layers on Alpaca, 5.5 on CNN-DM
-PAPER_STAR = {"alpaca": 5.6 / 24 * 100, "cnn_dailymail": 5.5 / 24 * 100}
-PAPER_MODEL_FAMILY = "opt"  # OPT-IML-1.3B fine-tuned on Alpaca
-# FlexiDepth (Luo et al.): layers used, of 32, per subtask, and the orderings they report
-FLEXI_PAPER = {"copy": 22.0, "summarize": 28.7, "continue": 30.3, "repeat": 20.1, "sum": 22.5, "product": 23.9}
-FLEXI_ORDERS = (("copy", "summarize", "continue"), ("repeat", "sum", "product"))
 
 
 def mid_costs(costs, num_layers: int) -> list[int]:
@@ -230,10 +226,6 @@ def flexidepth(usage: pd.DataFrame, training: dict | None = None) -> list[Verdic
     return out
 
 
-# The FlexiDepth talk: FlexiDepth keeps the full model's scores (Retain 106.5% at 4 of 32 layers skipped, 100.7% at 8)
-# on Llama-3-8B-Instruct over these six benchmarks
-TALK_MODEL, TALK_TASKS = "llama-3-8b-instruct", ("mmlu", "hellaswag", "winogrande", "gsm8k", "humaneval", "coqa")
-TALK_FLEXIDEPTH = {4: 106.5, 8: 100.7}
 
 
 def compare(summary: pd.DataFrame, model: dict | None, tasks: list[str]) -> list[Verdict]:
@@ -245,10 +237,10 @@ def compare(summary: pd.DataFrame, model: dict | None, tasks: list[str]) -> list
     same = (TALK_MODEL in name.replace("meta-llama/meta-", "") and sorted(tasks) == sorted(TALK_TASKS))
     out = []
     for r in summary[summary["method"].str.partition(":")[0] == "flexidepth"].itertuples():
-        if r.skip not in TALK_FLEXIDEPTH:
+        if r.skip not in TALK["flexidepth"]:
             continue
         claim = (f"FlexiDepth keeps the full model's scores with {r.skip} layers skipped (the talk: Retain "
-                 f"{TALK_FLEXIDEPTH[r.skip]}% at {r.skip} of 32)")
+                 f"{TALK['flexidepth'][r.skip]}% at {r.skip} of 32)")
         v = at_least(claim, r.retain_pct, r.retain_lo, r.retain_hi, 100 - margin, "Retain %", margin)
         realized = f"realized {r.skipped:.2f} skipped {r.skipped_unit}"
         if not same:

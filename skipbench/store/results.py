@@ -156,7 +156,7 @@ def finish_together(folder: Path, roll_forward: bool = True) -> None:
     `roll_forward=False` (a restart) drops it; then removes what a killed save left behind: temporaries of dead
     writers, and folders moved aside (put back when nothing took their place)."""
     from skipbench.errors import note
-    from skipbench.readers import Unreadable, json_file
+    from skipbench.store.readers import Unreadable, json_file
 
     journal = folder / JOURNAL
     if journal.exists() and roll_forward:
@@ -336,15 +336,30 @@ def companion(out: str | os.PathLike, name: str, suffix: str = ".parquet") -> Pa
     return out.with_name(f"{out.stem}-{name}{suffix}")
 
 
+@dataclass(frozen=True)
+class Shown:
+    """A table a person sees after a run: its title, its rows (the columns the recipe chose) and a format string per
+    column (floats default to 3 decimals); the CLI's display renders it (a terminal table, or plain text piped). A
+    `Shown` without a frame is a line of the result's text, printed in its place among the tables."""
+
+    title: str
+    frame: pd.DataFrame | None = None
+    formats: dict = field(default_factory=dict)
+    width: int | None = None
+
+
 @dataclass(kw_only=True)
 class Written:
     """What every table-writing recipe returns: its rows, where they went, the tables written beside them (by
-    name: "agg" went to `<out>-agg.parquet`) and any other files (figures, by name). Recipes add their own fields."""
+    name: "agg" went to `<out>-agg.parquet`) and any other files (figures, by name); and what a person is shown: the
+    tables (`shown`) and the lines after them (`said`: what was written, notes). Recipes add their own fields."""
 
     rows: pd.DataFrame
     path: Path | None = None
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
+    shown: list[Shown] = field(default_factory=list)
+    said: list[str] = field(default_factory=list)
 
 
 def write_tables(rows: pd.DataFrame, out: str | os.PathLike, meta: dict, **tables: pd.DataFrame) -> dict[str, Path]:
@@ -357,7 +372,7 @@ def write_tables(rows: pd.DataFrame, out: str | os.PathLike, meta: dict, **table
 def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write parquet (and its manifest) under a temporary name, then rename: never a half-written file. The
     manifest records the table's row count and checksum (`readers.table(checked=True)` compares them)."""
-    from skipbench.readers import sha256
+    from skipbench.store.readers import sha256
 
     path = check_out_path(path, probe=False)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""Training skip methods: the loop, its examples and teacher cache, resume and saves (loop)."""

@@ -1,0 +1,98 @@
+"""The command line maps each flag to the recipe's config: the recipe's `run` is replaced by one that records the config
+it gets, so a flag is checked without running a model."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from skipbench.cli import app
+from skipbench.store.results import Written
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    seen = {}
+
+    def recorder(module, name="run"):
+        def fake(cfg, *args, **kwargs):
+            seen["cfg"] = cfg
+            return Written(rows=None, shown=[], said=[])
+        monkeypatch.setattr(module, name, fake)
+
+    return seen, recorder
+
+
+def invoke(*args):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_evaluate_maps_its_flags(captured):
+    import skipbench.evaluation.quality as quality
+
+    seen, record = captured
+    record(quality)
+    invoke("evaluate", "--dataset", "arith", "--split", "test", "--limit", 5, "--policy", "uniform:3",
+           "--policy", "random", "--costs", 2, "--seed", 7, "--data-seed", 3, "--per-token", "--max-new-tokens", 9,
+           "--batch-size", 2, "--kv-mode", "none", "--impl", "gather", "-o", "min-layers=2", "--policy", "confidence:0.9",
+           "--draft", "early-exit:2", "--speculate", "auto", "--out", "x/e.parquet", "--no-resume")
+    cfg = seen["cfg"]
+    assert [p.label for p in cfg.policies] == ["uniform:3", "random-token:2", "confidence:0.9[min-layers=2]"]
+    assert {p.seed for p in cfg.policies} == {7} and cfg.seed == 7  # --seed: the random draws
+    assert (cfg.data.name, cfg.data.split, cfg.data.limit, cfg.data.seed) == ("arith", "test", 5, 3)  # --data-seed
+    assert (cfg.max_new_tokens, cfg.batch_size, cfg.kv_mode, cfg.impl, cfg.resume) == (9, 2, "none", "gather", False)
+    assert cfg.draft.label == "early-exit:2" and cfg.speculation.adaptive and cfg.out == "x/e.parquet"
+
+
+def test_bench_and_cosine_map_their_flags(captured):
+    import skipbench.experiments.bench as bench
+    import skipbench.experiments.cosine as cosine
+
+    seen, record = captured
+    record(bench)
+    invoke("bench", "--policy", "full,uniform:3", "--batch-sizes", "1,4", "--max-new-tokens", 12, "--repeats", 2,
+           "--warmup", 0, "--draft", "early-exit:2", "--speculate", "2,3", "--impl", "all", "--no-lockstep")
+    cfg = seen["cfg"]
+    assert [p.label for p in cfg.policies] == ["full", "uniform:3"] and [d.label for d in cfg.drafts] == ["early-exit:2"]
+    assert (cfg.batch_sizes, cfg.max_new_tokens, cfg.repeats, cfg.warmup, cfg.impl, cfg.lockstep) == ((1, 4), 12, 2, 0, "all", False)
+    assert [s.k for s in cfg.speculations] == [2, 3] and not cfg.draft_search
+    invoke("bench", "--draft", "auto")
+    assert seen["cfg"].draft_search and seen["cfg"].drafts == ()
+    # an -o goes to the policies and drafts whose strategy takes it, as in evaluate and generate
+    invoke("bench", "--policy", "confidence:0.9", "-o", "min-layers=2", "--draft", "early-exit:2,confidence:0.8")
+    assert [p.label for p in seen["cfg"].policies] == ["confidence:0.9[min-layers=2]"]
+    assert [d.label for d in seen["cfg"].drafts] == ["early-exit:2", "confidence:0.8[min-layers=2]"]
+    record(cosine)
+    invoke("cosine", "--policy", "uniform,random", "--policy", "confidence:0.9", "--costs", "2,4", "--num-seeds", 2,
+           "--teacher", "reference", "--limit", 3)
+    cfg = seen["cfg"]
+    assert cfg.strategies == ("uniform", "random", "confidence:0.9") and cfg.costs == (2, 4)
+    assert (cfg.num_seeds, cfg.teacher, cfg.data.limit) == (2, "reference", 3)
+
+
+def test_compare_takes_the_presets_settings_only_where_no_flag_is_given(captured):
+    import skipbench.experiments.compare as compare
+
+    seen, record = captured
+    record(compare)
+    invoke("compare", "--preset", "paper", "--policy", "shortgpt", "--policy", "laco", "--skip", 4)
+    cfg = seen["cfg"]
+    assert cfg.methods == ("shortgpt", "laco") and cfg.skip == (4,)  # given: kept
+    assert cfg.model == "meta-llama/Meta-Llama-3-8B-Instruct" and "mmlu" in cfg.tasks and cfg.chat_template is False
+    assert cfg.out == "results/compare-meta-llama_Meta-Llama-3-8B-Instruct.parquet"  # the preset's model names it
+    invoke("compare", "--out", "x/c.parquet")
+    assert seen["cfg"].out == "x/c.parquet"
+
+
+def test_controllers_sweep_maps_joint_training_and_the_metric(captured):
+    import skipbench.experiments.controllers as controllers
+
+    seen, record = captured
+    record(controllers, "run_sweep")
+    invoke("controllers", "sweep", "--alpha", "2,10", "--num-seeds", 2, "--metric", "rougeL", "--train-backbone",
+           "--backbone-lr", "3e-5", "--train-limit", 8)
+    cfg = seen["cfg"]
+    assert cfg.alphas == (2.0, 10.0) and cfg.num_seeds == 2 and cfg.metric == "rougeL"
+    assert cfg.train.train_backbone and cfg.train.backbone_lr == 3e-5 and cfg.train.data.limit == 8
