@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skipbench.cli import app
+from skipbench.models import load_model
 
 
 def test_bench_end_to_end(tiny_dirs, tmp_path):
@@ -34,7 +35,17 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     full = summary[(summary["variant"] == "full") & (summary["phase"] == "decode")]
     assert (full["speedup"] == 1.0).all() and (full["ideal_speedup"].round(9) == 1.0).all()
     assert set(meta["fixed_part_seconds"]) == {"1", "2"} or set(meta["fixed_part_seconds"]) == {1, 2}
-    assert "real/ideal" in res.stdout and "real/batch" in res.stdout
+    assert "real/ideal" in res.stdout and "real/batch" in res.stdout and "% of bound" in res.stdout
+    # the memory bound: the bytes a step reads follow the parts it ran (uniform:3 in fill: 3 layers, 3 layers' K/V)
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    w, rate = lm.adapter.weight_bytes(), meta["read_rate"]["bytes_per_s"]
+    assert meta["weight_bytes"] == w and rate > 0 and meta["read_rate"]["dtype"] == "float32"
+    assert (decode.loc[decode["variant"] == "full", "weight_bytes_per_step"] == 6 * w["layer"] + w["head"]).all()
+    assert (decode.loc[decode["variant"] == "uniform:3", "weight_bytes_per_step"] == 3 * w["layer"] + 3 * w["kv"] + w["head"]).all()
+    assert (decode.loc[decode["variant"] == "removed:uniform:3", "weight_bytes_per_step"] == 3 * w["layer"] + w["head"]).all()
+    assert decode["bound_fraction"].to_numpy() == pytest.approx(
+        (decode["weight_bytes_per_step"] * decode["tokens_per_s"] / decode["batch_size"] / rate).to_numpy())
+    assert df.loc[df["phase"] == "prefill", "bound_fraction"].isna().all() and "bound_fraction" in summary
     assert out.with_suffix(".png").stat().st_size > 10_000
     # the policy's time and the parts each decode step ran are per variant; the batch ideal is recomputed from them
     assert (decode.loc[decode["variant"] != "hf-generate", "policy_s"] >= 0).all()
@@ -231,3 +242,41 @@ def test_lockstep_decodings_give_their_own_tokens_and_clocks(tokenizer):
         assert [p for p, _ in timings] == ["prefill"] + ["decode"] * 5
     assert min(t for p, t in out["slow"][0] if p == "decode") >= 6 * 0.02
     assert max(t for _, t in out["fast"][0]) < 6 * 0.02  # the slow one's steps are not on the fast one's clock
+
+
+def test_weight_bytes_add_up_to_the_model(tiny_dirs):
+    """Every weight a full-depth decode step reads: L layers, the final norm and the head (the embedding too
+    when it is the head's own matrix; otherwise the lookup reads one row and is left out)."""
+    for family in ("llama", "opt"):
+        lm = load_model(str(tiny_dirs[family]), "cpu", "float32")
+        w, model = lm.adapter.weight_bytes(), lm.model
+        total = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied matrix once
+        embed = model.get_input_embeddings().weight
+        tied = embed.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+        others = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if ".layers." not in n and "lm_head" not in n and "embed_tokens" not in n)  # norms, OPT's positions
+        assert lm.num_layers * w["layer"] + w["head"] + (0 if tied else embed.numel() * 4) + others == total, family
+        assert w["attention"] + w["mlp"] == w["layer"] and 0 < w["kv"] < w["attention"]
+
+
+def test_the_read_rate_is_measured_once_and_kept(tmp_path, monkeypatch):
+    """Like the layer cost tables: measured once per machine and dtype, then read from the cache; a damaged record
+    is measured again with a note, and --recalibrate measures again."""
+    import torch
+
+    from skipbench.engine import costs
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(costs, "RATE_BYTES", 4 * 2**20)  # a small matrix: this tests the caching, not the machine
+    costs._READ.clear()
+    first = costs.read_rate(torch.device("cpu"), torch.float32)
+    assert first.bytes_per_s > 0 and first.dtype == "float32"
+    costs._READ.clear()
+    monkeypatch.setattr(costs, "measure_read_rate", lambda *a: pytest.fail("measured again"))
+    assert costs.read_rate(torch.device("cpu"), torch.float32) == first  # from the cache file
+    (record,) = (tmp_path / "read-rate").iterdir()
+    record.write_text("{not json")
+    costs._READ.clear()
+    monkeypatch.setattr(costs, "measure_read_rate", lambda *a: costs.ReadRate(1.0, (1, 1), "float32"))
+    assert costs.read_rate(torch.device("cpu"), torch.float32).bytes_per_s == 1.0
+    costs._READ.clear()

@@ -37,13 +37,14 @@ def test_evaluate_maps_its_flags(captured):
     invoke("evaluate", "--dataset", "arith", "--split", "test", "--limit", 5, "--policy", "uniform:3",
            "--policy", "random", "--costs", 2, "--seed", 7, "--data-seed", 3, "--per-token", "--max-new-tokens", 9,
            "--batch-size", 2, "--kv-mode", "none", "--impl", "gather", "-o", "min-layers=2", "--policy", "confidence:0.9",
-           "--draft", "early-exit:2", "--speculate", "auto", "--out", "x/e.parquet", "--no-resume")
+           "--draft", "early-exit:2", "--speculate", "auto", "--draft-vocab", 64, "--out", "x/e.parquet", "--no-resume")
     cfg = seen["cfg"]
     assert [p.label for p in cfg.policies] == ["uniform:3", "random-token:2", "confidence:0.9[min-layers=2]"]
     assert {p.seed for p in cfg.policies} == {7} and cfg.seed == 7  # --seed: the random draws
     assert (cfg.data.name, cfg.data.split, cfg.data.limit, cfg.data.seed) == ("arith", "test", 5, 3)  # --data-seed
     assert (cfg.max_new_tokens, cfg.batch_size, cfg.kv_mode, cfg.impl, cfg.resume) == (9, 2, "none", "gather", False)
     assert cfg.draft.label == "early-exit:2" and cfg.speculation.adaptive and cfg.out == "x/e.parquet"
+    assert cfg.speculation.draft_vocab == 64 and cfg.speculation.label == "auto/v64"
 
 
 def test_bench_and_cosine_map_their_flags(captured):
@@ -58,6 +59,8 @@ def test_bench_and_cosine_map_their_flags(captured):
     assert [p.label for p in cfg.policies] == ["full", "uniform:3"] and [d.label for d in cfg.drafts] == ["early-exit:2"]
     assert (cfg.batch_sizes, cfg.max_new_tokens, cfg.repeats, cfg.warmup, cfg.impl, cfg.lockstep) == ((1, 4), 12, 2, 0, "all", False)
     assert [s.k for s in cfg.speculations] == [2, 3] and not cfg.draft_search
+    invoke("bench", "--draft", "early-exit:2", "--speculate", "2,3", "--draft-vocab", "0,32")
+    assert [(s.k, s.draft_vocab) for s in seen["cfg"].speculations] == [(2, 0), (3, 0), (2, 32), (3, 32)]
     invoke("bench", "--draft", "auto")
     assert seen["cfg"].draft_search and seen["cfg"].drafts == ()
     # an -o goes to the policies and drafts whose strategy takes it, as in evaluate and generate

@@ -56,6 +56,17 @@ def test_full_greedy_equals_hf_generate(family, tokenizer):
     assert all(len(rec) == lm.num_layers for row in ours.layers for rec in row)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_greedy_equals_hf_generate_in_bfloat16(family, tokenizer):
+    """bf16 on the CPU (AVX512-BF16/AMX where the CPU has them; elsewhere torch emulates it, slower, same numbers):
+    full depth gives model.generate's tokens, as in fp32."""
+    lm = wrap_model(tiny_model(family, len(tokenizer), 6).to(torch.bfloat16), tokenizer, f"tiny-{family}")
+    assert lm.dtype == torch.bfloat16
+    ps = prompts(tokenizer, 3)
+    ours = generate(lm, ps, make_policy("full", lm.num_layers), max_new_tokens=20)
+    assert ours.tokens == hf_generate(lm.model, ps, 20, pad_id=0, eos_id=1)
+
+
 STATIC_SPECS = [("uniform", 3), ("early-exit", 4), ("layers", (0, 2, 5)), ("random", 4)]
 
 

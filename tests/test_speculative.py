@@ -352,22 +352,30 @@ def test_generate_with_a_draft_prints_full_depths_tokens_and_acceptance(tiny_dir
 
 
 def test_bench_with_drafts_reports_acceptance_shares_and_predicted_speedup(tiny_dirs, tmp_path):
+    import json
+
     out = tmp_path / "b.parquet"
     res = _cli("bench", "--model", tiny_dirs["llama"], "--policy", "uniform:3", "--draft", "early-exit:3,uniform:4",
-               "--speculate", "2,auto", "--batch-sizes", "1,2", "--max-new-tokens", 8, "--repeats", 1, "--warmup", 0,
-               "--out", out)
+               "--speculate", "2,auto", "--draft-vocab", "0,16", "--batch-sizes", "1,2", "--max-new-tokens", 8,
+               "--repeats", 1, "--warmup", 0, "--out", out)
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     spec = df[df["kind"] == "speculative"]
-    assert set(spec["variant"]) == {f"spec {d} k={k}" for d in ("early-exit:3", "uniform:4") for k in ("2", "auto")}
+    assert set(spec["variant"]) == {f"spec {d} k={k}{v}" for d in ("early-exit:3", "uniform:4") for k in ("2", "auto")
+                                    for v in ("", "/v16")}
+    # the draft head's share of the weights read: N of V rows per draft step (FR-Spec)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    w = meta["weight_bytes"]
+    for r in spec[spec["phase"] == "decode"].itertuples():
+        share = 16 / w["vocab"] if r.draft_vocab else 1.0
+        heads = (r.k_mean * share + 1) / r.tokens_per_round
+        assert r.weight_bytes_per_step == pytest.approx(r.layers_mean * w["layer"] + heads * w["head"])
     assert "full" in set(df["variant"])  # added: speculative speedups are over full depth
     dec = spec[spec["phase"] == "decode"]
     assert (dec["tokens"] == dec["batch_size"] * 7).all()
     assert ((dec["acceptance_rate"] >= 0) & (dec["acceptance_rate"] <= 1)).all()
     shares = dec[["draft_share", "verify_share", "accept_share"]].sum(axis=1)
     assert np.allclose(shares, 1.0)
-    import json
-
     summary = pd.DataFrame(json.loads(out.with_suffix(".json").read_text())["summary"])
     s = summary[(summary["kind"] == "speculative") & (summary["phase"] == "decode")]
     assert s["predicted_speedup"].notna().all() and s["speedup"].notna().all()
@@ -428,3 +436,47 @@ def test_evaluate_with_a_draft_adds_a_lossless_point_with_acceptance_columns(tin
 def test_bad_speculation_options_exit_1_with_one_line(tiny_dirs, args, message):
     res = _cli("generate", "--model", tiny_dirs["llama"], "--prompt", "x", "--draft", "uniform:3", *args)
     assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("n", [8, 64])
+def test_a_draft_vocabulary_keeps_the_output_and_its_head_scores_only_its_tokens(lm, tokenizer, n, tmp_path, monkeypatch):
+    """FR-Spec (--draft-vocab N): the draft's head scores N tokens; the verifier's full head keeps greedy output
+    equal to full depth's. The draft head's logits are the full head's on its N tokens and -inf on the others."""
+    from skipbench.engine.forward import DraftHead
+    from skipbench.policies.calibration import frequent_tokens
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    ps = prompts(tokenizer, 4)
+    vocab = frequent_tokens(lm, n)
+    out = speculate(lm, ps, make_policy("uniform:4", lm.num_layers), Speculation(k=3, draft_vocab=n), NEW, vocab=vocab)
+    assert out.tokens == generate(lm, ps, None, NEW).tokens and sum(out.speculation.drafted) > 0
+    h = torch.randn(2, 1, lm.model.config.hidden_size)
+    full, part = lm.adapter.head(h), DraftHead(lm.adapter, vocab)(h)
+    assert torch.allclose(part[..., vocab], full[..., vocab], atol=1e-5)
+    outside = torch.ones(full.shape[-1], dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.isneginf(part[..., outside]).all()
+    with pytest.raises(SkipbenchError, match="needs its"):
+        speculate(lm, ps, make_policy("uniform:4", lm.num_layers), Speculation(k=3, draft_vocab=n), NEW)
+
+
+def test_the_draft_vocabulary_is_the_most_frequent_tokens_and_eos_counted_once(lm, tmp_path, monkeypatch):
+    from collections import Counter
+
+    from skipbench.data import DataSpec
+    from skipbench.engine.decode import eos_ids
+    from skipbench.policies import calibration
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    n, vocab = 16, lm.model.get_output_embeddings().weight.shape[0]
+    ids = calibration.frequent_tokens(lm, n).tolist()
+    counts = Counter(t for s in calibration.sequences(lm, DataSpec(name="text", split="train"), 10**9) for t in s)
+    eos = sorted(t for t in eos_ids(lm) if t < vocab)
+    ranked = [t for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if t not in eos]
+    assert ids == sorted(eos + ranked[: n - len(eos)]) and len(set(ids)) == n
+    monkeypatch.setattr(calibration, "sequences", lambda *a: pytest.fail("counted again"))
+    assert calibration.frequent_tokens(lm, n).tolist() == ids  # from the cache
+    assert len(calibration.frequent_tokens(lm, vocab)) == vocab  # more than the text holds: the lowest other ids
+    for bad in (0, vocab + 1):
+        with pytest.raises(SkipbenchError, match="--draft-vocab"):
+            calibration.frequent_tokens(lm, bad)

@@ -56,6 +56,9 @@ Draft = typer.Option(None, "--draft", help="self-speculative decoding: this poli
 Speculate = typer.Option("4", help="--draft: draft tokens per round, or 'auto' (adapted between rounds)")
 DraftThreshold = typer.Option(0.0, help="--draft: a row stops drafting after a token the draft gives a probability "
                               "below this (0: never)")
+DraftVocab = typer.Option(0, min=0, help="--draft: the draft's head scores only the N most frequent tokens of the "
+                          "data's train split (FR-Spec; 0: the whole vocabulary); the verifier keeps the full head, so the "
+                          "output is unchanged")
 
 # training options shared by controllers train / sweep, flexidepth and mindskip train and finetune: one declaration
 # each, the default beside each command (they differ: FlexiDepth trains longer, finetune uses the paper's lr)
@@ -104,10 +107,10 @@ def no_policy(policy_option) -> list:
     return []
 
 
-def speculation(speculate: str, threshold: float):
+def speculation(speculate: str, threshold: float, draft_vocab: int = 0):
     from skipbench.engine.speculative import Speculation
 
-    return Speculation.parse(speculate, threshold)
+    return Speculation.parse(speculate, threshold, draft_vocab)
 
 
 def drafted(text: str, seed: int, policy_options=None) -> list:
@@ -173,9 +176,11 @@ def drafts(values: list[str] | None, seed: int, policy_options=None) -> tuple[tu
     return tuple(s for d in given for s in drafted(d, seed, policy_options)), False
 
 
-def speculations(text: str, threshold: float) -> tuple:
-    """bench's --speculate: one speculation setting per comma-separated K (or auto)."""
-    return tuple(speculation(k, threshold) for k in text.split(",") if k.strip()) or (speculation("4", threshold),)
+def speculations(text: str, threshold: float, vocabs: str = "0") -> tuple:
+    """bench's --speculate and --draft-vocab: one speculation setting per comma-separated K (or auto) and draft
+    vocabulary size."""
+    ks = [k for k in text.split(",") if k.strip()] or ["4"]
+    return tuple(speculation(k, threshold, n) for n in (ints(vocabs, "--draft-vocab") or (0,)) for k in ks)
 
 
 def train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,

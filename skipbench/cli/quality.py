@@ -9,7 +9,7 @@ import typer
 
 from skipbench.cli import display
 from skipbench.cli.options import (
-    POLICIES, DatasetOpt, DeviceOpt, Draft, DraftThreshold, DtypeOpt, Gate, Impl, KvMode, KvOpt, Model, PolicyOptions,
+    POLICIES, DatasetOpt, DeviceOpt, Draft, DraftThreshold, DraftVocab, DtypeOpt, Gate, Impl, KvMode, KvOpt, Model, PolicyOptions,
     PromptDepth, Speculate, Teacher, Device, Dtype, GateMode, draft as draft_spec, ints, one_spec, plain, specs,
     speculation, with_budget,
 )
@@ -40,6 +40,7 @@ def generate(
     draft: Optional[str] = Draft,
     speculate: str = Speculate,
     draft_threshold: float = DraftThreshold,
+    draft_vocab: int = DraftVocab,
 ) -> None:
     """Generate text under a layer-skipping policy, or at full depth with a skipping policy drafting (--draft).
 
@@ -55,7 +56,7 @@ def generate(
                                                     policy_options=policy_option),
         max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth,
         sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed), device=device, dtype=dtype,
-        draft=draft_spec(draft, seed, policy_option), speculation=speculation(speculate, draft_threshold))
+        draft=draft_spec(draft, seed, policy_option), speculation=speculation(speculate, draft_threshold, draft_vocab))
     record = run(cfg)
     typer.echo(json.dumps(record) if as_json else record["text"])
     if not as_json:
@@ -97,6 +98,7 @@ def evaluate(
     draft: Optional[str] = Draft,
     speculate: str = Speculate,
     draft_threshold: float = DraftThreshold,
+    draft_vocab: int = DraftVocab,
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
     With --draft, one more point: full depth's output by self-speculative decoding (acceptance columns,
@@ -119,7 +121,7 @@ def evaluate(
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, impl=impl, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,
-        draft=draft_spec(draft, seed, options), speculation=speculation(speculate, draft_threshold))
+        draft=draft_spec(draft, seed, options), speculation=speculation(speculate, draft_threshold, draft_vocab))
     with display.Bar("evaluate") as bar:
         display.result(run(cfg, progress=bar.advance, start=bar.start, on_part=lambda p: bar.point(p.label)))
 

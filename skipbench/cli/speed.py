@@ -42,6 +42,8 @@ def bench(
     speculate: str = typer.Option("4", help="--draft: draft tokens per round, comma-separated (one variant each), "
                                   "or 'auto'"),
     draft_threshold: float = DraftThreshold,
+    draft_vocab: str = typer.Option("0", help="--draft: the draft head's vocabulary, the N most frequent tokens of the "
+                                    "text suite's train split (FR-Spec), comma-separated (one variant each; 0: all)"),
 ) -> None:
     """Wall-clock speed of skipping, side by side in one process: prefill and decode tokens/s, step latency,
     memory, realized vs ideal speedup; model.generate as the baseline; removed-layer models as the bound;
@@ -57,7 +59,7 @@ def bench(
                       batch_sizes=int_list(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens, repeats=repeats,
                       warmup=warmup, kv_mode=kv_mode, impl=impl, compile=compile, lockstep=lockstep,
                       recalibrate=recalibrate, device=device, dtype=dtype, seed=seed, out=out, drafts=draft_specs,
-                      draft_search=search, speculations=speculations(speculate, draft_threshold))
+                      draft_search=search, speculations=speculations(speculate, draft_threshold, draft_vocab))
     if search:
         display.say("[dim]searching a draft layer set (calibration on the text suite's train split)...[/dim]")
     with display.Bar("bench") as bar:

@@ -97,15 +97,12 @@ def measured_rows(batch: int) -> tuple[int, ...]:
 
 
 def _where() -> str:
-    """The machine, as far as timings go: the GPU's name, or the CPU's model name and torch's threads."""
+    """The machine, as far as timings go: the CPU's model name and torch's threads."""
     import os
 
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    return f"{model}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+    from skipbench.store.results import cpu_model
+
+    return f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
 
 
 def _shape_key(adapter, kv_mode: str, batch: int, device: torch.device, dtype: torch.dtype) -> str:
@@ -133,7 +130,7 @@ def save(path, costs: LayerCosts, key: str) -> None:
     write_text_atomic(path, json.dumps({"costs": asdict(costs), "key": json.loads(key)}))
 
 
-_READ: dict[str, LayerCosts] = {}  # tables read or measured in this process (an engine per decoding reads none again)
+_READ: dict = {}  # tables and read rates read or measured in this process (an engine per decoding reads none again)
 
 
 def layer_costs(engine, batch: int, fresh: bool = False) -> LayerCosts:
@@ -222,3 +219,72 @@ def calibrate(engine, batch: int) -> LayerCosts:
     return LayerCosts(batch=batch, rows=rows, dense=series("layer", "mask"), gathered=series("layer", "gather"),
                       routed_dense=series("routed", "mask"), routed_gathered=series("routed", "gather"),
                       attention=med["attention"], mlp=med["mlp"], kv=med["kv"], seconds=time.perf_counter() - began)
+
+
+RATE_VERSION = 1  # bump when how the rate is measured changes
+RATE_BYTES = 256 * 2**20  # the matrix read: far larger than a CPU's last-level cache, so it streams from memory
+
+
+@dataclass(frozen=True)
+class ReadRate:
+    """The machine's weight-read rate: bytes per second of a matrix-vector product over a RATE_BYTES matrix in the
+    run's dtype and thread count (median of REPEATS after WARMUP). A decode step at batch 1 reads every weight it
+    uses once, so weight bytes x steps/s over this rate is the share of the memory bound a decode reaches."""
+
+    bytes_per_s: float
+    matrix: tuple[int, int]
+    dtype: str
+    seconds: float = 0.0  # what the measurement took
+
+
+@torch.no_grad()
+def measure_read_rate(device: torch.device, dtype: torch.dtype) -> ReadRate:
+    began = time.perf_counter()
+    cols = 4096
+    rows = RATE_BYTES // (cols * torch.tensor([], dtype=dtype).element_size())
+    w = torch.empty(rows, cols, device=device, dtype=dtype).uniform_(-1, 1)  # written: pages are real, not zero-mapped
+    x = torch.randn(1, cols, device=device, dtype=dtype)
+    times = []
+    for rep in range(WARMUP + REPEATS):
+        sync(device)
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        sync(device)
+        if rep >= WARMUP:
+            times.append(time.perf_counter() - t)
+    return ReadRate(bytes_per_s=w.numel() * w.element_size() / statistics.median(times), matrix=(rows, cols),
+                    dtype=str(dtype).removeprefix("torch."), seconds=time.perf_counter() - began)
+
+
+def read_rate(device: torch.device, dtype: torch.dtype, fresh: bool = False) -> ReadRate:
+    """The rate for this machine (GPU name, or CPU model and threads), dtype and torch: read from the cache
+    (`<cache>/read-rate/`), or measured (about a second) and kept there, like the layer cost tables; `fresh`
+    measures it again (`bench --recalibrate`)."""
+    from skipbench.models.loading import cache_dir
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else _where()
+    key = json.dumps({"device": where, "dtype": str(dtype), "torch": torch.__version__, "bytes": RATE_BYTES,
+                      "version": RATE_VERSION}, sort_keys=True)
+    path = cache_dir() / "read-rate" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    if not fresh and str(path) in _READ:
+        return _READ[str(path)]
+    if not fresh and path.exists():
+        try:
+            saved = readers.json_file(path, "read-rate record")
+            rate = ReadRate(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved["rate"].items()})
+            if saved.get("key") != json.loads(key) or not (math.isfinite(rate.bytes_per_s) and rate.bytes_per_s > 0):
+                raise ValueError("it is another machine's, or not a rate")
+            _READ[str(path)] = rate
+            return rate
+        except (readers.Unreadable, KeyError, TypeError, ValueError) as exc:  # measured again
+            note(f"{exc if isinstance(exc, readers.Unreadable) else f'read-rate record {str(path)!r} is damaged ({exc})'}"
+                 ": measuring it again")
+    rate = measure_read_rate(device, dtype)
+    try:
+        from skipbench.store.results import write_text_atomic
+
+        write_text_atomic(path, json.dumps({"rate": asdict(rate), "key": json.loads(key)}))
+    except OSError as exc:
+        note(f"cannot keep the read-rate record in {str(path.parent)!r} ({readers.why(exc)}): measured again next time")
+    _READ[str(path)] = rate
+    return rate

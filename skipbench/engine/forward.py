@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,24 @@ class Meter:
     gathered: int = 0
 
 
+class DraftHead:
+    """A draft's head over part of the vocabulary (FR-Spec, Zhao et al. 2025): the logits of `ids` only, one
+    product with N rows of the head instead of V; every other token gets -inf, so the draft never proposes it. The
+    verifier keeps the full head, so the output is still the full model's. The N rows are copied once (N x hidden
+    values, beside the head's V x hidden)."""
+
+    def __init__(self, adapter: Adapter, ids: torch.Tensor) -> None:
+        out = adapter.model.get_output_embeddings()
+        self.ids = ids.to(out.weight.device)
+        self.weight = out.weight[self.ids].contiguous()
+        self.bias = None if getattr(out, "bias", None) is None else out.bias[self.ids]
+        self.vocab = out.weight.shape[0]
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        part = F.linear(h, self.weight, self.bias)
+        return part.new_full((*part.shape[:-1], self.vocab), float("-inf")).index_copy_(-1, self.ids, part)
+
+
 class Engine:
     """impl `gather` runs a layer only for the rows and tokens routed through it; `mask` computes the layer
     for every token and then selects; `auto` (default) takes, at each partial layer of a one-token step, the path
@@ -70,9 +89,12 @@ class Engine:
 
     `write_skipped=False` (`fill` mode only) leaves a layer every token skips without K/V at their positions: only
     for a caller that never reads them before they are written again (a static plan's draft tokens, which the
-    verify pass of self-speculative decoding rewrites at every layer)."""
+    verify pass of self-speculative decoding rewrites at every layer).
 
-    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "auto", write_skipped: bool = True) -> None:
+    `head` replaces the model's head (h after the final norm -> logits): a draft's cheaper head (`DraftHead`)."""
+
+    def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "auto", write_skipped: bool = True,
+                 head: Callable | None = None) -> None:
         if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
         if impl not in IMPLS:
@@ -81,6 +103,7 @@ class Engine:
         self.kv_mode = kv_mode
         self.impl = impl
         self.write_skipped = write_skipped
+        self.head = head or adapter.head
         self.gqa = adapter.num_heads != adapter.num_kv_heads
         self.costs: dict = {}  # batch size -> costs.LayerCosts (`auto`), read or measured on first need
         self.meter: Meter | None = None
@@ -190,7 +213,7 @@ class Engine:
             h = h[:, -1:]
         elif first:
             h = h[:, first:]
-        logits = ad.head(ad.final_norm(h))
+        logits = self.head(ad.final_norm(h))
         return ForwardOut(logits=logits, executed=executed, hidden=hidden, gates=soft, attention_skips=attention_skips)
 
     def _timed(self, call, *args, field: str = "policy_seconds"):

@@ -40,7 +40,7 @@ import torch
 
 from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.decode import Clock, Generation, Sampling, distribution, draw, eos_ids, pad_id, start
-from skipbench.engine.forward import Engine
+from skipbench.engine.forward import DraftHead, Engine
 from skipbench.engine.protocol import Policy
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
@@ -49,32 +49,37 @@ from skipbench.models.loading import LoadedModel
 @dataclass(frozen=True, kw_only=True)
 class Speculation:
     """How to speculate: K draft tokens per round (the first round's with `adaptive`), a confidence threshold
-    below which a row's draft stops (0: never), and the largest K adaptation may reach."""
+    below which a row's draft stops (0: never), the largest K adaptation may reach, and the draft's vocabulary
+    (`draft_vocab` N > 0: its head scores only the N most frequent tokens, FR-Spec; 0: every token)."""
 
     k: int = 4
     adaptive: bool = False
     threshold: float = 0.0
     k_max: int = 16
+    draft_vocab: int = 0
 
     def __post_init__(self) -> None:
+        if self.draft_vocab < 0:
+            raise SkipbenchError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if not 1 <= self.k <= self.k_max:
             raise SkipbenchError(f"--speculate must be between 1 and {self.k_max} (or 'auto'), got {self.k}")
         if not 0 <= self.threshold <= 1:
             raise SkipbenchError(f"--draft-threshold must be in [0, 1], got {self.threshold}")
 
     @classmethod
-    def parse(cls, text: str, threshold: float = 0.0) -> "Speculation":
+    def parse(cls, text: str, threshold: float = 0.0, draft_vocab: int = 0) -> "Speculation":
         """`4` (K tokens per round) or `auto` (K adapted between rounds, from 4)."""
         if str(text).strip().lower() == "auto":
-            return cls(k=4, adaptive=True, threshold=threshold)
+            return cls(k=4, adaptive=True, threshold=threshold, draft_vocab=draft_vocab)
         try:
-            return cls(k=int(text), threshold=threshold)
+            return cls(k=int(text), threshold=threshold, draft_vocab=draft_vocab)
         except ValueError:
             raise SkipbenchError(f"--speculate takes a number of draft tokens or 'auto', got '{text}'") from None
 
     @property
     def label(self) -> str:
-        return ("auto" if self.adaptive else str(self.k)) + (f"@{self.threshold:g}" if self.threshold else "")
+        return (("auto" if self.adaptive else str(self.k)) + (f"@{self.threshold:g}" if self.threshold else "")
+                + (f"/v{self.draft_vocab}" if self.draft_vocab else ""))
 
 
 @dataclass
@@ -166,6 +171,7 @@ def speculate(
     impl: str = "auto",
     timings: list | None = None,
     propose=None,
+    vocab: torch.Tensor | None = None,
 ) -> Generation:
     """Generate with `draft` proposing and the full model verifying (module docstring): greedy output equals
     `generate(lm, prompts, None)` token for token; sampled output follows the full model's distribution.
@@ -175,7 +181,11 @@ def speculate(
     acceptance and roll-back. Greedy output equals plain decoding's in exact arithmetic (module docstring).
     propose(tokens [B]) -> tokens [B]: replaces the draft's token choice (tests use it
     to make a draft that is never right); it applies to greedy decoding only.
+    vocab: the draft head's token ids when `spec.draft_vocab` is set (policies.calibration.frequent_tokens); the
+    draft proposes only these, scored by their rows of the head alone (engine.forward.DraftHead).
     """
+    if spec.draft_vocab and (vocab is None or len(vocab) != spec.draft_vocab):
+        raise SkipbenchError(f"--draft-vocab {spec.draft_vocab} needs its {spec.draft_vocab} token ids")
     kv_mode = resolve_kv_mode(kv_mode, draft.kv_mode, f"draft '{draft.describe()}'")
     if draft.lm is not None:
         raise SkipbenchError(f"draft '{draft.describe()}' runs on weights of its own (a collapsed model), so it cannot "
@@ -189,7 +199,8 @@ def speculate(
     draft.begin(batch, row_keys)
     exit_at = exit_layer(draft, num_layers)
     # a draft that runs the same layers for every token never reads a skipped layer's K/V at its own positions
-    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None)
+    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None,
+                     head=DraftHead(lm.adapter, vocab) if spec.draft_vocab else None)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
     greedy = sampling.temperature == 0

@@ -27,6 +27,7 @@ from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
 from skipbench.errors import SkipbenchError
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
+from skipbench.policies.calibration import frequent_tokens
 from skipbench.policies import PolicySpec
 from skipbench.analysis.metrics import exact_match, rouge_l
 from skipbench.models import load_model
@@ -191,12 +192,14 @@ def run_point(lm, items, encoded, cfg: EvalConfig, p: PolicySpec, policy, batch_
               progress: Callable | None) -> pd.DataFrame:
     order = sorted(range(len(items)), key=lambda i: len(encoded[i]))  # similar lengths batch together
     rows = []
+    vocab = (frequent_tokens(lm, p.speculation.draft_vocab, cfg.data)
+             if isinstance(p, Drafted) and p.speculation.draft_vocab else None)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         keys, batch = [items[i].key for i in idx], [encoded[i] for i in idx]
         if isinstance(p, Drafted):
             gen = speculate(lm, batch, policy, p.speculation, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys,
-                            impl=cfg.impl)
+                            impl=cfg.impl, vocab=vocab)
         else:
             gen = generate(lm, batch, policy, cfg.max_new_tokens, cfg.kv_mode, row_keys=keys, prompt_depth=cfg.prompt_depth,
                            impl=cfg.impl)
@@ -247,7 +250,7 @@ def _row(lm, item: Item, p: PolicySpec, tokens: list[int], layers: list[list[int
 
 
 SPECULATION_DTYPES = {"speculation_k": "Int64", "speculation_adaptive": "boolean", "speculation_threshold": "Float64",
-                      "speculation_k_max": "Int64", "draft_spec": "string", "speculate": "string", "drafted": "Int64",
+                      "speculation_k_max": "Int64", "speculation_draft_vocab": "Int64", "draft_spec": "string", "speculate": "string", "drafted": "Int64",
                       "accepted": "Int64", "rejections": "Int64", "rounds": "Int64", "acceptance_rate": "Float64",
                       "acceptance_prob": "Float64", "accepted_per_round": "Float64", "layer_passes": "Int64",
                       "matches_full": "boolean"}

@@ -35,6 +35,13 @@ calls, host time; `skip_path_s`: a routed layer's skip path, FlexiDepth's adapte
 its partial layers ran (`dense_layers`, `gathered_layers`): realized against the batch ideal then says whether the
 difference is the policy or the engine.
 
+The memory bound: a decode step reads every weight it uses once, whatever its rows. `bound_fraction` is the weight
+bytes a step reads (`weight_bytes_per_step`: the layer parts it ran, from the meter where there is one, plus the
+head; a speculative round's layer passes and k + 1 head products per token it gave) times steps/s, over the
+machine's weight-read rate (engine/costs.read_rate: a matrix-vector product over a 256 MiB matrix in the run's dtype
+and threads, measured once per machine and kept in the cache; the manifest records it). 1.0 is a decode that does
+nothing but stream its weights; the rest is overhead (Python, cache writes, attention, norms, sampling).
+
 A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
 `acceptance_prob`: Leviathan et al.'s alpha, the per-token acceptance probability, accepted / (accepted + rejections)), the mean accepted tokens per
 round, the layer passes per token (draft and verify), the shares of its time spent drafting, verifying and
@@ -55,7 +62,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
@@ -64,7 +71,7 @@ import torch
 
 from skipbench.data.prompts import encode_prompt
 from skipbench.engine.cache import resolve_kv_mode
-from skipbench.engine.costs import LayerCosts, layer_costs
+from skipbench.engine.costs import LayerCosts, layer_costs, read_rate
 from skipbench.engine.decode import decoding, finish, left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
@@ -73,6 +80,7 @@ from skipbench.engine.forward import IMPLS, Engine, Meter
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies import PolicySpec, parse_policies
+from skipbench.policies.calibration import frequent_tokens
 from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_atomic
 
 PROMPTS = [
@@ -185,15 +193,18 @@ def lockstep(variants: list[Variant], prompts) -> dict[str, tuple]:
 
 
 def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchConfig, kv_mode: str) -> Callable:
+    vocab = frequent_tokens(lm, spec.draft_vocab) if spec.draft_vocab else None  # counted before any clock runs
+
     def run(prompts):
         timings: list = []
         gen = speculate(lm, prompts, draft, spec, cfg.max_new_tokens, kv_mode, stop_at_eos=False, impl=_impl(cfg),
-                        timings=timings)
+                        timings=timings, vocab=vocab)
         s = gen.speculation
         laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept")}
         total = sum(map(sum, laps.values()))
         fed = sum(len(t) - 1 for t in gen.tokens)
-        extra = {"draft_spec": draft.describe(), "speculate": spec.label, "acceptance_rate": s.acceptance_rate(),
+        extra = {"draft_spec": draft.describe(), "speculate": spec.label, "draft_vocab": spec.draft_vocab,
+                 "acceptance_rate": s.acceptance_rate(),
                  "acceptance_prob": s.acceptance_prob(), "accepted_per_round": s.accepted_per_round(),
                  "expected_per_round": s.expected_per_round(), "k_mean": float(np.mean(s.round_k)),
                  "rounds": len(s.round_k), "tokens_per_round": (cfg.max_new_tokens - 1) / len(s.round_k),
@@ -311,6 +322,7 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         found = search(lm, encoded[0], cfg.speculations[0].k)
         drafts = (*drafts, *parse_policies(found.label))
     vs = variants(lm, cfg, drafts)
+    rate = read_rate(lm.device, lm.dtype, fresh=cfg.recalibrate)  # the memory bound's rate, before any clock runs
     rows, fixed, parts = [], {}, {}
     if start:
         start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(vs))
@@ -346,13 +358,14 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                 rows += phase_rows(timings, prompts, cfg.max_new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
                                    variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
                                    layers_mean=layers, **extra)
-    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, parts)
-    df = tidy(pd.DataFrame(rows), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
+    summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, parts, lm.adapter.weight_bytes(), rate.bytes_per_s)
+    df = tidy(with_bound(pd.DataFrame(rows), lm.adapter.weight_bytes(), rate.bytes_per_s), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
         return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found),
                            said=[] if found is None else [f"chosen draft: {found.label}"])
-    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed,
+    meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed, read_rate=asdict(rate),
+                    weight_bytes=lm.adapter.weight_bytes(),
                     layer_costs={str(b): {mode: {**c.__dict__, "auto": c.crossover()} for mode, c in t.items()}
                                  for b, t in parts.items()},
                     draft_search=None if found is None else {
@@ -385,8 +398,12 @@ def shown(s: pd.DataFrame, cfg: BenchConfig, found=None) -> list[Shown]:
         "p50 ms": 1e3 * s["step_p50"], "layers": s["layers_mean"], "speedup": s["speedup"], "ideal": s["ideal_speedup"],
         "real/ideal": s["realized_over_ideal"], "batch ideal": s["ideal_batch_speedup"],
         "real/batch": s["realized_over_batch_ideal"], "policy %": 100 * s.get("policy_share", np.nan),
-        "vs generate": s["vs_generate"]}), {"tok/s": "{:.1f}", "p50 ms": "{:.1f}", "layers": "{:.1f}", "policy %": "{:.1f}"},
-        width=160))
+        "% of bound": 100 * s.get("bound_fraction", np.nan), "vs generate": s["vs_generate"]}),
+        {"tok/s": "{:.1f}", "p50 ms": "{:.1f}", "layers": "{:.1f}", "policy %": "{:.1f}", "% of bound": "{:.0f}"},
+        width=170))
+    if "bound_fraction" in s and len(s):
+        out.append(Shown("% of bound: weight bytes read per decode step x steps/s over the machine's weight-read rate "
+                         "(a 256 MiB matrix-vector product; engine/costs.read_rate)"))
     d = s[(s["kind"] == "speculative") & (s["phase"] == "decode")]
     if len(d):
         out.append(Shown("self-speculative decoding (decode phase; output = full depth's)", pd.DataFrame({
@@ -443,18 +460,43 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
     return steps
 
 
-SPECULATIVE = ("acceptance_rate", "acceptance_prob", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
+SPECULATIVE = ("draft_vocab", "acceptance_rate", "acceptance_prob", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
                "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
 METER_PARTS = ("attention", "mlp", "kv", "dense", "gathered")
 METERED = ("policy_s", "skip_path_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step
 DECODE_ONLY = SPECULATIVE + METERED
 
 
-def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, dict[str, LayerCosts]] | None = None
-              ) -> pd.DataFrame:
+def weight_bytes_per_step(r, weights: dict[str, int]) -> float:
+    """Weight bytes a decode step reads (per generated token of each row; NaN outside the decode phase): the
+    layer parts the engine's meter counted where it counted them (attention, MLP, and K/V alone at a layer no row
+    runs in `fill`), else the executed layers; plus the head once per step. A speculative round's bytes are its
+    layer passes and its k + 1 head products, spread over the tokens the round gave."""
+    if r.phase != "decode":
+        return np.nan
+    if r.kind == "speculative":
+        share = r.draft_vocab / weights["vocab"] if getattr(r, "draft_vocab", 0) else 1.0  # FR-Spec: N of V head rows
+        heads = (r.k_mean * share + 1) / r.tokens_per_round
+        return r.layers_mean * weights["layer"] + heads * weights["head"]
+    if not np.isnan(getattr(r, "attention_layers", np.nan)):
+        return (r.attention_layers * weights["attention"] + r.mlp_layers * weights["mlp"]
+                + r.kv_layers * weights["kv"] + weights["head"])
+    return r.layers_mean * weights["layer"] + weights["head"]
+
+
+def with_bound(df: pd.DataFrame, weights: dict[str, int], rate: float) -> pd.DataFrame:
+    """`weight_bytes_per_step` and `bound_fraction` (NaN outside the decode phase): a step reads its weights once
+    for all its rows, so steps/s is tokens/s over the batch."""
+    wb = [weight_bytes_per_step(r, weights) for r in df.itertuples()]
+    return df.assign(weight_bytes_per_step=wb, bound_fraction=np.asarray(wb) * df["tokens_per_s"] / df["batch_size"] / rate)
+
+
+def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, dict[str, LayerCosts]] | None = None,
+              weights: dict[str, int] | None = None, rate: float | None = None) -> pd.DataFrame:
     """Medians per (batch, variant, phase), speedups over `full`, the ideals (module docstring). `parts`: each
     batch's cost tables by KV mode, whose attention, MLP and K/V times weigh the parts a variant ran for the batch
-    ideal."""
+    ideal. `weights` (Adapter.weight_bytes) and `rate` (the measured read rate, bytes/s): the share of the memory
+    bound each decode reaches (`bound_fraction`)."""
     # a speedup is the median over repeats of the variant's tokens/s over full depth's in the same round (paired:
     # drift between rounds cancels; run() alternates the order of the variants from round to round)
     keys = ["batch_size", "phase", "repeat"]
@@ -504,6 +546,8 @@ def summarise(df: pd.DataFrame, fixed: dict, num_layers: int, parts: dict[int, d
     out["realized_over_predicted"] = out["speedup"] / out["predicted_speedup"]
     out["cost_model_speedup"] = costed  # measured tokens per round: what only the cost model (and overhead) explains
     out["realized_over_cost_model"] = out["speedup"] / out["cost_model_speedup"]
+    if weights and rate:
+        out = with_bound(out, weights, rate)
     hf = out[out.variant == "hf-generate"].set_index(["batch_size", "phase"])["tokens_per_s"]
     out["vs_generate"] = out["tokens_per_s"].to_numpy() / hf.reindex(pd.MultiIndex.from_frame(out[["batch_size", "phase"]])).to_numpy()
     return out

@@ -8,6 +8,7 @@ from skipbench.data.prompts import encode_prompt
 from skipbench.engine import LAYERS_CONVENTION, Sampling, generate, resolve_kv_mode
 from skipbench.policies import PolicySpec
 from skipbench.engine.speculative import Speculation, speculate
+from skipbench.policies.calibration import frequent_tokens
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 
@@ -61,7 +62,8 @@ def _speculative(cfg: GenerateConfig, lm) -> dict:
     kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{cfg.draft.label}'")
     cfg.draft.check_kv_mode(kv_mode)
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
-    out = speculate(lm, [ids], draft, cfg.speculation, cfg.max_new_tokens, kv_mode, cfg.sampling)
+    vocab = frequent_tokens(lm, cfg.speculation.draft_vocab) if cfg.speculation.draft_vocab else None
+    out = speculate(lm, [ids], draft, cfg.speculation, cfg.max_new_tokens, kv_mode, cfg.sampling, vocab=vocab)
     tokens, s = out.tokens[0], out.speculation
     return {
         "model": cfg.model, "policy": "full", "num_layers": lm.num_layers, "kv_mode": out.kv_mode,

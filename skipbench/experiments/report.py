@@ -264,15 +264,20 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
     if "kv_mode" not in s:
         s["kv_mode"] = "unrecorded (older skipbench)"
     cols = ["batch_size", "variant", "kv_mode", "tokens_per_s", "step_p50", "layers_mean", "speedup", "ideal_speedup",
-            "realized_over_ideal", "ideal_batch_speedup", "realized_over_batch_ideal", "policy_share", "vs_generate"]
+            "realized_over_ideal", "ideal_batch_speedup", "realized_over_batch_ideal", "policy_share", "bound_fraction",
+            "vs_generate"]
     s = s[s["phase"] == "decode"][[c for c in cols if c in s]]  # files of older skipbench lack the batch ideal
     return ["## Wall-clock speed (`bench`, decode phase)", "",
-            f"Device: {meta.get('device', {}).get('processor', '?')}, {meta.get('device', {}).get('cpu_count', '?')} cores"
+            f"Device: {meta.get('device', {}).get('cpu_model') or meta.get('device', {}).get('processor', '?')}, "
+            f"{meta.get('device', {}).get('cpu_count', '?')} cores"
             f"{', ' + meta['device']['cuda_device'] if meta.get('device', {}).get('cuda_device') else ''}.", "",
             "FlexiDepth reports no wall-clock speedup; here `speedup` is measured decode tokens/s over full depth, "
             "`ideal_speedup` the layer-count bound; where present (newer files), `ideal_batch_speedup` is what the "
             "batch can actually skip (a layer part costs its dense time when any row runs it) and `policy_share` the "
-            "policy's own share of a decode step.", "",
+            "policy's own share of a decode step; `bound_fraction` (newer files) the share of the memory bound the "
+            "decode reaches: weight bytes read per step x steps/s over the machine's measured weight-read rate"
+            + (f" ({meta['read_rate']['bytes_per_s'] / 1e9:.1f} GB/s, {meta['read_rate']['dtype']})"
+               if meta.get("read_rate") else "") + ".", "",
             _table(s), ""], []
 
 

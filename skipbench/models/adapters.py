@@ -68,6 +68,21 @@ class Adapter:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the weights one decode step reads, by part: a decoder layer (`layer`), its attention half
+        (`attention`: its norm and projections), its MLP half (`mlp`), the K/V projections alone (`kv`, what a
+        layer that no row runs still reads in `fill` mode), and the head (`head`; the embedding lookup reads one row
+        per token and is left out); `vocab` is the head's rows (a count, not bytes). Layers have one shape, so the
+        middle one stands for all."""
+        layer = self.layers[self.num_layers // 2]
+        named = [(n, p.numel() * p.element_size()) for n, p in layer.named_parameters()]
+        attention = sum(b for n, b in named if n.startswith(("self_attn", "input_layernorm", "self_attn_layer_norm")))
+        total = sum(b for _, b in named)
+        head = self.model.get_output_embeddings().weight
+        return {"layer": total, "attention": attention, "mlp": total - attention,
+                "kv": sum(b for n, b in named if n.split(".")[-2:-1] in (["k_proj"], ["v_proj"])),
+                "head": head.numel() * head.element_size(), "vocab": head.shape[0]}
+
     def _split_heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         b, s, _ = t.shape
         return t.view(b, s, n, self.head_dim).transpose(1, 2)

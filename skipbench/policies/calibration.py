@@ -167,3 +167,47 @@ def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
         note(f"{spec.name}: no threshold gives {skip:g} skipped {count} per token on the calibration prompts; the "
              f"closest, tau={tau:.4f}, gives {realized:.2f}")
     return tau
+
+
+DRAFT_VOCAB_VERSION = 1
+
+
+def frequent_tokens(lm, n: int, data=None):
+    """A draft's vocabulary (FR-Spec, Zhao et al. 2025; `--draft-vocab N`): the N token ids most frequent in the
+    train split of `data` (default: the embedded `text` suite), prompts chat-formatted as the model sees them and
+    their references, ties broken by the lower id; the model's EOS tokens always among them; when the text holds
+    fewer than N distinct tokens, the lowest other ids fill the rest. Counted once per tokenizer and data, then
+    read from the cache (`<cache>/draft-vocab/`). Returns a LongTensor of N ids on the model's device."""
+    import torch
+
+    from skipbench.data import DataSpec
+    from skipbench.engine.decode import eos_ids
+    from skipbench.models.loading import cache_dir
+    from skipbench.store.results import write_text_atomic
+
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    if not 1 <= n <= vocab:
+        raise SkipbenchError(f"--draft-vocab must be between 1 and the vocabulary's {vocab} tokens, got {n}")
+    data = replace(data or DataSpec(name="text"), split="train", limit=None)
+    key = json.dumps({"tokenizer": lm.tokenizer.name_or_path, "vocab": vocab, "data": data.__dict__,
+                      "version": DRAFT_VOCAB_VERSION}, sort_keys=True, default=str)
+    path = cache_dir() / "draft-vocab" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    ranked = None
+    if path.exists():
+        try:
+            ranked = [int(t) for t in readers.json_file(path, "draft vocabulary cache")["ranked"]]
+        except (readers.Unreadable, KeyError, TypeError, ValueError) as exc:
+            note(f"{exc if isinstance(exc, readers.Unreadable) else f'draft vocabulary cache {str(path)!r} is damaged'}"
+                 ": counting again")
+    if ranked is None:
+        counts = np.bincount(np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences(lm, data, 1 << 30)]),
+                             minlength=vocab)[:vocab]
+        seen = np.flatnonzero(counts)
+        ranked = seen[np.lexsort((seen, -counts[seen]))].tolist()  # most frequent first, then the lower id
+        write_text_atomic(path, json.dumps({"ranked": ranked, "key": json.loads(key)}))
+    eos = [t for t in sorted(eos_ids(lm)) if t < vocab]
+    chosen = list(dict.fromkeys(eos + [t for t in ranked if t not in eos]))[:n]
+    if len(chosen) < n:  # fewer distinct tokens than asked: the lowest unused ids
+        taken = set(chosen)
+        chosen += [t for t in range(vocab) if t not in taken][: n - len(chosen)]
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=lm.device)

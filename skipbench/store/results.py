@@ -214,12 +214,21 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux's /proc/cpuinfo; None elsewhere): timings are only comparable on one."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return None
+
+
 def device_info(device: str | None = None) -> dict:
     """The machine; torch's threads and GPU only when the command loaded torch (the oracle does not need it)."""
     import sys
 
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "device": device}
+            "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "device": device}
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()
