@@ -389,8 +389,8 @@ class Engine:
         order = torch.sort((~r).to(torch.int8), dim=1, stable=True).indices[:, :width]
         packed = order[..., None]
         x = (normed if every_row else normed[rows]).gather(1, packed.expand(-1, -1, h.shape[-1]))
-        pq = None if pos is None else tuple(
-            t.gather(1, packed.expand(-1, -1, t.shape[-1])) for t in (pos if every_row else _take(pos, rows)))
+        pq = None if pos is None else tuple(  # position embeddings are [B, 1, T, D] (Adapter.position_embeddings)
+            t.gather(2, packed[:, None].expand(-1, 1, -1, t.shape[-1])) for t in (pos if every_row else _take(pos, rows)))
         if route.kv_for_skipped:
             q = ad.q(i, x, pq)
         else:  # only the routed tokens' K/V are computed (the others' slots are invalid at this layer)

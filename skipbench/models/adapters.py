@@ -8,6 +8,7 @@ norms and MLPs; the engine owns the layer loop, the attention and the KV cache.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from skipbench.errors import SkipbenchError
@@ -33,6 +34,8 @@ class Adapter:
         raise NotImplementedError
 
     def position_embeddings(self, h: torch.Tensor, positions: torch.Tensor):
+        """What every layer's q and k need of the positions, computed once per forward: None, or a tuple of tensors
+        shaped [B, 1, T, D] (rows first, tokens third: the engine takes rows and tokens of them)."""
         return None
 
     def attn_norm(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -88,6 +91,9 @@ class Adapter:
         return t.view(b, s, n, self.head_dim).transpose(1, 2)
 
 
+RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}  # one formula (transformers copies it)
+
+
 class LlamaAdapter(Adapter):
     """Llama, Mistral, Qwen2 (qkv bias) and Qwen3 (q/k RMS norms over the head dim)."""
 
@@ -105,25 +111,35 @@ class LlamaAdapter(Adapter):
         self.attn = [layer.self_attn for layer in self.layers]
         self.q_norm = [getattr(a, "q_norm", None) for a in self.attn]
         self.k_norm = [getattr(a, "k_norm", None) for a in self.attn]
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
-
-        self._rotary, self._rotate_half = apply_rotary_pos_emb, rotate_half
 
     def embed(self, ids, positions):
         return self.base.embed_tokens(ids)
 
     def position_embeddings(self, h, positions):
-        return self.base.rotary_emb(h, position_ids=positions)
+        """(cos, signed sin), each [B, 1, T, head_dim], made once per forward for every layer: transformers' rotary
+        is q cos + rotate_half(q) sin with rotate_half(q) = (-q2, q1); with the sin's first half negated here it is
+        q cos + roll(q, D/2) sin', the same products and sum (exact), in 4 operations instead of 7, per q and k."""
+        cos, sin = self.base.rotary_emb(h, position_ids=positions)
+        half = self.head_dim // 2
+        return cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], -1)[:, None]
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """An RMS norm (Llama's, Mistral's, Qwen's: x rsqrt(mean(x^2) + eps) w, in fp32) as torch's one fused
+        operation where the input is fp32 (the module's own 7 operations otherwise: in bf16 transformers rounds
+        before the weight's product, which the fused operation does not)."""
+        if x.dtype == torch.float32 and type(norm).__name__ in RMS_NORMS:
+            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        return norm(x)
 
     def attn_norm(self, i, h):
-        return self.layers[i].input_layernorm(h)
+        return self._norm(self.layers[i].input_layernorm, h)
 
     def _heads(self, i, proj: nn.Linear, norm, x, n):
         t = proj(x)
         b, s, _ = t.shape
         t = t.view(b, s, n, self.head_dim)
         if norm is not None:
-            t = norm(t)
+            t = self._norm(norm, t)
         return t.transpose(1, 2)
 
     def qkv(self, i, x, pos):
@@ -131,9 +147,7 @@ class LlamaAdapter(Adapter):
         q = self._heads(i, a.q_proj, self.q_norm[i], x, self.num_heads)
         k = self._heads(i, a.k_proj, self.k_norm[i], x, self.num_kv_heads)
         v = self._split_heads(a.v_proj(x), self.num_kv_heads)
-        cos, sin = pos
-        q, k = self._rotary(q, k, cos, sin)
-        return q, k, v
+        return self._rotate(q, pos), self._rotate(k, pos), v
 
     def kv(self, i, x, pos):
         a = self.attn[i]
@@ -145,22 +159,21 @@ class LlamaAdapter(Adapter):
         return self._rotate(self._heads(i, self.attn[i].q_proj, self.q_norm[i], x, self.num_heads), pos)
 
     def _rotate(self, t, pos):
-        """Rotary embedding of one of q or k (transformers' apply_rotary_pos_emb does both at once)."""
-        cos, sin = pos
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return t * cos + self._rotate_half(t) * sin
+        """Rotary embedding of q or k (position_embeddings: the same maths as transformers' apply_rotary_pos_emb)."""
+        cos, signed_sin = pos
+        return t * cos + t.roll(self.head_dim // 2, -1) * signed_sin
 
     def attn_out(self, i, a):
         return self.attn[i].o_proj(a)
 
     def mlp_norm(self, i, h):
-        return self.layers[i].post_attention_layernorm(h)
+        return self._norm(self.layers[i].post_attention_layernorm, h)
 
     def mlp(self, i, x):
         return self.layers[i].mlp(x)
 
     def final_norm(self, h):
-        return self.base.norm(h)
+        return self._norm(self.base.norm, h)
 
     def head(self, h):
         return self.model.lm_head(h)
