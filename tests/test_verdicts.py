@@ -224,6 +224,7 @@ def test_a_router_that_barely_learned_is_not_judged(training, why):
     found = verdicts.flexidepth(_usage({"copy": 27, "summarize": 24, "continue": 20}, 0.5), training)
     text = next(v for v in found if v.claim.startswith("copy < summarize"))
     assert text.outcome == "inconclusive" and why in text.reason and "would say disagrees" in text.reason
+    assert why in verdicts.line(text) and "training criterion" in verdicts.line(text)  # the report says why
 
 
 def test_line_prints_interval_margin_and_reason():

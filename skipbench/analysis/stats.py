@@ -78,6 +78,7 @@ class Verdict:
     unit: str  # what estimate, interval and margin measure
     reason: str
     parts: tuple = field(default_factory=tuple)  # the verdicts this one combines, if any
+    preface: str = ""  # why the outcome is not what the intervals alone say (a setup that does not allow judging)
 
     def interval(self, digits: int = 3) -> str:
         if math.isnan(self.lo):

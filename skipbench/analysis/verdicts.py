@@ -219,9 +219,9 @@ def flexidepth(usage: pd.DataFrame, training: dict | None = None) -> list[Verdic
             parts.append(Verdict(claim, v.outcome, diff, lo, hi, v.margin, v.unit, f"{b} minus {a}: {v.reason}"))
         v = combine(claim, parts)
         if not enough:  # the intervals stay visible; the outcome waits for a router that learned
-            v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, v.margin, v.unit,
-                        f"the router does not meet the training criterion ({why}); the data would say "
-                        f"{v.outcome}: {v.reason}", tuple(replace(p, outcome="inconclusive") for p in v.parts))
+            said = f"the router does not meet the training criterion ({why}); the intervals alone would say {v.outcome}"
+            v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, v.margin, v.unit, f"{said}: {v.reason}",
+                        tuple(replace(p, outcome="inconclusive") for p in v.parts), preface=said)
         out.append(v)
     return out
 
@@ -260,6 +260,7 @@ def line(v: Verdict, digits: int = 3) -> str:
         body = "; ".join(f"{ctx}: {p.interval(digits)} — {why}" for p in v.parts for ctx, _, why in [p.reason.partition(": ")])
     else:
         body = f"{v.interval(digits)} — {v.reason}"
+    body = f"{v.preface}. {body}" if v.preface else body
     return f"**{v.outcome}** — {v.claim}: {body} ({v.unit}; 95% intervals; margin ±{v.margin:g})."
 
 
