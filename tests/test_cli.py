@@ -215,6 +215,11 @@ def test_a_malformed_or_unused_policy_option_is_refused_everywhere(tiny_dirs, tm
     res = invoke("lm-eval", "--model", tiny_dirs["llama"], "--tasks", "skipbench_choice", "-o", "min-layers=2",
                  "--out", tmp_path / "x.parquet")
     assert res.exit_code == 1 and "no policy given takes it" in res.stderr
+    for args, said in ((["bench", "-o", "DIR"], "NAME=VALUE"), (["bench", "--policy", "full", "-o", "min-layers=2"],
+                       "no policy given takes it"), (["evaluate", "-o", "tau=0.3", "-o", "tau=0.5"], "given twice"),
+                       (["generate", "--prompt", "x", "-o", "oops"], "NAME=VALUE")):
+        res = invoke(*args, "--model", tiny_dirs["llama"])
+        assert res.exit_code == 1 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, (args, res.output)
 
 
 def test_seed_draws_skips_and_data_seed_draws_items(tiny_dirs, tmp_path):

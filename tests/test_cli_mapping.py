@@ -45,6 +45,9 @@ def test_evaluate_maps_its_flags(captured):
     assert (cfg.max_new_tokens, cfg.batch_size, cfg.kv_mode, cfg.impl, cfg.resume) == (9, 2, "none", "gather", False)
     assert cfg.draft.label == "early-exit:2" and cfg.speculation.adaptive and cfg.out == "x/e.parquet"
     assert cfg.speculation.draft_vocab == 64 and cfg.speculation.label == "auto/v64"
+    # an -o only the draft takes goes to the draft alone
+    invoke("evaluate", "--policy", "full", "-o", "min-layers=2", "--draft", "confidence:0.9")
+    assert [p.label for p in seen["cfg"].policies] == ["full"] and seen["cfg"].draft.label == "confidence:0.9[min-layers=2]"
 
 
 def test_bench_and_cosine_map_their_flags(captured):

@@ -209,6 +209,12 @@ def test_below_threshold_stop_keeps_the_depth_and_force_counts_forced_merges_in_
     lm = pd.read_parquet(out)
     laco = lm[lm["policy"] == "laco"]
     assert len(laco) and (laco["laco_forced_merges"] == 2).all() and set(laco["laco_rdsc"]) == {"code"}
+    # carried into the summaries compare builds its rows from (every column LaCo records is registered there)
+    from skipbench.analysis.lmeval_tables import POINT_COLUMNS, summarise
+
+    assert {c for c in lm.columns if c.startswith("laco_")} <= set(POINT_COLUMNS)
+    s = summarise(lm)
+    assert (s.loc[s["policy_spec"].str.startswith("laco"), "laco_forced_merges"] == 2).all()
 
 
 @pytest.mark.parametrize("bad", ["rdsc=both", "below-threshold=skip"])

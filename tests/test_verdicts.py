@@ -243,3 +243,39 @@ def test_runs_to_resolve_scales_the_fitted_standard_error_and_leaves_room_for_th
     assert stats.runs_to_resolve(se, runs, 0.0, margin) < n  # an estimate nearer 0 needs fewer runs
     assert stats.runs_to_resolve(se, runs, 0.06, margin) is None  # beyond the margin: no number of runs shows equivalence
     assert stats.runs_to_resolve(float("nan"), runs, 0.0, margin) is None
+
+
+def test_mid_costs_lie_near_their_targets_or_are_not_there():
+    assert verdicts.mid_costs([6, 10, 15, 20, 25], 30) == [15, 20]
+    assert verdicts.mid_costs([2, 4], 30) == []  # 4 of 30 is neither L/2 nor 2L/3: no claim is judged there
+    assert verdicts.mid_costs([14, 4], 30) == [14]
+
+
+def test_a_strategy_missing_at_a_cost_gives_no_interval_not_a_crash():
+    """cosine's per-strategy points can leave EE without the cost ULS ran: that comparison is inconclusive."""
+    rows = _cosine_rows(0.3, 0.02)
+    rows = rows[~((rows["strategy"] == "early-exit") & (rows["cost"] == 5))]
+    found = {v.claim: v for v in verdicts.cosine(rows, 10)}
+    assert found[FINAL].outcome == "inconclusive"
+
+
+def test_a_nan_loss_is_no_plateau():
+    ok, why = verdicts.trained_enough({"steps": 600, "epochs": 5.0, "loss_first": 3.0, "loss_last_fifth": float("nan"),
+                                       "loss_fifth_before": 1.0})
+    assert not ok and "levelled off" in why
+
+
+def test_the_talks_claim_is_judged_only_where_k_layers_were_skipped():
+    from skipbench.analysis.papers import TALK_MODEL, TALK_TASKS
+
+    def summary(skipped, unit="layers"):
+        return pd.DataFrame([{"method": "flexidepth:runs/f", "skip": 4, "retain_pct": 101.0, "retain_lo": 97.0,
+                              "retain_hi": 105.0, "skipped": skipped, "skipped_unit": unit}])
+
+    model = {"name": f"meta-llama/Meta-{TALK_MODEL}"}
+    (v,) = verdicts.compare(summary(4.2), model, list(TALK_TASKS))
+    assert v.outcome == "agrees"
+    (v,) = verdicts.compare(summary(4.8), model, list(TALK_TASKS))
+    assert v.outcome == "inconclusive" and "did not realize 4" in v.reason
+    (v,) = verdicts.compare(summary(4.2), {"name": "smollm2-135m"}, ["skipbench_choice"])
+    assert v.outcome == "inconclusive" and "not comparable" in v.reason

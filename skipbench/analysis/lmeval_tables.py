@@ -18,6 +18,11 @@ NOISY_CV = 0.2  # a ratio whose denominator (the full model's score) varies this
 MAIN_METRICS = ("acc", "exact_match", "rougeL", "acc_norm", "word_perplexity")  # the first a task has is its main one
 
 
+# what a policy records of how it was built (Policy.point_record: LaCo's merges), carried from lm-eval's rows into
+# every summary and comparison row (a policy that records another column registers it here; a test checks)
+POINT_COLUMNS = ("laco_rdsc", "laco_below_threshold", "laco_forced_merges")
+
+
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     """Each task's main metric per point (the first of MAIN_METRICS it reports, else its first metric; its `none` or
     `strict-match` filter, else its first), with a 95% interval."""
@@ -38,7 +43,7 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     if "top" not in out:  # runs before it existed: every task as asked for
         out["top"] = True
     return out[["task", "metric", "filter", "policy_spec", "cost", "layers_mean", "attention_mean", "value", "stderr",
-                "lo", "hi", "n", "top"]]
+                "lo", "hi", "n", "top", *(c for c in POINT_COLUMNS if c in out)]]
 
 
 def strata(docs: pd.DataFrame, task: str, metric: str, filt: str, points: list[str]) -> list[np.ndarray]:

@@ -29,13 +29,17 @@ MARGINS = {
 
 
 
+MATCHED_WITHIN = 0.5  # a point realizes K skipped layers (and two methods the same skip) within this many layers
+
+
 def mid_costs(costs, num_layers: int) -> list[int]:
-    """The costs nearest L/2 and 2L/3: the paper's 12 and 16 of 24 layers, scaled to this model."""
+    """The costs nearest L/2 and 2L/3 (the paper's 12 and 16 of 24 layers, scaled to this model), each within L/12
+    of its target (2 of 24 layers): a run whose nearest cost lies farther has none there."""
     costs = sorted(set(int(c) for c in costs))
     if not costs:
         return []
     picks = [min(costs, key=lambda c: (abs(c - f * num_layers), c)) for f in (1 / 2, 2 / 3)]
-    return sorted(set(picks))
+    return sorted({c for c, f in zip(picks, (1 / 2, 2 / 3)) if abs(c - f * num_layers) <= num_layers / 12})
 
 
 def _paired(per_item: pd.DataFrame, measure: str, a: str, b: str, costs) -> tuple[float, float, float, int]:
@@ -43,6 +47,8 @@ def _paired(per_item: pd.DataFrame, measure: str, a: str, b: str, costs) -> tupl
     items run both)."""
     at = per_item[per_item["cost"].isin(list(costs))]
     wide = at.pivot_table(index=["item_id", "cost"], columns="strategy", values=measure)
+    if a not in wide or b not in wide:  # one of them was not run at these costs: nothing to pair
+        return math.nan, math.nan, math.nan, 0
     d = (wide[a] - wide[b]).dropna().groupby(level="item_id").mean().to_numpy()
     mean, lo, hi = t_interval(d)
     return mean, lo, hi, len(d)
@@ -188,6 +194,8 @@ def trained_enough(training: dict | None) -> tuple[bool, str]:
         return False, "the router's training log is not recorded (or has fewer than 5 steps)"
     epochs, last, before = training.get("epochs"), training["loss_last_fifth"], training["loss_fifth_before"]
     change = abs(last - before) / abs(before) if before else float("inf")
+    if not math.isfinite(change):  # a NaN loss, or none before: no plateau to speak of
+        change = float("inf")
     said = (f"{training['steps']} steps, {epochs:.1f} epochs, loss {training['loss_fifth_before']:.3f} -> {last:.3f} "
             f"over the last two fifths ({100 * change:.1f}%)" if epochs is not None else f"{training['steps']} steps")
     if epochs is None or epochs < MIN_EPOCHS:
@@ -243,7 +251,12 @@ def compare(summary: pd.DataFrame, model: dict | None, tasks: list[str]) -> list
                  f"{TALK['flexidepth'][r.skip]}% at {r.skip} of 32)")
         v = at_least(claim, r.retain_pct, r.retain_lo, r.retain_hi, 100 - margin, "Retain %", margin)
         realized = f"realized {r.skipped:.2f} skipped {r.skipped_unit}"
-        if not same:
+        matched = r.skipped_unit == "layers" and abs(r.skipped - r.skip) <= MATCHED_WITHIN
+        if same and not matched:  # the talk's point is K whole layers skipped: another skip is another point
+            v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, margin, v.unit,
+                        f"the thresholds did not realize {r.skip} skipped layers here ({realized}); the talk's point "
+                        f"is {r.skip} layers")
+        elif not same:
             v = Verdict(claim, "inconclusive", v.estimate, v.lo, v.hi, margin, v.unit,
                         f"not comparable: the talk's value is for Llama-3-8B-Instruct on {', '.join(TALK_TASKS)}; "
                         f"this is {(model or {}).get('name', 'another model')} on {', '.join(tasks)} ({realized})")

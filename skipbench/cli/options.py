@@ -113,6 +113,26 @@ def speculation(speculate: str, threshold: float, draft_vocab: int = 0):
     return Speculation.parse(speculate, threshold, draft_vocab)
 
 
+def for_policies(policy_option, found: list, draft_texts=(), seed: int = 0) -> list[str]:
+    """-o, checked before any work whatever else is given (NAME=VALUE, each name once): the options some --policy
+    point (`found`, parsed without them) takes. One that only a --draft takes goes to the draft alone (`drafted`);
+    one that none takes is refused, never dropped."""
+    from skipbench.policies.spec import parse_policy_options
+
+    given = parse_policy_options(policy_option)
+    if not given:
+        return []
+    drafts = [f for text in draft_texts if text and text != "auto" for f in specs(text, seed=seed)]
+
+    def takes(points, name):
+        return any(p.strategy.option(name) for p in points)
+
+    unused = [n for n in given if not takes(found, n) and not takes(drafts, n)]
+    if unused:
+        raise SkipbenchError(f"--policy-option {', '.join(unused)}: no policy given takes it")
+    return [o for o in policy_option if takes(found, o.partition("=")[0].strip())]
+
+
 def drafted(text: str, seed: int, policy_options=None) -> list:
     """The draft specs one --draft value names, each with the -o options its strategy takes (the others are the
     policies': `-o min-layers=2 --policy confidence:0.9 --draft early-exit:8` gives the draft none)."""

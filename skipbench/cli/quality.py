@@ -10,7 +10,7 @@ import typer
 from skipbench.cli import display
 from skipbench.cli.options import (
     POLICIES, DatasetOpt, DeviceOpt, Draft, DraftThreshold, DraftVocab, DtypeOpt, Gate, Impl, KvMode, KvOpt, Model, PolicyOptions,
-    PromptDepth, Speculate, Teacher, Device, Dtype, GateMode, draft as draft_spec, ints, one_spec, plain, specs,
+    PromptDepth, Speculate, Teacher, Device, Dtype, GateMode, draft as draft_spec, for_policies, ints, one_spec, plain, specs,
     speculation, with_budget,
 )
 from skipbench.store.paths import default_out
@@ -50,10 +50,10 @@ def generate(
     from skipbench.engine import Sampling
     from skipbench.experiments.generate import GenerateConfig, run, summary
 
+    flags = dict(cost=cost, exit_layer=exit_layer, keep=keep, seed=seed, per_token=per_token, first_layer=first_layer)
+    own = for_policies(policy_option, specs(policy, **flags), [draft], seed)
     cfg = GenerateConfig(
-        prompt=prompt, model=model, policy=one_spec(policy, cost=cost, exit_layer=exit_layer, keep=keep, seed=seed,
-                                                    per_token=per_token, first_layer=first_layer,
-                                                    policy_options=policy_option),
+        prompt=prompt, model=model, policy=one_spec(policy, **flags, policy_options=own),
         max_new_tokens=max_new_tokens, kv_mode=kv_mode, prompt_depth=prompt_depth,
         sampling=Sampling(temperature=temperature, top_p=top_p, seed=seed), device=device, dtype=dtype,
         draft=draft_spec(draft, seed, policy_option), speculation=speculation(speculate, draft_threshold, draft_vocab))
@@ -112,12 +112,13 @@ def evaluate(
     from skipbench.evaluation.quality import EvalConfig, run
 
     options = with_budget(policy_option, budget)
+    flags = dict(costs=ints(costs, "--costs"), seed=seed, per_token=per_token, gate=gate,
+                 checkpoint={"controller": controller, "flexidepth": router})
+    own = for_policies(options, specs(policy or ["uniform"], **flags), [draft], seed)
     cfg = EvalConfig(
         model=model, data=DataSpec(name=dataset, split=split, limit=limit or None, seed=data_seed,
                                    prompt_field=prompt_field, reference_field=reference_field),
-        policies=tuple(specs(policy or ["uniform"], costs=ints(costs, "--costs"), seed=seed, per_token=per_token,
-                             checkpoint={"controller": controller, "flexidepth": router}, gate=gate,
-                             policy_options=options)),
+        policies=tuple(specs(policy or ["uniform"], **flags, policy_options=own)),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, impl=impl, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,

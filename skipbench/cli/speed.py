@@ -10,7 +10,7 @@ import typer
 from skipbench.cli import display
 from skipbench.cli.options import (
     POLICIES, DeviceOpt, DraftThreshold, DtypeOpt, KvMode, KvOpt, Model, OracleMetric, PolicyOptions, Device, Dtype,
-    drafts, int_list, plain, specs, speculations,
+    drafts, for_policies, int_list, plain, specs, speculations,
 )
 
 
@@ -55,7 +55,8 @@ def bench(
     from skipbench.experiments.bench import BenchConfig, run
 
     draft_specs, search = drafts(draft, seed, policy_option)
-    cfg = BenchConfig(model=model, policies=tuple(specs(policy, seed=seed, policy_options=policy_option)) if policy else (),
+    own = for_policies(policy_option, specs(policy, seed=seed) if policy else [], draft or [], seed)
+    cfg = BenchConfig(model=model, policies=tuple(specs(policy, seed=seed, policy_options=own)) if policy else (),
                       batch_sizes=int_list(batch_sizes, "--batch-sizes"), max_new_tokens=max_new_tokens, repeats=repeats,
                       warmup=warmup, kv_mode=kv_mode, impl=impl, compile=compile, lockstep=lockstep,
                       recalibrate=recalibrate, device=device, dtype=dtype, seed=seed, out=out, drafts=draft_specs,

@@ -31,8 +31,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from skipbench.analysis.lmeval_tables import NOISY_CV
+from skipbench.analysis.lmeval_tables import NOISY_CV, POINT_COLUMNS
 from skipbench.analysis.papers import TALK
+from skipbench.analysis.verdicts import MATCHED_WITHIN
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.models.loading import EMBEDDED, default_batch_size
@@ -179,14 +180,13 @@ def shown(rows: pd.DataFrame, summary: pd.DataFrame, model: str) -> list[Shown]:
                             "layers_mean", "attention_mean"]]),
             Shown(f"compare · {model} · Retain % (paired bootstrap 95% intervals)",
                   retain[["method", "skip", "retain", "noisy_tasks", "skipped", "skipped_unit", "layers_mean",
-                          "attention_mean"]])]
+                          "attention_mean", *(["laco_forced_merges"] if "laco_forced_merges" in retain else [])]])]
 
 
 RESAMPLES = 2000
 INTERVAL = (f"95% percentile interval of a paired bootstrap over documents ({RESAMPLES} replicates): each replicate "
             "resamples every task's documents (a group's within each of its tasks), the same documents for every "
             "method and full depth, and recomputes each task's scores, ratios and Retain %")
-MATCHED_WITHIN = 0.5  # two methods realize the same skip when both lie within this many layers of K, in layers
 
 
 def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
@@ -208,7 +208,8 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
                      "ratio": r.value / f["value"] if f["value"] else math.nan,
                      "own_value": own_value, "own_ratio": r.value / own_value if own_value else math.nan,
                      "layers_mean": r.layers_mean, "attention_mean": r.attention_mean,
-                     "full_layers_mean": f["layers_mean"]})
+                     "full_layers_mean": f["layers_mean"],
+                     **{c: getattr(r, c) for c in POINT_COLUMNS if c in summary}})  # LaCo's forced merges
     return pd.DataFrame(rows)
 
 
@@ -261,7 +262,10 @@ def with_task_intervals(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
 
 
 def _retain_replicates(g: pd.DataFrame, reps: Replicates, denominator: str) -> np.ndarray:
-    """Retain % per replicate for one method and K over the tasks in `g` (NaN where a task's denominator is 0)."""
+    """Retain % per replicate for one method and K over the tasks in `g` (NaN where a task's denominator is 0; no
+    task at all: no replicates)."""
+    if g.empty:
+        return np.full(0, np.nan)
     ratios = []
     for r in g.itertuples():
         rep = reps.by_task[r.task]
@@ -295,6 +299,7 @@ def retain(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
         layers = float((g["full_layers_mean"] - g["layers_mean"]).mean())
         attention = float((g["full_layers_mean"] - g["attention_mean"]).mean())
         only_attention = layers < 0.01 < attention  # MindSkip: its realized skip is in attention sub-layers
+        row |= {c: g[c].dropna().iloc[0] for c in POINT_COLUMNS if c in g and g[c].notna().any()}  # how it was built
         out.append(row | {"layers_mean": float(g["layers_mean"].mean()), "attention_mean": float(g["attention_mean"].mean()),
                           "layers_skipped": layers, "attention_skipped": attention,
                           "skipped": attention if only_attention else layers,

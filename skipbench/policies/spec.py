@@ -484,6 +484,9 @@ def parse_policy_options(pairs: list[str] | tuple[str, ...] | None) -> dict[str,
         name, eq, value = pair.partition("=")
         if not eq or not name.strip():
             raise SkipbenchError(f"--policy-option takes NAME=VALUE, got '{pair}'")
+        if out.get(name.strip(), value.strip()) != value.strip():
+            raise SkipbenchError(f"--policy-option {name.strip()} given twice ({out[name.strip()]} and {value.strip()}): "
+                                 "give it once")
         out[name.strip()] = value.strip()
     return out
 
