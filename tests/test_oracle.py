@@ -367,7 +367,7 @@ def test_contingency_test_picks_the_test_by_the_expected_counts():
     fisher = contingency_test([[9, 1], [1, 3]])  # 3 of 4 cells expect fewer than 5
     null = hypergeom(14, 10, 10)  # the top-left cell given the margins
     exact = sum(null.pmf(k) for k in range(6, 11) if null.pmf(k) <= null.pmf(9) * (1 + 1e-9))
-    assert fisher["test"] == "Fisher exact" and fisher["p_value"] == pytest.approx(exact) == pytest.approx(0.04096, abs=1e-5)
+    assert fisher["test"].startswith("Fisher exact") and fisher["p_value"] == pytest.approx(exact) == pytest.approx(0.04096, abs=1e-5)
     assert fisher["p_chi2"] == pytest.approx(0.0755, abs=1e-4)  # Yates-corrected chi-square: not what is reported
     sparse = [[5, 1, 0], [1, 3, 2]]
     again = contingency_test(sparse, resamples=20_000, seed=3)

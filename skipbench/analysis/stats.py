@@ -266,8 +266,8 @@ def contingency_test(table, resamples: int = 100_000, seed: int = 0) -> dict:
            "p_chi2": float(chi2.pvalue), "sparse_cells": sparse}
     if sparse <= SPARSE_SHARE:
         return out
-    if table.shape == (2, 2):
-        return out | {"test": "Fisher exact", "p_value": float(fisher_exact(table).pvalue)}
+    if table.shape == (2, 2):  # the statistic shown beside Fisher's p is the Yates-corrected chi-square's
+        return out | {"test": "Fisher exact (chi2 with Yates' correction)", "p_value": float(fisher_exact(table).pvalue)}
     # random_table draws (scipy's MonteCarloMethod) sample the permutation distribution directly: cheaper than
     # PermutationMethod's crosstab of every permuted item list, and the same null
     method = MonteCarloMethod(n_resamples=resamples, rng=np.random.default_rng(seed))
