@@ -363,13 +363,8 @@ def test_bench_with_drafts_reports_acceptance_shares_and_predicted_speedup(tiny_
     spec = df[df["kind"] == "speculative"]
     assert set(spec["variant"]) == {f"spec {d} k={k}{v}" for d in ("early-exit:3", "uniform:4") for k in ("2", "auto")
                                     for v in ("", "/v16")}
-    # the draft head's share of the weights read: N of V rows per draft step (FR-Spec)
-    meta = json.loads(out.with_suffix(".json").read_text())
-    w = meta["weight_bytes"]
-    for r in spec[spec["phase"] == "decode"].itertuples():
-        share = 16 / w["vocab"] if r.draft_vocab else 1.0
-        heads = (r.k_mean * share + 1) / r.tokens_per_round
-        assert r.weight_bytes_per_step == pytest.approx(r.layers_mean * w["layer"] + heads * w["head"])
+    assert set(spec.loc[spec["phase"] == "decode", "draft_vocab"]) == {0, 16}
+    assert spec["bound_fraction"].isna().all()  # a verify pass reads a weight once for several tokens: not given
     assert "full" in set(df["variant"])  # added: speculative speedups are over full depth
     dec = spec[spec["phase"] == "decode"]
     assert (dec["tokens"] == dec["batch_size"] * 7).all()

@@ -37,7 +37,7 @@ difference is the policy or the engine.
 
 The memory bound: a decode step reads every weight it uses once, whatever its rows. `bound_fraction` is the weight
 bytes a step reads (`weight_bytes_per_step`: the layer parts it ran, from the meter where there is one, plus the
-head; a speculative round's layer passes and k + 1 head products per token it gave) times steps/s, over the
+head; not given for speculative variants, whose verify pass reads each weight once for several tokens) times steps/s, over the
 machine's weight-read rate (engine/costs.read_rate: a matrix-vector product over a 256 MiB matrix in the run's dtype
 and threads, measured once per machine and kept in the cache; the manifest records it). 1.0 is a decode that does
 nothing but stream its weights; the rest is overhead (Python, cache writes, attention, norms, sampling).
@@ -470,14 +470,12 @@ DECODE_ONLY = SPECULATIVE + METERED
 def weight_bytes_per_step(r, weights: dict[str, int]) -> float:
     """Weight bytes a decode step reads (per generated token of each row; NaN outside the decode phase): the
     layer parts the engine's meter counted where it counted them (attention, MLP, and K/V alone at a layer no row
-    runs in `fill`), else the executed layers; plus the head once per step. A speculative round's bytes are its
-    layer passes and its k + 1 head products, spread over the tokens the round gave."""
+    runs in `fill`), else the executed layers; plus the head once per step. None for a speculative round (its
+    t_draft and t_verify say where its time goes)."""
     if r.phase != "decode":
         return np.nan
-    if r.kind == "speculative":
-        share = r.draft_vocab / weights["vocab"] if getattr(r, "draft_vocab", 0) else 1.0  # FR-Spec: N of V head rows
-        heads = (r.k_mean * share + 1) / r.tokens_per_round
-        return r.layers_mean * weights["layer"] + heads * weights["head"]
+    if r.kind == "speculative":  # its layer passes count a verify pass's layer once per token, but it reads the
+        return np.nan  # layer's weights once for all of them: per-token bytes would overstate its share of the bound
     if not np.isnan(getattr(r, "attention_layers", np.nan)):
         return (r.attention_layers * weights["attention"] + r.mlp_layers * weights["mlp"]
                 + r.kv_layers * weights["kv"] + weights["head"])

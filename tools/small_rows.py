@@ -1,0 +1,31 @@
+"""Products of a few rows by many streamed weight matrices on the CPU: what a verify pass's layer projections
+cost per row count (docs/BENCHMARKS.md, issue 36). Sixty 1536 x 576 fp32 matrices, cycled so each is read from
+memory as in a decode step; F.linear against mm on a transposed contiguous copy. Run on an idle machine:
+OMP_NUM_THREADS=2 .venv/bin/python tools/small_rows.py"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def med(fn, n=20, warm=5):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e6 * statistics.median(ts)
+
+
+torch.manual_seed(0)
+H, I = 576, 1536
+ws = [torch.randn(I, H) for _ in range(60)]
+wts = [w.t().contiguous() for w in ws]
+for rows in (1, 2, 5, 9):
+    x = torch.randn(rows, H)
+    a = med(lambda: [F.linear(x, w) for w in ws]) / len(ws)
+    b = med(lambda: [torch.mm(x, wt) for wt in wts]) / len(ws)
+    print(f"rows {rows}: F.linear {a:.0f} us ({I * H * 4 / a / 1e3:.1f} GB/s)  mm on W^T {b:.0f} us")
