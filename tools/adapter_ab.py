@@ -1,6 +1,6 @@
 """Issue 36: the Llama adapter's rotary and norm paths against transformers' (the code before fa46d3e), in one process on
 the embedded model, alternating; tokens compared. Run on an idle machine: OMP_NUM_THREADS=2 .venv/bin/python tools/adapter_ab.py"""
-import statistics, dataclasses, torch
+import statistics, dataclasses
 from transformers.models.llama.modeling_llama import rotate_half
 from skipbench.models import load_model
 from skipbench.models.adapters import LlamaAdapter
