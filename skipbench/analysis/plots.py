@@ -38,10 +38,7 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
     bottom.set_ylabel("share of items")
     bottom.legend(fontsize=7, loc="upper left", ncol=2)
     bottom.set_ylim(0, 1)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-fig2.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, stem.with_name(stem.name + "-fig2.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     uls = singles[~singles["method"].str.startswith("single:full")].sort_values("mean_cost")
@@ -53,10 +50,7 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
     ax.set_title("Where the oracle's gain comes from (cf. Glavas et al. Fig. 8)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-fig8.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, stem.with_name(stem.name + "-fig8.png")))
     return paths
 
 
@@ -135,10 +129,7 @@ def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Skip controllers: hidden state vs constant input (cf. Glavas et al. Fig. 1b); bars: 95% CI over seeds", fontsize=10)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-fig1b.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, stem.with_name(stem.name + "-fig1b.png")))
 
     fig, ax = plt.subplots(figsize=(8, 4))
     mean = layers.groupby(["input", "alpha", "layer"])["skip_ratio"].mean().reset_index()
@@ -153,10 +144,7 @@ def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:
     ax.set_title("Per-layer skip ratio of trained controllers (cf. Glavas et al. Fig. 6)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(stem.with_name(stem.name + "-fig6.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, stem.with_name(stem.name + "-fig6.png")))
     return paths
 
 
