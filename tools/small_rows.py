@@ -28,4 +28,13 @@ for rows in (1, 2, 5, 9):
     x = torch.randn(rows, H)
     a = med(lambda: [F.linear(x, w) for w in ws]) / len(ws)
     b = med(lambda: [torch.mm(x, wt) for wt in wts]) / len(ws)
-    print(f"rows {rows}: F.linear {a:.0f} us ({I * H * 4 / a / 1e3:.1f} GB/s)  mm on W^T {b:.0f} us")
+    packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w in ws]
+    c = med(lambda: [torch.ops.mkl._mkl_linear(x, p, w, None, rows) for p, w in zip(packed, ws)]) / len(ws)
+    dnn = [w.to_mkldnn() for w in ws]
+    d = med(lambda: [torch._C._nn.mkldnn_linear(x.to_mkldnn(), w) for w in dnn]) / len(ws)
+
+    def rate(us):
+        return f"{I * H * 4 / us / 1e3:.1f} GB/s"
+
+    print(f"rows {rows}: F.linear {a:.0f} us ({rate(a)})  mm on W^T {rate(b)}  MKL packed {rate(c)} "
+          f"(copy {packed[0].numel() / ws[0].numel():.1f}x the weight)  mkldnn_linear {rate(d)}")

@@ -26,7 +26,7 @@ def bench(
     impl: str = typer.Option("auto", help="auto (per layer and step, the cheaper of the two by a measured cost "
                              "table), gather, mask; comma-separated, per-token policies run under each (both = "
                              "gather,mask; all = auto,gather,mask)"),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the per-layer maths"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile each static plan's whole pass (loop, gates, cache writes) into graphs; per-token policies run eagerly"),
     lockstep: bool = typer.Option(True, help="skipbench's variants decode together, one step each in turn, so a "
                                   "drift of the machine's speed hits all alike (--no-lockstep: one run after another)"),
     recalibrate: bool = typer.Option(False, "--recalibrate", help="measure --impl auto's layer cost tables again "

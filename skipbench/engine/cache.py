@@ -108,11 +108,11 @@ class KVCache:
         """Record which of the next tokens wrote K/V at these layers."""
         sl = slice(self.length, self.length + num_tokens)
         complete = present if isinstance(present, bool) else bool(present.all())
-        done: set[int] = set()
+        # `fill` mode: the layers share one tensor, written once (by mode, not by identity: a compiled step would
+        # otherwise guard on each new cache's tensor ids and compile again for every run)
+        for valid in (self.valid[:1] if self.mode == "fill" else [self.valid[i] for i in layers]):
+            valid[:, sl] = present
         for i in layers:
-            if id(self.valid[i]) not in done:  # `fill` mode: one shared tensor
-                self.valid[i][:, sl] = present
-                done.add(id(self.valid[i]))
             self.all_valid[i] = self.all_valid[i] and complete
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
@@ -133,10 +133,9 @@ class KVCache:
             return None
         valid = self.valid[layer][:, None, None, :end]
         if num_tokens == 1:
-            # a query always sees itself, so no row is fully masked (which would give NaN)
-            mask = valid.clone()
-            mask[..., start] = True
-            return mask
+            # a query always sees itself, so no row is fully masked (which would give NaN); a comparison rather than
+            # an indexed write, which a compiled step would specialise on the cache length and compile at every step
+            return valid | (torch.arange(end, device=valid.device) == start)
         q = torch.arange(start, end, device=valid.device)[:, None]
         kpos = torch.arange(end, device=valid.device)[None, :]
         causal = kpos <= q

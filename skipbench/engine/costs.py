@@ -110,7 +110,7 @@ def _shape_key(adapter, kv_mode: str, batch: int, device: torch.device, dtype: t
                                                "num_attention_heads", "num_key_value_heads", "head_dim")}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else _where()
     return json.dumps({"shape": shape, "kv_mode": kv_mode, "batch": batch, "device": where, "dtype": str(dtype),
-                       "torch": torch.__version__, "compiled": bool(getattr(adapter, "compiled", False)),
+                       "torch": torch.__version__,
                        "context": CONTEXT, "version": VERSION}, sort_keys=True)
 
 

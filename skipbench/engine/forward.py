@@ -127,8 +127,28 @@ class Engine:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: KVCache, policy: Policy | None = None, **kw) -> ForwardOut:
-        """`run` without gradients: generation, scoring, hidden-state comparisons."""
+        """`run` without gradients: generation, scoring, hidden-state comparisons. On an adapter made `compiled`
+        (`enable_compile`), the pass of a static plan runs as compiled graphs (`_compiled`)."""
+        if getattr(self.ad, "compiled", False) and kw.get("present") is None:  # a prompt's padding: eager, once
+            plan = range(self.ad.num_layers) if policy is None else policy.executed_layers() if policy.static else None
+            if plan is not None:
+                return self._compiled(ids, cache, policy, set(plan), **kw)
         return self.run(ids, cache, policy, **kw)
+
+    def _compiled(self, ids: torch.Tensor, cache: KVCache, policy: Policy | None, plan: set[int], **kw) -> ForwardOut:
+        """`run` through torch.compile: the loop, the gates of a static plan (constants to the compiler) and the cache
+        writes trace into one graph per plan and pass kind, so a step pays no Python per operation. The meter stays
+        outside (its clock would break the graph): the plan's parts are counted here, and its policy time is nil."""
+        meter, self.meter = self.meter, None
+        try:
+            out = _compiled_run()(self, ids, cache, policy, **kw)
+        finally:
+            self.meter = meter
+        if meter is not None:
+            meter.steps += 1
+            for i in range(self.ad.num_layers) if kw.get("span") is None else kw["span"]:
+                self._count(i in plan, i in plan, i not in plan and self.kv_mode == "fill" and self.write_skipped)
+        return out
 
     def run(
         self,
@@ -157,7 +177,7 @@ class Engine:
         (`state`) and no logits (self-speculative decoding resumes an early-exit draft's tokens this way).
         """
         ad, num_tokens = self.ad, ids.shape[1]
-        span = span or range(ad.num_layers)
+        span = range(ad.num_layers) if span is None else span
         positions = cache.positions(num_tokens)
         h = ad.embed(ids, positions) if span.start == 0 else states
         pos = ad.position_embeddings(h, positions)
@@ -447,18 +467,29 @@ def _both(a: Gate, b: Gate) -> Gate:
     return a & b
 
 
+_COMPILED: list = []  # the compiled `Engine.run`, made on first use and shared by every engine
+
+
+def _compiled_run() -> Callable:
+    if not _COMPILED:
+        import torch._dynamo
+
+        # one graph per static plan, pass kind (one token, several, a span) and batch-size family: a bench of several
+        # plans and drafts needs more than the default 8 before dynamo would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # automatic dynamic shapes: a size compiles static first and dynamic once it changes (the cache length at the
+        # second step), while the layer indices and spans stay constants, so the loop unrolls
+        _COMPILED.append(torch.compile(Engine.run, dynamic=None))
+    return _COMPILED[0]
+
+
 def enable_compile(adapter: Adapter) -> None:
-    """torch.compile the per-layer dense maths (projections, norms, MLP) of an adapter, in place.
+    """Run every no-gradient pass of a static plan on this adapter through torch.compile (`Engine._compiled`).
 
-    The layer loop, gates and cache writes stay in Python (their shapes change every step); what is
-    compiled are pure tensor functions, with dynamic shapes so a growing batch or sequence does not
-    recompile them. On CUDA, `mode="max-autotune-no-cudagraphs"` picks tuned kernels.
+    The whole pass is compiled, loop and cache writes included, with automatic dynamic shapes: a growing cache or a
+    new batch size compiles once more, then never again. Compiling each layer's maths apart instead was measured 2.3x
+    slower on a 2-core CPU (docs/BENCHMARKS.md): each compiled function's guards cost more than the Python it saved.
+    Per-token policies (tensor gates, routers), prompts with padding and training run eagerly. The first passes of
+    each plan compile (tens of seconds on a CPU); `bench` runs its warm-up repeats before timing.
     """
-    import torch._dynamo
-
-    # each layer index is its own guard: allow one compiled graph per layer and shape family
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * adapter.num_layers)
-    mode = "max-autotune-no-cudagraphs" if next(adapter.model.parameters()).is_cuda else None
-    adapter.compiled = True  # engine/costs.py keys its timings on it
-    for name in ("qkv", "q", "kv", "attn_out", "mlp_block", "mlp", "mlp_norm", "attn_norm", "final_norm", "head"):
-        setattr(adapter, name, torch.compile(getattr(adapter, name), dynamic=True, mode=mode))
+    adapter.compiled = True

@@ -252,6 +252,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
         keep = policy.executed_layers() if policy.static and policy.lm is None else None  # LaCo: its own model
         if keep is not None and len(keep) < lm.num_layers:
             small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
+            small.adapter.compiled = getattr(lm.adapter, "compiled", False)  # `--compile`: the bound compiled alike
             run, start = _ours(small, None, cfg, "gather")
             bounds.append(Variant(f"removed:{label}", run, "bound", start=start))
     for spec in drafts:
@@ -309,10 +310,6 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.out:
         check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    if cfg.compile:
-        from skipbench.engine.forward import enable_compile
-
-        enable_compile(lm.adapter)
     torch.manual_seed(cfg.seed)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
     drafts, found = cfg.drafts, None
@@ -321,6 +318,10 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
 
         found = search(lm, encoded[0], cfg.speculations[0].k)
         drafts = (*drafts, *parse_policies(found.label))
+    if cfg.compile:  # after the search, which tries many layer sets: compiling each would cost more than it saves
+        from skipbench.engine.forward import enable_compile
+
+        enable_compile(lm.adapter)
     vs = variants(lm, cfg, drafts)
     rate = read_rate(lm.device, lm.dtype, fresh=cfg.recalibrate)  # the memory bound's rate, before any clock runs
     rows, fixed, parts = [], {}, {}
