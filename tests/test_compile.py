@@ -4,6 +4,7 @@ engine's tokens, model.generate's at full depth, the smaller model's under a pla
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import prompts, tiny_model
 from test_engine import hf_generate
@@ -15,6 +16,22 @@ from skipbench.models.loading import remove_layers
 from skipbench.policies import make_policy
 
 pytestmark = pytest.mark.slow  # each new plan and pass kind compiles (seconds to tens of seconds on 2 cores)
+
+
+@pytest.fixture(autouse=True)
+def strict_dynamo():
+    """Dynamo falls back to eager silently at its recompile limit: here that fails the test instead."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
+def graphs() -> int:
+    """Graphs dynamo has traced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def compiled_lm(family, tokenizer):
@@ -37,12 +54,21 @@ def test_compiled_plan_equals_the_smaller_model_and_its_meter_the_eager_meter(to
     plan = make_policy("uniform:3", lm.num_layers)
     keep, one = plan.executed_layers(), prompts(tokenizer, 1)
     meters = {"compiled": Meter(), "eager": Meter()}
+    before = graphs()
     ours = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy", meter=meters["compiled"])
+    traced = graphs()
+    assert traced > before  # the steps ran as graphs
+    again = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy")
+    assert graphs() == traced and again.tokens == ours.tokens  # a new engine and cache: no new graph
     assert ours.tokens == hf_generate(remove_layers(lm.model, keep, share_weights=False), one, 16, pad_id=0, eos_id=1)
     assert all(rec == keep for row in ours.layers for rec in row)
     lm.adapter.compiled = False
     eager = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy", meter=meters["eager"])
     assert eager.tokens == ours.tokens
+    a, b = ours.cache, eager.cache  # what the graph wrote to the cache: lengths, validity, keys and values
+    assert (a.length, a.all_valid, a.pad.tolist()) == (b.length, b.all_valid, b.pad.tolist())
+    assert all(torch.equal(x, y) for x, y in zip(a.valid, b.valid))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.k + a.v, b.k + b.v))
     e, c = meters["eager"], meters["compiled"]
     steps = len(ours.layers[0])  # the fed-back tokens: 3 layers run and 3 skipped (their K/V written) at each
     assert (c.steps, c.attention, c.mlp, c.kv) == (e.steps, e.attention, e.mlp, e.kv) == (steps, 3 * steps, 3 * steps, 3 * steps)

@@ -1,4 +1,4 @@
-"""Issue 36's engine measurements on the embedded model (docs/BENCHMARKS.md): a decode step before and after torch.compile of the layer maths (enable_compile). Run on an idle machine: OMP_NUM_THREADS=2 .venv/bin/python tools/compile_ab.py"""
+"""Issue 36's engine measurements on the embedded model (docs/BENCHMARKS.md): a decode step before and after enable_compile (since a760ffc the whole pass of a static plan; before, each layer's maths). Run on an idle machine: OMP_NUM_THREADS=2 .venv/bin/python tools/compile_ab.py"""
 import time, statistics
 from skipbench.models import load_model
 from skipbench.engine import generate

@@ -129,7 +129,8 @@ class Engine:
     def forward(self, ids: torch.Tensor, cache: KVCache, policy: Policy | None = None, **kw) -> ForwardOut:
         """`run` without gradients: generation, scoring, hidden-state comparisons. On an adapter made `compiled`
         (`enable_compile`), the pass of a static plan runs as compiled graphs (`_compiled`)."""
-        if getattr(self.ad, "compiled", False) and kw.get("present") is None:  # a prompt's padding: eager, once
+        # a prompt's padding runs eagerly (once per run), and so do `skippable` tokens (their gates become tensors)
+        if getattr(self.ad, "compiled", False) and kw.get("present") is None and kw.get("skippable") is None:
             plan = range(self.ad.num_layers) if policy is None else policy.executed_layers() if policy.static else None
             if plan is not None:
                 return self._compiled(ids, cache, policy, set(plan), **kw)

@@ -39,7 +39,8 @@ The memory bound: a decode step reads every weight it uses once, whatever its ro
 bytes a step reads (`weight_bytes_per_step`: the layer parts it ran, from the meter where there is one, plus the
 head; not given for speculative variants, whose verify pass reads each weight once for several tokens) times steps/s, over the
 machine's weight-read rate (engine/costs.read_rate: a matrix-vector product over a 256 MiB matrix in the run's dtype
-and threads, measured once per machine and kept in the cache; the manifest records it). 1.0 is a decode that does
+and threads, measured again in every run, before any clock runs, since the machine's rate drifts between days; the
+manifest records it). 1.0 is a decode that does
 nothing but stream its weights; the rest is overhead (Python, cache writes, attention, norms, sampling).
 
 A speculative variant's decode row adds its acceptance (`acceptance_rate`: accepted over drafted draft tokens;
@@ -323,7 +324,9 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
 
         enable_compile(lm.adapter)
     vs = variants(lm, cfg, drafts)
-    rate = read_rate(lm.device, lm.dtype, fresh=cfg.recalibrate)  # the memory bound's rate, before any clock runs
+    # the memory bound's rate, measured in this run before any clock runs (a few seconds): this 2-core machine's rate
+    # drifted by 14% between two days (25.8 and 29.4 GB/s), so a cached rate would misstate the fraction
+    rate = read_rate(lm.device, lm.dtype, fresh=True)
     rows, fixed, parts = [], {}, {}
     if start:
         start(len(cfg.batch_sizes) * (cfg.repeats + cfg.warmup) * len(vs))
@@ -404,7 +407,7 @@ def shown(s: pd.DataFrame, cfg: BenchConfig, found=None) -> list[Shown]:
         width=170))
     if "bound_fraction" in s and len(s):
         out.append(Shown("% of bound: weight bytes read per decode step x steps/s over the machine's weight-read rate "
-                         "(a 256 MiB matrix-vector product; engine/costs.read_rate)"))
+                         "(a 256 MiB matrix-vector product measured in this run; engine/costs.read_rate)"))
     d = s[(s["kind"] == "speculative") & (s["phase"] == "decode")]
     if len(d):
         out.append(Shown("self-speculative decoding (decode phase; output = full depth's)", pd.DataFrame({
