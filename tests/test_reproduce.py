@@ -186,3 +186,19 @@ def test_a_stage_reruns_when_a_stage_it_reads_ran_again(tmp_path):
     assert not again["oracle"].done()  # ... so the oracle that read its old parquet is stale
     paper = {st.name: st for st in stages(load_preset("paper"), str(tmp_path / "p"))}
     assert "finetune" in paper["controllers sweep"].needs and paper["finetune"].restartable
+
+
+def test_the_estimate_of_what_is_left_scales_the_recorded_seconds_by_this_runs_pace():
+    from skipbench.experiments.reproduce import Estimate, _clock
+
+    est = Estimate({"a": 100, "b": 200, "c": 300}, ["a", "b", "c"])
+    assert est.remaining() == 600  # nothing ran yet: the recorded seconds as they are
+    est.finished("a", 50)  # this machine runs at half the recorded time
+    assert est.remaining() == 250
+    est.finished("b", None)  # skipped (done before): it neither counts as pace nor as left
+    assert est.remaining() == 150
+    unrecorded = Estimate({}, ["a", "b", "c"])
+    assert unrecorded.remaining() is None  # no record and nothing finished: no estimate
+    unrecorded.finished("a", 30)
+    assert unrecorded.remaining() == 60  # the finished stages' mean for each stage left
+    assert (_clock(75), _clock(3725)) == ("1:15", "1:02:05")

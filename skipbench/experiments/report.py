@@ -63,10 +63,25 @@ def section_setup(folder: Path) -> tuple[list[str], list]:
     preset = readers.json_file(record, "preset record", "run `skipbench reproduce` again")
     differences = preset.get("differences", [])
     lines = [f"## Setup: preset `{preset.get('name', '?')}`", ""]
+    weights = _weights(folder)
+    if weights:
+        lines += [f"The model's weights: {weights}.", ""]
     if differences:
         lines += ["Where this preset differs from the papers' setups (each finding below is read with these in mind):", ""]
         lines += [f"* {d}" for d in differences] + [""]
     return lines, []
+
+
+def _weights(folder: Path) -> str | None:
+    """The weights' source as a manifest of these results records it (the model record's `weights`)."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            weights = (readers.json_file(path, "manifest").get("model") or {}).get("weights")
+        except (readers.Unreadable, AttributeError):
+            continue
+        if weights:
+            return weights
+    return None
 
 
 def section_evaluate(folder: Path) -> tuple[list[str], list]:

