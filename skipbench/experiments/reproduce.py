@@ -244,10 +244,11 @@ def _clock(seconds: float) -> str:
 
 
 class Estimate:
-    """What is left of a run, from the seconds each stage took in the preset's measured run (its `[seconds]` table,
-    stage name -> seconds on the machine it names) scaled by this run's pace so far: the stages run here took x times
-    their recorded seconds, so the rest will too. Without a record for every stage left, the stages finished here
-    stand in (their mean per stage); before any finished, there is no estimate."""
+    """What is left of a run. A stage the preset's measured run timed (its `[seconds]` table: stage name -> seconds,
+    on the machine its `machine` key names) counts its recorded seconds scaled by this run's pace so far (the stages
+    finished here that have a record took x times their recorded seconds, so the rest will too); a stage without a
+    record counts the mean of the stages finished here. Before any finished, a run with unrecorded stages left has
+    no estimate. A stage that resumes halfway makes the pace look faster than it is."""
 
     def __init__(self, recorded: dict[str, float], names: list[str]) -> None:
         self.recorded, self.left = recorded, list(names)
@@ -260,13 +261,30 @@ class Estimate:
             self.took[name] = seconds
 
     def remaining(self) -> float | None:
-        if all(n in self.recorded for n in self.left):
-            known = [n for n in self.took if n in self.recorded and self.recorded[n] > 0]
-            pace = sum(self.took[n] for n in known) / sum(self.recorded[n] for n in known) if known else 1.0
-            return pace * sum(self.recorded[n] for n in self.left)
-        if not self.took:
+        known = [n for n in self.took if self.recorded.get(n, 0) > 0]
+        pace = sum(self.took[n] for n in known) / sum(self.recorded[n] for n in known) if known else 1.0
+        unrecorded = [n for n in self.left if n not in self.recorded]
+        if unrecorded and not self.took:
             return None
-        return len(self.left) * sum(self.took.values()) / len(self.took)
+        mean = sum(self.took.values()) / len(self.took) if self.took else 0.0
+        return pace * sum(self.recorded[n] for n in self.left if n in self.recorded) + mean * len(unrecorded)
+
+
+def recorded_seconds(preset: dict) -> dict[str, float]:
+    """The preset's `[seconds]` table without its `machine` note; a value that is not a number of seconds is refused."""
+    import math
+
+    table = preset.get("seconds", {})
+    if not isinstance(table, dict):
+        raise SkipbenchError("the preset's [seconds] must be a table of stage name = seconds")
+    out = {}
+    for name, value in table.items():
+        if name == "machine":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise SkipbenchError(f"the preset's [seconds] gives '{name}' = {value!r}; each stage's seconds must be a number >= 0")
+        out[str(name)] = float(value)
+    return out
 
 
 def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list[str]], int],
@@ -285,8 +303,7 @@ def run(preset: str, results: str | None, dry_run: bool, command: Callable[[list
     if not dry_run:
         check_out_dir(plan[-1].results, "--results")
         record_preset(chosen, preset, plan[-1].results)
-    recorded = {str(k): float(v) for k, v in chosen.get("seconds", {}).items() if k != "machine"}
-    estimate, began = Estimate(recorded, [st.name for st in plan]), time.perf_counter()
+    estimate, began = Estimate(recorded_seconds(chosen), [st.name for st in plan]), time.perf_counter()
     for number, stage in enumerate(plan, 1):
         if stage.name != "report" and stage.done():
             say(f"[dim]skip (done): {stage.command()}[/dim]")

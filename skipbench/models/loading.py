@@ -116,11 +116,13 @@ def gguf_file_type(path: Path) -> str | None:
     """The quantisation a GGUF file's header names (`general.file_type`, e.g. Q4_1), read once per file."""
     if str(path) not in _FILE_TYPES:
         try:
-            from gguf import GGUFReader, LlamaFileType
+            from gguf import GGUFReader, GGUFValueType, LlamaFileType
 
             field = GGUFReader(path).fields["general.file_type"]
+            if field.types != [GGUFValueType.UINT32]:
+                raise ValueError(f"general.file_type is {field.types}")
             _FILE_TYPES[str(path)] = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
-        except (ImportError, KeyError, ValueError, OSError):
+        except Exception:  # a missing package or a damaged header of any kind: the record says so, the run goes on
             _FILE_TYPES[str(path)] = None
     return _FILE_TYPES[str(path)]
 
