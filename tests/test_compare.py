@@ -34,6 +34,19 @@ def test_points_set_each_method_to_k_skipped_layers():
             points(methods, skip, 6)
 
 
+def test_policy_options_go_to_the_methods_that_take_them():
+    """-o calibration=16 cuts the routers' threshold prompts (and the calibrated removals' sequences) for every K;
+    -o skip is compare's own, and an option no method takes is refused."""
+    pts = points(("shortgpt", "uniform", "flexidepth:runs/f"), (2, 4), 6, policy_options=("calibration=16",))
+    specs = {(p.method, p.skip): p.spec for p in pts}
+    assert specs[("flexidepth:runs/f", 4)].opt("calibration") == 16 and specs[("flexidepth:runs/f", 4)].opt("skip") == 4
+    assert specs[("shortgpt", 2)].opt("calibration") == 16
+    assert specs[("uniform", 2)].label == "uniform:4"  # takes no calibration: untouched
+    for given, said in [(("skip=3",), "what compare sets"), (("nonsense=1",), "no method given takes it")]:
+        with pytest.raises(SkipbenchError, match=said):
+            points(("shortgpt", "flexidepth:runs/f"), (2,), 6, policy_options=given)
+
+
 def test_a_group_counts_once():
     """MMLU-like groups: the group's own aggregate is one task of Retain %, its subtasks are not more."""
     from skipbench.experiments.compare import per_task

@@ -149,6 +149,8 @@ def test_learned_policies_are_evaluated_on_held_out_items():
             assert stage.argv[stage.argv.index("--split") + 1] == "test"
         if stage.argv[:2] == ("flexidepth", "usage"):
             assert "--split" not in stage.argv  # its default is the test split
+        if stage.argv[0] == "compare":  # the routers' thresholds: held-out prompts, as many as the preset says
+            assert stage.argv[stage.argv.index("-o") + 1] == "calibration=16"
 
 
 def test_the_paper_preset_is_the_papers_setup():

@@ -84,6 +84,10 @@ def compare(
     dtype: Dtype = DtypeOpt,
     out: Optional[str] = typer.Option(None, help="parquet output (default results/compare-<model>.parquet)"),
     resume: bool = typer.Option(True, help="reuse finished (task, point) parts of an earlier run"),
+    policy_option: Optional[list[str]] = typer.Option(None, "--policy-option", "-o", metavar="NAME=VALUE",
+                                                      help="to every method whose strategy takes it, e.g. -o "
+                                                      "calibration=16 (the routers' threshold prompts; compare sets "
+                                                      "-o skip itself)"),
 ) -> None:
     """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
     score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.
@@ -99,7 +103,8 @@ def compare(
     cfg = with_preset(CompareConfig(
         model=model, methods=names(policy or ["shortgpt,laco"]), skip=int_list(skip, "--skip"), tasks=names([tasks]),
         limit=limit or None, num_fewshot=num_fewshot, batch_size=batch_size or None, chat_template=chat_template,
-        allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume),
+        allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume,
+        policy_options=tuple(policy_option or ())),
         preset, given)
     with display.Bar("compare") as bar:
         display.result(run(cfg, on_part=lambda task, p: bar.point(f"{task} · {p.label}")))

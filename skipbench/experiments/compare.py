@@ -72,6 +72,7 @@ class CompareConfig:
     dtype: str = "auto"
     out: str = ""
     resume: bool = True
+    policy_options: tuple[str, ...] = ()  # -o NAME=VALUE: to every method whose strategy takes NAME
 
 
 def with_preset(cfg: CompareConfig, preset: str | None, given: set[str]) -> CompareConfig:
@@ -98,10 +99,22 @@ class Point:
     spec: PolicySpec
 
 
-def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0) -> list[Point]:
+def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0,
+           policy_options: tuple[str, ...] = ()) -> list[Point]:
     """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
     that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
-    set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline."""
+    set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline. `policy_options`
+    (-o NAME=VALUE, e.g. calibration=16) go to every method whose strategy takes NAME; one that none takes, or the
+    option compare sets itself to meet K, is refused."""
+    from skipbench.policies.spec import parse_policy_options
+
+    given = parse_policy_options(policy_options)
+    named = [STRATEGIES.get(ALIASES.get(m.partition(":")[0], m.partition(":")[0])) for m in methods]
+    for name in given:
+        if any(st.skip_option and st.skip_option[0] == name for st in named):
+            raise SkipbenchError(f"compare: -o {name} is what compare sets to meet each --skip K; give --skip instead")
+        if not any(st.option(name) for st in named):
+            raise SkipbenchError(f"compare: -o {name}: no method given takes it")
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
     skip = tuple(dict.fromkeys(skip))  # a K given twice is one
@@ -113,15 +126,17 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
         name, _, arg = method.partition(":")
         strategy = STRATEGIES.get(ALIASES.get(name, name))
         own_baseline = strategy.own_model and bool(strategy.skip_option)
+        own = {n: v for n, v in given.items() if strategy.option(n)}
         for k in ((0,) if own_baseline else ()) + skip:
             if strategy.arg == "cost":
                 if arg:
                     raise SkipbenchError(f"compare: method '{method}' takes no argument (compare sets it to L-K)")
-                spec = parse_policies(f"{strategy.name}:{num_layers - k}", seed=seed)[0]
+                spec = parse_policies(f"{strategy.name}:{num_layers - k}", own, seed=seed)[0]
             elif strategy.skip_option:  # the registry says which option sets it (a threshold router, an exit)
                 option, means = strategy.skip_option
                 value = k if means == "K" else num_layers - k
-                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {option: str(value)}, seed=seed)[0]
+                spec = parse_policies(f"{strategy.name}:{arg or strategy.default_arg}", {**own, option: str(value)},
+                                      seed=seed)[0]
             else:
                 raise SkipbenchError(f"compare: method '{method}' cannot be set to a number of skipped layers (its "
                                      "argument is not a cost and its registry entry names no skip_option)")
@@ -142,7 +157,7 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
         raise SkipbenchError(f"{', '.join(code)} runs the code the model writes; pass --allow-code-execution to allow "
                              "it (lm-eval's confirm_run_unsafe_code), or leave the task out")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
-    pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed)
+    pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed, cfg.policy_options)
     runs = out.with_name(f"{out.stem}.lmeval.parquet")
     lcfg = LmEvalConfig(model=cfg.model, tasks=cfg.tasks, policies=tuple(p.spec for p in pts), limit=cfg.limit,
                         num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, prompt_depth="policy",

@@ -223,6 +223,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("compare", (
             "compare", "--model", cp.get("model", model), "--policy", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
+            *(x for option in cp.get("options", []) for x in ("-o", option)),
             *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
             *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
