@@ -35,16 +35,26 @@ def test_points_set_each_method_to_k_skipped_layers():
 
 
 def test_policy_options_go_to_the_methods_that_take_them():
-    """-o calibration=16 cuts the routers' threshold prompts (and the calibrated removals' sequences) for every K;
-    -o skip is compare's own, and an option no method takes is refused."""
+    """-o calibration=16 goes to every method that takes it (the routers' threshold prompts, ShortGPT's sequences),
+    -o flexidepth.calibration=16 to FlexiDepth's only; -o skip (and a router's tau), LayerSkip's exit and an option
+    no method takes are refused."""
     pts = points(("shortgpt", "uniform", "flexidepth:runs/f"), (2, 4), 6, policy_options=("calibration=16",))
     specs = {(p.method, p.skip): p.spec for p in pts}
     assert specs[("flexidepth:runs/f", 4)].opt("calibration") == 16 and specs[("flexidepth:runs/f", 4)].opt("skip") == 4
     assert specs[("shortgpt", 2)].opt("calibration") == 16
     assert specs[("uniform", 2)].label == "uniform:4"  # takes no calibration: untouched
-    for given, said in [(("skip=3",), "what compare sets"), (("nonsense=1",), "no method given takes it")]:
+    scoped = points(("shortgpt", "laco", "flexidepth:runs/f"), (2,), 6, policy_options=("flexidepth.calibration=16",))
+    labels = {p.method: p.spec.label for p in scoped}
+    assert labels == {"shortgpt": "block-influence:4", "laco": "laco:4",  # METHOD.NAME: that method's only
+                      "flexidepth:runs/f": "flexidepth:runs/f[calibration=16;skip=2]"}
+    for methods, given, said in [
+            (("shortgpt", "flexidepth:runs/f"), ("skip=3",), "compare sets flexidepth:runs/f's skip"),
+            (("flexidepth:runs/f",), ("tau=0.3",), "compare sets flexidepth:runs/f's skip"),
+            (("layerskip:runs/ft",), ("exit=3",), "compare sets layerskip:runs/ft's exit"),
+            (("shortgpt",), ("nonsense=1",), "no method given takes it"),
+            (("shortgpt",), ("mindskip.calibration=16",), "no method named 'mindskip'")]:
         with pytest.raises(SkipbenchError, match=said):
-            points(("shortgpt", "flexidepth:runs/f"), (2,), 6, policy_options=given)
+            points(methods, (2,), 6, policy_options=given)
 
 
 def test_a_group_counts_once():

@@ -144,13 +144,15 @@ def test_a_stage_is_reused_only_with_the_settings_it_ran_with(tmp_path):
 
 def test_learned_policies_are_evaluated_on_held_out_items():
     preset = load_preset("quick")
+    assert any(stage.argv[0] == "compare" for stage in stages(preset))
     for stage in stages(preset):
         if stage.argv[0] == "evaluate" and "flexidepth" in stage.argv:
             assert stage.argv[stage.argv.index("--split") + 1] == "test"
         if stage.argv[:2] == ("flexidepth", "usage"):
             assert "--split" not in stage.argv  # its default is the test split
         if stage.argv[0] == "compare":  # the routers' thresholds: held-out prompts, as many as the preset says
-            assert stage.argv[stage.argv.index("-o") + 1] == "calibration=16"
+            given = [stage.argv[i + 1] for i, a in enumerate(stage.argv) if a == "-o"]
+            assert given == ["flexidepth.calibration=16", "mindskip.calibration=16"]
 
 
 def test_the_paper_preset_is_the_papers_setup():

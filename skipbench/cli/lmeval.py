@@ -85,9 +85,10 @@ def compare(
     out: Optional[str] = typer.Option(None, help="parquet output (default results/compare-<model>.parquet)"),
     resume: bool = typer.Option(True, help="reuse finished (task, point) parts of an earlier run"),
     policy_option: Optional[list[str]] = typer.Option(None, "--policy-option", "-o", metavar="NAME=VALUE",
-                                                      help="to every method whose strategy takes it, e.g. -o "
-                                                      "calibration=16 (the routers' threshold prompts; compare sets "
-                                                      "-o skip itself)"),
+                                                      help="NAME=VALUE to every method whose strategy takes it, "
+                                                      "METHOD.NAME=VALUE to that method's only, e.g. -o "
+                                                      "flexidepth.calibration=16 (its threshold prompts; compare "
+                                                      "sets -o skip itself)"),
 ) -> None:
     """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
     score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.

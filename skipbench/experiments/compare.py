@@ -104,17 +104,28 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
     """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
     that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
     set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline. `policy_options`
-    (-o NAME=VALUE, e.g. calibration=16) go to every method whose strategy takes NAME; one that none takes, or the
-    option compare sets itself to meet K, is refused."""
+    (-o NAME=VALUE) go to every method whose strategy takes NAME, and `-o METHOD.NAME=VALUE` to that method's only
+    (the same option name can mean different things: `flexidepth.calibration=16` is 16 threshold prompts, LaCo's
+    `calibration` its merge check's prompts); one that none takes, or the option compare sets itself to meet K (and a
+    router's `tau`, which that option chooses), is refused."""
     from skipbench.policies.spec import parse_policy_options
 
     given = parse_policy_options(policy_options)
-    named = [STRATEGIES.get(ALIASES.get(m.partition(":")[0], m.partition(":")[0])) for m in methods]
-    for name in given:
-        if any(st.skip_option and st.skip_option[0] == name for st in named):
-            raise SkipbenchError(f"compare: -o {name} is what compare sets to meet each --skip K; give --skip instead")
-        if not any(st.option(name) for st in named):
-            raise SkipbenchError(f"compare: -o {name}: no method given takes it")
+    named = {m: STRATEGIES.get(ALIASES.get(m.partition(":")[0], m.partition(":")[0])) for m in methods}
+    scoped = []  # (the methods it goes to, option, value): `-o flexidepth.calibration=16` to flexidepth's only
+    for key, value in given.items():
+        who, _, option = key.rpartition(".")
+        to = [m for m, st in named.items() if not who or who in (m.partition(":")[0], st.name)]
+        if who and not to:
+            raise SkipbenchError(f"compare: -o {key}: no method named '{who}' is given")
+        for m in to:
+            sets = named[m].skip_option[0] if named[m].skip_option else None
+            if option == sets or (sets == "skip" and option == "tau"):
+                raise SkipbenchError(f"compare: -o {key}: compare sets {m}'s {sets} to meet each --skip K; give --skip")
+        to = [m for m in to if named[m].option(option)]
+        if not to:
+            raise SkipbenchError(f"compare: -o {key}: no method given takes it")
+        scoped.append((to, option, value))
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
     skip = tuple(dict.fromkeys(skip))  # a K given twice is one
@@ -126,7 +137,7 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
         name, _, arg = method.partition(":")
         strategy = STRATEGIES.get(ALIASES.get(name, name))
         own_baseline = strategy.own_model and bool(strategy.skip_option)
-        own = {n: v for n, v in given.items() if strategy.option(n)}
+        own = {option: value for to, option, value in scoped if method in to}
         for k in ((0,) if own_baseline else ()) + skip:
             if strategy.arg == "cost":
                 if arg:
