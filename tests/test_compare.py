@@ -221,3 +221,14 @@ def test_retain_with_no_scored_task_is_nan_not_a_crash():
     values = compare._retain_replicates(pd.DataFrame(), None, "full_spec")
     out = compare._interval(values, "retain")
     assert len(values) == 0 and math.isnan(out["retain_lo"]) and out["retain_replicates_dropped"] == 0
+
+
+def test_a_mistyped_option_fails_before_the_model_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from skipbench.cli import app
+
+    res = CliRunner().invoke(app, ["compare", "--policy", "shortgpt", "-o", "nonsense=1", "--model", str(tmp_path / "none"),
+                                   "--out", str(tmp_path / "c.parquet")])
+    assert res.exit_code == 1 and "no method given takes it" in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir())  # nothing written

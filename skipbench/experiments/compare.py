@@ -99,15 +99,9 @@ class Point:
     spec: PolicySpec
 
 
-def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0,
-           policy_options: tuple[str, ...] = ()) -> list[Point]:
-    """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
-    that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
-    set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline. `policy_options`
-    (-o NAME=VALUE) go to every method whose strategy takes NAME, and `-o METHOD.NAME=VALUE` to that method's only
-    (the same option name can mean different things: `flexidepth.calibration=16` is 16 threshold prompts, LaCo's
-    `calibration` its merge check's prompts); one that none takes, or the option compare sets itself to meet K (and a
-    router's `tau`, which that option chooses), is refused."""
+def scoped_options(methods: tuple[str, ...], policy_options: tuple[str, ...]) -> list[tuple[list[str], str, str]]:
+    """-o pairs as (the methods each goes to, option, value), checked (see `points`); needs no model, so `run` calls it
+    before loading one."""
     from skipbench.policies.spec import parse_policy_options
 
     given = parse_policy_options(policy_options)
@@ -126,6 +120,19 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
         if not to:
             raise SkipbenchError(f"compare: -o {key}: no method given takes it")
         scoped.append((to, option, value))
+    return scoped
+
+
+def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0,
+           policy_options: tuple[str, ...] = ()) -> list[Point]:
+    """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
+    that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
+    set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline. `policy_options`
+    (-o NAME=VALUE) go to every method whose strategy takes NAME, and `-o METHOD.NAME=VALUE` to that method's only
+    (the same option name can mean different things: `flexidepth.calibration=16` is 16 threshold prompts, LaCo's
+    `calibration` its merge check's prompts); one that none takes, or the option compare sets itself to meet K (and a
+    router's `tau`, which that option chooses), is refused."""
+    scoped = scoped_options(methods, policy_options)
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
     skip = tuple(dict.fromkeys(skip))  # a K given twice is one
@@ -167,6 +174,7 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     if code and not cfg.allow_code_execution:
         raise SkipbenchError(f"{', '.join(code)} runs the code the model writes; pass --allow-code-execution to allow "
                              "it (lm-eval's confirm_run_unsafe_code), or leave the task out")
+    scoped_options(cfg.methods, cfg.policy_options)  # a mistyped -o fails before the model loads
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed, cfg.policy_options)
     runs = out.with_name(f"{out.stem}.lmeval.parquet")
