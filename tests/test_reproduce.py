@@ -227,6 +227,8 @@ def test_reproduce_prints_each_stage_with_what_is_left_and_refuses_a_bad_seconds
     assert len(lines) == 2 and "stage 1/2: evaluate uniform text" in lines[0] and "about 0:12 left" in lines[0]
     assert "stage 2/2: report" in lines[1]
     assert any("all 2 stages done" in line for line in said)
+    with pytest.raises(SkipbenchError, match="list of"):
+        stages({"model": "m", "compare": {"methods": ["shortgpt"], "skip": [4], "tasks": ["t"], "options": "x=1"}})
     preset.write_text(preset.read_text().replace("report = 2", 'report = "two"'))
     with pytest.raises(SkipbenchError, match="'report' = 'two'"):
         run(str(preset), str(tmp_path / "r"), False, command=lambda argv: 0, say=said.append)

@@ -112,6 +112,14 @@ def _opt(section: dict, key: str, flag: str) -> list[str]:
     return [flag, str(section[key])] if key in section else []
 
 
+def _options(section: dict) -> list[str]:
+    """A section's `options`: a list of NAME=VALUE strings (one string alone would be read letter by letter)."""
+    options = section.get("options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise SkipbenchError(f"the preset's options must be a list of \"NAME=VALUE\" strings, got {options!r}")
+    return options
+
+
 def _csv(values) -> str:
     return ",".join(str(v) for v in values)
 
@@ -223,7 +231,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("compare", (
             "compare", "--model", cp.get("model", model), "--policy", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
-            *(x for option in cp.get("options", []) for x in ("-o", option)),
+            *(x for option in _options(cp) for x in ("-o", option)),
             *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
             *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))
     out.append(Stage("report", ("report", "--results", str(r), "--out", str(r / "REPORT.md")), r / "REPORT.md"))
