@@ -1,0 +1,71 @@
+"""What a decode step and a verify pass would cost if they were nothing but their matrix products (issue 36,
+docs/BENCHMARKS.md). On the embedded model's own weights, in one process: the read rate (`bench`'s measurement), every
+projection of every layer and the head applied in order to 1 and to 5 rows (F.linear, as the engine calls them), and
+the compiled engine's full-depth step and 5-token verify pass. Run on an idle machine:
+OMP_NUM_THREADS=2 .venv/bin/python tools/products_floor.py"""
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from skipbench.data.prompts import encode_prompt
+from skipbench.engine import Engine
+from skipbench.engine.costs import measure_read_rate
+from skipbench.engine.forward import enable_compile
+from skipbench.models import load_model
+
+
+def med(fn, n=15, warm=3):
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+lm = load_model("smollm2-135m", "cpu", "float32")
+ad = lm.adapter
+hidden = lm.model.config.hidden_size
+# the weights in the order a step reads them: each layer's projections, then the (tied) head
+linears = [m.weight for layer in lm.model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+weights = linears + [lm.model.lm_head.weight]
+step_bytes = sum(w.numel() * w.element_size() for w in weights)
+rate = measure_read_rate(torch.device("cpu"), torch.float32).bytes_per_s
+
+
+def products(rows):
+    xs = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
+    return lambda: [F.linear(xs[w.shape[1]], w) for w in weights]
+
+
+enable_compile(ad)
+eng = Engine(ad, "fill", "auto")
+ids = torch.tensor([encode_prompt(lm.tokenizer, "Please calculate the sum of 99, 45 and 12.")])
+present = torch.ones_like(ids, dtype=torch.bool)
+cache = eng.prompt_cache(present, ids.shape[1] + 80)
+eng.forward(ids, cache, present=present, last_only=True)
+base = cache.length
+
+
+def engine_pass(n):
+    def f():
+        cache.length = base
+        eng.forward(torch.zeros(1, n, dtype=torch.long), cache)
+    return f
+
+
+res = {}
+for rep in range(2):  # the first round compiles the engine's two graphs
+    res = {"products 1 row": med(products(1)), "products 5 rows": med(products(5)),
+           "compiled step": med(engine_pass(1)), "compiled verify 5": med(engine_pass(5))}
+bound_ms = 1e3 * step_bytes / rate
+print(f"read rate {rate / 1e9:.1f} GB/s; a step reads {step_bytes / 1e6:.0f} MB in {len(weights)} products: "
+      f"{bound_ms:.1f} ms at the rate")
+for k, v in res.items():
+    print(f"{k}: {v:.1f} ms ({bound_ms / v:.0%} of the bound)")
+print(f"products 5 rows / 1 row: {res['products 5 rows'] / res['products 1 row']:.2f}; "
+      f"compiled verify 5 / step: {res['compiled verify 5'] / res['compiled step']:.2f}")
