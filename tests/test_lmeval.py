@@ -502,3 +502,25 @@ def test_the_public_name_registers_the_model_for_lm_eval():
     public = importlib.import_module("skipbench.lmeval")
     assert get_model("skipbench") is public.SkipbenchLM is SkipbenchLM
     assert Path(public.TASKS_DIR).is_dir() and any(Path(public.TASKS_DIR).glob("*.yaml"))
+
+
+def test_max_gen_toks_sets_every_generation_tasks_length_and_keys_the_parts(tiny_dirs, tmp_path):
+    """--max-gen-toks reaches lm-eval as --gen_kwargs (its results record the length), bounds the answers, and keys
+    the parts: a run at another length computes them again, the same length reuses them."""
+    out = tmp_path / "lm.parquet"
+    args = ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", "skipbench_text_qa", "--limit", "2",
+            "--max-gen-toks", "3", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    raw = json.loads((tmp_path / "lm-lmeval" / "full.json").read_text())
+    assert raw["configs"]["skipbench_text_qa"]["generation_kwargs"]["max_gen_toks"] == 3
+    rows = pd.read_parquet(out)
+    # at most 3 new tokens per answer, the last never fed back: at most 2 gated tokens per request
+    assert (rows["max_gen_toks"] == 3).all() and (rows["gated_tokens"] <= 2 * rows["requests"]).all()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "1 finished part(s) reused" in again.output.replace("\n", " ")
+    longer = CliRunner().invoke(app, args[:-3] + ["5", "--out", str(out)])
+    assert longer.exit_code == 0 and "0 finished part(s) reused" in longer.output.replace("\n", " ")
+    raw = json.loads((tmp_path / "lm-lmeval" / "full.json").read_text())
+    assert raw["configs"]["skipbench_text_qa"]["generation_kwargs"]["max_gen_toks"] == 5
+    assert (pd.read_parquet(out)["gated_tokens"] <= 4 * rows["requests"]).all()

@@ -85,6 +85,17 @@ def test_the_threshold_for_k_skips(tokenizer, tmp_path):
     assert got[0.2] < got[0.5] < got[0.8]
     tau, realized = tune_threshold(ctx, lambda t: MindSkipPolicy(m, lm.adapter, t), "attention", 2.0, 4, 64)
     assert abs(realized - 2.0) < 0.25 and 0.2 < tau < 0.8
+    # the bisection stops at the first threshold within the tolerance, and runs every step when none is
+    calls = []
+
+    def counted(t):
+        calls.append(t)
+        return MindSkipPolicy(m, lm.adapter, t)
+
+    assert tune_threshold(ctx, counted, "attention", 2.0, 4, 64, tolerance=10.0)[0] == 0.5 and len(calls) == 2
+    calls.clear()
+    tune_threshold(ctx, counted, "attention", 2.0, 4, 64, tolerance=-1.0)
+    assert len(calls) == 21  # the engine's KV mode, then the 20 steps
     folder = save(m, tmp_path / "m")
     from skipbench.policies import parse_policies
 

@@ -153,6 +153,7 @@ def test_learned_policies_are_evaluated_on_held_out_items():
         if stage.argv[0] == "compare":  # the routers' thresholds: held-out prompts, as many as the preset says
             given = [stage.argv[i + 1] for i, a in enumerate(stage.argv) if a == "-o"]
             assert given == ["flexidepth.calibration=16", "mindskip.calibration=16"]
+            assert stage.argv[stage.argv.index("--max-gen-toks") + 1] == "32"
 
 
 def test_the_paper_preset_is_the_papers_setup():

@@ -21,6 +21,8 @@ def lm_eval(
     policy: Optional[list[str]] = typer.Option(None, help="specs, repeatable, e.g. uniform:15,22,30 (" + POLICIES
                                                + "); full always runs too"),
     limit: int = typer.Option(0, min=0, help="documents per task (0 = all)"),
+    max_gen_toks: int = typer.Option(0, min=0, help="answer length in tokens of every generation task (lm-eval's "
+                                     "--gen_kwargs max_gen_toks; 0: each task's own)"),
     num_fewshot: Optional[int] = typer.Option(None, min=0, help="few-shot examples (default: the task's)"),
     seed: int = typer.Option(0, help="seed of random skipping and of sampled generation (lm-eval keeps its own seeds)"),
     batch_size: int = typer.Option(0, min=0, help="requests per batch (0: automatic, 8 on CPU, 32 on CUDA)"),
@@ -50,8 +52,8 @@ def lm_eval(
               else no_policy(policy_option))
     asked = names([tasks])
     cfg = LmEvalConfig(
-        model=model, tasks=asked, policies=tuple(points), limit=limit or None, num_fewshot=num_fewshot,
-        batch_size=batch_size or None, kv_mode=kv_mode, prompt_depth=prompt_depth, chat_template=chat_template,
+        model=model, tasks=asked, policies=tuple(points), limit=limit or None, max_gen_toks=max_gen_toks or None,
+        num_fewshot=num_fewshot, batch_size=batch_size or None, kv_mode=kv_mode, prompt_depth=prompt_depth, chat_template=chat_template,
         max_length=max_length or None, seed=seed, device=device, dtype=dtype,
         out=out or default_out("lmeval", model, "_".join(slug(t) for t in asked)), resume=resume)
     with display.Bar("lm-eval") as bar:
@@ -73,6 +75,8 @@ def compare(
                                          "--chat-template unless they are given"),
     model: str = Model,
     limit: int = typer.Option(0, min=0, help="documents per task (0 = all)"),
+    max_gen_toks: int = typer.Option(0, min=0, help="answer length in tokens of every generation task (lm-eval's "
+                                     "--gen_kwargs max_gen_toks; 0: each task's own)"),
     num_fewshot: Optional[int] = typer.Option(None, min=0, help="few-shot examples (default: the task's)"),
     batch_size: int = typer.Option(0, min=0, help="requests per batch (0: automatic)"),
     chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="wrap prompts in the model's chat "
@@ -103,8 +107,8 @@ def compare(
              if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"}
     cfg = with_preset(CompareConfig(
         model=model, methods=names(policy or ["shortgpt,laco"]), skip=int_list(skip, "--skip"), tasks=names([tasks]),
-        limit=limit or None, num_fewshot=num_fewshot, batch_size=batch_size or None, chat_template=chat_template,
-        allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume,
+        limit=limit or None, max_gen_toks=max_gen_toks or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
+        chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume,
         policy_options=tuple(policy_option or ())),
         preset, given)
     with display.Bar("compare") as bar:

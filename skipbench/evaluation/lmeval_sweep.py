@@ -49,6 +49,7 @@ class LmEvalConfig:
     prompt_depth: str = "full"
     chat_template: bool = False
     max_length: int | None = None  # None: the model's positions (lm-eval's HF backend's default)
+    max_gen_toks: int | None = None  # every generation task's answer length (lm-eval's --gen_kwargs); None: the task's
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -189,6 +190,8 @@ def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, task_files: str) -> P
     ident = replace(cfg, tasks=(task,), policies=(p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
     fields.pop("allow_code_execution")  # a permission, not a setting: it changes no row (and keeps earlier keys)
+    if fields["max_gen_toks"] is None:  # the tasks' own lengths: the keys of parts written before the setting existed
+        fields.pop("max_gen_toks")
     key = part_key({**fields, "task_files": task_files, "lm_eval": lm_eval_version, "parts": PARTS_VERSION}, cfg.model, p)
     return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(Path(task).stem + '-' + p.label)[:80]}-{key}.parquet"
 
@@ -284,6 +287,7 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig,
     raw = lm_eval.simple_evaluate(model=model, tasks=[task], limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                                   task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=True,
                                   confirm_run_unsafe_code=cfg.allow_code_execution,
+                                  gen_kwargs={"max_gen_toks": cfg.max_gen_toks} if cfg.max_gen_toks else None,
                                   bootstrap_iters=1000)  # lm-eval's own seeds: its few-shot examples, as a plain run
     usage = [u for share in distributed.current().all_gather(model.usage) for u in share]
     if raw is None:  # not rank 0

@@ -63,6 +63,7 @@ class CompareConfig:
     skip: tuple[int, ...] = (4, 8)
     tasks: tuple[str, ...] = PRESETS["offline"]["tasks"]
     limit: int | None = None  # documents per task
+    max_gen_toks: int | None = None  # every generation task's answer length; None: the task's
     num_fewshot: int | None = None
     batch_size: int | None = None
     chat_template: bool = True  # the embedded model is an instruct model
@@ -179,7 +180,7 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed, cfg.policy_options)
     runs = out.with_name(f"{out.stem}.lmeval.parquet")
     lcfg = LmEvalConfig(model=cfg.model, tasks=cfg.tasks, policies=tuple(p.spec for p in pts), limit=cfg.limit,
-                        num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, prompt_depth="policy",
+                        max_gen_toks=cfg.max_gen_toks, num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, prompt_depth="policy",
                         chat_template=cfg.chat_template, seed=cfg.seed, device=cfg.device, dtype=cfg.dtype,
                         out=str(runs), resume=cfg.resume, allow_code_execution=cfg.allow_code_execution)
     result = lmeval_run(lcfg, on_part, lm=lm)

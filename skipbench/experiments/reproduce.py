@@ -231,6 +231,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("compare", (
             "compare", "--model", cp.get("model", model), "--policy", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
+            *_opt(cp, "max_gen_toks", "--max-gen-toks"),
             *(x for option in _options(cp) for x in ("-o", option)),
             *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
             *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))

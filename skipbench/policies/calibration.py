@@ -105,11 +105,13 @@ def _compute(lm, data, max_tokens: int) -> Similarities:
 
 
 def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_tokens: int,
-                   steps: int = 20) -> tuple[float, float]:
+                   steps: int = 20, tolerance: float = 0.02) -> tuple[float, float]:
     """The threshold in (0, 1) at which `policy_at(threshold)` skips `target` per token on the calibration sequences
     (teacher-forced, every token gated): `count` "attention" counts attention sub-layers skipped (MindSkip),
-    "layers" whole layers. Bisection, as skipping rises with the threshold; returns (threshold, what it skips), the
-    closest of the thresholds tried."""
+    "layers" whole layers. Bisection, as skipping rises with the threshold, for at most `steps` passes over the
+    sequences, stopping early at a threshold that skips within `tolerance` of `target` (each pass costs a full
+    teacher-forced run of the calibration set; the items evaluated later realize their own mean anyway); returns
+    (threshold, what it skips), the closest of the thresholds tried."""
     import torch
 
     from skipbench.engine import Engine
@@ -140,6 +142,8 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
         got = skipped(mid)
         if best is None or abs(got - target) < abs(best[1] - target):
             best = (mid, got)
+        if abs(got - target) <= tolerance:
+            break
         lo, hi = (mid, hi) if got < target else (lo, mid)
     return best
 
