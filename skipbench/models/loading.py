@@ -113,17 +113,42 @@ _FILE_TYPES: dict[str, str | None] = {}
 
 
 def gguf_file_type(path: Path) -> str | None:
-    """The quantisation a GGUF file's header names (`general.file_type`, e.g. Q4_1), read once per file."""
-    if str(path) not in _FILE_TYPES:
-        try:
-            from gguf import GGUFReader, GGUFValueType, LlamaFileType
+    """The quantisation a GGUF file's header names (`general.file_type`, e.g. Q4_1), read once per file and kept in
+    the cache (`<cache>/gguf-type/`, keyed by the file's path, size and time): gguf's reader parses every header field,
+    the tokenizer's 49k strings too, which took 4 s of every command's manifest."""
+    import hashlib
+    import json
 
-            field = GGUFReader(path).fields["general.file_type"]
-            if field.types != [GGUFValueType.UINT32]:
-                raise ValueError(f"general.file_type is {field.types}")
-            _FILE_TYPES[str(path)] = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
-        except Exception:  # a missing package or a damaged header of any kind: the record says so, the run goes on
-            _FILE_TYPES[str(path)] = None
+    if str(path) in _FILE_TYPES:
+        return _FILE_TYPES[str(path)]
+    try:
+        st = path.stat()
+        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
+    except OSError:
+        return None
+    kept = cache_dir() / "gguf-type" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    try:
+        _FILE_TYPES[str(path)] = json.loads(kept.read_text())["type"]
+        return _FILE_TYPES[str(path)]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not read yet, or a damaged copy: read the header again
+    try:
+        from gguf import GGUFReader, GGUFValueType, LlamaFileType
+
+        field = GGUFReader(path).fields["general.file_type"]
+        if field.types != [GGUFValueType.UINT32]:
+            raise ValueError(f"general.file_type is {field.types}")
+        _FILE_TYPES[str(path)] = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except Exception:  # a missing package or a damaged header of any kind: the record says so, the run goes on
+        _FILE_TYPES[str(path)] = None
+        return None
+    from skipbench.store.results import write_text_atomic
+
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(kept, json.dumps({"type": _FILE_TYPES[str(path)], "file": key}))
+    except OSError:  # a read-only cache: read the header again next time
+        pass
     return _FILE_TYPES[str(path)]
 
 
