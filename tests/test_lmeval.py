@@ -313,6 +313,11 @@ def test_lm_eval_bad_input_is_one_line(tiny_dirs, tmp_path):
                                   "--out", str(tmp_path / "x.parquet")])
         assert res.exit_code == 1 and message in res.output
         assert "Traceback" not in res.output and not (tmp_path / "x.parquet").exists()
+    for length, message in (("100000", "leaves no room for a prompt"), ("-1", "max-gen-toks")):
+        res = runner.invoke(app, ["lm-eval", "--model", str(tiny_dirs["llama"]), "--tasks", "skipbench_text_qa",
+                                  "--max-gen-toks", length, "--out", str(tmp_path / "x.parquet")])
+        assert res.exit_code == 1 and message in res.output, res.output
+        assert "Traceback" not in res.output and not (tmp_path / "x.parquet").exists()
 
 
 def test_lm_eval_missing_says_how_to_install(tiny_dirs, tmp_path, monkeypatch):
@@ -519,6 +524,12 @@ def test_max_gen_toks_sets_every_generation_tasks_length_and_keys_the_parts(tiny
     assert (rows["max_gen_toks"] == 3).all() and (rows["gated_tokens"] <= 2 * rows["requests"]).all()
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "1 finished part(s) reused" in again.output.replace("\n", " ")
+    from skipbench.evaluation.lmeval_sweep import LmEvalConfig, part_path
+    from skipbench.policies import parse_policies
+
+    full = parse_policies("full")[0]
+    unset = LmEvalConfig(model="m", tasks=("t",), out=str(tmp_path / "o.parquet"))
+    assert part_path(unset, "t", full, "") != part_path(LmEvalConfig(**{**unset.__dict__, "max_gen_toks": 3}), "t", full, "")
     longer = CliRunner().invoke(app, args[:-3] + ["5", "--out", str(out)])
     assert longer.exit_code == 0 and "0 finished part(s) reused" in longer.output.replace("\n", " ")
     raw = json.loads((tmp_path / "lm-lmeval" / "full.json").read_text())

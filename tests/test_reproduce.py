@@ -154,6 +154,10 @@ def test_learned_policies_are_evaluated_on_held_out_items():
             given = [stage.argv[i + 1] for i, a in enumerate(stage.argv) if a == "-o"]
             assert given == ["flexidepth.calibration=16", "mindskip.calibration=16"]
             assert stage.argv[stage.argv.index("--max-gen-toks") + 1] == "32"
+    # the batch sizes the preset sets reach their commands
+    sizes = {st.argv[0]: st.argv[st.argv.index("--batch-size") + 1] for st in stages(preset)
+             if st.argv[0] in ("evaluate", "cosine", "compare") and st.name != "evaluate flexidepth"}
+    assert sizes == {"evaluate": "16", "cosine": "24", "compare": "32"}
 
 
 def test_the_paper_preset_is_the_papers_setup():

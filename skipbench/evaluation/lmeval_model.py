@@ -273,7 +273,7 @@ class SkipbenchLM(TemplateLM):
         max_gen = int(kw["max_gen_toks"])
         if max_gen >= self.max_length:
             raise SkipbenchError(f"the task asks for {max_gen} new tokens, not fewer than max_length {self.max_length}; "
-                                 "raise max_length (--max-length) or lower the task's max_gen_toks")
+                                 "raise max_length (--max-length) or lower the task's max_gen_toks (--max-gen-toks)")
         eos = self.tokenizer.decode([self.eot_token_id])  # EOS ends generation anyway (and is not in the text)
         return [u for u in kw["until"] if u and u != eos], max_gen, sampling
 

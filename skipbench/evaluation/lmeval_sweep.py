@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, replace
@@ -205,7 +206,16 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     tm = task_manager(tasks, lmeval.TASKS_DIR)
     if cfg.limit is not None and cfg.limit < 1:
         raise SkipbenchError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.max_gen_toks is not None and cfg.max_gen_toks < 1:
+        raise SkipbenchError(f"--max-gen-toks must be >= 1, got {cfg.max_gen_toks}")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.max_gen_toks is not None:  # before any part runs (the backend checks each task's own length as it comes)
+        from lm_eval.models.utils import resolve_max_length
+
+        window = cfg.max_length or resolve_max_length(lm.model.config, lm.tokenizer)
+        if cfg.max_gen_toks >= window:
+            raise SkipbenchError(f"--max-gen-toks {cfg.max_gen_toks} leaves no room for a prompt in the model's "
+                                 f"{window}-token window (--max-length)")
     if cfg.chat_template and not getattr(lm.tokenizer, "chat_template", None):
         raise SkipbenchError(f"--chat-template: model '{cfg.model}' has no chat template")
     pts = expand(cfg.policies, lm.num_layers)
@@ -276,6 +286,20 @@ def shown(rows: pd.DataFrame, model: str) -> list[Shown]:
                                                "interval", "n"]])]
 
 
+class _GenKwargsWarned(logging.Filter):
+    """Drops lm-eval's per-call warning that generation settings were given (`--max-gen-toks`); one filter, however
+    many calls add it (filters compare equal by class)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("generation_kwargs:")
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
 def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig,
                  num_layers: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """One task under one point through `lm_eval.simple_evaluate`: tidy rows (a row per task and metric; a group
@@ -284,6 +308,8 @@ def evaluate_one(lmeval, model, task: str, tm, cfg: LmEvalConfig,
     import lm_eval
 
     model.usage.clear()
+    # lm-eval warns at every call that --gen_kwargs overrides the tasks' settings, which the user asked for
+    logging.getLogger("lm_eval.evaluator").addFilter(_GenKwargsWarned())
     raw = lm_eval.simple_evaluate(model=model, tasks=[task], limit=cfg.limit, num_fewshot=cfg.num_fewshot,
                                   task_manager=tm, apply_chat_template=cfg.chat_template, log_samples=True,
                                   confirm_run_unsafe_code=cfg.allow_code_execution,

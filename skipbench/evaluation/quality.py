@@ -163,6 +163,10 @@ def part_key(fields: dict, model: str, p: PolicySpec) -> str:
         fields["checkpoint"] = checkpoint_fingerprint(p.value)
         if p.strategy.own_model:  # a model folder as the checkpoint (layerskip: DIR or a fine-tuning's DIR/best)
             fields["checkpoint_model"] = [model_fingerprint(p.value), model_fingerprint(str(Path(p.value) / "best"))]
+    if p.strategy.calibrates_with == "skip" and p.opt("skip"):  # a threshold chosen by a search that may change
+        from skipbench.policies.calibration import THRESHOLD_SEARCH
+
+        fields["threshold_search"] = THRESHOLD_SEARCH
     if p.strategy.own_model and isinstance(p.strategy.build, str):  # its model changes with its module's VERSION
         import importlib
 

@@ -110,6 +110,7 @@ def weights_source(name: str) -> str | None:
 
 
 _FILE_TYPES: dict[str, str | None] = {}
+GGUF_TYPE_VERSION = 1  # bump when how the type is read or named changes: the cached copies are then read again
 
 
 def gguf_file_type(path: Path) -> str | None:
@@ -123,7 +124,7 @@ def gguf_file_type(path: Path) -> str | None:
         return _FILE_TYPES[str(path)]
     try:
         st = path.stat()
-        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns])
+        key = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, GGUF_TYPE_VERSION])
     except OSError:
         return None
     kept = cache_dir() / "gguf-type" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"

@@ -47,6 +47,8 @@ def calibration_data(ctx, items: int, max_tokens: int, split: str = "train", def
 # (the train split) never saw, and which `evaluate` then refuses to score (check_held_out); with no dataset (lm-eval,
 # compare), both embedded suites' validation splits (105 items), so that the default 64 can be met.
 THRESHOLD_SPLIT, THRESHOLD_DATA = "validation", "text,arith"
+# how `-o skip=K` searches its threshold, in the keys of the parts it made: 2, the bisection stops within 0.02 of K
+THRESHOLD_SEARCH = 2
 
 
 def sequences(lm, data, max_tokens: int) -> list[list[int]]:
