@@ -176,6 +176,7 @@ def decoding(
         prompt_passes, prompt_attention = (t.tolist() for t in passes(out, present))
     engine.meter = meter
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
+    poll = DonePoll(dev)
     tokens, records = [], []
     lengths = torch.zeros(batch, dtype=torch.long, device=dev)
     fill = torch.full((batch,), pad_id(lm), dtype=torch.long, device=dev)
@@ -191,7 +192,7 @@ def decoding(
         if stop is not None:
             fed &= ~torch.tensor(stop(torch.stack(tokens, 1).tolist()), dtype=torch.bool, device=dev)
         done = ~fed
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or poll.finished(done):
             break
         out = engine.forward(tok[:, None], cache, policy, record=True)
         records.append((fed, out.executed[:, 0], None if out.attention_skips is None else out.attention_skips[:, 0]))
@@ -218,6 +219,32 @@ def start(lm: LoadedModel, engine: Engine, prompts: list[list[int]], max_new_tok
     return ids, present, engine.prompt_cache(present, width + room)
 
 
+class DonePoll:
+    """Whether every row has finished, without stalling a GPU's queue each step. Each step's `done.all()` is copied to
+    (pinned) host memory without blocking, and the step reads the flag the step before copied, after waiting on that
+    step's event: the work it waits for is already done or nearly so, and the step after it is queued behind. So on
+    CUDA a batch whose rows have all finished runs one more step, whose tokens are padding and count in no row. On the
+    CPU the copy is complete at once and is read in the same step. The host flag is read through numpy, never through
+    a tensor method that would synchronise (tests/test_syncs.py counts those)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.lagged = device.type == "cuda"
+        self.pending: tuple[torch.Tensor, object] | None = None  # the previous step's host flag and its event
+
+    def finished(self, done: torch.Tensor) -> bool:
+        flag = torch.empty((), dtype=torch.bool, pin_memory=self.lagged)
+        flag.copy_(done.all(), non_blocking=self.lagged)
+        if not self.lagged:
+            return bool(flag.numpy())
+        event = torch.cuda.Event()
+        event.record()
+        previous, self.pending = self.pending, (flag, event)
+        if previous is None:
+            return False
+        previous[1].synchronize()
+        return bool(previous[0].numpy())
+
+
 class Clock:
     def __init__(self, device: torch.device) -> None:
         import time
@@ -240,10 +267,16 @@ def _collect(tokens, lengths, records, prompts) -> Generation:
     toks = [row[:n] for row, n in zip(rows, lengths.tolist())]
     layers: list[list[list[int]]] = [[] for _ in toks]
     skips: list[list[int]] = [[] for _ in toks]
-    for fed, executed, attention_skips in records:
-        ex = executed.cpu()
-        sk = None if attention_skips is None else attention_skips.tolist()
-        for r in torch.nonzero(fed.cpu()).flatten().tolist():
+    if not records:
+        return Generation(tokens=toks, layers=layers, prompt_tokens=[len(p) for p in prompts], attention_skips=skips)
+    # every step's records in one copy to the host (one transfer after the loop, not one per step)
+    feds = torch.stack([fed for fed, _, _ in records]).cpu()
+    executed = torch.stack([ex for _, ex, _ in records]).cpu()
+    zeros = torch.zeros_like(records[0][0], dtype=torch.long)
+    attention = torch.stack([zeros if sk is None else sk for _, _, sk in records]).tolist()
+    for step in range(len(records)):
+        ex = executed[step]
+        for r in torch.nonzero(feds[step]).flatten().tolist():
             layers[r].append(torch.nonzero(ex[r]).flatten().tolist())
-            skips[r].append(0 if sk is None else sk[r])
+            skips[r].append(attention[step][r])
     return Generation(tokens=toks, layers=layers, prompt_tokens=[len(p) for p in prompts], attention_skips=skips)
