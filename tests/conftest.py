@@ -21,6 +21,29 @@ CORPUS = [
 ] * 4
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="the device of the device lane's tests (marked `lane`): cpu or "
+                     "cuda (`pytest --device cuda -m lane` on a GPU machine)")
+
+
+def pytest_configure(config):
+    name = config.getoption("--device")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise pytest.UsageError(f"--device must be cpu or cuda[:N], got '{name}'") from None
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"--device must be cpu or cuda[:N], got '{name}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the lane's tests build their models on (`--device`, default cpu)."""
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers

@@ -16,12 +16,12 @@ from skipbench.policies import make_policy
 FAMILIES = ["llama", "qwen3", "opt", "mistral", "qwen2"]
 
 
-def lm_for(family, tokenizer, layers=6):
-    return wrap_model(tiny_model(family, len(tokenizer), layers), tokenizer, f"tiny-{family}")
+def lm_for(family, tokenizer, layers=6, device="cpu"):
+    return wrap_model(tiny_model(family, len(tokenizer), layers), tokenizer, f"tiny-{family}", device)
 
 
 def hf_generate(model, prompt_ids, new_tokens, pad_id, eos_id):
-    ids, present = left_pad(prompt_ids, pad_id, "cpu")
+    ids, present = left_pad(prompt_ids, pad_id, model.device)
     out = model.generate(
         input_ids=ids, attention_mask=present.long(), max_new_tokens=new_tokens, do_sample=False,
         pad_token_id=pad_id, eos_token_id=eos_id,
@@ -32,12 +32,13 @@ def hf_generate(model, prompt_ids, new_tokens, pad_id, eos_id):
     return rows
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_logits_equal_hf_forward(family, tokenizer):
-    lm = lm_for(family, tokenizer)
-    ids, present = left_pad(prompts(tokenizer, 3), 0, "cpu")
+def test_full_logits_equal_hf_forward(family, tokenizer, device):
+    lm = lm_for(family, tokenizer, device=device)
+    ids, present = left_pad(prompts(tokenizer, 3), 0, device)
     engine = Engine(lm.adapter)
-    cache = engine.new_cache(ids.shape[0], ids.shape[1], "cpu", torch.float32)
+    cache = engine.new_cache(ids.shape[0], ids.shape[1], device, torch.float32)
     cache.pad = (~present).sum(1)
     ours = engine.forward(ids, cache, None, present=present).logits
     position_ids = (present.long().cumsum(1) - 1).clamp_min(0)
@@ -46,9 +47,10 @@ def test_full_logits_equal_hf_forward(family, tokenizer):
     assert (ours - ref)[present].abs().max().item() <= 1e-4
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_greedy_equals_hf_generate(family, tokenizer):
-    lm = lm_for(family, tokenizer)
+def test_full_greedy_equals_hf_generate(family, tokenizer, device):
+    lm = lm_for(family, tokenizer, device=device)
     ps = prompts(tokenizer, 3)
     ours = generate(lm, ps, make_policy("full", lm.num_layers), max_new_tokens=20)
     ref = hf_generate(lm.model, ps, 20, pad_id=0, eos_id=1)
@@ -56,11 +58,12 @@ def test_full_greedy_equals_hf_generate(family, tokenizer):
     assert all(len(rec) == lm.num_layers for row in ours.layers for rec in row)
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", FAMILIES)
-def test_full_greedy_equals_hf_generate_in_bfloat16(family, tokenizer):
+def test_full_greedy_equals_hf_generate_in_bfloat16(family, tokenizer, device):
     """bf16 on the CPU (AVX512-BF16/AMX where the CPU has them; elsewhere torch emulates it, slower, same numbers):
-    full depth gives model.generate's tokens, as in fp32."""
-    lm = wrap_model(tiny_model(family, len(tokenizer), 6).to(torch.bfloat16), tokenizer, f"tiny-{family}")
+    full depth gives model.generate's tokens, as in fp32; on the lane's device too."""
+    lm = wrap_model(tiny_model(family, len(tokenizer), 6).to(torch.bfloat16), tokenizer, f"tiny-{family}", device)
     assert lm.dtype == torch.bfloat16
     ps = prompts(tokenizer, 3)
     ours = generate(lm, ps, make_policy("full", lm.num_layers), max_new_tokens=20)
@@ -77,12 +80,13 @@ def static_policy(name, arg, num_layers):
     return policy
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
 @pytest.mark.parametrize("spec", STATIC_SPECS)
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])
-def test_static_plan_equals_smaller_model(family, spec, kv_mode, tokenizer):
+def test_static_plan_equals_smaller_model(family, spec, kv_mode, tokenizer, device):
     """Invariant 2: with the prompt under the plan too, a plan running layers S == the model with only S."""
-    lm = lm_for(family, tokenizer)
+    lm = lm_for(family, tokenizer, device=device)
     policy = static_policy(*spec, lm.num_layers)
     keep = policy.executed_layers()
     assert len(keep) < lm.num_layers
@@ -121,21 +125,22 @@ def per_token_policies(num_layers):
     }
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])
 @pytest.mark.parametrize("policy_name", ["uniform", "random-token", "sign"])
-def test_cached_equals_uncached(family, kv_mode, policy_name, tokenizer):
+def test_cached_equals_uncached(family, kv_mode, policy_name, tokenizer, device):
     """Invariant 3: token-by-token decoding with a cache == one pass over the whole sequence."""
-    lm = lm_for(family, tokenizer)
+    lm = lm_for(family, tokenizer, device=device)
     ps = prompts(tokenizer, 3)
-    ids, present = left_pad(ps, 0, "cpu")
+    ids, present = left_pad(ps, 0, device)
     batch, width = ids.shape
-    gen = torch.randint(3, len(tokenizer), (batch, 8), generator=torch.Generator().manual_seed(0))
+    gen = torch.randint(3, len(tokenizer), (batch, 8), generator=torch.Generator().manual_seed(0)).to(device)
     engine = Engine(lm.adapter, kv_mode)
 
     policy = per_token_policies(lm.num_layers)[policy_name]
     policy.begin(batch)
-    cache = engine.new_cache(batch, width + 8, "cpu", torch.float32)
+    cache = engine.new_cache(batch, width + 8, device, torch.float32)
     cache.pad = (~present).sum(1)
     engine.forward(ids, cache, None, present=present)
     step_logits, step_layers = [], []
@@ -147,7 +152,7 @@ def test_cached_equals_uncached(family, kv_mode, policy_name, tokenizer):
     policy = per_token_policies(lm.num_layers)[policy_name]
     policy.begin(batch)
     whole = torch.cat([ids, gen], 1)
-    cache = engine.new_cache(batch, whole.shape[1], "cpu", torch.float32)
+    cache = engine.new_cache(batch, whole.shape[1], device, torch.float32)
     cache.pad = (~present).sum(1)
     skippable = torch.zeros_like(whole, dtype=torch.bool)
     skippable[:, width:] = True
@@ -193,12 +198,13 @@ def test_sampling_is_reproducible_from_seed(tokenizer):
     assert a.tokens != greedy.tokens  # sampling is not greedy decoding
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])
 @pytest.mark.parametrize("policy_name", ["random-seq", "random-token", "sign"])
-def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer):
+def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer, device):
     """--impl gather and --impl mask give identical tokens and per-token layer records for the same gates."""
-    lm = lm_for(family, tokenizer)
+    lm = lm_for(family, tokenizer, device=device)
     ps = prompts(tokenizer, 4)
 
     def make():
@@ -214,19 +220,20 @@ def test_gather_equals_mask(family, kv_mode, policy_name, tokenizer):
     assert any(len(rec) < lm.num_layers for row in runs["gather"].layers for rec in row)
 
 
+@pytest.mark.lane
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_one_loop_soft_gates_of_0_and_1_equal_the_hard_plan(tokenizer, family):
+def test_one_loop_soft_gates_of_0_and_1_equal_the_hard_plan(tokenizer, family, device):
     """Training's soft gates and generation's hard gates go through the same loop: gates of exactly 1 and 0 per
     layer give the logits of the static plan that runs those layers (fill mode, where both write every K/V)."""
     from skipbench.engine.protocol import GateFn
 
-    lm = lm_for(family, tokenizer)
+    lm = lm_for(family, tokenizer, device=device)
     plan = make_policy("uniform:3", lm.num_layers)
-    ids, present = left_pad(prompts(tokenizer, 2), 0, "cpu")
-    resp = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    ids, present = left_pad(prompts(tokenizer, 2), 0, device)
+    resp = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device)
     engine = Engine(lm.adapter, "fill")
     runs = set(plan.executed_layers())
-    soft = GateFn(lm.num_layers, lambda i, h: torch.full(h.shape[:2], float(i in runs)))
+    soft = GateFn(lm.num_layers, lambda i, h: torch.full(h.shape[:2], float(i in runs), device=h.device))
     cache, _ = engine.prefill(ids, present, ids.shape[1] + 4)
     hard = engine.forward(resp, cache.clone(), plan).logits
     out = engine.run(resp, cache, soft)

@@ -26,8 +26,8 @@ from skipbench.policies import make_policy  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
-def lm(request, tokenizer):
-    return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, f"tiny-{request.param}")
+def lm(request, tokenizer, device):
+    return wrap_model(tiny_model(request.param, len(tokenizer)), tokenizer, f"tiny-{request.param}", device)
 
 
 def requests_of(tokenizer, n: int = 4) -> list[tuple[list[int], list[int]]]:
@@ -50,15 +50,17 @@ def logprobs(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
     return float(lp[torch.arange(len(t)), t].sum()), bool((logits.argmax(-1) == t).all())
 
 
+@pytest.mark.lane
 def test_full_loglikelihood_equals_transformers(lm, tokenizer):
     model = SkipbenchLM(model="tiny", lm=lm, policy="full", batch_size=3)
     reqs = requests_of(tokenizer)
     ctx = reqs[1][0]  # and a continuation of the model's own greedy tokens: is_greedy must be True for it
-    own = lm.model.generate(torch.tensor([ctx]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0, len(ctx):]
+    own = lm.model.generate(torch.tensor([ctx], device=lm.device), max_new_tokens=5, min_new_tokens=5,
+                            do_sample=False)[0, len(ctx):]
     reqs.append((ctx, own.tolist()))
     ours = score(model, reqs)
     for (ctx, cont), (lp, greedy) in zip(reqs, ours):
-        logits = lm.model(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1 : -1]
+        logits = lm.model(torch.tensor([ctx + cont], device=lm.device)).logits[0, len(ctx) - 1 : -1].cpu()
         ref_lp, ref_greedy = logprobs(logits, cont)
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert greedy == ref_greedy
