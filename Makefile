@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PRESET ?= quick
 
-.PHONY: setup test test-fast reproduce bench clean
+.PHONY: setup test test-fast reproduce bench gpu-bundle clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ reproduce: setup
 
 bench: setup
 	$(VENV)/bin/skipbench bench
+
+# the wheels a GPU machine of the device tool lacks (Python 3.12, manylinux x86-64) and the project's own, in the
+# ignored folder .gpu-bundle/ (at most 60 MiB); its README.txt says how they install with no network
+gpu-bundle: setup
+	$(PY) tools/gpu_bundle.py .gpu-bundle
 
 clean:
 	rm -rf $(VENV)
