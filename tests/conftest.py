@@ -38,6 +38,15 @@ def pytest_configure(config):
         raise pytest.UsageError("--device cuda: torch sees no CUDA device here")
 
 
+def pytest_collection_modifyitems(config, items):
+    """On a device other than the CPU only the lane runs: the other tests build their inputs on the CPU."""
+    if config.getoption("--device") != "cpu":
+        off = pytest.mark.skip(reason="not in the device lane (marked `lane`); runs with --device cpu")
+        for item in items:
+            if "lane" not in item.keywords:
+                item.add_marker(off)
+
+
 @pytest.fixture(scope="session")
 def device(request) -> torch.device:
     """The device the lane's tests build their models on (`--device`, default cpu)."""

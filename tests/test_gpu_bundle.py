@@ -27,8 +27,11 @@ def test_the_wheels_carried_are_what_the_image_lacks_or_holds_too_old():
     carry = b.to_carry(versions, asked, held)
     assert "transformers" in carry  # 5.17 there, >=5.20 asked by skipbench
     assert {"gguf", "rouge-score", "lm-eval"} <= set(carry)  # not in the image
+    assert not set(carry) & b.IMAGE_CORE  # what the image's compiled packages are built on stays the image's
     assert "torch" not in carry and "skipbench" not in carry  # the image's CUDA torch; the project is built apart
     assert "pandas" not in carry and "accelerate" not in carry  # there, at a version every requirement accepts
     # a package there at a version a requirement refuses is carried; at one every requirement accepts, it is not
     assert "accelerate" in b.to_carry(versions, asked, {**held, "accelerate": Version("0.1")})
     assert "transformers" not in b.to_carry(versions, asked, {**held, "transformers": Version(versions["transformers"])})
+    # the requirements on packages whose version in the image is unknown are listed, not silently passed
+    assert any(r.startswith("pandas") for r in b.unchecked(versions, asked, held))

@@ -29,8 +29,12 @@ TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platfo
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64"]
 NEVER = {"torch", "skipbench"}  # the image's CUDA torch; the project, built from this checkout
+# compiled against the image's own stack (torch, numpy's ABI): carrying another version would break what the image
+# built on them, so a bundle that would carry one is refused instead
+IMAGE_CORE = {"numpy", "torch", "triton", "tokenizers", "safetensors", "pyarrow", "huggingface-hub", "scipy", "pandas"}
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl && "
-           "export PYTHONPATH=/tmp/site  # over the image's packages, its torch kept")
+           "export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # over the image's packages, its torch kept")
+WHEEL_TAGS = ("py3-none-any", "py2.py3-none-any", "py312-none-any", "cp312-cp312-", "cp312-abi3-")
 
 
 def image() -> dict[str, Version | None]:
@@ -50,20 +54,25 @@ def needed(root: str = "skipbench", extras: tuple[str, ...] = ("lmeval",)) -> tu
     versions: dict[str, str] = {}
     asked: dict[str, list] = {}
 
+    walked: set[tuple[str, tuple[str, ...]]] = set()
+
     def walk(name: str, wanted: tuple[str, ...]) -> None:
         key = canonicalize_name(name)
-        first = key not in versions
+        if (key, wanted) in walked:
+            return
+        walked.add((key, wanted))
         try:
             dist = md.distribution(name)
         except md.PackageNotFoundError:
             raise SystemExit(f"gpu_bundle: '{name}' is required but not installed here; run make setup first")
         versions[key] = dist.version
+        if key in NEVER and key != canonicalize_name(root):  # the image's torch brings its own requirements
+            return
         for text in dist.requires or []:
             req = Requirement(text)
             if req.marker is None or any(req.marker.evaluate({**TARGET, "extra": e}) for e in ("", *wanted)):
                 asked.setdefault(canonicalize_name(req.name), []).append(req)
-                if first or wanted:
-                    walk(req.name, tuple(req.extras))
+                walk(req.name, tuple(sorted(req.extras)))
 
     walk(root, extras)
     return versions, asked
@@ -82,6 +91,12 @@ def to_carry(versions: dict[str, str], asked: dict[str, list], held: dict[str, V
     return out
 
 
+def unchecked(versions: dict[str, str], asked: dict[str, list], held: dict[str, Version | None]) -> list[str]:
+    """The requirements on packages the image holds at a version tools/gpu_image.txt does not give: not checked."""
+    return sorted({f"{name}{r.specifier}" for name in versions if held.get(name, "missing") is None
+                   for r in asked.get(name, []) if str(r.specifier)})
+
+
 def fetch(carry: dict[str, str], folder: Path) -> None:
     pip = [sys.executable, "-m", "pip"]
     platforms = [x for p in PLATFORMS for x in ("--platform", p)]
@@ -92,6 +107,10 @@ def fetch(carry: dict[str, str], folder: Path) -> None:
         if got.returncode:  # no wheel for the platform: a source archive, built here (pure Python)
             subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(folder), f"{name}=={version}"], check=True)
     subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(folder), str(ROOT)], check=True)
+    # a wheel built here for another Python (a source archive of compiled code) would stop the whole install there
+    wrong = [w.name for w in folder.glob("*.whl") if not any(t in w.name for t in WHEEL_TAGS)]
+    if wrong:
+        raise SystemExit(f"gpu_bundle: wheels not for CPython 3.12 on x86-64 Linux: {', '.join(wrong)}")
 
 
 def main(argv: list[str]) -> None:
@@ -99,7 +118,12 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python tools/gpu_bundle.py DIR [--dry-run]")
     folder = Path(argv[0])
     versions, asked = needed()
-    carry = to_carry(versions, asked, image())
+    held = image()
+    carry = to_carry(versions, asked, held)
+    core = sorted(set(carry) & IMAGE_CORE)
+    if core:
+        raise SystemExit(f"gpu_bundle: would carry {', '.join(core)}, which the image's own packages are built on; "
+                         "widen skipbench's requirement to the image's version instead")
     print("carried:", ", ".join(f"{n}=={v}" for n, v in carry.items()))
     if "--dry-run" in argv:
         return
@@ -109,7 +133,9 @@ def main(argv: list[str]) -> None:
     size = sum(p.stat().st_size for p in folder.glob("*.whl"))
     (folder / "README.txt").write_text(
         f"Wheels for a GPU machine with no network (skipbench {versions['skipbench']}; tools/gpu_bundle.py): "
-        f"{len(list(folder.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB.\n{INSTALL.replace('DIR', str(folder))}\n")
+        f"{len(list(folder.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB.\n{INSTALL.replace('DIR', str(folder))}\n"
+        "Not checked (the image's version of these is not recorded in tools/gpu_image.txt): "
+        f"{', '.join(unchecked(versions, asked, held)) or 'none'}\n")
     if size > LIMIT:
         raise SystemExit(f"gpu_bundle: {size / 2**20:.1f} MiB of wheels, above the {LIMIT / 2**20:.0f} MiB limit")
     print(f"wrote {folder}: {size / 2**20:.1f} MiB")

@@ -220,29 +220,45 @@ def start(lm: LoadedModel, engine: Engine, prompts: list[list[int]], max_new_tok
 
 
 class DonePoll:
-    """Whether every row has finished, without stalling a GPU's queue each step. Each step's `done.all()` is copied to
-    (pinned) host memory without blocking, and the step reads the flag the step before copied, after waiting on that
-    step's event: the work it waits for is already done or nearly so, and the step after it is queued behind. So on
-    CUDA a batch whose rows have all finished runs one more step, whose tokens are padding and count in no row. On the
-    CPU the copy is complete at once and is read in the same step. The host flag is read through numpy, never through
-    a tensor method that would synchronise (tests/test_syncs.py counts those)."""
+    """Whether every row has finished, without making the host wait on the GPU. Each step's `done.all()` is copied
+    into pinned host memory without blocking, behind an event on the stream of `done`'s device; a step reads the flags
+    whose events have completed (`Event.query`, which never waits), oldest first. So on CUDA a batch whose rows have
+    all finished runs on until its flag has arrived, usually one step more: those steps' tokens are padding that counts
+    in no row, though they do write the cache (`Generation.cache` then holds a position or two more than on the CPU).
+    On the CPU (`lagged` False) the copy is complete at once and is read in the same step. tests/test_syncs.py runs the
+    lagged path on the CPU with events that are always complete."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.lagged = device.type == "cuda"
-        self.pending: tuple[torch.Tensor, object] | None = None  # the previous step's host flag and its event
+    def __init__(self, device: torch.device, lagged: bool | None = None) -> None:
+        self.lagged = device.type == "cuda" if lagged is None else lagged
+        self.pinned = device.type == "cuda"
+        self.pending: list[tuple[torch.Tensor, object]] = []  # host flags and their events, oldest first
 
     def finished(self, done: torch.Tensor) -> bool:
-        flag = torch.empty((), dtype=torch.bool, pin_memory=self.lagged)
-        flag.copy_(done.all(), non_blocking=self.lagged)
+        flag = torch.empty((), dtype=torch.bool, pin_memory=self.pinned)
+        flag.copy_(done.all(), non_blocking=self.pinned)
         if not self.lagged:
-            return bool(flag.numpy())
+            return bool(flag.numpy())  # a host tensor, complete: no device to wait for
+        self.pending.append((flag, self._event(done.device)))
+        while self.pending and self.pending[0][1].query():
+            arrived, _ = self.pending.pop(0)
+            if bool(arrived.numpy()):
+                return True
+        return False
+
+    @staticmethod
+    def _event(device: torch.device):
+        if device.type != "cuda":
+            return _Complete()
         event = torch.cuda.Event()
-        event.record()
-        previous, self.pending = self.pending, (flag, event)
-        if previous is None:
-            return False
-        previous[1].synchronize()
-        return bool(previous[0].numpy())
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+
+class _Complete:
+    """An event that has always completed (the lagged poll on a CPU, where copies are synchronous)."""
+
+    def query(self) -> bool:
+        return True
 
 
 class Clock:
