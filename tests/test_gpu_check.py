@@ -37,6 +37,8 @@ def test_make_gpu_check_on_the_cpu_runs_every_part_and_writes_its_summary(tmp_pa
     assert "# gpu-check" in run.stdout  # the summary also reaches the call's output
     bench = pd.read_parquet(out / "bench.parquet")
     assert {"full", "hf-generate", "uniform:4", "removed:uniform:4", "random-token:6"} <= set(bench["variant"])
+    assert {v.partition(":")[0] for v in bench["variant"]} >= {"flexidepth", "mindskip"}  # one-step routers
+    assert "flexidepth routers=" in summary and "mindskip routers=" in summary
     assert any(v.startswith("spec ") for v in bench["variant"]) and (bench["dtype"] == "bfloat16").all()
     assert bool(pd.read_parquet(out / "bench-compile.parquet")["compile"].all())
     decode = bench[(bench["phase"] == "decode") & (bench["variant"] == "full")]
