@@ -4,27 +4,15 @@ projection of every layer and the head applied in order to 1 and to 5 rows (F.li
 the compiled engine's full-depth step and 5-token verify pass. Run on an idle machine:
 OMP_NUM_THREADS=2 .venv/bin/python tools/products_floor.py"""
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import engine_pass as engine_pass_of, median_ms
 
-from skipbench.data.prompts import encode_prompt
 from skipbench.engine import Engine
 from skipbench.engine.costs import measure_read_rate
 from skipbench.engine.forward import enable_compile
 from skipbench.models import load_model
-
-
-def med(fn, n=15, warm=3):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
 
 
 lm = load_model("smollm2-135m", "cpu", "float32")
@@ -43,25 +31,12 @@ def products(rows):
 
 
 enable_compile(ad)
-eng = Engine(ad, "fill", "auto")
-ids = torch.tensor([encode_prompt(lm.tokenizer, "Please calculate the sum of 99, 45 and 12.")])
-present = torch.ones_like(ids, dtype=torch.bool)
-cache = eng.prompt_cache(present, ids.shape[1] + 80)
-eng.forward(ids, cache, present=present, last_only=True)
-base = cache.length
-
-
-def engine_pass(n):
-    def f():
-        cache.length = base
-        eng.forward(torch.zeros(1, n, dtype=torch.long), cache)
-    return f
-
+engine_pass = engine_pass_of(lm, Engine(ad, "fill", "auto"))
 
 res = {}
 for rep in range(2):  # the first round compiles the engine's two graphs
-    res = {"products 1 row": med(products(1)), "products 5 rows": med(products(5)),
-           "compiled step": med(engine_pass(1)), "compiled verify 5": med(engine_pass(5))}
+    res = {"products 1 row": median_ms(products(1)), "products 5 rows": median_ms(products(5)),
+           "compiled step": median_ms(engine_pass(1)), "compiled verify 5": median_ms(engine_pass(5))}
 rates += [measure_read_rate(torch.device("cpu"), torch.float32).bytes_per_s for _ in range(3)]
 rate = statistics.median(rates)  # three measurements before the timings and three after: the rate drifts
 bound_ms = 1e3 * step_bytes / rate

@@ -2,22 +2,14 @@
 cost per row count (docs/BENCHMARKS.md, issue 36). Sixty 1536 x 576 fp32 matrices, cycled so each is read from
 memory as in a decode step; F.linear against mm on a transposed contiguous copy. Run on an idle machine:
 OMP_NUM_THREADS=2 .venv/bin/python tools/small_rows.py"""
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
+from timing import median_ms
 
 
 def med(fn, n=20, warm=5):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1e6 * statistics.median(ts)
+    """Microseconds."""
+    return 1e3 * median_ms(fn, n, warm)
 
 
 torch.manual_seed(0)
