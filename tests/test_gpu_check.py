@@ -90,3 +90,12 @@ def test_random_shapes_build_from_their_config_and_an_unknown_one_is_a_one_line_
     res = CliRunner().invoke(app, ["bench", "--model", "random:nosuch", "--out", str(tmp_path / "b.parquet")])
     assert res.exit_code == 1 and "unknown shape in 'random:nosuch'" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b.parquet").exists()
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-1", "cuda:x", "tpu"])
+def test_a_bad_device_is_one_line_and_writes_nothing(bad, tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "tools" / "gpu_check.sh"), bad, str(tmp_path / "out")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and run.stderr.strip().splitlines() == [
+        f"gpu-check: DEVICE must be cpu, cuda or cuda:N, got '{bad}'"]
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,10 @@ set -uo pipefail
 device=${1:-cuda}
 out=${2:-gpu-check}
 py=${PYTHON:-python3}
+case $device in
+    cpu|cuda|cuda:[0-9]|cuda:[0-9][0-9]) ;;
+    *) echo "gpu-check: DEVICE must be cpu, cuda or cuda:N, got '$device'" >&2; exit 1 ;;
+esac
 mkdir -p "$out" && out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 rm -f "$out"/summary.md "$out"/lane.txt "$out"/gpu-check.log "$out"/bench*.parquet "$out"/bench*.json "$out"/bench*.png
