@@ -36,12 +36,12 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert (full["speedup"] == 1.0).all() and (full["ideal_speedup"].round(9) == 1.0).all()
     assert set(meta["fixed_part_seconds"]) == {"1", "2"} or set(meta["fixed_part_seconds"]) == {1, 2}
     assert "real/ideal" in res.stdout and "real/batch" in res.stdout and "% of bound" in res.stdout
-    # the memory bound: the bytes a step reads follow the parts it ran (uniform:3 in fill: 3 layers, 3 layers' K/V)
+    # the memory bound: the bytes a step reads follow the parts it ran (uniform:3 under auto, `none`: 3 layers)
     lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
     w, rate = lm.adapter.weight_bytes(), meta["read_rate"]["bytes_per_s"]
     assert meta["weight_bytes"] == w and rate > 0 and meta["read_rate"]["dtype"] == "float32"
     assert (decode.loc[decode["variant"] == "full", "weight_bytes_per_step"] == 6 * w["layer"] + w["head"]).all()
-    assert (decode.loc[decode["variant"] == "uniform:3", "weight_bytes_per_step"] == 3 * w["layer"] + 3 * w["kv"] + w["head"]).all()
+    assert (decode.loc[decode["variant"] == "uniform:3", "weight_bytes_per_step"] == 3 * w["layer"] + w["head"]).all()
     assert (decode.loc[decode["variant"] == "removed:uniform:3", "weight_bytes_per_step"] == 3 * w["layer"] + w["head"]).all()
     assert decode["bound_fraction"].to_numpy() == pytest.approx(
         (decode["weight_bytes_per_step"] * decode["tokens_per_s"] / decode["batch_size"] / rate).to_numpy())
@@ -53,13 +53,14 @@ def test_bench_end_to_end(tiny_dirs, tmp_path):
     assert df.loc[df["phase"] == "prefill", "policy_s"].isna().all() and (ours["skip_path_s"] == 0).all()
     assert (ours["attention_layers"] >= ours["layers_mean"] - 1e-9).all()  # a batch runs a layer any row runs
     uniform = decode[decode["variant"] == "uniform:3"]
-    assert (uniform["attention_layers"] == 3).all() and (uniform["kv_layers"] == 3).all()  # fill: 3 skipped layers' K/V
+    assert (uniform["kv_mode"] == "none").all() and (uniform["kv_layers"] == 0).all()  # no K/V nobody reads
+    assert (uniform["attention_layers"] == 3).all()
     mask = decode[decode["variant"] == "random-token:4 [mask]"]
     assert (mask["gathered_layers"] == 0).all() and (mask.loc[mask["batch_size"] == 2, "dense_layers"] > 0).all()
     costs = meta["layer_costs"]
     assert set(costs) == {"1", "2"} and "auto" in costs["2"]["fill"]
     for r in summary[(summary["phase"] == "decode") & (summary["kind"] == "policy")].itertuples():
-        c, f = costs[str(r.batch_size)]["fill"], meta["fixed_part_seconds"][str(r.batch_size)]
+        c, f = costs[str(r.batch_size)][r.kv_mode], meta["fixed_part_seconds"][str(r.batch_size)]
         full_step = summary[(summary["variant"] == "full") & (summary["phase"] == "decode")
                             & (summary["batch_size"] == r.batch_size)]["step_p50"].iloc[0]
         rows = decode[(decode["variant"] == r.variant) & (decode["batch_size"] == r.batch_size)]
@@ -172,8 +173,8 @@ def test_batch_ideal_counts_what_the_batch_can_skip():
 
 
 def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):
-    """One default (auto = fill) as in evaluate and cosine; a router trained without K/V runs `none`, and asking
-    for `fill` with it is refused in one line instead of being silently overridden."""
+    """One default (auto: `none` for a static plan, else `fill`) as in evaluate; a router trained without K/V runs
+    `none`, and asking for `fill` with it is refused in one line instead of being silently overridden."""
     from conftest import no_kv_router
 
     router = no_kv_router(tmp_path / "r")
@@ -183,7 +184,7 @@ def test_every_bench_row_names_its_kv_mode(tiny_dirs, tmp_path):
     res = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     modes = pd.read_parquet(out).groupby("variant")["kv_mode"].agg(set).to_dict()
-    assert modes == {"hf-generate": {"fill"}, "full": {"fill"}, "uniform:3": {"fill"}, "removed:uniform:3": {"fill"},
+    assert modes == {"hf-generate": {"fill"}, "full": {"fill"}, "uniform:3": {"none"}, "removed:uniform:3": {"fill"},
                      f"flexidepth:{router}": {"none"}}
     res = CliRunner().invoke(app, [*args, "--kv-mode", "fill", "--out", str(tmp_path / "b2.parquet")])
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1

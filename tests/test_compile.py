@@ -55,15 +55,16 @@ def test_compiled_plan_equals_the_smaller_model_and_its_meter_the_eager_meter(to
     keep, one = plan.executed_layers(), prompts(tokenizer, 1)
     meters = {"compiled": Meter(), "eager": Meter()}
     before = graphs()
-    ours = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy", meter=meters["compiled"])
+    # `fill` asked for (auto would run a static plan `none`): the compiled pass must count the skipped layers' K/V too
+    ours = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy", meter=meters["compiled"])
     traced = graphs()
     assert traced > before  # the steps ran as graphs
-    again = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy")
+    again = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy")
     assert graphs() == traced and again.tokens == ours.tokens  # a new engine and cache: no new graph
     assert ours.tokens == hf_generate(remove_layers(lm.model, keep, share_weights=False), one, 16, pad_id=0, eos_id=1)
     assert all(rec == keep for row in ours.layers for rec in row)
     lm.adapter.compiled = False
-    eager = generate(lm, one, plan, max_new_tokens=16, prompt_depth="policy", meter=meters["eager"])
+    eager = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy", meter=meters["eager"])
     assert eager.tokens == ours.tokens
     a, b = ours.cache, eager.cache  # what the graph wrote to the cache: lengths, validity, keys and values
     assert (a.length, a.all_valid, a.pad.tolist()) == (b.length, b.all_valid, b.pad.tolist())

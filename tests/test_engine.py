@@ -100,12 +100,15 @@ def test_static_plan_equals_smaller_model(family, spec, kv_mode, tokenizer, devi
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("spec", STATIC_SPECS)
 def test_static_plan_kv_modes_agree_with_full_prompt(family, spec, tokenizer):
-    """With a full-depth prompt a static plan never reads a skipped layer's cache: fill == none."""
+    """With a full-depth prompt a static plan never reads a skipped layer's cache: fill == none == auto, and auto
+    runs `none` for a plan every token follows (per-sequence random draws are not one: `fill`)."""
     lm = lm_for(family, tokenizer)
     ps = prompts(tokenizer, 3)
-    runs = [generate(lm, ps, static_policy(*spec, lm.num_layers), 16, kv_mode=m) for m in ("fill", "none")]
-    assert runs[0].tokens == runs[1].tokens
-    assert runs[0].layers == runs[1].layers
+    runs = [generate(lm, ps, static_policy(*spec, lm.num_layers), 16, kv_mode=m) for m in ("fill", "none", "auto")]
+    assert runs[0].tokens == runs[1].tokens == runs[2].tokens
+    assert runs[0].layers == runs[1].layers == runs[2].layers
+    assert [r.kv_mode for r in runs] == ["fill", "none", "fill" if spec[0] == "random" else "none"]
+    assert generate(lm, ps, None, 2).kv_mode == "fill"  # full depth skips nothing: auto keeps `fill`
 
 
 class SignGate(Policy):

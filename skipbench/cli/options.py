@@ -40,7 +40,8 @@ Model = typer.Option(EMBEDDED, "--model", "-m", help="alias, hub id, local direc
 DeviceOpt = typer.Option(Device.auto, callback=plain, help="auto: cuda when available")
 DtypeOpt = typer.Option(Dtype.auto, callback=plain, help="auto: fp32 on CPU, bf16 on CUDA")
 KvOpt = typer.Option(KvMode.auto, callback=plain, help="K/V of a token at a layer it skips: fill (computed from its "
-                     "hidden state) | none (nothing written) | auto (fill, or the mode a trained policy requires)")
+                     "hidden state) | none (nothing written) | auto (the mode a trained policy requires, else none for a "
+                     "static plan, else fill)")
 DatasetOpt = typer.Option("text", "--dataset", "-d", help="arith | text | alpaca | cnn_dailymail | xsum | a file; "
                           "comma-separated to mix")
 Gate = typer.Option(GateMode.sample, callback=plain, help="policy controller: sample (as in the paper) | argmax")

@@ -16,16 +16,19 @@ KV_MODES = ("fill", "none")
 KV_CHOICES = ("auto", *KV_MODES)
 
 
-def resolve_kv_mode(requested: str, required: str | None, who: str = "the policy") -> str:
+def resolve_kv_mode(requested: str, required: str | None, who: str = "the policy", static_skip: bool = False) -> str:
     """The KV mode a run uses. `auto` takes the mode the policy requires (a FlexiDepth router trained without
-    K/V for skipped tokens needs `none`), else `fill`. An explicit choice that conflicts with the policy's
-    requirement is refused: the mode a result records is always the mode it ran under."""
+    K/V for skipped tokens needs `none`); else `none` for a plan that skips statically (`static_skip`: every
+    token skips the same layers, so K/V filled there would never be read: both modes give the same tokens, and
+    `fill` only costs, as DESIGN.md's semantics say),
+    else `fill`. An explicit choice that conflicts with the policy's requirement is refused: the mode a result
+    records is always the mode it ran under."""
     from skipbench.errors import SkipbenchError
 
     if requested not in KV_CHOICES:
         raise SkipbenchError(f"--kv-mode must be one of {', '.join(KV_CHOICES)}, got '{requested}'")
     if requested == "auto":
-        return required or "fill"
+        return required or ("none" if static_skip else "fill")
     if required is not None and requested != required:
         raise SkipbenchError(f"--kv-mode {requested} conflicts with {who}, which requires --kv-mode {required} "
                              f"(it was trained that way); pass --kv-mode auto or {required}")

@@ -157,7 +157,7 @@ def decoding(
     """
     policy = policy or Full(lm.num_layers)
     lm = policy.lm or lm  # a policy whose layers are new weights (LaCo) runs on its own model
-    kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'")
+    kv_mode = resolve_kv_mode(kv_mode, policy.kv_mode, f"policy '{policy.describe()}'", policy.skips_statically())
     if prompt_depth not in ("full", "policy"):
         raise SkipbenchError(f"--prompt-depth must be 'full' or 'policy', got '{prompt_depth}'")
     engine = Engine(lm.adapter, kv_mode, impl)

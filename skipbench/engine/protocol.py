@@ -84,6 +84,12 @@ class Policy:
         """For plans that run the same layers for every token: those layers, else None."""
         return None
 
+    def skips_statically(self) -> bool:
+        """Every token skips the same layers, at least one: K/V filled there would never be read (what `auto` KV
+        mode uses to pick `none`)."""
+        layers = self.executed_layers() if self.static else None
+        return layers is not None and len(layers) < self.num_layers
+
     def describe(self) -> str:
         return self.name
 

@@ -93,7 +93,8 @@ class SkipbenchLM(TemplateLM):
         self.spec = policy if isinstance(policy, PolicySpec) else one_spec(str(policy), seed, str(policy_options), gate)
         self.policy = build_checked(self.spec, self.lm, self.model_name, None, kv_mode)
         self.lm = self.policy.lm or self.lm  # a policy whose layers are new weights (LaCo) runs on its own model
-        self.kv_mode = resolve_kv_mode(kv_mode, self.policy.kv_mode, f"policy '{self.spec.label}'")
+        self.kv_mode = resolve_kv_mode(kv_mode, self.policy.kv_mode, f"policy '{self.spec.label}'",
+                                       self.policy.skips_statically())
         self.prompt_depth, self.impl, self.seed = prompt_depth, impl, int(seed)
         self.engine = Engine(self.lm.adapter, self.kv_mode, impl)
         self.tokenizer = self.lm.tokenizer

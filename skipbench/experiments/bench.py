@@ -104,7 +104,7 @@ class BenchConfig:
     max_new_tokens: int = 64  # exactly: EOS does not stop a run
     repeats: int = 3
     warmup: int = 1
-    kv_mode: str = "auto"  # auto: fill, or the KV mode a trained policy requires
+    kv_mode: str = "auto"  # auto: the KV mode a trained policy requires, else none for a static plan, else fill
     impl: str = "auto"  # auto | gather | mask, comma-separated (per-token policies run under each); both = gather,mask
     compile: bool = False
     device: str = "auto"
@@ -243,7 +243,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
         policy = spec.build(lm.num_layers, lm)
         label = spec.name + (f":{spec.arg}" if spec.arg else "")  # as the user wrote it
         impls = [_impl(cfg)] if policy.static else impls_of(cfg.impl)
-        kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'")
+        kv_mode = resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{label}'", policy.skips_statically())
         spec.check_kv_mode(kv_mode)
         for j, impl in enumerate(impls):
             name = label if len(impls) == 1 else f"{label} [{impl}]"

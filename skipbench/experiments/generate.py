@@ -37,7 +37,8 @@ def run(cfg: GenerateConfig) -> dict:
     if cfg.draft is not None:
         return _speculative(cfg, lm)
     policy = cfg.policy.build(lm.num_layers, lm)
-    cfg.policy.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{cfg.policy.label}'"))
+    cfg.policy.check_kv_mode(resolve_kv_mode(cfg.kv_mode, policy.kv_mode, f"policy '{cfg.policy.label}'",
+                                             policy.skips_statically()))
     ids = encode_prompt(lm.tokenizer, cfg.prompt)
     out = generate(lm, [ids], policy, cfg.max_new_tokens, cfg.kv_mode, cfg.sampling,
                    prompt_depth=cfg.prompt_depth)
