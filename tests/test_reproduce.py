@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from skipbench.cli import app
+from skipbench.errors import SkipbenchError
 from skipbench.experiments.reproduce import load_preset, stages
 from skipbench.models.loading import embedded_gguf
 from skipbench.experiments.report import write_report
@@ -121,7 +123,7 @@ def test_paper_preset_starts_and_fails_clearly_offline(tmp_path):
 
 def test_unknown_preset():
     res = CliRunner().invoke(app, ["reproduce", "--preset", "nope"])
-    assert res.exit_code == 1 and "unknown preset 'nope'; known: paper, quick, smoke" in res.stderr
+    assert res.exit_code == 1 and "unknown preset 'nope'; known: paper, quick, resolve, smoke" in res.stderr
 
 
 def test_a_stage_is_reused_only_with_the_settings_it_ran_with(tmp_path):
@@ -174,6 +176,44 @@ def test_the_paper_preset_is_the_papers_setup():
     sweep = next(s for s in plan if s.name == "controllers sweep")
     assert "--alpha-units" in sweep.argv and sweep.argv[sweep.argv.index("--alpha") + 1] == "2,4,6,10"
     assert load_preset("paper")["differences"]  # what it still cannot match is stated
+
+
+def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_up():
+    """`base = "quick"`: every section it does not name is the quick preset's; it names the oracle's own items,
+    the controllers' runs and FlexiDepth's training; its differences and [seconds] are its own."""
+    quick, resolve = load_preset("quick"), load_preset("resolve")
+    assert "base" not in resolve and resolve["differences"] != quick["differences"]
+    assert resolve.get("seconds", {}) != quick["seconds"]  # a measured run of its own, or none
+    for section in ("evaluate", "cosine", "bench", "mindskip", "layerskip", "compare"):
+        assert resolve[section] == quick[section], section
+    assert resolve["controllers"]["lr"] == quick["controllers"]["lr"]  # a named section keeps the keys it leaves out
+    assert resolve["controllers"]["seeds"] * len(resolve["controllers"]["alphas"]) >= 16  # runs per input
+    assert resolve["flexidepth"]["steps"] > quick["flexidepth"]["steps"]
+    plan = {st.name: st for st in stages(resolve, "/r")}
+    items = plan["evaluate uniform text (oracle)"]
+    assert items.argv[items.argv.index("--split") + 1] == "all" and items.argv[items.argv.index("--limit") + 1] == "400"
+    assert items.output == Path("/r/oracle-items/evaluate-uniform-text.parquet")  # not read as an evaluate section
+    assert plan["oracle"].needs == ("evaluate uniform text (oracle)",)
+    assert plan["oracle"].argv[plan["oracle"].argv.index("--runs") + 1] == str(items.output)
+    assert "evaluate uniform text (oracle)" not in {st.name for st in stages(quick, "/r")}
+
+
+def test_a_preset_base_must_name_another_preset_without_a_cycle(tmp_path):
+    one, two = tmp_path / "one.toml", tmp_path / "two.toml"
+    one.write_text(f'base = "{two}"\nmodel = "m"\n')
+    two.write_text(f'base = "{one}"\n')
+    with pytest.raises(SkipbenchError, match="without a cycle"):
+        load_preset(str(one))
+    one.write_text('base = 3\n')
+    with pytest.raises(SkipbenchError, match="base must name another preset"):
+        load_preset(str(one))
+    one.write_text('base = "nosuch"\n')
+    with pytest.raises(SkipbenchError, match="unknown preset 'nosuch'"):
+        load_preset(str(one))
+    one.write_text('base = "quick"\n[controllers]\nseeds = 2\n')
+    got = load_preset(str(one))
+    assert got["controllers"]["seeds"] == 2 and got["controllers"]["steps"] == load_preset("quick")["controllers"]["steps"]
+    assert "differences" not in got and "seconds" not in got
 
 
 def test_a_stage_reruns_when_a_stage_it_reads_ran_again(tmp_path):

@@ -84,7 +84,14 @@ class Stage:
         return "skipbench " + " ".join(shlex.quote(a) for a in self.argv)
 
 
-def load_preset(name: str) -> dict:
+# a preset's own keys that a preset built on it (`base`) does not inherit: what it differs by and its measured run
+OWN_KEYS = ("base", "differences", "seconds")
+
+
+def load_preset(name: str, _seen: tuple[str, ...] = ()) -> dict:
+    """A preset's table. `base = "NAME"` starts from that preset: each of its sections is updated key by key with
+    this one's (a section this one does not name is kept whole), and its `differences` and `[seconds]` are not
+    inherited (they describe that preset's sizes and run)."""
     path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
@@ -93,9 +100,23 @@ def load_preset(name: str) -> dict:
 
     raw = readers.file_bytes(path, "preset", "see skipbench/experiments/presets/quick.toml for the format")
     try:
-        return tomllib.loads(raw.decode())
+        own = tomllib.loads(raw.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise SkipbenchError(f"cannot read preset {path}: {readers.why(exc)}") from None
+    base = own.get("base")
+    if base is None:
+        return own
+    if not isinstance(base, str) or base in (*_seen, name):
+        raise SkipbenchError(f"preset {path}: base must name another preset, without a cycle; got {base!r}")
+    merged = {k: v for k, v in load_preset(base, (*_seen, name)).items() if k not in OWN_KEYS}
+    for key, value in own.items():
+        if key == "base":
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "seconds":
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
 
 
 def record_preset(preset: dict, name: str, results: Path) -> None:
@@ -162,9 +183,17 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
             *_opt(cs, "seeds", "--num-seeds"), *_opt(cs, "limit", "--limit"), *_opt(cs, "batch_size", "--batch-size"),
             *_opt(cs, "max_new_tokens", "--max-new-tokens"), "--out", str(target)), target))
     if orc:
+        runs = r / f"evaluate-uniform-{orc['dataset']}.parquet"
+        if "limit" in orc or "split" in orc:  # the oracle's own items: more than the evaluate points need
+            runs = r / "oracle-items" / f"evaluate-uniform-{orc['dataset']}.parquet"  # apart: not an evaluate section
+            out.append(Stage(f"evaluate uniform {orc['dataset']} (oracle)", (
+                "evaluate", "--model", model, "--dataset", orc["dataset"], *split(orc),
+                "--policy", f"uniform:{_csv(orc['costs'])}", *_opt(orc, "limit", "--limit"),
+                *_opt(ev, "batch_size", "--batch-size"), *_opt(ev, "max_new_tokens", "--max-new-tokens"),
+                "--out", str(runs)), runs))
         target = r / f"oracle-{orc['dataset']}.parquet"
         out.append(Stage("oracle", (
-            "oracle", "--runs", str(r / f"evaluate-uniform-{orc['dataset']}.parquet"), "--curve",
+            "oracle", "--runs", str(runs), "--curve",
             *(["--costs", _csv(orc["costs"])] if "costs" in orc else []), "--metric", orc["metric"], "--length-budgets", _csv(orc["length_budgets"]), "--out", str(target)), target))
     if ct:
         target = r / f"controllers-{ct['dataset']}.parquet"
