@@ -47,32 +47,35 @@ def test_compiled_full_depth_equals_generate(family, tokenizer):
     assert generate(lm, ps, None, max_new_tokens=16).tokens == hf_generate(lm.model, ps, 16, pad_id=0, eos_id=1)
 
 
-def test_compiled_plan_equals_the_smaller_model_and_its_meter_the_eager_meter(tokenizer):
-    """bench reads the meter: the compiled path counts a plan's parts (the skipped layers' K/V in `fill`) as the eager
-    loop does; its policy time is nil (the gates are constants of the graph)."""
+@pytest.mark.parametrize("kv_mode", ["fill", "auto"])
+def test_compiled_plan_equals_the_smaller_model_and_its_meter_the_eager_meter(tokenizer, kv_mode):
+    """bench reads the meter: the compiled path counts a plan's parts (the skipped layers' K/V in `fill`; none under
+    `auto`, which runs a static plan `none`) as the eager loop does; its policy time is nil (the gates are constants
+    of the graph)."""
     lm = compiled_lm("llama", tokenizer)
     plan = make_policy("uniform:3", lm.num_layers)
     keep, one = plan.executed_layers(), prompts(tokenizer, 1)
     meters = {"compiled": Meter(), "eager": Meter()}
     before = graphs()
-    # `fill` asked for (auto would run a static plan `none`): the compiled pass must count the skipped layers' K/V too
-    ours = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy", meter=meters["compiled"])
+    ours = generate(lm, one, plan, max_new_tokens=16, kv_mode=kv_mode, prompt_depth="policy", meter=meters["compiled"])
     traced = graphs()
     assert traced > before  # the steps ran as graphs
-    again = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy")
+    assert ours.kv_mode == ("fill" if kv_mode == "fill" else "none")
+    again = generate(lm, one, plan, max_new_tokens=16, kv_mode=kv_mode, prompt_depth="policy")
     assert graphs() == traced and again.tokens == ours.tokens  # a new engine and cache: no new graph
     assert ours.tokens == hf_generate(remove_layers(lm.model, keep, share_weights=False), one, 16, pad_id=0, eos_id=1)
     assert all(rec == keep for row in ours.layers for rec in row)
     lm.adapter.compiled = False
-    eager = generate(lm, one, plan, max_new_tokens=16, kv_mode="fill", prompt_depth="policy", meter=meters["eager"])
+    eager = generate(lm, one, plan, max_new_tokens=16, kv_mode=kv_mode, prompt_depth="policy", meter=meters["eager"])
     assert eager.tokens == ours.tokens
     a, b = ours.cache, eager.cache  # what the graph wrote to the cache: lengths, validity, keys and values
     assert (a.length, a.all_valid, a.pad.tolist()) == (b.length, b.all_valid, b.pad.tolist())
     assert all(torch.equal(x, y) for x, y in zip(a.valid, b.valid))
     assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.k + a.v, b.k + b.v))
     e, c = meters["eager"], meters["compiled"]
-    steps = len(ours.layers[0])  # the fed-back tokens: 3 layers run and 3 skipped (their K/V written) at each
-    assert (c.steps, c.attention, c.mlp, c.kv) == (e.steps, e.attention, e.mlp, e.kv) == (steps, 3 * steps, 3 * steps, 3 * steps)
+    steps = len(ours.layers[0])  # the fed-back tokens: 3 layers run and 3 skipped (their K/V written in `fill`)
+    kv = 3 * steps if kv_mode == "fill" else 0
+    assert (c.steps, c.attention, c.mlp, c.kv) == (e.steps, e.attention, e.mlp, e.kv) == (steps, 3 * steps, 3 * steps, kv)
     assert steps > 0
     assert c.policy_seconds == 0 < e.policy_seconds
 

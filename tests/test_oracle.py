@@ -412,3 +412,21 @@ def test_curve_tests_a_planted_length_effect_where_full_depth_is_best(tmp_path):
     assert set(short.loc[short["count"] > 0, "config"]) == {"uniform:4"}  # the oracle spends on long references
     assert "length test at budget 6 (the paper's 6 of 24, scaled)" in res.stdout and "permutation (100,000" in res.stdout
     assert "the star is full depth itself" in res.stdout
+
+
+def test_static_plans_and_full_depth_may_differ_in_kv_mode_without_a_note():
+    """`auto` runs full depth `fill` and a static plan `none`: the same tokens, so no "compared as if alike" note;
+    a per-token policy whose mode differs still gets one."""
+    from skipbench.analysis.scores import load_scores
+    from skipbench.policies.spec import static_names
+
+    def rows(policy, cost, kv):
+        return pd.DataFrame({"item_id": ["a", "b"], "policy": policy, "cost": cost, "rougeL": [0.5, 0.6],
+                             "kv_mode": kv, "model": "m", "dataset": "d", "split": "test"})
+
+    plain = pd.concat([rows("full", 6, "fill"), rows("uniform", 3, "none")], ignore_index=True)
+    assert not load_scores(plain, "rougeL", mode_free=static_names())[1]
+    mixed = pd.concat([plain, rows("random-token", 3, "none"), rows("random-token", 4, "fill")], ignore_index=True)
+    notes = load_scores(mixed, "rougeL", mode_free=static_names())[1]
+    assert notes == ["the runs differ in kv_mode (fill, none): they are compared as if alike"]
+    assert load_scores(plain, "rougeL")[1]  # without the list, every difference is noted

@@ -17,6 +17,15 @@ GROUP_BY = ("model", "dataset", "split")  # the runs of one oracle share these (
 SETTINGS = ("max_new_tokens", "kv_mode", "prompt_depth", "max_prompt_tokens")  # should agree within a group
 
 
+def _settings(df: pd.DataFrame, column: str, mode_free: tuple[str, ...] = ()) -> pd.Series:
+    """A setting's values where it can change a row's result: the KV mode does not for the policies in `mode_free`
+    (static plans and full depth, whose tokens are the same in either mode: DESIGN.md; `auto` runs the plans that
+    skip layers `none` and full depth `fill`)."""
+    if column != "kv_mode" or "policy" not in df.columns or not mode_free:
+        return df[column]
+    return df.loc[~df["policy"].astype(str).isin(mode_free), column]
+
+
 def read_runs(paths: list[str], metric: str) -> pd.DataFrame:
     """The evaluate rows of `paths`, checked: item ids, a numeric cost, and the metric's column."""
     if not paths:
@@ -79,9 +88,10 @@ def group_name(group: tuple[tuple[str, str], ...]) -> str:
 
 
 def load_scores(df: pd.DataFrame, metric: str, group: tuple[tuple[str, str], ...] = (), policies: tuple[str, ...] = (),
-                costs: tuple[int, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
+                costs: tuple[int, ...] = (), mode_free: tuple[str, ...] = ()) -> tuple[pd.DataFrame, list[str]]:
     """The rows of one (model, dataset, split) group, of the chosen policies and costs and full depth, each with
-    its configuration name (`config`: policy:cost, or the spec label where two specs share one), and notes."""
+    its configuration name (`config`: policy:cost, or the spec label where two specs share one), and notes.
+    `mode_free`: the policies whose tokens the KV mode cannot change (no note when they differ in it)."""
     df = in_group(df, group)
     if len(groups := groups_of(df)) > 1:
         raise SkipbenchError(f"--runs mixes models/datasets/splits ({', '.join(map(group_name, groups))}); "
@@ -93,8 +103,8 @@ def load_scores(df: pd.DataFrame, metric: str, group: tuple[tuple[str, str], ...
     if "policy_spec" in df.columns:  # two specs with one (policy, cost), e.g. two layer sets of 3: keep them apart
         clash = df.groupby("config")["policy_spec"].transform("nunique") > 1
         df.loc[clash, "config"] = df.loc[clash, "policy_spec"].astype(str) + " (" + df.loc[clash, "cost"].astype(int).astype(str) + ")"
-    notes = [f"the runs differ in {c} ({', '.join(map(str, sorted(df[c].dropna().unique())))}): they are compared as "
-             "if alike" for c in SETTINGS if c in df.columns and df[c].nunique() > 1]
+    notes = [f"the runs differ in {c} ({', '.join(map(str, sorted(_settings(df, c, mode_free).dropna().unique())))}): "
+             "they are compared as if alike" for c in SETTINGS if c in df.columns and _settings(df, c, mode_free).nunique() > 1]
     copies = (df["policy"] == "full") & df.duplicated(["config", "item_id", metric])
     df = df[~copies]  # every evaluate file carries the full-depth rows of its items: one run read several times
     dup = df.duplicated(["config", "item_id"]).sum()

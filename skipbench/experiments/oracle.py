@@ -23,6 +23,7 @@ from skipbench.errors import SkipbenchError
 from skipbench.analysis.knapsack import Instance, greedy, smallest_budget_reaching, solve
 from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_tables
 from skipbench.analysis.scores import chosen_rows, group_name, groups_of, in_group, pivot
+from skipbench.policies.spec import static_names
 
 # App. A.5.2's bins of label length: 1-15, 16-30, ..., 136-150 and >150 (index (length - 1) // 15, capped)
 LENGTH_BIN, LENGTH_BINS = 15, 11
@@ -98,7 +99,8 @@ def read_runs(cfg: OracleConfig) -> pd.DataFrame:
 
 
 def load_scores(cfg: OracleConfig, df: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
-    return scores.load_scores(read_runs(cfg) if df is None else df, cfg.metric, cfg.group, cfg.policies, cfg.costs)
+    return scores.load_scores(read_runs(cfg) if df is None else df, cfg.metric, cfg.group, cfg.policies, cfg.costs,
+                              static_names())
 
 
 def run_groups(cfg: OracleConfig) -> tuple[list[OracleResult], list[str]]:

@@ -25,6 +25,7 @@ from skipbench.data import DataSpec
 from skipbench.errors import SkipbenchError
 from skipbench.analysis.knapsack import Instance, greedy, solve
 from skipbench.policies import parse_policies
+from skipbench.policies.spec import static_names
 from skipbench.policies import router as routing
 from skipbench.store.results import Shown, Written, check_out_dir, check_out_path, manifest, tidy, write_tables
 
@@ -91,7 +92,7 @@ def read_scores(runs: tuple[str, ...], metric: str, policies: tuple[str, ...] = 
         raise SkipbenchError(f"--runs lacks column(s) {', '.join(missing)}; pass parquet files written by skipbench evaluate")
     # a router's items span the splits: `--split all`, or one file per split
     rows, notes = scores.load_scores(df.drop(columns=["split", "data_split", "data_limit", "run_id"], errors="ignore"),
-                                     metric, (), policies, costs)
+                                     metric, (), policies, costs, static_names())
     wide, configs, config_costs, more, _ = scores.pivot(rows, metric)
     spec_of = rows.groupby("config")["policy_spec"].first()
     for c in configs:

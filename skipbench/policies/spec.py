@@ -267,6 +267,12 @@ STRATEGIES = Registry(_BUILTIN)
 _BUILTIN_NAMES = {s.name for s in _BUILTIN}
 
 
+def static_names() -> tuple[str, ...]:
+    """The static strategies (full depth included): the same layers for every token, so their tokens are the same
+    under either KV mode (what the oracle and the router may compare across modes)."""
+    return tuple(STRATEGIES.names("static"))
+
+
 @dataclass(frozen=True, kw_only=True)
 class PolicySpec:
     """One point: a strategy and its argument, plus the options a user sets beside it."""
