@@ -32,7 +32,8 @@ def lm(request, tokenizer, device):
 
 def draft(name: str, lm, kv_mode: str, tmp_path, monkeypatch):
     """Every kind of policy the registry has: static plans, per-sequence and per-token draws, a threshold policy,
-    calibrated plans, and the two learned kinds (untrained, with gates that skip some tokens)."""
+    calibrated plans, the two learned kinds (untrained, with gates that skip some tokens) and CLaSp, which chooses
+    its layers again after every round."""
     if name == "controller":
         from skipbench.policies.controller import ControllerPolicy, Controllers
 
@@ -48,13 +49,14 @@ def draft(name: str, lm, kv_mode: str, tmp_path, monkeypatch):
                 r.out.bias.fill_(0.0)  # some tokens skip
         return FlexiPolicy(flexi)
     monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
-    (spec,) = parse_policies(name, {"calibration": "3", "calibration-tokens": "32"} if "influence" in name else None,
-                             seed=1)
+    options = ({"calibration": "3", "calibration-tokens": "32"} if "influence" in name
+               else {"interval": "1"} if name.startswith("clasp") else None)  # CLaSp: a layer search every round
+    (spec,) = parse_policies(name, options, seed=1)
     return spec.build(lm.num_layers, lm)
 
 
 DRAFTS = ["full", "early-exit:3", "uniform:4", "layers:0,2,5", "random:3", "random-token:4", "confidence:0.005",
-          "block-influence:3", "controller", "flexidepth"]
+          "block-influence:3", "controller", "flexidepth", "clasp:3"]
 
 
 @pytest.mark.lane
@@ -252,29 +254,40 @@ def test_sampling_follows_the_full_models_distribution(small, k, top_p):
     plain = generate(lm, [prompt] * n, make_policy("early-exit:1", lm.num_layers), 4, "fill", sampling,
                      stop_at_eos=False)
     assert sum(out.speculation.accepted) > n // 10 and sum(out.speculation.rejections) > n // 10  # both paths taken
+    assert chi2(lm, prompt, out, sampling) > 0.01
+    assert chi2(lm, prompt, plain, sampling) < 1e-6  # the draft alone samples another distribution
 
-    def chi2(gen) -> float:
-        V = lm.model.config.vocab_size
-        expected = np.zeros((V, V))
-        observed = np.zeros((V, V))
-        cache = {}
-        for toks in gen.tokens:
-            t0 = toks[0]
-            if t0 not in cache:
-                cache[t0] = joint_probs(lm, prompt, t0, sampling)
-            expected += cache[t0]
-            observed[toks[1], toks[2]] += 1
-        impossible = expected.flatten() == 0  # top-p removed them: the full model never samples them
-        if observed.flatten()[impossible].sum() > 0:
-            return 0.0
-        keep = expected.flatten() >= 5  # cells too rare for the chi-square approximation are pooled
-        e, o = expected.flatten()[keep], observed.flatten()[keep]
-        if expected.flatten()[~keep].sum() > 0:
-            e, o = np.append(e, expected.flatten()[~keep].sum()), np.append(o, observed.flatten()[~keep].sum())
-        return stats.chisquare(o, e * o.sum() / e.sum()).pvalue  # float32 probabilities: renormalised
 
-    assert chi2(out) > 0.01
-    assert chi2(plain) < 1e-6  # the draft alone samples another distribution
+def test_sampling_with_a_draft_that_adapts_follows_the_full_models_distribution(small):
+    """CLaSp changes its layers after every round (-o interval=1): the tokens still follow the full model."""
+    lm, sampling, n, prompt = small, Sampling(temperature=1.0, seed=5), 3000, [2, 3, 4, 5, 2]
+    (spec,) = parse_policies("clasp:2", {"interval": "1"})
+    out = speculate(lm, [prompt] * n, spec.build(lm.num_layers, lm), Speculation(k=2), 4, "fill", sampling,
+                    stop_at_eos=False)
+    assert sum(out.speculation.accepted) > n // 10 and sum(out.speculation.rejections) > n // 10
+    assert chi2(lm, prompt, out, sampling) > 0.01
+
+
+def chi2(lm, prompt, gen, sampling) -> float:
+    """p of a chi-square test of the first two sampled tokens after the first against the full model's joint."""
+    V = lm.model.config.vocab_size
+    expected = np.zeros((V, V))
+    observed = np.zeros((V, V))
+    cache = {}
+    for toks in gen.tokens:
+        t0 = toks[0]
+        if t0 not in cache:
+            cache[t0] = joint_probs(lm, prompt, t0, sampling)
+        expected += cache[t0]
+        observed[toks[1], toks[2]] += 1
+    impossible = expected.flatten() == 0  # top-p removed them: the full model never samples them
+    if observed.flatten()[impossible].sum() > 0:
+        return 0.0
+    keep = expected.flatten() >= 5  # cells too rare for the chi-square approximation are pooled
+    e, o = expected.flatten()[keep], observed.flatten()[keep]
+    if expected.flatten()[~keep].sum() > 0:
+        e, o = np.append(e, expected.flatten()[~keep].sum()), np.append(o, observed.flatten()[~keep].sum())
+    return stats.chisquare(o, e * o.sum() / e.sum()).pvalue  # float32 probabilities: renormalised
 
 
 

@@ -91,10 +91,11 @@ class Engine:
     for a caller that never reads them before they are written again (a static plan's draft tokens, which the
     verify pass of self-speculative decoding rewrites at every layer).
 
-    `head` replaces the model's head (h after the final norm -> logits): a draft's cheaper head (`DraftHead`)."""
+    `head` replaces the model's head (h after the final norm -> logits): a draft's cheaper head (`DraftHead`).
+    `drafts`: the engine drafts for self-speculative decoding, the only place a policy that `adapts` may run."""
 
     def __init__(self, adapter: Adapter, kv_mode: str = "fill", impl: str = "auto", write_skipped: bool = True,
-                 head: Callable | None = None) -> None:
+                 head: Callable | None = None, drafts: bool = False) -> None:
         if kv_mode not in ("fill", "none"):
             raise SkipbenchError(f"--kv-mode must be 'fill' or 'none', got '{kv_mode}'")
         if impl not in IMPLS:
@@ -103,6 +104,7 @@ class Engine:
         self.kv_mode = kv_mode
         self.impl = impl
         self.write_skipped = write_skipped
+        self.drafts = drafts
         self.head = head or adapter.head
         self.gqa = adapter.num_heads != adapter.num_kv_heads
         self.costs: dict = {}  # batch size -> costs.LayerCosts (`auto`), read or measured on first need
@@ -129,6 +131,9 @@ class Engine:
     def forward(self, ids: torch.Tensor, cache: KVCache, policy: Policy | None = None, **kw) -> ForwardOut:
         """`run` without gradients: generation, scoring, hidden-state comparisons. On an adapter made `compiled`
         (`enable_compile`), the pass of a static plan runs as compiled graphs (`_compiled`)."""
+        if policy is not None and policy.adapts and not self.drafts:
+            raise SkipbenchError(f"policy '{policy.describe()}' chooses its layers from the verify passes of "
+                                 "self-speculative decoding: give it as a draft (--draft), not as a policy")
         # a prompt's padding runs eagerly (once per run), and so do `skippable` tokens (their gates become tensors)
         if getattr(self.ad, "compiled", False) and kw.get("present") is None and kw.get("skippable") is None:
             plan = range(self.ad.num_layers) if policy is None else policy.executed_layers() if policy.static else None
@@ -451,6 +456,24 @@ class Engine:
             q, keys, values, attn_mask=mask, scale=ad.scale, is_causal=mask is None and num_tokens > 1, enable_gqa=self.gqa
         )
         return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
+
+
+    def probe(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Layer i applied to candidate states of cached tokens, reading the cache and writing nothing: h [N, 1, d],
+        candidate n for the token at cache index `index[n]` of row `rows[n]` (`pos`: its position embeddings, [N, 1]).
+        Each attends to its row's valid positions before that index at layer i and to itself, its own K/V computed
+        from its candidate state: what the token's layer output would be had it reached layer i in that state (CLaSp's
+        layer search runs every candidate of a layer in one call so)."""
+        ad = self.ad
+        q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
+        end = int(index.max())
+        before = cache.valid[i][rows, :end] & (torch.arange(end, device=h.device)[None, :] < index[:, None])
+        mask = torch.cat([before, before.new_ones(len(rows), 1)], 1)[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, torch.cat([cache.k[i][rows, :, :end], k], 2),
+                                           torch.cat([cache.v[i][rows, :, :end], v], 2), attn_mask=mask,
+                                           scale=ad.scale, enable_gqa=self.gqa)
+        out = h + ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
+        return out + ad.mlp_block(i, out)
 
 
 def _take(pos, rows: torch.Tensor):

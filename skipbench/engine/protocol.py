@@ -55,6 +55,25 @@ class AttnRoute:
     normed: "torch.Tensor | None" = None
 
 
+@dataclass
+class Round:
+    """What one verify pass of self-speculative decoding computed, handed to a draft that `adapts`
+    (`Policy.after_round`; engine/speculative.py) before the next round drafts. Rows are the batch's; the verify
+    pass ran over [pending, d1 .. dm] (m = `k`) at the cache positions `start` .. `start` + m."""
+
+    hidden: list  # per layer i: the stream entering layer i, [B, m + 1, d]; index L: leaving the last layer (before
+    # the final norm); None for layers the pass did not run (an early-exit draft's tokens resume at its exit)
+    positions: "torch.Tensor"  # [B, m + 1] the verified tokens' position ids
+    drafted: "torch.Tensor"  # [B] draft tokens each row proposed this round
+    accepted: "torch.Tensor"  # [B] of those, accepted: row r keeps verified tokens 0 .. accepted[r] in the cache
+    live: "torch.Tensor"  # [B] bool: rows that took part in this round
+    start: int  # the cache index of the first verified token
+    context: int  # the cache's length after the round (its common length, padding and holes included)
+    k: int  # the K this round drafted with
+    cache: object = None  # the KV cache (engine.cache.KVCache), as it is after the round: every kept token's K/V at
+    # every layer; the live object, so read it in `after_round` (the next round writes to it)
+
+
 class Policy:
     """The interface the loop consumes. Subclasses set `static` and implement `gate`."""
 
@@ -67,6 +86,9 @@ class Policy:
     lm: object = None
     #: with `lm`: the loaded model's layer each of its layers stands for (what `layer_use` counts)
     origin: list | None = None
+    #: a self-speculative draft that adapts between rounds: the verify pass then keeps its per-layer states and
+    #: `after_round` receives them (False: the loop keeps nothing and calls nothing, so the hook costs nothing)
+    adapts: bool = False
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -82,6 +104,11 @@ class Policy:
 
     def executed_layers(self) -> list[int] | None:
         """For plans that run the same layers for every token: those layers, else None."""
+        return None
+
+    def after_round(self, done: Round) -> int | None:
+        """Called after each verify pass of self-speculative decoding when `adapts`: the draft may change the layers
+        it runs (the same for every token of the next round) and returns the next round's K (None: the loop's)."""
         return None
 
     def skips_statically(self) -> bool:

@@ -30,6 +30,13 @@ equality.
 
 `--speculate auto` starts at K and adapts between rounds as transformers' assisted generation does: K + 2 after a
 round in which every row accepted all it drafted, else K - 1 (between 1 and `k_max`).
+
+A draft that `adapts` (CLaSp, DEL: engine/protocol.py) gets, after each round, what the verify pass computed
+(`Round`: its per-layer states, the acceptance of each row's drafts, the cache) and may change its layers and the
+next round's K. The verify pass keeps its states only for such a draft, so for every other draft the hook costs
+nothing; its time is its own phase ("adapt"), part of the round (the first call, after the prompt, is timed with
+the prefill). Its verify pass runs every layer (an early exit among its layer sets is not resumed at E), so that
+every layer's states are there.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import torch
 from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.decode import Clock, Generation, Sampling, distribution, draw, eos_ids, pad_id, start
 from skipbench.engine.forward import DraftHead, Engine
-from skipbench.engine.protocol import Policy
+from skipbench.engine.protocol import Policy, Round
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
 
@@ -177,8 +184,8 @@ def speculate(
     `generate(lm, prompts, None)` token for token; sampled output follows the full model's distribution.
 
     kv_mode: the draft's KV mode (the verifier writes every layer). timings: when a list, receives ("prefill", s),
-    then per round one ("draft", s) per draft forward, ("verify", s) for the verify pass and ("accept", s) for the
-    acceptance and roll-back. Greedy output equals plain decoding's in exact arithmetic (module docstring).
+    then per round one ("draft", s) per draft forward, ("verify", s) for the verify pass, ("accept", s) for the
+    acceptance and roll-back, and for a draft that `adapts` ("adapt", s) for its `after_round`. Greedy output equals plain decoding's in exact arithmetic (module docstring).
     propose(tokens [B]) -> tokens [B]: replaces the draft's token choice (tests use it
     to make a draft that is never right); it applies to greedy decoding only.
     vocab: the draft head's token ids when `spec.draft_vocab` is set (policies.calibration.frequent_tokens); the
@@ -207,16 +214,23 @@ def speculate(
     fill = pad_id(lm)
 
     clock = Clock(dev) if timings is not None else None
-    out = verifier.forward(ids, cache, None, present=present, last_only=True)
+    out = verifier.forward(ids, cache, None, present=present, last_only=True, keep_hidden=adapts)
     first = out.logits[:, -1].argmax(-1) if greedy else draw(distribution(out.logits[:, -1], sampling), gen)
     tokens: list[list[int]] = [[t] for t in first.tolist()]
     stop_set = set(stops.tolist())
     done = [t in stop_set or max_new_tokens == 1 for t in first.tolist()]
     pending = first
     stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
+    k = spec.k
+    if adapts:  # the prompt's pass verified its last token: a first round of nothing drafted (CLaSp's "prefill &
+        # update"), timed with the prefill
+        nothing = torch.zeros(batch, dtype=torch.long, device=dev)
+        asked = draft.after_round(Round(
+            hidden=[h[:, -1:] for h in out.hidden], positions=(ids.shape[1] - 1 - cache.pad)[:, None], drafted=nothing,
+            accepted=nothing, live=nothing == 0, start=ids.shape[1] - 1, context=cache.length, k=0, cache=cache))
+        k = k if asked is None else max(1, min(spec.k_max, int(asked)))
     if clock is not None:
         timings.append(("prefill", clock.lap()))
-    k = spec.k
     steps = torch.arange(spec.k_max, device=dev)
     while not all(done):
         # 1. draft: each live row up to its limit (K, and never past the tokens it still needs)
@@ -258,14 +272,15 @@ def speculate(
         # 2. verify: the full model over [pending, d1 .. dm] at the draft's positions
         cache.length = start_len
         seq = torch.stack([pending, *drafts], 1)
+        positions = cache.positions(m + 1) if adapts else None
         if exit_at is not None and m:
             cache.length = start_len + m  # the last draft token was never fed: layers below E first
             last = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at)).state
             cache.length = start_len
-            logits = verifier.forward(seq, cache, None, span=range(exit_at, num_layers),
-                                      states=torch.cat([*states, last], 1)).logits
+            o = verifier.forward(seq, cache, None, span=range(exit_at, num_layers), states=torch.cat([*states, last], 1))
         else:
-            logits = verifier.forward(seq, cache, None).logits  # [B, m + 1, V]
+            o = verifier.forward(seq, cache, None, keep_hidden=adapts)
+        logits = o.logits  # [B, m + 1, V]
         if clock is not None:
             timings.append(("verify", clock.lap()))
 
@@ -306,12 +321,21 @@ def speculate(
         cache.drop(start_len, torch.tensor(keep, device=dev), start_len + longest)
         pending = torch.where(torch.tensor(done, device=dev), torch.full_like(nxt, fill), nxt)
         stats.round_k.append(m)
-        if spec.adaptive:
+        if clock is not None:
+            timings.append(("accept", clock.lap()))
+        asked = None
+        if adapts and not all(done):  # 5. the draft's own step (`after_round`) for the next round, timed apart
+            asked = draft.after_round(Round(
+                hidden=o.hidden, positions=positions, drafted=count, accepted=n, start=start_len, context=cache.length,
+                k=m, live=torch.tensor([bool(x) for x in keep], device=dev), cache=cache))
+            if clock is not None:
+                timings.append(("adapt", clock.lap()))
+        if asked is not None:  # the draft sets the next K (within 1 .. k_max)
+            k = max(1, min(spec.k_max, int(asked)))
+        elif spec.adaptive:
             live = [r for r in range(batch) if keep[r] and cnt[r]]
             all_in = bool(live) and all(n_list[r] == cnt[r] for r in live)
             k = min(spec.k_max, k + 2) if all_in else max(1, k - 1)
-        if clock is not None:
-            timings.append(("accept", clock.lap()))
 
     full = list(range(num_layers))
     return Generation(tokens=tokens, layers=[[full] * (len(t) - 1) for t in tokens],

@@ -201,7 +201,7 @@ def _speculative(lm: LoadedModel, draft: Policy, spec: Speculation, cfg: BenchCo
         gen = speculate(lm, prompts, draft, spec, cfg.max_new_tokens, kv_mode, stop_at_eos=False, impl=_impl(cfg),
                         timings=timings, vocab=vocab)
         s = gen.speculation
-        laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept")}
+        laps = {phase: [t for p, t in timings if p == phase] for phase in ("draft", "verify", "accept", "adapt")}
         total = sum(map(sum, laps.values()))
         fed = sum(len(t) - 1 for t in gen.tokens)
         extra = {"draft_spec": draft.describe(), "speculate": spec.label, "draft_vocab": spec.draft_vocab,
@@ -414,11 +414,12 @@ def shown(s: pd.DataFrame, cfg: BenchConfig, found=None) -> list[Shown]:
             "batch": d["batch_size"], "variant": d["variant"], "accept rate": d["acceptance_rate"],
             "accept prob": d["acceptance_prob"], "accepted/round": d["accepted_per_round"], "K mean": d["k_mean"],
             "passes/tok": d["layer_passes_per_token"], "draft %": 100 * d["draft_share"],
-            "verify %": 100 * d["verify_share"], "accept %": 100 * d["accept_share"], "speedup": d["speedup"],
+            "verify %": 100 * d["verify_share"], "accept %": 100 * d["accept_share"],
+            "adapt %": 100 * d.get("adapt_share", 0.0), "speedup": d["speedup"],
             "predicted": d["predicted_speedup"], "real/pred": d["realized_over_predicted"],
             "cost model": d["cost_model_speedup"], "real/cost": d["realized_over_cost_model"]}),
             {"accepted/round": "{:.2f}", "K mean": "{:.2f}", "passes/tok": "{:.1f}", "draft %": "{:.0f}",
-             "verify %": "{:.0f}", "accept %": "{:.1f}"}, width=160))
+             "verify %": "{:.0f}", "accept %": "{:.1f}", "adapt %": "{:.1f}"}, width=170))
     return out
 
 
@@ -451,7 +452,8 @@ def phase_rows(timings: list[tuple[str, float]], prompts: list[list[int]], new_t
 
 
 def _steps(timings: list[tuple[str, float]]) -> list[float]:
-    """Decode step times: each ("decode", s) lap, or each speculative round (laps up to its "accept")."""
+    """Decode step times: each ("decode", s) lap, or each speculative round (laps up to its "accept", and its
+    "adapt")."""
     steps, current = [], 0.0
     for phase, t in timings:
         if phase == "decode":
@@ -461,11 +463,13 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
         elif phase == "accept":
             steps.append(current + t)
             current = 0.0
+        elif phase == "adapt":  # an adapting draft's own step closes its round
+            steps[-1] += t
     return steps
 
 
 SPECULATIVE = ("draft_vocab", "acceptance_rate", "acceptance_prob", "accepted_per_round", "expected_per_round", "k_mean", "rounds", "tokens_per_round",
-               "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share")
+               "layer_passes_per_token", "t_draft", "t_verify", "draft_share", "verify_share", "accept_share", "adapt_share")
 METER_PARTS = ("attention", "mlp", "kv", "dense", "gathered")
 METERED = ("policy_s", "skip_path_s", *(f"{part}_layers" for part in METER_PARTS))  # a plain decode's meter, per step
 DECODE_ONLY = SPECULATIVE + METERED

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 from skipbench.errors import SkipbenchError
 
-KINDS = ("static", "per-sequence", "per-token", "learned")
+KINDS = ("static", "per-sequence", "per-token", "learned", "draft")  # draft: chooses its layers between the rounds of
+# self-speculative decoding, from what the verify pass computed (a draft only: `Policy.adapts`)
 ARGS = {
     "none": "no argument",
     "cost": "layers executed per token (an integer; several make a sweep)",
@@ -205,6 +206,11 @@ _BUILTIN = [
                       _CALIBRATION[1]),
              help="LaCo (Yang et al.): merge runs of layers by their parameter differences until C remain; runs the "
                   "collapsed model (a folder in the cache)"),
+    Strategy(name="clasp", build="skipbench.policies.clasp:build", kind="draft", arg="cost", needs=("model",),
+             options=(Option(name="interval", default=16, help="verify rounds between two layer searches (the "
+                                                               "paper's layer optimisation interval)"),),
+             help="CLaSp (Chen et al., 2025), a self-speculative draft only: C layers, re-chosen from the verify "
+                  "pass by a dynamic program (after the prompt, then every -o interval rounds)"),
     Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
              default_arg="runs/route", needs=("model", "data"),
              options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),
