@@ -121,3 +121,30 @@ def test_split_is_seeded_disjoint_and_complete():
     assert [len(v) for v in parts.values()] == [210, 45, 45]
     assert load_items(DataSpec(name="arith", split="test")) == parts["test"]
     assert load_items(DataSpec(name="arith", split="test", seed=1)) != parts["test"]
+
+
+def test_spec_bench_ships_its_480_prompts_by_category():
+    from collections import Counter
+
+    from skipbench.data import spec_bench
+
+    items = load_items(DataSpec(name="spec-bench"))
+    counts = Counter(it.subtask for it in items)
+    assert len(items) == 480 and set(counts) == set(spec_bench.CATEGORIES)
+    assert all(counts[c] == 80 for c in ("translation", "summarization", "qa", "math_reasoning", "rag"))
+    assert all(n == 10 for c, n in counts.items() if c not in ("translation", "summarization", "qa", "math_reasoning", "rag"))
+    rows = [json.loads(line) for line in spec_bench.FILE.read_text().splitlines()]
+    assert [it.prompt for it in items] == [r["turns"][0] for r in rows] and {it.reference for it in items} == {""}
+    one = load_items(DataSpec(name="spec-bench/coding"))
+    assert len(one) == 10 and {it.subtask for it in one} == {"coding"}
+    mixed = load_items(DataSpec(name="spec-bench/writing,spec-bench/rag", limit=6))  # --limit takes from each in turn
+    assert [it.subtask for it in mixed] == ["writing", "rag"] * 3
+    with pytest.raises(SkipbenchError, match="unknown Spec-Bench category 'poetry'; known: translation"):
+        load_items(DataSpec(name="spec-bench/poetry"))
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "spec_bench_question.jsonl").exists(), reason="no ../shared/data beside the project")
+def test_the_shipped_spec_bench_file_is_the_published_one():
+    from skipbench.data import spec_bench
+
+    assert spec_bench.FILE.read_bytes() == (SHARED / "data" / "spec_bench_question.jsonl").read_bytes()

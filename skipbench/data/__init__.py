@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from skipbench.data import synthetic
+from skipbench.data import spec_bench, synthetic
 from skipbench.data.files import load_file, looks_like_file
 from skipbench.data.hub import HUB, HUB_FIELDS, load_hub
 from skipbench.data.items import SPLITS, Item, split_items
@@ -44,11 +44,13 @@ def load_items(spec: DataSpec) -> list[Item]:
 def _load_one(name: str, spec: DataSpec) -> list[Item]:
     if name in EMBEDDED:
         return EMBEDDED[name][0](seed=spec.seed)
+    if spec_bench.names(name):
+        return spec_bench.load(name)
     if name in HUB:
         return load_hub(name)
     if looks_like_file(name):
         return load_file(name, spec.prompt_field, spec.reference_field)
-    known = ", ".join([*EMBEDDED, *HUB])
+    known = ", ".join([*EMBEDDED, "spec-bench[/CATEGORY]", *HUB])
     raise SkipbenchError(f"unknown dataset '{name}'; known: {known}, or a .json/.jsonl/.csv/.parquet file")
 
 
@@ -58,6 +60,10 @@ def catalogue() -> list[dict]:
         items = fn()
         rows.append({"name": name, "source": "embedded", "items": len(items),
                      "subtasks": ", ".join(sorted({i.subtask for i in items})), "fields": fields})
+    prompts = spec_bench.load(spec_bench.NAME)
+    rows.append({"name": "spec-bench[/CATEGORY]", "source": "embedded: Spec-Bench's prompts (Apache-2.0)",
+                 "items": len(prompts), "subtasks": ", ".join(spec_bench.CATEGORIES),
+                 "fields": "first turn -> no reference"})
     for name, (hub_id, config, split) in HUB.items():
         rows.append({"name": name, "source": f"hub: {hub_id}", "items": None, "subtasks": "", "fields": HUB_FIELDS[name]})
     return rows
