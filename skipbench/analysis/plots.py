@@ -226,6 +226,29 @@ def speculative_figure(summary, path: Path) -> Path:
     return _save(fig, path)
 
 
+def track_figure(summary, path: Path) -> Path:
+    """The self-speculative track: each method's mean speedup over full depth against its mean tokens per round
+    (Spec-Bench's two figures), with 95% intervals over the prompts as bars; hollow where some prompt's output
+    differed from full depth's."""
+    d = summary[(summary["category"] == "all") & (summary["method"] != "full")]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for j, r in enumerate(d.itertuples()):
+        n, total = (int(x) for x in r.lossless.split("/"))
+        color = f"C{j % 10}"
+        ax.errorbar(r.tokens_per_round, r.speedup, xerr=[[r.tokens_per_round - r.tokens_per_round_lo],
+                                                         [r.tokens_per_round_hi - r.tokens_per_round]],
+                    yerr=[[r.speedup - r.speedup_lo], [r.speedup_hi - r.speedup]], fmt="o", color=color,
+                    mfc=color if n == total else "none", capsize=3, label=r.method + ("" if n == total else
+                                                                                      f" (lossless on {n}/{total})"))
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("mean tokens per round (accepted drafts + the verifier's)")
+    ax.set_ylabel("mean speedup over full depth (wall clock)")
+    ax.set_title("Self-speculative methods on the same prompts (batch 1, greedy)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def lmeval_figure(summary, num_layers: int, path: Path) -> Path:
     """Each task's main metric against mean executed layers, one panel per task, one line per strategy, with 95%
     intervals as bars (summary: task, metric, policy_spec, layers_mean, value, lo, hi)."""

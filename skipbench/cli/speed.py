@@ -10,7 +10,7 @@ import typer
 from skipbench.cli import display
 from skipbench.cli.options import (
     POLICIES, DeviceOpt, DraftThreshold, DtypeOpt, KvMode, KvOpt, Model, OracleMetric, PolicyOptions, Device, Dtype,
-    drafts, for_policies, int_list, plain, specs, speculations,
+    drafts, for_policies, int_list, plain, specs, speculation, speculations,
 )
 
 
@@ -84,4 +84,42 @@ def bench_oracle(
                                            big_items=big_items, seed=seed)))
 
 
-COMMANDS = {"bench": bench, "bench-oracle": bench_oracle}
+def track(
+    model: str = Model,
+    dataset: str = typer.Option("spec-bench", "--dataset", "-d", help="the prompts: spec-bench (Spec-Bench's 480, "
+                                "shipped), spec-bench/CATEGORY, or any dataset"),
+    per_category: int = typer.Option(2, help="prompts of each category taken in order (0: every prompt)"),
+    draft: Optional[list[str]] = typer.Option(None, help="the methods (draft specs, repeatable; default: early exit, "
+                                              "uniform and CLaSp at 3/4 of the depth); add 'auto' for the searched "
+                                              "layer set"),
+    speculate: str = typer.Option("4", help="draft tokens per round, or 'auto'"),
+    draft_threshold: float = DraftThreshold,
+    max_new_tokens: int = typer.Option(128, help="tokens generated per prompt at most (EOS stops it)"),
+    max_prompt_tokens: int = typer.Option(1024, help="longer prompts are cut to this many tokens"),
+    warmup: int = typer.Option(1, help="prompts run untimed first by every method"),
+    device: Device = DeviceOpt,
+    dtype: Dtype = DtypeOpt,
+    seed: int = typer.Option(0, help="seed of random drafts"),
+    out: Optional[str] = typer.Option(None, help="parquet of per-prompt rows (manifest, -agg table and figure beside it)"),
+    policy_option: Optional[list[str]] = PolicyOptions,
+) -> None:
+    """The self-speculative track: every draft method on the same prompts (batch 1, greedy), timed against full
+    depth with Spec-Bench's two figures (mean speedup, mean tokens per round) per category, and each prompt's output
+    checked against full depth's (a method that differs is flagged, not dropped).
+
+    Example: skipbench track --per-category 2 --draft early-exit:22,clasp:22 --draft auto --out results/track.parquet
+    """
+    from skipbench.experiments.track import TrackConfig, run
+
+    given = [d for d in draft or [] if d.strip() and d.strip() != "auto"]
+    specs_, _ = drafts(given, seed, policy_option) if given else ((), False)
+    for_policies(policy_option, [], given, seed)
+    cfg = TrackConfig(model=model, dataset=dataset, per_category=per_category, drafts=specs_,
+                      draft_search="auto" in [d.strip() for d in draft or []],
+                      speculation=speculation(speculate, draft_threshold), max_new_tokens=max_new_tokens,
+                      max_prompt_tokens=max_prompt_tokens, warmup=warmup, device=device, dtype=dtype, seed=seed, out=out)
+    with display.Bar("track") as bar:
+        display.result(run(cfg, progress=bar.advance, start=bar.start))
+
+
+COMMANDS = {"bench": bench, "bench-oracle": bench_oracle, "track": track}

@@ -296,6 +296,30 @@ def section_bench(folder: Path) -> tuple[list[str], list]:
             _table(s), ""], []
 
 
+def section_track(folder: Path) -> tuple[list[str], list]:
+    """`skipbench track`: the self-speculative methods on the same prompts (Spec-Bench's two figures)."""
+    lines = []
+    for path in _main_files(folder, "track"):
+        meta = _meta(path)
+        s = pd.DataFrame(meta.get("summary", []))
+        if s.empty:
+            continue
+        overall = s[s["category"] == "all"].drop(columns="category")
+        device = meta.get("device", {})
+        lines += [f"## Self-speculative methods on the same prompts (`{path.name}`)", "",
+                  f"![track]({path.stem}.png)", "",
+                  f"{meta.get('prompts', '?')} prompts of `{meta.get('config', {}).get('dataset', '?')}`, batch 1, "
+                  f"greedy; each method's wall-clock speedup over full depth on the same prompt (mean, 95% t-interval "
+                  f"over the prompts), Spec-Bench's mean tokens per round (accepted drafts + the verifier's), and on "
+                  f"how many prompts its output was full depth's (`lossless`). Device: "
+                  f"{device.get('cpu_model') or device.get('processor', '?')}"
+                  f"{', ' + device['cuda_device'] if device.get('cuda_device') else ''}.", "",
+                  _table(overall), "", "Mean speedup per category:", "",
+                  _table(s[s["category"] != "all"].pivot(index="category", columns="method", values="speedup")
+                         .reset_index()), ""]
+    return lines, []
+
+
 def section_lmeval(folder: Path) -> tuple[list[str], list]:
     """`skipbench lm-eval` results: each task's main metric per policy point, with lm-eval's standard error."""
     from skipbench.analysis.lmeval_tables import RESAMPLES, summarise, with_paired_tests
@@ -457,7 +481,7 @@ def write_report(results: str, out: str) -> Path:
         raise SkipbenchError(f"--results folder not found: {results}")
     check_writable(out)
     sections = [section_setup, section_evaluate, section_cosine, section_oracle, section_controllers, section_flexidepth,
-                section_bench, section_lmeval, section_compare, section_route]
+                section_bench, section_track, section_lmeval, section_compare, section_route]
     body, found = [], []
     for sec in sections:
         try:

@@ -1,0 +1,171 @@
+"""The self-speculative track: every draft method on the same prompts, timed against plain decoding, with
+Spec-Bench's two figures and a lossless check on every prompt.
+
+Spec-Bench (Xia et al., 2024) reports a speculative method by two figures per category of its prompts: the mean
+speedup over plain decoding, and the mean accepted tokens per drafting-and-verification step (the verifier's own
+token included, so plain decoding has 1). This recipe measures both for any set of self-speculative drafts on the
+same model: per prompt (batch 1, greedy, as Spec-Bench's leaderboard runs), full depth and every method generate
+until EOS or the length, in an order that rotates from prompt to prompt so that a drift of the machine's speed hits
+every method alike (the lockstep of one process); each generation is timed whole, prefill included, as Spec-Bench
+times it. A method's speedup on a prompt is full depth's seconds over its own; the table gives the mean over the
+prompts with a 95% t-interval. A method whose output differs from full depth's on a prompt keeps its row, flagged
+(`lossless` False), and the table counts such prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from skipbench.analysis.stats import t_interval
+from skipbench.data import DataSpec, load_items
+from skipbench.data.prompts import encode_items
+from skipbench.engine import generate
+from skipbench.engine.decode import Clock
+from skipbench.engine.speculative import Speculation, speculate
+from skipbench.errors import SkipbenchError
+from skipbench.models import EMBEDDED, load_model
+from skipbench.policies import PolicySpec, parse_policies
+from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_tables
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackConfig:
+    model: str = EMBEDDED
+    dataset: str = "spec-bench"
+    per_category: int = 2  # prompts of each category (subtask) taken in the dataset's order (0: every one)
+    drafts: tuple[PolicySpec, ...] = ()  # empty: `default_drafts` at the model's depth
+    draft_search: bool = False  # add the layer set `bench --draft auto` searches (engine/draft_search)
+    speculation: Speculation = Speculation()
+    max_new_tokens: int = 128
+    max_prompt_tokens: int = 1024
+    warmup: int = 1  # prompts run untimed first, by every method
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    out: str | None = None
+
+
+def default_drafts(num_layers: int) -> tuple[PolicySpec, ...]:
+    """The static drafts and CLaSp at three quarters of the depth (a draft that skips more agrees too rarely on a
+    small model: docs/BENCHMARKS.md)."""
+    c = max(1, round(0.75 * num_layers))
+    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c}"))
+
+
+def prompts_of(cfg: TrackConfig) -> list:
+    items = load_items(DataSpec(name=cfg.dataset))
+    if cfg.per_category < 0:
+        raise SkipbenchError(f"--per-category must be >= 0 (0: every prompt), got {cfg.per_category}")
+    if not cfg.per_category:
+        return items
+    taken: dict[str, int] = {}
+    out = []
+    for it in items:
+        if taken.get(it.subtask, 0) < cfg.per_category:
+            taken[it.subtask] = taken.get(it.subtask, 0) + 1
+            out.append(it)
+    return out
+
+
+@dataclass(kw_only=True)
+class TrackResult(Written):
+    """rows: one per (prompt, method); summary: one per (method, category) and the methods over every prompt."""
+
+    summary: pd.DataFrame
+
+
+def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
+    if cfg.max_new_tokens < 2 or cfg.warmup < 0:
+        raise SkipbenchError("track needs --max-new-tokens >= 2 and --warmup >= 0")
+    if cfg.out:
+        check_out_path(cfg.out)
+    items = prompts_of(cfg)
+    lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    encoded, _ = encode_items(lm, items, cfg.max_prompt_tokens)
+    specs = list(cfg.drafts or default_drafts(lm.num_layers))
+    found = None
+    if cfg.draft_search:
+        from skipbench.evaluation.draft_search import search
+
+        found = search(lm, encoded[0], cfg.speculation.k)
+        specs += parse_policies(found.label)
+    methods = {"full": None, **{s.label: s.check_draft().build(lm.num_layers, lm) for s in specs}}
+
+    def once(name: str, ids: list[int]):
+        draft = methods[name]
+        if draft is None:
+            return generate(lm, [ids], None, cfg.max_new_tokens), None
+        gen = speculate(lm, [ids], draft, cfg.speculation, cfg.max_new_tokens)
+        return gen, gen.speculation
+
+    names = list(methods)
+    if start:
+        start((cfg.warmup + len(items)) * len(names))
+    for ids in encoded[: cfg.warmup]:
+        for name in names:
+            once(name, ids)
+            if progress:
+                progress()
+    clock, rows = Clock(lm.device), []
+    for n, (item, ids) in enumerate(zip(items, encoded)):
+        order = names[n % len(names):] + names[: n % len(names)]  # rotated: a drift hits every method alike
+        runs = {}
+        for name in order:
+            clock.lap()
+            gen, stats = once(name, ids)
+            runs[name] = (clock.lap(), gen.tokens[0], stats)
+            if progress:
+                progress()
+        full_seconds, full_tokens, _ = runs["full"]
+        for name in names:
+            seconds, tokens, s = runs[name]
+            rounds = len(s.round_k) if s is not None else len(tokens) - 1
+            rows.append({"item_id": item.item_id, "category": item.subtask, "method": name, "seconds": seconds,
+                         "new_tokens": len(tokens), "tokens_per_s": len(tokens) / seconds,
+                         "speedup": full_seconds / seconds, "lossless": tokens == full_tokens,
+                         # Spec-Bench's mean accepted tokens: per verify step, the accepted drafts and the verifier's
+                         "tokens_per_round": 1.0 if s is None else (sum(s.accepted) + rounds) / max(rounds, 1),
+                         "acceptance_rate": np.nan if s is None else s.acceptance_rate(),
+                         "rounds": rounds, "clasp_searches": len(getattr(methods[name], "searches", ()) or ())})
+    df = pd.DataFrame(rows)
+    summary = summarise(df)
+    df = tidy(df, cfg, skip=("out", "drafts"), lm=lm, drafts=",".join(s.label for s in specs))
+    shown = [Shown(f"skipbench track · {cfg.model} · {cfg.dataset} · {len(items)} prompts, batch 1, greedy, "
+                   f"{cfg.max_new_tokens} new tokens at most, K={cfg.speculation.label}",
+                   summary[summary["category"] == "all"].drop(columns="category"),
+                   {"speedup": "{:.3f}", "speedup_lo": "{:.3f}", "speedup_hi": "{:.3f}", "tokens_per_round": "{:.2f}"}),
+             Shown("per category: mean speedup over full depth", summary[summary["category"] != "all"].pivot(
+                 index="category", columns="method", values="speedup").reset_index())]
+    said = [] if found is None else [f"searched draft: {found.label}"]
+    if not cfg.out:
+        return TrackResult(rows=df, summary=summary, shown=shown, said=said)
+    from pathlib import Path
+
+    from skipbench.analysis.plots import track_figure
+
+    meta = manifest(cfg, lm=lm, drafts=[s.label for s in specs], prompts=len(items),
+                    draft_search=None if found is None else found.label, summary=summary.to_dict("records"))
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    figure = track_figure(summary, Path(cfg.out).with_suffix(".png"))
+    paths = write_tables(df, cfg.out, meta, agg=summary)
+    return TrackResult(rows=df, summary=summary, path=paths["rows"], tables={"agg": summary}, files={"figure": figure},
+                       shown=shown, said=said + [f"wrote {paths['rows']}"])
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, over every prompt ("all") and per category: the mean speedup and tokens per round with 95%
+    t-intervals over the prompts, and how many prompts gave full depth's output."""
+    out = []
+    groups = [((method, "all"), g) for method, g in df.groupby("method", sort=False)]
+    for (method, category), g in groups + list(df.groupby(["method", "category"], sort=False)):
+        s, s_lo, s_hi = t_interval(g["speedup"])
+        t, t_lo, t_hi = t_interval(g["tokens_per_round"])
+        out.append({"method": method, "category": category, "prompts": len(g), "speedup": s, "speedup_lo": s_lo,
+                    "speedup_hi": s_hi, "tokens_per_round": t, "tokens_per_round_lo": t_lo, "tokens_per_round_hi": t_hi,
+                    "acceptance_rate": g["acceptance_rate"].mean(), "lossless": f"{int(g['lossless'].sum())}/{len(g)}"})
+    return pd.DataFrame(out)
