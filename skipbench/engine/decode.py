@@ -168,6 +168,7 @@ def decoding(
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None
 
     policy.begin(batch, row_keys)
+    policy.lengths([len(p) for p in prompts], max_new_tokens)
     prompt_policy = policy if prompt_depth == "policy" else None
     clock = Clock(dev) if timings is not None else None
     out = engine.forward(ids, cache, prompt_policy, present=present, last_only=True, record=prompt_policy is not None)

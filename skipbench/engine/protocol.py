@@ -96,6 +96,11 @@ class Policy:
     def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
         """Called once per batch of sequences before generation (per-sequence draws go here)."""
 
+    def lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """Called after `begin` by every generation or teacher-forced pass over responses: each row's prompt length
+        (the position of its first generated token) and the run's largest number of new tokens (a schedule over
+        the generation's positions reads them: SkipDecode)."""
+
     def new_step(self, positions: "torch.Tensor") -> None:
         """Called before each forward with the tokens' positions [B, T] (per-token draws go here)."""
 

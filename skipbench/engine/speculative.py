@@ -204,9 +204,12 @@ def speculate(
     ids, present, cache = start(lm, verifier, prompts, max_new_tokens, max_new_tokens + spec.k_max + 1)
     batch = ids.shape[0]
     draft.begin(batch, row_keys)
-    exit_at = exit_layer(draft, num_layers)
+    draft.lengths([len(p) for p in prompts], max_new_tokens)
+    adapts = draft.adapts  # the verify pass keeps its states for `after_round`, which may change the draft's layers
+    # an early exit's verify pass resumes at E (module docstring); a draft that adapts gets every layer's states
+    exit_at = None if adapts else exit_layer(draft, num_layers)
     # a draft that runs the same layers for every token never reads a skipped layer's K/V at its own positions
-    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None,
+    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None, drafts=True,
                      head=DraftHead(lm.adapter, vocab) if spec.draft_vocab else None)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None

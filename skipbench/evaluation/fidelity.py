@@ -94,6 +94,7 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
             if policy.lm is not None:
                 raise SkipbenchError(f"'{label}' runs a model of its own: its states are not the model's layers'")
             policy.begin(len(prompts), keys)
+            policy.lengths([len(p) for p in prompts], width)
             other = engine.forward(resp, cache.clone(), policy, keep_hidden=True, record=True)
             layers = other.executed.sum(-1).float()
         yield label, {**{k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, lm.adapter.final_norm, dist).items()},

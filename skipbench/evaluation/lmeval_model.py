@@ -229,6 +229,7 @@ class SkipbenchLM(TemplateLM):
         ctxs, conts = [b[0] for b in batch], [b[1] for b in batch]
         dev, width = self.lm.device, max(map(len, conts))
         self.policy.begin(len(batch), list(map(request_key, ctxs)))
+        self.policy.lengths([len(c) for c in ctxs], width)
         ids, present = left_pad(ctxs, pad_id(self.lm), dev)
         cache = self.engine.prompt_cache(present, ids.shape[1] + width)
         context_policy = self.policy if self.prompt_depth == "policy" else None

@@ -153,6 +153,12 @@ _BUILTIN = [
              kind="per-sequence", arg="cost", help="c random layers per sequence (layer 0 always)"),
     Strategy(name="random-token", build="skipbench.policies.static:random_token", kind="per-token", arg="cost",
              help="c random layers per token"),
+    Strategy(name="skipdecode", build="skipbench.policies.skipdecode:build", kind="per-token", arg="cost",
+             options=(Option(name="warmup", default=1, help="the lowest layers every token runs"),
+                      Option(name="start", default=0, help="layers of the first generated token (0: the widest "
+                                                           "schedule with mean C, min(L, 2C - warmup))")),
+             help="SkipDecode (Del Corro et al.): layers fall linearly with the token's position to a mean of C over "
+                  "--max-new-tokens; the lower layers (above the warm-up ones) are skipped, the batch shares a step's"),
     Strategy(name="layers", build="skipbench.policies.static:layers", plan="skipbench.policies.static:layers_plan",
              kind="static", arg="layers", help="an explicit set of layers"),
     Strategy(name="controller", build="skipbench.policies.controller:controller", kind="learned", arg="checkpoint",
