@@ -183,7 +183,6 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     the controllers' runs and FlexiDepth's training; its differences and [seconds] are its own."""
     quick, resolve = load_preset("quick"), load_preset("resolve")
     assert "base" not in resolve and resolve["differences"] != quick["differences"]
-    assert resolve.get("seconds", {}) != quick["seconds"]  # a measured run of its own, or none
     for section in ("evaluate", "cosine", "bench", "mindskip", "layerskip", "compare"):
         assert resolve[section] == quick[section], section
     assert resolve["controllers"]["lr"] == quick["controllers"]["lr"]  # a named section keeps the keys it leaves out
@@ -196,6 +195,15 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     assert plan["oracle"].needs == ("evaluate uniform text (oracle)",)
     assert plan["oracle"].argv[plan["oracle"].argv.index("--runs") + 1] == str(items.output)
     assert "evaluate uniform text (oracle)" not in {st.name for st in stages(quick, "/r")}
+    from skipbench.experiments.reproduce import recorded_seconds
+
+    assert set(recorded_seconds(resolve)) == set(plan)  # its measured run timed every stage it has
+    sweep, train = plan["controllers sweep"].argv, plan["flexidepth train"].argv
+    assert sweep[sweep.index("--alpha") + 1] == "2,4,6,10" and sweep[sweep.index("--num-seeds") + 1] == "4"
+    assert sweep[sweep.index("--eval-limit") + 1] == "32" and sweep[sweep.index("--steps") + 1] == "40"
+    assert train[train.index("--steps") + 1] == "480" and train[train.index("--limit") + 1] == "0"  # every item
+    usage = plan["flexidepth usage"].argv
+    assert usage[usage.index("--limit") + 1] == "0"
 
 
 def test_a_preset_base_must_name_another_preset_without_a_cycle(tmp_path):
