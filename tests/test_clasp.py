@@ -31,7 +31,7 @@ def lm(request, tokenizer):
 
 def clasp(lm, cost: int = 3, interval: int = 1):
     (spec,) = parse_policies(f"clasp:{cost}", {"interval": str(interval)})
-    return spec.build(lm.num_layers, lm)
+    return spec.build(lm.num_layers, lm, draft=True)
 
 
 class Recorder(PlanPolicy):
@@ -63,6 +63,8 @@ def test_the_hook_hands_each_round_what_its_verify_pass_computed_and_may_set_k(l
     for r in rounds:
         assert len(r.hidden) == lm.num_layers + 1 and all(h.shape[:2] == (batch, r.k + 1) for h in r.hidden)
         assert r.positions.shape == (batch, r.k + 1)
+        if batch == 1:  # no padding and no holes: the positions are the cache indices
+            assert r.positions[0].tolist() == list(range(r.start, r.start + r.k + 1))
         assert bool(((r.accepted <= r.drafted) & (r.drafted <= r.k)).all())
         assert r.context == r.start + int(r.accepted[r.live].max()) + 1  # past the longest kept run
     totals = [sum(int(r.accepted[i]) for r in rounds) for i in range(batch)]
@@ -88,12 +90,14 @@ def test_the_hook_costs_nothing_unused(lm, tokenizer, monkeypatch):
 
 def test_probe_runs_a_layer_as_the_forward_pass_does(lm, tokenizer):
     """A layer probed on the verify pass's own state of the last kept token gives its state after the layer,
-    for every row and layer (the cache read, the mask and the position ids are the forward pass's)."""
+    for every row and layer (the cache read, the mask and the position ids are the forward pass's); the prompt's
+    round too; and the cache is left as it was."""
     ps = prompts(tokenizer, 3)
     rec = Recorder(lm.num_layers, [0, 2])
     speculate(lm, ps, rec, Speculation(k=3), NEW)
     engine, ad = Engine(lm.adapter), lm.adapter
-    for done in rec.rounds[1:4]:
+    before = [t.clone() for t in rec.rounds[0].cache.k + rec.rounds[0].cache.v]
+    for done in rec.rounds[:4]:
         rows = done.live.nonzero()[:, 0]
         last = done.accepted[rows]
         index = done.start + last
@@ -102,6 +106,27 @@ def test_probe_runs_a_layer_as_the_forward_pass_does(lm, tokenizer):
             pos = ad.position_embeddings(h, done.positions[rows, last][:, None])
             got = engine.probe(i, h, pos, done.cache, rows, index)
             assert torch.allclose(got[:, 0], done.hidden[i + 1][rows, last], atol=1e-5), i
+    assert all(torch.equal(a, b) for a, b in zip(before, rec.rounds[0].cache.k + rec.rounds[0].cache.v))
+
+
+def test_probe_uses_the_candidates_own_key_and_value(tokenizer):
+    """A candidate state that is not the cached token's: probe == the forward pass run from that state at the
+    token's index (its K/V written there, a copy of the cache), so the probe attends to its own K/V, not the slot's."""
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
+    rec = Recorder(lm.num_layers, [0, 2])
+    speculate(lm, prompts(tokenizer, 1), rec, Speculation(k=3), NEW)
+    done, engine, ad = rec.rounds[2], Engine(lm.adapter), lm.adapter
+    last = int(done.accepted[0])
+    index = done.start + last
+    for i in range(1, lm.num_layers - 1):
+        h = done.hidden[i - 1][:, last:last + 1]  # the state one layer early: another candidate
+        pos = ad.position_embeddings(h, done.positions[:, last:last + 1])
+        got = engine.probe(i, h, pos, done.cache, torch.tensor([0]), torch.tensor([index]))
+        copy = done.cache.clone()
+        copy.length = index
+        ref = engine.run(torch.zeros(1, 1, dtype=torch.long), copy, None, span=range(i, i + 1), states=h).state
+        assert torch.allclose(got, ref, atol=1e-5), i
+        assert not torch.allclose(got, done.hidden[i + 1][:, last:last + 1], atol=1e-3)  # it is another state
 
 
 def identity_layers(model, layers):
@@ -139,9 +164,17 @@ def test_clasp_chooses_its_layers_again_between_rounds(lm, tokenizer):
     assert len(sparse.searches) == -(-rounds // 4)  # after the prompt, then before every 4th round
 
 
-def test_clasp_is_a_draft_only_and_its_options_are_checked(lm, tokenizer, tiny_dirs):
-    with pytest.raises(SkipbenchError, match="give it as a draft"):
+def test_clasp_is_a_draft_only_and_its_options_are_checked(lm, tokenizer, tiny_dirs, tmp_path):
+    with pytest.raises(SkipbenchError, match="give it as a draft"):  # built as a policy
+        parse_policies("clasp:3")[0].build(lm.num_layers, lm)
+    with pytest.raises(SkipbenchError, match="give it as a draft"):  # the engine's own check, behind it
         generate(lm, prompts(tokenizer, 1), clasp(lm), NEW)
+    for command in (["evaluate", "--dataset", "text", "--split", "test", "--limit", "2", "--out", str(tmp_path / "e.parquet")],
+                    ["cosine", "--dataset", "text", "--split", "test", "--limit", "2", "--out", str(tmp_path / "c.parquet")]):
+        res = CliRunner().invoke(app, [command[0], "--model", str(tiny_dirs["llama"]), "--policy", "full,clasp:3"
+                                       if command[0] == "evaluate" else "clasp:3", *command[1:]])
+        assert res.exit_code == 1 and "give it as a draft" in res.stderr, res.output
+        assert not list(tmp_path.glob("*.parquet"))  # refused before any work
     for bad, message in (("clasp:6", "runs 1 to 5 layers"), ("clasp:0", "the cost must be between 1 and 6")):
         with pytest.raises(SkipbenchError, match=message):
             clasp(lm, cost=int(bad.split(":")[1]))

@@ -26,7 +26,7 @@ def test_the_schedule_falls_linearly_to_a_mean_of_c(L, C, W, start):
     s, e = schedule(L, C, W, start)
     assert (s + e) / 2 == C and s <= L and e >= max(W, 1) and (start == 0 or s == start)
     for length in (16, 64, 129):
-        n = layers_at(np.arange(length), s, e, length)
+        n = layers_at(np.arange(length - 1), s, e, length)  # the tokens a run of `length` feeds back
         assert n[0] == s and n[-1] == e and (np.diff(n) <= 0).all()
         assert abs(n.mean() - C) <= 0.5  # up to the rounding of each token's count
 
@@ -43,7 +43,7 @@ def test_generated_tokens_skip_the_lower_layers_on_the_schedule_and_the_batch_sh
     ps, new = prompts(tokenizer, 3), 12
     policy = make_policy("skipdecode:3", lm.num_layers)  # S = 5, E = 1: warm-up layer 0, then the top n - 1
     out = generate(lm, ps, policy, new, stop_at_eos=False)
-    n = layers_at(np.arange(new), 5, 1, new)
+    n = [5, 5, 4, 4, 3, 3, 3, 2, 2, 1, 1]  # round(5 - 4 t / 10) for the 11 tokens fed back: a mean of 3
     for row in out.layers:
         assert len(row) == new - 1  # the fed-back tokens, indices 0 .. new - 2
         for t, ran in enumerate(row):

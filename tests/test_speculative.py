@@ -52,7 +52,7 @@ def draft(name: str, lm, kv_mode: str, tmp_path, monkeypatch):
     options = ({"calibration": "3", "calibration-tokens": "32"} if "influence" in name
                else {"interval": "1"} if name.startswith("clasp") else None)  # CLaSp: a layer search every round
     (spec,) = parse_policies(name, options, seed=1)
-    return spec.build(lm.num_layers, lm)
+    return spec.build(lm.num_layers, lm, draft=True)
 
 
 DRAFTS = ["full", "early-exit:3", "uniform:4", "layers:0,2,5", "random:3", "random-token:4", "confidence:0.005",
@@ -262,7 +262,7 @@ def test_sampling_with_a_draft_that_adapts_follows_the_full_models_distribution(
     """CLaSp changes its layers after every round (-o interval=1): the tokens still follow the full model."""
     lm, sampling, n, prompt = small, Sampling(temperature=1.0, seed=5), 3000, [2, 3, 4, 5, 2]
     (spec,) = parse_policies("clasp:2", {"interval": "1"})
-    out = speculate(lm, [prompt] * n, spec.build(lm.num_layers, lm), Speculation(k=2), 4, "fill", sampling,
+    out = speculate(lm, [prompt] * n, spec.build(lm.num_layers, lm, draft=True), Speculation(k=2), 4, "fill", sampling,
                     stop_at_eos=False)
     assert sum(out.speculation.accepted) > n // 10 and sum(out.speculation.rejections) > n // 10
     assert chi2(lm, prompt, out, sampling) > 0.01

@@ -142,13 +142,13 @@ def drafted(text: str, seed: int, policy_options=None) -> list:
     return specs(text, seed=seed, policy_options=own) if own else found
 
 
-def draft(text: str | None, seed: int, policy_options=None):
-    """The one draft spec of --draft (None without it)."""
+def draft(text: str | None, seed: int, policy_options=None, flag: str = "--draft"):
+    """The one spec of --draft (or of another option that takes one policy, `flag`), None without it."""
     if text is None:
         return None
     found = drafted(text, seed, policy_options)
     if len(found) != 1:
-        raise SkipbenchError(f"--draft '{text}' names {len(found)} policies; one drafts")
+        raise SkipbenchError(f"{flag} '{text}' names {len(found)} policies; give one")
     return found[0]
 
 

@@ -31,11 +31,11 @@ equality.
 `--speculate auto` starts at K and adapts between rounds as transformers' assisted generation does: K + 2 after a
 round in which every row accepted all it drafted, else K - 1 (between 1 and `k_max`).
 
-A draft that `adapts` (CLaSp, DEL: engine/protocol.py) gets, after each round, what the verify pass computed
+A draft that `adapts` (CLaSp: engine/protocol.py) gets, after each round, what the verify pass computed
 (`Round`: its per-layer states, the acceptance of each row's drafts, the cache) and may change its layers and the
 next round's K. The verify pass keeps its states only for such a draft, so for every other draft the hook costs
-nothing; its time is its own phase ("adapt"), part of the round (the first call, after the prompt, is timed with
-the prefill). Its verify pass runs every layer (an early exit among its layer sets is not resumed at E), so that
+nothing; its time is its own phase ("adapt"), part of the round (the first call, after the prompt, part of the
+first round). Its verify pass runs every layer (an early exit among its layer sets is not resumed at E), so that
 every layer's states are there.
 """
 
@@ -224,16 +224,18 @@ def speculate(
     done = [t in stop_set or max_new_tokens == 1 for t in first.tolist()]
     pending = first
     stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
+    if clock is not None:
+        timings.append(("prefill", clock.lap()))
     k = spec.k
     if adapts:  # the prompt's pass verified its last token: a first round of nothing drafted (CLaSp's "prefill &
-        # update"), timed with the prefill
+        # update"), timed as the first round's "adapt"
         nothing = torch.zeros(batch, dtype=torch.long, device=dev)
         asked = draft.after_round(Round(
             hidden=[h[:, -1:] for h in out.hidden], positions=(ids.shape[1] - 1 - cache.pad)[:, None], drafted=nothing,
             accepted=nothing, live=nothing == 0, start=ids.shape[1] - 1, context=cache.length, k=0, cache=cache))
         k = k if asked is None else max(1, min(spec.k_max, int(asked)))
-    if clock is not None:
-        timings.append(("prefill", clock.lap()))
+        if clock is not None:
+            timings.append(("adapt", clock.lap()))
     steps = torch.arange(spec.k_max, device=dev)
     while not all(done):
         # 1. draft: each live row up to its limit (K, and never past the tokens it still needs)

@@ -72,10 +72,11 @@ def early_exit_from_full(adapter, full, exit_layer: int):
 
 
 @torch.no_grad()
-def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill"):
+def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill", max_new_tokens: int | None = None):
     """Teacher-forced passes over the responses, the prompt at full depth once: yields, per variant,
     (label, {measure: [B, T] array, "layers": [B, T] layers each token ran}). A variant is (label, policy) or
-    (label, ("prefix", E)): a plan running layers 0..E-1 (early exit), read off the full pass."""
+    (label, ("prefix", E)): a plan running layers 0..E-1 (early exit), read off the full pass. `max_new_tokens`: the
+    run length the responses count as (Policy.lengths; default the longest response of the batch)."""
     engine = Engine(lm.adapter, kv_mode)
     ids, present = left_pad(prompts, pad_id(lm), lm.device)
     width = max(map(len, responses))
@@ -94,7 +95,7 @@ def compare_to_full(lm, prompts, responses, keys, variants, kv_mode: str = "fill
             if policy.lm is not None:
                 raise SkipbenchError(f"'{label}' runs a model of its own: its states are not the model's layers'")
             policy.begin(len(prompts), keys)
-            policy.lengths([len(p) for p in prompts], width)
+            policy.lengths([len(p) for p in prompts], max_new_tokens or width)
             other = engine.forward(resp, cache.clone(), policy, keep_hidden=True, record=True)
             layers = other.executed.sum(-1).float()
         yield label, {**{k: v.cpu().numpy() for k, v in measures(full, other, lm.num_layers, lm.adapter.final_norm, dist).items()},

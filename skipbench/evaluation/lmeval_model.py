@@ -47,6 +47,9 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HF backend's default
 LOGITS_BUDGET = 2**28  # logits per scoring batch (1 GiB in fp32) when it holds more than one row: long windows go alone
 NO_OPS = {"num_beams": 1, "repetition_penalty": 1.0}  # settings some tasks pass at values that change nothing
 GENERATION_SETTINGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}  # after lm-eval's normalising
+# the run length a scored continuation counts as (Policy.lengths): lm-eval's default max_gen_toks, so that a policy
+# scheduled over a generation's positions (SkipDecode) scores a request alike whatever the other requests of its batch
+SCORED_LENGTH = 256
 
 
 @dataclass
@@ -229,7 +232,7 @@ class SkipbenchLM(TemplateLM):
         ctxs, conts = [b[0] for b in batch], [b[1] for b in batch]
         dev, width = self.lm.device, max(map(len, conts))
         self.policy.begin(len(batch), list(map(request_key, ctxs)))
-        self.policy.lengths([len(c) for c in ctxs], width)
+        self.policy.lengths([len(c) for c in ctxs], SCORED_LENGTH)
         ids, present = left_pad(ctxs, pad_id(self.lm), dev)
         cache = self.engine.prompt_cache(present, ids.shape[1] + width)
         context_policy = self.policy if self.prompt_depth == "policy" else None

@@ -137,7 +137,7 @@ def build_checked(p: PolicySpec, lm: LoadedModel, model: str, data: DataSpec | N
     """A point's policy, checked before any work: the split it may be scored on, the KV mode it runs under, and a
     controller's backbone."""
     p.check_held_out(data)
-    policy = p.build(lm.num_layers, lm, data)
+    policy = p.build(lm.num_layers, lm, data, draft=who == "draft")
     p.check_kv_mode(resolve_kv_mode(kv_mode, policy.kv_mode, f"{who} '{p.label}'"))
     if p.name == "controller":
         check_backbone(p.value, model)

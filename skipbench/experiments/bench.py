@@ -257,7 +257,7 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
             run, start = _ours(small, None, cfg, "gather")
             bounds.append(Variant(f"removed:{label}", run, "bound", start=start))
     for spec in drafts:
-        draft = spec.check_draft().build(lm.num_layers, lm)
+        draft = spec.check_draft().build(lm.num_layers, lm, draft=True)
         kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{spec.label}'")
         spec.check_kv_mode(kv_mode)
         for k in cfg.speculations:
@@ -463,8 +463,11 @@ def _steps(timings: list[tuple[str, float]]) -> list[float]:
         elif phase == "accept":
             steps.append(current + t)
             current = 0.0
-        elif phase == "adapt":  # an adapting draft's own step closes its round
-            steps[-1] += t
+        elif phase == "adapt":  # an adapting draft's own step: part of the round before it (after the prompt: the first)
+            if steps:
+                steps[-1] += t
+            else:
+                current += t
     return steps
 
 

@@ -99,7 +99,7 @@ def passes(cfg: CosineConfig, lm) -> dict[tuple[str, str, int], object]:
             raise SkipbenchError(f"cosine compares strategies that take a cost, or a threshold given as NAME:T; "
                                  f"'{text}' takes {entry.arg}. Known: {', '.join(takes)}")
         # a dynamic plan at a cost draws its layers at random (random, random-token); a threshold decides (confidence)
-        random_draws = entry.kind in ("per-sequence", "per-token") and entry.arg == "cost"
+        random_draws = entry.draws
         for point in [arg] if arg else map(str, cfg.costs or default_costs(lm.num_layers)):
             for seed in range(cfg.num_seeds if random_draws else 1):
                 out[(strategy, point, seed)] = _variant(_spec(cfg, strategy, point, seed), lm, cfg.data)
@@ -147,7 +147,8 @@ def run_batch(lm, prompts, responses, keys, plan: dict, cfg: CosineConfig) -> li
     variants = list(plan.items())
     rows = []
     kv_mode = resolve_kv_mode(cfg.kv_mode, None)
-    for (strategy, point, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode):
+    for (strategy, point, seed), m in compare_to_full(lm, prompts, responses, keys, variants, kv_mode,
+                                                      cfg.max_new_tokens):
         for r, toks in enumerate(responses):
             for t in range(len(toks)):
                 rows.append({"row": r, "token": t, "strategy": strategy, "point": point, "seed": seed,

@@ -59,7 +59,7 @@ def run(cfg: GenerateConfig) -> dict:
 
 
 def _speculative(cfg: GenerateConfig, lm) -> dict:
-    draft = cfg.draft.check_draft().build(lm.num_layers, lm)
+    draft = cfg.draft.check_draft().build(lm.num_layers, lm, draft=True)
     kv_mode = resolve_kv_mode(cfg.kv_mode, draft.kv_mode, f"draft '{cfg.draft.label}'")
     cfg.draft.check_kv_mode(kv_mode)
     ids = encode_prompt(lm.tokenizer, cfg.prompt)

@@ -7,9 +7,13 @@ token included, so plain decoding has 1). This recipe measures both for any set 
 same model: per prompt (batch 1, greedy, as Spec-Bench's leaderboard runs), full depth and every method generate
 until EOS or the length, in an order that rotates from prompt to prompt so that a drift of the machine's speed hits
 every method alike (the lockstep of one process); each generation is timed whole, prefill included, as Spec-Bench
-times it. A method's speedup on a prompt is full depth's seconds over its own; the table gives the mean over the
-prompts with a 95% t-interval. A method whose output differs from full depth's on a prompt keeps its row, flagged
-(`lossless` False), and the table counts such prompts.
+times it. The figures follow Spec-Bench's `evaluation/speed.py`: a method's speed is its mean tokens/s over the
+prompts, its speedup that speed over full depth's on the same prompts (a ratio of means), and its mean tokens per
+round the new tokens after the prompt's over its rounds, pooled over the prompts; each with a 95% paired bootstrap
+interval over the prompts. The baseline is skipbench's own full-depth decoding (Spec-Bench's is the model's plain
+autoregressive decoding; skipbench's is about 1.1x `model.generate` on a CPU: docs/BENCHMARKS.md). A method whose
+output differs from full depth's on a prompt keeps its row, flagged (`lossless` False), and the table counts such
+prompts.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from skipbench.analysis.stats import t_interval
+from skipbench.analysis.stats import bootstrap_interval
 from skipbench.data import DataSpec, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import generate
@@ -79,22 +83,27 @@ class TrackResult(Written):
 
 
 def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
-    if cfg.max_new_tokens < 2 or cfg.warmup < 0:
-        raise SkipbenchError("track needs --max-new-tokens >= 2 and --warmup >= 0")
+    if cfg.max_new_tokens < 2 or cfg.warmup < 0 or cfg.max_prompt_tokens < 0:
+        raise SkipbenchError("track needs --max-new-tokens >= 2, --warmup >= 0 and --max-prompt-tokens >= 0 (0: no cut)")
+    labels = [s.label for s in cfg.drafts]
+    if "full" in labels or len(set(labels)) < len(labels):
+        raise SkipbenchError("track: give each method once; full depth is the baseline of every run already")
     if cfg.out:
         check_out_path(cfg.out)
     items = prompts_of(cfg)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    encoded, _ = encode_items(lm, items, cfg.max_prompt_tokens)
+    encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
     specs = list(cfg.drafts or default_drafts(lm.num_layers))
     found = None
     if cfg.draft_search:
         from skipbench.evaluation.draft_search import search
 
         found = search(lm, encoded[0], cfg.speculation.k)
+        if found.label in {s.label for s in specs}:
+            raise SkipbenchError(f"track: the searched draft {found.label} is also among the methods; give it once")
         specs += parse_policies(found.label)
-    methods = {"full": None, **{s.label: s.check_draft().build(lm.num_layers, lm) for s in specs}}
+    methods = {"full": None, **{s.label: s.check_draft().build(lm.num_layers, lm, draft=True) for s in specs}}
 
     def once(name: str, ids: list[int]):
         draft = methods[name]
@@ -124,14 +133,14 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
         full_seconds, full_tokens, _ = runs["full"]
         for name in names:
             seconds, tokens, s = runs[name]
+            # rounds: plain decoding makes one token per step after the prompt's; a speculative round makes its
+            # accepted drafts and the verifier's token (what it emitted: drafts past EOS or the length are not)
             rounds = len(s.round_k) if s is not None else len(tokens) - 1
-            rows.append({"item_id": item.item_id, "category": item.subtask, "method": name, "seconds": seconds,
+            rows.append({"prompt": n, "item_id": item.item_id, "category": item.subtask, "method": name, "seconds": seconds,
                          "new_tokens": len(tokens), "tokens_per_s": len(tokens) / seconds,
-                         "speedup": full_seconds / seconds, "lossless": tokens == full_tokens,
-                         # Spec-Bench's mean accepted tokens: per verify step, the accepted drafts and the verifier's
-                         "tokens_per_round": 1.0 if s is None else (sum(s.accepted) + rounds) / max(rounds, 1),
-                         "acceptance_rate": np.nan if s is None else s.acceptance_rate(),
-                         "rounds": rounds, "clasp_searches": len(getattr(methods[name], "searches", ()) or ())})
+                         "seconds_ratio": full_seconds / seconds, "lossless": tokens == full_tokens,
+                         "rounds": rounds, "acceptance_rate": np.nan if s is None else s.acceptance_rate(),
+                         "searches": len(getattr(methods[name], "searches", ()) or ())})
     df = pd.DataFrame(rows)
     summary = summarise(df)
     df = tidy(df, cfg, skip=("out", "drafts"), lm=lm, drafts=",".join(s.label for s in specs))
@@ -148,7 +157,7 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
 
     from skipbench.analysis.plots import track_figure
 
-    meta = manifest(cfg, lm=lm, drafts=[s.label for s in specs], prompts=len(items),
+    meta = manifest(cfg, lm=lm, drafts=[s.label for s in specs], prompts=len(items), truncated_prompts=truncated,
                     draft_search=None if found is None else found.label, summary=summary.to_dict("records"))
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     figure = track_figure(summary, Path(cfg.out).with_suffix(".png"))
@@ -157,15 +166,31 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
                        shown=shown, said=said + [f"wrote {paths['rows']}"])
 
 
-def summarise(df: pd.DataFrame) -> pd.DataFrame:
-    """Per method, over every prompt ("all") and per category: the mean speedup and tokens per round with 95%
-    t-intervals over the prompts, and how many prompts gave full depth's output."""
+def summarise(df: pd.DataFrame, resamples: int = 1000) -> pd.DataFrame:
+    """Per method, over every prompt ("all") and per category, Spec-Bench's figures (module docstring): the speedup,
+    mean tokens/s over full depth's on the same prompts, and the tokens per round, pooled, each with a 95% paired
+    bootstrap interval over the prompts; and on how many prompts the output was full depth's."""
     out = []
-    groups = [((method, "all"), g) for method, g in df.groupby("method", sort=False)]
-    for (method, category), g in groups + list(df.groupby(["method", "category"], sort=False)):
-        s, s_lo, s_hi = t_interval(g["speedup"])
-        t, t_lo, t_hi = t_interval(g["tokens_per_round"])
-        out.append({"method": method, "category": category, "prompts": len(g), "speedup": s, "speedup_lo": s_lo,
-                    "speedup_hi": s_hi, "tokens_per_round": t, "tokens_per_round_lo": t_lo, "tokens_per_round_hi": t_hi,
-                    "acceptance_rate": g["acceptance_rate"].mean(), "lossless": f"{int(g['lossless'].sum())}/{len(g)}"})
+    for category in ["all", *dict.fromkeys(df["category"])]:
+        part = df if category == "all" else df[df["category"] == category]
+        wide = {col: part.pivot(index="prompt", columns="method", values=col)  # a prompt's place: ids may repeat
+                for col in ("tokens_per_s", "new_tokens", "rounds")}
+        for method in dict.fromkeys(part["method"]):
+            speed, base = wide["tokens_per_s"][method].to_numpy(), wide["tokens_per_s"]["full"].to_numpy()
+            made, rounds = wide["new_tokens"][method].to_numpy() - 1, wide["rounds"][method].to_numpy()
+
+            def speedup(idx):
+                return speed[idx].mean() / base[idx].mean()
+
+            def per_round(idx):
+                return made[idx].sum() / rounds[idx].sum() if rounds[idx].sum() else None
+
+            n, mine = len(speed), part[part["method"] == method]
+            s_lo, s_hi = bootstrap_interval(speedup, n, resamples) if method != "full" else (1.0, 1.0)
+            t_lo, t_hi = bootstrap_interval(per_round, n, resamples)
+            out.append({"method": method, "category": category, "prompts": n, "tokens_per_s": speed.mean(),
+                        "speedup": speedup(np.arange(n)), "speedup_lo": s_lo, "speedup_hi": s_hi,
+                        "tokens_per_round": per_round(np.arange(n)), "tokens_per_round_lo": t_lo,
+                        "tokens_per_round_hi": t_hi, "acceptance_rate": mine["acceptance_rate"].mean(),
+                        "lossless": f"{int(mine['lossless'].sum())}/{len(mine)}"})
     return pd.DataFrame(out)

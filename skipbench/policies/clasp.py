@@ -18,12 +18,13 @@ decides every token).
 Where this differs from the paper, which has no code (kaist-flexml-lab/knapspec's reimplementation was read to
 check the algorithm):
 
-* f_{i-1} runs on all of a layer's candidates in one call that reads the verify pass's cache without copying it
-  (`Engine.probe`), as the paper's sequence-parallel mask does;
+* f_{i-1} runs on all of a layer's candidates in one call that reads the verify pass's cache and writes nothing
+  (`Engine.probe`), as the paper's sequence-parallel mask does (each candidate gathers its row's keys: a copy per
+  candidate, where the paper's mask shares one);
 * at batch > 1 the batch shares one layer set: each cell keeps the choice with the larger cosine summed over the
   rows (the paper decodes one sequence);
 * the interval defaults to 16 rounds (the paper does not give the one of its tables; knapspec uses 64, more rounds
-  than a 128-token answer has) and C to half the layers (the paper skips 50-60% of them; knapspec 25%);
+  than a 128-token answer has); C is given (the paper skips 50-60% of the layers; knapspec 25%);
 * x_L is the state before the final norm (the paper does not say; knapspec does the same);
 * the draft length and its stop are the loop's (`--speculate`, `--draft-threshold`); the paper stops drafting at a
   draft confidence of about 0.7 (its Draft-Exiting Threshold), which `--draft-threshold 0.7` gives.
@@ -110,4 +111,4 @@ class CLaSp(Policy):
 
 
 def build(spec, ctx) -> Policy:
-    return CLaSp(ctx.lm.adapter, int(spec.value) if spec.value else ctx.num_layers // 2, spec.opt("interval"), spec.label)
+    return CLaSp(ctx.lm.adapter, spec.int_arg(), spec.opt("interval"), spec.label)

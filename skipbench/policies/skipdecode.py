@@ -1,14 +1,17 @@
 """SkipDecode (Del Corro et al., 2023, arXiv 2307.02628): a batch-uniform, position-monotone skip schedule.
 
 A generated token at index t (0 for the first one fed back) runs n(t) layers, falling linearly from a start S at the
-first token to an end E at the run's last possible one (its `--max-new-tokens`):
+first token fed back to an end E at the last one a run of T new tokens feeds back (index T - 2: the last token is
+never fed back):
 
-    n(t) = round(S + (E - S) t / (T - 1)),  E = 2C - S,
+    n(t) = round(S + (E - S) t / (T - 2)),  E = 2C - S,
 
-so that the mean over the run's maximum length is C layers per token (`skipdecode:C`, up to the rounding). The
-token skips the *lower* layers: it runs the W warm-up layers 0 .. W-1 (`-o warmup=W`, default 1), then the top
-n(t) - W layers. The prompt runs at full depth. S defaults to the widest schedule with mean C, min(L, 2C - W)
-(`-o start=S` sets it, between C and L, with E >= W).
+so that the mean over a run of the maximum length (`--max-new-tokens` T >= 3) is C layers per token fed back
+(`skipdecode:C`, up to the rounding; a run of 2 feeds back one token, which runs S). The token skips the *lower* layers: it runs the W warm-up layers 0 .. W-1
+(`-o warmup=W`, default 1), then the top n(t) - W layers. The prompt runs at full depth. S defaults to the widest
+schedule with mean C, min(L, 2C - max(W, 1)) (`-o start=S` sets it, between C and L, with E >= max(W, 1)). A
+teacher-forced pass (`cosine`, lm-eval's scores) follows the same schedule over the length its caller gives (the
+run's `--max-new-tokens`; lm-eval's default 256 for scoring), so a token's layers never depend on the other rows.
 
 K/V: a token runs layer l only when every earlier generated token ran it too (n never grows, and the upper block
 of a shorter token lies inside every longer token's), so no query ever reads the K/V of a token at a layer that
@@ -53,9 +56,10 @@ def schedule(num_layers: int, cost: int, warmup: int, start: int = 0) -> tuple[i
 
 
 def layers_at(t: np.ndarray, s: int, e: int, length: int) -> np.ndarray:
-    """n(t) for generated indices t >= 0 of a run of at most `length` new tokens."""
-    frac = np.clip(t, 0, max(length - 1, 0)) / max(length - 1, 1)
-    return np.rint(s + (e - s) * frac).astype(int)
+    """n(t) for generated indices t >= 0 of a run of at most `length` new tokens (fed back: indices 0 .. length - 2;
+    later ones, in a teacher-forced pass, keep E)."""
+    last = max(length - 2, 1)
+    return np.rint(s + (e - s) * np.clip(t, 0, last) / last).astype(int)
 
 
 class SkipDecode(Policy):
@@ -70,6 +74,9 @@ class SkipDecode(Policy):
         self._prompt: np.ndarray | None = None
         self._length = 0
         self._gates: list[Gate] = []
+
+    def begin(self, batch_size: int, row_keys: list[int] | None = None) -> None:
+        self._prompt = None  # until `lengths`: a pass without them is refused, never run on an earlier batch's
 
     def lengths(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
         self._prompt, self._length = np.asarray(prompt_lengths, dtype=int), int(max_new_tokens)

@@ -99,6 +99,7 @@ class Strategy:
     #: how `compare` sets it to K skipped layers when its argument is not a cost: (option, "K" or "L-K"), e.g.
     #: ("skip", "K") for a threshold router, ("exit", "L-K") for an early exit on a model of its own
     skip_option: tuple[str, str] = ()
+    draws: bool = False  # its layers are random draws (`cosine` repeats it over seeds)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -150,9 +151,9 @@ _BUILTIN = [
     Strategy(name="uniform", build="skipbench.policies.static:uniform", plan="skipbench.policies.static:uniform_plan_of",
              kind="static", arg="cost", help="U(l,c), Eq. 2 of Glavas et al.: c layers spread evenly"),
     Strategy(name="random", build="skipbench.policies.static:random", plan="skipbench.policies.static:random_plan",
-             kind="per-sequence", arg="cost", help="c random layers per sequence (layer 0 always)"),
+             kind="per-sequence", arg="cost", draws=True, help="c random layers per sequence (layer 0 always)"),
     Strategy(name="random-token", build="skipbench.policies.static:random_token", kind="per-token", arg="cost",
-             help="c random layers per token"),
+             draws=True, help="c random layers per token"),
     Strategy(name="skipdecode", build="skipbench.policies.skipdecode:build", kind="per-token", arg="cost",
              options=(Option(name="warmup", default=1, help="the lowest layers every token runs"),
                       Option(name="start", default=0, help="layers of the first generated token (0: the widest "
@@ -417,9 +418,13 @@ class PolicySpec:
                                  "needs the model (skipbench plan: --model)")
         return Context(num_layers=num_layers, lm=lm, data=data)
 
-    def build(self, num_layers: int, lm: Any = None, data: Any = None):
+    def build(self, num_layers: int, lm: Any = None, data: Any = None, draft: bool = False):
         """The Policy object (imports the strategy's module, and with it torch). `lm` and `data`: the loaded model
-        and the run's dataset, for strategies that need them (others ignore them)."""
+        and the run's dataset, for strategies that need them (others ignore them). `draft`: it will draft for
+        self-speculative decoding (a strategy of kind `draft` is refused otherwise)."""
+        if self.strategy.kind == "draft" and not draft:
+            raise SkipbenchError(f"policy '{self.label}' chooses its layers from the verify passes of self-speculative "
+                                 "decoding: give it as a draft (--draft), not as a policy")
         return self.strategy.function("build")(self, self.context(num_layers, lm, data))
 
     def plan(self, num_layers: int, lm: Any = None, data: Any = None) -> list[int] | None:
