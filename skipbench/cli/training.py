@@ -10,10 +10,21 @@ from skipbench.cli import display
 from skipbench.cli.group import group
 from skipbench.cli.options import (
     AlphaUnits, BatchSize, ControllerInput, DatasetOpt, DeviceOpt, DropoutSchedule, Dtype, Device, GateMode, GradAccum, Loss, LossKind, Lr, MaxSeqLen, Model, Restart, Seed, Steps, Targets, Teacher, TrainDtype, Units, floats,
-    names, plain, train_config,
+    PolicyOptions, draft, for_policies, names, plain, train_config,
 )
+from skipbench.errors import SkipbenchError
 from skipbench.policies.spec import STRATEGIES
 from skipbench.store.paths import default_out
+
+
+def healing(text, layers: int, seed: int, policy_option):
+    """--heal's spec, with the -o options it takes; an -o it does not take, or --heal-layers without --heal, refused."""
+    if text is None:
+        if layers != 3 or policy_option:
+            raise SkipbenchError("--heal-layers and -o apply to --heal SPEC (a static plan to prune to): give --heal")
+        return None
+    for_policies(policy_option, [], [text], seed)
+    return draft(text, seed, policy_option, "--heal")
 
 
 def finetune(
@@ -44,12 +55,18 @@ def finetune(
     dtype: TrainDtype = Dtype.float32,
     out: str = typer.Option("runs/finetune", help="run folder: OUT/best is the model to use (--model OUT/best)"),
     restart: bool = typer.Option(False, "--restart", help="discard an earlier run in --out"),
+    heal: Optional[str] = typer.Option(None, help="healing: prune to a static plan's layers first (reverse:C, "
+                                       "uniform:C, block-influence:C, angular:C, ...), then train only the head and "
+                                       "the last --heal-layers kept layers; OUT/best has C layers"),
+    heal_layers: int = typer.Option(3, help="--heal: the last kept layers that train with the head"),
+    policy_option: Optional[list[str]] = PolicyOptions,
 ) -> None:
     """Fine-tune the model on the train split (prompt masked from the loss), early stopping on validation ROUGE-L.
 
     Example: skipbench finetune --model opt-iml-1.3b --dataset alpaca --lr 5e-5 --lr-schedule linear --batch-size 64 \\
              --steps 3414 --eval-every 569 --patience 1 --out runs/opt-iml-alpaca   # App. A.2.2: 6 epochs
     Then:    skipbench evaluate --model runs/opt-iml-alpaca/best --dataset alpaca --split test
+    Healing: skipbench finetune --dataset text --heal reverse:22 --heal-layers 3 --out runs/heal-reverse-22
     """
     from skipbench.data import DataSpec
     from skipbench.experiments.finetune import FinetuneConfig, run, summary
@@ -62,7 +79,8 @@ def finetune(
                          eval_every=eval_every, patience=patience, layer_dropout=layer_dropout,
                          dropout_schedule=dropout_schedule, early_exit_loss=early_exit_loss,
                          early_exit_every=early_exit_every, max_seq_len=max_seq_len, max_new_tokens=max_new_tokens,
-                         device=device, dtype=dtype, out=out, restart=restart)
+                         device=device, dtype=dtype, out=out, restart=restart, heal_layers=heal_layers,
+                         heal=healing(heal, heal_layers, seed, policy_option))
     with display.TrainBar("finetune") as bar:
         res = run(cfg, progress=bar.step, start=bar.start)
     for message in res.notes:

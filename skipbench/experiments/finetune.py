@@ -42,6 +42,13 @@ last the final output. Its rotation (np.roll of the pattern by one a step) is th
 
 Fine-tuned that way, the model is then run with `early-exit:E` (or drafts with it: `--draft early-exit:E`).
 
+**Healing** (`heal`, `--heal SPEC --heal-layers N`; the recipe of Reassessing Layer Pruning, ICLR 2026): the model is
+first pruned to the layers a static plan keeps (`reverse:C`, the first C; or `uniform`, `block-influence`, `angular`,
+`layers`, `early-exit`: criterion against criterion), physically (a model of C layers), and then only its LM head and
+its last N kept layers train, everything else frozen. OUT/best is then a plain model folder of C layers that loads in
+transformers as it is. Where the head is tied to the input embedding (SmolLM2, OPT), the pruned model gets a head of
+its own (a copy, untied), so that healing leaves the embedding as it was; the folder then holds both matrices.
+
 Under torchrun each rank takes its share of every step's batch (DistributedDataParallel) and of the
 validation items.
 """
@@ -66,9 +73,9 @@ from skipbench.engine import Engine, generate
 from skipbench.engine.decode import eos_ids
 from skipbench.errors import SkipbenchError
 from skipbench.analysis.metrics import rouge_l
-from skipbench.models import load_model
+from skipbench.models import load_model, wrap_model
 from skipbench.engine.protocol import GateFn
-from skipbench.models.loading import write_folder
+from skipbench.models.loading import remove_layers, write_folder
 from skipbench.store.results import check_out_dir, config_dict, finish_together, write_together
 from skipbench.training.loop import (
     RESTART, RESUMABLE, TrainConfig, Trainable, _data_parallel, _flat, batch_tensors, examples, load_model_weights,
@@ -96,6 +103,8 @@ class FinetuneConfig:
     dropout_schedule: str = "uniform"  # uniform | exp (LayerSkip: the rate rises with depth to layer_dropout)
     early_exit_loss: float = 0.0  # LayerSkip's e_scale: an early-exit loss at every layer (0: the last layer only)
     early_exit_every: int = 1  # LayerSkip's rotational curriculum: exits at every R-th layer, rotating with the step
+    heal: object = None  # a static plan's PolicySpec: prune to its layers, then train the head and `heal_layers` only
+    heal_layers: int = 3  # the last kept layers that train with the head when healing
     max_seq_len: int = 512
     max_new_tokens: int = 128  # generation length of the validation responses
     device: str = "auto"
@@ -211,12 +220,22 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
         raise SkipbenchError(f"--lr must be a positive number, got {cfg.lr}")
     if cfg.early_exit_loss < 0 or cfg.early_exit_every < 1:
         raise SkipbenchError("--early-exit-loss must be >= 0 and --early-exit-every >= 1")
+    if cfg.heal is not None and (cfg.heal_layers < 0 or cfg.layer_dropout or cfg.early_exit_loss):
+        raise SkipbenchError("--heal trains the head and the last --heal-layers N >= 0 layers of a pruned model; it does "
+                             "not combine with --layer-dropout or --early-exit-loss")
+    if cfg.heal is not None and (cfg.heal.strategy.kind != "static" or cfg.heal.strategy.own_model
+                                 or cfg.heal.name == "full"):
+        raise SkipbenchError(f"--heal takes a static plan that removes layers (reverse, uniform, early-exit, layers, "
+                             f"block-influence, angular), got '{cfg.heal.label}'")
     out = check_out_dir(cfg.out)
     d = distributed.current()
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    lm.model.requires_grad_(True)
-    opt = torch.optim.AdamW(lm.model.parameters(), lr=cfg.lr)
+    if cfg.heal is None:
+        lm.model.requires_grad_(True)
+    else:
+        lm = pruned(lm, cfg)
+    opt = torch.optim.AdamW([p for p in lm.model.parameters() if p.requires_grad], lr=cfg.lr)
     state, notes = _resume(out, cfg, lm, opt)
     result = FinetuneResult(out, state["log"], state["evals"], state["best"], state["stopped_early"], notes)
     tcfg = TrainConfig(model=cfg.model, data=cfg.data, loss="ce", targets="reference", max_seq_len=cfg.max_seq_len,
@@ -255,6 +274,28 @@ def run(cfg: FinetuneConfig, progress: Callable | None = None, start: Callable |
     d.barrier()
     lm.model.requires_grad_(False)
     return result
+
+
+def pruned(lm, cfg: FinetuneConfig):
+    """Healing's model: `lm` with only the layers of the static plan `cfg.heal` (calibrated plans read the training
+    items), a copy of C layers renumbered as transformers expects, whose head and last `heal_layers` layers train."""
+    spec = cfg.heal
+    policy = spec.build(lm.num_layers, lm, cfg.data)
+    if policy.lm is not None or not policy.skips_statically():
+        raise SkipbenchError(f"--heal takes a static plan that removes layers (reverse, uniform, early-exit, layers, "
+                             f"block-influence, angular), got '{spec.label}'")
+    keep = policy.executed_layers()
+    if cfg.heal_layers > len(keep):
+        raise SkipbenchError(f"--heal-layers {cfg.heal_layers} is more than the {len(keep)} layers '{spec.label}' keeps")
+    small = remove_layers(lm.model, keep, share_weights=False)
+    if small.lm_head.weight is small.get_input_embeddings().weight:  # tied: the head gets a copy of its own
+        small.lm_head.weight = nn.Parameter(small.lm_head.weight.detach().clone())
+        small.config.tie_word_embeddings = False
+    healed = wrap_model(small, lm.tokenizer, f"{lm.name} pruned to {spec.label}", lm.device)
+    layers = small.model.decoder.layers if small.config.model_type == "opt" else small.model.layers
+    for module in (small.lm_head, *list(layers)[len(keep) - cfg.heal_layers:]):
+        module.requires_grad_(True)
+    return healed
 
 
 def _evaluate(lm, val, val_prompts, cfg: FinetuneConfig, d, step: int, result: FinetuneResult, opt) -> None:
@@ -298,9 +339,10 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
         return fresh, []
     saved = _flat(readers.json_file(out / "config.json", "fine-tuning config", RESTART))
     now = _flat(config_dict(cfg))
-    # a run saved before the LayerSkip options existed used their defaults
+    # a run saved before the LayerSkip or healing options existed used their defaults
     defaults = {f.name: f.default for f in fields(FinetuneConfig)}
-    saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every", "lr_schedule")}, **saved}
+    saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every", "lr_schedule",
+                                         "heal", "heal_layers")}, **saved}
     differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])

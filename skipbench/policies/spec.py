@@ -148,6 +148,8 @@ _BUILTIN = [
              kind="static", help="every layer"),
     Strategy(name="early-exit", build="skipbench.policies.static:early_exit", plan="skipbench.policies.static:early_exit_plan",
              kind="static", arg="cost", help="run the first E layers, then the head"),
+    Strategy(name="reverse", build="skipbench.policies.static:reverse", plan="skipbench.policies.static:reverse_plan",
+             kind="static", arg="cost", help="keep the first C layers, remove the rest (to heal with finetune --heal)"),
     Strategy(name="uniform", build="skipbench.policies.static:uniform", plan="skipbench.policies.static:uniform_plan_of",
              kind="static", arg="cost", help="U(l,c), Eq. 2 of Glavas et al.: c layers spread evenly"),
     Strategy(name="random", build="skipbench.policies.static:random", plan="skipbench.policies.static:random_plan",

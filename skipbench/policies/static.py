@@ -57,6 +57,12 @@ def early_exit_plan(spec, ctx) -> list[int]:
     return list(range(spec.int_arg()))
 
 
+def reverse_plan(spec, ctx) -> list[int]:
+    """Reverse-order pruning (Reassessing Layer Pruning, ICLR 2026): keep the first C layers, remove the rest. The
+    same layers as early exit at C; named apart because it is meant to be healed (`skipbench finetune --heal`)."""
+    return list(range(spec.int_arg()))
+
+
 def uniform_plan_of(spec, ctx) -> list[int]:
     return uniform_plan(ctx.num_layers, spec.int_arg())
 
@@ -80,6 +86,7 @@ def plan_policy(plan):
 
 full = plan_policy(full_plan)
 early_exit = plan_policy(early_exit_plan)
+reverse = plan_policy(reverse_plan)
 uniform = plan_policy(uniform_plan_of)
 layers = plan_policy(layers_plan)
 
