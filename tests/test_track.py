@@ -70,6 +70,7 @@ def test_prompts_per_category_and_bad_settings():
     (["--draft", "full"], "give each method once"),
     (["--draft", "early-exit:3,early-exit:3"], "give each method once"),
     (["--max-prompt-tokens", "-5"], "--max-prompt-tokens >= 0"),
+    (["--max-new-tokens", "100000000", "--per-category", "1"], "exceeds the model's 1024 positions"),  # a Llama too
 ])
 def test_bad_track_options_exit_1_with_one_line(tiny_dirs, args, message):
     res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), *args])
