@@ -20,7 +20,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 # the tiny form: these options' values whatever the README says (only where the command takes the option)
 CAPS = {"--limit": "4", "--steps": "2", "--max-new-tokens": "4", "--batch-sizes": "1", "--repeats": "1",
         "--warmup": "0", "--num-seeds": "1", "--train-limit": "8", "--eval-limit": "2", "--val-limit": "2",
-        "--eval-every": "1", "--items": "300", "--big-items": "0", "--bootstrap": "20"}
+        "--eval-every": "1", "--items": "300", "--big-items": "0", "--bootstrap": "20", "--per-category": "1",
+        "--max-prompt-tokens": "64"}  # the tiny models have 1,024 positions: long prompts are cut
 SPLIT_ALL_LIMIT = "40"  # a router needs train and validation items: `--split all` keeps more of them
 
 
