@@ -147,6 +147,47 @@ def test_train_large_alpha_then_evaluate_usage_depthmap(tiny_dirs, tmp_path):
     assert page.with_suffix(".png").stat().st_size > 2000
 
 
+def test_held_out_loss_is_the_objective_on_the_validation_items(tiny_dirs, tmp_path):
+    """--eval-every logs the held-out loss at its steps and the last; it is the training objective (task + cost
+    term per token) of the final routers over the validation split, and `training_summary` hands it to the verdict.
+    Adding it to a checkpoint trained without it resumes (it does not change what a step computes)."""
+    from skipbench.data import DataSpec
+    from skipbench.policies.flexidepth import load_flexidepth
+    from skipbench.training.loop import TrainConfig, examples, step_loss, training_summary
+
+    runner, run = CliRunner(), tmp_path / "flexi"
+    common = ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8",
+              "--skip-weight", "0.1", "--router-reduction", "4", "--batch-size", "4", "--max-new-tokens", "6",
+              "--max-seq-len", "1024", "--out", str(run)]
+    assert runner.invoke(app, [*common, "--steps", "3"]).exit_code == 0
+    res = runner.invoke(app, [*common, "--steps", "7", "--eval-every", "2", "--val-limit", "6"])
+    assert res.exit_code == 0, res.output
+    log = torch.load(run / "trainer.pt", weights_only=False)["log"]
+    assert [r["step"] for r in log if "val_loss" in r] == [4, 6, 7]  # resumed at 3: every 2nd step, and the last
+
+    lm = load_model(str(tiny_dirs["llama"]), "cpu", "float32")
+    flexi, _ = load_flexidepth(str(run))
+    cfg = TrainConfig(model=str(tiny_dirs["llama"]), data=DataSpec(name="arith", split="validation", limit=6),
+                      loss="ce", max_new_tokens=6, max_seq_len=1024)
+    held = examples(lm, cfg, run / "teacher.json")
+    assert len(held) == 6
+    with torch.no_grad():  # one batch of six
+        by_hand, _ = step_loss(lm, Engine(lm.adapter), FlexiMethod(flexi.eval(), 0.1), held, "ce")
+    assert log[-1]["val_loss"] == pytest.approx(float(by_hand), rel=1e-4)  # batches of 4 + 2 add up to the mean
+
+    summary = training_summary(run)
+    assert summary["val_steps"] == [4, 6, 7] and summary["val_loss"] == [r["val_loss"] for r in log if "val_loss" in r]
+
+
+@pytest.mark.parametrize("split", ["validation", "all"])
+def test_a_held_out_loss_on_training_items_is_refused(tiny_dirs, tmp_path, split):
+    res = CliRunner().invoke(app, ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith",
+                                   "--split", split, "--steps", "2", "--eval-every", "1", "--max-new-tokens", "4",
+                                   "--max-seq-len", "1024", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 1 and "share prompts with the training items" in res.stderr
+    assert not (tmp_path / "f" / "weights.safetensors").exists()
+
+
 def test_usage_refuses_routers_of_another_depth(tiny_dirs, tmp_path, tokenizer):
     from safetensors.torch import save_file
 

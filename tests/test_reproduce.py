@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from skipbench.analysis import verdicts
 from skipbench.cli import app
 from skipbench.errors import SkipbenchError
 from skipbench.experiments.reproduce import load_preset, stages
@@ -188,6 +189,10 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     assert resolve["controllers"]["lr"] == quick["controllers"]["lr"]  # a named section keeps the keys it leaves out
     assert resolve["controllers"]["seeds"] * len(resolve["controllers"]["alphas"]) >= 16  # runs per input
     assert resolve["flexidepth"]["steps"] > quick["flexidepth"]["steps"]
+    train = {st.name: st for st in stages(resolve, "/r")}["flexidepth train"].argv  # judged on its held-out loss
+    quick_train = {st.name: st for st in stages(quick, "/r")}["flexidepth train"].argv  # quick: no held-out loss
+    assert train[train.index("--eval-every") + 1] == "80" and "--eval-every" not in quick_train
+    assert int(resolve["flexidepth"]["steps"]) // 80 >= verdicts.MIN_EVALS
     plan = {st.name: st for st in stages(resolve, "/r")}
     items = plan["evaluate uniform text (oracle)"]
     assert items.argv[items.argv.index("--split") + 1] == "all" and items.argv[items.argv.index("--limit") + 1] == "400"
@@ -201,7 +206,7 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     sweep, train = plan["controllers sweep"].argv, plan["flexidepth train"].argv
     assert sweep[sweep.index("--alpha") + 1] == "2,4,6,10" and sweep[sweep.index("--num-seeds") + 1] == "4"
     assert sweep[sweep.index("--eval-limit") + 1] == "32" and sweep[sweep.index("--steps") + 1] == "40"
-    assert train[train.index("--steps") + 1] == "480" and train[train.index("--limit") + 1] == "0"  # every item
+    assert train[train.index("--steps") + 1] == "3200" and train[train.index("--limit") + 1] == "0"  # every item
     usage = plan["flexidepth usage"].argv
     assert usage[usage.index("--limit") + 1] == "0"
 

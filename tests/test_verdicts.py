@@ -259,6 +259,36 @@ def test_a_strategy_missing_at_a_cost_gives_no_interval_not_a_crash():
     assert found[FINAL].outcome == "inconclusive"
 
 
+HELD = {"steps": 600, "epochs": 5.0, "loss_first": 3.0, "loss_last_fifth": 0.5, "loss_fifth_before": 0.7}
+FALLING = [2.0, 1.8, 1.6, 1.5, 1.4, 1.3]  # then the last two fifths (2 evaluations each of 10)
+
+
+@pytest.mark.parametrize("tail, ok, why", [
+    ([1.00, 1.02, 1.01, 0.99], True, "levelled off"),  # mean 1.01 -> 1.00: the training loss's 29% fall is not read
+    ([1.00, 0.96, 0.95, 0.93], False, "has not levelled off"),  # 0.98 -> 0.94, -4.1%
+    ([0.90, 0.95, 1.00, 1.05], False, "rose more than 2% (its lowest, 0.900, at step 420)"),  # 0.925 -> 1.025
+    ([1.00, 1.20, 0.99, 0.98], False, "has not levelled off"),  # a bump is averaged, not taken as a plateau
+])
+def test_a_held_out_loss_decides_convergence_when_recorded(tail, ok, why):
+    held = FALLING + tail
+    training = {**HELD, "val_loss": held, "val_steps": [60 * (i + 1) for i in range(len(held))]}
+    got, said = verdicts.trained_enough(training)
+    assert got is ok and why in said, said
+    found = verdicts.flexidepth(_usage({"copy": 20, "summarize": 24, "continue": 27}, 0.5), training)
+    text = next(v for v in found if v.claim.startswith("copy < summarize"))
+    assert text.outcome == ("agrees" if ok else "inconclusive")
+
+
+@pytest.mark.parametrize("training, why", [
+    ({**HELD, "epochs": 1.5, "val_loss": FALLING[:2] + [1.0] * 8}, "fewer than 2 epochs"),
+    ({**HELD, "val_loss": [1.0] * 9}, "fewer than 10"),
+    ({**HELD, "val_loss": FALLING + [1.0, float("nan"), 1.0, 1.0]}, "not finite"),
+])
+def test_a_held_out_plateau_still_needs_epochs_evaluations_and_numbers(training, why):
+    got, said = verdicts.trained_enough(training)
+    assert not got and why in said, said
+
+
 def test_a_nan_loss_is_no_plateau():
     ok, why = verdicts.trained_enough({"steps": 600, "epochs": 5.0, "loss_first": 3.0, "loss_last_fifth": float("nan"),
                                        "loss_fifth_before": 1.0})

@@ -182,17 +182,26 @@ def _controllers_claim(claim: str, comparison: dict, rule) -> Verdict:
 
 
 # A router is judged on its orderings only once it trained this much (the paper's routers trained to convergence;
-# a router that barely learned routes every subtask alike, and its "disagreement" says nothing about the method)
+# a router that barely learned routes every subtask alike, and its "disagreement" says nothing about the method).
+# Convergence is read off the held-out loss when the run measured one (train --eval-every): the paper's routers saw
+# each of their many training items about once, so their training loss stood for their loss on new text; a router
+# trained for epochs over a few hundred items keeps lowering its training loss by fitting those items, and only the
+# held-out loss says whether more steps would still change how it routes new text.
 MIN_EPOCHS = 2.0  # passes over its training items
-PLATEAU = 0.02  # the mean loss over the last fifth of the steps within 2% of the fifth before it
+PLATEAU = 0.02  # the loss levelled off: its mean over the last fifth within 2% of the fifth before it, above or below
+# (the held-out loss over the last fifth of its evaluations when recorded, else the training loss over the steps)
+MIN_EVALS = 10  # held-out evaluations needed to speak of a plateau (fifths of at least 2)
 
 
 def trained_enough(training: dict | None) -> tuple[bool, str]:
-    """Whether a router's training meets the stated criterion (MIN_EPOCHS and a loss PLATEAU), and why (read off the
-    usage manifest's `router_training`, written from the checkpoint's log)."""
+    """Whether a router's training meets the stated criterion (MIN_EPOCHS and a loss PLATEAU, on the held-out loss
+    when recorded), and why (read off the usage manifest's `router_training`, written from the checkpoint's log)."""
     if not training or "loss_last_fifth" not in training:
         return False, "the router's training log is not recorded (or has fewer than 5 steps)"
     epochs, last, before = training.get("epochs"), training["loss_last_fifth"], training["loss_fifth_before"]
+    held = [float(v) for v in training.get("val_loss") or []]
+    if held:
+        return _held_out_plateau(training, held, epochs)
     change = abs(last - before) / abs(before) if before else float("inf")
     if not math.isfinite(change):  # a NaN loss, or none before: no plateau to speak of
         change = float("inf")
@@ -203,6 +212,29 @@ def trained_enough(training: dict | None) -> tuple[bool, str]:
     if change > PLATEAU:
         return False, f"{said}: the loss has not levelled off (more than {100 * PLATEAU:g}%)"
     return True, said
+
+
+def _held_out_plateau(training: dict, held: list[float], epochs: float | None) -> tuple[bool, str]:
+    steps = [int(s) for s in training.get("val_steps") or range(1, len(held) + 1)]
+    said = f"{training['steps']} steps" + (f", {epochs:.1f} epochs" if epochs is not None else "")
+    if len(held) < MIN_EVALS:
+        return False, f"{said}: {len(held)} held-out evaluation(s), fewer than {MIN_EVALS}"
+    if not all(math.isfinite(v) for v in held):
+        return False, f"{said}: a held-out loss is not finite"
+    fifth = len(held) // 5
+    last, before = float(np.mean(held[-fifth:])), float(np.mean(held[-2 * fifth : -fifth]))
+    change = (last - before) / abs(before) if before else float("inf")
+    said += (f", held-out loss {held[0]:.3f} (step {steps[0]}) -> {held[-1]:.3f} (step {steps[-1]}), mean "
+             f"{before:.3f} -> {last:.3f} over the last two fifths of its {len(held)} evaluations ({100 * change:+.1f}%)")
+    if epochs is None or epochs < MIN_EPOCHS:
+        return False, f"{said}: fewer than {MIN_EPOCHS:g} epochs"
+    if change < -PLATEAU:
+        return False, f"{said}: the held-out loss has not levelled off (it still fell more than {100 * PLATEAU:g}%)"
+    if change > PLATEAU:  # past its best: the router now fits its training items at the cost of new text
+        best = int(np.argmin(held))
+        return False, (f"{said}: the held-out loss rose more than {100 * PLATEAU:g}% (its lowest, {held[best]:.3f}, "
+                       f"at step {steps[best]})")
+    return True, f"{said}: the held-out loss levelled off"
 
 
 def flexidepth(usage: pd.DataFrame, training: dict | None = None) -> list[Verdict]:

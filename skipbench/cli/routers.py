@@ -46,6 +46,9 @@ def flexidepth_train(
     dtype: TrainDtype = Dtype.float32,
     out: str = typer.Option(STRATEGIES.get("flexidepth").default_arg, help="checkpoint folder (resumed when it holds a checkpoint)"),
     restart: bool = Restart,
+    eval_every: int = typer.Option(0, help="every N steps (and at the last), the loss over held-out items (the "
+                                   "validation split), logged as val_loss and used to judge convergence (0 = never)"),
+    val_limit: int = typer.Option(0, help="held-out items for --eval-every (0 = the whole validation split)"),
 ) -> None:
     """Train FlexiDepth routers and adapters on a frozen model.
 
@@ -53,8 +56,11 @@ def flexidepth_train(
     """
     from skipbench.experiments.flexidepth import FlexiTrainConfig, run_train
 
+    from skipbench.data import DataSpec
+
     tcfg = train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
-                        device, dtype, out, targets, grad_accum, restart=restart)
+                        device, dtype, out, targets, grad_accum, restart=restart, eval_every=eval_every,
+                        val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None) if eval_every else None)
     display.train(run_train, FlexiTrainConfig(train=tcfg, alpha=skip_weight, routed_layers=ints(routed_layers, "--routed-layers"),
                                               reduction=router_reduction, tau=tau, adapter=adapter, kv=kv,
                                               linear_router=linear_router))

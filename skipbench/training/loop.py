@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,10 +61,14 @@ class TrainConfig:
     train_backbone: bool = False  # fine-tune the model jointly (saved to <out>/backbone); the target stays the original
     backbone_lr: float = 1e-5
     restart: bool = False  # discard a checkpoint in `out` instead of resuming it
+    # held-out loss: every `eval_every` steps (and at the last), the objective's mean over these items (the
+    # validation split), without gradients; logged as `val_loss`, it is what `training_summary` judges convergence by
+    val_data: DataSpec | None = None
+    eval_every: int = 0  # 0: no held-out loss
 
 
 # fields that may change between a run and its resumption: they do not change what a step computes
-RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart"}
+RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart", "val_data", "eval_every"}
 
 
 class Method:
@@ -284,6 +288,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     if min(cfg.batch_size, len(data)) < d.world:
         raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
                              "ranks without one; raise --batch-size")
+    held_out = _held_out(lm, cfg, data, d, notes)
     engine = Engine(lm.adapter, method.kv_mode)
     runner = _data_parallel(Trainable(module, lm.model if cfg.train_backbone else None), d, lm.device,
                             method.unused_params)
@@ -295,6 +300,9 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         log.append(optimizer_step(
             runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: task_weight([e], cfg.loss),
             lambda sub, keys, total, clock: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys, clock)))
+        if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            log[-1]["val_loss"] = held_out_loss(lm, engine, method, held_out, cfg, d, teacher)
+            module.train()
         if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
         if progress:
@@ -303,6 +311,39 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
     module.eval()
     lm.model.requires_grad_(False)
     return TrainResult(cfg.steps, log, out, done, notes)
+
+
+def _held_out(lm, cfg: TrainConfig, data: list[Example], d: distributed.Dist, notes: list[str]) -> list[Example]:
+    """The held-out examples (prompts with the full model's responses, from the same teacher cache), checked to
+    share no prompt with the training examples."""
+    if cfg.eval_every < 0:
+        raise SkipbenchError(f"--eval-every must be >= 0, got {cfg.eval_every}")
+    if not cfg.eval_every or cfg.val_data is None:
+        return []
+    cache = Path(cfg.teacher_cache) if cfg.teacher_cache else Path(cfg.out) / "teacher.json"
+    held = examples(lm, replace(cfg, data=cfg.val_data), cache, d, notes)
+    seen = {tuple(e.prompt) for e in data}
+    if any(tuple(e.prompt) in seen for e in held):
+        raise SkipbenchError(f"the held-out items (split {cfg.val_data.split}) share prompts with the training items "
+                             f"(split {cfg.data.split}): train on --split train to measure a held-out loss")
+    return held
+
+
+@torch.no_grad()
+def held_out_loss(lm, engine: Engine, method: Method, held: list[Example], cfg: TrainConfig, d: distributed.Dist,
+                  teacher: Engine | None = None) -> float:
+    """The training objective (task loss + the method's cost term) per response token over the held-out examples,
+    in eval mode and with random gates keyed by (seed, -1, example) so every evaluation draws the same."""
+    method.module().eval()
+    total = float(sum(task_weight([e], cfg.loss) for e in held))
+    mine = list(range(d.rank, len(held), d.world))
+    loss = 0.0
+    for s in range(0, len(mine), cfg.batch_size):
+        idx = mine[s : s + cfg.batch_size]
+        part, _ = step_loss(lm, engine, method, [held[i] for i in idx], cfg.loss, total, teacher,
+                            [(cfg.seed, -1, i) for i in idx])
+        loss += float(part)
+    return float(d.sum([loss])[0])
 
 
 def pick_batch(data: list, batch_size: int, seed: int, step: int) -> tuple[list, np.ndarray]:
@@ -364,7 +405,7 @@ def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
     saved = _flat(readers.json_file(out / "config.json", "checkpoint config", RESTART))
     now = _flat(json.loads(json.dumps(_saved_config(method, cfg), default=str)))
     differ = [k for k in sorted(set(saved) | set(now))
-              if k.removeprefix("train.") not in RESUMABLE and k != "step" and saved.get(k) != now.get(k)]
+              if k.removeprefix("train.").split(".")[0] not in RESUMABLE and k != "step" and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
@@ -487,8 +528,9 @@ def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConf
 
 def training_summary(path: str | Path) -> dict | None:
     """What a checkpoint's training did, for judging whether it trained long enough (read off its trainer.pt log and
-    config.json): steps, examples seen and epochs over its training items, and the mean loss over the last fifth
-    of the steps against the fifth before it. None without a log (a hand-made checkpoint)."""
+    config.json): steps, examples seen and epochs over its training items, the mean loss over the last fifth
+    of the steps against the fifth before it, and the held-out losses with their steps when the run measured them
+    (--eval-every). None without a log (a hand-made checkpoint)."""
     path = Path(path)
     if not (path / "trainer.pt").exists():
         return None
@@ -505,9 +547,11 @@ def training_summary(path: str | Path) -> dict | None:
             items = len(load_items(DataSpec(**record["data"])))
         except (TypeError, SkipbenchError):
             items = None
+    held = [(int(r["step"]), float(r["val_loss"])) for r in log if "val_loss" in r]
     return {"steps": len(log), "examples": len(log) * batch, "train_items": items,
             "epochs": len(log) * batch / items if items and batch else None,
-            "loss_first": float(log[0]["loss"]), "loss_last_fifth": last, "loss_fifth_before": before}
+            "loss_first": float(log[0]["loss"]), "loss_last_fifth": last, "loss_fifth_before": before,
+            **({"val_steps": [s for s, _ in held], "val_loss": [v for _, v in held]} if held else {})}
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
