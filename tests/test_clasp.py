@@ -15,7 +15,7 @@ from conftest import prompts, tiny_model
 from skipbench.cli import app
 from skipbench.engine import generate
 from skipbench.engine.forward import Engine
-from skipbench.engine.speculative import Speculation, speculate
+from skipbench.engine.speculative import PROMPT_WINDOW, Speculation, speculate
 from skipbench.errors import SkipbenchError
 from skipbench.models import wrap_model
 from skipbench.policies import parse_policies
@@ -57,7 +57,11 @@ def test_the_hook_hands_each_round_what_its_verify_pass_computed_and_may_set_k(l
     assert out.tokens == ref.tokens
     s = out.speculation
     first, rounds = rec.rounds[0], rec.rounds[1:]
-    assert first.k == 0 and int(first.accepted.sum()) == 0  # after the prompt: its last token, nothing drafted
+    # after the prompt: its last w tokens (all kept), nothing drafted
+    w = min(PROMPT_WINDOW, min(len(p) for p in ps))
+    assert first.k == 0 and int(first.drafted.sum()) == 0 and first.accepted.tolist() == [w - 1] * batch
+    assert all(h.shape[:2] == (batch, w) for h in first.hidden) and first.start + w == max(len(p) for p in ps)
+    assert first.positions[:, -1].tolist() == [len(p) - 1 for p in ps]  # each row's last prompt token
     assert len(rounds) == len(s.round_k) - 1 and [r.k for r in rounds] == s.round_k[:-1]  # none after the last
     assert s.round_k[:5] == [1, 2, 3, 1, 2]  # the K each call asked for (the first round drafts the K it had)
     for r in rounds:

@@ -14,17 +14,19 @@ from skipbench.experiments.track import TrackConfig, prompts_of, summarise
 def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tiny_dirs, tmp_path):
     out = tmp_path / "track.parquet"
     res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--per-category", "1",
-                                   "--draft", "early-exit:3,clasp:3", "--max-new-tokens", "6",
+                                   "--draft", "early-exit:3,clasp:3,del", "--max-new-tokens", "6",
                                    "--max-prompt-tokens", "24", "--warmup", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    methods = {"full", "early-exit:3", "clasp:3"}
+    methods = {"full", "early-exit:3", "clasp:3", "del"}
     assert set(df["method"]) == methods and (df.groupby("method").size() == 13).all()  # one prompt per category
     assert df["lossless"].all()  # greedy self-speculation gives full depth's output on every prompt
     full = df[df["method"] == "full"]
     assert (full["rounds"] == full["new_tokens"] - 1).all()  # plain decoding: one token per step after the prompt's
     clasp = df[df["method"] == "clasp:3"]
     assert ((1 <= clasp["searches"]) & (clasp["searches"] <= clasp["rounds"])).all()  # after the prompt, every 16
+    exits = df.loc[df["method"] == "del", "exit_mean"].dropna()  # DEL's chosen exits, where it drafted
+    assert ((1 <= exits) & (exits < 6)).all() and df.loc[df["method"] != "del", "exit_mean"].isna().all()
     agg = pd.read_parquet(tmp_path / "track-agg.parquet")
     assert set(agg["category"]) == {"all", *set(full["category"])} and len(set(full["category"])) == 13
     overall = agg[agg["category"] == "all"].set_index("method")

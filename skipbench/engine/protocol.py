@@ -59,10 +59,13 @@ class AttnRoute:
 class Round:
     """What one verify pass of self-speculative decoding computed, handed to a draft that `adapts`
     (`Policy.after_round`; engine/speculative.py) before the next round drafts. Rows are the batch's; the verify
-    pass ran over [pending, d1 .. dm] (m = `k`) at the cache positions `start` .. `start` + m."""
+    pass ran over [pending, d1 .. dm] (m = `k`) at the cache positions `start` .. `start` + m. After the prompt, the
+    first Round holds its last w tokens (w = speculative.PROMPT_WINDOW, or the shortest prompt): k = 0, drafted 0,
+    accepted w - 1 (each row keeps all w)."""
 
     hidden: list  # per layer i: the stream entering layer i, [B, m + 1, d]; index L: leaving the last layer (before
-    # the final norm); None for layers the pass did not run (an early-exit draft's tokens resume at its exit)
+    # the final norm). When the round's draft was an early exit at E, the states below E are the ones its draft
+    # passes computed (the full model's there: the verify pass resumed at E)
     positions: "torch.Tensor"  # [B, m + 1] the verified tokens' position ids
     drafted: "torch.Tensor"  # [B] draft tokens each row proposed this round
     accepted: "torch.Tensor"  # [B] of those, accepted: row r keeps verified tokens 0 .. accepted[r] in the cache
@@ -89,6 +92,9 @@ class Policy:
     #: a self-speculative draft that adapts between rounds: the verify pass then keeps its per-layer states and
     #: `after_round` receives them (False: the loop keeps nothing and calls nothing, so the hook costs nothing)
     adapts: bool = False
+    #: an adapting draft's own confidence stop for the next round (DEL): a row stops drafting after a token whose
+    #: draft probability is below it (None: the loop's --draft-threshold)
+    stop_below: float | None = None
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
@@ -113,7 +119,8 @@ class Policy:
 
     def after_round(self, done: Round) -> int | None:
         """Called after each verify pass of self-speculative decoding when `adapts`: the draft may change the layers
-        it runs (the same for every token of the next round) and returns the next round's K (None: the loop's)."""
+        it runs (the same for every token of the next round) and returns the next round's K (None: the loop's; 0: a
+        plain decoding step, after which it is called again)."""
         return None
 
     def skips_statically(self) -> bool:

@@ -31,12 +31,12 @@ equality.
 `--speculate auto` starts at K and adapts between rounds as transformers' assisted generation does: K + 2 after a
 round in which every row accepted all it drafted, else K - 1 (between 1 and `k_max`).
 
-A draft that `adapts` (CLaSp: engine/protocol.py) gets, after each round, what the verify pass computed
-(`Round`: its per-layer states, the acceptance of each row's drafts, the cache) and may change its layers and the
-next round's K. The verify pass keeps its states only for such a draft, so for every other draft the hook costs
-nothing; its time is its own phase ("adapt"), part of the round (the first call, after the prompt, part of the
-first round). Its verify pass runs every layer (an early exit among its layer sets is not resumed at E), so that
-every layer's states are there.
+A draft that `adapts` (CLaSp, DEL: engine/protocol.py) gets, after the prompt and after each round, what the verify
+pass computed (`Round`: its per-layer states, the acceptance of each row's drafts, the cache) and may change its
+layers, the next round's K (0: a plain decoding step) and its confidence stop (`Policy.stop_below`). The verify
+pass keeps its states only for such a draft, so for every other draft the hook costs nothing; its time is its own
+phase ("adapt"), part of the round (the first call, after the prompt, part of the first round). A round whose
+layers are an early exit at E resumes at E as above; the states below E handed over are then the draft passes'.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ from skipbench.engine.forward import DraftHead, Engine
 from skipbench.engine.protocol import Policy, Round
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
+
+
+PROMPT_WINDOW = 32  # the prompt tokens an adapting draft first learns from (DEL seeds its estimates from 32)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,8 +209,6 @@ def speculate(
     draft.begin(batch, row_keys)
     draft.lengths([len(p) for p in prompts], max_new_tokens)
     adapts = draft.adapts  # the verify pass keeps its states for `after_round`, which may change the draft's layers
-    # an early exit's verify pass resumes at E (module docstring); a draft that adapts gets every layer's states
-    exit_at = None if adapts else exit_layer(draft, num_layers)
     # a draft that runs the same layers for every token never reads a skipped layer's K/V at its own positions
     drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None, drafts=True,
                      head=DraftHead(lm.adapter, vocab) if spec.draft_vocab else None)
@@ -223,21 +224,27 @@ def speculate(
     stop_set = set(stops.tolist())
     done = [t in stop_set or max_new_tokens == 1 for t in first.tolist()]
     pending = first
-    stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, [0] * batch, exit_layer=exit_at)
+    # an early exit's verify pass resumes at E (module docstring); an adapting draft's E may change between rounds
+    stats = SpecStats([0] * batch, [0] * batch, [0] * batch, [0] * batch, [0] * batch,
+                      exit_layer=None if adapts else exit_layer(draft, num_layers))
     if clock is not None:
         timings.append(("prefill", clock.lap()))
     k = spec.k
-    if adapts:  # the prompt's pass verified its last token: a first round of nothing drafted (CLaSp's "prefill &
-        # update"), timed as the first round's "adapt"
+    if adapts:  # the prompt's pass verified its tokens: a first round of nothing drafted (CLaSp's "prefill & update",
+        # DEL's estimates seeded from the prompt) over its last PROMPT_WINDOW tokens, timed as the first round's "adapt"
+        w = min(PROMPT_WINDOW, min(len(p) for p in prompts))
         nothing = torch.zeros(batch, dtype=torch.long, device=dev)
         asked = draft.after_round(Round(
-            hidden=[h[:, -1:] for h in out.hidden], positions=(ids.shape[1] - 1 - cache.pad)[:, None], drafted=nothing,
-            accepted=nothing, live=nothing == 0, start=ids.shape[1] - 1, context=cache.length, k=0, cache=cache))
-        k = k if asked is None else max(1, min(spec.k_max, int(asked)))
+            hidden=[h[:, -w:] for h in out.hidden], drafted=nothing, accepted=nothing + w - 1, live=nothing == 0,
+            positions=(ids.shape[1] - w + torch.arange(w, device=dev))[None, :] - cache.pad[:, None],
+            start=ids.shape[1] - w, context=cache.length, k=0, cache=cache))
+        k = k if asked is None else max(0, min(spec.k_max, int(asked)))
         if clock is not None:
             timings.append(("adapt", clock.lap()))
     steps = torch.arange(spec.k_max, device=dev)
     while not all(done):
+        exit_at = exit_layer(draft, num_layers)  # this round's (an adapting draft may change its layers)
+        threshold = spec.threshold if draft.stop_below is None else draft.stop_below
         # 1. draft: each live row up to its limit (K, and never past the tokens it still needs)
         limit = torch.tensor([0 if d else min(k, max_new_tokens - len(t) - 1) for d, t in zip(done, tokens)], device=dev)
         rounds_k = int(limit.max())
@@ -245,7 +252,7 @@ def speculate(
         cache.reserve(start_len + rounds_k + 1)
         drafting = limit > 0
         count = torch.zeros(batch, dtype=torch.long, device=dev)
-        drafts, q_probs, states = [], [], []
+        drafts, q_probs, states, below = [], [], [], []
         passes = torch.zeros(batch, dtype=torch.long, device=dev)
         tok = pending
         for j in range(rounds_k):
@@ -254,7 +261,7 @@ def speculate(
             logits = o.logits[:, -1]
             if greedy:
                 tok = logits.argmax(-1) if propose is None else propose(logits.argmax(-1))
-                conf = torch.softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0] if spec.threshold else None
+                conf = torch.softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0] if threshold else None
             else:
                 q = distribution(logits, sampling)
                 tok = draw(q, gen)
@@ -262,11 +269,13 @@ def speculate(
                 conf = q.gather(-1, tok[:, None])[:, 0]
             if exit_at is not None:
                 states.append(o.hidden[exit_at])
+                if adapts:
+                    below.append(o.hidden[:exit_at])
             drafts.append(tok)
             count += drafting.long()
             stop = (j + 1 >= limit) | torch.isin(tok, stops)
-            if spec.threshold:
-                stop |= conf < spec.threshold
+            if threshold:
+                stop |= conf < threshold
             drafting &= ~stop
             if clock is not None:
                 timings.append(("draft", clock.lap()))
@@ -280,9 +289,12 @@ def speculate(
         positions = cache.positions(m + 1) if adapts else None
         if exit_at is not None and m:
             cache.length = start_len + m  # the last draft token was never fed: layers below E first
-            last = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at)).state
+            first = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at), keep_hidden=adapts)
             cache.length = start_len
-            o = verifier.forward(seq, cache, None, span=range(exit_at, num_layers), states=torch.cat([*states, last], 1))
+            o = verifier.forward(seq, cache, None, span=range(exit_at, num_layers), keep_hidden=adapts,
+                                 states=torch.cat([*states, first.state], 1))
+            if adapts:  # below E, the states the draft computed (the full model's there), then the verify pass's
+                o.hidden = [torch.cat([*(b[i] for b in below), first.hidden[i]], 1) for i in range(exit_at)] + o.hidden
         else:
             o = verifier.forward(seq, cache, None, keep_hidden=adapts)
         logits = o.logits  # [B, m + 1, V]
@@ -335,8 +347,8 @@ def speculate(
                 k=m, live=torch.tensor([bool(x) for x in keep], device=dev), cache=cache))
             if clock is not None:
                 timings.append(("adapt", clock.lap()))
-        if asked is not None:  # the draft sets the next K (within 1 .. k_max)
-            k = max(1, min(spec.k_max, int(asked)))
+        if asked is not None:  # the draft sets the next K (within 0 .. k_max; 0: a plain decoding step)
+            k = max(0, min(spec.k_max, int(asked)))
         elif spec.adaptive:
             live = [r for r in range(batch) if keep[r] and cnt[r]]
             all_in = bool(live) and all(n_list[r] == cnt[r] for r in live)

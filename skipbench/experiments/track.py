@@ -55,9 +55,9 @@ class TrackConfig:
 
 def default_drafts(num_layers: int) -> tuple[PolicySpec, ...]:
     """The static drafts and CLaSp at three quarters of the depth (a draft that skips more agrees too rarely on a
-    small model: docs/BENCHMARKS.md)."""
+    small model: docs/BENCHMARKS.md), and DEL, which chooses its own exit."""
     c = max(1, round(0.75 * num_layers))
-    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c}"))
+    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c},del"))
 
 
 def prompts_of(cfg: TrackConfig) -> list:
@@ -140,7 +140,8 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
                          "new_tokens": len(tokens), "tokens_per_s": len(tokens) / seconds,
                          "seconds_ratio": full_seconds / seconds, "lossless": tokens == full_tokens,
                          "rounds": rounds, "acceptance_rate": np.nan if s is None else s.acceptance_rate(),
-                         "searches": len(getattr(methods[name], "searches", ()) or ())})
+                         "searches": len(getattr(methods[name], "searches", ()) or ()),
+                         "exit_mean": _exit_mean(methods[name])})
     df = pd.DataFrame(rows)
     summary = summarise(df)
     df = tidy(df, cfg, skip=("out", "drafts"), lm=lm, drafts=",".join(s.label for s in specs))
@@ -164,6 +165,12 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
     paths = write_tables(df, cfg.out, meta, agg=summary)
     return TrackResult(rows=df, summary=summary, path=paths["rows"], tables={"agg": summary}, files={"figure": figure},
                        shown=shown, said=said + [f"wrote {paths['rows']}"])
+
+
+def _exit_mean(draft) -> float:
+    """DEL's mean exit layer over the rounds that drafted (NaN for other methods, or when it never drafted)."""
+    exits = [e for e, d in getattr(draft, "choices", ()) if d]
+    return float(np.mean(exits)) if exits else np.nan
 
 
 def summarise(df: pd.DataFrame, resamples: int = 1000) -> pd.DataFrame:

@@ -220,6 +220,12 @@ _BUILTIN = [
                                                                "paper's layer optimisation interval)"),),
              help="CLaSp (Chen et al., 2025), a self-speculative draft only: C layers, re-chosen from the verify "
                   "pass by a dynamic program (after the prompt, then every -o interval rounds)"),
+    Strategy(name="del", build="skipbench.policies.dynamic_exit:build", kind="draft", needs=("model",),
+             options=(Option(name="min-exit", default=0, help="the lowest exit layer considered (0: L/4)"),
+                      Option(name="max-length", default=16, help="the longest draft of a round"),
+                      Option(name="decay", default=0.95, help="per-round decay of the acceptance counts")),
+             help="DEL (Zarch et al., 2025), a self-speculative draft only: an early exit whose layer, draft length "
+                  "and confidence stop are re-chosen after every round from shadow tokens of the verified states"),
     Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
              default_arg="runs/route", needs=("model", "data"),
              options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),
