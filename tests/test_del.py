@@ -74,9 +74,9 @@ def test_shadow_counts_by_hand(tokenizer):
     draft = dynamic_exit(lm)
     speculate(lm, ps, draft, Speculation(k=3), 1)  # one new token: the prompt's round only
     ids = torch.tensor(ps)
-    hs = lm.model(ids, output_hidden_states=True).hidden_states  # [embedding, after layer 0, ...]
+    hs = lm.model(ids, output_hidden_states=True).hidden_states  # [embedding, after layer 0, ..., final-normed]
     w = min(speculative.PROMPT_WINDOW, len(ps[0]))
-    final = lm.adapter.head(lm.adapter.final_norm(hs[-1][:, -w:])).argmax(-1)
+    final = lm.adapter.head(hs[-1][:, -w:]).argmax(-1)  # transformers' last state has had the final norm
     for c, layer in enumerate(draft.candidates.tolist()):
         shadow = lm.adapter.head(lm.adapter.final_norm(hs[layer][:, -w:])).argmax(-1)
         assert draft.matched[c] == (shadow == final).sum() and draft.matched[c] + draft.missed[c] == w
@@ -95,6 +95,21 @@ def test_greedy_output_is_full_depths(tokenizer, family, kv_mode):
         s = out.speculation
         assert sum(s.drafted) > 0 and sum(s.rejections) > 0  # it drafted, and was wrong at times
         assert {e for e, d in draft.choices if d} <= set(draft.candidates.tolist())
+
+
+def test_its_exit_and_length_move_between_rounds(tokenizer):
+    """On an OPT whose top three layers are scaled down, the estimates move with what the rounds verify: DEL
+    drafts from more than one exit and with more than one length, and the output stays full depth's."""
+    lm = model(tokenizer, "opt", first=3, scale=0.2)
+    ps = prompts(tokenizer, 1)
+    draft = dynamic_exit(lm)
+    out = speculate(lm, ps, draft, Speculation(k=3), 40)
+    assert out.tokens == generate(lm, ps, None, 40).tokens
+    drafting = [c for c in draft.choices if c[1]]
+    assert len({e for e, _ in drafting}) > 1 and len({d for _, d in drafting}) > 1, draft.choices
+    # each round drafts at most the length chosen before it (fewer when the confidence stop or the end cuts it)
+    assert all(m <= d for m, (_, d) in zip(out.speculation.round_k, draft.choices))
+    assert any(m < d for m, (_, d) in zip(out.speculation.round_k, draft.choices))
 
 
 class EarlyExit(PlanPolicy):
@@ -140,10 +155,34 @@ def test_a_round_may_draft_nothing(tokenizer):
     assert s.layer_passes == [lm.num_layers * (len(t) - 1) for t in out.tokens]
 
 
+def test_sampled_tokens_follow_the_full_models_distribution():
+    """Sampling with DEL (its exit, length and stop moving between rounds, the verify pass resumed at E): the
+    first two tokens after the first follow the full model's joint distribution (chi-square, as for every draft)."""
+    from types import SimpleNamespace
+
+    from skipbench.engine.decode import Sampling
+    from test_speculative import chi2
+
+    small = tiny_model("llama", 6, layers=6, seed=3)
+    with torch.no_grad():  # a flatter distribution (test_speculative's `small`), top layers scaled down
+        for p in small.parameters():
+            if p.dim() > 1:
+                p.mul_(0.5)
+    lm = wrap_model(scaled_top(small, 3, 0.3), SimpleNamespace(pad_token_id=0, eos_token_id=None), "tiny-vocab-6")
+    sampling, n, prompt = Sampling(temperature=1.0, seed=5), 3000, [2, 3, 4, 5, 2]
+    draft = dynamic_exit(lm, max_length=3)
+    out = speculate(lm, [prompt] * n, draft, Speculation(k=2), 4, "fill", sampling, stop_at_eos=False)
+    s = out.speculation
+    assert sum(s.accepted) > n // 10 and sum(s.rejections) > n // 20  # both paths taken
+    assert chi2(lm, prompt, out, sampling) > 0.01
+
+
 @pytest.mark.parametrize("option, value, said", [
+    ("max-length", "17", "max-length must be between 1 and 16"),
+    ("max-length", "2000000000", "max-length must be between 1 and 16"),
     ("min-exit", "6", "min-exit must be between 1 and 5"),
     ("min-exit", "-1", "min-exit must be between 1 and 5"),
-    ("max-length", "0", "max-length must be >= 1"),
+    ("max-length", "0", "max-length must be between 1 and 16"),
     ("decay", "0", "decay must be in (0, 1]"),
     ("decay", "nan", "decay must be in (0, 1]"),
     ("decay", "1.5", "decay must be in (0, 1]"),
@@ -152,6 +191,14 @@ def test_bad_options_are_one_line(tokenizer, option, value, said):
     lm = model(tokenizer)
     with pytest.raises(SkipbenchError, match=said.replace("(", r"\(").replace(")", r"\)")):
         dynamic_exit(lm, **{option.replace("-", "_"): value})
+
+
+def test_an_adapting_draft_is_refused_under_compile(tokenizer):
+    """Each new layer set would compile inside the timed rounds: refused before any generation."""
+    lm = model(tokenizer)
+    lm.adapter.compiled = True
+    with pytest.raises(SkipbenchError, match="without --compile"):
+        speculate(lm, prompts(tokenizer, 1), dynamic_exit(lm), Speculation(k=3), NEW)
 
 
 def test_the_commands_take_it_as_a_draft_only(tiny_dirs, tmp_path):

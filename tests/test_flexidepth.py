@@ -179,6 +179,20 @@ def test_held_out_loss_is_the_objective_on_the_validation_items(tiny_dirs, tmp_p
     assert summary["val_steps"] == [4, 6, 7] and summary["val_loss"] == [r["val_loss"] for r in log if "val_loss" in r]
 
 
+def test_held_out_options_are_checked_and_a_resume_keeps_its_held_out_items(tiny_dirs, tmp_path):
+    runner, run = CliRunner(), tmp_path / "flexi"
+    common = ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "8",
+              "--router-reduction", "4", "--max-new-tokens", "4", "--max-seq-len", "1024", "--out", str(run)]
+    for bad, said in [(["--eval-every", "-1"], "must be >= 0"), (["--eval-every", "1", "--val-limit", "-2"], "must be >= 0"),
+                      (["--val-limit", "3"], "give --eval-every N too")]:
+        res = runner.invoke(app, [*common, "--steps", "2", *bad])
+        assert res.exit_code == 1 and said in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert runner.invoke(app, [*common, "--steps", "2", "--eval-every", "1", "--val-limit", "3"]).exit_code == 0
+    res = runner.invoke(app, [*common, "--steps", "4", "--eval-every", "1", "--val-limit", "4"])  # other items
+    assert res.exit_code == 1 and "logged held-out losses on other items" in res.stderr
+    assert runner.invoke(app, [*common, "--steps", "4", "--eval-every", "1", "--val-limit", "3"]).exit_code == 0
+
+
 @pytest.mark.parametrize("split", ["validation", "all"])
 def test_a_held_out_loss_on_training_items_is_refused(tiny_dirs, tmp_path, split):
     res = CliRunner().invoke(app, ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith",

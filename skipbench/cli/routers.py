@@ -12,6 +12,7 @@ from skipbench.cli.options import (
     BatchSize, Device, DeviceOpt, Dtype, DtypeOpt, GradAccum, Loss, LossKind, Lr, MaxSeqLen, Model, Restart, Router,
     Seed, Steps, Targets, Teacher, TrainData, TrainDtype, TrainSplit, TrainTokens, ints, train_config,
 )
+from skipbench.errors import SkipbenchError
 from skipbench.policies.spec import STRATEGIES
 from skipbench.store.paths import slug
 
@@ -58,6 +59,10 @@ def flexidepth_train(
 
     from skipbench.data import DataSpec
 
+    if eval_every < 0 or val_limit < 0:
+        raise SkipbenchError(f"--eval-every and --val-limit must be >= 0, got {eval_every} and {val_limit}")
+    if val_limit and not eval_every:
+        raise SkipbenchError("--val-limit sizes the held-out loss of --eval-every: give --eval-every N too")
     tcfg = train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
                         device, dtype, out, targets, grad_accum, restart=restart, eval_every=eval_every,
                         val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None) if eval_every else None)

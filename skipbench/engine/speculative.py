@@ -202,6 +202,9 @@ def speculate(
                              "share the full model's cache: self-speculative drafts skip layers of the full model")
     if propose is not None and sampling.temperature > 0:
         raise SkipbenchError("propose replaces greedy draft tokens only")
+    if draft.adapts and getattr(lm.adapter, "compiled", False):
+        raise SkipbenchError(f"draft '{draft.describe()}' changes its layers between rounds, and under --compile each "
+                             "new layer set would compile inside the timed rounds: run it without --compile")
     num_layers, dev = lm.num_layers, lm.device
     verifier = Engine(lm.adapter, kv_mode, impl)
     ids, present, cache = start(lm, verifier, prompts, max_new_tokens, max_new_tokens + spec.k_max + 1)
@@ -289,12 +292,12 @@ def speculate(
         positions = cache.positions(m + 1) if adapts else None
         if exit_at is not None and m:
             cache.length = start_len + m  # the last draft token was never fed: layers below E first
-            first = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at), keep_hidden=adapts)
+            lower = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at), keep_hidden=adapts)
             cache.length = start_len
             o = verifier.forward(seq, cache, None, span=range(exit_at, num_layers), keep_hidden=adapts,
-                                 states=torch.cat([*states, first.state], 1))
+                                 states=torch.cat([*states, lower.state], 1))
             if adapts:  # below E, the states the draft computed (the full model's there), then the verify pass's
-                o.hidden = [torch.cat([*(b[i] for b in below), first.hidden[i]], 1) for i in range(exit_at)] + o.hidden
+                o.hidden = [torch.cat([*(b[i] for b in below), lower.hidden[i]], 1) for i in range(exit_at)] + o.hidden
         else:
             o = verifier.forward(seq, cache, None, keep_hidden=adapts)
         logits = o.logits  # [B, m + 1, V]

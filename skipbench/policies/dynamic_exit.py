@@ -26,10 +26,17 @@ that was not, the shadow tokens of low layers rarely match, and DEL exits late o
 Where this differs from the paper (the authors' code, hoenza/DEL, was read to check the estimator; this is not it):
 
 * candidate exits are the layers from `-o min-exit` (default L/4) to L-1: a shadow token costs one head
-  evaluation per layer and kept token, which a CPU pays in full (the paper's GPU batches them); `-o min-exit`
-  narrows the range;
-* at batch > 1 the rows share E, d and tau, pooled over the rows' kept tokens (the paper decodes one sequence);
-* the draft length is bounded by --speculate's largest K (16) and by `-o max-length`.
+  evaluation per layer and kept token, which a CPU pays in full (on SmolLM2-135M the head is about 28M weights,
+  some 8 layers' worth, so a round that keeps 3 tokens spends about 23 x 3 head evaluations on its estimate; the
+  paper's GPU batches them); `-o min-exit` narrows the range. TPL's cost (d l + L) leaves this overhead out, as the
+  paper's does;
+* when no (E, d) beats plain decoding's 1 / L, the next round drafts nothing (the loop needs some K; the paper's
+  d = 0);
+* at batch > 1 the rows share E, d and tau, pooled over the rows' kept tokens (the paper decodes one sequence); the
+  first estimate reads the last min(32, shortest prompt) tokens of every row;
+* DEL sets the draft length and the confidence stop itself: `--speculate K` and `--draft-threshold` do not apply
+  (the length is at most `-o max-length`, itself at most 16); under sampling the stop compares the
+  sampled token's draft probability with tau, which is built from the shadow tokens' (greedy) probabilities.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from skipbench.engine.protocol import Gate, Policy, Round
+from skipbench.engine.speculative import Speculation
 from skipbench.errors import SkipbenchError
 
 
@@ -58,8 +66,9 @@ class DEL(Policy):
         min_exit = min_exit or max(1, L // 4)
         if not 1 <= min_exit < L:
             raise SkipbenchError(f"policy '{name}': -o min-exit must be between 1 and {L - 1}, got {min_exit}")
-        if max_length < 1:
-            raise SkipbenchError(f"policy '{name}': -o max-length must be >= 1, got {max_length}")
+        if not 1 <= max_length <= Speculation().k_max:
+            raise SkipbenchError(f"policy '{name}': -o max-length must be between 1 and {Speculation().k_max} (the "
+                                 f"loop's largest K), got {max_length}")
         if not 0 < decay <= 1:
             raise SkipbenchError(f"policy '{name}': -o decay must be in (0, 1], got {decay}")
         self.ad, self.name, self.decay = adapter, name, decay
@@ -97,11 +106,14 @@ class DEL(Policy):
         width = done.hidden[0].shape[1]
         kept = torch.arange(width, device=rows.device)[None, :] <= done.accepted[rows, None]  # [R, T] the window
         final = self._logits(done.hidden[self.num_layers][rows][kept]).argmax(-1)  # [N] the full model's tokens
-        states = torch.stack([done.hidden[int(l)][rows][kept] for l in self.candidates])  # [C, N, d]
-        probs = torch.softmax(self._logits(states).float(), -1)
-        conf, shadow = probs.max(-1)  # [C, N]
-        hit = (shadow == final[None]).double().cpu()
-        conf = conf.double().cpu()
+        hits, confs = [], []
+        for layer in self.candidates.tolist():  # one candidate at a time: [N, V] logits, never [C, N, V]
+            logits = self._logits(done.hidden[layer][rows][kept]).float()
+            top, shadow = logits.max(-1)
+            hits.append(shadow == final)
+            confs.append(torch.exp(top - torch.logsumexp(logits, -1)))  # the shadow token's probability
+        hit = torch.stack(hits).double().cpu()  # [C, N]
+        conf = torch.stack(confs).double().cpu()
         self.matched = self.decay * self.matched + hit.sum(1)
         self.missed = self.decay * self.missed + (1 - hit).sum(1)
         self.conf_matched = self.decay * self.conf_matched + (conf * hit).sum(1)

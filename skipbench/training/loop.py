@@ -281,6 +281,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
             _load_backbone(lm, out, state["step"])
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
+        _check_held_out_resumable(out, cfg, log)
         if done == cfg.steps:
             notes.append(f"'{out}' already holds {done} steps of this configuration: nothing to train "
                          "(--steps N to continue, --restart to train again)")
@@ -414,6 +415,18 @@ def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
 
 
 RESTART = "pass --restart to train from scratch there, or choose another --out"
+
+
+def _check_held_out_resumable(out: Path, cfg: TrainConfig, log: list[dict]) -> None:
+    """Held-out losses already logged were measured on the saved --val-limit's items: a resumed run that measures
+    on other items would mix two series in one log (the criterion compares its fifths), so it is refused."""
+    if not any("val_loss" in r for r in log):
+        return
+    saved = readers.json_file(out / "config.json", "checkpoint config", RESTART).get("train", {}).get("val_data")
+    now = json.loads(json.dumps(config_dict(cfg), default=str)).get("val_data")
+    if cfg.eval_every and saved != now:
+        raise SkipbenchError(f"'{out}' logged held-out losses on other items ({saved} -> {now}); keep its --val-limit "
+                             f"and dataset, or {RESTART.removeprefix('pass ')}")
 
 
 def trainer_state(out: Path) -> dict:
