@@ -99,6 +99,10 @@ def evaluate(
     speculate: str = Speculate,
     draft_threshold: float = DraftThreshold,
     draft_vocab: int = DraftVocab,
+    calibration_seeds: str = typer.Option("", help="run every calibrated point (block-influence, angular, laco, a "
+                                          "router with -o skip) once per calibration sample, e.g. 0,1,2 (0: the "
+                                          "split's first items; S: a seeded sample of the same size); the output "
+                                          "adds each point's spread over its samples"),
 ) -> None:
     """Generate for every item under a policy at several costs; ROUGE-L, exact match and fidelity per item.
     With --draft, one more point: full depth's output by self-speculative decoding (acceptance columns,
@@ -107,9 +111,11 @@ def evaluate(
     Example: skipbench evaluate --dataset arith --policy uniform --costs 8,15,22,30 --limit 100
     Example: skipbench evaluate --dataset text --policy full --draft uniform:20 --speculate 4
     Example: skipbench evaluate --dataset text --split test --policy route:runs/route-text --budget 12
+    Example: skipbench evaluate --dataset text --split test --policy block-influence:20,angular:20 --calibration-seeds 0,1,2
     """
     from skipbench.data import DataSpec
     from skipbench.evaluation.quality import EvalConfig, run
+    from skipbench.policies.spec import with_calibration_seeds
 
     options = with_budget(policy_option, budget)
     flags = dict(costs=ints(costs, "--costs"), seed=seed, per_token=per_token, gate=gate,
@@ -118,7 +124,8 @@ def evaluate(
     cfg = EvalConfig(
         model=model, data=DataSpec(name=dataset, split=split, limit=limit or None, seed=data_seed,
                                    prompt_field=prompt_field, reference_field=reference_field),
-        policies=tuple(specs(policy or ["uniform"], **flags, policy_options=own)),
+        policies=with_calibration_seeds(specs(policy or ["uniform"], **flags, policy_options=own),
+                                        ints(calibration_seeds, "--calibration-seeds")),
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, impl=impl, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,

@@ -29,6 +29,7 @@ from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies.calibration import frequent_tokens
 from skipbench.policies import PolicySpec
+from skipbench.policies.spec import CALIBRATION_SEED, calibration_point, samples_calibration
 from skipbench.analysis.metrics import exact_match, rouge_l
 from skipbench.models import load_model
 from skipbench.models.loading import LoadedModel, default_batch_size, model_fingerprint
@@ -316,11 +317,18 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         return result(rows, write_atomic(rows, out, meta))
 
     def result(rows: pd.DataFrame, path: Path) -> EvalResult:
+        from skipbench.analysis.spread import calibration_spread, rankings
+
         summary, reused = summarise(rows), len(pts) - len(todo)
         shares = f", {reused_shares} rank share(s) of a failed run reused" if reused_shares else ""
+        spread = calibration_spread(rows)
+        shown = [Shown(f"evaluate · {cfg.model} · {cfg.data.name}", summary)]
+        if len(spread):
+            shown.append(Shown("calibration spread: each calibrated point's mean full_rougeL over its samples",
+                               spread.drop(columns=["dataset", "split"], errors="ignore")))
         return EvalResult(rows=rows, summary=summary, path=path, reused_parts=reused, reused_shares=reused_shares,
-                          shown=[Shown(f"evaluate · {cfg.model} · {cfg.data.name}", summary)],
-                          said=[f"wrote {path} ({len(rows)} rows; {reused} finished part(s) reused{shares})"])
+                          shown=shown, said=[*rankings(spread),
+                                             f"wrote {path} ({len(rows)} rows; {reused} finished part(s) reused{shares})"])
 
     return d.on_main(write, lambda: result(readers.table(out), out))
 
@@ -335,6 +343,11 @@ def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.Data
         df["full_rougeL"] = [rouge_l(o, full[i]) for o, i in zip(df["output"], df["item_id"])]
         if isinstance(p, Drafted):  # lossless: the same text as full depth's (greedy; sampling differs by design)
             df["matches_full"] = [o == full[i] for o, i in zip(df["output"], df["item_id"])]
+        # the calibration sample a point's plan came from (-o calibration-seed; None where none is drawn), and the
+        # point it is a sample of (analysis/spread.py): computed here, so parts cached before keep their keys
+        sampled = not isinstance(p, Drafted) and samples_calibration(p)
+        df["calibration_seed"] = pd.array([p.opt(CALIBRATION_SEED) if sampled else None] * len(df), dtype="Int64")
+        df["calibration_point"] = calibration_point(p) if sampled else p.label
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 

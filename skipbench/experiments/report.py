@@ -100,7 +100,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
             .reset_index().sort_values(["dataset", "split", "policy", "cost"]))
     lines = ["## Generation quality by policy and cost (`evaluate`)", "",
              "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
-             _table(rows), ""]
+             _table(rows), "", *_calibration_lines(df)]
     # a speculative point is full depth's output (evaluate --draft): not a configuration of the quality figure
     for (dataset, split), g in df[df["policy"] != "speculative"].groupby(["dataset", "split"]):
         if g["policy"].nunique() < 2:
@@ -116,6 +116,21 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
                   "oracle over these same configurations (each item's configuration chosen with hindsight, dynamic "
                   "policies costed per item), at every whole-layer budget.", ""]
     return lines, []
+
+
+def _calibration_lines(df: pd.DataFrame) -> list[str]:
+    """The calibrated points run on several calibration samples (evaluate --calibration-seeds): their spread, and
+    whether each ranking between them survives it (analysis/spread.py)."""
+    from skipbench.analysis.spread import calibration_spread, rankings
+
+    spread = calibration_spread(df)
+    if not len(spread):
+        return []
+    return ["### Calibration samples", "",
+            "Each calibrated point ran once per calibration sample of the same size (`-o calibration-seed`); its mean "
+            "`full_rougeL` on each sample, summarised over the samples (a description of these samples, not an "
+            "interval). A ranking survives when every sample of one point scores above every sample of the other.", "",
+            _table(spread), "", *[f"* {line}" for line in rankings(spread)], ""]
 
 
 def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:

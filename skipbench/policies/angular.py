@@ -20,7 +20,7 @@ def distances(spec, ctx) -> tuple[int, np.ndarray]:
     n = ctx.num_layers - spec.int_arg()
     if n == 0:
         return 0, np.zeros(0)
-    sims = similarities(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"))
+    sims = similarities(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"), spec.opt("calibration-seed"))
     return n, np.array([sims.angle_last[l, l + n] for l in range(ctx.num_layers - n)])
 
 

@@ -22,7 +22,7 @@ from skipbench.policies.static import plan_policy
 
 def influence(spec, ctx) -> np.ndarray:
     """BI of every layer, [L]."""
-    sims = similarities(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"))
+    sims = similarities(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"), spec.opt("calibration-seed"))
     return 1.0 - np.diagonal(sims.cos, offset=1)
 
 

@@ -33,14 +33,34 @@ class Similarities:
     source: str  # the dataset and split they came from
 
 
-def calibration_data(ctx, items: int, max_tokens: int, split: str = "train", default: str = "text"):
+def calibration_data(ctx, items: int, max_tokens: int, split: str = "train", default: str = "text", sample: int = 0):
     """The calibration items: the first `items` of the run's dataset's `split` (the embedded `default` suite(s) when
-    the run names none)."""
+    the run names none); `sample` (-o calibration-seed) is checked here and drawn by `calibration_items`."""
     from skipbench.data import DataSpec
 
     if items < 1 or max_tokens < 2:
         raise SkipbenchError(f"calibration needs at least 1 item and 2 tokens, got {items} and {max_tokens}")
+    if sample < 0:
+        raise SkipbenchError(f"-o calibration-seed must be >= 0 (0: the split's first items), got {sample}")
     return replace(ctx.data or DataSpec(name=default), split=split, limit=items)
+
+
+def calibration_items(data, sample: int = 0) -> list:
+    """`data`'s items: its split's first `data.limit` (sample 0, the default), or with sample S > 0 a seeded random
+    sample of `data.limit` items of the same split (ranked by a hash of S and the item id, kept in the dataset's
+    order): another calibration sample of the same size, to see how much a plan depends on its sample."""
+    from skipbench.data import load_items
+
+    if not sample:
+        return load_items(data)
+    pool = load_items(replace(data, limit=None))
+    rank = sorted(pool, key=lambda it: hashlib.sha1(f"calibration:{sample}:{it.item_id}".encode()).hexdigest())
+    chosen = {it.item_id for it in rank[: data.limit]}
+    return [it for it in pool if it.item_id in chosen]
+
+
+def source_of(data, sample: int = 0) -> str:
+    return f"{data.name}/{data.split}" + (f" (calibration sample {sample})" if sample else "")
 
 
 # A learned router's threshold (`-o skip=K`) is chosen on held-out items: the validation split, which its training
@@ -51,24 +71,24 @@ THRESHOLD_SPLIT, THRESHOLD_DATA = "validation", "text,arith"
 THRESHOLD_SEARCH = 2
 
 
-def sequences(lm, data, max_tokens: int) -> list[list[int]]:
+def sequences(lm, data, max_tokens: int, sample: int = 0) -> list[list[int]]:
     """Each calibration item's chat-formatted prompt followed by its reference response, cut to `max_tokens`."""
-    from skipbench.data import load_items
     from skipbench.data.prompts import encode_prompt
 
     return [(encode_prompt(lm.tokenizer, item.prompt)
              + lm.tokenizer(item.reference, add_special_tokens=False)["input_ids"])[:max_tokens]
-            for item in load_items(data)]
+            for item in calibration_items(data, sample)]
 
 
-def similarities(ctx, items: int, max_tokens: int) -> Similarities:
+def similarities(ctx, items: int, max_tokens: int, sample: int = 0) -> Similarities:
     from skipbench.models.loading import cache_dir, model_fingerprint
     from skipbench.store.results import write_text_atomic
 
-    data = calibration_data(ctx, items, max_tokens)
+    data = calibration_data(ctx, items, max_tokens, sample=sample)
     lm = ctx.lm
     key = json.dumps({"model": lm.name, "fingerprint": model_fingerprint(lm.name), "dtype": str(lm.dtype),
-                      "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION}, sort_keys=True, default=str)
+                      "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION,
+                      **({"sample": sample} if sample else {})}, sort_keys=True, default=str)
     path = cache_dir() / "calibration" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
         try:
@@ -78,14 +98,14 @@ def similarities(ctx, items: int, max_tokens: int) -> Similarities:
         except (readers.Unreadable, KeyError, TypeError, ValueError) as exc:  # computed again, the cache rewritten
             note(f"{exc if isinstance(exc, readers.Unreadable) else f'calibration cache {str(path)!r} is incomplete'}"
                  ": computing it again")
-    sims = _compute(lm, data, max_tokens)
+    sims = _compute(lm, data, max_tokens, sample)
     write_text_atomic(path, json.dumps({"cos": sims.cos.tolist(), "angle_last": sims.angle_last.tolist(),
                                         "sequences": sims.sequences, "tokens": sims.tokens, "source": sims.source,
                                         "key": json.loads(key)}))
     return sims
 
 
-def _compute(lm, data, max_tokens: int) -> Similarities:
+def _compute(lm, data, max_tokens: int, sample: int = 0) -> Similarities:
     import torch
 
     from skipbench.engine import Engine
@@ -93,7 +113,7 @@ def _compute(lm, data, max_tokens: int) -> Similarities:
     engine = Engine(lm.adapter, "fill")
     size = lm.num_layers + 1
     cos_sum, angle_sum, tokens, seqs = np.zeros((size, size)), np.zeros((size, size)), 0, 0
-    for seq in sequences(lm, data, max_tokens):
+    for seq in sequences(lm, data, max_tokens, sample):
         ids = torch.tensor([seq], device=lm.device)
         present = torch.ones_like(ids, dtype=torch.bool)
         out = engine.forward(ids, engine.prompt_cache(present, ids.shape[1]), keep_hidden=True)
@@ -103,11 +123,11 @@ def _compute(lm, data, max_tokens: int) -> Similarities:
         angle_sum += (torch.arccos(last) / torch.pi).double().cpu().numpy()
         tokens += ids.shape[1]
         seqs += 1
-    return Similarities(cos_sum / tokens, angle_sum / seqs, seqs, tokens, f"{data.name}/{data.split}")
+    return Similarities(cos_sum / tokens, angle_sum / seqs, seqs, tokens, source_of(data, sample))
 
 
 def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_tokens: int,
-                   steps: int = 20, tolerance: float = 0.02) -> tuple[float, float]:
+                   steps: int = 20, tolerance: float = 0.02, sample: int = 0) -> tuple[float, float]:
     """The threshold in (0, 1) at which `policy_at(threshold)` skips `target` per token on the calibration sequences
     (teacher-forced, every token gated): `count` "attention" counts attention sub-layers skipped (MindSkip),
     "layers" whole layers. Bisection, as skipping rises with the threshold, for at most `steps` passes over the
@@ -118,8 +138,8 @@ def tune_threshold(ctx, policy_at, count: str, target: float, items: int, max_to
 
     from skipbench.engine import Engine
 
-    data = calibration_data(ctx, items, max_tokens, THRESHOLD_SPLIT, THRESHOLD_DATA)
-    seqs = sequences(ctx.lm, data, max_tokens)
+    data = calibration_data(ctx, items, max_tokens, THRESHOLD_SPLIT, THRESHOLD_DATA, sample)
+    seqs = sequences(ctx.lm, data, max_tokens, sample)
     if len(seqs) < items:
         note(f"threshold calibration: the {data.split} split of '{data.name}' has {len(seqs)} items, fewer than the "
              f"{items} asked for (-o calibration); all {len(seqs)} are used")
@@ -168,7 +188,8 @@ def threshold_of(spec, ctx, policy_at, count: str, most: int) -> float | None:
     if ctx.lm is None:
         raise SkipbenchError(f"{spec.name}: -o skip chooses the threshold from the model's runs: this command needs the "
                              "model")
-    tau, realized = tune_threshold(ctx, policy_at, count, skip, spec.opt("calibration"), spec.opt("calibration-tokens"))
+    tau, realized = tune_threshold(ctx, policy_at, count, skip, spec.opt("calibration"), spec.opt("calibration-tokens"),
+                                   sample=spec.opt("calibration-seed"))
     if abs(realized - skip) > 0.5:
         note(f"{spec.name}: no threshold gives {skip:g} skipped {count} per token on the calibration prompts; the "
              f"closest, tau={tau:.4f}, gives {realized:.2f}")

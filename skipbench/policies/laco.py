@@ -53,7 +53,7 @@ from torch import nn
 from skipbench.store import readers
 from skipbench.engine.protocol import Full
 from skipbench.errors import SkipbenchError, note
-from skipbench.policies.calibration import calibration_data, sequences
+from skipbench.policies.calibration import calibration_data, sequences, source_of
 from skipbench.policies.spec import STRATEGIES
 
 VERSION = 3  # 2: merges compared with the original model; 3: norms kept, flattened cosine
@@ -182,17 +182,19 @@ def collapse(model: nn.Module, keep: int, prompts: list[torch.Tensor], merge: in
 
 def _calibration_prompts(spec, ctx) -> tuple[list[torch.Tensor], str]:
     """The calibration sequences (policies/calibration.py's: train-split prompts with their references)."""
-    data = calibration_data(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"))
-    ids = sequences(ctx.lm, data, spec.opt("calibration-tokens"))
-    return [torch.tensor([seq], device=ctx.lm.device) for seq in ids], f"{data.name}/{data.split}"
+    data = calibration_data(ctx, spec.opt("calibration"), spec.opt("calibration-tokens"),
+                            sample=spec.opt("calibration-seed"))
+    ids = sequences(ctx.lm, data, spec.opt("calibration-tokens"), spec.opt("calibration-seed"))
+    return [torch.tensor([seq], device=ctx.lm.device) for seq in ids], source_of(data, spec.opt("calibration-seed"))
 
 
 def _options(spec) -> dict:
-    """The options that change the collapsed model (its cache key). `rdsc` and `below-threshold` count only when set
+    """The options that change the collapsed model (its cache key). `rdsc`, `below-threshold` and `calibration-seed`
+    count only when set
     away from their defaults (the behaviour before they existed), so the folders written before keep their keys."""
     opts = {name: spec.opt(name) for name in ("merge", "threshold", "interval", "lowest", "calibration",
                                               "calibration-tokens")}
-    return opts | {name: spec.opt(name) for name in ("rdsc", "below-threshold")
+    return opts | {name: spec.opt(name) for name in ("rdsc", "below-threshold", "calibration-seed")
                    if spec.opt(name) != spec.strategy.option(name).default}
 
 

@@ -128,9 +128,13 @@ class Strategy:
         return getattr(importlib.import_module(module), attr)
 
 
+_SAMPLE = Option(name="calibration-seed", default=0, help="which calibration sample: 0 the split's first items, S > 0 "
+                                                         "a seeded random sample of the same size (evaluate "
+                                                         "--calibration-seeds runs several)")
 _CALIBRATION = (
     Option(name="calibration", default=32, help="train-split items whose hidden states decide the plan"),
     Option(name="calibration-tokens", default=256, help="tokens per calibration item (prompt and reference)"),
+    _SAMPLE,
 )
 
 # a learned router's threshold: as trained, as given, or chosen to meet a number of skips (calibration.threshold_of)
@@ -141,6 +145,7 @@ _THRESHOLD = (
     Option(name="calibration", default=64, help="validation-split items (held out from training) that choose the "
                                                 "threshold (-o skip)"),
     _CALIBRATION[1],
+    _SAMPLE,
 )
 
 _BUILTIN = [
@@ -212,7 +217,7 @@ _BUILTIN = [
                                   "more than C layers may remain)"),
                       Option(name="calibration", default=5, help="train-split items whose last hidden states judge a "
                                                                  "merge (the paper used 5 sentences)"),
-                      _CALIBRATION[1]),
+                      _CALIBRATION[1], _SAMPLE),
              help="LaCo (Yang et al.): merge runs of layers by their parameter differences until C remain; runs the "
                   "collapsed model (a folder in the cache)"),
     Strategy(name="clasp", build="skipbench.policies.clasp:build", kind="draft", arg="cost", needs=("model",),
@@ -286,6 +291,50 @@ class Registry:
 
 STRATEGIES = Registry(_BUILTIN)
 _BUILTIN_NAMES = {s.name for s in _BUILTIN}
+
+
+CALIBRATION_SEED = "calibration-seed"
+
+
+def samples_calibration(p: "PolicySpec") -> bool:
+    """Whether the point's plan depends on a calibration sample: a calibrated plan (block influence, angular, LaCo),
+    or a router whose threshold is chosen on calibration prompts (-o skip)."""
+    s = p.strategy
+    return s.option(CALIBRATION_SEED) is not None and (s.calibrates_with != "skip" or bool(p.opt("skip")))
+
+
+def calibration_point(p: "PolicySpec") -> str:
+    """The point's label without its calibration seed: what the points of `with_calibration_seeds` share."""
+    from dataclasses import replace
+
+    return replace(p, options=tuple((k, v) for k, v in p.options if k != CALIBRATION_SEED)).label
+
+
+def with_calibration_seeds(policies, seeds: tuple[int, ...]) -> tuple["PolicySpec", ...]:
+    """Every point whose plan depends on a calibration sample, once per seed (`-o calibration-seed=S`; 0 is the
+    split's first items, the default); the other points once. `evaluate --calibration-seeds`."""
+    from dataclasses import replace
+
+    if not seeds:
+        return tuple(policies)
+    if any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
+        raise SkipbenchError(f"--calibration-seeds must be distinct integers >= 0, got {','.join(map(str, seeds))}")
+    out, sampled = [], 0
+    for p in policies:
+        if not samples_calibration(p):
+            out.append(p)
+            continue
+        if CALIBRATION_SEED in dict(p.options):
+            raise SkipbenchError(f"policy '{p.label}' sets -o {CALIBRATION_SEED}, and --calibration-seeds gives every "
+                                 "calibrated point its seeds: give one of them")
+        sampled += 1
+        for s in seeds:
+            opts = dict(p.options) | ({CALIBRATION_SEED: str(s)} if s else {})
+            out.append(replace(p, options=tuple(sorted(opts.items()))))
+    if not sampled:
+        raise SkipbenchError("--calibration-seeds: no point depends on a calibration sample (block-influence, angular, "
+                             "laco, or a flexidepth/mindskip router with -o skip)")
+    return tuple(out)
 
 
 def static_names() -> tuple[str, ...]:
