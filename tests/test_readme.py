@@ -55,7 +55,10 @@ def tiny_form(argv: list[str], model: str) -> list[str]:
         out[out.index("--limit") + 1] = SPLIT_ALL_LIMIT
     extra = [] if {"--model", "--layers"} & given or "--model" not in takes else ["--model", model]
     for option, value in CAPS.items():
-        if option in takes and option not in given and option not in ("--eval-every",):
+        # flexidepth train's --val-limit only sizes the held-out loss of --eval-every, which an example without it
+        # does not measure (the command refuses it alone)
+        held_out_only = option == "--val-limit" and argv[:2] == ["flexidepth", "train"] and "--eval-every" not in given
+        if option in takes and option not in given and option not in ("--eval-every",) and not held_out_only:
             extra += [option, value]
     if argv[:1] == ["reproduce"]:
         extra += ["--dry-run"]

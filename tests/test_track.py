@@ -14,11 +14,11 @@ from skipbench.experiments.track import TrackConfig, prompts_of, summarise
 def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tiny_dirs, tmp_path):
     out = tmp_path / "track.parquet"
     res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--per-category", "1",
-                                   "--draft", "early-exit:3,clasp:3,del", "--max-new-tokens", "6",
+                                   "--draft", "early-exit:3,clasp:3,del,knapspec", "--max-new-tokens", "6",
                                    "--max-prompt-tokens", "24", "--warmup", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    methods = {"full", "early-exit:3", "clasp:3", "del"}
+    methods = {"full", "early-exit:3", "clasp:3", "del", "knapspec"}
     assert set(df["method"]) == methods and (df.groupby("method").size() == 13).all()  # one prompt per category
     assert df["lossless"].all()  # greedy self-speculation gives full depth's output on every prompt
     full = df[df["method"] == "full"]

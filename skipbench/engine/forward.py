@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from skipbench.errors import SkipbenchError
 
 from skipbench.engine.cache import KVCache
-from skipbench.engine.protocol import AttnRoute, Gate, Policy, Route
+from skipbench.engine.protocol import AttnRoute, Gate, Policy, Route, Sublayers
 from skipbench.models.adapters import Adapter
 
 
@@ -208,6 +208,8 @@ class Engine:
                     raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
                 soft.append(gate.scale)  # the router's gate values (FlexiDepth's L_skip reads them)
                 h, gate = self.routed(i, h, pos, cache, gate, real), gate.run
+            elif isinstance(gate, Sublayers):  # attention and MLP apart, every token alike (KnapSpec)
+                h, gate = self.sublayers(i, h, pos, cache, gate, real), gate.attn or gate.mlp
             elif isinstance(gate, AttnRoute):  # routed attention (MindSkip): every token runs the layer's MLP
                 if gated_from:
                     raise SkipbenchError("routed attention (MindSkip) cannot train with the prompt in the same pass")
@@ -309,6 +311,22 @@ class Engine:
             return out
         # some tokens skip: the layer is computed for all of them, then selected
         return torch.where(gate[..., None], out, h)
+
+    def sublayers(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: Sublayers, real) -> torch.Tensor:
+        """Layer i's attention and MLP run or skipped apart (protocol.Sublayers); both or neither: `layer`."""
+        if gate.attn == gate.mlp:
+            return self.layer(i, h, pos, cache, gate.attn, real)
+        ad, num_tokens = self.ad, h.shape[1]
+        if gate.attn:
+            if self.kv_mode == "none":
+                cache.mark([i], real, num_tokens)
+            h = h + self.attend(i, h, pos, cache)
+        elif self.kv_mode == "none":  # a skipped attention: its K/V as a skipped layer's
+            cache.mark([i], False, num_tokens)
+        elif self.write_skipped:
+            cache.write(i, *ad.kv(i, ad.attn_norm(i, h), pos))
+        self._count(gate.attn, gate.mlp, not gate.attn and self.kv_mode == "fill" and self.write_skipped)
+        return h + ad.mlp_block(i, h) if gate.mlp else h
 
     def _gathered(self, i: int, h: torch.Tensor, pos, cache: KVCache, gate: torch.Tensor) -> torch.Tensor:
         """Attention for the rows with a running token, the MLP for the running tokens only, scattered back.
@@ -458,13 +476,17 @@ class Engine:
         return ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
 
 
-    def probe(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def probe(self, i: int, h: torch.Tensor, pos, cache: KVCache, rows: torch.Tensor, index: torch.Tensor,
+              attn: bool = True, mlp: bool = True) -> torch.Tensor:
         """Layer i applied to candidate states of cached tokens, reading the cache and writing nothing: h [N, 1, d],
         candidate n for the token at cache index `index[n]` of row `rows[n]` (`pos`: its position embeddings, [N, 1]).
         Each attends to its row's valid positions before that index at layer i and to itself, its own K/V computed
         from its candidate state: what the token's layer output would be had it reached layer i in that state (CLaSp's
-        layer search runs every candidate of a layer in one call so)."""
+        layer search runs every candidate of a layer in one call so). `attn`/`mlp` False: that branch is skipped
+        (KnapSpec's sub-layer search)."""
         ad = self.ad
+        if not attn:
+            return h + ad.mlp_block(i, h) if mlp else h
         q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
         end = int(index.max())
         before = cache.valid[i][rows, :end] & (torch.arange(end, device=h.device)[None, :] < index[:, None])
@@ -473,7 +495,7 @@ class Engine:
                                            torch.cat([cache.v[i][rows, :, :end], v], 2), attn_mask=mask,
                                            scale=ad.scale, enable_gqa=self.gqa)
         out = h + ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
-        return out + ad.mlp_block(i, out)
+        return out + ad.mlp_block(i, out) if mlp else out
 
 
 def _take(pos, rows: torch.Tensor):

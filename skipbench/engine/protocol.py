@@ -9,7 +9,8 @@ layer. The answer is one of:
   (straight-through hard samples keep the forward pass exact);
 * a `Route`: a routed layer (FlexiDepth): the routed tokens run attention and the MLP scaled by `scale`, the
   others a skip path (an adapter) and only their K/V — the engine runs it, the policy only decides;
-* an `AttnRoute`: a layer whose attention only the routed tokens run (MindSkip); every token runs the MLP.
+* an `AttnRoute`: a layer whose attention only the routed tokens run (MindSkip); every token runs the MLP;
+* a `Sublayers`: a layer's attention and MLP run or skipped apart, alike for every token (KnapSpec's drafts).
 
 Nothing here imports a policy; policies import this module.
 """
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Union
 if TYPE_CHECKING:
     import torch
 
-Gate = Union[bool, "torch.Tensor", "Route", "AttnRoute"]
+Gate = Union[bool, "torch.Tensor", "Route", "AttnRoute", "Sublayers"]
 
 
 @dataclass
@@ -38,6 +39,17 @@ class Route:
     scale: "torch.Tensor"
     skip: Callable | None = None
     kv_for_skipped: bool = True
+
+
+@dataclass(frozen=True)
+class Sublayers:
+    """A layer whose two residual branches are run or skipped apart, for every token alike: `attn` (its norm,
+    attention and output projection) and `mlp` (its norm and MLP). A skipped attention writes K/V as a skipped layer
+    does (engine.forward.Engine.layer: `fill` computes them unless the engine skips that, `none` marks them
+    invalid); a skipped MLP adds nothing."""
+
+    attn: bool
+    mlp: bool
 
 
 @dataclass
@@ -95,6 +107,9 @@ class Policy:
     #: an adapting draft's own confidence stop for the next round (DEL): a row stops drafting after a token whose
     #: draft probability is below it (None: the loop's --draft-threshold)
     stop_below: float | None = None
+    #: its gates are `Sublayers` (or bools), the same for every token: a self-speculative draft of it never reads K/V
+    #: its skipped attention would write at its own positions (as `executed_layers` says for whole layers)
+    plans_sublayers: bool = False
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers

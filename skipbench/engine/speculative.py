@@ -213,7 +213,8 @@ def speculate(
     draft.lengths([len(p) for p in prompts], max_new_tokens)
     adapts = draft.adapts  # the verify pass keeps its states for `after_round`, which may change the draft's layers
     # a draft that runs the same layers for every token never reads a skipped layer's K/V at its own positions
-    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=draft.executed_layers() is None, drafts=True,
+    uniform = draft.executed_layers() is not None or draft.plans_sublayers
+    drafter = Engine(lm.adapter, kv_mode, impl, write_skipped=not uniform, drafts=True,
                      head=DraftHead(lm.adapter, vocab) if spec.draft_vocab else None)
     stops = torch.tensor(sorted(eos_ids(lm)) if stop_at_eos else [], dtype=torch.long, device=dev)
     gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.temperature > 0 else None

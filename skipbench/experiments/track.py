@@ -55,9 +55,9 @@ class TrackConfig:
 
 def default_drafts(num_layers: int) -> tuple[PolicySpec, ...]:
     """The static drafts and CLaSp at three quarters of the depth (a draft that skips more agrees too rarely on a
-    small model: docs/BENCHMARKS.md), and DEL, which chooses its own exit."""
+    small model: docs/BENCHMARKS.md), and DEL and KnapSpec, which choose their own depth."""
     c = max(1, round(0.75 * num_layers))
-    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c},del"))
+    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c},del,knapspec"))
 
 
 def prompts_of(cfg: TrackConfig) -> list:

@@ -231,6 +231,13 @@ _BUILTIN = [
                       Option(name="decay", default=0.95, help="per-round decay of the acceptance counts")),
              help="DEL (Zarch et al., 2025), a self-speculative draft only: an early exit whose layer, draft length "
                   "and confidence stop are re-chosen after every round from shadow tokens of the verified states"),
+    Strategy(name="knapspec", build="skipbench.policies.knapspec:build", kind="draft", needs=("model",),
+             options=(Option(name="interval", default=64, help="verify rounds between two searches"),
+                      Option(name="reference", default=8, help="recent kept tokens each candidate's acceptance is "
+                                                               "measured on"),
+                      Option(name="max-length", default=16, help="the longest draft of a round")),
+             help="KnapSpec (ICML 2026), a self-speculative draft only: attention and MLP sub-layers skipped apart, "
+                  "chosen as a knapsack that maximises predicted tokens per second from a measured latency model"),
     Strategy(name="route", build="skipbench.policies.route:build", kind="learned", arg="checkpoint",
              default_arg="runs/route", needs=("model", "data"),
              options=(Option(name="budget", default=0.0, help="mean layers per token over the run's items (--budget)"),
