@@ -60,6 +60,46 @@ def test_fill_and_none_give_the_same_tokens(family, tokenizer):
     assert runs[0].tokens == runs[1].tokens and runs[0].layers == runs[1].layers
 
 
+def direct(model, ids: list[int], runs: list[list[int] | None]) -> int:
+    """The next token of `ids` computed by transformers' own model, each decoder layer run on the whole sequence
+    with a forward hook that keeps a token's state unchanged where `runs[t]` (None: every layer) leaves the layer out:
+    a skipped token's K/V at that layer come from the state it carries there, as in skipbench's `fill` mode."""
+    import torch
+
+    layers = model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+    hooks = []
+    for i, layer in enumerate(layers):
+        keep = torch.tensor([r is None or i in r for r in runs])[None, :, None]
+
+        def hook(module, args, kwargs, output, keep=keep):
+            before = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            out = torch.where(keep, out, before)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        hooks.append(layer.register_forward_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            return int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_its_tokens_equal_transformers_layers_run_directly(tokenizer, family):
+    """Each generated token, fed back, runs the layers the schedule gives it (the lower ones skipped, warm-up kept):
+    the greedy output equals transformers' model recomputing the whole sequence with those layers per token."""
+    model = tiny_model(family, len(tokenizer))
+    lm = wrap_model(model, tokenizer, f"tiny-{family}")
+    (prompt,) = prompts(tokenizer, 1)
+    out = generate(lm, [prompt], make_policy("skipdecode:3", lm.num_layers), 10, stop_at_eos=False)
+    tokens, ran = out.tokens[0], out.layers[0]
+    assert any(len(r) < lm.num_layers for r in ran)  # layers were skipped
+    for j in range(len(tokens) - 1):  # token j + 1 from the prompt and tokens 0 .. j (which ran ran[0 .. j])
+        assert direct(model, prompt + tokens[: j + 1], [None] * len(prompt) + ran[: j + 1]) == tokens[j + 1], j
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_as_a_draft_the_output_is_full_depths(tokenizer, batch):
     lm = lm_for("llama", tokenizer)
