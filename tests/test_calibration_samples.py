@@ -4,6 +4,8 @@ spread and whether a ranking between calibrated points survives it (analysis/spr
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from skipbench.cli import app
 from skipbench.data import DataSpec, load_items
 from skipbench.errors import SkipbenchError
 from skipbench.models import wrap_model
-from skipbench.analysis.spread import calibration_spread, rankings
+from skipbench.analysis.spread import calibration_spread, rankings, references
 from skipbench.policies import parse_policies
 from skipbench.policies.calibration import calibration_items
 from skipbench.policies.spec import with_calibration_seeds
@@ -30,10 +32,38 @@ def test_another_seed_draws_another_sample_of_the_same_size_from_the_same_split(
     for sample in samples:
         ids = [it.item_id for it in sample]
         assert len(ids) == 8 and set(ids) <= pool and not set(ids) & test  # the train split only
-        order = [it.item_id for it in load_items(DataSpec(name="text", split="train")) if it.item_id in set(ids)]
-        assert ids == order  # kept in the dataset's order
     assert len({frozenset(it.item_id for it in s) for s in [first, *samples]}) == 3  # three different samples
     assert [it.item_id for it in calibration_items(train, 1)] == [it.item_id for it in samples[0]]  # seeded
+    mixed = calibration_items(DataSpec(name="text,arith", split="validation", limit=10), 3)
+    suites = {it.item_id: name for name in ("text", "arith")
+              for it in load_items(DataSpec(name=name, split="validation"))}
+    assert [suites[it.item_id] for it in mixed] == ["text", "arith"] * 5  # the datasets' balance, as seed 0's
+
+
+def test_other_calibrated_strategies_take_their_sample_too(tokenizer, tmp_path, monkeypatch):
+    from skipbench.policies import calibration, laco
+    from skipbench.policies.angular import distances
+    from skipbench.policies.spec import Context
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny-llama")
+    ctx = Context(num_layers=lm.num_layers, lm=lm, data=DataSpec(name="text"))
+
+    def spec(name, seed, **more):
+        (s,) = parse_policies(name, {"calibration": "4", "calibration-tokens": "256", "calibration-seed": str(seed),
+                                     **more})
+        return s
+
+    assert not np.allclose(distances(spec("angular:4", 0), ctx)[1], distances(spec("angular:4", 1), ctx)[1])
+    assert laco._options(spec("laco:3", 2))["calibration-seed"] == 2 and "calibration-seed" not in laco._options(spec("laco:3", 0))
+    _, source = laco._calibration_prompts(spec("laco:3", 2), ctx)
+    assert "calibration sample 2" in source
+    asked = []
+    real = calibration.sequences
+    monkeypatch.setattr(calibration, "sequences", lambda lm, data, tokens, sample=0: asked.append(sample) or real(lm, data, tokens, sample))
+    calibration.tune_threshold(ctx, lambda t: __import__("skipbench.policies.static", fromlist=["x"]).PlanPolicy(
+        lm.num_layers, list(range(lm.num_layers)), "all"), "layers", 1.0, 3, 32, steps=1, sample=5)
+    assert asked == [5]  # a router's -o skip calibrates on its own sample
 
 
 def test_a_plan_is_computed_from_its_own_sample(tokenizer, tmp_path, monkeypatch):
@@ -53,7 +83,7 @@ def test_a_plan_is_computed_from_its_own_sample(tokenizer, tmp_path, monkeypatch
     assert len(list((tmp_path / "cache" / "calibration").glob("*.json"))) == 2  # cached apart
     np.testing.assert_array_equal(bi(1), one)
     (spec,) = parse_policies("block-influence:3", {"calibration-seed": "-1"})
-    with pytest.raises(SkipbenchError, match="calibration-seed must be >= 0"):
+    with pytest.raises(SkipbenchError, match=r"calibration-seed must be in 0 \.\. 2\^31 - 1"):
         influence(spec, Context(num_layers=lm.num_layers, lm=lm, data=DataSpec(name="text")))
 
 
@@ -67,8 +97,8 @@ def test_the_seeds_expand_only_the_points_that_depend_on_a_sample():
         with_calibration_seeds(router, (0, 1))
     tuned = parse_policies("flexidepth:runs/f", {"skip": "4"})
     assert len(with_calibration_seeds(tuned, (0, 1))) == 2
-    for seeds, said in [((0, 0), "distinct"), ((-1, 1), ">= 0")]:
-        with pytest.raises(SkipbenchError, match=said):
+    for seeds, said in [((0, 0), "distinct"), ((-1, 1), "0 .. 2^31 - 1"), ((2**63, 1), "0 .. 2^31 - 1"), ((1,), "at least two")]:
+        with pytest.raises(SkipbenchError, match=re.escape(said)):
             with_calibration_seeds(points, seeds)
     with pytest.raises(SkipbenchError, match="give one of them"):
         with_calibration_seeds(parse_policies("angular:4", {"calibration-seed": "3"}), (0, 1))
@@ -87,6 +117,17 @@ def test_spread_and_rankings_by_hand():
     assert spread.loc["angular", "sd"] == pytest.approx(np.std([0.5, 0.5, 0.6], ddof=1))
     (line,) = rankings(calibration_spread(rows))
     assert line.startswith("dataset text, split test, cost 3: block-influence:3") and "survives" in line
+    plain = pd.DataFrame({"dataset": "text", "split": "test", "cost": 3, "item_id": ["a", "b"], "policy": "uniform",
+                          "calibration_point": "uniform:3", "calibration_seed": pd.array([None, None], dtype="Int64"),
+                          "full_rougeL": [0.75, 0.75]})
+    both = pd.concat([rows, plain], ignore_index=True)
+    spread = calibration_spread(both)
+    lines = rankings(spread, reference=references(both, spread))
+    assert any("block-influence:3" in x and "above uniform:3" in x and "does not survive" in x for x in lines)  # 0.7 < 0.75
+    assert any("uniform:3 (full_rougeL 0.750, no calibration sample) above angular:3" in x and "survives" in x
+               for x in lines)
+    router = rows.assign(cost=[3, 3, 4, 4, 3, 3] * 2)  # a router's samples realize other costs: one point still
+    assert calibration_spread(router)["samples"].tolist() == [3, 3]
     rows.loc[rows.index[-2:], "full_rougeL"] = 0.75  # angular's third sample now scores 0.75 > 0.7
     (line,) = rankings(calibration_spread(rows))
     assert "does not survive" in line
@@ -118,4 +159,4 @@ def test_evaluate_runs_each_calibrated_point_on_each_sample_and_reports_the_spre
     assert "### Calibration samples" in text and "calibration spread" in text
     bad = [a if a != "0,1,2" else "1,-2" for a in args[:-1]] + [str(tmp_path / "bad.parquet")]
     res = CliRunner().invoke(app, bad)
-    assert res.exit_code == 1 and ">= 0" in res.stderr and not (tmp_path / "bad.parquet").exists()
+    assert res.exit_code == 1 and "0 .. 2^31 - 1" in res.stderr and not (tmp_path / "bad.parquet").exists()

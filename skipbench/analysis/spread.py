@@ -15,40 +15,65 @@ import itertools
 
 import pandas as pd
 
-KEYS = ["dataset", "split", "policy", "cost", "calibration_point"]
+KEYS = ["dataset", "split", "policy", "calibration_point"]
 
 
 def calibration_spread(rows: pd.DataFrame, metric: str = "full_rougeL") -> pd.DataFrame:
-    """One row per calibrated point run on at least 2 calibration samples: samples, mean, sd, lo, hi of the per-sample
+    """One row per calibrated point run on at least 2 calibration samples: its cost (the mean over the samples: a
+    router whose threshold each sample chooses realizes its own), and samples, mean, sd, lo, hi of the per-sample
     mean `metric` (every sample's items are the same run's items)."""
-    columns = [*KEYS, "samples", "mean", "sd", "lo", "hi"]
+    columns = [*KEYS, "cost", "samples", "mean", "sd", "lo", "hi"]
     if "calibration_seed" not in rows or metric not in rows:
         return pd.DataFrame(columns=columns)
     sampled = rows[rows["calibration_seed"].notna()]
     keys = [k for k in KEYS if k in sampled]
-    per_sample = sampled.groupby([*keys, "calibration_seed"])[metric].mean().reset_index()
-    out = (per_sample.groupby(keys)[metric]
-           .agg(samples="count", mean="mean", sd="std", lo="min", hi="max").reset_index())
+    per_sample = (sampled.groupby([*keys, "calibration_seed"])
+                  .agg(cost=("cost", "mean"), value=(metric, "mean")).reset_index())
+    out = (per_sample.groupby(keys)
+           .agg(cost=("cost", "mean"), samples=("value", "count"), mean=("value", "mean"), sd=("value", "std"),
+                lo=("value", "min"), hi=("value", "max")).reset_index())
     return out[out["samples"] >= 2].reset_index(drop=True)
 
 
-def rankings(spread: pd.DataFrame, metric: str = "full_rougeL") -> list[str]:
-    """For each pair of calibrated points of different strategies at the same cost (and dataset and split): which
-    ranks first, and whether that survives the calibration spread (module docstring)."""
+def references(rows: pd.DataFrame, spread: pd.DataFrame, metric: str = "full_rougeL") -> pd.DataFrame:
+    """The points drawn from no calibration sample (uniform, early exit, ...) at the costs of `spread`, in its
+    columns with one "sample": what a calibrated point's ranking is also read against."""
+    if spread.empty or "calibration_seed" not in rows:
+        return spread.iloc[0:0]
+    plain = rows[rows["calibration_seed"].isna() & ~rows["policy"].isin(["full", "speculative"])]
+    keys = [k for k in KEYS if k in plain]
+    out = (plain.groupby(keys).agg(cost=("cost", "mean"), mean=(metric, "mean")).reset_index()
+           .assign(samples=1, sd=float("nan")))
+    out["lo"] = out["hi"] = out["mean"]
+    costs = set(spread["cost"].round())
+    return out[out["cost"].round().isin(costs)][spread.columns].reset_index(drop=True)
+
+
+def rankings(spread: pd.DataFrame, metric: str = "full_rougeL", reference: pd.DataFrame | None = None) -> list[str]:
+    """For each pair of points of different strategies at the same cost (rounded; and dataset and split), at least
+    one of them calibrated: which ranks first, and whether that survives the calibration spread (module docstring);
+    `reference`: points of no calibration sample compared with the calibrated ones (one score each)."""
+    both = pd.concat([spread, reference], ignore_index=True) if reference is not None and len(reference) else spread
+    if both.empty:
+        return []
+    both = both.assign(at=both["cost"].round().astype(int))
     lines = []
-    where = [k for k in ("dataset", "split", "cost") if k in spread]
-    for key, g in spread.groupby(where, sort=True):
+    where = [k for k in ("dataset", "split") if k in both] + ["at"]
+    for key, g in both.groupby(where, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        at = ", ".join(f"{k} {v}" for k, v in zip(where, key))
+        at = ", ".join(f"{k if k != 'at' else 'cost'} {v}" for k, v in zip(where, key))
         for (_, a), (_, b) in itertools.combinations(g.sort_values("mean", ascending=False).iterrows(), 2):
-            if a["policy"] == b["policy"]:
+            if a["policy"] == b["policy"] or (a["samples"] < 2 and b["samples"] < 2):
                 continue
             survives = a["lo"] > b["hi"]
+
+            def shown(p) -> str:
+                return (f"{p['mean']:.3f}, {p['lo']:.3f}-{p['hi']:.3f} over {p['samples']} samples"
+                        if p["samples"] >= 2 else f"{p['mean']:.3f}, no calibration sample")
+
             lines.append(
-                f"{at}: {a['calibration_point']} ({metric} {a['mean']:.3f}, {a['lo']:.3f}-{a['hi']:.3f} over "
-                f"{a['samples']} samples) above {b['calibration_point']} ({b['mean']:.3f}, {b['lo']:.3f}-{b['hi']:.3f} "
-                f"over {b['samples']}): " + ("the ranking survives the calibration spread (every sample of the first "
-                                              "scores above every sample of the second)" if survives else
-                                              "the ranking does not survive the calibration spread (their ranges "
-                                              "over samples overlap)"))
+                f"{at}: {a['calibration_point']} ({metric} {shown(a)}) above {b['calibration_point']} ({shown(b)}): "
+                + ("the ranking survives the calibration spread (every sample of the first scores above every sample "
+                   "of the second)" if survives else
+                   "the ranking does not survive the calibration spread (their ranges over samples overlap)"))
     return lines

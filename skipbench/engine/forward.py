@@ -209,6 +209,8 @@ class Engine:
                 soft.append(gate.scale)  # the router's gate values (FlexiDepth's L_skip reads them)
                 h, gate = self.routed(i, h, pos, cache, gate, real), gate.run
             elif isinstance(gate, Sublayers):  # attention and MLP apart, every token alike (KnapSpec)
+                if gated_from:
+                    raise SkipbenchError("a sub-layer plan (KnapSpec) cannot train with the prompt in the same pass")
                 h, gate = self.sublayers(i, h, pos, cache, gate, real), gate.attn or gate.mlp
             elif isinstance(gate, AttnRoute):  # routed attention (MindSkip): every token runs the layer's MLP
                 if gated_from:

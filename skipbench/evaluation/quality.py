@@ -317,7 +317,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         return result(rows, write_atomic(rows, out, meta))
 
     def result(rows: pd.DataFrame, path: Path) -> EvalResult:
-        from skipbench.analysis.spread import calibration_spread, rankings
+        from skipbench.analysis.spread import calibration_spread, rankings, references
 
         summary, reused = summarise(rows), len(pts) - len(todo)
         shares = f", {reused_shares} rank share(s) of a failed run reused" if reused_shares else ""
@@ -327,7 +327,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
             shown.append(Shown("calibration spread: each calibrated point's mean full_rougeL over its samples",
                                spread.drop(columns=["dataset", "split"], errors="ignore")))
         return EvalResult(rows=rows, summary=summary, path=path, reused_parts=reused, reused_shares=reused_shares,
-                          shown=shown, said=[*rankings(spread),
+                          shown=shown, said=[*rankings(spread, reference=references(rows, spread)),
                                              f"wrote {path} ({len(rows)} rows; {reused} finished part(s) reused{shares})"])
 
     return d.on_main(write, lambda: result(readers.table(out), out))

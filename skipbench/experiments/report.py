@@ -101,8 +101,10 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     lines = ["## Generation quality by policy and cost (`evaluate`)", "",
              "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
              _table(rows), "", *_calibration_lines(df)]
-    # a speculative point is full depth's output (evaluate --draft): not a configuration of the quality figure
-    for (dataset, split), g in df[df["policy"] != "speculative"].groupby(["dataset", "split"]):
+    # a speculative point is full depth's output (evaluate --draft): not a configuration of the quality figure; a
+    # calibrated point run on several samples shows its first (seed 0) there, the others in "Calibration samples"
+    first = df["calibration_seed"].fillna(0) == 0 if "calibration_seed" in df else True
+    for (dataset, split), g in df[(df["policy"] != "speculative") & first].groupby(["dataset", "split"]):
         if g["policy"].nunique() < 2:
             continue
         path = folder / f"quality-{dataset}-{split}.png"
@@ -121,7 +123,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
 def _calibration_lines(df: pd.DataFrame) -> list[str]:
     """The calibrated points run on several calibration samples (evaluate --calibration-seeds): their spread, and
     whether each ranking between them survives it (analysis/spread.py)."""
-    from skipbench.analysis.spread import calibration_spread, rankings
+    from skipbench.analysis.spread import calibration_spread, rankings, references
 
     spread = calibration_spread(df)
     if not len(spread):
@@ -130,7 +132,9 @@ def _calibration_lines(df: pd.DataFrame) -> list[str]:
             "Each calibrated point ran once per calibration sample of the same size (`-o calibration-seed`); its mean "
             "`full_rougeL` on each sample, summarised over the samples (a description of these samples, not an "
             "interval). A ranking survives when every sample of one point scores above every sample of the other.", "",
-            _table(spread), "", *[f"* {line}" for line in rankings(spread)], ""]
+            _table(spread), "", *[f"* {line}" for line in rankings(spread, reference=references(df, spread))], "",
+            "The quality figure below shows each calibrated point on its first sample (seed 0) only, so that the "
+            "oracle does not pick a calibration sample per item with hindsight.", ""]
 
 
 def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:

@@ -40,23 +40,32 @@ def calibration_data(ctx, items: int, max_tokens: int, split: str = "train", def
 
     if items < 1 or max_tokens < 2:
         raise SkipbenchError(f"calibration needs at least 1 item and 2 tokens, got {items} and {max_tokens}")
-    if sample < 0:
-        raise SkipbenchError(f"-o calibration-seed must be >= 0 (0: the split's first items), got {sample}")
+    if not 0 <= sample < 2**31:
+        raise SkipbenchError(f"-o calibration-seed must be in 0 .. 2^31 - 1 (0: the split's first items), got {sample}")
     return replace(ctx.data or DataSpec(name=default), split=split, limit=items)
 
 
 def calibration_items(data, sample: int = 0) -> list:
     """`data`'s items: its split's first `data.limit` (sample 0, the default), or with sample S > 0 a seeded random
-    sample of `data.limit` items of the same split (ranked by a hash of S and the item id, kept in the dataset's
-    order): another calibration sample of the same size, to see how much a plan depends on its sample."""
+    sample of `data.limit` items of the same split: each dataset of a comma list ranked by a hash of S and the item
+    id, then interleaved as `load_items` interleaves them (so a mixed sample keeps the datasets' balance, as seed
+    0's first items do), kept in that order. Another calibration sample of the same size, to see how much a plan
+    depends on its sample; a sample as large as the split is the same for every seed (a note says so)."""
+    import itertools
+
     from skipbench.data import load_items
 
     if not sample:
         return load_items(data)
-    pool = load_items(replace(data, limit=None))
-    rank = sorted(pool, key=lambda it: hashlib.sha1(f"calibration:{sample}:{it.item_id}".encode()).hexdigest())
-    chosen = {it.item_id for it in rank[: data.limit]}
-    return [it for it in pool if it.item_id in chosen]
+    ranked = []
+    for name in [n.strip() for n in data.name.split(",") if n.strip()]:
+        pool = load_items(replace(data, name=name, limit=None))
+        ranked.append(sorted(pool, key=lambda it: hashlib.sha1(f"calibration:{sample}:{it.item_id}".encode()).hexdigest()))
+    items = [it for group in itertools.zip_longest(*ranked) for it in group if it is not None]
+    if data.limit is not None and data.limit >= len(items):
+        note(f"calibration sample {sample}: {data.limit} items of a split of {len(items)} ({data.name}/{data.split}) is "
+             "the whole split, the same for every seed")
+    return items[: data.limit]
 
 
 def source_of(data, sample: int = 0) -> str:

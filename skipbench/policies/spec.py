@@ -324,8 +324,9 @@ def with_calibration_seeds(policies, seeds: tuple[int, ...]) -> tuple["PolicySpe
 
     if not seeds:
         return tuple(policies)
-    if any(s < 0 for s in seeds) or len(set(seeds)) < len(seeds):
-        raise SkipbenchError(f"--calibration-seeds must be distinct integers >= 0, got {','.join(map(str, seeds))}")
+    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) < len(seeds) or len(seeds) < 2:
+        raise SkipbenchError(f"--calibration-seeds takes at least two distinct integers in 0 .. 2^31 - 1 (a spread "
+                             f"needs two samples), got {','.join(map(str, seeds))}")
     out, sampled = [], 0
     for p in policies:
         if not samples_calibration(p):
