@@ -99,6 +99,9 @@ def evaluate(
     speculate: str = Speculate,
     draft_threshold: float = DraftThreshold,
     draft_vocab: int = DraftVocab,
+    matched_random: bool = typer.Option(False, "--matched-random", help="after each learned point that skips layers "
+                                        "(controller, flexidepth, route), a random-token point of the same realized "
+                                        "mean layers per token, for the report's comparison"),
     calibration_seeds: str = typer.Option("", help="run every calibrated point (block-influence, angular, laco, a "
                                           "router with -o skip) once per calibration sample, e.g. 0,1,2 (0: the "
                                           "split's first items; S: a seeded sample of the same size); the output "
@@ -129,7 +132,8 @@ def evaluate(
         seed=seed, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size or None,
         kv_mode=kv_mode, prompt_depth=prompt_depth, impl=impl, device=device, dtype=dtype,
         out=out or default_out("evaluate", model, dataset), resume=resume,
-        draft=draft_spec(draft, seed, options), speculation=speculation(speculate, draft_threshold, draft_vocab))
+        draft=draft_spec(draft, seed, options), speculation=speculation(speculate, draft_threshold, draft_vocab),
+        matched_random=matched_random)
     with display.Bar("evaluate") as bar:
         display.result(run(cfg, progress=bar.advance, start=bar.start, on_part=lambda p: bar.point(p.label)))
 

@@ -57,6 +57,9 @@ class EvalConfig:
     resume: bool = True
     draft: PolicySpec | None = None  # self-speculative decoding: one more point, full depth's output drafted by this
     speculation: Speculation = field(default_factory=Speculation)
+    # after each learned point that skips whole layers, a random-token point of the same realized mean layers per
+    # token (`matched_spec`): a router that does not beat it is no better than chance at its compute
+    matched_random: bool = False
 
 
 FULL = PolicySpec(name="full")
@@ -183,6 +186,7 @@ def part_path(cfg: EvalConfig, p: PolicySpec) -> Path:
     ident = replace(cfg, policies=(p.draft,) if drafted else (p,), out="", resume=True, batch_size=None)
     fields = config_dict(ident)
     fields.pop("impl")  # like the batch size, it moves floats' last bits only (and keeps the keys parts had before)
+    fields.pop("matched_random")  # adds points; changes none
     if drafted:
         fields["speculative"] = True
     else:  # a policy point does not depend on a draft (and keeps the key it had before drafts existed)
@@ -293,17 +297,34 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     reused_shares = int(d.sum([len(todo) - len(mine_todo)])[0])
     if start:
         start(len(mine_todo) * len(mine))
-    for p in mine_todo:
+    def run_part(p) -> None:
         df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, built[p], batch_size, progress)
         write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)), {})
         if on_part:
             on_part(p)
 
+    for p in mine_todo:
+        run_part(p)
+    matched = {}  # the control's spec -> the learned point it is matched to
+    if cfg.matched_random:
+        if d.enabled:
+            raise SkipbenchError("--matched-random reads each learned point's realized layers: run it in one process")
+        for p in [p for p in pts if matches(p)]:
+            realized = float(readers.table(part_path(cfg, p), "cached part")["layers_mean"].mean())
+            q = matched_spec(p, realized, lm.num_layers)
+            if q is None or q in built:
+                continue
+            built[q] = build_checked(q, lm, cfg.model, cfg.data, cfg.kv_mode)
+            pts.append(q)
+            matched[q] = p.label
+            if not (cfg.resume and reusable(part_path(cfg, q))):
+                run_part(q)
+
     def write() -> EvalResult:  # rank 0: each point's shares joined into its part, then the parts into the result
         for p in todo if d.enabled else ():
             write_atomic(finish_part(d.read_parts(part_path(cfg, p)), p, lm.num_layers), part_path(cfg, p), {})
             d.remove_parts(part_path(cfg, p))
-        rows = tidy(_merge(cfg, pts, items), cfg, skip=("out", "resume", "policies", "draft", "speculation"), lm=lm,
+        rows = tidy(_merge(cfg, pts, items, matched), cfg, skip=("out", "resume", "policies", "draft", "speculation"), lm=lm,
                     model=cfg.model, seed=cfg.seed, batch_size=batch_size, **speculation_columns(cfg))
         speculative = rows["policy"] == "speculative"
         for column, dtype in SPECULATION_DTYPES.items():  # only the speculative point's rows speculated: null elsewhere
@@ -333,7 +354,26 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     return d.on_main(write, lambda: result(readers.table(out), out))
 
 
-def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.DataFrame:
+def matches(p) -> bool:
+    """A point that gets a matched random control: a learned policy on the loaded model (not LayerSkip's own)."""
+    return not isinstance(p, Drafted) and p.strategy.kind == "learned" and not p.strategy.own_model
+
+
+def matched_spec(p: PolicySpec, realized: float, num_layers: int) -> PolicySpec | None:
+    """random-token with C = ceil(realized) and `-o mean=realized` (rounded to 1e-4): per token, C or C - 1 random
+    layers (layer 0 always), the same mean as the learned point realized; None when it realized every layer, or too
+    few to draw (under 2)."""
+    import math
+
+    mean = round(realized, 4)
+    if not 2 <= mean < num_layers:
+        return None
+    cost = math.ceil(mean)
+    return PolicySpec(name="random-token", arg=str(cost), seed=p.seed,
+                      options=(("mean", f"{mean:g}"),) if mean != cost else ())
+
+
+def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item], matched: dict | None = None) -> pd.DataFrame:
     parts = {p: readers.table(part_path(cfg, p), "cached part", "rerun to compute it again", checked=True) for p in pts}
     ids = {it.item_id for it in items}
     full = parts[pts[0]].set_index("item_id")["output"]
@@ -348,6 +388,8 @@ def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item]) -> pd.Data
         sampled = not isinstance(p, Drafted) and samples_calibration(p)
         df["calibration_seed"] = pd.array([p.opt(CALIBRATION_SEED) if sampled else None] * len(df), dtype="Int64")
         df["calibration_point"] = calibration_point(p) if sampled else p.label
+        # a --matched-random control: the learned point it matches
+        df["matched_to"] = pd.array([(matched or {}).get(p)] * len(df), dtype="string")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 

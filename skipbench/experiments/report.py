@@ -100,7 +100,7 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
             .reset_index().sort_values(["dataset", "split", "policy", "cost"]))
     lines = ["## Generation quality by policy and cost (`evaluate`)", "",
              "Mean over items; `full_rougeL` is ROUGE-L against the full model's own output (fidelity).", "",
-             _table(rows), "", *_calibration_lines(df)]
+             _table(rows), "", *_matched_lines(df), *_calibration_lines(df)]
     # a speculative point is full depth's output (evaluate --draft): not a configuration of the quality figure; a
     # calibrated point run on several samples shows its first (seed 0) there, the others in "Calibration samples"
     first = df["calibration_seed"].fillna(0) == 0 if "calibration_seed" in df else True
@@ -118,6 +118,31 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
                   "oracle over these same configurations (each item's configuration chosen with hindsight, dynamic "
                   "policies costed per item), at every whole-layer budget.", ""]
     return lines, []
+
+
+def _matched_lines(df: pd.DataFrame) -> list[str]:
+    """Each learned point beside its random control of the same realized mean layers per token (evaluate
+    --matched-random): the paired difference of full_rougeL over the items both ran, with a 95% t-interval."""
+    from skipbench.analysis.stats import t_interval
+
+    if "matched_to" not in df or df["matched_to"].isna().all():
+        return []
+    lines = ["### Learned policies against random skipping of the same realized compute", "",
+             "Each control runs, per token, C or C - 1 random layers (layer 0 always) with the mean the learned point "
+             "realized on these items (`random-token:C[mean=M]`); the difference is the learned point's full_rougeL "
+             "minus the control's, per item, with a 95% t-interval over items.", ""]
+    for (dataset, split, control, learned), g in df[df["matched_to"].notna()].groupby(
+            ["dataset", "split", "policy_spec", "matched_to"]):
+        mine = df[(df["dataset"] == dataset) & (df["split"] == split) & (df["policy_spec"] == learned)]
+        both = mine.set_index("item_id")["full_rougeL"].to_frame("learned").join(
+            g.set_index("item_id")["full_rougeL"].to_frame("control"), how="inner")
+        diff, lo, hi = t_interval((both["learned"] - both["control"]).to_numpy())
+        said = ("above the control" if lo > 0 else "below the control" if hi < 0 else
+                "not distinguishable from the control")
+        lines.append(f"* {dataset}/{split}: {learned} ({mine['layers_mean'].mean():.2f} layers per token) against "
+                     f"{control} ({g['layers_mean'].mean():.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
+                     f"{len(both)} items, {said}")
+    return lines + [""]
 
 
 def _calibration_lines(df: pd.DataFrame) -> list[str]:

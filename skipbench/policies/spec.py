@@ -160,7 +160,10 @@ _BUILTIN = [
     Strategy(name="random", build="skipbench.policies.static:random", plan="skipbench.policies.static:random_plan",
              kind="per-sequence", arg="cost", draws=True, help="c random layers per sequence (layer 0 always)"),
     Strategy(name="random-token", build="skipbench.policies.static:random_token", kind="per-token", arg="cost",
-             draws=True, help="c random layers per token"),
+             draws=True, help="c random layers per token",
+             options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each token runs C layers with "
+                                                            "probability M - (C - 1), else C - 1 (0: always C); "
+                                                            "evaluate --matched-random sets it"),)),
     Strategy(name="skipdecode", build="skipbench.policies.skipdecode:build", kind="per-token", arg="cost",
              options=(Option(name="warmup", default=1, help="the lowest layers every token runs"),
                       Option(name="start", default=0, help="layers of the first generated token (0: the widest "

@@ -148,14 +148,23 @@ class RandomPolicy(SequencePlans):
     position makes an incremental decode and a whole-sequence recomputation skip the same layers.
     """
 
-    def __init__(self, num_layers: int, cost: int, seed: int, per_token: bool, first_layer: bool) -> None:
+    def __init__(self, num_layers: int, cost: int, seed: int, per_token: bool, first_layer: bool,
+                 mean: float = 0.0) -> None:
         super().__init__(num_layers)
         self.cost, self.seed, self.per_token, self.first_layer = cost, seed, per_token, first_layer
         self.name = f"random{'-token' if per_token else ''}:{cost}"
         self._keys: list[int] | None = None
+        # `-o mean=M` (C - 1 < M <= C): each draw runs C layers with probability M - (C - 1), else C - 1, so a
+        # draw's expected count is M (a random control matched to a learned policy's realized mean)
+        if mean and not (mean == cost or (cost >= 2 and cost - 1 < mean < cost)):
+            raise SkipbenchError(f"policy '{self.name}': -o mean must lie in ({cost - 1}, {cost}] with a cost of at "
+                                 f"least 2 (the cost C is the most layers a draw runs), got {mean}")
+        self.upper = mean - (cost - 1) if mean else 1.0  # the probability of C layers rather than C - 1
 
     def _draw(self, *key: int) -> np.ndarray:
-        return random_layers(keyed.rng(self.seed, *key), self.num_layers, self.cost, self.first_layer)
+        rng = keyed.rng(self.seed, *key)
+        count = self.cost if self.upper >= 1 or rng.random() < self.upper else self.cost - 1
+        return random_layers(rng, self.num_layers, count, self.first_layer)
 
     def layers_for(self, key: int) -> np.ndarray:
         return self._draw(key)
@@ -184,4 +193,4 @@ def random(spec, ctx) -> Policy:
 
 
 def random_token(spec, ctx) -> Policy:
-    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, True, spec.first_layer)
+    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, True, spec.first_layer, spec.opt("mean"))
