@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from skipbench.cli import app
 from skipbench.errors import SkipbenchError
 from skipbench.policies import parse_policies
-from skipbench.policies.static import RandomPolicy
+from skipbench import keyed
+from skipbench.policies.static import RandomPolicy, random_layers
 
 
 def test_a_mean_draws_c_or_c_minus_one_layers_with_that_mean():
@@ -22,6 +23,10 @@ def test_a_mean_draws_c_or_c_minus_one_layers_with_that_mean():
     assert all(0 in policy._draw(1, p) for p in range(50))  # layer 0 always
     plain = RandomPolicy(30, 18, seed=3, per_token=True, first_layer=True)
     assert {len(plain._draw(0, p)) for p in range(50)} == {18}
+    whole = RandomPolicy(30, 18, seed=3, per_token=True, first_layer=True, mean=18.0)
+    for key in [(0, 5), (7, 1)]:  # without a mean (or with M = C) the draws are the ones random-token always made
+        want = random_layers(keyed.rng(3, *key), 30, 18, True)
+        assert (plain._draw(*key) == want).all() and (whole._draw(*key) == want).all()
 
 
 @pytest.mark.parametrize("cost, mean", [(18, 16.5), (18, 18.5), (1, 0.5), (18, float("nan")), (18, float("inf"))])
@@ -47,14 +52,19 @@ def test_evaluate_puts_a_matched_control_beside_each_learned_point(tiny_dirs, tm
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     learned = df[df["policy"] == "flexidepth"]
-    realized = learned["layers_mean"].mean()
-    assert 2 <= realized < 6  # the router skips
+    tokens = learned["layers_per_token"]
+    realized = tokens.map(sum).sum() / tokens.map(len).sum()  # pooled over the items' tokens
+    assert 2 <= realized < 6  # the router skips (this tiny one skips its routed layers for every token alike)
     control = df[df["matched_to"].notna()]
     (label,) = set(control["policy_spec"])
     assert set(control["matched_to"]) == {learned["policy_spec"].iloc[0]} and label.startswith("random-token:")
-    assert f"mean={round(realized, 4):g}" in label or realized == int(realized)
+    cost, whole = int(np.ceil(realized)), realized == int(realized)
+    assert label == (f"random-token:{cost}" if whole else f"random-token:{cost}[mean={round(realized, 4):g}]")
     assert set(control["item_id"]) == set(learned["item_id"])
-    assert abs(control["layers_mean"].mean() - realized) < 0.75  # the same compute, up to the draws
+    drawn = control["layers_per_token"]
+    counts = {n for row in drawn for n in row}
+    assert counts == {cost} if whole else counts == {cost, cost - 1}  # C, or C and C - 1 (the fraction: unit test)
+    assert abs(drawn.map(sum).sum() / drawn.map(len).sum() - realized) < 0.5  # the same compute, up to the draws
     assert df.loc[df["policy_spec"] == "uniform:3", "matched_to"].isna().all()  # only learned points get one
     report = tmp_path / "REPORT.md"
     res = runner.invoke(app, ["report", "--results", str(tmp_path), "--out", str(report)])
@@ -62,3 +72,17 @@ def test_evaluate_puts_a_matched_control_beside_each_learned_point(tiny_dirs, tm
     text = report.read_text()
     assert "### Learned policies against random skipping of the same realized compute" in text
     assert f"against {label}" in text and "over 6 items" in text
+    assert (tmp_path / "quality-arith-test.png").stat().st_size > 10_000  # the figure, with the pair joined
+
+
+def test_every_learned_point_that_skips_layers_gets_its_kind_of_control():
+    from skipbench.evaluation.quality import matched_spec, matches
+    from skipbench.policies import parse_policies
+
+    (flexi,) = parse_policies("flexidepth:runs/f")
+    (route,) = parse_policies("route:runs/r")
+    (mind,) = parse_policies("mindskip:runs/m")
+    assert matches(flexi) and matches(route) and not matches(mind)  # MindSkip skips attention, not layers
+    assert matched_spec(flexi, 17.26, 30).label == "random-token:18[mean=17.26]"
+    assert matched_spec(route, 12.0, 30).label == "random:12"  # per sequence, as the router assigns
+    assert matched_spec(flexi, 30.0, 30) is None and matched_spec(flexi, 1.5, 30) is None

@@ -95,7 +95,11 @@ def test_its_tokens_equal_transformers_layers_run_directly(tokenizer, family):
     (prompt,) = prompts(tokenizer, 1)
     out = generate(lm, [prompt], make_policy("skipdecode:3", lm.num_layers), 10, stop_at_eos=False)
     tokens, ran = out.tokens[0], out.layers[0]
-    assert any(len(r) < lm.num_layers for r in ran)  # layers were skipped
+    s, e = schedule(lm.num_layers, 3, 1)
+    n = layers_at(np.arange(len(ran)), s, e, 10)
+    assert ran == [[0, *range(lm.num_layers - (k - 1), lm.num_layers)] for k in n]  # warm-up 0, then the top n - 1
+    assert any(direct(model, prompt + tokens[: j + 1], [None] * (len(prompt) + j + 1)) != tokens[j + 1]
+               for j in range(len(tokens) - 1))  # full depth would have said otherwise: the skipping shows
     for j in range(len(tokens) - 1):  # token j + 1 from the prompt and tokens 0 .. j (which ran ran[0 .. j])
         assert direct(model, prompt + tokens[: j + 1], [None] * len(prompt) + ran[: j + 1]) == tokens[j + 1], j
 

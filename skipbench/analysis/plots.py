@@ -71,11 +71,20 @@ def quality_figure(points, oracle, num_layers: int, path: Path, title: str) -> P
     """Quality against mean executed layers, one line per strategy with 95% CI bars (points: strategy, layers,
     value, lo, hi), and the oracle's curve over the same configurations (oracle: budget, value; may be empty)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for strategy, g in points.groupby("strategy", sort=False):
+    controls = points["matched_to"].notna() if "matched_to" in points else points["layers"] != points["layers"]
+    for strategy, g in points[~controls].groupby("strategy", sort=False):
         g = g.sort_values("layers")
         color, label = STRATEGY_STYLE.get(strategy, ("C7", strategy))
         ax.errorbar(g["layers"], g["value"], yerr=[g["value"] - g["lo"], g["hi"] - g["value"]], fmt="o-",
                     color=color, label=label, capsize=3, markersize=4)
+    for n, (_, c) in enumerate(points[controls].iterrows()):  # each control beside its learned point, joined
+        ax.errorbar([c["layers"]], [c["value"]], yerr=[[c["value"] - c["lo"]], [c["hi"] - c["value"]]], fmt="s",
+                    mfc="none", color="k", capsize=3, markersize=6,
+                    label="random, same realized layers (matched control)" if n == 0 else None)
+        for learned in str(c["matched_to"]).split(";"):
+            mine = points[points["config"] == learned]
+            if len(mine):
+                ax.plot([mine["layers"].iloc[0], c["layers"]], [mine["value"].iloc[0], c["value"]], "k:", lw=1)
     if len(oracle):
         ax.plot(oracle["budget"], oracle["value"], "k--", label="oracle (per item, hindsight)")
     ax.set_xlabel(f"mean executed layers per generated token (of {num_layers})")

@@ -24,7 +24,7 @@ from skipbench.store import readers
 from skipbench.data import DataSpec, Item, load_items
 from skipbench.data.prompts import encode_items
 from skipbench.engine import LAYERS_CONVENTION, generate, resolve_kv_mode
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
 from skipbench.policies.calibration import frequent_tokens
@@ -278,6 +278,8 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     `lm`: an already loaded model (sweeps reuse one)."""
     out = check_out_path(cfg.out)
     d = distributed.current()
+    if cfg.matched_random and d.enabled:
+        raise SkipbenchError("--matched-random reads each learned point's realized layers: run it in one process")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     built = points(cfg, lm)
     pts = list(built)
@@ -305,20 +307,26 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
 
     for p in mine_todo:
         run_part(p)
-    matched = {}  # the control's spec -> the learned point it is matched to
+    matched: dict = {}  # the control's spec -> the learned points it is matched to
+    controls_run = 0
     if cfg.matched_random:
-        if d.enabled:
-            raise SkipbenchError("--matched-random reads each learned point's realized layers: run it in one process")
         for p in [p for p in pts if matches(p)]:
-            realized = float(readers.table(part_path(cfg, p), "cached part")["layers_mean"].mean())
+            part = readers.table(part_path(cfg, p), "cached part")
+            # the compute the point spent: layers per generated token, pooled over every item's tokens
+            realized = float(part["layers_per_token"].map(sum).sum() / part["layers_per_token"].map(len).sum())
             q = matched_spec(p, realized, lm.num_layers)
-            if q is None or q in built:
+            if q is None:
+                note(f"--matched-random: {p.label} ran {realized:.2f} layers per token, which no random plan of "
+                     f"2 .. {lm.num_layers - 1} layers matches; no control for it")
+                continue
+            matched.setdefault(q, []).append(p.label)
+            if q in built:  # the same control serves two points (or was asked for): run once
                 continue
             built[q] = build_checked(q, lm, cfg.model, cfg.data, cfg.kv_mode)
             pts.append(q)
-            matched[q] = p.label
             if not (cfg.resume and reusable(part_path(cfg, q))):
                 run_part(q)
+                controls_run += 1
 
     def write() -> EvalResult:  # rank 0: each point's shares joined into its part, then the parts into the result
         for p in todo if d.enabled else ():
@@ -340,7 +348,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     def result(rows: pd.DataFrame, path: Path) -> EvalResult:
         from skipbench.analysis.spread import calibration_spread, rankings, references
 
-        summary, reused = summarise(rows), len(pts) - len(todo)
+        summary, reused = summarise(rows), len(pts) - len(todo) - controls_run - len(matched)
         shares = f", {reused_shares} rank share(s) of a failed run reused" if reused_shares else ""
         spread = calibration_spread(rows)
         shown = [Shown(f"evaluate · {cfg.model} · {cfg.data.name}", summary)]
@@ -354,22 +362,27 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     return d.on_main(write, lambda: result(readers.table(out), out))
 
 
+# learned strategies that skip whole layers, and how: per sequence (a prompt-level router assigns each item one
+# static plan) or per token; MindSkip skips attention only (its layers per token are L), so no layer plan matches it
+MATCHED = {"controller": "random-token", "flexidepth": "random-token", "route": "random"}
+
+
 def matches(p) -> bool:
-    """A point that gets a matched random control: a learned policy on the loaded model (not LayerSkip's own)."""
-    return not isinstance(p, Drafted) and p.strategy.kind == "learned" and not p.strategy.own_model
+    """A point that gets a matched random control (MATCHED)."""
+    return not isinstance(p, Drafted) and p.name in MATCHED
 
 
 def matched_spec(p: PolicySpec, realized: float, num_layers: int) -> PolicySpec | None:
-    """random-token with C = ceil(realized) and `-o mean=realized` (rounded to 1e-4): per token, C or C - 1 random
-    layers (layer 0 always), the same mean as the learned point realized; None when it realized every layer, or too
-    few to draw (under 2)."""
+    """The random plan of the same kind (per token, or per sequence for a prompt-level router) with C =
+    ceil(realized) and `-o mean=realized` (rounded to 1e-4): per draw, C or C - 1 random layers, the same expected
+    layers per token as the learned point's pooled mean; None when that is every layer or under 2."""
     import math
 
     mean = round(realized, 4)
     if not 2 <= mean < num_layers:
         return None
     cost = math.ceil(mean)
-    return PolicySpec(name="random-token", arg=str(cost), seed=p.seed,
+    return PolicySpec(name=MATCHED[p.name], arg=str(cost), seed=p.seed, first_layer=p.first_layer,
                       options=(("mean", f"{mean:g}"),) if mean != cost else ())
 
 
@@ -389,7 +402,8 @@ def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item], matched: d
         df["calibration_seed"] = pd.array([p.opt(CALIBRATION_SEED) if sampled else None] * len(df), dtype="Int64")
         df["calibration_point"] = calibration_point(p) if sampled else p.label
         # a --matched-random control: the learned point it matches
-        df["matched_to"] = pd.array([(matched or {}).get(p)] * len(df), dtype="string")
+        to = (matched or {}).get(p)
+        df["matched_to"] = pd.array([";".join(to) if to else None] * len(df), dtype="string")
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
 

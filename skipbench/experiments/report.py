@@ -120,28 +120,35 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     return lines, []
 
 
+def _pooled_layers(rows: pd.DataFrame) -> float:
+    """Layers per generated token, pooled over the rows' tokens (the compute a matched control is matched to)."""
+    return float(rows["layers_per_token"].map(sum).sum() / max(rows["layers_per_token"].map(len).sum(), 1))
+
+
 def _matched_lines(df: pd.DataFrame) -> list[str]:
-    """Each learned point beside its random control of the same realized mean layers per token (evaluate
+    """Each learned point beside its random control of the same realized layers per token (evaluate
     --matched-random): the paired difference of full_rougeL over the items both ran, with a 95% t-interval."""
     from skipbench.analysis.stats import t_interval
 
     if "matched_to" not in df or df["matched_to"].isna().all():
         return []
     lines = ["### Learned policies against random skipping of the same realized compute", "",
-             "Each control runs, per token, C or C - 1 random layers (layer 0 always) with the mean the learned point "
-             "realized on these items (`random-token:C[mean=M]`); the difference is the learned point's full_rougeL "
-             "minus the control's, per item, with a 95% t-interval over items.", ""]
-    for (dataset, split, control, learned), g in df[df["matched_to"].notna()].groupby(
-            ["dataset", "split", "policy_spec", "matched_to"]):
+             "Each control draws, per token (per sequence for a prompt-level router), C or C - 1 random layers "
+             "(layer 0 always) with the mean the learned point realized on these items, pooled over their tokens "
+             "(`random-token:C[mean=M]`); the difference is the learned point's full_rougeL minus the control's, per "
+             "item, with a 95% t-interval over items. The quality figure joins each pair with a dotted line.", ""]
+    controls = df[df["matched_to"].notna()]
+    pairs = [(key, learned, g) for key, g in controls.groupby(["dataset", "split", "policy_spec", "matched_to"])
+             for learned in str(key[3]).split(";")]  # one control may serve two points
+    for (dataset, split, control, _), learned, g in pairs:
         mine = df[(df["dataset"] == dataset) & (df["split"] == split) & (df["policy_spec"] == learned)]
         both = mine.set_index("item_id")["full_rougeL"].to_frame("learned").join(
             g.set_index("item_id")["full_rougeL"].to_frame("control"), how="inner")
         diff, lo, hi = t_interval((both["learned"] - both["control"]).to_numpy())
         said = ("above the control" if lo > 0 else "below the control" if hi < 0 else
                 "not distinguishable from the control")
-        lines.append(f"* {dataset}/{split}: {learned} ({mine['layers_mean'].mean():.2f} layers per token) against "
-                     f"{control} ({g['layers_mean'].mean():.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
-                     f"{len(both)} items, {said}")
+        lines.append(f"* {dataset}/{split}: {learned} ({_pooled_layers(mine):.2f} layers per token) against {control} "
+                     f"({_pooled_layers(g):.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(both)} items, {said}")
     return lines + [""]
 
 
@@ -169,13 +176,17 @@ def quality_points(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
     from skipbench.analysis.stats import t_interval
 
     rows = []
+    control = df["matched_to"].notna() if "matched_to" in df else pd.Series(False, index=df.index)
     for (policy, spec), g in df.groupby(["policy", "policy_spec"], sort=False):
         value, lo, hi = t_interval(g["full_rougeL"].to_numpy())
-        rows.append({"strategy": policy, "config": spec, "layers": float(g["layers_mean"].mean()), "value": value,
-                     "lo": lo, "hi": hi})
+        to = g["matched_to"].iloc[0] if "matched_to" in g and g["matched_to"].notna().any() else None
+        rows.append({"strategy": "random (matched)" if to else policy, "config": spec,
+                     "layers": float(g["layers_mean"].mean()), "value": value, "lo": lo, "hi": hi, "matched_to": to})
     points = pd.DataFrame(rows)
     L = int(round(points["layers"].max()))
-    wide, _, _, _, per_item = pivot(df.assign(config=df["policy_spec"]), "full_rougeL")
+    # a matched control is a comparison, not a configuration the oracle may pick per item with hindsight
+    plain = df[~control]
+    wide, _, _, _, per_item = pivot(plain.assign(config=plain["policy_spec"]), "full_rougeL")
     inst = Instance(wide.to_numpy(), per_item)
     budgets = range(int(np.ceil(inst.cheapest())), L + 1)
     oracle = pd.DataFrame([{"budget": b, "value": solve(inst, b).value} for b in budgets], columns=["budget", "value"])

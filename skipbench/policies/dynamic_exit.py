@@ -1,4 +1,4 @@
-"""DEL (Zarch et al., COLM 2025, arXiv 2504.05598): a dynamic exit layer and speculation length for early-exit
+"""DEL (Entezari Zarch et al., COLM 2025, arXiv 2504.05598): a dynamic exit layer and speculation length for early-exit
 self-speculative decoding. A self-speculative draft only (`--draft del`).
 
 The draft is an early exit at E (layers 0 .. E-1, then the final norm and head; the verify pass resumes its tokens

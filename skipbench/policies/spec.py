@@ -158,7 +158,10 @@ _BUILTIN = [
     Strategy(name="uniform", build="skipbench.policies.static:uniform", plan="skipbench.policies.static:uniform_plan_of",
              kind="static", arg="cost", help="U(l,c), Eq. 2 of Glavas et al.: c layers spread evenly"),
     Strategy(name="random", build="skipbench.policies.static:random", plan="skipbench.policies.static:random_plan",
-             kind="per-sequence", arg="cost", draws=True, help="c random layers per sequence (layer 0 always)"),
+             kind="per-sequence", arg="cost", draws=True, help="c random layers per sequence (layer 0 always)",
+             options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each sequence runs C layers with "
+                                                            "probability M - (C - 1), else C - 1 (0: always C); "
+                                                            "evaluate --matched-random sets it"),)),
     Strategy(name="random-token", build="skipbench.policies.static:random_token", kind="per-token", arg="cost",
              draws=True, help="c random layers per token",
              options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each token runs C layers with "
@@ -232,7 +235,7 @@ _BUILTIN = [
              options=(Option(name="min-exit", default=0, help="the lowest exit layer considered (0: L/4)"),
                       Option(name="max-length", default=16, help="the longest draft of a round"),
                       Option(name="decay", default=0.95, help="per-round decay of the acceptance counts")),
-             help="DEL (Zarch et al., 2025), a self-speculative draft only: an early exit whose layer, draft length "
+             help="DEL (Entezari Zarch et al., 2025), a self-speculative draft only: an early exit whose layer, draft length "
                   "and confidence stop are re-chosen after every round from shadow tokens of the verified states"),
     Strategy(name="knapspec", build="skipbench.policies.knapspec:build", kind="draft", needs=("model",),
              options=(Option(name="interval", default=64, help="verify rounds between two searches"),

@@ -73,7 +73,8 @@ def layers_plan(spec, ctx) -> list[int]:
 
 def random_plan(spec, ctx) -> list[int]:
     """The layers one sequence (row key 0) runs."""
-    return random_layers(keyed.rng(spec.seed, 0), ctx.num_layers, spec.int_arg(), spec.first_layer).tolist()
+    policy = RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, False, spec.first_layer, spec.opt("mean"))
+    return policy.layers_for(0).tolist()
 
 
 def plan_policy(plan):
@@ -189,7 +190,7 @@ class RandomPolicy(SequencePlans):
 
 
 def random(spec, ctx) -> Policy:
-    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, False, spec.first_layer)
+    return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, False, spec.first_layer, spec.opt("mean"))
 
 
 def random_token(spec, ctx) -> Policy:
