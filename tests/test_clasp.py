@@ -205,3 +205,20 @@ def test_bench_times_the_adapting_drafts_own_step_as_part_of_its_rounds(tiny_dir
     assert len(spec) == 1 and spec["adapt_share"].iloc[0] > 0 and spec["draft_spec"].iloc[0].startswith("clasp")
     shares = spec[["draft_share", "verify_share", "accept_share", "adapt_share"]].iloc[0]
     assert shares.sum() == pytest.approx(1.0) and "adapt %" in res.stdout
+
+
+@pytest.mark.parametrize("draft", ["del", "knapspec"])
+def test_bench_times_the_other_adapting_drafts_too(tiny_dirs, tmp_path, monkeypatch, draft):
+    """DEL and KnapSpec in bench: rounds that may draft nothing (K = 0) and sub-layer plans time like any draft."""
+    import pandas as pd
+
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b.parquet"
+    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["opt"]), "--policy", "full", "--draft", draft,
+                                   "--batch-sizes", "1,2", "--max-new-tokens", "12", "--repeats", "1", "--warmup", "0",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    d = pd.read_parquet(out)
+    spec = d[(d["kind"] == "speculative") & (d["phase"] == "decode")]
+    assert len(spec) == 2 and (spec["adapt_share"] > 0).all() and (spec["draft_spec"] == draft).all()
+

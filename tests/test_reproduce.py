@@ -206,7 +206,7 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     sweep, train = plan["controllers sweep"].argv, plan["flexidepth train"].argv
     assert sweep[sweep.index("--alpha") + 1] == "2,4,6,10" and sweep[sweep.index("--num-seeds") + 1] == "4"
     assert sweep[sweep.index("--eval-limit") + 1] == "32" and sweep[sweep.index("--steps") + 1] == "40"
-    assert train[train.index("--steps") + 1] == "3200" and train[train.index("--limit") + 1] == "0"  # every item
+    assert train[train.index("--steps") + 1] == "2400" and train[train.index("--limit") + 1] == "0"  # every item
     usage = plan["flexidepth usage"].argv
     assert usage[usage.index("--limit") + 1] == "0"
 
