@@ -161,6 +161,20 @@ def layer_costs(engine, batch: int, fresh: bool = False) -> LayerCosts:
     return table
 
 
+def median_times(cases: dict, device: torch.device) -> dict:
+    """Each case's median seconds over REPEATS calls after WARMUP, round-robin so drift hits all alike."""
+    times: dict = {name: [] for name in cases}
+    for rep in range(WARMUP + REPEATS):
+        for name, fn in cases.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            if rep >= WARMUP:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 @torch.no_grad()
 def calibrate(engine, batch: int) -> LayerCosts:
     """Time one layer (the middle one; every layer has the same shape) at a one-token step over a cache of CONTEXT
@@ -201,16 +215,7 @@ def calibrate(engine, batch: int) -> LayerCosts:
     cases["attention"] = lambda: eng.attend(i, h, pos, cache)
     cases["mlp"] = lambda: adapter.mlp_block(i, h)
     cases["kv"] = lambda: cache.write(i, *adapter.kv(i, x, pos))
-    times: dict = {name: [] for name in cases}
-    for rep in range(WARMUP + REPEATS):
-        for name, fn in cases.items():
-            sync(param.device)
-            t = time.perf_counter()
-            fn()
-            sync(param.device)
-            if rep >= WARMUP:
-                times[name].append(time.perf_counter() - t)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = median_times(cases, param.device)
 
     def series(kind: str, impl: str) -> tuple[float, ...]:
         return tuple(med[(kind, impl, r)] for r in rows)

@@ -90,9 +90,6 @@ class DEL(Policy):
     def executed_layers(self) -> list[int]:
         return list(range(self.exit))
 
-    def describe(self) -> str:
-        return self.name
-
     @torch.no_grad()
     def after_round(self, done: Round) -> int | None:
         if not bool(done.live.any()):

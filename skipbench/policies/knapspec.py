@@ -46,8 +46,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,7 +60,6 @@ from skipbench.policies.dynamic_exit import tokens_per_layer
 
 VERSION = 1
 CONTEXTS = (32, 128, 512)  # context lengths the attention is timed at (one-token steps)
-WARMUP, REPEATS = 3, 15
 PRUNE = 0.5  # a DP cell whose state's cosine to the full model's falls below this is dropped
 ATTN_WEIGHT_MAX = 5
 
@@ -116,7 +113,7 @@ def sublayer_costs(adapter) -> SublayerCosts:
 
 @torch.no_grad()
 def measure(adapter) -> SublayerCosts:
-    from skipbench.models.loading import sync
+    from skipbench.engine.costs import median_times
 
     param = next(adapter.model.parameters())
     engine = Engine(adapter, "fill")
@@ -134,16 +131,7 @@ def measure(adapter) -> SublayerCosts:
             return engine.attend(0, h, pos, cache)
         cases[n] = attend
     cases["mlp"] = lambda: adapter.mlp_block(0, h)
-    times: dict = {k: [] for k in cases}
-    for rep in range(WARMUP + REPEATS):
-        for k, fn in cases.items():
-            sync(param.device)
-            t = time.perf_counter()
-            fn()
-            sync(param.device)
-            if rep >= WARMUP:
-                times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_times(cases, param.device)
     attention = tuple(med[n] for n in CONTEXTS)
     c2, c3 = np.polyfit(np.array(CONTEXTS, dtype=float), np.array(attention), 1)  # least squares, as the paper fits
     if c2 < 0:  # noise on a short context range: no growth measured, a constant
@@ -182,9 +170,6 @@ class KnapSpec(Policy):
     def gate(self, layer: int, hidden) -> Gate:
         attn, mlp = self.run[2 * layer], self.run[2 * layer + 1]
         return attn if attn == mlp else Sublayers(attn, mlp)
-
-    def describe(self) -> str:
-        return self.name
 
     @torch.no_grad()
     def after_round(self, done: Round) -> int | None:
