@@ -81,6 +81,50 @@ class SkipbenchGroup(TyperGroup):
         return name, cmd, rest
 
 
+PLACEMENT_HELP = {
+    "device_map": "place the model across devices with accelerate: auto | balanced | balanced_low_0 | sequential (filled "
+                  "up to --max-memory) | FILE.json (module name -> CUDA index, cpu or disk); --device stays auto",
+    "max_memory": "with --device-map auto|balanced|sequential: each device's limit, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+    "gpus_per_rank": "with --device-map under torchrun: GPUs each rank places its own model on (rank r takes r N .. "
+                     "r N + N - 1; the map's indices are the rank's own)",
+}
+
+
+def placeable(command):
+    """`command` (one that loads a model: it takes --device) with --device-map, --max-memory and --gpus-per-rank
+    added: it runs inside models.loading.placing(...), so every model it loads is placed so (issue 44). One wrapper
+    for every such command, so that each takes the three options alike."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(command, eval_str=True)  # typer reads this signature as given: annotations resolved
+    if "device" not in sig.parameters:
+        return command
+    extra = [inspect.Parameter("device_map", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                               default=typer.Option("", help=PLACEMENT_HELP["device_map"])),
+             inspect.Parameter("max_memory", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                               default=typer.Option("", help=PLACEMENT_HELP["max_memory"])),
+             inspect.Parameter("gpus_per_rank", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                               default=typer.Option(0, min=0, help=PLACEMENT_HELP["gpus_per_rank"]))]
+    params = list(sig.parameters.values())
+    at = next((n for n, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+
+    @functools.wraps(command)
+    def run(*args, device_map: str = "", max_memory: str = "", gpus_per_rank: int = 0, **kw):
+        if not device_map:
+            if max_memory or gpus_per_rank:
+                raise SkipbenchError(f"{'--max-memory' if max_memory else '--gpus-per-rank'} places a model: give "
+                                     "--device-map too")
+            return command(*args, **kw)
+        from skipbench.models.loading import Placement, placing
+
+        with placing(Placement(device_map, max_memory, gpus_per_rank)):
+            return command(*args, **kw)
+
+    run.__signature__ = sig.replace(parameters=params[:at] + extra + params[at:])
+    return run
+
+
 def group(help: str) -> typer.Typer:
     """A command group (controllers, flexidepth, mindskip, route) with the same error handling."""
     return typer.Typer(cls=SkipbenchGroup, no_args_is_help=True, help=help)

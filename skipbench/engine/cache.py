@@ -3,7 +3,8 @@
 Rows are left-padded prompts, so every row writes the same cache index at each step. `valid[i]`
 says, for layer i, which positions a query may attend to: padding is never valid; in the `none` KV
 mode a token that skipped layer i writes nothing there and stays invalid, so later queries at that
-layer do not see it. In the `fill` mode every layer shares one validity tensor.
+layer do not see it. In the `fill` mode every layer shares one validity tensor (one per device, for a model placed
+across devices: each layer's K/V and validity live on its layer's device).
 """
 
 from __future__ import annotations
@@ -45,26 +46,35 @@ class KVCache:
     # then the holes rejected draft tokens left (`drop`); a token's position id is its index minus this
     mode: str
     length: int = 0
+    shared: tuple[int, ...] = (0,)  # `fill` mode: the first layer of each device, whose validity tensor its device's
+    # layers share (a plain index list, not tensor identities: a compiled step guards on it once)
 
     @classmethod
-    def allocate(cls, num_layers, batch, kv_heads, head_dim, capacity, mode, device, dtype) -> "KVCache":
+    def allocate(cls, num_layers, batch, kv_heads, head_dim, capacity, mode, device, dtype,
+                 layer_devices: list | None = None) -> "KVCache":
+        """`device` holds the row bookkeeping (padding, positions); each layer's K/V and validity go to
+        `layer_devices[i]` (a model placed across devices), else to `device`."""
+        devices = layer_devices or [device] * num_layers
         shape = (batch, kv_heads, capacity, head_dim)
-        k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        k = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        v = [torch.zeros(shape, device=d, dtype=dtype) for d in devices]
+        firsts = {}
+        for i, d in enumerate(devices):
+            firsts.setdefault(torch.device(d), i)
         if mode == "fill":
-            shared = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-            valid = [shared] * num_layers
+            per_device = {d: torch.zeros(batch, capacity, dtype=torch.bool, device=d) for d in firsts}
+            valid = [per_device[torch.device(d)] for d in devices]
         else:
-            valid = [torch.zeros(batch, capacity, dtype=torch.bool, device=device) for _ in range(num_layers)]
+            valid = [torch.zeros(batch, capacity, dtype=torch.bool, device=d) for d in devices]
         pad = torch.zeros(batch, dtype=torch.long, device=device)
-        return cls(k, v, valid, [True] * num_layers, pad, mode)
+        return cls(k, v, valid, [True] * num_layers, pad, mode, shared=tuple(firsts.values()))
 
     def clone(self) -> "KVCache":
         """An independent copy (e.g. one full-depth prompt reused by several policies)."""
         copies: dict[int, torch.Tensor] = {}
         valid = [copies.setdefault(id(t), t.clone()) for t in self.valid]  # keeps `fill` mode's sharing
         return KVCache([t.clone() for t in self.k], [t.clone() for t in self.v], valid, list(self.all_valid),
-                       self.pad.clone(), self.mode, self.length)
+                       self.pad.clone(), self.mode, self.length, self.shared)
 
     @property
     def capacity(self) -> int:
@@ -96,7 +106,7 @@ class KVCache:
             done: set[int] = set()
             for i, valid in enumerate(self.valid):
                 if id(valid) not in done:
-                    valid[:, start:end] &= ~hole
+                    valid[:, start:end] &= ~hole.to(valid.device)
                     done.add(id(valid))
                 self.all_valid[i] = False
             self.pad = self.pad + hole.sum(1)
@@ -111,9 +121,9 @@ class KVCache:
         """Record which of the next tokens wrote K/V at these layers."""
         sl = slice(self.length, self.length + num_tokens)
         complete = present if isinstance(present, bool) else bool(present.all())
-        # `fill` mode: the layers share one tensor, written once (by mode, not by identity: a compiled step would
-        # otherwise guard on each new cache's tensor ids and compile again for every run)
-        for valid in (self.valid[:1] if self.mode == "fill" else [self.valid[i] for i in layers]):
+        # `fill` mode: the layers share one tensor per device, written once (by index, not by identity: a compiled
+        # step would otherwise guard on each new cache's tensor ids and compile again for every run)
+        for valid in ([self.valid[i] for i in self.shared] if self.mode == "fill" else [self.valid[i] for i in layers]):
             valid[:, sl] = present
         for i in layers:
             self.all_valid[i] = self.all_valid[i] and complete

@@ -119,7 +119,7 @@ def table_path(adapter, kv_mode: str, batch: int):
     from skipbench.models.loading import cache_dir
 
     param = next(adapter.model.parameters())
-    key = _shape_key(adapter, kv_mode, batch, param.device, param.dtype)
+    key = _shape_key(adapter, kv_mode, batch, adapter.devices[adapter.num_layers // 2], param.dtype)
     return cache_dir() / "layer-costs" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json", key
 
 
@@ -179,24 +179,24 @@ def median_times(cases: dict, device: torch.device) -> dict:
 def calibrate(engine, batch: int) -> LayerCosts:
     """Time one layer (the middle one; every layer has the same shape) at a one-token step over a cache of CONTEXT
     positions, for every number of running rows, densely and gathered, round-robin so drift hits all alike."""
-    from skipbench.engine.protocol import Route
+    from skipbench.engine.protocol import Route, moved
 
     began = time.perf_counter()
     adapter = engine.ad
-    param = next(adapter.model.parameters())
+    i = adapter.num_layers // 2
+    param, device = next(adapter.model.parameters()), adapter.devices[i]  # the timed layer's device (a placed model)
     engines = {impl: type(engine)(adapter, engine.kv_mode, impl) for impl in ("gather", "mask")}  # the engine's class
-    cache = engines["gather"].new_cache(batch, CONTEXT + 1, param.device, param.dtype)
+    cache = engines["gather"].new_cache(batch, CONTEXT + 1, device, param.dtype)
     cache.mark(range(adapter.num_layers), True, CONTEXT)
     cache.length = CONTEXT
-    i = adapter.num_layers // 2
-    noise = torch.Generator(device=param.device).manual_seed(0)  # leaves the global random state alone
-    h = torch.randn(batch, 1, adapter.model.config.hidden_size, device=param.device, dtype=param.dtype, generator=noise)
-    pos = adapter.position_embeddings(h, cache.positions(1))
-    ones = torch.ones(batch, 1, device=param.device, dtype=param.dtype)
+    noise = torch.Generator(device=device).manual_seed(0)  # leaves the global random state alone
+    h = torch.randn(batch, 1, adapter.model.config.hidden_size, device=device, dtype=param.dtype, generator=noise)
+    pos = moved(adapter.position_embeddings(h, cache.positions(1)), device)
+    ones = torch.ones(batch, 1, device=device, dtype=param.dtype)
     rows = measured_rows(batch)
 
     def running(r: int):
-        gate = torch.zeros(batch, 1, dtype=torch.bool, device=param.device)
+        gate = torch.zeros(batch, 1, dtype=torch.bool, device=device)
         gate[:r] = True
         return True if r == batch else gate
 
@@ -215,7 +215,7 @@ def calibrate(engine, batch: int) -> LayerCosts:
     cases["attention"] = lambda: eng.attend(i, h, pos, cache)
     cases["mlp"] = lambda: adapter.mlp_block(i, h)
     cases["kv"] = lambda: cache.write(i, *adapter.kv(i, x, pos))
-    med = median_times(cases, param.device)
+    med = median_times(cases, device)
 
     def series(kind: str, impl: str) -> tuple[float, ...]:
         return tuple(med[(kind, impl, r)] for r in rows)

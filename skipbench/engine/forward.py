@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from skipbench.errors import SkipbenchError
 
 from skipbench.engine.cache import KVCache
-from skipbench.engine.protocol import AttnRoute, Gate, Policy, Route, Sublayers
+from skipbench.engine.protocol import AttnRoute, Gate, Policy, Route, Sublayers, moved
 from skipbench.models.adapters import Adapter
 
 
@@ -70,6 +70,9 @@ class DraftHead:
 
     def __init__(self, adapter: Adapter, ids: torch.Tensor) -> None:
         out = adapter.model.get_output_embeddings()
+        if out.weight.device.type == "meta":
+            raise SkipbenchError("--draft-vocab copies rows of the head, which this placement offloads (its weights are "
+                                 "read in only while the head runs): place the head on a device (--device-map FILE.json)")
         self.ids = ids.to(out.weight.device)
         self.weight = out.weight[self.ids].contiguous()
         self.bias = None if getattr(out, "bias", None) is None else out.bias[self.ids]
@@ -111,8 +114,10 @@ class Engine:
         self.meter: Meter | None = None
 
     def new_cache(self, batch: int, capacity: int, device, dtype) -> KVCache:
+        """An empty cache; a placed model's layers each keep their K/V on their own device."""
         ad = self.ad
-        return KVCache.allocate(ad.num_layers, batch, ad.num_kv_heads, ad.head_dim, capacity, self.kv_mode, device, dtype)
+        return KVCache.allocate(ad.num_layers, batch, ad.num_kv_heads, ad.head_dim, capacity, self.kv_mode, device, dtype,
+                                ad.devices if ad.placed else None)
 
     def prompt_cache(self, present: torch.Tensor, capacity: int) -> KVCache:
         """An empty cache for left-padded prompts (`present` [B, W] marks real tokens) with room for `capacity`
@@ -198,11 +203,17 @@ class Engine:
         hidden = [] if keep_hidden else None
         soft: list = []
         attention_skips = None
+        here = _PerDevice() if ad.placed else None  # a placed model: the stream and the tables follow each layer
+        tables = (pos, real, skippable)
 
         for i in span:
+            if here is not None:
+                h, pos, real, skippable = here(ad.devices[i], h, *tables)
             if keep_hidden:
                 hidden.append(h)
             gate = True if policy is None else self._timed(policy.gate, i, h[:, gated_from:] if gated_from else h)
+            if here is not None and isinstance(gate, torch.Tensor):  # a gate made on another device (a plan's)
+                gate = gate.to(h.device)
             if isinstance(gate, Route):  # the policy routes, the engine runs the routed layer
                 if gated_from:
                     raise SkipbenchError("a routed layer (FlexiDepth) cannot train with the prompt in the same pass")
@@ -232,6 +243,8 @@ class Engine:
             if record:
                 executed[:, :, i] = gate
 
+        if here is not None:
+            h = h.to(ad.final_device)
         if keep_hidden:
             hidden.append(h)
         cache.length += num_tokens
@@ -487,6 +500,8 @@ class Engine:
         layer search runs every candidate of a layer in one call so). `attn`/`mlp` False: that branch is skipped
         (KnapSpec's sub-layer search)."""
         ad = self.ad
+        if ad.placed:
+            h, pos, rows, index = _PerDevice()(ad.devices[i], h, pos, rows, index)
         if not attn:
             return h + ad.mlp_block(i, h) if mlp else h
         q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)
@@ -498,6 +513,27 @@ class Engine:
                                            scale=ad.scale, enable_gqa=self.gqa)
         out = h + ad.attn_out(i, a.transpose(1, 2).reshape(*h.shape[:2], -1))
         return out + ad.mlp_block(i, out) if mlp else out
+
+
+class _PerDevice:
+    """For a model placed across devices: tensors (or tuples of them) moved to a layer's device, each moved once per
+    pass and device (position tables, padding marks), the stream whenever it enters a layer on another device."""
+
+    def __init__(self) -> None:
+        self.copies: dict = {}
+
+    def __call__(self, device: torch.device, h, *tables):
+        return (self._to(h, device), *(self._kept(t, device) for t in tables))
+
+    _to = staticmethod(lambda t, device: moved(t, device))
+
+    def _kept(self, t, device):
+        if not isinstance(t, (torch.Tensor, tuple)):
+            return t
+        key = (id(t), device)
+        if key not in self.copies:
+            self.copies[key] = (t, self._to(t, device))  # the original kept alive: its id stays its own
+        return self.copies[key][1]
 
 
 def _take(pos, rows: torch.Tensor):

@@ -157,6 +157,22 @@ class Policy:
         return {}
 
 
+def moved(t, device):
+    """A tensor, or a tuple of them (position tables), on `device` (itself when already there)."""
+    if hasattr(t, "device") and hasattr(t, "to"):
+        return t if t.device == device else t.to(device)
+    return tuple(moved(x, device) for x in t) if isinstance(t, tuple) else t
+
+
+def follows(module, device):
+    """A policy's module for one layer, on that layer's `device` (moved there on first use, then left: under a
+    device map the layers sit on several devices, and each layer's router goes to its layer's once)."""
+    param = next(module.parameters(), None)
+    if param is not None and param.device != device:
+        module.to(device)
+    return module
+
+
 class Full(Policy):
     """Every layer for every token (what `policy=None` means to the engine)."""
 

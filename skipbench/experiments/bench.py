@@ -252,7 +252,8 @@ def variants(lm: LoadedModel, cfg: BenchConfig, drafts: tuple[PolicySpec, ...] =
             out.append(Variant(name, run, "policy", kv_mode, start))
         keep = policy.executed_layers() if policy.static and policy.lm is None else None  # LaCo: its own model
         if keep is not None and len(keep) < lm.num_layers:
-            small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", lm.device)
+            # the model's own layers where they are (a placed model's too: no move)
+            small = wrap_model(remove_layers(lm.model, keep), lm.tokenizer, "removed", None)
             small.adapter.compiled = getattr(lm.adapter, "compiled", False)  # `--compile`: the bound compiled alike
             run, start = _ours(small, None, cfg, "gather")
             bounds.append(Variant(f"removed:{label}", run, "bound", start=start))
@@ -366,7 +367,7 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     df = tidy(with_bound(pd.DataFrame(rows), lm.adapter.weight_bytes(), rate.bytes_per_s), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
-        return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found),
+        return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found, lm.placement),
                            said=[] if found is None else [f"chosen draft: {found.label}"])
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed, read_rate=asdict(rate),
                     weight_bytes=lm.adapter.weight_bytes(),
@@ -389,14 +390,20 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         figures["speculative"] = speculative_figure(summary, stem.with_name(stem.stem + "-speculative.png"))
     path = write_atomic(df, cfg.out, meta)
     return BenchResult(rows=df, summary=summary, path=path, files=figures, search=found,
-                       shown=shown(summary, cfg, found),
+                       shown=shown(summary, cfg, found, lm.placement),
                        said=([] if found is None else [f"chosen draft: {found.label}"]) + [f"wrote {path}"])
 
 
-def shown(s: pd.DataFrame, cfg: BenchConfig, found=None) -> list[Shown]:
+def shown(s: pd.DataFrame, cfg: BenchConfig, found=None, placement: dict | None = None) -> list[Shown]:
     """What a person sees: the draft search's path (with --draft auto), every variant's speed beside its ideals, and
-    the self-speculative variants' acceptance and time shares (p90 and the parts are in the summary)."""
+    the self-speculative variants' acceptance and time shares (p90 and the parts are in the summary); for a placed
+    model, what its speedups compare."""
     out = [] if found is None else [search_table(found)]
+    if placement is not None:
+        where = ", ".join(f"{n} x {d}" for d, n in pd.Series(placement["layers"]).value_counts(sort=False).items())
+        out.append(Shown(f"placed by --device-map {placement['device_map']} (layers: {where}): the devices run one "
+                         "after another (no pipelining), so every speedup compares a variant with full depth on this "
+                         "same placement, not with a model on one device; % of bound assumes one device's read rate"))
     out.append(Shown(f"skipbench bench · {cfg.model} · {cfg.max_new_tokens} new tokens", pd.DataFrame({
         "batch": s["batch_size"], "variant": s["variant"], "phase": s["phase"], "tok/s": s["tokens_per_s"],
         "p50 ms": 1e3 * s["step_p50"], "layers": s["layers_mean"], "speedup": s["speedup"], "ideal": s["ideal_speedup"],

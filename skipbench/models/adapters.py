@@ -1,8 +1,10 @@
 """One small adapter per architecture family: the primitives the engine's layer loop needs.
 
 All version-sensitive access to transformers internals lives here (tested against the transformers
-range pinned in pyproject.toml). An adapter reads the Hugging Face modules' weights and calls their
-norms and MLPs; the engine owns the layer loop, the attention and the KV cache.
+range pinned in pyproject.toml). An adapter calls the Hugging Face modules (projections, norms, MLPs),
+never reading a weight's values but through `_weight` (a model accelerate placed keeps offloaded weights on `meta`
+until their module runs; tests/test_placement.py bans other reads); the engine owns the layer loop, the attention
+and the KV cache.
 """
 
 from __future__ import annotations
@@ -14,6 +16,28 @@ from torch import nn
 from skipbench.errors import SkipbenchError
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module runs: its accelerate hook's execution device when the model was placed (an offloaded module's
+    weights sit on `meta` and are brought there when it runs), else its first weight's or buffer's device."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is None:
+        for hooked in getattr(hook, "hooks", ()):  # a SequentialHook
+            device = getattr(hooked, "execution_device", None) or device
+    if device is not None:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _weight(module: nn.Module) -> torch.Tensor | None:
+    """A module's weight where its values are here, else None (offloaded by accelerate: call the module instead,
+    whose hook brings the weight in). The one place an adapter reads a weight."""
+    w = module.weight
+    return None if w.device.type == "meta" else w
 SUPPORTED_FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — incl. SmolLM2) and OPT (pre-LN)"
 
 
@@ -29,6 +53,18 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    def _place(self) -> None:
+        """Each layer's device (`devices`) and the final norm's (`final_device`); `placed` when they differ or a
+        module is offloaded (accelerate's hooks): the engine then moves the stream between layers, keeps position
+        tables per device and each layer's K/V on its device. A model on one device (offloaded parts included: their
+        hooks bring the weights in) runs as before, with no moves."""
+        self.devices = [execution_device(layer) for layer in self.layers]
+        self.final_device = execution_device(self.final_norm_module())
+        self.placed = len({*self.devices, self.final_device}) > 1
+
+    def final_norm_module(self) -> nn.Module:
+        raise NotImplementedError
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -78,13 +114,13 @@ class Adapter:
         per token and is left out); `vocab` is the head's rows (a count, not bytes). Layers have one shape, so the
         middle one stands for all."""
         layer = self.layers[self.num_layers // 2]
-        named = [(n, p.numel() * p.element_size()) for n, p in layer.named_parameters()]
+        named = [(n, p.numel() * p.element_size()) for n, p in layer.named_parameters()]  # sizes only: no values read
         attention = sum(b for n, b in named if n.startswith(("self_attn", "input_layernorm", "self_attn_layer_norm")))
         total = sum(b for _, b in named)
-        head = self.model.get_output_embeddings().weight
+        head = self.model.get_output_embeddings()
         return {"layer": total, "attention": attention, "mlp": total - attention,
                 "kv": sum(b for n, b in named if n.split(".")[-2:-1] in (["k_proj"], ["v_proj"])),
-                "head": head.numel() * head.element_size(), "vocab": head.shape[0]}
+                "head": sum(p.numel() * p.element_size() for p in head.parameters()), "vocab": head.out_features}
 
     def _split_heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         b, s, _ = t.shape
@@ -111,6 +147,10 @@ class LlamaAdapter(Adapter):
         self.attn = [layer.self_attn for layer in self.layers]
         self.q_norm = [getattr(a, "q_norm", None) for a in self.attn]
         self.k_norm = [getattr(a, "k_norm", None) for a in self.attn]
+        self._place()
+
+    def final_norm_module(self):
+        return self.base.norm
 
     def embed(self, ids, positions):
         return self.base.embed_tokens(ids)
@@ -126,9 +166,11 @@ class LlamaAdapter(Adapter):
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """An RMS norm (Llama's, Mistral's, Qwen's: x rsqrt(mean(x^2) + eps) w, in fp32) as torch's one fused
         operation where the input is fp32 (the module's own 7 operations otherwise: in bf16 transformers rounds
-        before the weight's product, which the fused operation does not)."""
-        if x.dtype == torch.float32 and type(norm).__name__ in RMS_NORMS:
-            return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+        before the weight's product, which the fused operation does not; and where accelerate offloaded the weight,
+        whose hook brings it in when the module runs)."""
+        w = _weight(norm)
+        if x.dtype == torch.float32 and type(norm).__name__ in RMS_NORMS and w is not None:
+            return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
         return norm(x)
 
     def attn_norm(self, i, h):
@@ -199,13 +241,17 @@ class OPTAdapter(Adapter):
         # HF OPT scales q after its projection and calls attention with scale 1; we pass the scale to
         # SDPA instead (same maths, differs only in float rounding).
         self.scale = self.head_dim**-0.5
+        self._place()
+
+    def final_norm_module(self):
+        return self.dec.final_layer_norm if self.dec.final_layer_norm is not None else self.layers[-1]
 
     def embed(self, ids, positions):
         h = self.dec.embed_tokens(ids)
         if self.dec.project_in is not None:
             h = self.dec.project_in(h)
-        pe = self.dec.embed_positions
-        return h + nn.functional.embedding(positions + pe.offset, pe.weight)
+        # the module adds its offset (2) itself; called, not read, so an offloaded table is brought in by its hook
+        return h + self.dec.embed_positions(None, position_ids=positions).to(h.device)
 
     def attn_norm(self, i, h):
         return self.layers[i].self_attn_layer_norm(h)

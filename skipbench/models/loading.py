@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import json
-from dataclasses import dataclass
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,8 +52,10 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     adapter: Adapter
-    device: torch.device
+    device: torch.device  # the output device: logits, sampling and stopping live here (the head's, when placed)
     dtype: torch.dtype
+    placement: dict | None = None  # where each part of a placed model runs (`Placement`), else None
+    offload: object = field(default=None, repr=False)  # the offload folder a placement wrote, removed with the model
 
     @property
     def num_layers(self) -> int:
@@ -63,7 +67,8 @@ class LoadedModel:
         return {"name": self.name, "hub_id": ALIASES[self.name][0] if self.name in ALIASES else None,
                 "family": self.adapter.family, "num_layers": self.num_layers, "hidden_size": cfg.hidden_size,
                 "dtype": str(self.dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in self.model.parameters()),
-                "fingerprint": model_fingerprint(self.name), "weights": weights_source(self.name)}
+                "fingerprint": model_fingerprint(self.name), "weights": weights_source(self.name),
+                "placement": self.placement}
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -303,7 +308,11 @@ def _hub_or_dir(name: str) -> tuple[str, dict]:
 
 
 def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """The model `name` on `device`, or, inside `placing(...)` (the command line's --device-map), placed across
+    devices by accelerate."""
     dev = resolve_device(device)
+    if PLACEMENT.get() is not None:
+        dev = PLACEMENT.get().main_device(device)
     dt = resolve_dtype(dtype, dev)
     if name in (EMBEDDED, TINY):  # built into the cache on first use: a damaged copy is built again, not fatal
         build = _embedded_dir if name == EMBEDDED else _tiny_dir
@@ -348,7 +357,7 @@ def random_model(name: str, dev: torch.device, dt: torch.dtype) -> LoadedModel:
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.device(dev):
         torch.manual_seed(0)  # the same weights every time, the caller's random state untouched
         model = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="sdpa")
-    return wrap_model(model, tok, name, dev)
+    return wrap_model(model, tok, name, dev, PLACEMENT.get())
 
 
 def embedded_tokenizer():
@@ -390,14 +399,22 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
         raise unreadable(exc) from None
     if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "opt"):
         raise SkipbenchError(f"unsupported architecture '{config.model_type}' for '{name}'; supported: {SUPPORTED_FAMILIES}")
+    placement, placed = PLACEMENT.get(), {}
+    if placement is not None:  # accelerate places the weights as they load (a model larger than one device)
+        placed = placement.load_kwargs(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra, **placed)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        if placement is not None and isinstance(exc, (ValueError, RuntimeError)):
+            raise SkipbenchError(f"--device-map {placement.device_map}: accelerate cannot place '{name}' "
+                                 f"({why(exc)})") from None
         raise unreadable(exc) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise unreadable(exc) from None
+    if placement is not None:
+        return _placed(model, tokenizer, name, placement, placed.get("offload_folder"))
     return wrap_model(model, tokenizer, name, dev)
 
 
@@ -437,11 +454,218 @@ def remove_layers(model: nn.Module, keep: list[int], share_weights: bool = True)
     return small
 
 
-def wrap_model(model: nn.Module, tokenizer, name: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Wrap an already built transformers model (tests build tiny random ones from configs)."""
+def wrap_model(model: nn.Module, tokenizer, name: str, device: torch.device | str | None = "cpu",
+               placement: "Placement | None" = None) -> LoadedModel:
+    """Wrap an already built transformers model (tests build tiny random ones from configs): moved to `device`, or
+    left where it is (None: placed by hand, each layer on its device); with a `placement`, accelerate dispatches it
+    across devices first (the weights a map sends to `disk` are written to a folder)."""
+    if placement is not None:
+        import tempfile
+
+        from accelerate import dispatch_model
+
+        folder = tempfile.mkdtemp(prefix="skipbench-offload-")
+        device_map = placement.device_map_for(model)
+        try:
+            if len(set(device_map.values())) > 1 or "disk" in device_map.values():
+                dispatch_model(model, device_map=device_map, offload_dir=folder)
+            else:
+                model.to(_torch_device(next(iter(device_map.values()))))
+        except (ValueError, RuntimeError, KeyError, OSError) as exc:  # OSError: a map that offloads the whole model
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            raise SkipbenchError(f"--device-map {placement.device_map}: accelerate cannot place '{name}' ({why(exc)})") from None
+        model.hf_device_map = device_map
+        return _placed(model, tokenizer, name, placement, folder)
+    if device is None:  # placed by hand, module by module: left where it is, its output device the head's
+        from skipbench.models.adapters import execution_device
+
+        device = execution_device(model.get_output_embeddings())
+    else:
+        model = model.to(device)
     device = torch.device(device)
-    model = model.to(device).eval()
+    model = model.eval()
     model.requires_grad_(False)
     adapter = make_adapter(model)
     dtype = next(model.parameters()).dtype
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter, device=device, dtype=dtype)
+
+
+# ----- placement across devices (issue 44): accelerate's device_map, per process -----------------------------------
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's named device maps
+PLACEMENT: ContextVar["Placement | None"] = ContextVar("skipbench_placement", default=None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's parts run when one device cannot hold it: `device_map` is one of accelerate's strategies
+    (auto, balanced, balanced_low_0, sequential: filled up to `max_memory`, "0=70GiB,1=70GiB,cpu=200GiB") or a JSON
+    file mapping module names to a device (a CUDA index or "cuda:N", "cpu", or "disk": offloaded to a folder and
+    read in when its module runs). Under torchrun each rank takes its own `gpus_per_rank` GPUs (rank r: GPUs
+    r N .. r N + N - 1; a map's indices are then the rank's own 0 .. N - 1), never "auto" across ranks.
+    `load_model` reads it from `placing(...)`: the command line wraps every command that loads a model in it."""
+
+    device_map: str
+    max_memory: str = ""
+    gpus_per_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_rank < 0:
+            raise SkipbenchError(f"--gpus-per-rank must be >= 1, got {self.gpus_per_rank}")
+        if self.device_map not in STRATEGIES:
+            self.file_map()  # read and checked up front: a bad file fails before any work
+            if self.max_memory:
+                raise SkipbenchError("--max-memory sizes accelerate's own placement (--device-map auto, balanced, "
+                                     "balanced_low_0 or sequential); a map file places every module itself")
+        self.memory()  # checked up front too
+        from skipbench.store.distributed import world_size
+
+        if world_size() > 1 or self.gpus_per_rank:
+            self.gpus()  # each rank its own GPUs, and enough of them
+
+    def gpus(self) -> list[int]:
+        """The CUDA indices this process may use: all, or under torchrun the rank's own `gpus_per_rank`."""
+        from skipbench.store.distributed import local_rank, world_size
+
+        count = torch.cuda.device_count()
+        if world_size() == 1 and not self.gpus_per_rank:
+            return list(range(count))
+        if not self.gpus_per_rank:
+            raise SkipbenchError("--device-map under torchrun needs --gpus-per-rank N: each rank takes its own N GPUs "
+                                 "(never one map across ranks)")
+        own = list(range(local_rank() * self.gpus_per_rank, (local_rank() + 1) * self.gpus_per_rank))
+        if own[-1] >= count:
+            raise SkipbenchError(f"--gpus-per-rank {self.gpus_per_rank}: rank {local_rank()} needs GPUs {own[0]}-{own[-1]}, "
+                                 f"this machine has {count}")
+        return own
+
+    def _device(self, value, where: str):
+        """A map's or --max-memory's device: a CUDA index (the rank's own, under torchrun), "cuda[:N]", "cpu" or
+        "disk" (map only), as accelerate takes it (an index, "cpu", "disk")."""
+        text = str(value).strip()
+        if text in ("cpu", "disk") and (text == "cpu" or where == "map"):
+            return text
+        index = text.removeprefix("cuda:") if text.startswith("cuda:") else "0" if text == "cuda" else text
+        if isinstance(value, bool) or not index.isdigit():
+            allowed = "a CUDA index, cuda:N, cpu or disk" if where == "map" else "a CUDA index or cpu"
+            raise SkipbenchError(f"{where}: '{value}' is not a device ({allowed})")
+        gpus = self.gpus()
+        if int(index) >= len(gpus):
+            raise SkipbenchError(f"{where}: device {value} names a GPU this process does not have "
+                                 f"({len(gpus)} CUDA device{'s' if len(gpus) != 1 else ''} here)")
+        return gpus[int(index)]
+
+    def file_map(self) -> dict:
+        path = Path(self.device_map)
+        try:
+            raw = json.loads(path.read_text())
+        except OSError as exc:
+            raise SkipbenchError(f"--device-map {self.device_map}: not one of {', '.join(STRATEGIES)} and not a readable "
+                                 f"JSON file ({why(exc)})") from None
+        except ValueError as exc:
+            raise SkipbenchError(f"--device-map {self.device_map}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or not raw or not all(isinstance(k, str) for k in raw):
+            raise SkipbenchError(f"--device-map {self.device_map}: a JSON object of module name -> device "
+                                 '(e.g. {"model.layers.0": 0, "model.layers.1": "cpu", ...})')
+        return {k: self._device(v, "map") for k, v in raw.items()}
+
+    def memory(self) -> dict | None:
+        """--max-memory as accelerate's dict ({0: "70GiB", "cpu": "200GiB"}), or None."""
+        if not self.max_memory:
+            return None
+        out = {}
+        for part in self.max_memory.split(","):
+            name, eq, size = part.partition("=")
+            if not eq or not size.strip():
+                raise SkipbenchError(f"--max-memory: '{part}' is not DEVICE=SIZE (e.g. 0=70GiB,cpu=200GiB)")
+            try:
+                from accelerate.utils import convert_file_size_to_int
+
+                if convert_file_size_to_int(size.strip()) <= 0:
+                    raise ValueError("not positive")
+            except ValueError:
+                raise SkipbenchError(f"--max-memory: '{size.strip()}' is not a positive size (e.g. 70GiB, 512MB)") from None
+            out[self._device(name, "--max-memory")] = size.strip()
+        return out
+
+    def device_map_for(self, model: nn.Module) -> dict:
+        """The map itself: the file's, or accelerate's strategy over this process's GPUs within --max-memory."""
+        if self.device_map not in STRATEGIES:
+            return self.file_map()
+        from accelerate.utils import get_max_memory
+        from transformers.integrations.accelerate import _get_device_map
+
+        memory = self.memory() or {k: v for k, v in get_max_memory().items() if k in self.gpus() or k == "cpu"}
+        return _get_device_map(model, self.device_map, memory, None)
+
+    def load_kwargs(self, config) -> dict:
+        """from_pretrained's arguments: the map (a strategy, within --max-memory) and an offload folder for `disk`."""
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="skipbench-offload-")
+        if self.device_map in STRATEGIES:
+            memory = self.memory()
+            if memory is None and (self.gpus_per_rank or torch.cuda.device_count()):
+                from accelerate.utils import get_max_memory
+
+                memory = {k: v for k, v in get_max_memory().items() if k in self.gpus() or k == "cpu"}
+            return {"device_map": self.device_map, "max_memory": memory, "offload_folder": folder}
+        return {"device_map": self.file_map(), "offload_folder": folder}
+
+    def main_device(self, device: str) -> torch.device:
+        """The device the dtype is chosen for: the first GPU this process places on, else the CPU. --device must be
+        left at auto (the map says where things run)."""
+        if device != "auto":
+            raise SkipbenchError(f"--device {device} and --device-map: give one (the map says where each part runs)")
+        return torch.device("cuda", self.gpus()[0]) if self.gpus() else torch.device("cpu")
+
+
+@contextmanager
+def placing(placement: Placement | None):
+    """Every `load_model` inside places its model so (None: no placement)."""
+    from skipbench.store import distributed
+
+    token, before = PLACEMENT.set(placement), distributed.GPUS_PER_RANK[0]
+    if placement is not None and placement.gpus_per_rank:
+        distributed.GPUS_PER_RANK[0] = placement.gpus_per_rank
+    try:
+        yield
+    finally:
+        PLACEMENT.reset(token)
+        distributed.GPUS_PER_RANK[0] = before
+
+
+def _torch_device(value) -> torch.device:
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device("cpu" if value == "disk" else value)
+
+
+class _Offload:
+    """The offload folder of a placed model: removed when the model is (and at exit)."""
+
+    def __init__(self, folder: str | None) -> None:
+        import weakref
+        import shutil
+
+        self.folder = folder
+        if folder:
+            self._done = weakref.finalize(self, shutil.rmtree, folder, True)
+
+
+def _placed(model: nn.Module, tokenizer, name: str, placement: Placement, folder: str | None) -> LoadedModel:
+    """A model accelerate placed (`hf_device_map`): no `.to`; the output device is the head's execution device."""
+    from skipbench.models.adapters import execution_device
+
+    model = model.eval()
+    model.requires_grad_(False)
+    adapter = make_adapter(model)
+    device_map = getattr(model, "hf_device_map", None) or {"": str(execution_device(model.get_output_embeddings()))}
+    record = {"device_map": placement.device_map, "max_memory": placement.max_memory or None,
+              "gpus_per_rank": placement.gpus_per_rank or None,
+              "modules": {k: v if isinstance(v, str) else f"cuda:{v}" for k, v in device_map.items()},
+              "layers": [str(d) for d in adapter.devices]}
+    dtype = next(p for p in model.parameters()).dtype
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, adapter=adapter,
+                       device=execution_device(model.get_output_embeddings()), dtype=dtype, placement=record,
+                       offload=_Offload(folder))

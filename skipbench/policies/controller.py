@@ -25,7 +25,7 @@ from torch import nn
 
 from skipbench import keyed
 from skipbench.store.checkpoints import BACKBONE, checked_module, load_checkpoint, load_module
-from skipbench.engine.protocol import Gate, Policy
+from skipbench.engine.protocol import Gate, Policy, follows
 from skipbench.errors import SkipbenchError
 
 INPUTS = ("hidden", "constant")
@@ -154,13 +154,12 @@ class ControllerPolicy(Policy):
     def gate(self, layer: int, hidden: torch.Tensor) -> Gate:
         if layer not in self.c.slot:
             return True
-        if next(self.c.parameters()).device != hidden.device:
-            self.c.to(hidden.device)
+        follows(self.c.linears[self.c.slot[layer]], hidden.device)  # each layer's controller on its layer's device
         logits = self.c.logits(layer, hidden).float()
         if self.mode == "argmax":
             run = logits[..., 1] > logits[..., 0]
         else:  # hard Gumbel sample: the argmax of noisy logits (tau does not change the argmax)
-            noisy = logits - torch.log(-torch.log(self._noise[:, :, self.c.slot[layer]].float()))
+            noisy = logits - torch.log(-torch.log(self._noise[:, :, self.c.slot[layer]].float().to(logits.device)))
             run = noisy[..., 1] > noisy[..., 0]
         if bool(run.all()):
             return True

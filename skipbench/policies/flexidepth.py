@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipbench.store.checkpoints import checked_module, load_module
-from skipbench.engine.protocol import Policy, Route
+from skipbench.engine.protocol import Policy, Route, follows
 from skipbench.errors import SkipbenchError
 
 
@@ -145,8 +145,9 @@ class FlexiPolicy(Policy):
     def gate(self, layer, hidden):
         if layer not in self.f.routed:
             return True
-        if next(self.f.parameters()).device != hidden.device:
-            self.f.to(hidden.device)
+        follows(self.f.routers[str(layer)], hidden.device)  # each layer's router and adapter on its layer's device
+        if self.f.use_adapter:
+            follows(self.f.adapters[str(layer)], hidden.device)
         return self.f.route(layer, self.f.gate(layer, hidden), self.tau)
 
 

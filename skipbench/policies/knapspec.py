@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from skipbench.engine.forward import Engine
-from skipbench.engine.protocol import Gate, Policy, Round, Sublayers
+from skipbench.engine.protocol import Gate, Policy, Round, Sublayers, moved
 from skipbench.engine.speculative import Speculation
 from skipbench.errors import SkipbenchError, note
 from skipbench.policies.dynamic_exit import tokens_per_layer
@@ -87,7 +87,7 @@ def sublayer_costs(adapter) -> SublayerCosts:
     from skipbench.store.results import write_text_atomic
 
     param = next(adapter.model.parameters())
-    key = json.dumps({"shape": json.loads(_shape_key(adapter, "fill", 1, param.device, param.dtype)),
+    key = json.dumps({"shape": json.loads(_shape_key(adapter, "fill", 1, adapter.devices[0], param.dtype)),
                       "contexts": CONTEXTS, "version": VERSION}, sort_keys=True)
     path = cache_dir() / "sublayer-costs" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if path.exists():
@@ -115,23 +115,23 @@ def sublayer_costs(adapter) -> SublayerCosts:
 def measure(adapter) -> SublayerCosts:
     from skipbench.engine.costs import median_times
 
-    param = next(adapter.model.parameters())
+    param, device = next(adapter.model.parameters()), adapter.devices[0]  # layer 0's device (a placed model)
     engine = Engine(adapter, "fill")
-    cache = engine.new_cache(1, max(CONTEXTS) + 1, param.device, param.dtype)
+    cache = engine.new_cache(1, max(CONTEXTS) + 1, device, param.dtype)
     cache.mark(range(adapter.num_layers), True, max(CONTEXTS))
-    noise = torch.Generator(device=param.device).manual_seed(0)
-    h = torch.randn(1, 1, adapter.model.config.hidden_size, device=param.device, dtype=param.dtype, generator=noise)
+    noise = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(1, 1, adapter.model.config.hidden_size, device=device, dtype=param.dtype, generator=noise)
     cases = {}
     for n in CONTEXTS:
         cache.length = n
-        pos = adapter.position_embeddings(h, cache.positions(1))  # once per forward in a real pass: not timed
+        pos = moved(adapter.position_embeddings(h, cache.positions(1)), device)  # once per forward in a pass: not timed
 
         def attend(n=n, pos=pos):
             cache.length = n
             return engine.attend(0, h, pos, cache)
         cases[n] = attend
     cases["mlp"] = lambda: adapter.mlp_block(0, h)
-    med = median_times(cases, param.device)
+    med = median_times(cases, device)
     attention = tuple(med[n] for n in CONTEXTS)
     c2, c3 = np.polyfit(np.array(CONTEXTS, dtype=float), np.array(attention), 1)  # least squares, as the paper fits
     if c2 < 0:  # noise on a short context range: no growth measured, a constant

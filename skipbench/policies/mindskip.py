@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from skipbench.store.checkpoints import checked_module, load_module
-from skipbench.engine.protocol import AttnRoute, Policy
+from skipbench.engine.protocol import AttnRoute, Policy, follows
 from skipbench.errors import SkipbenchError
 
 CAPACITY_LOSSES = ("abs", "relu")
@@ -155,8 +155,7 @@ class MindSkipPolicy(Policy):
     def gate(self, layer, hidden):
         if layer not in self.m.routed:
             return True
-        if next(self.m.parameters()).device != hidden.device:
-            self.m.to(hidden.device)
+        follows(self.m.routers[str(layer)], hidden.device)  # each layer's router on its layer's device
         return self.m.route(layer, self.ad.attn_norm(layer, hidden), self.tau)
 
 

@@ -153,6 +153,18 @@ def world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0) if world_size() > 1 else 0
+
+
+GPUS_PER_RANK = [1]  # a placed model's GPUs per rank (--gpus-per-rank; models/loading.placing sets it)
+
+
+def first_gpu() -> int:
+    """This rank's first GPU: its own, or the first of its `--gpus-per-rank` (a model placed across several)."""
+    return local_rank() * GPUS_PER_RANK[0]
+
+
 def current() -> Dist:
     """This process's place under torchrun; joins the process group on first use."""
     world = world_size()
@@ -163,7 +175,7 @@ def current() -> Dist:
     d = Dist(rank(), world, _env_int("LOCAL_RANK", 0))
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(d.local_rank)
+            torch.cuda.set_device(first_gpu())
         # gloo carries the CPU-side collectives (objects, counts) on CUDA too
         backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)

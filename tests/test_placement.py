@@ -1,0 +1,226 @@
+"""A model placed across devices by accelerate (issue 44): half the layers on the CPU, half offloaded to disk (read in
+only while their module runs, on `meta` otherwise), gives the single-device run's tokens for every kind of policy;
+adapters read no weight directly; the command line takes --device-map and refuses a bad one in one line."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import prompts, tiny_model
+from skipbench.cli import app
+from skipbench.engine import generate
+from skipbench.engine.speculative import Speculation, speculate
+from skipbench.errors import SkipbenchError
+from skipbench.models import wrap_model
+from skipbench.models.loading import Placement, load_model, placing
+from skipbench.policies import make_policy, parse_policies
+
+NEW = 12
+
+
+def half_on_disk(family: str, layers: int = 6) -> dict:
+    """Embedding, head and the first half of the layers on the CPU; the second half and the final norm on disk."""
+    stack = "model.decoder" if family == "opt" else "model"
+    parts = {f"{stack}.layers.{i}": "cpu" if i < layers // 2 else "disk" for i in range(layers)}
+    if family == "opt":
+        return {"model.decoder.embed_tokens": "cpu", "model.decoder.embed_positions": "disk",
+                "model.decoder.final_layer_norm": "disk", "lm_head": "cpu", **parts}
+    return {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "disk", "lm_head": "cpu", **parts}
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def pair(request, tokenizer, tmp_path_factory):
+    """The same tiny model twice: on one device, and placed by a map file (CPU and disk)."""
+    family = request.param
+    map_file = tmp_path_factory.mktemp("map") / "map.json"
+    map_file.write_text(json.dumps(half_on_disk(family)))
+    single = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}")
+    placed = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}",
+                        placement=Placement(str(map_file)))
+    return single, placed
+
+
+def test_the_map_offloads_half_the_layers(pair):
+    _, placed = pair
+    layers = placed.adapter.layers
+    assert [next(l.parameters()).device.type for l in layers] == ["cpu"] * 3 + ["meta"] * 3  # on disk until they run
+    assert placed.placement["modules"]["model.layers.5" if placed.adapter.family != "opt" else "model.decoder.layers.5"] == "disk"
+    assert placed.record()["placement"]["layers"] == ["cpu"] * 6
+    assert placed.device == torch.device("cpu")
+
+
+def policy(name: str, lm, kv_mode: str):
+    if name == "flexidepth":  # an untrained router with gates around its threshold: some tokens skip
+        from skipbench.policies.flexidepth import FlexiDepth, FlexiPolicy
+
+        torch.manual_seed(0)
+        flexi = FlexiDepth(64, lm.num_layers, reduction=4, kv=kv_mode == "fill")
+        with torch.no_grad():
+            for r in flexi.routers.values():
+                r.out.bias.fill_(0.0)
+        return FlexiPolicy(flexi)
+    return make_policy(name, lm.num_layers, lm, seed=1)
+
+
+@pytest.mark.parametrize("kv_mode", ["fill", "none"])
+@pytest.mark.parametrize("name", ["full", "uniform:4", "random-token:3", "flexidepth"])
+def test_placed_generation_gives_the_single_device_tokens(pair, tokenizer, name, kv_mode):
+    single, placed = pair
+    ps = prompts(tokenizer, 3)
+    ref = generate(single, ps, policy(name, single, kv_mode), NEW, kv_mode)
+    out = generate(placed, ps, policy(name, placed, kv_mode), NEW, kv_mode)
+    assert out.tokens == ref.tokens
+    assert out.layers == ref.layers
+    if name == "random-token:3":  # the per-token policy did skip
+        assert any(len(rec) < placed.num_layers for row in out.layers for rec in row)
+
+
+@pytest.mark.parametrize("name", ["early-exit:3", "clasp:3"])
+def test_a_placed_self_speculative_draft_keeps_the_full_models_tokens(pair, tokenizer, name):
+    single, placed = pair
+    ps = prompts(tokenizer, 3)
+    ref = generate(single, ps, None, NEW)
+    (spec,) = parse_policies(name, {"interval": "1"} if name.startswith("clasp") else None, seed=1)
+    draft = spec.build(placed.num_layers, placed, draft=True)
+    out = speculate(placed, ps, draft, Speculation(k=3), NEW)
+    assert out.tokens == ref.tokens
+    assert sum(out.speculation.drafted) > 0
+
+
+def test_no_adapter_reads_a_weight_but_through_the_guard():
+    """An offloaded weight is `meta` until its module runs: reading `.weight` would compute with nothing. Adapters
+    call modules, and read a weight only through `_weight`, which returns None for an offloaded one."""
+    import skipbench.models.adapters as adapters
+
+    tree = ast.parse(Path(adapters.__file__).read_text())
+    reads = []
+    for fn in ast.walk(tree):
+        if isinstance(fn, ast.FunctionDef) and fn.name != "_weight":
+            reads += [(fn.name, n.lineno) for n in ast.walk(fn) if isinstance(n, ast.Attribute) and n.attr == "weight"]
+    assert reads == []
+
+
+def test_max_memory_spills_layers_to_disk(tokenizer):
+    """accelerate's own placement within --max-memory: a CPU budget smaller than the model sends layers to disk, and
+    the tokens stay the single device's."""
+    single = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
+    placed = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny",
+                        placement=Placement("sequential", max_memory="cpu=600KB"))
+    assert "disk" in placed.placement["modules"].values()
+    ps = prompts(tokenizer, 2)
+    assert generate(placed, ps, None, NEW).tokens == generate(single, ps, None, NEW).tokens
+
+
+@pytest.mark.parametrize("placement, message", [
+    (dict(device_map="nowhere.json"), "not one of auto, balanced"),
+    (dict(device_map="auto", max_memory="cpu"), "not DEVICE=SIZE"),
+    (dict(device_map="auto", max_memory="cpu=-1GB"), "not a positive size"),
+    (dict(device_map="auto", max_memory="cpu=lots"), "not a positive size"),
+    (dict(device_map="auto", max_memory="3=1GB"), "names a GPU this process does not have"),
+    (dict(device_map="auto", gpus_per_rank=-1), "--gpus-per-rank must be >= 1"),
+])
+def test_bad_placements_are_refused_before_any_work(placement, message):
+    with pytest.raises(SkipbenchError, match=message):
+        Placement(**placement)
+
+
+def test_a_map_file_is_checked_up_front(tmp_path):
+    bad = tmp_path / "map.json"
+    for text, message in (("[1, 2]", "a JSON object"), ("{", "not valid JSON"), ('{"model": "tpu"}', "not a device"),
+                          ('{"model": 7}', "names a GPU this process does not have"),
+                          ('{"model": true}', "not a device")):
+        bad.write_text(text)
+        with pytest.raises(SkipbenchError, match=message):
+            Placement(str(bad))
+    bad.write_text('{"": "cpu"}')
+    with pytest.raises(SkipbenchError, match="a map file places every module itself"):
+        Placement(str(bad), max_memory="cpu=1GB")
+    with pytest.raises(SkipbenchError, match="--device cpu and --device-map: give one"):
+        with placing(Placement(str(bad))):
+            load_model("tiny-random", "cpu")
+
+
+def test_the_command_line_runs_placed_and_writes_the_single_device_parquet(tiny_dirs, tmp_path):
+    """`evaluate --device-map FILE.json` on a model folder: the same rows as without it, the placement in the manifest;
+    a bad map, or --max-memory without a map, is one line and exit code 1, with no result file."""
+    runner = CliRunner()
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(half_on_disk("llama")))
+    common = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "3",
+              "--max-new-tokens", "8", "--policy", "uniform:4", "--policy", "random-token:3"]
+    one = runner.invoke(app, [*common, "--out", str(tmp_path / "one.parquet")])
+    assert one.exit_code == 0, one.output
+    two = runner.invoke(app, [*common, "--out", str(tmp_path / "two.parquet"), "--device-map", str(map_file)])
+    assert two.exit_code == 0, two.output
+    a, b = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
+    keep = [c for c in a.columns if not c.endswith(("_s", "seconds")) and c not in ("run_id", "time", "tokens_per_s")]
+    pd.testing.assert_frame_equal(a[keep], b[keep])
+    manifest = json.loads((tmp_path / "two.json").read_text())
+    assert manifest["model"]["placement"]["modules"]["model.layers.5"] == "disk"
+    for extra, message in (([ "--device-map", str(tmp_path / "none.json")], "not a readable JSON file"),
+                           (["--max-memory", "cpu=1GB"], "give --device-map too"),
+                           (["--device-map", str(map_file), "--device", "cpu"], "give one")):
+        bad = runner.invoke(app, [*common, "--out", str(tmp_path / "bad.parquet"), *extra])
+        assert bad.exit_code == 1 and message in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
+        assert not (tmp_path / "bad.parquet").exists()
+
+
+@pytest.mark.lane
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_layers_placed_by_hand_on_two_devices_give_the_single_device_tokens(tokenizer, device, family):
+    """The GPU check's case (`pytest --device cuda -m lane`): the embedding and the first half of the layers on the
+    device, the rest and the head on the CPU, each running where it sits (no accelerate hook), so every move the engine
+    makes between layers, and the K/V each layer keeps on its own device, is exercised; on the CPU lane both halves
+    are the CPU and the test is the plain run's."""
+    single = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", device)
+    model = tiny_model(family, len(tokenizer))
+    stack = model.model.decoder if family == "opt" else model.model
+    model.to("cpu")
+    stack.embed_tokens.to(device)
+    for layer in stack.layers[: len(stack.layers) // 2]:
+        layer.to(device)
+    placed = wrap_model(model, tokenizer, f"tiny-{family}", None)
+    assert placed.adapter.placed == (device.type != "cpu")  # two devices: the engine moves the stream between them
+    ps = prompts(tokenizer, 3)
+    for name in ("full", "random-token:3"):
+        for kv_mode in ("fill", "none"):
+            ref = generate(single, ps, make_policy(name, 6, single, seed=1), NEW, kv_mode)
+            assert generate(placed, ps, make_policy(name, 6, placed, seed=1), NEW, kv_mode).tokens == ref.tokens
+    draft = parse_policies("early-exit:3", seed=1)[0].build(6, placed, draft=True)
+    assert speculate(placed, ps, draft, Speculation(k=3), NEW).tokens == generate(single, ps, None, NEW).tokens
+
+
+def test_each_rank_takes_its_own_gpus(monkeypatch, tmp_path):
+    """--gpus-per-rank N under torchrun: rank r's GPUs are r N .. r N + N - 1, a map's indices are the rank's own, and
+    a placement across ranks without it is refused (the GPU count is the machine's; here four are pretended)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert Placement("auto", gpus_per_rank=2).gpus() == [2, 3]
+    assert Placement("auto", max_memory="0=1GB,1=2GB,cpu=3GB", gpus_per_rank=2).memory() == {2: "1GB", 3: "2GB", "cpu": "3GB"}
+    file = tmp_path / "map.json"
+    file.write_text(json.dumps({"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": "cpu"}))
+    assert Placement(str(file), gpus_per_rank=2).file_map() == {"model.layers.0": 2, "model.layers.1": 3, "lm_head": "cpu"}
+    with pytest.raises(SkipbenchError, match="needs --gpus-per-rank"):
+        Placement("auto")
+    with pytest.raises(SkipbenchError, match="rank 1 needs GPUs 3-5, this machine has 4"):
+        Placement("auto", gpus_per_rank=3)
+
+
+def test_bench_on_a_placement_says_what_its_speedups_compare(tiny_dirs, tmp_path):
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(half_on_disk("llama")))
+    out = tmp_path / "bench.parquet"
+    res = CliRunner().invoke(app, ["bench", "--model", str(tiny_dirs["llama"]), "--batch-sizes", "1", "--policy",
+                                   "full,uniform:3", "--max-new-tokens", "4", "--repeats", "1", "--warmup", "0",
+                                   "--device-map", str(map_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "placed by --device-map" in " ".join(res.output.split()) and "same placement" in " ".join(res.output.split())
+    assert json.loads(out.with_suffix(".json").read_text())["model"]["placement"]["layers"] == ["cpu"] * 6
