@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -224,3 +227,67 @@ def test_bench_on_a_placement_says_what_its_speedups_compare(tiny_dirs, tmp_path
     assert res.exit_code == 0, res.output
     assert "placed by --device-map" in " ".join(res.output.split()) and "same placement" in " ".join(res.output.split())
     assert json.loads(out.with_suffix(".json").read_text())["model"]["placement"]["layers"] == ["cpu"] * 6
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # two ranks on two cores
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_agree_with_one_process(tiny_dirs, tmp_path):
+    """--tp 2 under torchrun (gloo): each rank holds half the heads; the logits are one process's (close in fp32), the
+    greedy tokens and layer records equal, at full depth and under a per-token policy, and every rank took the same
+    decisions and made the same number of all-reduces (row-wise projection calls) at every step."""
+    from skipbench.engine.forward import Engine
+
+    folder, out = str(tiny_dirs["llama"]), tmp_path / "ranks.json"
+    res = subprocess.run([*TORCHRUN, str(Path(__file__).with_name("tp_worker.py")), folder, str(out)], env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    assert [r["heads"] for r in ranks] == [2, 2] and [r["kv_heads"] for r in ranks] == [1, 1]  # of 4 and 2
+    one = load_model(folder, "cpu", "float32")
+    ps = [[5, 9, 14, 3, 22], [7, 7, 30], [11, 2, 8, 19]]
+    for name in ("full", "random-token:3"):
+        ref = generate(one, ps, make_policy(name, one.num_layers, one, seed=1), 8, "fill")
+        for r in ranks:
+            assert r[name]["tokens"] == ref.tokens and r[name]["layers"] == ref.layers, (name, r["rank"])
+        assert ranks[0][name]["all_reduces"] == ranks[1][name]["all_reduces"]
+        assert sum(ranks[0][name]["all_reduces"]) > 0
+    full, skipping = (sum(ranks[0][n]["all_reduces"]) for n in ("full", "random-token:3"))
+    assert skipping < full  # the skipped layers' products (and their all-reduces) were not run
+    _, ref = Engine(one.adapter).prefill(torch.tensor([ps[0]]), torch.ones(1, 5, dtype=torch.bool), 8)
+    for r in ranks:
+        torch.testing.assert_close(torch.tensor(r["logits"]), ref.logits[0, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluate_with_tp_2_writes_the_single_process_parquet(tiny_dirs, tmp_path):
+    """`torchrun --nproc-per-node 2 -m skipbench evaluate --tp 2`: rank 0 writes the rows one process writes (tokens,
+    scores, layers), no rank writes a part; a model without a plan, or --tp beside --device-map, is refused."""
+    args = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "4", "--max-new-tokens",
+            "8", "--policy", "uniform:4", "--policy", "random-token:3", "--batch-size", "2"]
+    res = subprocess.run([*TORCHRUN, "-m", "skipbench", *args, "--tp", "2", "--out", str(tmp_path / "tp.parquet")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one.parquet")])
+    assert one.exit_code == 0, one.output
+    a, b = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "tp.parquet")
+    keep = [c for c in a.columns if not c.endswith(("_s", "seconds")) and c not in ("run_id", "time", "tokens_per_s")]
+    pd.testing.assert_frame_equal(a[keep], b[keep], check_exact=False, rtol=1e-4, atol=1e-5)
+    assert json.loads((tmp_path / "tp.json").read_text())["model"]["placement"]["tp"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".parquet", ".json")) == [
+        "one.json", "one.parquet", "tp.json", "tp.parquet"]
+    for model, extra, message in ((tiny_dirs["opt"], [], "no tensor-parallel plan for 'opt'"),
+                                  (tiny_dirs["llama"], ["--device-map", "auto"], "does not combine with --device-map")):
+        bad = subprocess.run([*TORCHRUN, "-m", "skipbench", *args[:1], "--model", str(model), *args[3:], "--tp", "2",
+                              *extra, "--out", str(tmp_path / "bad.parquet")], env=ENV, capture_output=True, text=True,
+                             timeout=600)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert not (tmp_path / "bad.parquet").exists()
+
+
+def test_tp_outside_torchrun_is_one_line(tiny_dirs, tmp_path):
+    res = CliRunner().invoke(app, ["generate", "--model", str(tiny_dirs["llama"]), "--tp", "2", "--prompt", "hi"])
+    assert res.exit_code == 1 and "runs under torchrun with 2 processes" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -55,8 +55,11 @@ def oracle_figures(result, metric: str, stem: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
+    from skipbench.store.results import writes
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if writes():  # tensor parallelism's other ranks draw what rank 0 writes
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

@@ -74,7 +74,8 @@ class SkipbenchGroup(TyperGroup):
         if cmd is None or isinstance(cmd, TyperGroup):
             return name, cmd, rest
         words = " ".join([c.info_name for c in _ancestry(ctx) if c.parent is not None] + [name])  # the command to run
-        if world_size() > 1 and words not in SkipbenchGroup.torchrun:
+        sharded = words in TP_COMMANDS and any(a.partition("=")[0] == "--tp" for a in rest)  # one model, several ranks
+        if world_size() > 1 and words not in SkipbenchGroup.torchrun and not sharded:
             raise SkipbenchError(f"'{words}' runs in one process; under torchrun: {', '.join(SkipbenchGroup.torchrun)}")
         rest = renamed(words, rest)
         refuse_repeats(cmd, rest)
@@ -87,13 +88,16 @@ PLACEMENT_HELP = {
     "max_memory": "with --device-map auto|balanced|sequential: each device's limit, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
     "gpus_per_rank": "with --device-map under torchrun: GPUs each rank places its own model on (rank r takes r N .. "
                      "r N + N - 1; the map's indices are the rank's own)",
+    "tp": "tensor parallelism under torchrun with N processes: each layer's heads and MLP split across the ranks "
+          "(transformers' plan; Llama, Mistral, Qwen2, Qwen3), the same layers skipped on every rank, rank 0 writes",
 }
+TP_COMMANDS = ("evaluate", "generate")  # the commands that run a model sharded across ranks (--tp)
 
 
-def placeable(command):
+def placeable(command, tp: bool = False):
     """`command` (one that loads a model: it takes --device) with --device-map, --max-memory and --gpus-per-rank
-    added: it runs inside models.loading.placing(...), so every model it loads is placed so (issue 44). One wrapper
-    for every such command, so that each takes the three options alike."""
+    added, and with `tp` --tp too: it runs inside models.loading.placing(...), so every model it loads is placed or
+    sharded so (issue 44). One wrapper for every such command, so that each takes the options alike."""
     import functools
     import inspect
 
@@ -106,19 +110,22 @@ def placeable(command):
                                default=typer.Option("", help=PLACEMENT_HELP["max_memory"])),
              inspect.Parameter("gpus_per_rank", inspect.Parameter.KEYWORD_ONLY, annotation=int,
                                default=typer.Option(0, min=0, help=PLACEMENT_HELP["gpus_per_rank"]))]
+    if tp:
+        extra.append(inspect.Parameter("tp", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                                       default=typer.Option(0, min=0, help=PLACEMENT_HELP["tp"])))
     params = list(sig.parameters.values())
     at = next((n for n, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
 
     @functools.wraps(command)
-    def run(*args, device_map: str = "", max_memory: str = "", gpus_per_rank: int = 0, **kw):
-        if not device_map:
+    def run(*args, device_map: str = "", max_memory: str = "", gpus_per_rank: int = 0, tp: int = 0, **kw):
+        if not device_map and not tp:
             if max_memory or gpus_per_rank:
                 raise SkipbenchError(f"{'--max-memory' if max_memory else '--gpus-per-rank'} places a model: give "
                                      "--device-map too")
             return command(*args, **kw)
         from skipbench.models.loading import Placement, placing
 
-        with placing(Placement(device_map, max_memory, gpus_per_rank)):
+        with placing(Placement(device_map, max_memory, gpus_per_rank, tp)):
             return command(*args, **kw)
 
     run.__signature__ = sig.replace(parameters=params[:at] + extra + params[at:])

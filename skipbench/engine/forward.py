@@ -70,6 +70,8 @@ class DraftHead:
 
     def __init__(self, adapter: Adapter, ids: torch.Tensor) -> None:
         out = adapter.model.get_output_embeddings()
+        if adapter.tp > 1:
+            raise SkipbenchError("--draft-vocab copies rows of the head, which tensor parallelism shards across the ranks")
         if out.weight.device.type == "meta":
             raise SkipbenchError("--draft-vocab copies rows of the head, which this placement offloads (its weights are "
                                  "read in only while the head runs): place the head on a device (--device-map FILE.json)")
@@ -105,7 +107,9 @@ class Engine:
             raise SkipbenchError(f"--impl must be one of {', '.join(IMPLS)}, got '{impl}'")
         self.ad = adapter
         self.kv_mode = kv_mode
-        self.impl = impl
+        # tensor parallelism: every rank must run the same products (a row-wise projection all-reduces), so a partial
+        # layer runs gathered on all of them rather than by each rank's own cost table
+        self.impl = "gather" if impl == "auto" and adapter.tp > 1 else impl
         self.write_skipped = write_skipped
         self.drafts = drafts
         self.head = head or adapter.head

@@ -42,9 +42,11 @@ SUPPORTED_FAMILIES = "Llama family (llama, mistral, qwen2, qwen3 — incl. SmolL
 
 
 class Adapter:
-    """Primitives of one decoder-only family. Shapes: h [B, T, hidden]; q/k/v [B, heads, T, head_dim]."""
+    """Primitives of one decoder-only family. Shapes: h [B, T, hidden]; q/k/v [B, heads, T, head_dim] (this rank's
+    heads under tensor parallelism, `tp` > 1)."""
 
     family: str
+    tp: int = 1
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -140,8 +142,11 @@ class LlamaAdapter(Adapter):
         self.base = model.model
         self.layers = list(self.base.layers)
         self.num_layers = len(self.layers)
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # under tensor parallelism (transformers' plan: q, k, v column-wise) each rank holds 1/tp of the heads, its
+        # projections return its own, and o_proj's row-wise product all-reduces inside its forward
+        self.tp = getattr(model, "tp_size", None) or 1
+        self.num_heads = cfg.num_attention_heads // self.tp
+        self.num_kv_heads = cfg.num_key_value_heads // self.tp
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.attn = [layer.self_attn for layer in self.layers]

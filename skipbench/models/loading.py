@@ -325,6 +325,9 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
             shutil.rmtree(cache_dir() / name, ignore_errors=True)
             return _load(name, str(build()), {}, dev, dt)
     if name.startswith(RANDOM):
+        if PLACEMENT.get() is not None and PLACEMENT.get().tp:
+            raise SkipbenchError(f"--tp loads a saved model (transformers shards it as it reads the weights); '{name}' "
+                                 "is built in memory: save it to a folder first, or run it on one device")
         return random_model(name, dev, dt)
     source, extra = _hub_or_dir(name)
     return _load(name, source, extra, dev, dt)
@@ -400,7 +403,9 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
     if config.model_type not in ("llama", "mistral", "qwen2", "qwen3", "opt"):
         raise SkipbenchError(f"unsupported architecture '{config.model_type}' for '{name}'; supported: {SUPPORTED_FAMILIES}")
     placement, placed = PLACEMENT.get(), {}
-    if placement is not None:  # accelerate places the weights as they load (a model larger than one device)
+    if placement is not None and placement.tp:  # transformers shards each layer across the ranks as it loads
+        placed = placement.tp_kwargs(config)
+    elif placement is not None:  # accelerate places the weights as they load (a model larger than one device)
         placed = placement.load_kwargs(config)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra, **placed)
@@ -413,6 +418,11 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise unreadable(exc) from None
+    if placement is not None and placement.tp:
+        lm = wrap_model(model, tokenizer, name, None)  # each rank's shards are where transformers put them
+        lm.placement = {"tp": placement.tp, "rank": _rank(), "heads_per_rank": lm.adapter.num_heads,
+                        "kv_heads_per_rank": lm.adapter.num_kv_heads}
+        return lm
     if placement is not None:
         return _placed(model, tokenizer, name, placement, placed.get("offload_folder"))
     return wrap_model(model, tokenizer, name, dev)
@@ -507,11 +517,14 @@ class Placement:
     r N .. r N + N - 1; a map's indices are then the rank's own 0 .. N - 1), never "auto" across ranks.
     `load_model` reads it from `placing(...)`: the command line wraps every command that loads a model in it."""
 
-    device_map: str
+    device_map: str = ""
     max_memory: str = ""
     gpus_per_rank: int = 0
+    tp: int = 0  # tensor parallelism: the ranks of torchrun hold one model between them (`--tp N`)
 
     def __post_init__(self) -> None:
+        if self.tp:
+            return self._check_tp()
         if self.gpus_per_rank < 0:
             raise SkipbenchError(f"--gpus-per-rank must be >= 1, got {self.gpus_per_rank}")
         if self.device_map not in STRATEGIES:
@@ -524,6 +537,32 @@ class Placement:
 
         if world_size() > 1 or self.gpus_per_rank:
             self.gpus()  # each rank its own GPUs, and enough of them
+
+    def _check_tp(self) -> None:
+        from skipbench.store.distributed import world_size
+
+        if self.device_map or self.max_memory or self.gpus_per_rank:
+            raise SkipbenchError("--tp shards every layer across the ranks; it does not combine with --device-map, "
+                                 "--max-memory or --gpus-per-rank")
+        if self.tp < 2 or world_size() != self.tp:
+            raise SkipbenchError(f"--tp {self.tp} runs under torchrun with {self.tp} processes, one per shard (torchrun "
+                                 f"--nproc-per-node {max(self.tp, 2)} -m skipbench ...); this is {world_size()} "
+                                 f"process{'es' if world_size() != 1 else ''}")
+
+    def tp_kwargs(self, config) -> dict:
+        """from_pretrained's arguments for tensor parallelism, after the checks only the config can answer."""
+        from transformers.distributed import DistributedConfig
+
+        from skipbench.models.adapters import LLAMA_FAMILY
+
+        if config.model_type not in LLAMA_FAMILY:
+            raise SkipbenchError(f"--tp: transformers has no tensor-parallel plan for '{config.model_type}' models "
+                                 f"(Llama, Mistral, Qwen2 and Qwen3 have one)")
+        heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if heads % self.tp or kv % self.tp:
+            raise SkipbenchError(f"--tp {self.tp}: this model's {heads} attention and {kv} key/value heads do not "
+                                 f"divide into {self.tp} equal shards")
+        return {"distributed_config": DistributedConfig(tp_size=self.tp)}
 
     def gpus(self) -> list[int]:
         """The CUDA indices this process may use: all, or under torchrun the rank's own `gpus_per_rank`."""
@@ -616,7 +655,9 @@ class Placement:
 
     def main_device(self, device: str) -> torch.device:
         """The device the dtype is chosen for: the first GPU this process places on, else the CPU. --device must be
-        left at auto (the map says where things run)."""
+        left at auto (the map says where things run); under --tp the device --device names (cuda: the rank's own)."""
+        if self.tp:
+            return resolve_device(device)
         if device != "auto":
             raise SkipbenchError(f"--device {device} and --device-map: give one (the map says where each part runs)")
         return torch.device("cuda", self.gpus()[0]) if self.gpus() else torch.device("cpu")
@@ -627,14 +668,24 @@ def placing(placement: Placement | None):
     """Every `load_model` inside places its model so (None: no placement)."""
     from skipbench.store import distributed
 
-    token, before = PLACEMENT.set(placement), distributed.GPUS_PER_RANK[0]
+    from skipbench.store import results
+
+    token, before = PLACEMENT.set(placement), (distributed.GPUS_PER_RANK[0], distributed.TP[0], results.WRITING[0])
     if placement is not None and placement.gpus_per_rank:
         distributed.GPUS_PER_RANK[0] = placement.gpus_per_rank
+    if placement is not None and placement.tp:  # one model across the ranks: rank 0 alone writes
+        distributed.TP[0], results.WRITING[0] = placement.tp, distributed.rank() == 0
     try:
         yield
     finally:
         PLACEMENT.reset(token)
-        distributed.GPUS_PER_RANK[0] = before
+        distributed.GPUS_PER_RANK[0], distributed.TP[0], results.WRITING[0] = before
+
+
+def _rank() -> int:
+    from skipbench.store.distributed import rank
+
+    return rank()
 
 
 def _torch_device(value) -> torch.device:

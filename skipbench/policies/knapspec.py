@@ -293,4 +293,7 @@ class KnapSpec(Policy):
 
 
 def build(spec, ctx) -> Policy:
+    if ctx.lm.adapter.tp > 1:  # each rank would time its own latency model and choose its own sub-layers
+        raise SkipbenchError("KnapSpec chooses its draft from latencies measured on this machine, which each rank of "
+                             "--tp would measure apart (and then skip different sub-layers): run it without --tp")
     return KnapSpec(ctx.lm.adapter, spec.opt("interval"), spec.opt("reference"), spec.opt("max-length"), spec.label)

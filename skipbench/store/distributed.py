@@ -158,6 +158,11 @@ def local_rank() -> int:
 
 
 GPUS_PER_RANK = [1]  # a placed model's GPUs per rank (--gpus-per-rank; models/loading.placing sets it)
+TP = [1]  # the tensor-parallel degree (--tp; models/loading.placing sets it): the ranks hold one model between them
+
+
+def tensor_parallel() -> bool:
+    return TP[0] > 1
 
 
 def first_gpu() -> int:
@@ -171,6 +176,11 @@ def current() -> Dist:
     if world <= 1:
         return Dist()
     import torch
+
+    if tensor_parallel():  # the ranks share one model, not the items: for the data, one process (rank 0 writes)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+        return Dist()
 
     d = Dist(rank(), world, _env_int("LOCAL_RANK", 0))
     if not torch.distributed.is_initialized():

@@ -56,8 +56,13 @@ def _spec_text(spec: dict) -> str:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside `path` to write to: renamed onto `path` when the block succeeds, removed when it
-    fails, so a killed or failed write never leaves a half-written file under the real name (or a stray temp)."""
+    fails, so a killed or failed write never leaves a half-written file under the real name (or a stray temp).
+    A process that does not write (`writes`) gets a private temporary, then discarded."""
     path = Path(path)
+    if not writes():
+        with _discarded() as folder:
+            yield folder / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(path.parent, f".{path.name}.tmp-*")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -76,6 +81,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     import shutil
 
     path = Path(path)
+    if not writes():  # tensor parallelism's other ranks: rank 0 writes the folder
+        with _discarded() as folder:
+            (folder / path.name).mkdir()
+            yield folder / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(path.parent, f".{path.name}.tmp-*", f".{path.name}.old-*")
     tmp, old = (path.with_name(f".{path.name}.{what}-{os.getpid()}") for what in ("tmp", "old"))
@@ -94,6 +104,23 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+WRITING = [True]  # False on tensor parallelism's ranks other than 0 (models/loading.placing sets it): they compute
+# one result with rank 0, which writes it; their copies would race rank 0's for the same paths
+
+
+def writes() -> bool:
+    return WRITING[0]
+
+
+@contextlib.contextmanager
+def _discarded() -> Iterator[Path]:
+    """A private folder whose contents are thrown away: where a process that does not write puts what it would."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="skipbench-unwritten-") as folder:
+        yield Path(folder)
 
 
 def clear_leftovers(folder: Path, *patterns: str) -> None:
@@ -384,6 +411,8 @@ def write_atomic(df: pd.DataFrame, path: str | os.PathLike, meta: dict | None = 
     from skipbench.store.readers import sha256
 
     path = check_out_path(path, probe=False)
+    if not writes():  # tensor parallelism: rank 0 writes what the ranks computed together
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_leftovers(path.parent, f".{path.name}.tmp-*")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
