@@ -47,6 +47,8 @@ def pair(request, tokenizer, tmp_path_factory):
     single = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}")
     placed = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}",
                         placement=Placement(str(map_file)))
+    assert not placed.adapter.placed  # every part runs on the CPU (the disk's layers are read in there) ...
+    placed.adapter.placed = True  # ... so take the moving paths anyway: moves between equal devices, but every line run
     return single, placed
 
 
@@ -69,11 +71,14 @@ def policy(name: str, lm, kv_mode: str):
             for r in flexi.routers.values():
                 r.out.bias.fill_(0.0)
         return FlexiPolicy(flexi)
+    if name.startswith(("angular", "block-influence")):  # calibrated on a few of the embedded suites' prompts
+        (spec,) = parse_policies(name, {"calibration": "3", "calibration-tokens": "16"}, seed=1)
+        return spec.build(lm.num_layers, lm)
     return make_policy(name, lm.num_layers, lm, seed=1)
 
 
 @pytest.mark.parametrize("kv_mode", ["fill", "none"])
-@pytest.mark.parametrize("name", ["full", "uniform:4", "random-token:3", "flexidepth"])
+@pytest.mark.parametrize("name", ["full", "uniform:4", "random-token:3", "confidence:0.05", "flexidepth"])
 def test_placed_generation_gives_the_single_device_tokens(pair, tokenizer, name, kv_mode):
     single, placed = pair
     ps = prompts(tokenizer, 3)
@@ -85,8 +90,9 @@ def test_placed_generation_gives_the_single_device_tokens(pair, tokenizer, name,
         assert any(len(rec) < placed.num_layers for row in out.layers for rec in row)
 
 
-@pytest.mark.parametrize("name", ["early-exit:3", "clasp:3"])
-def test_a_placed_self_speculative_draft_keeps_the_full_models_tokens(pair, tokenizer, name):
+@pytest.mark.parametrize("name", ["early-exit:3", "clasp:3", "del", "knapspec"])
+def test_a_placed_self_speculative_draft_keeps_the_full_models_tokens(pair, tokenizer, name, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
     single, placed = pair
     ps = prompts(tokenizer, 3)
     ref = generate(single, ps, None, NEW)
@@ -94,7 +100,8 @@ def test_a_placed_self_speculative_draft_keeps_the_full_models_tokens(pair, toke
     draft = spec.build(placed.num_layers, placed, draft=True)
     out = speculate(placed, ps, draft, Speculation(k=3), NEW)
     assert out.tokens == ref.tokens
-    assert sum(out.speculation.drafted) > 0
+    if name in ("early-exit:3", "clasp:3"):  # DEL and KnapSpec may choose, on a random model, not to draft at all
+        assert sum(out.speculation.drafted) > 0
 
 
 def test_no_adapter_reads_a_weight_but_through_the_guard():
@@ -175,29 +182,41 @@ def test_the_command_line_runs_placed_and_writes_the_single_device_parquet(tiny_
         assert not (tmp_path / "bad.parquet").exists()
 
 
+LANE_POLICIES = ["full", "uniform:4", "random-token:3", "confidence:0.05", "angular:2", "flexidepth"]
+LANE_DRAFTS = ["early-exit:2", "clasp:3", "del", "knapspec"]
+
+
 @pytest.mark.lane
+@pytest.mark.parametrize("device_first", [True, False])
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_layers_placed_by_hand_on_two_devices_give_the_single_device_tokens(tokenizer, device, family):
-    """The GPU check's case (`pytest --device cuda -m lane`): the embedding and the first half of the layers on the
-    device, the rest and the head on the CPU, each running where it sits (no accelerate hook), so every move the engine
-    makes between layers, and the K/V each layer keeps on its own device, is exercised; on the CPU lane both halves
-    are the CPU and the test is the plain run's."""
+def test_layers_placed_by_hand_on_two_devices_give_the_single_device_tokens(tokenizer, device, family, device_first,
+                                                                            tmp_path, monkeypatch):
+    """The GPU check's case (`pytest --device cuda -m lane`): the embedding and the first half of the layers on one
+    device, the rest, the final norm and the head on the other (the device first, or the CPU first), each running
+    where it sits (no accelerate hook), for static, per-token, threshold, calibrated and routed policies under both
+    KV modes and for early-exit (its exit layer away from the final norm's device), CLaSp, DEL and KnapSpec drafts:
+    the single-device tokens. On the CPU lane both halves are the CPU and the test is the plain run's."""
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache"))
     single = wrap_model(tiny_model(family, len(tokenizer)), tokenizer, f"tiny-{family}", device)
     model = tiny_model(family, len(tokenizer))
     stack = model.model.decoder if family == "opt" else model.model
-    model.to("cpu")
-    stack.embed_tokens.to(device)
+    first, second = (device, torch.device("cpu")) if device_first else (torch.device("cpu"), device)
+    model.to(second)
+    stack.embed_tokens.to(first)
     for layer in stack.layers[: len(stack.layers) // 2]:
-        layer.to(device)
+        layer.to(first)
     placed = wrap_model(model, tokenizer, f"tiny-{family}", None)
     assert placed.adapter.placed == (device.type != "cpu")  # two devices: the engine moves the stream between them
     ps = prompts(tokenizer, 3)
-    for name in ("full", "random-token:3"):
+    for name in LANE_POLICIES:
         for kv_mode in ("fill", "none"):
-            ref = generate(single, ps, make_policy(name, 6, single, seed=1), NEW, kv_mode)
-            assert generate(placed, ps, make_policy(name, 6, placed, seed=1), NEW, kv_mode).tokens == ref.tokens
-    draft = parse_policies("early-exit:3", seed=1)[0].build(6, placed, draft=True)
-    assert speculate(placed, ps, draft, Speculation(k=3), NEW).tokens == generate(single, ps, None, NEW).tokens
+            ref = generate(single, ps, policy(name, single, kv_mode), NEW, kv_mode)
+            out = generate(placed, ps, policy(name, placed, kv_mode), NEW, kv_mode)
+            assert out.tokens == ref.tokens and out.layers == ref.layers, (name, kv_mode)
+    full = generate(single, ps, None, NEW).tokens
+    for name in LANE_DRAFTS:
+        draft = parse_policies(name, {"interval": "1"} if name == "clasp:3" else None, seed=1)[0].build(6, placed, draft=True)
+        assert speculate(placed, ps, draft, Speculation(k=3), NEW).tokens == full, name
 
 
 def test_each_rank_takes_its_own_gpus(monkeypatch, tmp_path):
@@ -248,14 +267,17 @@ def test_tensor_parallel_ranks_agree_with_one_process(tiny_dirs, tmp_path):
     assert [r["heads"] for r in ranks] == [2, 2] and [r["kv_heads"] for r in ranks] == [1, 1]  # of 4 and 2
     one = load_model(folder, "cpu", "float32")
     ps = [[5, 9, 14, 3, 22], [7, 7, 30], [11, 2, 8, 19]]
-    for name in ("full", "random-token:3"):
-        ref = generate(one, ps, make_policy(name, one.num_layers, one, seed=1), 8, "fill")
+    from tp_worker import router
+
+    for name in ("full", "random-token:3", "flexidepth"):  # the router decides from the hidden state
+        ref = generate(one, ps, router(one) if name == "flexidepth" else make_policy(name, one.num_layers, one, seed=1),
+                       8, "fill")
         for r in ranks:
             assert r[name]["tokens"] == ref.tokens and r[name]["layers"] == ref.layers, (name, r["rank"])
         assert ranks[0][name]["all_reduces"] == ranks[1][name]["all_reduces"]
         assert sum(ranks[0][name]["all_reduces"]) > 0
     full, skipping = (sum(ranks[0][n]["all_reduces"]) for n in ("full", "random-token:3"))
-    assert skipping < full  # the skipped layers' products (and their all-reduces) were not run
+    assert skipping < full and any(len(rec) < 6 for row in ranks[0]["flexidepth"]["layers"] for rec in row)  # the skipped layers' products (and their all-reduces) were not run
     _, ref = Engine(one.adapter).prefill(torch.tensor([ps[0]]), torch.ones(1, 5, dtype=torch.bool), 8)
     for r in ranks:
         torch.testing.assert_close(torch.tensor(r["logits"]), ref.logits[0, -1], rtol=1e-4, atol=1e-5)
@@ -291,3 +313,43 @@ def test_tp_outside_torchrun_is_one_line(tiny_dirs, tmp_path):
     res = CliRunner().invoke(app, ["generate", "--model", str(tiny_dirs["llama"]), "--tp", "2", "--prompt", "hi"])
     assert res.exit_code == 1 and "runs under torchrun with 2 processes" in res.output, res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_tensor_parallel_refusals_that_need_no_second_process(monkeypatch, tiny_dirs, tokenizer):
+    """Heads that do not split into N equal shards, and the strategies that cannot run sharded, are one line each."""
+    from transformers import AutoConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = AutoConfig.from_pretrained(tiny_dirs["llama"])  # 4 attention heads, 2 key/value heads
+    Placement(tp=2).tp_kwargs(config)
+    config.num_key_value_heads = 3
+    with pytest.raises(SkipbenchError, match="3 key/value heads do not divide into 2"):
+        Placement(tp=2).tp_kwargs(config)
+    with pytest.raises(SkipbenchError, match="does not combine with --device-map"):
+        Placement("auto", tp=2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SkipbenchError, match="--tp 2 runs under torchrun with 2 processes"):
+        Placement(tp=2)
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
+    lm.adapter.tp = 2  # what a sharded model's adapter says (a sharded model needs torchrun: the refusals need only this)
+    with pytest.raises(SkipbenchError, match="KnapSpec chooses its draft from latencies"):
+        parse_policies("knapspec", seed=1)[0].build(6, lm, draft=True)
+    from skipbench.engine.forward import DraftHead
+
+    with pytest.raises(SkipbenchError, match="--draft-vocab copies rows of the head"):
+        DraftHead(lm.adapter, torch.arange(10))
+
+
+def test_the_trainers_take_no_device_map_and_the_rest_do():
+    from skipbench.cli.group import TRAINERS
+    from typer.main import get_command
+
+    root = get_command(app)
+    for words in ("evaluate", "generate", "bench", "cosine", "lm-eval", "compare", "track", "plan", "flexidepth usage",
+                  "route train", *TRAINERS):
+        cmd = root
+        for w in words.split():
+            cmd = cmd.commands[w]
+        opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
+        assert ("--device-map" in opts) == (words not in TRAINERS), words
+        assert ("--tp" in opts) == (words in ("evaluate", "generate")), words

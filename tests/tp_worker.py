@@ -17,6 +17,19 @@ from skipbench.policies import make_policy
 from skipbench.store.distributed import rank
 
 
+def router(lm):
+    """An untrained FlexiDepth router (seeded: the same weights on every rank and in one process) whose gates sit
+    around its threshold: it decides from the hidden state, which each rank computes from its shards."""
+    from skipbench.policies.flexidepth import FlexiDepth, FlexiPolicy
+
+    torch.manual_seed(0)
+    flexi = FlexiDepth(lm.model.config.hidden_size, lm.num_layers, reduction=4)
+    with torch.no_grad():
+        for r in flexi.routers.values():
+            r.out.bias.fill_(0.0)
+    return FlexiPolicy(flexi)
+
+
 def main(folder: str, path: str) -> None:
     torch.manual_seed(0)
     with placing(Placement(tp=2)):
@@ -27,8 +40,8 @@ def main(folder: str, path: str) -> None:
                 module.register_forward_hook(lambda *_: calls.append(1))
         prompts = [[5, 9, 14, 3, 22], [7, 7, 30], [11, 2, 8, 19]]
         record = {"rank": rank(), "heads": lm.adapter.num_heads, "kv_heads": lm.adapter.num_kv_heads}
-        for name in ("full", "random-token:3"):
-            policy = make_policy(name, lm.num_layers, lm, seed=1)
+        for name in ("full", "random-token:3", "flexidepth"):
+            policy = router(lm) if name == "flexidepth" else make_policy(name, lm.num_layers, lm, seed=1)
             counts: list[int] = []
             engine_forward = Engine.forward
 

@@ -15,7 +15,7 @@ import sys
 import typer
 
 from skipbench.cli import catalog, lmeval, oracle, pipeline, quality, routers, speed, training
-from skipbench.cli.group import TP_COMMANDS, SkipbenchGroup, placeable
+from skipbench.cli.group import TP_COMMANDS, TRAINERS, SkipbenchGroup, placeable
 
 # libraries quieted once, before any of them is imported: transformers' logging and progress bars (its tqdm follows
 # the hub's switch), lm-eval's tqdm bars (read when tqdm is first imported)
@@ -57,10 +57,11 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 
 for family in (quality, lmeval, speed, training, routers, oracle, catalog, pipeline):
     for name, command in getattr(family, "COMMANDS", {}).items():
-        app.command(name)(placeable(command, tp=name in TP_COMMANDS))
+        app.command(name)(command if name in TRAINERS else placeable(command, tp=name in TP_COMMANDS))
     for name, sub in getattr(family, "GROUPS", {}).items():
         for info in sub.registered_commands:  # a group's commands that load a model take --device-map too
-            info.callback = placeable(info.callback)
+            if f"{name} {info.name}" not in TRAINERS:
+                info.callback = placeable(info.callback)
         app.add_typer(sub, name=name)
 
 

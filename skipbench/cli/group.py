@@ -92,6 +92,9 @@ PLACEMENT_HELP = {
           "(transformers' plan; Llama, Mistral, Qwen2, Qwen3), the same layers skipped on every rank, rank 0 writes",
 }
 TP_COMMANDS = ("evaluate", "generate")  # the commands that run a model sharded across ranks (--tp)
+# the trainers take no --device-map: their loops keep the trained modules, gates and losses on one device, and
+# training a placed model (gradients through offloaded or spread layers) has never been tested
+TRAINERS = ("finetune", "controllers train", "controllers sweep", "flexidepth train", "mindskip train")
 
 
 def placeable(command, tp: bool = False):

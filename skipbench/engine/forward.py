@@ -81,7 +81,7 @@ class DraftHead:
         self.vocab = out.weight.shape[0]
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        part = F.linear(h, self.weight, self.bias)
+        part = F.linear(h if h.device == self.weight.device else h.to(self.weight.device), self.weight, self.bias)
         return part.new_full((*part.shape[:-1], self.vocab), float("-inf")).index_copy_(-1, self.ids, part)
 
 
@@ -194,8 +194,12 @@ class Engine:
         ad, num_tokens = self.ad, ids.shape[1]
         span = range(ad.num_layers) if span is None else span
         positions = cache.positions(num_tokens)
-        h = ad.embed(ids, positions) if span.start == 0 else states
-        pos = ad.position_embeddings(h, positions)
+        if ad.placed:  # a placed model: the ids and positions to the embedding's device, the rotary tables there too
+            h = ad.embed(ids.to(ad.embed_device), positions.to(ad.embed_device)) if span.start == 0 else states
+            pos = ad.position_embeddings(h, positions.to(h.device))
+        else:
+            h = ad.embed(ids, positions) if span.start == 0 else states
+            pos = ad.position_embeddings(h, positions)
         real = True if present is None else present
         if self.kv_mode == "fill":  # every real token writes K/V at every layer
             cache.mark(range(ad.num_layers), real, num_tokens)
@@ -213,8 +217,8 @@ class Engine:
         for i in span:
             if here is not None:
                 h, pos, real, skippable = here(ad.devices[i], h, *tables)
-            if keep_hidden:
-                hidden.append(h)
+            if keep_hidden:  # a placed model's states on one device (the head's), where policies compare them
+                hidden.append(h if here is None else h.to(ad.head_device))
             gate = True if policy is None else self._timed(policy.gate, i, h[:, gated_from:] if gated_from else h)
             if here is not None and isinstance(gate, torch.Tensor):  # a gate made on another device (a plan's)
                 gate = gate.to(h.device)
@@ -233,7 +237,7 @@ class Engine:
                 soft.append(gate.scale)
                 h, ran = self.attn_routed(i, h, pos, cache, gate, real), gate.run
                 if record:
-                    attention_skips = (0 if attention_skips is None else attention_skips) + (~ran).long()
+                    attention_skips = (0 if attention_skips is None else attention_skips) + (~ran).long().to(executed.device)
                 gate = True
             elif isinstance(gate, torch.Tensor) and gate.is_floating_point():  # soft gate: blend (training)
                 soft.append(gate)
@@ -247,10 +251,8 @@ class Engine:
             if record:
                 executed[:, :, i] = gate
 
-        if here is not None:
-            h = h.to(ad.final_device)
         if keep_hidden:
-            hidden.append(h)
+            hidden.append(h if here is None else h.to(ad.head_device))
         cache.length += num_tokens
         if span.stop < ad.num_layers:
             return ForwardOut(logits=None, executed=executed, hidden=hidden, gates=soft, state=h,
@@ -504,8 +506,14 @@ class Engine:
         layer search runs every candidate of a layer in one call so). `attn`/`mlp` False: that branch is skipped
         (KnapSpec's sub-layer search)."""
         ad = self.ad
-        if ad.placed:
+        if ad.placed:  # the candidates to layer i's device, their outputs back to where they came from
+            back = h.device
             h, pos, rows, index = _PerDevice()(ad.devices[i], h, pos, rows, index)
+            return self._probe(i, h, pos, cache, rows, index, attn, mlp).to(back)
+        return self._probe(i, h, pos, cache, rows, index, attn, mlp)
+
+    def _probe(self, i, h, pos, cache, rows, index, attn, mlp):
+        ad = self.ad
         if not attn:
             return h + ad.mlp_block(i, h) if mlp else h
         q, k, v = ad.qkv(i, ad.attn_norm(i, h), pos)

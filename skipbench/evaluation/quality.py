@@ -278,8 +278,9 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     `lm`: an already loaded model (sweeps reuse one)."""
     out = check_out_path(cfg.out)
     d = distributed.current()
-    if cfg.matched_random and d.enabled:
-        raise SkipbenchError("--matched-random reads each learned point's realized layers: run it in one process")
+    if cfg.matched_random and (d.enabled or d.tp_world > 1):
+        raise SkipbenchError("--matched-random reads each learned point's realized layers: run it in one process "
+                             "(without torchrun)")
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
     built = points(cfg, lm)
     pts = list(built)

@@ -59,11 +59,14 @@ class Adapter:
     def _place(self) -> None:
         """Each layer's device (`devices`) and the final norm's (`final_device`); `placed` when they differ or a
         module is offloaded (accelerate's hooks): the engine then moves the stream between layers, keeps position
-        tables per device and each layer's K/V on its device. A model on one device (offloaded parts included: their
-        hooks bring the weights in) runs as before, with no moves."""
+        tables per device and each layer's K/V on its device, and `final_norm` and `head` take their input to their
+        module's device. A model on one device (offloaded parts included: their hooks bring the weights in) runs as
+        before, with no moves."""
         self.devices = [execution_device(layer) for layer in self.layers]
         self.final_device = execution_device(self.final_norm_module())
-        self.placed = len({*self.devices, self.final_device}) > 1
+        self.embed_device = execution_device(self.model.get_input_embeddings())
+        self.head_device = execution_device(self.model.get_output_embeddings())
+        self.placed = len({*self.devices, self.final_device, self.embed_device, self.head_device}) > 1
 
     def final_norm_module(self) -> nn.Module:
         raise NotImplementedError
@@ -175,7 +178,7 @@ class LlamaAdapter(Adapter):
         whose hook brings it in when the module runs)."""
         w = _weight(norm)
         if x.dtype == torch.float32 and type(norm).__name__ in RMS_NORMS and w is not None:
-            return F.rms_norm(x, w.shape, w, norm.variance_epsilon)
+            return F.rms_norm(x if x.device == w.device else x.to(w.device), w.shape, w, norm.variance_epsilon)
         return norm(x)
 
     def attn_norm(self, i, h):
@@ -220,10 +223,10 @@ class LlamaAdapter(Adapter):
         return self.layers[i].mlp(x)
 
     def final_norm(self, h):
-        return self._norm(self.base.norm, h)
+        return self._norm(self.base.norm, h.to(self.final_device) if self.placed else h)
 
     def head(self, h):
-        return self.model.lm_head(h)
+        return self.model.lm_head(h.to(self.head_device) if self.placed else h)
 
 
 class OPTAdapter(Adapter):
@@ -256,7 +259,10 @@ class OPTAdapter(Adapter):
         if self.dec.project_in is not None:
             h = self.dec.project_in(h)
         # the module adds its offset (2) itself; called, not read, so an offloaded table is brought in by its hook
-        return h + self.dec.embed_positions(None, position_ids=positions).to(h.device)
+        pe = self.dec.embed_positions
+        if self.placed:  # a table placed by hand on another device than the token embedding
+            positions = positions.to(execution_device(pe))
+        return h + pe(None, position_ids=positions).to(h.device)
 
     def attn_norm(self, i, h):
         return self.layers[i].self_attn_layer_norm(h)
@@ -285,11 +291,15 @@ class OPTAdapter(Adapter):
         return layer.fc2(layer.activation_fn(layer.fc1(x)))
 
     def final_norm(self, h):
+        if self.placed:
+            h = h.to(self.final_device)
         if self.dec.final_layer_norm is not None:
             h = self.dec.final_layer_norm(h)
         return h
 
     def head(self, h):
+        if self.placed:
+            h = h.to(self.head_device)
         if self.dec.project_out is not None:
             h = self.dec.project_out(h)
         return self.model.lm_head(h)

@@ -316,6 +316,9 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
     dt = resolve_dtype(dtype, dev)
     if name in (EMBEDDED, TINY):  # built into the cache on first use: a damaged copy is built again, not fatal
         build = _embedded_dir if name == EMBEDDED else _tiny_dir
+        if PLACEMENT.get() is not None and PLACEMENT.get().tp and not (cache_dir() / name / "config.json").exists():
+            raise SkipbenchError(f"--tp: '{name}' is built into the cache on first use, which the ranks cannot do "
+                                 f"together: run `skipbench generate --model {name} --prompt hi` once without torchrun")
         try:
             return _load(name, str(build()), {}, dev, dt)
         except Unreadable as exc:
@@ -331,6 +334,19 @@ def load_model(name: str = EMBEDDED, device: str = "auto", dtype: str = "auto") 
         return random_model(name, dev, dt)
     source, extra = _hub_or_dir(name)
     return _load(name, source, extra, dev, dt)
+
+
+def refuse_tp(lm: LoadedModel, who: str) -> None:
+    if lm.placement is not None and lm.placement.get("tp"):
+        raise SkipbenchError(f"{who} runs a model of its own, which --tp does not shard: run it without --tp")
+
+
+def load_beside(name: str, lm: LoadedModel, who: str) -> LoadedModel:
+    """Another model a policy runs on (LaCo's merged copy, LayerSkip's fine-tuned one), where `lm` runs: on its
+    device, or placed by the same --device-map (which must fit it); refused under --tp (the ranks would each build
+    and shard it apart)."""
+    refuse_tp(lm, who)
+    return load_model(name, "auto" if lm.placement is not None else str(lm.device), str(lm.dtype).removeprefix("torch."))
 
 
 RANDOM = "random:"  # `random:SHAPE`: a model of a published shape with random weights, built from its config
@@ -411,8 +427,9 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra, **placed)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if placement is not None and isinstance(exc, (ValueError, RuntimeError)):
-            raise SkipbenchError(f"--device-map {placement.device_map}: accelerate cannot place '{name}' "
-                                 f"({why(exc)})") from None
+            how = f"--tp {placement.tp}: transformers cannot shard" if placement.tp else \
+                f"--device-map {placement.device_map}: accelerate cannot place"
+            raise SkipbenchError(f"{how} '{name}' ({why(exc)})") from None
         raise unreadable(exc) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
@@ -544,7 +561,9 @@ class Placement:
         if self.device_map or self.max_memory or self.gpus_per_rank:
             raise SkipbenchError("--tp shards every layer across the ranks; it does not combine with --device-map, "
                                  "--max-memory or --gpus-per-rank")
-        if self.tp < 2 or world_size() != self.tp:
+        if self.tp < 2:
+            raise SkipbenchError(f"--tp must be at least 2 (the number of ranks sharing the model), got {self.tp}")
+        if world_size() != self.tp:
             raise SkipbenchError(f"--tp {self.tp} runs under torchrun with {self.tp} processes, one per shard (torchrun "
                                  f"--nproc-per-node {max(self.tp, 2)} -m skipbench ...); this is {world_size()} "
                                  f"process{'es' if world_size() != 1 else ''}")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipbench.engine.protocol import Gate, Policy
+from skipbench.engine.protocol import Gate, Policy, moved
 
 
 class ConfidencePolicy(Policy):
@@ -70,11 +70,12 @@ class ConfidencePolicy(Policy):
             return True
         running = self._running if self._running is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
                                                                                device=hidden.device)
+        running = moved(running, hidden.device)  # a placed model: the last layer may sit on another device
         sel = running.nonzero(as_tuple=True)  # only tokens still running are checked (and pay for the check)
         if sel[0].numel():
-            prev = self._prev[sel] if self.measure == "state" else None
-            lam = self._lambda[sel] if isinstance(self._lambda, torch.Tensor) else self._lambda
-            stay = self.confidence(hidden[sel], prev) < lam
+            prev = moved(self._prev, hidden.device)[sel] if self.measure == "state" else None
+            lam = moved(self._lambda, hidden.device)[sel] if isinstance(self._lambda, torch.Tensor) else self._lambda
+            stay = moved(self.confidence(hidden[sel], prev), hidden.device) < lam
             running = running.index_put(sel, stay)
         self._running, self._prev = running, hidden
         if bool(running.all()):

@@ -272,10 +272,11 @@ class Collapsed(Full):
 
 
 def build(spec, ctx):
-    from skipbench.models import load_model
+    from skipbench.models.loading import load_beside, refuse_tp
 
+    refuse_tp(ctx.lm, "LaCo")  # before it merges layers of a sharded model
     path, record = folder(spec, ctx)
-    merged = load_model(str(path), str(ctx.lm.device), str(ctx.lm.dtype).removeprefix("torch."))
+    merged = load_beside(str(path), ctx.lm, "LaCo")
     return Collapsed(spec, merged, record)
 
 

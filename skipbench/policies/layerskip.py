@@ -35,7 +35,7 @@ def recipe(path: str) -> dict | None:
 
 
 def build(spec, ctx):
-    from skipbench.models import load_model
+    from skipbench.models.loading import load_beside
 
     folder = model_folder(spec.value)
     run = recipe(spec.value)
@@ -43,7 +43,7 @@ def build(spec, ctx):
         note(f"layerskip: '{spec.value}' was fine-tuned without the LayerSkip recipe (dropout schedule "
              f"{run.get('dropout_schedule', 'uniform')}, early-exit loss {run.get('early_exit_loss', 0.0)}); "
              "`skipbench finetune --dropout-schedule exp --early-exit-loss 1` is the recipe")
-    tuned = load_model(str(folder), str(ctx.lm.device), str(ctx.lm.dtype).removeprefix("torch."))
+    tuned = load_beside(str(folder), ctx.lm, "layerskip")
     if tuned.num_layers != ctx.num_layers:
         raise SkipbenchError(f"layerskip: '{folder}' has {tuned.num_layers} layers, the loaded model {ctx.num_layers}; "
                              "fine-tune the loaded model")

@@ -29,9 +29,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Dist:
-    rank: int = 0
+    rank: int = 0  # this process's share of the items, of `world`
     world: int = 1
     local_rank: int = 0
+    tp_rank: int = 0  # tensor parallelism: the processes that hold one model between them (one share of the items)
+    tp_world: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -39,7 +41,7 @@ class Dist:
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0 and self.tp_rank == 0
 
     def shard(self, ids: list[str]) -> list[int]:
         """Indices of this rank's items: every world-th item in item-id order (balanced, deterministic)."""
@@ -106,7 +108,7 @@ class Dist:
     def barrier(self) -> None:
         import torch
 
-        if self.enabled:
+        if self.enabled or self.tp_world > 1:
             with _peers_alive():
                 torch.distributed.barrier()
 
@@ -177,10 +179,11 @@ def current() -> Dist:
         return Dist()
     import torch
 
-    if tensor_parallel():  # the ranks share one model, not the items: for the data, one process (rank 0 writes)
+    if tensor_parallel():  # the ranks share one model, not the items: one share of the data; rank 0 writes, the
+        # others wait for it at `on_main` and read what it wrote
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
-        return Dist()
+        return Dist(local_rank=_env_int("LOCAL_RANK", 0), tp_rank=rank(), tp_world=world)
 
     d = Dist(rank(), world, _env_int("LOCAL_RANK", 0))
     if not torch.distributed.is_initialized():
