@@ -133,6 +133,8 @@ def test_max_memory_spills_layers_to_disk(tokenizer):
     (dict(device_map="auto", max_memory="cpu"), "not DEVICE=SIZE"),
     (dict(device_map="auto", max_memory="cpu=-1GB"), "not a positive size"),
     (dict(device_map="auto", max_memory="cpu=lots"), "not a positive size"),
+    (dict(device_map="auto", max_memory="cpu=nan"), "not a positive size"),
+    (dict(device_map="auto", max_memory="cpu=1e999GB"), "not a positive size"),
     (dict(device_map="auto", max_memory="3=1GB"), "names a GPU this process does not have"),
     (dict(device_map="auto", gpus_per_rank=-1), "--gpus-per-rank must be >= 1"),
 ])

@@ -643,7 +643,7 @@ class Placement:
 
                 if convert_file_size_to_int(size.strip()) <= 0:
                     raise ValueError("not positive")
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: a size too large to count (1e999GB)
                 raise SkipbenchError(f"--max-memory: '{size.strip()}' is not a positive size (e.g. 70GiB, 512MB)") from None
             out[self._device(name, "--max-memory")] = size.strip()
         return out
