@@ -354,4 +354,17 @@ def test_the_trainers_take_no_device_map_and_the_rest_do():
             cmd = cmd.commands[w]
         opts = {o for p in cmd.params for o in getattr(p, "opts", [])}
         assert ("--device-map" in opts) == (words not in TRAINERS), words
-        assert ("--tp" in opts) == (words in ("evaluate", "generate")), words
+        assert ("--tp" in opts) == (words in ("evaluate", "generate", "bench")), words
+
+
+@pytest.mark.slow
+def test_bench_with_tp_2_reports_the_share_of_collectives(tiny_dirs, tmp_path):
+    out = tmp_path / "bench.parquet"
+    res = subprocess.run([*TORCHRUN, "-m", "skipbench", "bench", "--model", str(tiny_dirs["llama"]), "--tp", "2",
+                          "--policy", "full,uniform:3", "--batch-sizes", "1", "--max-new-tokens", "4", "--repeats", "1",
+                          "--warmup", "0", "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "collectives took" in " ".join((res.stdout + res.stderr).split())
+    share = json.loads(out.with_suffix(".json").read_text())["collective_share"]
+    assert 0 < share < 1
+    assert set(pd.read_parquet(out)["variant"]) >= {"full", "uniform:3"}

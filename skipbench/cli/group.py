@@ -91,7 +91,7 @@ PLACEMENT_HELP = {
     "tp": "tensor parallelism under torchrun with N processes: each layer's heads and MLP split across the ranks "
           "(transformers' plan; Llama, Mistral, Qwen2, Qwen3), the same layers skipped on every rank, rank 0 writes",
 }
-TP_COMMANDS = ("evaluate", "generate")  # the commands that run a model sharded across ranks (--tp)
+TP_COMMANDS = ("evaluate", "generate", "bench")  # the commands that run a model sharded across ranks (--tp)
 # the trainers take no --device-map: their loops keep the trained modules, gates and losses on one device, and
 # training a placed model (gradients through offloaded or spread layers) has never been tested
 TRAINERS = ("finetune", "controllers train", "controllers sweep", "flexidepth train", "mindskip train")

@@ -312,6 +312,9 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     if cfg.out:
         check_out_path(cfg.out)
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
+    if lm.adapter.tp > 1 and (cfg.draft_search or cfg.compile):  # the ranks must run the same products
+        raise SkipbenchError(f"{'--draft auto chooses its draft by timings' if cfg.draft_search else '--compile traces'}"
+                             " each rank would take apart: run it without --tp")
     torch.manual_seed(cfg.seed)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
     drafts, found = cfg.drafts, None
@@ -363,13 +366,16 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
                 rows += phase_rows(timings, prompts, cfg.max_new_tokens, peak_memory_mb=memory.get(v.name, np.nan),
                                    variant=v.name, kind=v.kind, kv_mode=v.kv_mode, batch_size=batch, repeat=rep,
                                    layers_mean=layers, **extra)
+    # tensor parallelism: what the ranks' collectives take of a full-depth decoding, profiled apart from the clocks
+    collectives = collective_share(lm, [encoded[0]] * cfg.batch_sizes[0], cfg.max_new_tokens) if lm.adapter.tp > 1 else None
     summary = summarise(pd.DataFrame(rows), fixed, lm.num_layers, parts, lm.adapter.weight_bytes(), rate.bytes_per_s)
     df = tidy(with_bound(pd.DataFrame(rows), lm.adapter.weight_bytes(), rate.bytes_per_s), cfg, skip=("out",), lm=lm)  # a row's own kv_mode is the mode it ran under, not the option given
     summary.insert(0, "run_id", df["run_id"].iloc[0])
     if not cfg.out:
-        return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found, lm.placement),
+        return BenchResult(rows=df, summary=summary, search=found, shown=shown(summary, cfg, found, lm.placement, collectives),
                            said=[] if found is None else [f"chosen draft: {found.label}"])
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, fixed_part_seconds=fixed, read_rate=asdict(rate),
+                    collective_share=collectives,
                     weight_bytes=lm.adapter.weight_bytes(),
                     layer_costs={str(b): {mode: {**c.__dict__, "auto": c.crossover()} for mode, c in t.items()}
                                  for b, t in parts.items()},
@@ -390,16 +396,46 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
         figures["speculative"] = speculative_figure(summary, stem.with_name(stem.stem + "-speculative.png"))
     path = write_atomic(df, cfg.out, meta)
     return BenchResult(rows=df, summary=summary, path=path, files=figures, search=found,
-                       shown=shown(summary, cfg, found, lm.placement),
+                       shown=shown(summary, cfg, found, lm.placement, collectives),
                        said=([] if found is None else [f"chosen draft: {found.label}"]) + [f"wrote {path}"])
 
 
-def shown(s: pd.DataFrame, cfg: BenchConfig, found=None, placement: dict | None = None) -> list[Shown]:
+def collective_share(lm: LoadedModel, prompts: list[list[int]], tokens: int) -> float:
+    """Under tensor parallelism: the share of a full-depth decoding's wall time its collectives took, by
+    torch.profiler (the self times of the all-reduce, all-gather and wait operations, CPU side; on CUDA the NCCL
+    kernels' device time). One decoding, profiled apart from the timed runs (the profiler slows what it watches)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from skipbench.engine.decode import generate
+
+    cuda = lm.device.type == "cuda"
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        generate(lm, prompts, None, tokens, stop_at_eos=False)
+        sync(lm.device)
+    wall = time.perf_counter() - began
+    spent = 0.0
+    for e in prof.key_averages():
+        name = e.key.lower()
+        if cuda and "nccl" in name:
+            spent += e.self_device_time_total
+        elif any(k in name for k in ("all_reduce", "allreduce", "all_gather", "allgather", "wait_tensor")):
+            spent += e.self_cpu_time_total
+    return spent / 1e6 / wall
+
+
+def shown(s: pd.DataFrame, cfg: BenchConfig, found=None, placement: dict | None = None,
+          collectives: float | None = None) -> list[Shown]:
     """What a person sees: the draft search's path (with --draft auto), every variant's speed beside its ideals, and
     the self-speculative variants' acceptance and time shares (p90 and the parts are in the summary); for a placed
     model, what its speedups compare."""
     out = [] if found is None else [search_table(found)]
-    if placement is not None:
+    if placement is not None and placement.get("tp"):
+        out.append(Shown(f"tensor parallelism (--tp {placement['tp']}, rank 0's clock; the ranks wait for each other at "
+                         f"every all-reduce): collectives took {100 * collectives:.0f}% of a full-depth decoding of batch "
+                         f"{cfg.batch_sizes[0]}, prompt included (torch.profiler's self times of the all-reduce and "
+                         "wait ops over the decoding's wall time, one decoding profiled apart from the timed ones)"))
+    elif placement is not None:
         where = ", ".join(f"{n} x {d}" for d, n in pd.Series(placement["layers"]).value_counts(sort=False).items())
         out.append(Shown(f"placed by --device-map {placement['device_map']} (layers: {where}): the devices run one "
                          "after another (no pipelining), so every speedup compares a variant with full depth on this "
