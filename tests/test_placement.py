@@ -167,11 +167,14 @@ def test_the_command_line_runs_placed_and_writes_the_single_device_parquet(tiny_
     map_file.write_text(json.dumps(half_on_disk("llama")))
     common = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "3",
               "--max-new-tokens", "8", "--policy", "uniform:4", "--policy", "random-token:3"]
-    one = runner.invoke(app, [*common, "--out", str(tmp_path / "one.parquet")])
+    # apart, and without resume: the placed run computes every part (a shared folder would reuse the first run's)
+    one = runner.invoke(app, [*common, "--out", str(tmp_path / "one" / "one.parquet"), "--no-resume"])
     assert one.exit_code == 0, one.output
-    two = runner.invoke(app, [*common, "--out", str(tmp_path / "two.parquet"), "--device-map", str(map_file)])
+    two = runner.invoke(app, [*common, "--out", str(tmp_path / "two.parquet"), "--device-map", str(map_file),
+                              "--no-resume"])
     assert two.exit_code == 0, two.output
-    a, b = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
+    assert "0 finished part(s) reused" in " ".join(two.output.split())
+    a, b = pd.read_parquet(tmp_path / "one" / "one.parquet"), pd.read_parquet(tmp_path / "two.parquet")
     keep = [c for c in a.columns if not c.endswith(("_s", "seconds")) and c not in ("run_id", "time", "tokens_per_s")]
     pd.testing.assert_frame_equal(a[keep], b[keep])
     manifest = json.loads((tmp_path / "two.json").read_text())
@@ -212,7 +215,9 @@ def test_layers_placed_by_hand_on_two_devices_give_the_single_device_tokens(toke
     ps = prompts(tokenizer, 3)
     for name in LANE_POLICIES:
         for kv_mode in ("fill", "none"):
+            monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "single"))
             ref = generate(single, ps, policy(name, single, kv_mode), NEW, kv_mode)
+            monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "placed"))  # its calibration computed, not read
             out = generate(placed, ps, policy(name, placed, kv_mode), NEW, kv_mode)
             assert out.tokens == ref.tokens and out.layers == ref.layers, (name, kv_mode)
     full = generate(single, ps, None, NEW).tokens
@@ -286,22 +291,24 @@ def test_tensor_parallel_ranks_agree_with_one_process(tiny_dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_evaluate_with_tp_2_writes_the_single_process_parquet(tiny_dirs, tmp_path):
+def test_evaluate_with_tp_2_writes_the_single_process_parquet(tiny_dirs, tmp_path, monkeypatch):
     """`torchrun --nproc-per-node 2 -m skipbench evaluate --tp 2`: rank 0 writes the rows one process writes (tokens,
     scores, layers), no rank writes a part; a model without a plan, or --tp beside --device-map, is refused."""
-    args = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--limit", "4", "--max-new-tokens",
-            "8", "--policy", "uniform:4", "--policy", "random-token:3", "--batch-size", "2"]
-    res = subprocess.run([*TORCHRUN, "-m", "skipbench", *args, "--tp", "2", "--out", str(tmp_path / "tp.parquet")],
-                         env=ENV, capture_output=True, text=True, timeout=600)
+    args = ["evaluate", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--split", "test", "--limit", "4",
+            "--max-new-tokens", "8", "--policy", "uniform:4", "--policy", "random-token:3", "--policy", "angular:2,3", "-o",
+            "calibration=3", "--batch-size", "2"]  # two calibrated points: one calibration, computed on every rank
+    res = subprocess.run([*TORCHRUN, "-m", "skipbench", *args, "--tp", "2", "--out", str(tmp_path / "tp.parquet"),
+                          "--no-resume"], env=dict(ENV, SKIPBENCH_CACHE=str(tmp_path / "cache-tp")), capture_output=True,
+                         text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one.parquet")])
-    assert one.exit_code == 0, one.output
-    a, b = pd.read_parquet(tmp_path / "one.parquet"), pd.read_parquet(tmp_path / "tp.parquet")
+    assert not list(tmp_path.rglob("*rank*"))  # one share of the items: no rank wrote a part of its own
+    monkeypatch.setenv("SKIPBENCH_CACHE", str(tmp_path / "cache-one"))  # its own calibration
+    one = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one" / "one.parquet"), "--no-resume"])
+    assert one.exit_code == 0, one.output  # apart and without resume: computed, not read from the TP run's parts
+    a, b = pd.read_parquet(tmp_path / "one" / "one.parquet"), pd.read_parquet(tmp_path / "tp.parquet")
     keep = [c for c in a.columns if not c.endswith(("_s", "seconds")) and c not in ("run_id", "time", "tokens_per_s")]
     pd.testing.assert_frame_equal(a[keep], b[keep], check_exact=False, rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "tp.json").read_text())["model"]["placement"]["tp"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".parquet", ".json")) == [
-        "one.json", "one.parquet", "tp.json", "tp.parquet"]
     for model, extra, message in ((tiny_dirs["opt"], [], "no tensor-parallel plan for 'opt'"),
                                   (tiny_dirs["llama"], ["--device-map", "auto"], "does not combine with --device-map")):
         bad = subprocess.run([*TORCHRUN, "-m", "skipbench", *args[:1], "--model", str(model), *args[3:], "--tp", "2",

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from skipbench.store import readers
+from skipbench.store.distributed import tensor_parallel
 from skipbench.errors import note
 from skipbench.models.loading import sync
 
@@ -110,7 +111,7 @@ def _shape_key(adapter, kv_mode: str, batch: int, device: torch.device, dtype: t
                                                "num_attention_heads", "num_key_value_heads", "head_dim")}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else _where()
     return json.dumps({"shape": shape, "kv_mode": kv_mode, "batch": batch, "device": where, "dtype": str(dtype),
-                       "torch": torch.__version__,
+                       "torch": torch.__version__, **({"tp": adapter.tp} if adapter.tp > 1 else {}),
                        "context": CONTEXT, "version": VERSION}, sort_keys=True)
 
 
@@ -139,7 +140,7 @@ def layer_costs(engine, batch: int, fresh: bool = False) -> LayerCosts:
     path, key = table_path(engine.ad, engine.kv_mode, batch)
     if not fresh and str(path) in _READ:
         return _READ[str(path)]
-    if not fresh and path.exists():
+    if not fresh and path.exists() and not tensor_parallel():  # under --tp every rank times, its collectives in step
         try:
             saved = readers.json_file(path, "layer cost table")
             if saved.get("key") != json.loads(key):

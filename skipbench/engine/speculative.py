@@ -48,7 +48,7 @@ import torch
 from skipbench.engine.cache import resolve_kv_mode
 from skipbench.engine.decode import Clock, Generation, Sampling, distribution, draw, eos_ids, pad_id, start
 from skipbench.engine.forward import DraftHead, Engine
-from skipbench.engine.protocol import Policy, Round
+from skipbench.engine.protocol import Policy, Round, moved
 from skipbench.errors import SkipbenchError
 from skipbench.models.loading import LoadedModel
 
@@ -296,7 +296,7 @@ def speculate(
             lower = verifier.forward(seq[:, -1:], cache, None, span=range(exit_at), keep_hidden=adapts)
             cache.length = start_len
             o = verifier.forward(seq, cache, None, span=range(exit_at, num_layers), keep_hidden=adapts,
-                                 states=torch.cat([*states, lower.state], 1))
+                                 states=torch.cat([*states, moved(lower.state, states[0].device)], 1))
             if adapts:  # below E, the states the draft computed (the full model's there), then the verify pass's
                 o.hidden = [torch.cat([*(b[i] for b in below), lower.hidden[i]], 1) for i in range(exit_at)] + o.hidden
         else:

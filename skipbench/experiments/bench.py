@@ -76,7 +76,7 @@ from skipbench.engine.costs import LayerCosts, layer_costs, read_rate
 from skipbench.engine.decode import decoding, finish, left_pad, next_token, pad_id, Sampling
 from skipbench.errors import SkipbenchError
 from skipbench.models import EMBEDDED, load_model, wrap_model
-from skipbench.models.loading import LoadedModel, remove_layers, sync
+from skipbench.models.loading import PLACEMENT, LoadedModel, remove_layers, sync
 from skipbench.engine.forward import IMPLS, Engine, Meter
 from skipbench.engine.protocol import Policy
 from skipbench.engine.speculative import Speculation, speculate
@@ -311,10 +311,14 @@ def run(cfg: BenchConfig, progress=None, start=None) -> BenchResult:
     impls_of(cfg.impl)
     if cfg.out:
         check_out_path(cfg.out)
+    placement = PLACEMENT.get()
+    if placement is not None and placement.tp:  # the ranks must run the same products: refused before the load
+        if cfg.draft_search or cfg.compile:
+            raise SkipbenchError(f"{'--draft auto chooses its draft by timings' if cfg.draft_search else '--compile traces'}"
+                                 " each rank would take apart: run it without --tp")
+        if any(s.draft_vocab for s in cfg.speculations) and (cfg.drafts or cfg.draft_search):
+            raise SkipbenchError("--draft-vocab copies rows of the head, which tensor parallelism shards across the ranks")
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
-    if lm.adapter.tp > 1 and (cfg.draft_search or cfg.compile):  # the ranks must run the same products
-        raise SkipbenchError(f"{'--draft auto chooses its draft by timings' if cfg.draft_search else '--compile traces'}"
-                             " each rank would take apart: run it without --tp")
     torch.manual_seed(cfg.seed)
     encoded = [encode_prompt(lm.tokenizer, p) for p in PROMPTS]
     drafts, found = cfg.drafts, None
@@ -417,8 +421,8 @@ def collective_share(lm: LoadedModel, prompts: list[list[int]], tokens: int) -> 
     spent = 0.0
     for e in prof.key_averages():
         name = e.key.lower()
-        if cuda and "nccl" in name:
-            spent += e.self_device_time_total
+        if cuda:  # the NCCL kernels alone (the CPU-side ops that launch and wait for them would count them again)
+            spent += e.self_device_time_total if "nccl" in name and getattr(e.device_type, "name", "") == "CUDA" else 0.0
         elif any(k in name for k in ("all_reduce", "allreduce", "all_gather", "allgather", "wait_tensor")):
             spent += e.self_cpu_time_total
     return spent / 1e6 / wall

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from skipbench.store import readers
+from skipbench.store.distributed import tensor_parallel
 from skipbench.errors import SkipbenchError, note
 
 VERSION = 1  # bump when the computation changes: cached summaries of an older one are not reused
@@ -99,7 +100,8 @@ def similarities(ctx, items: int, max_tokens: int, sample: int = 0) -> Similarit
                       "data": data.__dict__, "max_tokens": max_tokens, "version": VERSION,
                       **({"sample": sample} if sample else {})}, sort_keys=True, default=str)
     path = cache_dir() / "calibration" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
-    if path.exists():
+    # under --tp every rank computes (with collectives in step): a rank reading a file another just wrote would not
+    if path.exists() and not tensor_parallel():
         try:
             saved = readers.json_file(path, "calibration cache")
             return Similarities(np.array(saved["cos"]), np.array(saved["angle_last"]), saved["sequences"],

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from skipbench.errors import SkipbenchError, note
+from skipbench.store.distributed import tensor_parallel
 from skipbench.analysis.knapsack import Instance, solve
 
 KIND = "router"
@@ -119,7 +120,7 @@ def hidden_features(lm, items, feats: Features, source: str) -> np.ndarray:
                       "version": VERSION}, sort_keys=True, default=str)
     path = cache_dir() / "route-features" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
     cached: dict[str, np.ndarray] = {}
-    if path.exists():
+    if path.exists() and not tensor_parallel():  # under --tp every rank computes, its collectives in step
         try:
             saved = readers.npz_file(path, "route feature cache")
             cached = dict(zip(saved["ids"].tolist(), saved["x"]))
