@@ -126,6 +126,16 @@ def test_spread_and_rankings_by_hand():
     assert any("block-influence:3" in x and "above uniform:3" in x and "does not survive" in x for x in lines)  # 0.7 < 0.75
     assert any("uniform:3 (full_rougeL 0.750, no calibration sample) above angular:3" in x and "survives" in x
                for x in lines)
+    (line,) = rankings(calibration_spread(rows), rows=rows)  # per item over samples: .767 - .5 and .767 - .567
+    assert "over their 2 items the first leads by +0.233 [-0.190, +0.657]" in line  # two items: survives, unordered
+    assert "survives" in line and "the items do not order them" in line
+    four = pd.DataFrame({"dataset": "text", "split": "test", "cost": 3, "item_id": list("abcd") * 4,
+                         "policy": ["block-influence"] * 8 + ["angular"] * 8,
+                         "calibration_point": ["block-influence:3"] * 8 + ["angular:3"] * 8,
+                         "calibration_seed": pd.array(([0] * 4 + [1] * 4) * 2, dtype="Int64"),
+                         "full_rougeL": [0.8, 0.7, 0.9, 0.6] * 2 + [0.5, 0.45, 0.6, 0.4] * 2})
+    (line,) = rankings(calibration_spread(four), rows=four)  # leads .3 .25 .3 .2 on every item
+    assert "over their 4 items the first leads by +0.263 [+0.186, +0.339]" in line and "the items order them too" in line
     router = rows.assign(cost=[3, 3, 4, 4, 3, 3] * 2)  # a router's samples realize other costs: one point still
     assert calibration_spread(router)["samples"].tolist() == [3, 3]
     rows.loc[rows.index[-2:], "full_rougeL"] = 0.75  # angular's third sample now scores 0.75 > 0.7

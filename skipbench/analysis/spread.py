@@ -49,10 +49,14 @@ def references(rows: pd.DataFrame, spread: pd.DataFrame, metric: str = "full_rou
     return out[out["cost"].round().isin(costs)][spread.columns].reset_index(drop=True)
 
 
-def rankings(spread: pd.DataFrame, metric: str = "full_rougeL", reference: pd.DataFrame | None = None) -> list[str]:
+def rankings(spread: pd.DataFrame, metric: str = "full_rougeL", reference: pd.DataFrame | None = None,
+             rows: pd.DataFrame | None = None) -> list[str]:
     """For each pair of points of different strategies at the same cost (rounded; and dataset and split), at least
     one of them calibrated: which ranks first, and whether that survives the calibration spread (module docstring);
-    `reference`: points of no calibration sample compared with the calibrated ones (one score each)."""
+    `reference`: points of no calibration sample compared with the calibrated ones (one score each). With the run's
+    `rows`, each line also gives the first's lead over the items (each item's score averaged over the point's
+    samples; a paired t interval), and says when the items do not order the two: a ranking can survive the
+    calibration spread (samples that all choose one plan have none) and still be item noise."""
     both = pd.concat([spread, reference], ignore_index=True) if reference is not None and len(reference) else spread
     if both.empty:
         return []
@@ -75,5 +79,26 @@ def rankings(spread: pd.DataFrame, metric: str = "full_rougeL", reference: pd.Da
                 f"{at}: {a['calibration_point']} ({metric} {shown(a)}) above {b['calibration_point']} ({shown(b)}): "
                 + ("the ranking survives the calibration spread (every sample of the first scores above every sample "
                    "of the second)" if survives else
-                   "the ranking does not survive the calibration spread (their ranges over samples overlap)"))
+                   "the ranking does not survive the calibration spread (their ranges over samples overlap)")
+                + ("" if rows is None else _over_items(rows, a, b, metric)))
     return lines
+
+
+def _over_items(rows: pd.DataFrame, a, b, metric: str) -> str:
+    """The first point's lead over the second across their common items (each item's score averaged over the
+    point's calibration samples), with a paired t interval."""
+    from skipbench.analysis.stats import t_interval
+
+    def per_item(p) -> pd.Series:
+        mine = rows[rows["calibration_point"] == p["calibration_point"]]
+        for k in ("dataset", "split"):
+            if k in mine and k in p:
+                mine = mine[mine[k] == p[k]]
+        return mine.groupby("item_id")[metric].mean()
+
+    pair = pd.concat([per_item(a), per_item(b)], axis=1, join="inner").dropna()
+    if len(pair) < 2:
+        return ""
+    lead, lo, hi = t_interval(pair.iloc[:, 0] - pair.iloc[:, 1])
+    verdict = "the items order them too" if lo > 0 else "the items do not order them (the interval reaches 0)"
+    return f"; over their {len(pair)} items the first leads by {lead:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired t): {verdict}"

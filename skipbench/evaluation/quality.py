@@ -357,7 +357,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
             shown.append(Shown("calibration spread: each calibrated point's mean full_rougeL over its samples",
                                spread.drop(columns=["dataset", "split"], errors="ignore")))
         return EvalResult(rows=rows, summary=summary, path=path, reused_parts=reused, reused_shares=reused_shares,
-                          shown=shown, said=[*rankings(spread, reference=references(rows, spread)),
+                          shown=shown, said=[*rankings(spread, reference=references(rows, spread), rows=rows),
                                              f"wrote {path} ({len(rows)} rows; {reused} finished part(s) reused{shares})"])
 
     return d.on_main(write, lambda: result(readers.table(out), out))

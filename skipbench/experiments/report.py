@@ -164,7 +164,7 @@ def _calibration_lines(df: pd.DataFrame) -> list[str]:
             "Each calibrated point ran once per calibration sample of the same size (`-o calibration-seed`); its mean "
             "`full_rougeL` on each sample, summarised over the samples (a description of these samples, not an "
             "interval). A ranking survives when every sample of one point scores above every sample of the other.", "",
-            _table(spread), "", *[f"* {line}" for line in rankings(spread, reference=references(df, spread))], "",
+            _table(spread), "", *[f"* {line}" for line in rankings(spread, reference=references(df, spread), rows=df)], "",
             "The quality figure below shows each calibrated point on its first sample (seed 0) only, so that the "
             "oracle does not pick a calibration sample per item with hindsight.", ""]
 
