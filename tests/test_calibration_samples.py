@@ -126,6 +126,9 @@ def test_spread_and_rankings_by_hand():
     assert any("block-influence:3" in x and "above uniform:3" in x and "does not survive" in x for x in lines)  # 0.7 < 0.75
     assert any("uniform:3 (full_rougeL 0.750, no calibration sample) above angular:3" in x and "survives" in x
                for x in lines)
+    lines = rankings(spread, reference=references(both, spread), rows=both)  # the reference's items pair too
+    assert any(x.startswith("dataset text, split test, cost 3: uniform:3") and "above angular:3" in x
+               and "over their 2 items the first leads by +0.217 [" in x for x in lines)  # .75-.5, .75-.567
     (line,) = rankings(calibration_spread(rows), rows=rows)  # per item over samples: .767 - .5 and .767 - .567
     assert "over their 2 items the first leads by +0.233 [-0.190, +0.657]" in line  # two items: survives, unordered
     assert "survives" in line and "the items do not order them" in line
