@@ -535,16 +535,14 @@ class _PerDevice:
         self.copies: dict = {}
 
     def __call__(self, device: torch.device, h, *tables):
-        return (self._to(h, device), *(self._kept(t, device) for t in tables))
-
-    _to = staticmethod(lambda t, device: moved(t, device))
+        return (moved(h, device), *(self._kept(t, device) for t in tables))
 
     def _kept(self, t, device):
         if not isinstance(t, (torch.Tensor, tuple)):
             return t
         key = (id(t), device)
         if key not in self.copies:
-            self.copies[key] = (t, self._to(t, device))  # the original kept alive: its id stays its own
+            self.copies[key] = (t, moved(t, device))  # the original kept alive: its id stays its own
         return self.copies[key][1]
 
 
