@@ -422,7 +422,7 @@ def _load(name: str, source: str, extra: dict, dev: torch.device, dt: torch.dtyp
     if placement is not None and placement.tp:  # transformers shards each layer across the ranks as it loads
         placed = placement.tp_kwargs(config)
     elif placement is not None:  # accelerate places the weights as they load (a model larger than one device)
-        placed = placement.load_kwargs(config)
+        placed = placement.load_kwargs()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt, attn_implementation="sdpa", **extra, **placed)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
@@ -648,28 +648,29 @@ class Placement:
             out[self._device(name, "--max-memory")] = size.strip()
         return out
 
+    def budget(self) -> dict:
+        """What accelerate's strategies may fill: --max-memory, else every device this process may use (the rank's
+        own GPUs under torchrun, and the CPU) at accelerate's measured free memory."""
+        from accelerate.utils import get_max_memory
+
+        return self.memory() or {k: v for k, v in get_max_memory().items() if k in self.gpus() or k == "cpu"}
+
     def device_map_for(self, model: nn.Module) -> dict:
-        """The map itself: the file's, or accelerate's strategy over this process's GPUs within --max-memory."""
+        """The map itself: the file's, or accelerate's strategy over this process's devices within its budget."""
         if self.device_map not in STRATEGIES:
             return self.file_map()
-        from accelerate.utils import get_max_memory
         from transformers.integrations.accelerate import _get_device_map
 
-        memory = self.memory() or {k: v for k, v in get_max_memory().items() if k in self.gpus() or k == "cpu"}
-        return _get_device_map(model, self.device_map, memory, None)
+        return _get_device_map(model, self.device_map, self.budget(), None)
 
-    def load_kwargs(self, config) -> dict:
-        """from_pretrained's arguments: the map (a strategy, within --max-memory) and an offload folder for `disk`."""
+    def load_kwargs(self) -> dict:
+        """from_pretrained's arguments: the map (a strategy within its budget, or the file's) and an offload folder
+        for `disk`."""
         import tempfile
 
         folder = tempfile.mkdtemp(prefix="skipbench-offload-")
         if self.device_map in STRATEGIES:
-            memory = self.memory()
-            if memory is None and (self.gpus_per_rank or torch.cuda.device_count()):
-                from accelerate.utils import get_max_memory
-
-                memory = {k: v for k, v in get_max_memory().items() if k in self.gpus() or k == "cpu"}
-            return {"device_map": self.device_map, "max_memory": memory, "offload_folder": folder}
+            return {"device_map": self.device_map, "max_memory": self.budget(), "offload_folder": folder}
         return {"device_map": self.file_map(), "offload_folder": folder}
 
     def main_device(self, device: str) -> torch.device:
