@@ -193,6 +193,91 @@ def test_held_out_options_are_checked_and_a_resume_keeps_its_held_out_items(tiny
     assert runner.invoke(app, [*common, "--steps", "4", "--eval-every", "1", "--val-limit", "3"]).exit_code == 0
 
 
+def _early_stopping(tiny_dirs, out, steps=12, patience=2, **extra):
+    from skipbench.data import DataSpec
+    from skipbench.experiments.flexidepth import FlexiTrainConfig
+    from skipbench.training.loop import TrainConfig
+
+    held = DataSpec(name="arith", split="validation", limit=4)
+    return FlexiTrainConfig(train=TrainConfig(
+        model=str(tiny_dirs["llama"]), data=DataSpec(name="arith", split="train", limit=8), steps=steps, batch_size=4,
+        lr=0.3, loss="ce", max_new_tokens=4, max_seq_len=1024, device="cpu", out=str(out), save_every=1,
+        val_data=held, **{"eval_every": 1, "patience": patience, **extra}), alpha=0.1, reduction=4)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "weights.safetensors"))
+
+
+def test_early_stopping_keeps_the_router_of_the_lowest_held_out_loss(tiny_dirs, tmp_path):
+    """--patience P: training stops P evaluations after the lowest held-out loss, and the checkpoint's weights are
+    the router a run of exactly that many steps ends with (the log keeps every step); a run killed after a save
+    resumes to the same stop and the same router; the kept checkpoint is final; the usage verdict reads it."""
+    from dataclasses import replace
+
+    from skipbench.experiments.flexidepth import run_train
+    from skipbench.training.loop import training_summary
+
+    cfg = _early_stopping(tiny_dirs, tmp_path / "stopped")
+    res = run_train(cfg)
+    state = torch.load(tmp_path / "stopped" / "trainer.pt", weights_only=False)
+    held = [(r["step"], r["val_loss"]) for r in state["log"]]
+    kept = min(held, key=lambda h: h[1])[0]
+    assert state["kept_step"] == kept and len(held) == res.steps == state["step"]
+    assert res.steps < 12 and res.steps - kept == 2, held  # lr 0.3 overshoots: it stops well before its 12 steps
+    assert any("stopped early" in n for n in res.notes)
+
+    run_train(replace(cfg, train=replace(cfg.train, steps=kept, patience=0, eval_every=0, val_data=None,
+                                         out=str(tmp_path / "plain"))))
+    got, plain = _weights(tmp_path / "stopped"), _weights(tmp_path / "plain")
+    assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in got)
+    last = {k: v.clone() for k, v in got.items()}
+
+    class Killed(Exception):
+        pass
+
+    def kill(record):  # after the save of that step: a run killed between two saves
+        if record["step"] == kept + 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_train(replace(cfg, train=replace(cfg.train, out=str(tmp_path / "killed"))), progress=kill)
+    assert "kept_step" not in torch.load(tmp_path / "killed" / "trainer.pt", weights_only=False)
+    resumed = run_train(replace(cfg, train=replace(cfg.train, out=str(tmp_path / "killed"))))
+    assert resumed.resumed_from == kept + 1 and resumed.steps == res.steps
+    again = _weights(tmp_path / "killed")
+    assert all(torch.equal(again[k], last[k]) for k in last)
+
+    final = run_train(replace(cfg, train=replace(cfg.train, steps=40)))  # more steps: the kept router stays
+    assert final.steps == res.steps and any(f"router of step {kept}, kept by early stopping" in n for n in final.notes)
+    assert all(torch.equal(_weights(tmp_path / "stopped")[k], last[k]) for k in last)
+
+    summary = training_summary(tmp_path / "stopped")
+    assert summary["kept_step"] == kept and summary["patience"] == 2 and summary["steps"] == res.steps
+    assert summary["kept_epochs"] == pytest.approx(kept * 4 / 8)
+
+
+def test_a_run_without_early_stopping_is_not_resumed_with_it(tiny_dirs, tmp_path):
+    from dataclasses import replace
+
+    from skipbench.errors import SkipbenchError
+    from skipbench.experiments.flexidepth import run_train
+
+    cfg = _early_stopping(tiny_dirs, tmp_path / "f", steps=2, patience=0)
+    run_train(cfg)
+    with pytest.raises(SkipbenchError, match="holds no best.safetensors of that step"):
+        run_train(replace(cfg, train=replace(cfg.train, steps=4, patience=2)))
+    res = CliRunner().invoke(app, ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith",
+                                   "--steps", "2", "--patience", "2", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 1 and "--patience needs the held-out loss of --eval-every" in res.stderr
+    res = CliRunner().invoke(app, ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith",
+                                   "--steps", "2", "--eval-every", "1", "--patience", "-1", "--out", str(tmp_path / "g")])
+    assert res.exit_code == 1 and "must be >= 0" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g").exists() or not any((tmp_path / "g").iterdir())
+
+
 @pytest.mark.parametrize("split", ["validation", "all"])
 def test_a_held_out_loss_on_training_items_is_refused(tiny_dirs, tmp_path, split):
     res = CliRunner().invoke(app, ["flexidepth", "train", "--model", str(tiny_dirs["llama"]), "--dataset", "arith",

@@ -289,6 +289,25 @@ def test_a_held_out_plateau_still_needs_epochs_evaluations_and_numbers(training,
     assert not got and why in said, said
 
 
+STOPPED = [2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3]  # lowest at the 5th evaluation (step 300), 3 after it
+
+
+@pytest.mark.parametrize("change, ok, why", [
+    ({}, True, "lowest 1.050 at step 300 (2.5 epochs), the router kept; 3 evaluation(s) after it, none lower (patience 3)"),
+    ({"patience": 4}, False, "fewer than the patience (4), so the loss may still fall"),  # ran out of steps first
+    ({"kept_epochs": 1.5}, False, "fewer than 2 epochs before the kept router"),
+    ({"val_loss": STOPPED[:6] + [float("nan"), 1.3]}, False, "not finite"),
+    ({"kept_step": 330}, False, "the kept step was not evaluated"),
+])
+def test_an_early_stopped_router_is_judged_at_the_router_it_kept(change, ok, why):
+    """With --patience the criterion is the stop itself: the kept router's epochs, and P evaluations after it
+    with none lower. A falling tail that the fifths rule would fault does not count against a stopped run."""
+    training = {**HELD, "steps": 480, "val_loss": STOPPED, "val_steps": [60 * (i + 1) for i in range(8)],
+                "kept_step": 300, "patience": 3, "kept_epochs": 2.5, **change}
+    got, said = verdicts.trained_enough(training)
+    assert got is ok and why in said, said
+
+
 def test_a_nan_loss_is_no_plateau():
     ok, why = verdicts.trained_enough({"steps": 600, "epochs": 5.0, "loss_first": 3.0, "loss_last_fifth": float("nan"),
                                        "loss_fifth_before": 1.0})

@@ -191,6 +191,8 @@ MIN_EPOCHS = 2.0  # passes over its training items
 PLATEAU = 0.02  # the loss levelled off: its mean over the last fifth within 2% of the fifth before it, above or below
 # (the held-out loss over the last fifth of its evaluations when recorded, else the training loss over the steps)
 MIN_EVALS = 10  # held-out evaluations needed to speak of a plateau (fifths of at least 2)
+# With early stopping (train --patience P) the router kept is the lowest held-out loss's, and the plateau is P
+# evaluations after it with none lower (`_stopped_early`).
 
 
 def trained_enough(training: dict | None) -> tuple[bool, str]:
@@ -200,6 +202,8 @@ def trained_enough(training: dict | None) -> tuple[bool, str]:
         return False, "the router's training log is not recorded (or has fewer than 5 steps)"
     epochs, last, before = training.get("epochs"), training["loss_last_fifth"], training["loss_fifth_before"]
     held = [float(v) for v in training.get("val_loss") or []]
+    if held and training.get("kept_step") is not None:
+        return _stopped_early(training, held)
     if held:
         return _held_out_plateau(training, held, epochs)
     change = abs(last - before) / abs(before) if before else float("inf")
@@ -235,6 +239,26 @@ def _held_out_plateau(training: dict, held: list[float], epochs: float | None) -
         return False, (f"{said}: the held-out loss rose more than {100 * PLATEAU:g}% (its lowest, {held[best]:.3f}, "
                        f"at step {steps[best]})")
     return True, f"{said}: the held-out loss levelled off"
+
+
+def _stopped_early(training: dict, held: list[float]) -> tuple[bool, str]:
+    """Early stopping (train --patience P): the router kept is the one of the lowest held-out loss; the loss
+    levelled off when P evaluations after it brought no lower one (the run stopped there), not when it ran out of
+    steps first. The epochs are counted up to the kept router."""
+    steps = [int(s) for s in training.get("val_steps") or range(1, len(held) + 1)]
+    kept, patience, epochs = int(training["kept_step"]), training.get("patience"), training.get("kept_epochs")
+    if not all(math.isfinite(v) for v in held) or kept not in steps:
+        return False, f"{training['steps']} steps: a held-out loss is not finite, or the kept step was not evaluated"
+    at = steps.index(kept)
+    after = len(held) - 1 - at
+    said = (f"{training['steps']} steps, held-out loss {held[0]:.3f} (step {steps[0]}) -> lowest {held[at]:.3f} at "
+            f"step {kept}" + (f" ({epochs:.1f} epochs)" if epochs is not None else "") + ", the router kept; "
+            f"{after} evaluation(s) after it, none lower")
+    if epochs is None or epochs < MIN_EPOCHS:
+        return False, f"{said}: fewer than {MIN_EPOCHS:g} epochs before the kept router"
+    if not patience or after < int(patience):
+        return False, f"{said}: fewer than the patience ({patience}), so the loss may still fall"
+    return True, f"{said} (patience {patience}): the held-out loss levelled off"
 
 
 def flexidepth(usage: pd.DataFrame, training: dict | None = None) -> list[Verdict]:

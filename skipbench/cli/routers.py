@@ -50,6 +50,8 @@ def flexidepth_train(
     eval_every: int = typer.Option(0, help="every N steps (and at the last), the loss over held-out items (the "
                                    "validation split), logged as val_loss and used to judge convergence (0 = never)"),
     val_limit: int = typer.Option(0, help="held-out items for --eval-every (0 = the whole validation split)"),
+    patience: int = typer.Option(0, help="early stopping: stop after N held-out evaluations without a lower loss and "
+                                 "keep the router of the lowest (0 = train every step, keep the last)"),
 ) -> None:
     """Train FlexiDepth routers and adapters on a frozen model.
 
@@ -59,12 +61,14 @@ def flexidepth_train(
 
     from skipbench.data import DataSpec
 
-    if eval_every < 0 or val_limit < 0:
-        raise SkipbenchError(f"--eval-every and --val-limit must be >= 0, got {eval_every} and {val_limit}")
-    if val_limit and not eval_every:
-        raise SkipbenchError("--val-limit sizes the held-out loss of --eval-every: give --eval-every N too")
+    if eval_every < 0 or val_limit < 0 or patience < 0:
+        raise SkipbenchError(f"--eval-every, --val-limit and --patience must be >= 0, got {eval_every}, {val_limit} "
+                             f"and {patience}")
+    if (val_limit or patience) and not eval_every:
+        raise SkipbenchError(f"{'--val-limit' if val_limit else '--patience'} needs the held-out loss of --eval-every: "
+                             "give --eval-every N too")
     tcfg = train_config(model, dataset, split, limit, steps, batch_size, lr, seed, loss, max_new_tokens, max_seq_len,
-                        device, dtype, out, targets, grad_accum, restart=restart, eval_every=eval_every,
+                        device, dtype, out, targets, grad_accum, restart=restart, eval_every=eval_every, patience=patience,
                         val_data=DataSpec(name=dataset, split="validation", limit=val_limit or None) if eval_every else None)
     display.train(run_train, FlexiTrainConfig(train=tcfg, alpha=skip_weight, routed_layers=ints(routed_layers, "--routed-layers"),
                                               reduction=router_reduction, tau=tau, adapter=adapter, kv=kv,

@@ -213,7 +213,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         out.append(Stage("flexidepth train", (
             "flexidepth", "train", "--model", fmodel, "--dataset", fx["datasets"], "--skip-weight", str(fx["alpha"]),
             "--steps", str(fx["steps"]), *_opt(fx, "train_limit", "--limit"), *_opt(fx, "eval_every", "--eval-every"),
-            *_opt(fx, "val_limit", "--val-limit"), *_opt(fx, "max_new_tokens", "--max-new-tokens"),
+            *_opt(fx, "val_limit", "--val-limit"), *_opt(fx, "patience", "--patience"), *_opt(fx, "max_new_tokens", "--max-new-tokens"),
             "--out", str(flexi_run)), flexi_run / "config.json"))
         first = fx["datasets"].split(",")[-1]
         target = r / f"evaluate-flexidepth-{first}.parquet"

@@ -65,10 +65,14 @@ class TrainConfig:
     # validation split), without gradients; logged as `val_loss`, it is what `training_summary` judges convergence by
     val_data: DataSpec | None = None
     eval_every: int = 0  # 0: no held-out loss
+    # early stopping on that loss: stop after `patience` evaluations without a lower one, and keep the router of the
+    # lowest (its weights become the checkpoint's; the log keeps every step). 0: train every step, keep the last
+    patience: int = 0
 
 
 # fields that may change between a run and its resumption: they do not change what a step computes
-RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart", "val_data", "eval_every"}
+RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart", "val_data", "eval_every", "patience"}
+BEST = "best.safetensors"  # with --patience: the weights of the lowest held-out loss so far, saved with each checkpoint
 
 
 class Method:
@@ -253,6 +257,10 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
 
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise SkipbenchError("--steps, --batch-size and --grad-accum must be >= 1")
+    if cfg.eval_every < 0 or cfg.patience < 0:
+        raise SkipbenchError(f"--eval-every and --patience must be >= 0, got {cfg.eval_every} and {cfg.patience}")
+    if cfg.patience and (not cfg.eval_every or cfg.val_data is None):
+        raise SkipbenchError("--patience stops on the held-out loss: give --eval-every N too")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -282,6 +290,10 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
         _check_held_out_resumable(out, cfg, log)
+        if state.get("kept_step") is not None:  # final: its weights are an earlier step's, its optimiser the last's
+            notes.append(f"'{out}' holds the router of step {state['kept_step']}, kept by early stopping after "
+                         f"{done} steps (its lowest held-out loss): nothing to train (--restart to train again)")
+            return TrainResult(done, log, out, done, notes)
         if done == cfg.steps:
             notes.append(f"'{out}' already holds {done} steps of this configuration: nothing to train "
                          "(--steps N to continue, --restart to train again)")
@@ -290,6 +302,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
                              "ranks without one; raise --batch-size")
     held_out = _held_out(lm, cfg, data, d, notes)
+    best = _best_so_far(out, log, module) if cfg.patience else None
     engine = Engine(lm.adapter, method.kv_mode)
     runner = _data_parallel(Trainable(module, lm.model if cfg.train_backbone else None), d, lm.device,
                             method.unused_params)
@@ -301,24 +314,57 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         log.append(optimizer_step(
             runner, opt, batch, chosen, step, cfg.seed, cfg.grad_accum, d, lambda e: task_weight([e], cfg.loss),
             lambda sub, keys, total, clock: step_loss(lm, engine, method, sub, cfg.loss, total, teacher, keys, clock)))
+        stop = False
         if held_out and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             log[-1]["val_loss"] = held_out_loss(lm, engine, method, held_out, cfg, d, teacher)
             module.train()
-        if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            _save(out, module, opt, step + 1, log, method, cfg, save_file, lm)
+            if best is not None:
+                if not best or log[-1]["val_loss"] < best["loss"]:
+                    best.update(step=step + 1, loss=log[-1]["val_loss"], weights=_copy(module))
+                stop = sum(1 for r in log if "val_loss" in r and r["step"] > best["step"]) >= cfg.patience
+        kept = best["step"] if best and (stop or step + 1 == cfg.steps) else None
+        if kept is not None:  # the lowest router becomes the checkpoint's
+            module.load_state_dict(best["weights"])
+        if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop):
+            _save(out, module, opt, step + 1, log, method, cfg, save_file, lm, best, kept)
         if progress:
             progress(log[-1])
+        if stop:
+            notes.append(f"stopped early at step {step + 1}: no lower held-out loss in {cfg.patience} evaluations; "
+                         f"kept the router of step {best['step']} (held-out loss {best['loss']:.4f})")
+            break
     d.barrier()  # the last checkpoint is on disk before any rank returns
     module.eval()
     lm.model.requires_grad_(False)
-    return TrainResult(cfg.steps, log, out, done, notes)
+    return TrainResult(len(log), log, out, done, notes)
+
+
+def _copy(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _best_so_far(out: Path, log: list[dict], module: nn.Module) -> dict:
+    """Early stopping's lowest held-out loss so far: {} before any, else its step, loss and weights (of a resumed
+    run: read back from best.safetensors, which each checkpoint save writes with the log it belongs to)."""
+    held = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    if not held:
+        return {}
+    step, loss = min(held, key=lambda h: h[1])
+    from safetensors import safe_open
+
+    saved = None
+    if (out / BEST).exists():
+        with safe_open(str(out / BEST), "pt") as f:
+            saved = (f.metadata() or {}).get("step")
+    if saved is None or int(saved) != step:
+        raise SkipbenchError(f"'{out}' logs its lowest held-out loss at step {step} but holds no {BEST} of that step "
+                             f"(found {saved}): it was trained without --patience or a save was cut short; {RESTART}")
+    return {"step": step, "loss": loss, "weights": checkpoints.safetensors_file(out / BEST, "best weights", RESTART)}
 
 
 def _held_out(lm, cfg: TrainConfig, data: list[Example], d: distributed.Dist, notes: list[str]) -> list[Example]:
     """The held-out examples (prompts with the full model's responses, from the same teacher cache), checked to
     share no prompt with the training examples."""
-    if cfg.eval_every < 0:
-        raise SkipbenchError(f"--eval-every must be >= 0, got {cfg.eval_every}")
     if not cfg.eval_every or cfg.val_data is None:
         return []
     cache = Path(cfg.teacher_cache) if cfg.teacher_cache else Path(cfg.out) / "teacher.json"
@@ -406,7 +452,8 @@ def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
     saved = _flat(readers.json_file(out / "config.json", "checkpoint config", RESTART))
     now = _flat(json.loads(json.dumps(_saved_config(method, cfg), default=str)))
     differ = [k for k in sorted(set(saved) | set(now))
-              if k.removeprefix("train.").split(".")[0] not in RESUMABLE and k != "step" and saved.get(k) != now.get(k)]
+              if k.removeprefix("train.").split(".")[0] not in RESUMABLE and k not in ("step", "kept_step")
+              and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
         more = f" (and {len(differ) - 6} more)" if len(differ) > 6 else ""
@@ -466,7 +513,7 @@ def load_trainer(path: Path) -> dict:
 def _discard_checkpoint(out: Path) -> None:
     import shutil
 
-    for name in ("weights.safetensors", "trainer.pt", "config.json"):
+    for name in ("weights.safetensors", "trainer.pt", "config.json", BEST):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / BACKBONE, ignore_errors=True)
 
@@ -527,14 +574,23 @@ def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
         raise SkipbenchError(f"'{folder}' does not match the model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
 
 
-def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None) -> None:
+def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None,
+          best: dict | None = None, kept: int | None = None) -> None:
+    """One checkpoint. With early stopping, `best` (the lowest held-out loss's weights so far) is saved beside it,
+    and `kept` marks the final save whose weights are that step's router."""
+    def tensors(state: dict) -> dict:
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+    stamp = {"step": step, **({"kept_step": kept} if kept is not None else {})}
     writers = {  # one save: every file written first, then all moved into place together (results.write_together)
         **({BACKBONE: lambda tmp: write_folder(lm.model, lm.tokenizer, tmp, {"step": step})} if cfg.train_backbone else {}),
-        "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "step": step, "log": log}, tmp),
-        "config.json": lambda tmp: tmp.write_text(json.dumps({**_saved_config(method, cfg), "step": step}, indent=2,
+        "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "log": log, **stamp}, tmp),
+        "config.json": lambda tmp: tmp.write_text(json.dumps({**_saved_config(method, cfg), **stamp}, indent=2,
                                                              default=str)),
-        "weights.safetensors": lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
-                                                     str(tmp), metadata={"step": str(step)}),
+        "weights.safetensors": lambda tmp: save_file(tensors(module.state_dict()), str(tmp),
+                                                     metadata={k: str(v) for k, v in stamp.items()}),
+        **({BEST: lambda tmp: save_file(tensors(best["weights"]), str(tmp), metadata={"step": str(best["step"])})}
+           if best else {}),
     }
     write_together(out, writers)
 
@@ -547,7 +603,8 @@ def training_summary(path: str | Path) -> dict | None:
     path = Path(path)
     if not (path / "trainer.pt").exists():
         return None
-    log = load_trainer(path / "trainer.pt").get("log") or []
+    state = load_trainer(path / "trainer.pt")
+    log, kept = state.get("log") or [], state.get("kept_step")
     record = training_record(str(path)) or {}
     if len(log) < 5:
         return {"steps": len(log)}
@@ -564,7 +621,9 @@ def training_summary(path: str | Path) -> dict | None:
     return {"steps": len(log), "examples": len(log) * batch, "train_items": items,
             "epochs": len(log) * batch / items if items and batch else None,
             "loss_first": float(log[0]["loss"]), "loss_last_fifth": last, "loss_fifth_before": before,
-            **({"val_steps": [s for s, _ in held], "val_loss": [v for _, v in held]} if held else {})}
+            **({"val_steps": [s for s, _ in held], "val_loss": [v for _, v in held]} if held else {}),
+            **({"kept_step": int(kept), "patience": record.get("patience"),
+                "kept_epochs": int(kept) * batch / items if items and batch else None} if kept is not None else {})}
 
 
 def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
