@@ -54,6 +54,8 @@ def test_report_has_every_section_and_rows(smoke):
                   "depthmap.png"):
         assert f"]({image})" in page
     evals = pd.concat(pd.read_parquet(p) for p in folder.glob("evaluate-*.parquet"))
+    # the smoke router (3 steps) runs every layer, so its matched random control would be full depth: none is run
+    # (tests/test_matched_random.py has the report's pairs)
     strategies = {"full", "early-exit", "uniform", "random", "block-influence", "angular", "confidence", "flexidepth"}
     for policy in strategies:
         assert f"| {policy} |" in page or f"| arith | {policy} |" in page, policy
@@ -207,6 +209,9 @@ def test_the_resolve_preset_is_the_quick_one_with_the_undecided_findings_sized_u
     assert sweep[sweep.index("--alpha") + 1] == "2,4,6,10" and sweep[sweep.index("--num-seeds") + 1] == "4"
     assert sweep[sweep.index("--eval-limit") + 1] == "32" and sweep[sweep.index("--steps") + 1] == "40"
     assert train[train.index("--steps") + 1] == "2400" and train[train.index("--limit") + 1] == "0"  # every item
+    assert train[train.index("--patience") + 1] == "6"  # early stopping: the router of the lowest held-out loss
+    for preset in (quick, resolve, load_preset("smoke")):  # the router beside random skipping of its compute
+        assert "--matched-random" in {st.name: st for st in stages(preset, "/r")}["evaluate flexidepth"].argv
     usage = plan["flexidepth usage"].argv
     assert usage[usage.index("--limit") + 1] == "0"
 

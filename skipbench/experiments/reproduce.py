@@ -219,6 +219,7 @@ def stages(preset: dict, results: str | None = None) -> list[Stage]:
         target = r / f"evaluate-flexidepth-{first}.parquet"
         out.append(Stage("evaluate flexidepth", (  # held-out items only: the routers were trained on the train split
             "evaluate", "--model", fmodel, "--dataset", first, "--split", "test", "--policy", "flexidepth", "--router", str(flexi_run),
+            "--matched-random",  # beside it, random skipping of the same realized layers per token (issue 41)
             *_opt(fx, "usage_limit", "--limit"), *_opt(fx, "max_new_tokens", "--max-new-tokens"),
             "--out", str(target)), target))
         target = r / "flexi-usage.parquet"
