@@ -145,6 +145,62 @@ def test_only_methods_that_realized_the_same_skip_are_ordered():
     assert not pairs.loc[("a", "c"), "matched"]  # c realized 5 skipped layers, not 4: not ordered
 
 
+def test_calibration_seeds_run_each_calibrated_method_once_per_sample():
+    """--calibration-seeds: a method drawn from a calibration sample (ShortGPT, LaCo, a router's threshold) is one
+    point per seed, the first under its own name; the others once; seeds are checked before anything runs."""
+    pts = points(("shortgpt", "uniform", "flexidepth:runs/f"), (2,), 6, calibration_seeds=(0, 3))
+    got = [(p.method, p.spec.label, p.calibration_seed, p.calibration_of) for p in pts]
+    assert got == [("shortgpt", "block-influence:4", 0, "shortgpt"),
+                   ("shortgpt [calibration-seed 3]", "block-influence:4[calibration-seed=3]", 3, "shortgpt"),
+                   ("uniform", "uniform:4", None, ""),
+                   ("flexidepth:runs/f", "flexidepth:runs/f[skip=2]", 0, "flexidepth:runs/f"),
+                   ("flexidepth:runs/f [calibration-seed 3]", "flexidepth:runs/f[calibration-seed=3;skip=2]", 3,
+                    "flexidepth:runs/f")]
+    for methods, seeds, said in [(("shortgpt",), (1,), "at least two distinct"), (("shortgpt",), (1, 1), "distinct"),
+                                 (("shortgpt",), (0, -1), "0 .. 2"), (("uniform", "early-exit"), (0, 1),
+                                                                     "no method is drawn from a calibration sample"),
+                                 (("uniform", "layerskip:runs/ft"), (0, 1), "no method is drawn")]:
+        with pytest.raises(SkipbenchError, match=said):
+            points(methods, (2,), 6, calibration_seeds=seeds)
+
+
+def _sampled_summary(shortgpt: list[float], laco: list[float], uniform: float) -> pd.DataFrame:
+    rows = [{"method": "shortgpt" if i == 0 else f"shortgpt [calibration-seed {i}]", "calibration_seed": i,
+             "calibration_of": "shortgpt", "retain_pct": v} for i, v in enumerate(shortgpt)]
+    rows += [{"method": "laco" if i == 0 else f"laco [calibration-seed {i}]", "calibration_seed": i,
+              "calibration_of": "laco", "retain_pct": v} for i, v in enumerate(laco)]
+    rows += [{"method": "uniform", "calibration_seed": None, "calibration_of": "", "retain_pct": uniform}]
+    out = pd.DataFrame(rows).assign(skip=2, skipped=2.0, skipped_unit="layers")
+    out["calibration_seed"] = pd.array(out["calibration_seed"], dtype="Int64")
+    return out
+
+
+def test_the_spread_over_calibration_samples_decides_whether_a_ranking_survives():
+    """Per method and K, its Retain % over its samples; a ranking survives when the ranges are disjoint, and a
+    method of no sample is a reference with one value. Only the first sample reaches the pairs and the figure."""
+    from skipbench.analysis.spread import first_sample, retain_rankings, retain_spread
+
+    summary = _sampled_summary([90.0, 92.0, 94.0], [80.0, 85.0, 95.0], 70.0)
+    spread = retain_spread(summary, 6).set_index("calibration_point")
+    assert spread.loc["shortgpt (K=2)", "samples"] == 3 and spread.loc["shortgpt (K=2)", "mean"] == pytest.approx(92)
+    assert spread.loc["shortgpt (K=2)", "sd"] == pytest.approx(2.0) and spread.loc["laco (K=2)", "hi"] == 95
+    assert spread.loc["uniform (K=2)", "samples"] == 1 and spread.loc["uniform (K=2)", "cost"] == 4
+    lines = retain_rankings(retain_spread(summary, 6))
+    laco_line = next(line for line in lines if "shortgpt (K=2)" in line and "laco (K=2)" in line)
+    assert "above laco (K=2)" in laco_line and "does not survive" in laco_line  # 90-94 against 80-95
+    uniform_line = next(line for line in lines if "shortgpt (K=2)" in line and "uniform (K=2)" in line)
+    assert "survives the calibration spread" in uniform_line and "no calibration sample" in uniform_line
+    narrow = retain_rankings(retain_spread(_sampled_summary([90.0, 92.0, 94.0], [80, 85, 89.0], 70.0), 6))
+    assert "the ranking survives the calibration spread" in next(line for line in narrow if "laco (K=2)" in line)
+    assert set(first_sample(summary)["method"]) == {"shortgpt", "laco", "uniform"}
+    assert retain_spread(summary[summary["calibration_of"] == ""], 6).empty
+    # ranked only at the same realized skip and unit: uniform realizing 3 skipped layers, MindSkip-like attention
+    apart = _sampled_summary([90.0, 92.0, 94.0], [80.0, 85.0, 89.0], 70.0)
+    apart.loc[apart["method"] == "uniform", "skipped"] = 3.0
+    apart.loc[apart["calibration_of"] == "laco", "skipped_unit"] = "attention"
+    assert retain_rankings(retain_spread(apart, 6)) == []
+
+
 def test_layerskip_gets_its_own_baseline_point():
     pts = points(("layerskip:runs/ft", "shortgpt"), (2,), 6)
     assert [(p.method, p.skip, p.spec.label) for p in pts] == [
@@ -211,6 +267,50 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     assert res.exit_code == 1 and "--allow-code-execution" in res.output
     res = runner.invoke(app, ["compare", "--preset", "nope", "--out", str(tmp_path / "h.parquet")])
     assert res.exit_code == 1 and "--preset must be one of" in res.output
+
+
+def test_compare_with_calibration_seeds_on_a_tiny_model(tiny_dirs, tmp_path):
+    """compare --calibration-seeds 0,1: ShortGPT once per calibration sample (each its own plan, recorded), uniform
+    once; the spread table and the report's calibration section; the pairs and the figure read the first sample."""
+    from skipbench.experiments.report import write_report
+
+    out = tmp_path / "compare.parquet"  # the name the report reads
+    res = CliRunner().invoke(app, ["compare", "--model", str(tiny_dirs["llama"]), "--policy", "shortgpt,uniform",
+                                   "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
+                                   "--calibration-seeds", "0,1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    agg = pd.read_parquet(tmp_path / "compare-agg.parquet").set_index("method")
+    assert set(agg.index) == {"shortgpt", "shortgpt [calibration-seed 1]", "uniform"}
+    assert agg.loc["shortgpt [calibration-seed 1]", "calibration_seed"] == 1
+    assert agg.loc["shortgpt [calibration-seed 1]", "calibration_of"] == "shortgpt"
+    rows = pd.read_parquet(out)
+    assert set(rows.loc[rows["method"] == "shortgpt [calibration-seed 1]", "policy_spec"]) == {
+        "block-influence:4[calibration-seed=1]"}
+    spread = pd.read_parquet(tmp_path / "compare-spread.parquet").set_index("calibration_point")
+    assert spread.loc["shortgpt (K=2)", "samples"] == 2 and spread.loc["uniform (K=2)", "samples"] == 1
+    values = agg.loc[["shortgpt", "shortgpt [calibration-seed 1]"], "retain_pct"]
+    assert spread.loc["shortgpt (K=2)", "lo"] == pytest.approx(values.min())
+    pairs = pd.read_parquet(tmp_path / "compare-pairs.parquet")
+    assert len(pairs) == 1 and {pairs["method_a"][0], pairs["method_b"][0]} == {"shortgpt", "uniform"}
+    said = " ".join(res.output.split())  # the console wraps long lines
+    assert "shortgpt (K=2)" in said and "uniform (K=2)" in said  # the ranking line
+    assert "the ranking survives" in said or "the ranking does not survive" in said
+    page = write_report(str(tmp_path), str(tmp_path / "REPORT.md")).read_text()
+    assert "### Calibration samples" in page and "shortgpt (K=2)" in page
+    res = CliRunner().invoke(app, ["compare", "--model", str(tiny_dirs["llama"]), "--policy", "uniform", "--skip", "2",
+                                   "--calibration-seeds", "0,1", "--out", str(tmp_path / "d.parquet")])
+    assert res.exit_code == 1 and "no method is drawn from a calibration sample" in res.output
+    assert not (tmp_path / "d.parquet").exists()
+    res = CliRunner().invoke(app, ["compare", "--model", str(tmp_path / "absent"), "--policy", "shortgpt",
+                                   "--calibration-seeds", "3", "--out", str(tmp_path / "d.parquet")])
+    assert res.exit_code == 1 and "at least two distinct" in res.output  # before the model loads
+    # a rerun without seeds leaves no spread of the earlier run
+    res = CliRunner().invoke(app, ["compare", "--model", str(tiny_dirs["llama"]), "--policy", "shortgpt,uniform",
+                                   "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "compare-spread.parquet").exists() and not (tmp_path / "compare-spread.json").exists()
+    assert "### Calibration samples" not in write_report(str(tmp_path), str(tmp_path / "REPORT.md")).read_text()
 
 
 def test_retain_with_no_scored_task_is_nan_not_a_crash():

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import prompts, tiny_model
+from skipbench.analysis import verdicts
 from skipbench.cli import app
 from skipbench.engine import Engine, generate
 from skipbench.engine.decode import left_pad
@@ -225,7 +226,7 @@ def test_early_stopping_keeps_the_router_of_the_lowest_held_out_loss(tiny_dirs, 
     state = torch.load(tmp_path / "stopped" / "trainer.pt", weights_only=False)
     held = [(r["step"], r["val_loss"]) for r in state["log"]]
     kept = min(held, key=lambda h: h[1])[0]
-    assert state["kept_step"] == kept and len(held) == res.steps == state["step"]
+    assert state["kept_step"] == kept and state["stopped"] and len(held) == res.steps == state["step"]
     assert res.steps < 12 and res.steps - kept == 2, held  # lr 0.3 overshoots: it stops well before its 12 steps
     assert any("stopped early" in n for n in res.notes)
 
@@ -257,6 +258,29 @@ def test_early_stopping_keeps_the_router_of_the_lowest_held_out_loss(tiny_dirs, 
     summary = training_summary(tmp_path / "stopped")
     assert summary["kept_step"] == kept and summary["patience"] == 2 and summary["steps"] == res.steps
     assert summary["kept_epochs"] == pytest.approx(kept * 4 / 8)
+    ok, why = verdicts.trained_enough(summary)  # the usage verdict's reading: at the router kept, a patience of 2
+    assert not ok and f"at step {kept}" in why and "the router kept" in why and "a patience of 2" in why
+
+
+def test_a_run_that_uses_its_steps_keeps_its_lowest_router_and_continues_from_its_last(tiny_dirs, tmp_path):
+    """--patience with --steps reached first: the checkpoint holds the lowest router (not final), and more --steps
+    continue from the last weights, to what one longer run gives."""
+    from dataclasses import replace
+
+    from skipbench.experiments.flexidepth import run_train
+
+    cfg = _early_stopping(tiny_dirs, tmp_path / "short", steps=3, patience=20)
+    run_train(cfg)
+    state = torch.load(tmp_path / "short" / "trainer.pt", weights_only=False)
+    held = [(r["step"], r["val_loss"]) for r in state["log"]]
+    assert state["kept_step"] == min(held, key=lambda h: h[1])[0] and not state["stopped"] and state["step"] == 3
+    more = run_train(replace(cfg, train=replace(cfg.train, steps=6)))
+    assert more.resumed_from == 3 and more.steps == 6
+    run_train(replace(cfg, train=replace(cfg.train, steps=6, out=str(tmp_path / "long"))))
+    a, b = _weights(tmp_path / "short"), _weights(tmp_path / "long")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [torch.load(tmp_path / d / "trainer.pt", weights_only=False)["log"] for d in ("short", "long")]
+    assert [r["val_loss"] for r in logs[0]] == [r["val_loss"] for r in logs[1]]
 
 
 def test_a_run_without_early_stopping_is_not_resumed_with_it(tiny_dirs, tmp_path):

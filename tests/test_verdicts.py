@@ -289,23 +289,32 @@ def test_a_held_out_plateau_still_needs_epochs_evaluations_and_numbers(training,
     assert not got and why in said, said
 
 
-STOPPED = [2.0, 1.5, 1.2, 1.1, 1.05, 1.1, 1.2, 1.3]  # lowest at the 5th evaluation (step 300), 3 after it
+STOPPED = [2.0, 1.5, 1.3, 1.2, 1.15, 1.1, 1.05, 1.1, 1.2, 1.3]  # lowest at the 7th evaluation (step 420), 3 after
 
 
 @pytest.mark.parametrize("change, ok, why", [
-    ({}, True, "lowest 1.050 at step 300 (2.5 epochs), the router kept; 3 evaluation(s) after it, none lower (patience 3)"),
+    ({}, True, "lowest 1.050 at step 420 (2.5 epochs), the router kept; 3 evaluation(s) after it, none lower (patience 3)"),
     ({"patience": 4}, False, "fewer than the patience (4), so the loss may still fall"),  # ran out of steps first
     ({"kept_epochs": 1.5}, False, "fewer than 2 epochs before the kept router"),
-    ({"val_loss": STOPPED[:6] + [float("nan"), 1.3]}, False, "not finite"),
-    ({"kept_step": 330}, False, "the kept step was not evaluated"),
+    ({"val_loss": STOPPED[:8] + [float("nan"), 1.3]}, False, "not finite"),
+    ({"kept_step": 450}, False, "the kept step was not evaluated"),
+    ({"val_loss": STOPPED[:9] + [1.0]}, False, "a held-out loss lower than the kept router's (1.050) was logged"),
+    ({"val_loss": STOPPED[2:], "val_steps": [60 * (i + 1) for i in range(8)], "kept_step": 300}, False,
+     "8 held-out evaluation(s)"),  # fewer than MIN_EVALS
+    ({"val_loss": STOPPED[:9], "val_steps": [60 * (i + 1) for i in range(9)] , "patience": 2}, False,
+     "a patience of 2"),  # the 9 evaluations also fall short, and a patience of 2 is too short to speak of a plateau
 ])
 def test_an_early_stopped_router_is_judged_at_the_router_it_kept(change, ok, why):
-    """With --patience the criterion is the stop itself: the kept router's epochs, and P evaluations after it
-    with none lower. A falling tail that the fifths rule would fault does not count against a stopped run."""
-    training = {**HELD, "steps": 480, "val_loss": STOPPED, "val_steps": [60 * (i + 1) for i in range(8)],
-                "kept_step": 300, "patience": 3, "kept_epochs": 2.5, **change}
+    """With --patience the criterion is the stop itself: the kept router's epochs, and P evaluations after it with
+    none lower (P >= 3, 10 evaluations in all). A rising tail, which the fifths rule would fault as "rose", does not
+    count against a stopped run: its router is the one before the rise."""
+    training = {**HELD, "steps": 600, "val_loss": STOPPED, "val_steps": [60 * (i + 1) for i in range(10)],
+                "kept_step": 420, "patience": 3, "kept_epochs": 2.5, **change}
     got, said = verdicts.trained_enough(training)
     assert got is ok and why in said, said
+    if ok:  # the same losses without the stop: the fifths rule sees the rise
+        plain = {k: v for k, v in training.items() if k not in ("kept_step", "patience", "kept_epochs")}
+        assert not verdicts.trained_enough(plain)[0]
 
 
 def test_a_nan_loss_is_no_plateau():

@@ -7,6 +7,11 @@ its mean score on each sample, and over the samples their number, mean, standard
 two calibrated points at the same cost, whether their ranking survives that spread: it does when every sample of
 one scores above every sample of the other (their ranges are disjoint), else the ranking depends on the sample.
 A range over a few samples is a description of these samples, not an interval for the population of samples.
+
+`compare --calibration-seeds` reads the same spread off Retain % (`retain_spread`, `retain_rankings`): per method and
+K, over its samples, ranked against the other methods at the same realized skip. There is no per-item lead there
+(Retain % is a mean of ratios over tasks, not of items), so a ranking that survives the spread may still be document
+noise: compare's pairs table gives the first samples' paired bootstrap interval.
 """
 
 from __future__ import annotations
@@ -102,3 +107,37 @@ def _over_items(rows: pd.DataFrame, a, b, metric: str) -> str:
     lead, lo, hi = t_interval(pair.iloc[:, 0] - pair.iloc[:, 1])
     verdict = "the items order them too" if lo > 0 else "the items do not order them (the interval reaches 0)"
     return f"; over their {len(pair)} items the first leads by {lead:+.3f} [{lo:+.3f}, {hi:+.3f}] (paired t): {verdict}"
+
+
+def first_sample(table: pd.DataFrame) -> pd.DataFrame:
+    """compare's rows of methods drawn from no calibration sample or from the first seed given (what its figure,
+    pairs and the talk's verdict read, so that no sample is picked with hindsight)."""
+    if "calibration_of" not in table:
+        return table
+    return table[(table["calibration_of"].fillna("") == "") | (table["method"] == table["calibration_of"])]
+
+
+def retain_spread(summary: pd.DataFrame, num_layers: int) -> pd.DataFrame:
+    """compare's summary (-agg) as `calibration_spread`'s table: per calibrated method and K, its Retain % over the
+    calibration samples, and one row per method drawn from no sample (samples 1). `cost` is what a token ran,
+    realized (L minus the realized skip, its mean over the samples: a router's threshold realizes its own), `split`
+    its unit (layers, or attention sub-layers for MindSkip), so that rankings compare like with like;
+    `calibration_point` is "METHOD (K=k)"."""
+    s = summary[summary["skip"] > 0]
+    if "calibration_of" not in s or not (s["calibration_of"].fillna("") != "").any():
+        return pd.DataFrame()
+    named = s["calibration_of"].fillna("")
+    base = named.where(named != "", s["method"])
+    rows = pd.DataFrame({"split": s["skipped_unit"], "policy": base,
+                         "calibration_point": base + " (K=" + s["skip"].astype(str) + ")",
+                         "cost": num_layers - s["skipped"], "calibration_seed": s["calibration_seed"],
+                         "retain_pct": s["retain_pct"]})
+    sampled = calibration_spread(rows, "retain_pct")
+    return pd.concat([sampled, references(rows, sampled, "retain_pct")], ignore_index=True)
+
+
+def retain_rankings(table: pd.DataFrame) -> list[str]:
+    """`rankings` over `retain_spread`'s table, its methods of no sample as references."""
+    if table.empty:
+        return []
+    return rankings(table[table["samples"] >= 2], "Retain %", reference=table[table["samples"] < 2])

@@ -192,12 +192,13 @@ PLATEAU = 0.02  # the loss levelled off: its mean over the last fifth within 2% 
 # (the held-out loss over the last fifth of its evaluations when recorded, else the training loss over the steps)
 MIN_EVALS = 10  # held-out evaluations needed to speak of a plateau (fifths of at least 2)
 # With early stopping (train --patience P) the router kept is the lowest held-out loss's, and the plateau is P
-# evaluations after it with none lower (`_stopped_early`).
+# evaluations after it with none lower (`_stopped_early`), P at least MIN_PATIENCE, MIN_EVALS evaluations in all.
+MIN_PATIENCE = 3
 
 
 def trained_enough(training: dict | None) -> tuple[bool, str]:
     """Whether a router's training meets the stated criterion (MIN_EPOCHS and a loss PLATEAU, on the held-out loss
-    when recorded), and why (read off the usage manifest's `router_training`, written from the checkpoint's log)."""
+    when recorded; for a run with early stopping, at the router it kept: `_stopped_early`), and why (read off the usage manifest's `router_training`, written from the checkpoint's log)."""
     if not training or "loss_last_fifth" not in training:
         return False, "the router's training log is not recorded (or has fewer than 5 steps)"
     epochs, last, before = training.get("epochs"), training["loss_last_fifth"], training["loss_fifth_before"]
@@ -250,6 +251,8 @@ def _stopped_early(training: dict, held: list[float]) -> tuple[bool, str]:
     if not all(math.isfinite(v) for v in held) or kept not in steps:
         return False, f"{training['steps']} steps: a held-out loss is not finite, or the kept step was not evaluated"
     at = steps.index(kept)
+    if held[at] > min(held):
+        return False, f"{training['steps']} steps: a held-out loss lower than the kept router's ({held[at]:.3f}) was logged"
     after = len(held) - 1 - at
     said = (f"{training['steps']} steps, held-out loss {held[0]:.3f} (step {steps[0]}) -> lowest {held[at]:.3f} at "
             f"step {kept}" + (f" ({epochs:.1f} epochs)" if epochs is not None else "") + ", the router kept; "
@@ -258,6 +261,9 @@ def _stopped_early(training: dict, held: list[float]) -> tuple[bool, str]:
         return False, f"{said}: fewer than {MIN_EPOCHS:g} epochs before the kept router"
     if not patience or after < int(patience):
         return False, f"{said}: fewer than the patience ({patience}), so the loss may still fall"
+    if len(held) < MIN_EVALS or after < MIN_PATIENCE:
+        return False, (f"{said}: {len(held)} held-out evaluation(s) and a patience of {patience}, fewer than the "
+                       f"{MIN_EVALS} and {MIN_PATIENCE} needed to speak of a plateau")
     return True, f"{said} (patience {patience}): the held-out loss levelled off"
 
 

@@ -9,7 +9,7 @@ import typer
 from skipbench.cli import display
 from skipbench.cli.options import (
     POLICIES, DeviceOpt, DtypeOpt, Gate, KvMode, KvOpt, Model, PolicyOptions, PromptDepth, Device, Dtype, GateMode,
-    int_list, names, no_policy, plain, specs,
+    int_list, ints, names, no_policy, plain, specs,
 )
 from skipbench.store.paths import default_out, slug
 
@@ -93,6 +93,10 @@ def compare(
                                                       "METHOD.NAME=VALUE to that method's only, e.g. -o "
                                                       "flexidepth.calibration=16 (its threshold prompts; compare "
                                                       "sets -o skip itself)"),
+    calibration_seeds: str = typer.Option("", help="run every method drawn from a calibration sample (shortgpt, "
+                                          "laco, angular, a router's threshold) once per sample, e.g. 0,1,2 (0: the "
+                                          "split's first items); adds the spread of its Retain % over the samples "
+                                          "(-spread) and whether each ranking survives it"),
 ) -> None:
     """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
     score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.
@@ -109,7 +113,7 @@ def compare(
         model=model, methods=names(policy or ["shortgpt,laco"]), skip=int_list(skip, "--skip"), tasks=names([tasks]),
         limit=limit or None, max_gen_toks=max_gen_toks or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
         chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume,
-        policy_options=tuple(policy_option or ())),
+        policy_options=tuple(policy_option or ()), calibration_seeds=ints(calibration_seeds, "--calibration-seeds")),
         preset, given)
     with display.Bar("compare") as bar:
         display.result(run(cfg, on_part=lambda task, p: bar.point(f"{task} · {p.label}")))

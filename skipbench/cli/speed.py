@@ -90,8 +90,8 @@ def track(
                                 "shipped), spec-bench/CATEGORY, or any dataset"),
     per_category: int = typer.Option(2, help="prompts of each category taken in order (0: every prompt)"),
     draft: Optional[list[str]] = typer.Option(None, help="the methods (draft specs, repeatable; default: early exit, "
-                                              "uniform and CLaSp at 3/4 of the depth); add 'auto' for the searched "
-                                              "layer set"),
+                                              "uniform and CLaSp at 3/4 of the depth, DEL and KnapSpec); add 'auto' "
+                                              "for the searched layer set"),
     speculate: str = typer.Option("4", help="draft tokens per round, or 'auto'"),
     draft_threshold: float = DraftThreshold,
     max_new_tokens: int = typer.Option(128, help="tokens generated per prompt at most (EOS stops it)"),

@@ -19,6 +19,13 @@ table has a row per method, K and task: the score with its 95% interval, the ful
 layers (and attention sub-layers) a token actually ran. The summary (`-agg`) per method and K: Retain % with an
 approximate interval, and the realized skip averaged over tasks; a dynamic method meets K only as well as its
 threshold does on the evaluated items, which the table shows.
+
+`--calibration-seeds 0,1,2` runs every method whose plan or threshold is drawn from a calibration sample (ShortGPT,
+LaCo, angular; a router's `-o skip` threshold) once per sample of the same size (`-o calibration-seed`; issue 41):
+the first seed keeps the method's name, the others are `METHOD [calibration-seed S]` rows of their own. The spread
+table (`-spread`) has, per method and K, the samples' Retain % (mean, sd, range), beside the methods drawn from no
+sample, and the lines of `analysis.spread.rankings` say whether each ranking survives that spread. The figure, the
+pairs and the talk's verdict use the first sample only, so that no sample is picked with hindsight.
 """
 
 from __future__ import annotations
@@ -33,13 +40,16 @@ import pandas as pd
 
 from skipbench.analysis.lmeval_tables import NOISY_CV, POINT_COLUMNS
 from skipbench.analysis.papers import TALK
+from skipbench.analysis.spread import first_sample, retain_rankings, retain_spread
 from skipbench.analysis.verdicts import MATCHED_WITHIN
 from skipbench.errors import SkipbenchError
 from skipbench.models import load_model
 from skipbench.models.loading import EMBEDDED, default_batch_size
 from skipbench.policies import STRATEGIES, PolicySpec, parse_policies
 from skipbench.store.paths import slug
-from skipbench.store.results import Shown, Written, check_out_path, manifest, tidy, write_tables
+from skipbench.store.results import (
+    Shown, Written, check_out_path, companion, manifest, manifest_path, tidy, write_tables,
+)
 
 ALIASES = {"shortgpt": "block-influence"}  # the talk's names for skipbench's strategies
 
@@ -74,6 +84,7 @@ class CompareConfig:
     out: str = ""
     resume: bool = True
     policy_options: tuple[str, ...] = ()  # -o NAME=VALUE: to every method whose strategy takes NAME
+    calibration_seeds: tuple[int, ...] = ()  # each calibrated method once per calibration sample (module docstring)
 
 
 def with_preset(cfg: CompareConfig, preset: str | None, given: set[str]) -> CompareConfig:
@@ -95,9 +106,15 @@ class CompareResult(Written):
 
 @dataclass(frozen=True)
 class Point:
-    method: str  # as the user named it (shortgpt, mindskip:runs/x, ...)
+    method: str  # as the user named it (shortgpt, mindskip:runs/x, ...); a later calibration sample's is marked
     skip: int
     spec: PolicySpec
+    calibration_seed: int | None = None  # --calibration-seeds: the sample its plan or threshold came from
+    calibration_of: str = ""  # --calibration-seeds: the method it is a sample of (its name as given)
+
+
+def sampled_name(method: str, seed: int) -> str:
+    return f"{method} [calibration-seed {seed}]"
 
 
 def scoped_options(methods: tuple[str, ...], policy_options: tuple[str, ...]) -> list[tuple[list[str], str, str]]:
@@ -125,14 +142,18 @@ def scoped_options(methods: tuple[str, ...], policy_options: tuple[str, ...]) ->
 
 
 def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, seed: int = 0,
-           policy_options: tuple[str, ...] = ()) -> list[Point]:
+           policy_options: tuple[str, ...] = (), calibration_seeds: tuple[int, ...] = ()) -> list[Point]:
     """Each method set to skip each K of `num_layers`: its policy spec (see the module's docstring); two methods
     that name the same strategy (an alias and its name) are refused. A method that runs a model of its own and is
     set by an option (LayerSkip's exit) also gets K=0, that model at full depth: its own baseline. `policy_options`
     (-o NAME=VALUE) go to every method whose strategy takes NAME, and `-o METHOD.NAME=VALUE` to that method's only
     (the same option name can mean different things: `flexidepth.calibration=16` is 16 threshold prompts, LaCo's
     `calibration` its merge check's prompts); one that none takes, or the option compare sets itself to meet K (and a
-    router's `tau`, which that option chooses), is refused."""
+    router's `tau`, which that option chooses), is refused. With `calibration_seeds`, a point drawn from a
+    calibration sample is one point per seed (the module's docstring)."""
+    from skipbench.policies.spec import samples_calibration, with_calibration_seeds
+
+    check_seeds(methods, calibration_seeds)
     scoped = scoped_options(methods, policy_options)
     if not methods:
         raise SkipbenchError("--methods is empty; e.g. --methods shortgpt,laco,mindskip:runs/mindskip")
@@ -162,8 +183,26 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
             twin = next((p.method for p in out if p.spec.label == spec.label), None)
             if twin is not None:
                 raise SkipbenchError(f"compare: methods '{twin}' and '{method}' are the same strategy ({spec.label})")
-            out.append(Point(method, k, spec))
+            if not (calibration_seeds and samples_calibration(spec)):
+                out.append(Point(method, k, spec))
+                continue
+            for i, (s, sampled) in enumerate(zip(calibration_seeds, with_calibration_seeds((spec,), calibration_seeds))):
+                out.append(Point(method if i == 0 else sampled_name(method, s), k, sampled, s, method))
     return out
+
+
+def check_seeds(methods: tuple[str, ...], seeds: tuple[int, ...]) -> None:
+    """--calibration-seeds: two distinct seeds at least, and some method drawn from a calibration sample (a
+    strategy with -o calibration-seed: compare sets a router's -o skip, so its threshold is always one)."""
+    from skipbench.policies.spec import CALIBRATION_SEED, check_calibration_seeds
+
+    if not seeds:
+        return
+    check_calibration_seeds(seeds)
+    strategies = [STRATEGIES.get(ALIASES.get(m.partition(":")[0], m.partition(":")[0])) for m in methods]
+    if not any(st.option(CALIBRATION_SEED) is not None for st in strategies):
+        raise SkipbenchError("--calibration-seeds: no method is drawn from a calibration sample (shortgpt, laco, "
+                             "angular, or a flexidepth/mindskip router, whose threshold compare tunes)")
 
 
 def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> CompareResult:
@@ -176,8 +215,9 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
         raise SkipbenchError(f"{', '.join(code)} runs the code the model writes; pass --allow-code-execution to allow "
                              "it (lm-eval's confirm_run_unsafe_code), or leave the task out")
     scoped_options(cfg.methods, cfg.policy_options)  # a mistyped -o fails before the model loads
+    check_seeds(cfg.methods, cfg.calibration_seeds)  # and so do --calibration-seeds that no method can use
     lm = lm or load_model(cfg.model, cfg.device, cfg.dtype)
-    pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed, cfg.policy_options)
+    pts = points(cfg.methods, cfg.skip, lm.num_layers, cfg.seed, cfg.policy_options, cfg.calibration_seeds)
     runs = out.with_name(f"{out.stem}.lmeval.parquet")
     lcfg = LmEvalConfig(model=cfg.model, tasks=cfg.tasks, policies=tuple(p.spec for p in pts), limit=cfg.limit,
                         max_gen_toks=cfg.max_gen_toks, num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, prompt_depth="policy",
@@ -188,20 +228,27 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     reps = replicates(table, result.tables["docs"], RESAMPLES, cfg.seed)
     table = with_task_intervals(table, reps)
     summary = retain(table, reps)
-    pairs = matched_pairs(table, summary, reps)
-    rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks"), lm=lm, model=cfg.model,
-                batch_size=cfg.batch_size or default_batch_size(lm.device))
+    pairs = matched_pairs(first_sample(table), first_sample(summary), reps)
+    spread = retain_spread(summary, lm.num_layers)
+    rows = tidy(table, cfg, skip=("out", "resume", "methods", "skip", "tasks", "calibration_seeds"), lm=lm,
+                model=cfg.model, batch_size=cfg.batch_size or default_batch_size(lm.device))
     from skipbench.analysis.plots import compare_figure
 
     meta = manifest(cfg, lm=lm, num_layers=lm.num_layers, points={p.spec.label: [p.method, p.skip] for p in pts},
                     lmeval_runs=str(runs), talk=TALK, interval=INTERVAL, matched_within=MATCHED_WITHIN)
-    paths = write_tables(rows, out, meta, agg=summary, pairs=pairs)
-    figure = compare_figure(summary[summary["skip"] > 0], lm.num_layers, out.with_suffix(".png"))
+    if not len(spread):  # a spread of an earlier run with seeds is not this run's
+        for stale in (companion(out, "spread"), manifest_path(companion(out, "spread"))):
+            stale.unlink(missing_ok=True)
+    paths = write_tables(rows, out, meta, agg=summary, pairs=pairs, **({"spread": spread} if len(spread) else {}))
+    shown_points = first_sample(summary)
+    figure = compare_figure(shown_points[shown_points["skip"] > 0], lm.num_layers, out.with_suffix(".png"))
     return CompareResult(rows=rows, path=paths["rows"], tables={"agg": summary, "pairs": pairs},
                          files={"agg": paths["agg"], "pairs": paths["pairs"], "figure": figure}, summary=summary, runs=runs,
                          shown=shown(rows, summary, cfg.model),
-                         said=[f"wrote {paths['rows']}, {paths['agg']}, {paths['pairs']}, {figure}; every point's lm-eval "
-                               f"rows: {runs}"])
+                         said=[*retain_rankings(spread),
+                               f"wrote {paths['rows']}, {paths['agg']}, {paths['pairs']}, "
+                               + (f"{paths['spread']}, " if "spread" in paths else "")
+                               + f"{figure}; every point's lm-eval rows: {runs}"])
 
 
 def shown(rows: pd.DataFrame, summary: pd.DataFrame, model: str) -> list[Shown]:
@@ -237,7 +284,8 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
     for r in summary[summary["policy_spec"] != "full"].itertuples():
         p, f = by_label[r.policy_spec], full.loc[r.task]
         own_value = own.get((p.method, r.task), math.nan)
-        rows.append({"method": p.method, "skip": p.skip, "policy_spec": r.policy_spec, "task": r.task,
+        rows.append({"method": p.method, "skip": p.skip, "calibration_seed": p.calibration_seed,
+                     "calibration_of": p.calibration_of, "policy_spec": r.policy_spec, "task": r.task,
                      "metric": r.metric, "filter": r.filter, "value": r.value, "stderr": r.stderr, "lo": r.lo,
                      "hi": r.hi, "n": r.n, "full_value": f["value"], "full_lo": f["lo"], "full_hi": f["hi"],
                      "ratio": r.value / f["value"] if f["value"] else math.nan,
@@ -245,7 +293,10 @@ def per_task(summary: pd.DataFrame, pts: list[Point]) -> pd.DataFrame:
                      "layers_mean": r.layers_mean, "attention_mean": r.attention_mean,
                      "full_layers_mean": f["layers_mean"],
                      **{c: getattr(r, c) for c in POINT_COLUMNS if c in summary}})  # LaCo's forced merges
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if len(out):
+        out["calibration_seed"] = pd.array(out["calibration_seed"], dtype="Int64")
+    return out
 
 
 @dataclass(frozen=True)
@@ -323,7 +374,9 @@ def retain(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
         g = g.assign(attention_mean=g["attention_mean"].fillna(g["layers_mean"]))
         scored = g[g["full_value"] != 0]
         mean = float(scored["ratio"].mean()) if len(scored) else math.nan
-        row = {"method": method, "skip": int(k), "tasks": len(scored), "noisy_tasks": int(scored["noisy_ratio"].sum()),
+        row = {"method": method, "skip": int(k), **{c: g[c].iloc[0] for c in ("calibration_seed", "calibration_of")
+                                                     if c in g}, "tasks": len(scored),
+               "noisy_tasks": int(scored["noisy_ratio"].sum()),
                "retain_pct": 100 * mean, **_interval(_retain_replicates(scored, reps, "full_spec"), "retain")}
         own = scored[scored["own_value"].notna() & (scored["own_value"] != 0)]
         if len(own) and k > 0:
@@ -339,7 +392,10 @@ def retain(table: pd.DataFrame, reps: Replicates) -> pd.DataFrame:
                           "layers_skipped": layers, "attention_skipped": attention,
                           "skipped": attention if only_attention else layers,
                           "skipped_unit": "attention" if only_attention else "layers"})
-    return pd.DataFrame(out)
+    out = pd.DataFrame(out)
+    if "calibration_seed" in out:
+        out["calibration_seed"] = pd.array(out["calibration_seed"], dtype="Int64")
+    return out
 
 
 def _interval(values: np.ndarray, name: str) -> dict:

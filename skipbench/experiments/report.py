@@ -15,6 +15,7 @@ import pandas as pd
 
 from skipbench.store import readers
 from skipbench.analysis import verdicts
+from skipbench.analysis.spread import first_sample, retain_rankings
 from skipbench.errors import SkipbenchError
 from skipbench.store.results import COMPANIONS, check_writable, companion
 from skipbench.analysis.stats import Verdict
@@ -420,7 +421,7 @@ def section_compare(folder: Path) -> tuple[list[str], list]:
             continue
         pairs = _read(companion(path, "pairs"))
         tasks = list(dict.fromkeys(rows["task"]))
-        here = verdicts.compare(agg, meta.get("model"), tasks)
+        here = verdicts.compare(first_sample(agg), meta.get("model"), tasks)  # no calibration sample picked later
         found += here
         s = agg[agg["skip"] > 0].copy()
         s["retain"] = [f"{v:.1f} [{lo:.1f}, {hi:.1f}]" for v, lo, hi in zip(s["retain_pct"], s["retain_lo"], s["retain_hi"])]
@@ -442,6 +443,18 @@ def section_compare(folder: Path) -> tuple[list[str], list]:
                   "Per task: the score, the full model's, and their paired difference with its 95% bootstrap interval:", "",
                   _table(per_task[["method", "skip", "task", "metric", "value", "full_value", "diff", "full_cv", "noisy"]]), ""]
         lines += _orderings(pairs, meta.get("matched_within", 0.5))
+        if companion(path, "spread").exists():  # compare --calibration-seeds
+            spread = _read(companion(path, "spread"))
+            lines += ["### Calibration samples", "",
+                      "Each method drawn from a calibration sample ran once per sample of the same size (`compare "
+                      "--calibration-seeds`; its later samples are the `[calibration-seed S]` rows above): its Retain % "
+                      "over the samples (a description of these samples, not an interval), beside the methods drawn "
+                      "from no sample (one value). `cost` is what a token ran, realized (L minus the realized skip, in "
+                      "the unit `split` names), so methods are ranked only against those of the same realized skip. A "
+                      "ranking survives when every sample of one method scores above every sample of the other; it "
+                      "says nothing of document noise (the pairs table's intervals do). The pairs, the figure and the "
+                      "verdict use each method's first sample.", "",
+                      _table(spread, digits=2), "", *[f"* {line}" for line in retain_rankings(spread)], ""]
         figure = path.with_suffix(".png")
         if figure.exists():
             lines += [f"![{figure.stem}]({figure.name})", ""]

@@ -323,6 +323,12 @@ def calibration_point(p: "PolicySpec") -> str:
     return replace(p, options=tuple((k, v) for k, v in p.options if k != CALIBRATION_SEED)).label
 
 
+def check_calibration_seeds(seeds: tuple[int, ...]) -> None:
+    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) < len(seeds) or len(seeds) < 2:
+        raise SkipbenchError(f"--calibration-seeds takes at least two distinct integers in 0 .. 2^31 - 1 (a spread "
+                             f"needs two samples), got {','.join(map(str, seeds))}")
+
+
 def with_calibration_seeds(policies, seeds: tuple[int, ...]) -> tuple["PolicySpec", ...]:
     """Every point whose plan depends on a calibration sample, once per seed (`-o calibration-seed=S`; 0 is the
     split's first items, the default); the other points once. `evaluate --calibration-seeds`."""
@@ -330,9 +336,7 @@ def with_calibration_seeds(policies, seeds: tuple[int, ...]) -> tuple["PolicySpe
 
     if not seeds:
         return tuple(policies)
-    if any(not 0 <= s < 2**31 for s in seeds) or len(set(seeds)) < len(seeds) or len(seeds) < 2:
-        raise SkipbenchError(f"--calibration-seeds takes at least two distinct integers in 0 .. 2^31 - 1 (a spread "
-                             f"needs two samples), got {','.join(map(str, seeds))}")
+    check_calibration_seeds(seeds)
     out, sampled = [], 0
     for p in policies:
         if not samples_calibration(p):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,6 +74,8 @@ class TrainConfig:
 # fields that may change between a run and its resumption: they do not change what a step computes
 RESUMABLE = {"steps", "save_every", "out", "teacher_cache", "device", "restart", "val_data", "eval_every", "patience"}
 BEST = "best.safetensors"  # with --patience: the weights of the lowest held-out loss so far, saved with each checkpoint
+LAST = "last.safetensors"  # with --patience, a run that used its --steps without stopping: its last weights (the
+# checkpoint's are the kept router's), from which more --steps continue
 
 
 class Method:
@@ -261,6 +264,9 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         raise SkipbenchError(f"--eval-every and --patience must be >= 0, got {cfg.eval_every} and {cfg.patience}")
     if cfg.patience and (not cfg.eval_every or cfg.val_data is None):
         raise SkipbenchError("--patience stops on the held-out loss: give --eval-every N too")
+    if cfg.patience and cfg.train_backbone:  # the kept router would sit on the last step's backbone
+        raise SkipbenchError("--patience keeps the router of the lowest held-out loss, not the backbone trained with "
+                             "it: train without --train-backbone, or without --patience")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -290,10 +296,12 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         opt.load_state_dict(state["optimizer"])
         done, log = state["step"], state["log"]
         _check_held_out_resumable(out, cfg, log)
-        if state.get("kept_step") is not None:  # final: its weights are an earlier step's, its optimiser the last's
+        if state.get("stopped"):  # final: its weights are an earlier step's, its optimiser the last's
             notes.append(f"'{out}' holds the router of step {state['kept_step']}, kept by early stopping after "
                          f"{done} steps (its lowest held-out loss): nothing to train (--restart to train again)")
             return TrainResult(done, log, out, done, notes)
+        if state.get("kept_step") is not None:  # ran out of --steps with --patience: go on from its last weights
+            _load_into(module, _last_weights(out, done), out)
         if done == cfg.steps:
             notes.append(f"'{out}' already holds {done} steps of this configuration: nothing to train "
                          "(--steps N to continue, --restart to train again)")
@@ -319,14 +327,16 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
             log[-1]["val_loss"] = held_out_loss(lm, engine, method, held_out, cfg, d, teacher)
             module.train()
             if best is not None:
-                if not best or log[-1]["val_loss"] < best["loss"]:
-                    best.update(step=step + 1, loss=log[-1]["val_loss"], weights=_copy(module))
-                stop = sum(1 for r in log if "val_loss" in r and r["step"] > best["step"]) >= cfg.patience
+                loss = log[-1]["val_loss"]  # a NaN loss is never the lowest (NaN < x is False either way)
+                if math.isfinite(loss) and (not best or loss < best["loss"]):
+                    best.update(step=step + 1, loss=loss, weights=_copy(module))
+                stop = bool(best) and sum(1 for r in log if "val_loss" in r and r["step"] > best["step"]) >= cfg.patience
         kept = best["step"] if best and (stop or step + 1 == cfg.steps) else None
+        last = _copy(module) if kept is not None and not stop else None
         if kept is not None:  # the lowest router becomes the checkpoint's
             module.load_state_dict(best["weights"])
         if d.main and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps or stop):
-            _save(out, module, opt, step + 1, log, method, cfg, save_file, lm, best, kept)
+            _save(out, module, opt, step + 1, log, method, cfg, save_file, lm, best, kept, stop, last)
         if progress:
             progress(log[-1])
         if stop:
@@ -346,20 +356,37 @@ def _copy(module: nn.Module) -> dict:
 def _best_so_far(out: Path, log: list[dict], module: nn.Module) -> dict:
     """Early stopping's lowest held-out loss so far: {} before any, else its step, loss and weights (of a resumed
     run: read back from best.safetensors, which each checkpoint save writes with the log it belongs to)."""
-    held = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    held = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and math.isfinite(r["val_loss"])]
     if not held:
         return {}
     step, loss = min(held, key=lambda h: h[1])
+    if _saved_step(out / BEST) != step:
+        raise SkipbenchError(f"'{out}' logs its lowest held-out loss at step {step} but holds no {BEST} of that step "
+                             f"(found {_saved_step(out / BEST)}): it was trained without --patience or a save was cut "
+                             f"short; {RESTART}")
+    return {"step": step, "loss": loss, "weights": checkpoints.safetensors_file(out / BEST, "best weights", RESTART)}
+
+
+def _last_weights(out: Path, step: int) -> dict:
+    if _saved_step(out / LAST) != step:
+        raise SkipbenchError(f"'{out}' holds no {LAST} of its last step {step} to continue from (found "
+                             f"{_saved_step(out / LAST)}); {RESTART}")
+    return checkpoints.safetensors_file(out / LAST, "last weights", RESTART)
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step a weights file records in its metadata; None when there is no such file; a damaged one is one
+    line naming it."""
     from safetensors import safe_open
 
-    saved = None
-    if (out / BEST).exists():
-        with safe_open(str(out / BEST), "pt") as f:
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
             saved = (f.metadata() or {}).get("step")
-    if saved is None or int(saved) != step:
-        raise SkipbenchError(f"'{out}' logs its lowest held-out loss at step {step} but holds no {BEST} of that step "
-                             f"(found {saved}): it was trained without --patience or a save was cut short; {RESTART}")
-    return {"step": step, "loss": loss, "weights": checkpoints.safetensors_file(out / BEST, "best weights", RESTART)}
+        return int(saved) if saved is not None else None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error, OSError or ValueError for a bad file
+        raise readers.Unreadable("weights file", path, f"cannot be read ({readers.why(exc)})", RESTART) from None
 
 
 def _held_out(lm, cfg: TrainConfig, data: list[Example], d: distributed.Dist, notes: list[str]) -> list[Example]:
@@ -452,7 +479,7 @@ def _check_resumable(out: Path, method: Method, cfg: TrainConfig) -> None:
     saved = _flat(readers.json_file(out / "config.json", "checkpoint config", RESTART))
     now = _flat(json.loads(json.dumps(_saved_config(method, cfg), default=str)))
     differ = [k for k in sorted(set(saved) | set(now))
-              if k.removeprefix("train.").split(".")[0] not in RESUMABLE and k not in ("step", "kept_step")
+              if k.removeprefix("train.").split(".")[0] not in RESUMABLE and k not in ("step", "kept_step", "stopped")
               and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
@@ -484,8 +511,14 @@ def trainer_state(out: Path) -> dict:
     state = load_trainer(out / "trainer.pt")
     step = state["step"]
     with safe_open(str(out / "weights.safetensors"), "pt") as f:
-        saved = (f.metadata() or {}).get("step")
-    config = readers.json_file(out / "config.json", "checkpoint config", RESTART).get("step")
+        meta = f.metadata() or {}
+    saved = meta.get("step")
+    saved_config = readers.json_file(out / "config.json", "checkpoint config", RESTART)
+    config = saved_config.get("step")
+    kept = {str(v) for v in (state.get("kept_step"), saved_config.get("kept_step"), meta.get("kept_step"))}
+    if len(kept) > 1:  # early stopping: the three files name the same kept router (or none)
+        raise SkipbenchError(f"'{out}' holds files of different saves (kept router at steps {sorted(kept)}): a save was "
+                             f"cut short; {RESTART}")
     if (saved is not None and int(saved) != step) or (config is not None and config != step):
         raise SkipbenchError(f"'{out}' holds files of different saves (trainer state at step {step}, weights at {saved}, "
                              f"config at {config}): a save was cut short; {RESTART}")
@@ -513,7 +546,7 @@ def load_trainer(path: Path) -> dict:
 def _discard_checkpoint(out: Path) -> None:
     import shutil
 
-    for name in ("weights.safetensors", "trainer.pt", "config.json", BEST):
+    for name in ("weights.safetensors", "trainer.pt", "config.json", BEST, LAST):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / BACKBONE, ignore_errors=True)
 
@@ -575,13 +608,14 @@ def load_model_weights(lm: LoadedModel, folder: Path, step: int) -> None:
 
 
 def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConfig, save_file, lm=None,
-          best: dict | None = None, kept: int | None = None) -> None:
-    """One checkpoint. With early stopping, `best` (the lowest held-out loss's weights so far) is saved beside it,
-    and `kept` marks the final save whose weights are that step's router."""
+          best: dict | None = None, kept: int | None = None, stopped: bool = False, last: dict | None = None) -> None:
+    """One checkpoint. With early stopping, `best` (the lowest held-out loss's weights so far) is saved beside it;
+    `kept` marks a save whose weights are that step's router: the run `stopped` (final), or it used its --steps
+    first, and `last` (its last weights) is saved for more steps to continue from."""
     def tensors(state: dict) -> dict:
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
-    stamp = {"step": step, **({"kept_step": kept} if kept is not None else {})}
+    stamp = {"step": step, **({"kept_step": kept, "stopped": stopped} if kept is not None else {})}
     writers = {  # one save: every file written first, then all moved into place together (results.write_together)
         **({BACKBONE: lambda tmp: write_folder(lm.model, lm.tokenizer, tmp, {"step": step})} if cfg.train_backbone else {}),
         "trainer.pt": lambda tmp: torch.save({"optimizer": opt.state_dict(), "log": log, **stamp}, tmp),
@@ -591,6 +625,7 @@ def _save(out: Path, module, opt, step: int, log, method: Method, cfg: TrainConf
                                                      metadata={k: str(v) for k, v in stamp.items()}),
         **({BEST: lambda tmp: save_file(tensors(best["weights"]), str(tmp), metadata={"step": str(best["step"])})}
            if best else {}),
+        **({LAST: lambda tmp: save_file(tensors(last), str(tmp), metadata={"step": str(step)})} if last else {}),
     }
     write_together(out, writers)
 
