@@ -56,6 +56,7 @@ def test_report_has_every_section_and_rows(smoke):
     evals = pd.concat(pd.read_parquet(p) for p in folder.glob("evaluate-*.parquet"))
     # the smoke router (3 steps) runs every layer, so its matched random control would be full depth: none is run
     # (tests/test_matched_random.py has the report's pairs)
+    assert (evals.loc[evals["policy"] == "flexidepth", "layers_mean"] == evals["layers_mean"].max()).all()
     strategies = {"full", "early-exit", "uniform", "random", "block-influence", "angular", "confidence", "flexidepth"}
     for policy in strategies:
         assert f"| {policy} |" in page or f"| arith | {policy} |" in page, policy
