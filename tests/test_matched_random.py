@@ -82,7 +82,61 @@ def test_every_learned_point_that_skips_layers_gets_its_kind_of_control():
     (flexi,) = parse_policies("flexidepth:runs/f")
     (route,) = parse_policies("route:runs/r")
     (mind,) = parse_policies("mindskip:runs/m")
-    assert matches(flexi) and matches(route) and not matches(mind)  # MindSkip skips attention, not layers
+    (uniform,) = parse_policies("uniform:4")
+    assert matches(flexi) and matches(route) and matches(mind) and not matches(uniform)
     assert matched_spec(flexi, 17.26, 30).label == "random-token:18[mean=17.26]"
     assert matched_spec(route, 12.0, 30).label == "random:12"  # per sequence, as the router assigns
     assert matched_spec(flexi, 30.0, 30) is None and matched_spec(flexi, 1.5, 30) is None
+    # MindSkip skips attention only: its control draws attention sub-layers, under the KV mode it ran
+    assert matched_spec(mind, 21.5, 30).label == "random-attention:22[mean=21.5]"
+    assert matched_spec(mind, 21.5, 30, "none").label == "random-attention:22[kv=none;mean=21.5]"
+
+
+@pytest.mark.parametrize("kv", ["fill", "none"])
+def test_random_attention_runs_c_attention_sub_layers_per_token_and_every_mlp(tokenizer, kv):
+    """`random-attention:C`: every generated token runs C attention sub-layers (layer 0's among them) and all L
+    layers' MLPs; with `-o mean=M`, C or C - 1 with mean M; under either KV mode (the cache's, which it requires)."""
+    from conftest import prompts, tiny_model
+    from skipbench.engine import generate
+    from skipbench.models import wrap_model
+    from skipbench.policies import make_policy
+
+    lm = wrap_model(tiny_model("llama", len(tokenizer)), tokenizer, "tiny")
+    ps = prompts(tokenizer, 3)
+    out = generate(lm, ps, make_policy("random-attention:4", 6, policy_options={"kv": kv}), 10)
+    for row in range(3):
+        assert all(len(layers) == 6 for layers in out.layers[row])  # every layer ran (its MLP)
+        assert out.attention_mean(row) == 4  # C attention sub-layers per token
+    out = generate(lm, ps, make_policy("random-attention:4", 6, policy_options={"kv": kv, "mean": "3.5"}), 10)
+    per_token = [6 - s for row in out.attention_skips for s in row]
+    assert set(per_token) == {3, 4}
+
+
+def test_evaluate_puts_a_random_attention_control_beside_mindskip(tiny_dirs, tmp_path):
+    """MindSkip skips attention only: its control runs the same attention sub-layers per token at random, every
+    MLP, under the KV mode MindSkip ran; the report gives both in attention sub-layers."""
+    runner = CliRunner()
+    mind, out = tmp_path / "mind", tmp_path / "evaluate-mind.parquet"
+    model = ["--model", str(tiny_dirs["llama"])]
+    res = runner.invoke(app, ["mindskip", "train", *model, "--dataset", "text,arith", "--limit", "8", "--steps", "4",
+                              "--max-new-tokens", "8", "--out", str(mind)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", *model, "--dataset", "arith", "--split", "test", "--limit", "6",
+                              "--policy", f"mindskip:{mind}", "-o", "skip=2", "--max-new-tokens", "8",
+                              "--matched-random", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    df = pd.read_parquet(out)
+    learned, control = df[df["policy"] == "mindskip"], df[df["matched_to"].notna()]
+    tokens = learned["layers_per_token"].map(len)
+    realized = (learned["attention_mean"] * tokens).sum() / tokens.sum()
+    assert 2 <= realized < 6  # the threshold skips about 2 of the 6 attention sub-layers
+    (label,) = set(control["policy_spec"])
+    assert label.startswith("random-attention:") and set(control["matched_to"]) == set(learned["policy_spec"])
+    assert set(control["kv_mode"]) == set(learned["kv_mode"])
+    assert (control["layers_mean"] == 6).all() and (learned["layers_mean"] == 6).all()  # every MLP ran
+    drawn = control["layers_per_token"].map(len)
+    assert abs((control["attention_mean"] * drawn).sum() / drawn.sum() - realized) < 0.5
+    report = tmp_path / "REPORT.md"
+    res = runner.invoke(app, ["report", "--results", str(tmp_path), "--out", str(report)])
+    assert res.exit_code == 0, res.output
+    assert f"attention sub-layers per token) against {label}" in report.read_text()

@@ -70,7 +70,7 @@ def test_invalid_costs(cost):
 
 
 def test_unknown_policy_lists_known():
-    with pytest.raises(SkipbenchError, match="known: full, early-exit, reverse, uniform, random, random-token, skipdecode, layers, controller, flexidepth"):
+    with pytest.raises(SkipbenchError, match="known: full, early-exit, reverse, uniform, random, random-token, random-attention, skipdecode, layers, controller, flexidepth"):
         make_policy("nope", 10)
 
 

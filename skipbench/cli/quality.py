@@ -99,9 +99,10 @@ def evaluate(
     speculate: str = Speculate,
     draft_threshold: float = DraftThreshold,
     draft_vocab: int = DraftVocab,
-    matched_random: bool = typer.Option(False, "--matched-random", help="after each learned point that skips layers "
-                                        "(controller, flexidepth, route), a random-token point of the same realized "
-                                        "mean layers per token, for the report's comparison"),
+    matched_random: bool = typer.Option(False, "--matched-random", help="after each learned point (controller, "
+                                        "flexidepth, route, mindskip), a random point of the same realized mean "
+                                        "layers (MindSkip: attention sub-layers) per token, for the report's "
+                                        "comparison"),
     calibration_seeds: str = typer.Option("", help="run every calibrated point (block-influence, angular, laco, a "
                                           "router with -o skip) once per calibration sample, e.g. 0,1,2 (0: the "
                                           "split's first items; S: a seeded sample of the same size); the output "

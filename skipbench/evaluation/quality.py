@@ -313,12 +313,11 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     if cfg.matched_random:
         for p in [p for p in pts if matches(p)]:
             part = readers.table(part_path(cfg, p), "cached part")
-            # the compute the point spent: layers per generated token, pooled over every item's tokens
-            realized = float(part["layers_per_token"].map(sum).sum() / part["layers_per_token"].map(len).sum())
-            q = matched_spec(p, realized, lm.num_layers)
+            realized = realized_compute(part, p)
+            q = matched_spec(p, realized, lm.num_layers, str(part["kv_mode"].iloc[0]) if "kv_mode" in part else "fill")
             if q is None:
-                note(f"--matched-random: {p.label} ran {realized:.2f} layers per token, which no random plan of "
-                     f"2 .. {lm.num_layers - 1} layers matches; no control for it")
+                note(f"--matched-random: {p.label} ran {realized:.2f} {MATCHED_UNIT.get(p.name, 'layers')} per "
+                     f"token, which no random plan of 2 .. {lm.num_layers - 1} matches; no control for it")
                 continue
             matched.setdefault(q, []).append(p.label)
             if q in built:  # the same control serves two points (or was asked for): run once
@@ -363,9 +362,20 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     return d.on_main(write, lambda: result(readers.table(out), out))
 
 
-# learned strategies that skip whole layers, and how: per sequence (a prompt-level router assigns each item one
-# static plan) or per token; MindSkip skips attention only (its layers per token are L), so no layer plan matches it
-MATCHED = {"controller": "random-token", "flexidepth": "random-token", "route": "random"}
+# learned strategies and their random control: per sequence (a prompt-level router assigns each item one static
+# plan) or per token; MindSkip skips attention only (its layers per token are L), so its control draws attention
+# sub-layers at random (every MLP runs), matched to the attention sub-layers it realized
+MATCHED = {"controller": "random-token", "flexidepth": "random-token", "route": "random", "mindskip": "random-attention"}
+MATCHED_UNIT = {"mindskip": "attention sub-layers"}  # what is matched, where not layers
+
+
+def realized_compute(part: pd.DataFrame, p) -> float:
+    """The compute a point spent, pooled over every item's generated tokens: layers per token, or attention
+    sub-layers per token for an attention-only router (MATCHED_UNIT)."""
+    if p.name in MATCHED_UNIT:
+        tokens = part["layers_per_token"].map(len)
+        return float((part["attention_mean"].fillna(0) * tokens).sum() / tokens.sum())
+    return float(part["layers_per_token"].map(sum).sum() / part["layers_per_token"].map(len).sum())
 
 
 def matches(p) -> bool:
@@ -373,18 +383,21 @@ def matches(p) -> bool:
     return not isinstance(p, Drafted) and p.name in MATCHED
 
 
-def matched_spec(p: PolicySpec, realized: float, num_layers: int) -> PolicySpec | None:
-    """The random plan of the same kind (per token, or per sequence for a prompt-level router) with C =
-    ceil(realized) and `-o mean=realized` (rounded to 1e-4): per draw, C or C - 1 random layers, the same expected
-    layers per token as the learned point's pooled mean; None when that is every layer or under 2."""
+def matched_spec(p: PolicySpec, realized: float, num_layers: int, kv_mode: str = "fill") -> PolicySpec | None:
+    """The random plan of the same kind (per token, or per sequence for a prompt-level router; attention
+    sub-layers for MindSkip, under the KV mode the point ran) with C = ceil(realized) and `-o mean=realized`
+    (rounded to 1e-4): per draw, C or C - 1 random layers, the same expected layers (or attention sub-layers) per
+    token as the learned point's pooled mean; None when that is every layer or under 2."""
     import math
 
     mean = round(realized, 4)
     if not 2 <= mean < num_layers:
         return None
     cost = math.ceil(mean)
-    return PolicySpec(name=MATCHED[p.name], arg=str(cost), seed=p.seed, first_layer=p.first_layer,
-                      options=(("mean", f"{mean:g}"),) if mean != cost else ())
+    options = (("mean", f"{mean:g}"),) if mean != cost else ()
+    if MATCHED[p.name] == "random-attention" and kv_mode == "none":
+        options = tuple(sorted(options + (("kv", "none"),)))
+    return PolicySpec(name=MATCHED[p.name], arg=str(cost), seed=p.seed, first_layer=p.first_layer, options=options)
 
 
 def _merge(cfg: EvalConfig, pts: list[PolicySpec], items: list[Item], matched: dict | None = None) -> pd.DataFrame:

@@ -121,9 +121,13 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     return lines, []
 
 
-def _pooled_layers(rows: pd.DataFrame) -> float:
-    """Layers per generated token, pooled over the rows' tokens (the compute a matched control is matched to)."""
-    return float(rows["layers_per_token"].map(sum).sum() / max(rows["layers_per_token"].map(len).sum(), 1))
+def _pooled_layers(rows: pd.DataFrame, attention: bool = False) -> float:
+    """Layers (or attention sub-layers) per generated token, pooled over the rows' tokens (the compute a matched
+    control is matched to)."""
+    tokens = rows["layers_per_token"].map(len)
+    if attention:
+        return float((rows["attention_mean"].fillna(0) * tokens).sum() / max(tokens.sum(), 1))
+    return float(rows["layers_per_token"].map(sum).sum() / max(tokens.sum(), 1))
 
 
 def _matched_lines(df: pd.DataFrame) -> list[str]:
@@ -136,7 +140,8 @@ def _matched_lines(df: pd.DataFrame) -> list[str]:
     lines = ["### Learned policies against random skipping of the same realized compute", "",
              "Each control draws, per token (per sequence for a prompt-level router), C or C - 1 random layers "
              "(layer 0 always) with the mean the learned point realized on these items, pooled over their tokens "
-             "(`random-token:C[mean=M]`); the difference is the learned point's full_rougeL minus the control's, per "
+             "(`random-token:C[mean=M]`; for MindSkip, which skips attention only, C or C - 1 random attention "
+             "sub-layers with every MLP run: `random-attention`); the difference is the learned point's full_rougeL minus the control's, per "
              "item, with a 95% t-interval over items. The quality figure joins each pair with a dotted line.", ""]
     controls = df[df["matched_to"].notna()]
     pairs = [(key, learned, g) for key, g in controls.groupby(["dataset", "split", "policy_spec", "matched_to"])
@@ -148,8 +153,11 @@ def _matched_lines(df: pd.DataFrame) -> list[str]:
         diff, lo, hi = t_interval((both["learned"] - both["control"]).to_numpy())
         said = ("above the control" if lo > 0 else "below the control" if hi < 0 else
                 "not distinguishable from the control")
-        lines.append(f"* {dataset}/{split}: {learned} ({_pooled_layers(mine):.2f} layers per token) against {control} "
-                     f"({_pooled_layers(g):.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over {len(both)} items, {said}")
+        attention = str(control).startswith("random-attention")  # MindSkip's: attention sub-layers matched
+        unit = "attention sub-layers" if attention else "layers"
+        lines.append(f"* {dataset}/{split}: {learned} ({_pooled_layers(mine, attention):.2f} {unit} per token) against "
+                     f"{control} ({_pooled_layers(g, attention):.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
+                     f"{len(both)} items, {said}")
     return lines + [""]
 
 

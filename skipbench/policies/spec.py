@@ -167,6 +167,14 @@ _BUILTIN = [
              options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each token runs C layers with "
                                                             "probability M - (C - 1), else C - 1 (0: always C); "
                                                             "evaluate --matched-random sets it"),)),
+    Strategy(name="random-attention", build="skipbench.policies.static:random_attention", kind="per-token",
+             arg="cost", draws=True, help="c random attention sub-layers per token, every MLP (MindSkip's control)",
+             options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each token runs C attention "
+                                                            "sub-layers with probability M - (C - 1), else C - 1 (0: "
+                                                            "always C); evaluate --matched-random sets it"),
+                      Option(name="kv", default="fill", choices=("fill", "none"),
+                             help="fill: a skipped attention writes its token's K/V (MindSkip's default); none: it "
+                                  "writes none")),),
     Strategy(name="skipdecode", build="skipbench.policies.skipdecode:build", kind="per-token", arg="cost",
              options=(Option(name="warmup", default=1, help="the lowest layers every token runs"),
                       Option(name="start", default=0, help="layers of the first generated token (0: the widest "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from skipbench import keyed
-from skipbench.engine.protocol import Gate, Policy
+from skipbench.engine.protocol import AttnRoute, Gate, Policy
 from skipbench.errors import SkipbenchError
 
 
@@ -189,9 +189,41 @@ class RandomPolicy(SequencePlans):
         self._gates = layer_gates(plan, positions.device)
 
 
+class RandomAttentionPolicy(RandomPolicy):
+    """Random attention skipping, per token: C of the L attention sub-layers (the first layer's always, as random
+    skipping keeps it), drawn as `random-token` draws layers; every token runs every MLP. The random control of
+    MindSkip, which skips attention only, at the attention sub-layers it realized (evaluate --matched-random). A
+    skipped attention writes its token's K/V (`-o kv=fill`, MindSkip's default) or none (`-o kv=none`); the policy
+    requires that KV mode of the cache."""
+
+    def __init__(self, num_layers: int, cost: int, seed: int, first_layer: bool, mean: float = 0.0,
+                 kv: str = "fill") -> None:
+        super().__init__(num_layers, cost, seed, True, first_layer, mean)
+        self.name, self.kv_mode = f"random-attention:{cost}", kv
+
+    def gate(self, layer: int, hidden) -> Gate:
+        import torch
+
+        run = self._gates[layer]
+        if run is True:
+            return True
+        if run is False:
+            run = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return AttnRoute(run=run, scale=torch.ones(run.shape, dtype=hidden.dtype, device=hidden.device),
+                         kv_for_skipped=self.kv_mode == "fill")
+
+    def executed_layers(self) -> list[int] | None:
+        return None  # every layer's MLP runs: no layer is skipped whole
+
+
 def random(spec, ctx) -> Policy:
     return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, False, spec.first_layer, spec.opt("mean"))
 
 
 def random_token(spec, ctx) -> Policy:
     return RandomPolicy(ctx.num_layers, spec.int_arg(), spec.seed, True, spec.first_layer, spec.opt("mean"))
+
+
+def random_attention(spec, ctx) -> Policy:
+    return RandomAttentionPolicy(ctx.num_layers, spec.int_arg(), spec.seed, spec.first_layer, spec.opt("mean"),
+                                 spec.opt("kv"))
