@@ -90,9 +90,37 @@ def test_every_learned_point_that_skips_layers_gets_its_kind_of_control():
     # MindSkip skips attention only: its control draws attention sub-layers, under the KV mode it ran
     assert matched_spec(mind, 21.5, 30).label == "random-attention:22[mean=21.5]"
     assert matched_spec(mind, 21.5, 30, "none").label == "random-attention:22[kv=none;mean=21.5]"
+    assert matched_spec(mind, 21.5, 30, "fill").label == "random-attention:22[kv=fill;mean=21.5]"
 
 
-@pytest.mark.parametrize("kv", ["fill", "none"])
+def test_random_attention_draws_the_layers_random_token_draws():
+    """The same seed and keys: random-attention's attention runs exactly where random-token's layers run (layer 0
+    always), as an AttnRoute that follows the cache's KV mode unless -o kv sets one; its nominal cost is L."""
+    import torch
+
+    from skipbench.engine.protocol import AttnRoute
+    from skipbench.policies import make_policy
+
+    attention, layers = make_policy("random-attention:3", 6, seed=5), make_policy("random-token:3", 6, seed=5)
+    positions = torch.arange(4).repeat(2, 1)
+    for policy in (attention, layers):
+        policy.begin(2)
+        policy.new_step(positions)
+    h = torch.zeros(2, 4, 8)
+    assert attention.gate(0, h) is True and attention.kv_mode is None
+    for i in range(1, 6):
+        a, t = attention.gate(i, h), layers.gate(i, h)
+        if t is True:
+            assert a is True
+            continue
+        assert isinstance(a, AttnRoute) and a.kv_for_skipped is None
+        assert torch.equal(a.run, torch.zeros(2, 4, dtype=torch.bool) if t is False else t)
+    assert make_policy("random-attention:3", 6, policy_options={"kv": "none"}).kv_mode == "none"
+    (spec,) = parse_policies("random-attention:3")
+    assert spec.cost(6) == 6  # every layer runs (its MLP)
+
+
+@pytest.mark.parametrize("kv", ["auto", "fill", "none"])
 def test_random_attention_runs_c_attention_sub_layers_per_token_and_every_mlp(tokenizer, kv):
     """`random-attention:C`: every generated token runs C attention sub-layers (layer 0's among them) and all L
     layers' MLPs; with `-o mean=M`, C or C - 1 with mean M; under either KV mode (the cache's, which it requires)."""

@@ -10,6 +10,8 @@ token carries, `none` writes nothing (and later queries at layer i do not see th
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -417,6 +419,8 @@ class Engine:
         attention for every token, then the routed ones keep it."""
         ad, run = self.ad, route.run
         num_tokens = h.shape[1]
+        if route.kv_for_skipped is None:  # the cache's mode (a random plan's)
+            route = dataclasses.replace(route, kv_for_skipped=cache.mode == "fill")
         if route.kv_for_skipped != (cache.mode == "fill"):  # `fill` shares one validity record across layers
             raise SkipbenchError(f"routed attention {'with' if route.kv_for_skipped else 'without'} K/V for skipped "
                                  f"tokens needs a cache in {'fill' if route.kv_for_skipped else 'none'} mode, got {cache.mode}")

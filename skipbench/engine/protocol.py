@@ -58,12 +58,12 @@ class AttnRoute:
     `scale` [B, T] (1 in the forward pass for a straight-through gate, which gives the router its gradient); the
     others add nothing from attention, and no query of theirs is computed. Every token runs the MLP.
     `kv_for_skipped`: skipped tokens still write the layer's K/V (`fill`), else none (`none`: later queries at
-    the layer do not see them). `normed`: the states through the layer's attention norm when the policy computed
+    the layer do not see them); None: as the cache's KV mode says (a random plan has no mode of its own). `normed`: the states through the layer's attention norm when the policy computed
     them to decide (the engine then does not compute them again)."""
 
     run: "torch.Tensor"
     scale: "torch.Tensor"
-    kv_for_skipped: bool = False
+    kv_for_skipped: bool | None = False
     normed: "torch.Tensor | None" = None
 
 

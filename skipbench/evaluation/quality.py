@@ -314,7 +314,7 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
         for p in [p for p in pts if matches(p)]:
             part = readers.table(part_path(cfg, p), "cached part")
             realized = realized_compute(part, p)
-            q = matched_spec(p, realized, lm.num_layers, str(part["kv_mode"].iloc[0]) if "kv_mode" in part else "fill")
+            q = matched_spec(p, realized, lm.num_layers, built[p].kv_mode)  # MindSkip's checkpoint decides its mode
             if q is None:
                 note(f"--matched-random: {p.label} ran {realized:.2f} {MATCHED_UNIT.get(p.name, 'layers')} per "
                      f"token, which no random plan of 2 .. {lm.num_layers - 1} matches; no control for it")
@@ -383,7 +383,7 @@ def matches(p) -> bool:
     return not isinstance(p, Drafted) and p.name in MATCHED
 
 
-def matched_spec(p: PolicySpec, realized: float, num_layers: int, kv_mode: str = "fill") -> PolicySpec | None:
+def matched_spec(p: PolicySpec, realized: float, num_layers: int, kv_mode: str | None = None) -> PolicySpec | None:
     """The random plan of the same kind (per token, or per sequence for a prompt-level router; attention
     sub-layers for MindSkip, under the KV mode the point ran) with C = ceil(realized) and `-o mean=realized`
     (rounded to 1e-4): per draw, C or C - 1 random layers, the same expected layers (or attention sub-layers) per
@@ -395,8 +395,8 @@ def matched_spec(p: PolicySpec, realized: float, num_layers: int, kv_mode: str =
         return None
     cost = math.ceil(mean)
     options = (("mean", f"{mean:g}"),) if mean != cost else ()
-    if MATCHED[p.name] == "random-attention" and kv_mode == "none":
-        options = tuple(sorted(options + (("kv", "none"),)))
+    if MATCHED[p.name] == "random-attention" and kv_mode is not None:  # the KV mode MindSkip requires
+        options = tuple(sorted(options + (("kv", kv_mode),)))
     return PolicySpec(name=MATCHED[p.name], arg=str(cost), seed=p.seed, first_layer=p.first_layer, options=options)
 
 

@@ -100,6 +100,8 @@ class Strategy:
     #: ("skip", "K") for a threshold router, ("exit", "L-K") for an early exit on a model of its own
     skip_option: tuple[str, str] = ()
     draws: bool = False  # its layers are random draws (`cosine` repeats it over seeds)
+    #: its cost counts attention sub-layers: every token runs every layer's MLP (its nominal layers are all L)
+    attention_only: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -172,9 +174,9 @@ _BUILTIN = [
              options=(Option(name="mean", default=0.0, help="a mean M in (C-1, C]: each token runs C attention "
                                                             "sub-layers with probability M - (C - 1), else C - 1 (0: "
                                                             "always C); evaluate --matched-random sets it"),
-                      Option(name="kv", default="fill", choices=("fill", "none"),
-                             help="fill: a skipped attention writes its token's K/V (MindSkip's default); none: it "
-                                  "writes none")),),
+                      Option(name="kv", default="auto", choices=("auto", "fill", "none"),
+                             help="auto: as the run's --kv-mode; fill: a skipped attention writes its token's K/V; "
+                                  "none: it writes none (the matched control takes MindSkip's)")), attention_only=True),
     Strategy(name="skipdecode", build="skipbench.policies.skipdecode:build", kind="per-token", arg="cost",
              options=(Option(name="warmup", default=1, help="the lowest layers every token runs"),
                       Option(name="start", default=0, help="layers of the first generated token (0: the widest "
@@ -403,7 +405,7 @@ class PolicySpec:
         None when only a run can tell (learned and threshold policies)."""
         s = self.strategy
         if s.arg == "cost":
-            return float(self.int_arg())
+            return float(num_layers if s.attention_only else self.int_arg())
         if s.arg == "layers":
             return float(len(set(self.int_list())))
         if s.arg == "none" and s.kind == "static":

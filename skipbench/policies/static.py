@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from skipbench import keyed
-from skipbench.engine.protocol import AttnRoute, Gate, Policy
+from skipbench.engine.protocol import AttnRoute, Gate, Policy, moved
 from skipbench.errors import SkipbenchError
 
 
@@ -150,10 +150,10 @@ class RandomPolicy(SequencePlans):
     """
 
     def __init__(self, num_layers: int, cost: int, seed: int, per_token: bool, first_layer: bool,
-                 mean: float = 0.0) -> None:
+                 mean: float = 0.0, kind: str = "") -> None:
         super().__init__(num_layers)
         self.cost, self.seed, self.per_token, self.first_layer = cost, seed, per_token, first_layer
-        self.name = f"random{'-token' if per_token else ''}:{cost}"
+        self.name = f"{kind or ('random-token' if per_token else 'random')}:{cost}"
         self._keys: list[int] | None = None
         # `-o mean=M` (C - 1 < M <= C): each draw runs C layers with probability M - (C - 1), else C - 1, so a
         # draw's expected count is M (a random control matched to a learned policy's realized mean)
@@ -190,16 +190,16 @@ class RandomPolicy(SequencePlans):
 
 
 class RandomAttentionPolicy(RandomPolicy):
-    """Random attention skipping, per token: C of the L attention sub-layers (the first layer's always, as random
-    skipping keeps it), drawn as `random-token` draws layers; every token runs every MLP. The random control of
-    MindSkip, which skips attention only, at the attention sub-layers it realized (evaluate --matched-random). A
-    skipped attention writes its token's K/V (`-o kv=fill`, MindSkip's default) or none (`-o kv=none`); the policy
-    requires that KV mode of the cache."""
+    """Random attention skipping, per token: C of the L attention sub-layers (the first layer's always, unless
+    --no-first-layer, as random skipping keeps it), drawn as `random-token` draws layers; every token runs every
+    MLP. The random control of MindSkip, which skips attention only, at the attention sub-layers it realized
+    (evaluate --matched-random). A skipped attention writes its token's K/V or none as the run's KV mode says
+    (`-o kv=auto`), or as `-o kv=fill|none` requires (the control takes MindSkip's own)."""
 
     def __init__(self, num_layers: int, cost: int, seed: int, first_layer: bool, mean: float = 0.0,
-                 kv: str = "fill") -> None:
-        super().__init__(num_layers, cost, seed, True, first_layer, mean)
-        self.name, self.kv_mode = f"random-attention:{cost}", kv
+                 kv: str = "auto") -> None:
+        super().__init__(num_layers, cost, seed, True, first_layer, mean, kind="random-attention")
+        self.kv_mode = None if kv == "auto" else kv
 
     def gate(self, layer: int, hidden) -> Gate:
         import torch
@@ -207,10 +207,10 @@ class RandomAttentionPolicy(RandomPolicy):
         run = self._gates[layer]
         if run is True:
             return True
-        if run is False:
-            run = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        run = (torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device) if run is False
+               else moved(run, hidden.device))  # the layer's device under a placement
         return AttnRoute(run=run, scale=torch.ones(run.shape, dtype=hidden.dtype, device=hidden.device),
-                         kv_for_skipped=self.kv_mode == "fill")
+                         kv_for_skipped=None if self.kv_mode is None else self.kv_mode == "fill")
 
     def executed_layers(self) -> list[int] | None:
         return None  # every layer's MLP runs: no layer is skipped whole
