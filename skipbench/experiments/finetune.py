@@ -343,7 +343,9 @@ def _resume(out: Path, cfg: FinetuneConfig, lm, opt) -> tuple[dict, list[str]]:
     defaults = {f.name: f.default for f in fields(FinetuneConfig)}
     saved = {**{k: defaults[k] for k in ("dropout_schedule", "early_exit_loss", "early_exit_every", "lr_schedule",
                                          "heal", "heal_layers")}, **saved}
-    differ = [k for k in sorted(now) if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    # its early stopping's patience, unlike the routers' (which keep the lowest router whatever it is), decides
+    # where a resumed run stops against the evaluations it logged: a change is refused
+    differ = [k for k in sorted(now) if (k not in RESUMABLE or k == "patience") and saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:6])
         raise SkipbenchError(f"'{out}' holds a fine-tuning run with another configuration ({shown}); "
