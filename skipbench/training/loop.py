@@ -310,7 +310,7 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         raise SkipbenchError(f"a batch of {min(cfg.batch_size, len(data))} example(s) leaves some of the {d.world} "
                              "ranks without one; raise --batch-size")
     held_out = _held_out(lm, cfg, data, d, notes)
-    best = _best_so_far(out, log, module) if cfg.patience else None
+    best = _best_so_far(out, log) if cfg.patience else None
     engine = Engine(lm.adapter, method.kv_mode)
     runner = _data_parallel(Trainable(module, lm.model if cfg.train_backbone else None), d, lm.device,
                             method.unused_params)
@@ -353,7 +353,7 @@ def _copy(module: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _best_so_far(out: Path, log: list[dict], module: nn.Module) -> dict:
+def _best_so_far(out: Path, log: list[dict]) -> dict:
     """Early stopping's lowest held-out loss so far: {} before any, else its step, loss and weights (of a resumed
     run: read back from best.safetensors, which each checkpoint save writes with the log it belongs to)."""
     held = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and math.isfinite(r["val_loss"])]
