@@ -78,6 +78,22 @@ def test_bench_and_cosine_map_their_flags(captured):
     assert (cfg.num_seeds, cfg.teacher, cfg.data.limit) == (2, "reference", 3)
 
 
+def test_track_runs_the_default_methods_and_the_searched_draft_unless_methods_are_given(captured):
+    import skipbench.experiments.track as track
+
+    seen, record = captured
+    record(track)
+    invoke("track")
+    cfg = seen["cfg"]  # the defaults the 20-minute figure in docs/BENCHMARKS.md was measured with
+    assert cfg.drafts == () and cfg.draft_search and (cfg.per_category, cfg.max_new_tokens) == (1, 64)
+    invoke("track", "--draft", "early-exit:3,del", "--per-category", 2, "--max-new-tokens", 128)
+    cfg = seen["cfg"]
+    assert [d.label for d in cfg.drafts] == ["early-exit:3", "del"] and not cfg.draft_search
+    assert (cfg.per_category, cfg.max_new_tokens) == (2, 128)
+    invoke("track", "--draft", "clasp:3", "--draft", "auto")
+    assert [d.label for d in seen["cfg"].drafts] == ["clasp:3"] and seen["cfg"].draft_search
+
+
 def test_compare_takes_the_presets_settings_only_where_no_flag_is_given(captured):
     import skipbench.experiments.compare as compare
 

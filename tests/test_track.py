@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,11 +16,13 @@ from skipbench.experiments.track import TrackConfig, prompts_of, summarise
 def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tiny_dirs, tmp_path):
     out = tmp_path / "track.parquet"
     res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--per-category", "1",
-                                   "--draft", "early-exit:3,clasp:3,del,knapspec", "--max-new-tokens", "6",
+                                   "--draft", "early-exit:3,clasp:3,del,knapspec", "--draft", "auto", "--max-new-tokens", "6",
                                    "--max-prompt-tokens", "24", "--warmup", "1", "--out", str(out)])
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
-    methods = {"full", "early-exit:3", "clasp:3", "del", "knapspec"}
+    searched = json.loads(out.with_suffix(".json").read_text())["draft_search"]  # the layer set found (manifest)
+    assert searched.startswith("layers:0,") and f"searched draft: {searched}" in res.output
+    methods = {"full", "early-exit:3", "clasp:3", "del", "knapspec", searched}
     assert set(df["method"]) == methods and (df.groupby("method").size() == 13).all()  # one prompt per category
     assert df["lossless"].all()  # greedy self-speculation gives full depth's output on every prompt
     full = df[df["method"] == "full"]

@@ -88,13 +88,13 @@ def track(
     model: str = Model,
     dataset: str = typer.Option("spec-bench", "--dataset", "-d", help="the prompts: spec-bench (Spec-Bench's 480, "
                                 "shipped), spec-bench/CATEGORY, or any dataset"),
-    per_category: int = typer.Option(2, help="prompts of each category taken in order (0: every prompt)"),
+    per_category: int = typer.Option(1, help="prompts of each category taken in order (0: every prompt)"),
     draft: Optional[list[str]] = typer.Option(None, help="the methods (draft specs, repeatable; default: early exit, "
-                                              "uniform and CLaSp at 3/4 of the depth, DEL and KnapSpec); add 'auto' "
-                                              "for the searched layer set"),
+                                              "uniform and CLaSp at 3/4 of the depth, DEL, KnapSpec and the searched "
+                                              "layer set); 'auto' is the searched layer set"),
     speculate: str = typer.Option("4", help="draft tokens per round, or 'auto'"),
     draft_threshold: float = DraftThreshold,
-    max_new_tokens: int = typer.Option(128, help="tokens generated per prompt at most (EOS stops it)"),
+    max_new_tokens: int = typer.Option(64, help="tokens generated per prompt at most (EOS stops it)"),
     max_prompt_tokens: int = typer.Option(1024, help="longer prompts are cut to this many tokens"),
     warmup: int = typer.Option(1, help="prompts run untimed first by every method"),
     device: Device = DeviceOpt,
@@ -115,7 +115,7 @@ def track(
     specs_, _ = drafts(given, seed, policy_option) if given else ((), False)
     for_policies(policy_option, [], given, seed)
     cfg = TrackConfig(model=model, dataset=dataset, per_category=per_category, drafts=specs_,
-                      draft_search="auto" in [d.strip() for d in draft or []],
+                      draft_search=not draft or "auto" in [d.strip() for d in draft],
                       speculation=speculation(speculate, draft_threshold), max_new_tokens=max_new_tokens,
                       max_prompt_tokens=max_prompt_tokens, warmup=warmup, device=device, dtype=dtype, seed=seed, out=out)
     with display.Bar("track") as bar:

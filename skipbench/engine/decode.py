@@ -211,15 +211,20 @@ def start(lm: LoadedModel, engine: Engine, prompts: list[list[int]], max_new_tok
         raise SkipbenchError("empty prompt: every prompt needs at least one token")
     ids, present = left_pad(prompts, pad_id(lm), lm.device)
     width = ids.shape[1]
-    # the model's context length: OPT's learned positions end there, and a rotary model is not trained past it (the
-    # check also keeps a huge --max-new-tokens from allocating a cache the machine cannot hold)
+    check_room(lm, width, max_new_tokens)
+    return ids, present, engine.prompt_cache(present, width + room)
+
+
+def check_room(lm: LoadedModel, width: int, max_new_tokens: int) -> None:
+    """A prompt of `width` tokens and `max_new_tokens` fit the model's context length: OPT's learned positions end
+    there, and a rotary model is not trained past it (the check also keeps a huge --max-new-tokens from allocating a
+    cache the machine cannot hold)."""
     limit = getattr(lm.model.config, "max_position_embeddings", None)
     if limit and width + max_new_tokens > limit:
         raise SkipbenchError(
             f"prompt ({width} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's {limit} positions; "
             "lower --max-prompt-tokens or --max-new-tokens"
         )
-    return ids, present, engine.prompt_cache(present, width + room)
 
 
 class DonePoll:
