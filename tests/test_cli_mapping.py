@@ -118,3 +118,6 @@ def test_controllers_sweep_maps_joint_training_and_the_metric(captured):
     cfg = seen["cfg"]
     assert cfg.alphas == (2.0, 10.0) and cfg.num_seeds == 2 and cfg.metric == "rougeL"
     assert cfg.train.train_backbone and cfg.train.backbone_lr == 3e-5 and cfg.train.data.limit == 8
+    assert cfg.matched_random  # each run beside its random control unless asked not to
+    invoke("controllers", "sweep", "--no-matched-random")
+    assert not seen["cfg"].matched_random

@@ -3,7 +3,7 @@ the embedded model and on a tiny one with MindSkip and LayerSkip."""
 
 from __future__ import annotations
 
-
+import json
 import math
 
 import numpy as np
@@ -235,14 +235,16 @@ def test_compare_end_to_end_on_the_embedded_model(tmp_path):
 
 def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     """MindSkip tuned to K attention skips and LayerSkip's early exit on a model folder (here the loaded model's own,
-    so its scores must equal early-exit's)."""
+    so its scores must equal early-exit's); and MindSkip's matched random control."""
+    from skipbench.experiments.report import write_report
+
     runner = CliRunner()
     model = str(tiny_dirs["llama"])
     mind = tmp_path / "mind"
     res = runner.invoke(app, ["mindskip", "train", "--model", model, "--dataset", "text,arith", "--limit", "8",
                               "--steps", "4", "--max-new-tokens", "8", "--out", str(mind)])
     assert res.exit_code == 0, res.output
-    out = tmp_path / "c.parquet"
+    out = tmp_path / "compare.parquet"  # the name the report reads
     res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},layerskip:{model},early-exit",
                               "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
                               "--out", str(out)])
@@ -255,12 +257,27 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     own = all_rows[all_rows["skip"] == 0].set_index("method").loc["layerskip:" + model]
     assert own["value"] == own["full_value"] and rows.loc["layerskip:" + model, "own_value"] == own["value"]
     assert rows.loc[f"mindskip:{mind}", "layers_mean"] == 6 and rows.loc[f"mindskip:{mind}", "attention_mean"] < 6
-    agg = pd.read_parquet(tmp_path / "c-agg.parquet").set_index(["method", "skip"])
+    agg = pd.read_parquet(tmp_path / "compare-agg.parquet").set_index(["method", "skip"])
     assert agg.loc[(f"mindskip:{mind}", 2), "skipped_unit"] == "attention"
     ls = agg.loc[("layerskip:" + model, 2)]
     assert ls["retain_own_pct"] == pytest.approx(ls["retain_pct"]) and ls["retain_own_lo"] == pytest.approx(ls["retain_lo"])
-    pairs = pd.read_parquet(tmp_path / "c-pairs.parquet")
-    assert len(pairs) == 3 and not pairs[pairs["method_a"] == f"mindskip:{mind}"]["matched"].any()  # attention
+    # MindSkip's matched control (issue 41): random attention skipping of the attention sub-layers it realized, under
+    # its checkpoint's KV mode, a method of its own at its K
+    control = f"random control of mindskip:{mind}"
+    realized = round(float(rows.loc[f"mindskip:{mind}", "attention_mean"]), 4)
+    kv = "fill" if json.loads((mind / "config.json").read_text())["kv"] else "none"
+    mean = f"mean={realized:g};" if realized != math.ceil(realized) else ""
+    assert rows.loc[control, "policy_spec"] == f"random-attention:{math.ceil(realized)}[kv={kv};{mean}]".replace(";]", "]")
+    assert rows.loc[control, "layers_mean"] == 6 and agg.loc[(control, 2), "skipped_unit"] == "attention"
+    pairs = pd.read_parquet(tmp_path / "compare-pairs.parquet")
+    assert len(pairs) == 6 and not pairs[pairs["method_a"] == f"mindskip:{mind}"]["matched"].any()  # attention
+    page = write_report(str(tmp_path), str(tmp_path / "REPORT.md")).read_text()
+    assert "Against chance" in page and f"* mindskip:{mind} at K=2: " in page
+    res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},early-exit", "--skip", "2",
+                              "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template", "--no-matched-random",
+                              "--out", str(tmp_path / "n.parquet")])
+    assert res.exit_code == 0, res.output
+    assert not pd.read_parquet(tmp_path / "n.parquet")["method"].str.startswith("random control").any()
 
     res = runner.invoke(app, ["compare", "--model", model, "--tasks", "humaneval", "--no-chat-template",
                               "--out", str(tmp_path / "h.parquet")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -322,3 +323,46 @@ def test_sweep_says_how_many_prompts_were_left_out(tiny_dirs, tmp_path):
     assert f"training prompts do not fit --max-seq-len {cut}" in " ".join(res.stderr.split())
     meta = json.loads((tmp_path / "c.json").read_text())
     assert any("do not fit" in n for n in meta["notes"])
+
+
+def test_sweep_sets_each_run_beside_random_skipping_of_the_layers_it_realized(tiny_dirs, tmp_path):
+    """Issue 41: every trained controller is evaluated beside random-token skipping of its realized layers per token
+    (evaluate --matched-random); the figure's table gets a `random (INPUT)` series and each input a run-level test."""
+    out = tmp_path / "controllers-arith.parquet"
+    args = ["controllers", "sweep", "--model", str(tiny_dirs["llama"]), "--dataset", "arith", "--inputs",
+            "hidden,constant", "--alpha", "1", "--num-seeds", "2", "--steps", "2", "--lr", "0.05", "--train-limit", "8",
+            "--eval-limit", "3", "--max-new-tokens", "5", "--dtype", "float32", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    items, controls = pd.read_parquet(out), pd.read_parquet(tmp_path / "controllers-arith-controls.parquet")
+    assert len(controls) == len(items) == 2 * 2 * 3  # one control per training run, on the same items
+    seen = set()
+    for (input_kind, seed), g in controls.groupby(["input", "seed"]):
+        part = pd.read_parquet(tmp_path / f"controllers-arith.runs/{input_kind}-a1-s{seed}/eval.parquet")
+        per_token = part.loc[part["policy"] == "controller", "layers_per_token"]
+        realized = per_token.map(sum).sum() / per_token.map(len).sum()  # pooled over the run's generated tokens
+        (label,) = set(g["control"])
+        mean = round(realized, 4)
+        assert label == f"random-token:{math.ceil(mean)}" + (f"[mean={mean:g}]" if mean != math.ceil(mean) else "")
+        seen.add(mean)
+    assert len(seen) > 1  # the runs realized different layers per token, each matched to its own
+    agg = pd.read_parquet(tmp_path / "controllers-arith-agg.parquet").set_index("input")
+    assert {"hidden", "constant", "random (hidden)", "random (constant)"} == set(agg.index)
+    assert np.isnan(agg.loc["random (hidden)", "kl"])  # the KL pass is the controllers' alone
+    against = json.loads((tmp_path / "controllers-arith.json").read_text())["versus_control"]
+    keys = ["input", "alpha", "seed", "item_id"]
+    both = items.merge(controls, on=keys, suffixes=("", "_c"))
+    for input_kind, c in against.items():
+        mine = both[both["input"] == input_kind]
+        runs = (mine["full_rougeL"] - mine["full_rougeL_c"]).groupby(mine["seed"]).mean()
+        assert c["runs"] == 2 and c["diff"] == pytest.approx(runs.mean())  # a run is one unit
+        assert c["lo"] <= c["diff"] <= c["hi"] or np.ptp(runs) == 0
+    assert "controllers vs random-token skipping of the layers they realized" in " ".join(res.stderr.split())
+    res = CliRunner().invoke(app, ["report", "--results", str(tmp_path), "--out", str(tmp_path / "REPORT.md")])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "Against chance" in text and "random (constant)" in text and "hidden controllers vs random-token" in text
+    res = CliRunner().invoke(app, [*args, "--no-matched-random"])  # the runs reused; the stale controls removed
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "controllers-arith-controls.parquet").exists() and json.loads((tmp_path / "controllers-arith.json").read_text())["versus_control"] == {}
+    assert set(pd.read_parquet(tmp_path / "controllers-arith-agg.parquet")["input"]) == {"hidden", "constant"}

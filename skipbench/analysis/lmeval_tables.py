@@ -21,6 +21,7 @@ MAIN_METRICS = ("acc", "exact_match", "rougeL", "acc_norm", "word_perplexity")  
 # what a policy records of how it was built (Policy.point_record: LaCo's merges), carried from lm-eval's rows into
 # every summary and comparison row (a policy that records another column registers it here; a test checks)
 POINT_COLUMNS = ("laco_rdsc", "laco_below_threshold", "laco_forced_merges")
+CONTROL = "random control of "  # compare --matched-random: a control's method name, this + the router's
 
 
 def summarise(rows: pd.DataFrame) -> pd.DataFrame:

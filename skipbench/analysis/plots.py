@@ -120,7 +120,10 @@ def cosine_figure(agg, num_layers: int, path: Path, model: str) -> Path:
     return _save(fig, path)
 
 
-INPUT_STYLE = {"hidden": ("C3", "-", "hidden-state input"), "constant": ("C0", "--", "constant input")}
+INPUT_STYLE = {"hidden": ("C3", "-", "hidden-state input"), "constant": ("C0", "--", "constant input"),
+               # each input's matched random controls (random-token skipping of the layers its runs realized)
+               "random (hidden)": ("#e8a0a0", ":", "random, matched to hidden"),
+               "random (constant)": ("#9cc3e6", ":", "random, matched to constant")}
 
 
 def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:

@@ -181,6 +181,15 @@ def _controllers_claim(claim: str, comparison: dict, rule) -> Verdict:
     return Verdict(claim, v.outcome, v.estimate, v.lo, v.hi, margin, unit, f"{v.reason}; {runs}{more}")
 
 
+def control_line(input_kind: str, c: dict) -> str:
+    """One input's controllers against their random controls, in words (the sweep's output and the report)."""
+    said = ("above the control" if c["lo"] > 0 else "below the control" if c["hi"] < 0
+            else "not distinguishable from the control") if c["runs"] > 1 else "one run: no interval"
+    return (f"{input_kind} controllers vs random-token skipping of the layers they realized "
+            f"({c['layers']:.2f} vs {c['control_layers']:.2f} mean layers per token): {c['metric']} "
+            f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] over {c['runs']} training runs, {said}")
+
+
 # A router is judged on its orderings only once it trained this much (the paper's routers trained to convergence;
 # a router that barely learned routes every subtask alike, and its "disagreement" says nothing about the method).
 # Convergence is read off the held-out loss when the run measured one (train --eval-every): the paper's routers saw

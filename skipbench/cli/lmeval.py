@@ -97,6 +97,9 @@ def compare(
                                           "laco, angular, a router's threshold) once per sample, e.g. 0,1,2 (0: the "
                                           "split's first items); adds the spread of its Retain % over the samples "
                                           "(-spread) and whether each ranking survives it"),
+    matched_random: bool = typer.Option(True, help="after each learned router (flexidepth, mindskip), random skipping "
+                                        "of the layers (MindSkip: attention sub-layers) per token it realized, as a "
+                                        "method of its own: 'random control of METHOD'"),
 ) -> None:
     """Every method at the same number of skipped layers on lm-eval tasks: Retain % (mean over tasks of score / full
     score), the layers a token actually ran, each task's interval; a table, its summary (-agg), a figure.
@@ -113,7 +116,8 @@ def compare(
         model=model, methods=names(policy or ["shortgpt,laco"]), skip=int_list(skip, "--skip"), tasks=names([tasks]),
         limit=limit or None, max_gen_toks=max_gen_toks or None, num_fewshot=num_fewshot, batch_size=batch_size or None,
         chat_template=chat_template, allow_code_execution=allow_code_execution, seed=seed, device=device, dtype=dtype, out=out or "", resume=resume,
-        policy_options=tuple(policy_option or ()), calibration_seeds=ints(calibration_seeds, "--calibration-seeds")),
+        policy_options=tuple(policy_option or ()), calibration_seeds=ints(calibration_seeds, "--calibration-seeds"),
+        matched_random=matched_random),
         preset, given)
     with display.Bar("compare") as bar:
         display.result(run(cfg, on_part=lambda task, p: bar.point(f"{task} · {p.label}")))

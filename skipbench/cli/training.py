@@ -156,6 +156,8 @@ def controllers_sweep(
     train_backbone: bool = typer.Option(False, "--train-backbone", help="each run fine-tunes the model jointly with its "
                                         "controllers (the paper's and the authors' setting), from the original weights"),
     backbone_lr: float = typer.Option(1e-5, help="learning rate of the backbone with --train-backbone"),
+    matched_random: bool = typer.Option(True, help="evaluate each run beside random-token skipping of the layers per "
+                                        "token it realized (evaluate --matched-random), in the figure and the test"),
     device: Device = DeviceOpt,
     dtype: TrainDtype = Dtype.float32,
     out: Optional[str] = typer.Option(None, help="parquet (default results/controllers-<model>-<dataset>.parquet)"),
@@ -174,7 +176,7 @@ def controllers_sweep(
     cfg = SweepConfig(train=tcfg, eval_data=DataSpec(name=dataset, split="test", limit=eval_limit or None),
                       inputs=names([inputs]), alphas=floats(alpha, "--alpha"), num_seeds=num_seeds, tau=tau,
                       alpha_units=alpha_units, gate=gate, metric=metric, eval_max_new_tokens=max_new_tokens,
-                      out=out or default_out("controllers", model, dataset))
+                      matched_random=matched_random, out=out or default_out("controllers", model, dataset))
     with display.Bar("sweep") as bar:
         display.result(run_sweep(cfg, progress=bar.advance, start=bar.start))
 

@@ -26,6 +26,14 @@ the first seed keeps the method's name, the others are `METHOD [calibration-seed
 table (`-spread`) has, per method and K, the samples' Retain % (mean, sd, range), beside the methods drawn from no
 sample, and the lines of `analysis.spread.rankings` say whether each ranking survives that spread. The figure, the
 pairs and the talk's verdict use the first sample only, so that no sample is picked with hindsight.
+
+With `matched_random` (the default; `--no-matched-random` leaves it out), each learned router at each K (FlexiDepth,
+MindSkip: `quality.MATCHED`; the first calibration sample's) gets a random control run after it, as `evaluate
+--matched-random` adds one (issue 41): `random-token` skipping of the layers per token the router realized, or for
+MindSkip `random-attention` skipping of the attention sub-layers it realized, under its checkpoint's KV mode; matched
+to the realized compute averaged over the tasks (the table's realized skip; lm-eval runs one policy on every task, so
+one control serves every task). It is a method of its own, `random control of METHOD`, at the router's K: in the
+tables, the figure and the pairs, where the router against it is a paired bootstrap difference of Retain %.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from skipbench.analysis.lmeval_tables import NOISY_CV, POINT_COLUMNS
+from skipbench.analysis.lmeval_tables import CONTROL, NOISY_CV, POINT_COLUMNS
 from skipbench.analysis.papers import TALK
 from skipbench.analysis.spread import first_sample, retain_rankings, retain_spread
 from skipbench.analysis.verdicts import MATCHED_WITHIN
@@ -85,6 +93,7 @@ class CompareConfig:
     resume: bool = True
     policy_options: tuple[str, ...] = ()  # -o NAME=VALUE: to every method whose strategy takes NAME
     calibration_seeds: tuple[int, ...] = ()  # each calibrated method once per calibration sample (module docstring)
+    matched_random: bool = True  # each learned router beside random skipping of the compute it realized (docstring)
 
 
 def with_preset(cfg: CompareConfig, preset: str | None, given: set[str]) -> CompareConfig:
@@ -191,6 +200,31 @@ def points(methods: tuple[str, ...], skip: tuple[int, ...], num_layers: int, see
     return out
 
 
+def matched_controls(table: pd.DataFrame, pts: list[Point], num_layers: int) -> list[Point]:
+    """A random control for each learned router's point (the module docstring): the plan of `quality.matched_spec`
+    at the router's realized compute, averaged over the tasks (attention sub-layers for MindSkip, under its
+    checkpoint's KV mode). None for a point that realized every layer or fewer than 2, or a later calibration
+    sample."""
+    from skipbench.evaluation.quality import MATCHED_UNIT, matched_spec, matches
+
+    out = []
+    for p in pts:
+        if not matches(p.spec) or p.skip == 0 or (p.calibration_of and p.method != p.calibration_of):
+            continue
+        mine = table[table["policy_spec"] == p.spec.label]
+        column = "attention_mean" if p.spec.name in MATCHED_UNIT else "layers_mean"
+        realized = float(mine[column].fillna(mine["layers_mean"]).mean()) if len(mine) else math.nan
+        kv = None
+        if p.spec.name == "mindskip":
+            from skipbench.policies.mindskip import load_mindskip
+
+            kv = "fill" if load_mindskip(p.spec.arg)[1]["kv"] else "none"  # the checkpoint decides its KV mode
+        spec = matched_spec(p.spec, realized, num_layers, kv) if math.isfinite(realized) else None
+        if spec is not None and spec.label not in {q.spec.label for q in pts + out}:
+            out.append(Point(CONTROL + p.method, p.skip, spec))
+    return out
+
+
 def check_seeds(methods: tuple[str, ...], seeds: tuple[int, ...]) -> None:
     """--calibration-seeds: two distinct seeds at least, and some method drawn from a calibration sample (a
     strategy with -o calibration-seed: compare sets a router's -o skip, so its threshold is always one)."""
@@ -225,6 +259,12 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
                         out=str(runs), resume=cfg.resume, allow_code_execution=cfg.allow_code_execution)
     result = lmeval_run(lcfg, on_part, lm=lm)
     table = per_task(summarise(result.rows), pts)
+    controls = matched_controls(table, pts, lm.num_layers) if cfg.matched_random else []
+    if controls:  # run after the routers, from what they realized; the parts finished above are reused
+        pts += controls
+        lcfg = replace(lcfg, policies=tuple(p.spec for p in pts), resume=True)
+        result = lmeval_run(lcfg, on_part, lm=lm)
+        table = per_task(summarise(result.rows), pts)
     reps = replicates(table, result.tables["docs"], RESAMPLES, cfg.seed)
     table = with_task_intervals(table, reps)
     summary = retain(table, reps)

@@ -1,9 +1,10 @@
 """`skipbench controllers train | sweep`: Gumbel skip controllers, hidden-state vs constant input.
 
 train: controllers for one (input, alpha, seed), saved as safetensors + JSON (resumable).
-sweep: train every (input, alpha, seed), evaluate each on held-out items (`evaluate --policy controller`
-plus a teacher-forced KL pass), then aggregate: Figure 1b (cost vs quality, hidden vs constant),
-Figure 6 (per-layer skip ratio), and a test of whether the hidden state helps at matched cost.
+sweep: train every (input, alpha, seed), evaluate each on held-out items (`evaluate --policy controller
+--matched-random` plus a teacher-forced KL pass), then aggregate: Figure 1b (cost vs quality, hidden vs constant,
+each beside the random control of the layers its runs realized), Figure 6 (per-layer skip ratio), a test of whether
+the hidden state helps at matched cost, and each input against its random control.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from skipbench.models import load_model
 from skipbench.policies.controller import (
     COST_TERMS, INPUTS, ControllerMethod, ControllerPolicy, Controllers, load_controllers,
 )
-from skipbench.store.results import Shown, Written, check_out_dir, check_out_path, manifest, tidy, write_tables
+from skipbench.store.results import (
+    Shown, Written, check_out_dir, check_out_path, companion, manifest, manifest_path, tidy, write_tables,
+)
 from skipbench.training.loop import BACKBONE, TrainConfig, TrainResult, train
 
 
@@ -61,6 +64,7 @@ class SweepConfig:
     gate: str = "sample"
     metric: str = "full_rougeL"  # the hidden-vs-constant test's quality: vs the full model's output, or vs references
     eval_max_new_tokens: int = 64
+    matched_random: bool = True  # each run beside random-token skipping of the layers it realized (evaluate's control)
     out: str = ""
 
 
@@ -81,7 +85,7 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
     Path(cfg.out).with_name(Path(cfg.out).stem + ".runs").mkdir(parents=True, exist_ok=True)
     if start:
         start(len(grid))
-    frames, layer_rows, notes = [], [], []
+    frames, control_frames, layer_rows, notes = [], [], [], []
     for input_kind, alpha, seed in grid:
         folder = run_dir(cfg, input_kind, alpha, seed)
         tcfg = replace(cfg.train, seed=seed, out=str(folder), teacher_cache=str(folder.parent / "teacher.json"))
@@ -90,9 +94,11 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
         run_lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype) if cfg.train.train_backbone else lm
         trained = run_train(ControllerTrainConfig(train=tcfg, input=input_kind, alpha=alpha, tau=cfg.tau, alpha_units=cfg.alpha_units), run_lm)
         notes += [n for n in trained.notes if n not in notes]  # the same data in every run: say each thing once
-        rows = evaluate_run(cfg, run_lm, folder, seed)
-        rows["input"], rows["alpha"], rows["seed"] = input_kind, alpha, seed
+        rows, control = evaluate_run(cfg, run_lm, folder, seed)
+        for df in (rows, control):
+            df["input"], df["alpha"], df["seed"] = input_kind, alpha, seed
         frames.append(rows)
+        control_frames.append(control)
         use = np.stack(rows["layer_use"].to_numpy()).sum(0) / max(1, rows["skipped_tokens"].sum())
         layer_rows += [{"input": input_kind, "alpha": alpha, "seed": seed, "layer": l, "skip_ratio": 1 - u}
                        for l, u in enumerate(use)]
@@ -100,21 +106,31 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
             progress(1)
     items = tidy(pd.concat(frames, ignore_index=True), cfg, lm=lm)
     layers = pd.DataFrame(layer_rows)
+    controls = pd.concat(control_frames, ignore_index=True)
+    controls = tidy(controls, cfg, lm=lm) if len(controls) else controls
     agg = aggregate(items)
+    if len(controls):  # each input's controls as a series of their own ("random (hidden)"), beside the controllers
+        agg = pd.concat([agg, aggregate(controls.assign(input="random (" + controls["input"] + ")"))], ignore_index=True)
     test = compare_inputs(items, cfg.metric)
     exception = compare_inputs(items, cfg.metric, window=exception_window(lm.num_layers))
-    meta = manifest(cfg, lm=lm, comparison=test, exception=exception, notes=notes, confidence_interval="95% t-interval over seed means (per input, alpha)",
+    against = versus_controls(items, controls, cfg.metric)
+    meta = manifest(cfg, lm=lm, comparison=test, exception=exception, versus_control=against, notes=notes,
+                    confidence_interval="95% t-interval over seed means (per input, alpha)",
                     alpha_units=cfg.alpha_units, cost_term=COST_TERMS[cfg.alpha_units])
     from skipbench.analysis.plots import controller_figures
 
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = controller_figures(agg, layers, lm.num_layers, out.with_name(out.stem))
-    paths = write_tables(items, out, meta, layers=layers, agg=agg)
+    if not len(controls):  # the controls of an earlier run with them are not this run's
+        for stale in (companion(out, "controls"), manifest_path(companion(out, "controls"))):
+            stale.unlink(missing_ok=True)
+    paths = write_tables(items, out, meta, layers=layers, agg=agg, **({"controls": controls} if len(controls) else {}))
     from skipbench.analysis import verdicts
 
     shown = agg[["input", "alpha", "seeds", "layers_mean", "rougeL", "full_rougeL", "kl"]]
     lines = [verdicts.line(v).replace("**", "") for v in verdicts.controllers(test, exception)]
-    return SweepResult(rows=items, path=paths.pop("rows"), tables={"agg": agg, "layers": layers},
+    lines += [verdicts.control_line(i, c) for i, c in against.items()]
+    return SweepResult(rows=items, path=paths.pop("rows"), tables={"agg": agg, "layers": layers, "controls": controls},
                        files=paths | {f"figure{n}": f for n, f in enumerate(figures)}, comparison=test,
                        exception=exception, notes=notes,
                        shown=[Shown(f"controllers · {cfg.train.model} · {cfg.train.data.name} (means over seeds; CIs in "
@@ -131,19 +147,25 @@ class SweepResult(Written):
     notes: list[str]
 
 
-def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> pd.DataFrame:
-    """Generation quality (evaluate) and teacher-forced KL of one trained controller on held-out items."""
+def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Generation quality (evaluate) and teacher-forced KL of one trained controller on held-out items; and the
+    rows of its matched random control (`evaluate --matched-random`: random-token skipping of the layers per token
+    the controller realized on these items; empty without `matched_random`, or where no random plan matches)."""
     from skipbench.policies import PolicySpec
 
     spec = PolicySpec(name="controller", arg=str(folder), gate=cfg.gate, seed=seed)
     model = str(folder / BACKBONE) if cfg.train.train_backbone else cfg.train.model  # jointly trained: its own backbone
     ecfg = ev.EvalConfig(model=model, data=cfg.eval_data, policies=(spec,), seed=0,
                          max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
-                         dtype=cfg.train.dtype, out=str(folder / "eval.parquet"))
-    rows = ev.run(ecfg, lm=lm).rows
-    rows = rows[rows["policy"] == "controller"].copy()
+                         dtype=cfg.train.dtype, out=str(folder / "eval.parquet"), matched_random=cfg.matched_random)
+    every = ev.run(ecfg, lm=lm).rows
+    rows = every[every["policy"] == "controller"].copy()
     rows["kl"] = rows["item_id"].map(kl_per_item(cfg, lm, folder, seed, rows))
-    return rows[["item_id", "subtask", "layers_mean", "layer_use", "skipped_tokens", "rougeL", "full_rougeL", "kl"]]
+    control = every[every["matched_to"].notna()].rename(columns={"policy_spec": "control"})
+    control = control.assign(kl=np.nan)  # the teacher-forced KL is the controllers' alone
+    columns = ["item_id", "subtask", "layers_mean", "rougeL", "full_rougeL", "kl"]
+    return (rows[columns[:3] + ["layer_use", "skipped_tokens"] + columns[3:]],
+            control[columns + ["control"]].reset_index(drop=True))
 
 
 def kl_per_item(cfg: SweepConfig, lm, folder: Path, seed: int, rows: pd.DataFrame) -> dict:
@@ -187,6 +209,25 @@ METRICS = ("full_rougeL", "rougeL")
 def exception_window(num_layers: int) -> tuple[float, float]:
     """App. A.4.3's exception, near 16 of 24 executed layers: 2L/3 +- L/12 (14-18 of 24, 17.5-22.5 of 30)."""
     return 2 * num_layers / 3 - num_layers / 12, 2 * num_layers / 3 + num_layers / 12
+
+
+def versus_controls(items: pd.DataFrame, controls: pd.DataFrame, metric: str = "full_rougeL") -> dict:
+    """Per input: does a trained controller beat random skipping of the layers it realized? Each training run is one
+    unit: its mean over the items both ran of (controller - control); a 95% t-interval over the runs."""
+    if not len(controls):
+        return {}
+    keys = ["input", "alpha", "seed", "item_id"]
+    both = items[keys + [metric, "layers_mean"]].merge(controls[keys + [metric, "layers_mean"]], on=keys,
+                                                       suffixes=("", "_control")).dropna(subset=[metric, f"{metric}_control"])
+    both["diff"] = both[metric] - both[f"{metric}_control"]
+    runs = both.groupby(["input", "alpha", "seed"])[["diff", "layers_mean", "layers_mean_control"]].mean().reset_index()
+    out = {}
+    for input_kind, g in runs.groupby("input"):
+        diff, lo, hi = t_interval(g["diff"].to_numpy())
+        out[input_kind] = {"metric": metric, "diff": diff, "lo": lo, "hi": hi, "runs": len(g),
+                           "layers": float(g["layers_mean"].mean()), "control_layers": float(g["layers_mean_control"].mean()),
+                           "unit": "training run (its mean over items)"}
+    return out
 
 
 def compare_inputs(items: pd.DataFrame, metric: str = "full_rougeL", margin: float | None = None,

@@ -17,6 +17,7 @@ from skipbench.store import readers
 from skipbench.analysis import verdicts
 from skipbench.analysis.spread import first_sample, retain_rankings
 from skipbench.errors import SkipbenchError
+from skipbench.analysis.lmeval_tables import CONTROL
 from skipbench.store.results import COMPANIONS, check_writable, companion
 from skipbench.analysis.stats import Verdict
 
@@ -310,8 +311,18 @@ def section_controllers(folder: Path) -> tuple[list[str], list]:
                 f"Ours ({_model(meta)}; alpha in {units or 'fraction'} units; "
                 f"{'trained jointly with the backbone' if joint else 'on a frozen backbone (the paper trains jointly)'}; "
                 f"quality: {metric}; intervals over seeds):", "",
-                _table(shown), "", f"Test: {test}.", "", *_verdict_lines(here)]
+                _table(shown), "", f"Test: {test}.", "", *_control_lines(meta.get("versus_control")),
+                *_verdict_lines(here)]
     return out, found
+
+
+def _control_lines(against: dict | None) -> list[str]:
+    """Each input's controllers against their matched random controls (the sweep's `random (INPUT)` rows)."""
+    if not against:
+        return []
+    return ["Against chance: each training run beside random-token skipping of the layers per token it realized on "
+            "the same items (one control per run; the difference is the run's mean over items, with a 95% t-interval "
+            "over the runs):", "", *[f"* {verdicts.control_line(i, c)}." for i, c in against.items()], ""]
 
 
 def section_flexidepth(folder: Path) -> tuple[list[str], list]:
@@ -450,7 +461,8 @@ def section_compare(folder: Path) -> tuple[list[str], list]:
                   _table(s[shown], digits=2), "",
                   "Per task: the score, the full model's, and their paired difference with its 95% bootstrap interval:", "",
                   _table(per_task[["method", "skip", "task", "metric", "value", "full_value", "diff", "full_cv", "noisy"]]), ""]
-        lines += _orderings(pairs, meta.get("matched_within", 0.5))
+        controls = pairs["method_a"].str.startswith(CONTROL) | pairs["method_b"].str.startswith(CONTROL)
+        lines += _orderings(pairs[~controls], meta.get("matched_within", 0.5)) + _against_chance(pairs[controls])
         if companion(path, "spread").exists():  # compare --calibration-seeds
             spread = _read(companion(path, "spread"))
             lines += ["### Calibration samples", "",
@@ -473,6 +485,26 @@ def section_compare(folder: Path) -> tuple[list[str], list]:
                   "HumanEval, CoQA), as reported there, not measured here; a run above is comparable only on that model "
                   "and those tasks (`skipbench compare --preset paper`):", "", _table(talk, digits=1), ""]
     return lines, found
+
+
+def _against_chance(pairs: pd.DataFrame) -> list[str]:
+    """Each learned router against its random control of the same realized compute (`compare --matched-random`):
+    the paired difference of Retain % (the pairs table's), router minus control."""
+    mine = pairs[pairs["method_b"] == CONTROL + pairs["method_a"]] if len(pairs) else pairs
+    mine = pd.concat([mine, pairs[pairs["method_a"] == CONTROL + pairs["method_b"]]]) if len(pairs) else mine
+    if mine.empty:
+        return []
+    out = ["Against chance: each learned router beside random skipping of the compute it realized on these tasks "
+           "(`random control of METHOD`: random-token skipping of its layers per token, or random-attention "
+           "skipping of MindSkip's attention sub-layers), as paired differences of Retain %, router minus control:", ""]
+    for r in mine.itertuples():
+        if r.method_b.startswith(CONTROL):
+            router, d, lo, hi = r.method_a, r.diff_pct, r.diff_lo, r.diff_hi
+        else:  # the control came first: the difference turned round
+            router, d, lo, hi = r.method_b, -r.diff_pct, -r.diff_hi, -r.diff_lo
+        said = "above the control" if lo > 0 else "below the control" if hi < 0 else "not distinguishable from the control"
+        out.append(f"* {router} at K={r.skip}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}] points, {said}")
+    return out + [""]
 
 
 def _orderings(pairs: pd.DataFrame, within: float) -> list[str]:

@@ -361,7 +361,7 @@ SCORES = ("rougeL", "full_rougeL", "exact_match", "value", "full_value", "layers
           "cos_final", "cos_final_normed", "cos_layerwise", "kl_next", "top1_agree", "layers")
 
 
-COMPANIONS = ("agg", "assign", "layers", "length", "docs", "pairs", "spread")  # the tables written beside a result (not results themselves)
+COMPANIONS = ("agg", "assign", "layers", "length", "docs", "pairs", "spread", "controls")  # the tables written beside a result (not results themselves)
 
 
 def companion(out: str | os.PathLike, name: str, suffix: str = ".parquet") -> Path:
