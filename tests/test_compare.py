@@ -269,10 +269,12 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     mean = f"mean={realized:g};" if realized != math.ceil(realized) else ""
     assert rows.loc[control, "policy_spec"] == f"random-attention:{math.ceil(realized)}[kv={kv};{mean}]".replace(";]", "]")
     assert rows.loc[control, "layers_mean"] == 6 and agg.loc[(control, 2), "skipped_unit"] == "attention"
+    assert abs(rows.loc[control, "attention_mean"] - realized) < 0.3  # the draws realize about what MindSkip did
     pairs = pd.read_parquet(tmp_path / "compare-pairs.parquet")
     assert len(pairs) == 6 and not pairs[pairs["method_a"] == f"mindskip:{mind}"]["matched"].any()  # attention
     page = write_report(str(tmp_path), str(tmp_path / "REPORT.md")).read_text()
-    assert "Against chance" in page and f"* mindskip:{mind} at K=2: " in page
+    pair = pairs[(pairs["method_a"] == f"mindskip:{mind}") & (pairs["method_b"] == control)].iloc[0]
+    assert "Against chance" in page and f"* mindskip:{mind} at K=2: {pair['diff_pct']:+.1f} [{pair['diff_lo']:+.1f}, " in page
     res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},early-exit", "--skip", "2",
                               "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template", "--no-matched-random",
                               "--out", str(tmp_path / "n.parquet")])
@@ -349,3 +351,42 @@ def test_a_mistyped_option_fails_before_the_model_loads(tmp_path):
                                    "--out", str(tmp_path / "c.parquet")])
     assert res.exit_code == 1 and "no method given takes it" in res.output and "Traceback" not in res.output
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_matched_controls_follow_what_each_router_realized(capsys):
+    """compare's random control of a router: random-token at its layers per token (FlexiDepth), averaged over the
+    tasks; none (with a note) for a later calibration sample, K=0, or a realized compute no random plan matches."""
+    from skipbench.experiments.compare import matched_controls
+
+    pts = points(("flexidepth:runs/f", "shortgpt"), (2, 4), 6, calibration_seeds=(0, 1))
+    flexi = [p for p in pts if p.method == "flexidepth:runs/f"]
+    later = [p for p in pts if p.method == "flexidepth:runs/f [calibration-seed 1]"]
+    realized = {(flexi[0].spec.label, "a"): 4.5, (flexi[0].spec.label, "b"): 3.5,  # K=2: 4.0 over the tasks
+                (flexi[1].spec.label, "a"): 1.0, (flexi[1].spec.label, "b"): 1.5}  # K=4: 1.25, under 2
+    table = pd.DataFrame([{"policy_spec": label, "task": task, "layers_mean": v, "attention_mean": np.nan}
+                          for (label, task), v in realized.items()]
+                         + [{"policy_spec": p.spec.label, "task": "a", "layers_mean": 5.5, "attention_mean": np.nan}
+                            for p in later])
+    got = matched_controls(table, pts, 6)
+    assert [(c.method, c.skip, c.spec.label) for c in got] == [("random control of flexidepth:runs/f", 2, "random-token:4")]
+    assert "flexidepth:runs/f at K=4 ran 1.25 layers per token, which no random plan" in capsys.readouterr().err
+    table.loc[table["policy_spec"] == flexi[0].spec.label, "layers_mean"] = [4.0, 3.5]
+    (c,) = matched_controls(table, pts, 6)
+    assert c.spec.label == "random-token:4[mean=3.75]" and c.spec.opt("mean") == 3.75  # C or C - 1 layers, mean 3.75
+
+
+def test_the_report_gives_each_router_against_its_control_from_the_pairs():
+    from skipbench.experiments.report import _against_chance, _orderings
+
+    pairs = pd.DataFrame([
+        {"skip": 4, "method_a": "flexidepth:f", "method_b": "shortgpt", "diff_pct": 3.0, "diff_lo": -1.0,
+         "diff_hi": 7.0, "skipped_a": 3.9, "skipped_b": 4.0, "matched": True},
+        {"skip": 4, "method_a": "flexidepth:f", "method_b": "random control of flexidepth:f", "diff_pct": 9.0,
+         "diff_lo": 2.0, "diff_hi": 16.0, "skipped_a": 3.9, "skipped_b": 3.9, "matched": True},
+        {"skip": 4, "method_a": "random control of mindskip:m", "method_b": "mindskip:m", "diff_pct": 5.0,
+         "diff_lo": 1.0, "diff_hi": 8.0, "skipped_a": 2.5, "skipped_b": 2.5, "matched": False}])
+    controls = pairs["method_b"].str.startswith("random control of ") | pairs["method_a"].str.startswith("random control of ")
+    lines = _against_chance(pairs[controls])
+    assert "* flexidepth:f at K=4: +9.0 [+2.0, +16.0] points, above the control" in lines
+    assert "* mindskip:m at K=4: -5.0 [-8.0, -1.0] points, below the control" in lines  # turned round: router first
+    assert not any("random control" in x for x in _orderings(pairs[~controls], 0.5))

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
 from typer.testing import CliRunner
 
@@ -356,13 +357,20 @@ def test_sweep_sets_each_run_beside_random_skipping_of_the_layers_it_realized(ti
         mine = both[both["input"] == input_kind]
         runs = (mine["full_rougeL"] - mine["full_rougeL_c"]).groupby(mine["seed"]).mean()
         assert c["runs"] == 2 and c["diff"] == pytest.approx(runs.mean())  # a run is one unit
-        assert c["lo"] <= c["diff"] <= c["hi"] or np.ptp(runs) == 0
+        if np.ptp(runs) > 0:  # a t-interval over the 2 runs
+            half = scipy.stats.t.ppf(0.975, 1) * runs.std(ddof=1) / np.sqrt(2)
+            assert (c["lo"], c["hi"]) == pytest.approx((runs.mean() - half, runs.mean() + half))
+        pooled = [(g["layers_mean"] * g["tokens"]).sum() / g["tokens"].sum() for _, g in mine.groupby("seed")]
+        assert c["layers"] == pytest.approx(np.mean(pooled))  # pooled over tokens, as the control was matched
+        assert [a["alpha"] for a in c["by_alpha"]] == [1.0] and c["by_alpha"][0]["diff"] == pytest.approx(c["diff"])
     assert "controllers vs random-token skipping of the layers they realized" in " ".join(res.stderr.split())
     res = CliRunner().invoke(app, ["report", "--results", str(tmp_path), "--out", str(tmp_path / "REPORT.md")])
     assert res.exit_code == 0, res.output
     text = (tmp_path / "REPORT.md").read_text()
     assert "Against chance" in text and "random (constant)" in text and "hidden controllers vs random-token" in text
+    trained = {f: f.stat().st_mtime_ns for f in (tmp_path / "controllers-arith.runs").glob("*/*.safetensors")}
     res = CliRunner().invoke(app, [*args, "--no-matched-random"])  # the runs reused; the stale controls removed
     assert res.exit_code == 0, res.output
+    assert trained and all(f.stat().st_mtime_ns == t for f, t in trained.items())  # not trained again
     assert not (tmp_path / "controllers-arith-controls.parquet").exists() and json.loads((tmp_path / "controllers-arith.json").read_text())["versus_control"] == {}
     assert set(pd.read_parquet(tmp_path / "controllers-arith-agg.parquet")["input"]) == {"hidden", "constant"}

@@ -64,9 +64,19 @@ def test_report_has_every_section_and_rows(smoke):
     cosine = pd.read_parquet(folder / "cosine-text.parquet")
     assert set(cosine["strategy"]) == {"early-exit", "uniform", "random", "block-influence", "angular", "confidence"}
     agg = pd.read_parquet(folder / "controllers-text-agg.parquet")
-    assert len(agg) == 2 * 2  # inputs x alphas
+    assert len(agg[agg["input"].isin(["hidden", "constant"])]) == 2 * 2  # inputs x alphas
+    # each training run beside its matched random control, where one matches (2 .. L-1 layers per token realized)
+    items, L = pd.read_parquet(folder / "controllers-text.parquet"), 4
+    runs = items.assign(lt=items["layers_mean"] * items["tokens"]).groupby(["input", "alpha", "seed"])[["lt", "tokens"]].sum()
+    want = {k for k, r in runs.iterrows() if 2 <= round(r["lt"] / r["tokens"], 4) < L}
+    path = folder / "controllers-text-controls.parquet"
+    got = set(pd.read_parquet(path).groupby(["input", "alpha", "seed"]).groups) if path.exists() else set()
+    assert got == want and set(agg["input"]) == {"hidden", "constant"} | {f"random ({k[0]})" for k in want}
     compare = pd.read_parquet(folder / "compare-agg.parquet")
-    assert set(compare["method"]) == {"shortgpt", f"mindskip:{folder / 'mindskip-run'}"} and (compare["skip"] == 1).all()
+    mindskip = f"mindskip:{folder / 'mindskip-run'}"
+    realized = float(compare.set_index("method").loc[mindskip, "attention_mean"])  # its attention sub-layers, K=1
+    control = {f"random control of {mindskip}"} if 2 <= round(realized, 4) < L else set()
+    assert set(compare["method"]) == {"shortgpt", mindskip} | control and (compare["skip"] == 1).all()
 
 
 @pytest.mark.slow

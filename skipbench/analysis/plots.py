@@ -132,7 +132,9 @@ def controller_figures(agg, layers, num_layers: int, stem: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in zip(axes, ("full_rougeL", "kl"), ("ROUGE-L vs the full model's output", "KL(full || controlled), nats/token")):
         for input_kind, g in agg.groupby("input"):
-            g = g.sort_values("layers_mean")
+            g = g[g[metric].notna()].sort_values("layers_mean")  # a control has no KL (the controllers' pass)
+            if g.empty:
+                continue
             color, style, name = INPUT_STYLE.get(input_kind, ("C7", "-", input_kind))
             ax.errorbar(g["layers_mean"], g[metric], xerr=[g["layers_mean"] - g["layers_mean_lo"], g["layers_mean_hi"] - g["layers_mean"]],
                         yerr=[g[metric] - g[f"{metric}_lo"], g[f"{metric}_hi"] - g[metric]], fmt="o" + style,

@@ -182,12 +182,23 @@ def _controllers_claim(claim: str, comparison: dict, rule) -> Verdict:
 
 
 def control_line(input_kind: str, c: dict) -> str:
-    """One input's controllers against their random controls, in words (the sweep's output and the report)."""
-    said = ("above the control" if c["lo"] > 0 else "below the control" if c["hi"] < 0
-            else "not distinguishable from the control") if c["runs"] > 1 else "one run: no interval"
+    """One input's controllers against their random controls, in words (the sweep's output and the report), with
+    each alpha's after it."""
+    def said(c):
+        if not c["runs"] > 1:
+            return "one run: no interval"
+        return ("above the control" if c["lo"] > 0 else "below the control" if c["hi"] < 0
+                else "not distinguishable from the control")
+
+    alphas = "; ".join(f"alpha {a['alpha']:g}: {a['diff']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}] over {a['runs']} "
+                       f"seed(s), {said(a)} ({a['layers']:.2f} vs {a['control_layers']:.2f} layers)"
+                       for a in c.get("by_alpha", ()))
+    missing = c.get("without_control", 0)
     return (f"{input_kind} controllers vs random-token skipping of the layers they realized "
-            f"({c['layers']:.2f} vs {c['control_layers']:.2f} mean layers per token): {c['metric']} "
-            f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] over {c['runs']} training runs, {said}")
+            f"({c['layers']:.2f} vs {c['control_layers']:.2f} layers per token, pooled over tokens): {c['metric']} "
+            f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] over {c['runs']} training runs, {said(c)}"
+            + (f"; {alphas}" if alphas else "")
+            + (f"; {missing} run(s) had no control (every layer run, or fewer than 2)" if missing else ""))
 
 
 # A router is judged on its orderings only once it trained this much (the paper's routers trained to convergence;

@@ -197,8 +197,10 @@ def part_path(cfg: LmEvalConfig, task: str, p: PolicySpec, task_files: str) -> P
     return Path(cfg.out).parent / ".skipbench-parts" / f"lmeval-{_slug(Path(task).stem + '-' + p.label)[:80]}-{key}.parquet"
 
 
-def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalResult:
-    """on_part(task, point) after each finished part. `lm`: an already loaded model."""
+def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None, fresh: frozenset[str] = frozenset()) -> LmEvalResult:
+    """on_part(task, point) after each finished part. `lm`: an already loaded model. `fresh`: labels of points run
+    again whatever `cfg.resume` says (compare's controls under --no-resume, added to a run whose other parts it
+    just made)."""
     out = check_out_path(cfg.out)
     lmeval = backend()
     d = distributed.current()
@@ -222,7 +224,8 @@ def run(cfg: LmEvalConfig, on_part: Callable | None = None, lm=None) -> LmEvalRe
     check_held_out(pts, tasks.names)
     jobs = [(t, p, part_path(cfg, t, p, tasks.digests.get(t, ""))) for t in tasks.names for p in pts]
     # rank 0 decides what is left (the ranks run lm-eval's collectives together, so they must agree)
-    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and reusable(j[2]) and reusable(companion(j[2], "docs")))])[0]
+    todo = d.all_gather([i for i, j in enumerate(jobs) if not (cfg.resume and j[1].label not in fresh and reusable(j[2])
+                                                                and reusable(companion(j[2], "docs")))])[0]
     for name in dict.fromkeys(jobs[i][0] for i in todo):
         check_loads(name, tm)
     model, built = None, None

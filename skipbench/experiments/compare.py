@@ -50,7 +50,7 @@ from skipbench.analysis.lmeval_tables import CONTROL, NOISY_CV, POINT_COLUMNS
 from skipbench.analysis.papers import TALK
 from skipbench.analysis.spread import first_sample, retain_rankings, retain_spread
 from skipbench.analysis.verdicts import MATCHED_WITHIN
-from skipbench.errors import SkipbenchError
+from skipbench.errors import SkipbenchError, note
 from skipbench.models import load_model
 from skipbench.models.loading import EMBEDDED, default_batch_size
 from skipbench.policies import STRATEGIES, PolicySpec, parse_policies
@@ -220,7 +220,14 @@ def matched_controls(table: pd.DataFrame, pts: list[Point], num_layers: int) -> 
 
             kv = "fill" if load_mindskip(p.spec.arg)[1]["kv"] else "none"  # the checkpoint decides its KV mode
         spec = matched_spec(p.spec, realized, num_layers, kv) if math.isfinite(realized) else None
-        if spec is not None and spec.label not in {q.spec.label for q in pts + out}:
+        unit = MATCHED_UNIT.get(p.spec.name, "layers")
+        if spec is None:
+            note(f"compare: {p.method} at K={p.skip} ran {realized:.2f} {unit} per token, which no random plan of 2 .. "
+                 f"{num_layers - 1} matches; no control for it")
+        elif spec.label in {q.spec.label for q in pts + out}:  # one name per lm-eval point
+            note(f"compare: {p.method} at K={p.skip} realized what another point did ({spec.label}); no control of "
+                 "its own")
+        else:
             out.append(Point(CONTROL + p.method, p.skip, spec))
     return out
 
@@ -262,8 +269,8 @@ def run(cfg: CompareConfig, on_part: Callable | None = None, lm=None) -> Compare
     controls = matched_controls(table, pts, lm.num_layers) if cfg.matched_random else []
     if controls:  # run after the routers, from what they realized; the parts finished above are reused
         pts += controls
-        lcfg = replace(lcfg, policies=tuple(p.spec for p in pts), resume=True)
-        result = lmeval_run(lcfg, on_part, lm=lm)
+        fresh = frozenset() if cfg.resume else frozenset(p.spec.label for p in controls)  # --no-resume: theirs too
+        result = lmeval_run(replace(lcfg, policies=tuple(p.spec for p in pts), resume=True), on_part, lm=lm, fresh=fresh)
         table = per_task(summarise(result.rows), pts)
     reps = replicates(table, result.tables["docs"], RESAMPLES, cfg.seed)
     table = with_task_intervals(table, reps)

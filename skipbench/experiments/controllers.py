@@ -159,12 +159,13 @@ def evaluate_run(cfg: SweepConfig, lm, folder: Path, seed: int) -> tuple[pd.Data
                          max_new_tokens=cfg.eval_max_new_tokens, device=cfg.train.device,
                          dtype=cfg.train.dtype, out=str(folder / "eval.parquet"), matched_random=cfg.matched_random)
     every = ev.run(ecfg, lm=lm).rows
+    every = every.assign(tokens=every["layers_per_token"].map(len))  # generated tokens: pools layers per token
     rows = every[every["policy"] == "controller"].copy()
     rows["kl"] = rows["item_id"].map(kl_per_item(cfg, lm, folder, seed, rows))
     control = every[every["matched_to"].notna()].rename(columns={"policy_spec": "control"})
     control = control.assign(kl=np.nan)  # the teacher-forced KL is the controllers' alone
-    columns = ["item_id", "subtask", "layers_mean", "rougeL", "full_rougeL", "kl"]
-    return (rows[columns[:3] + ["layer_use", "skipped_tokens"] + columns[3:]],
+    columns = ["item_id", "subtask", "layers_mean", "tokens", "rougeL", "full_rougeL", "kl"]
+    return (rows[columns[:4] + ["layer_use", "skipped_tokens"] + columns[4:]],
             control[columns + ["control"]].reset_index(drop=True))
 
 
@@ -213,19 +214,35 @@ def exception_window(num_layers: int) -> tuple[float, float]:
 
 def versus_controls(items: pd.DataFrame, controls: pd.DataFrame, metric: str = "full_rougeL") -> dict:
     """Per input: does a trained controller beat random skipping of the layers it realized? Each training run is one
-    unit: its mean over the items both ran of (controller - control); a 95% t-interval over the runs."""
+    unit: its mean over the items both ran of (controller - control); a 95% t-interval over the runs, and per alpha
+    over its seeds. The layers per token beside them are pooled over each side's generated tokens (what the control
+    was matched on), averaged over the runs; `without_control` counts the runs that got none (every layer run, or
+    fewer than 2)."""
     if not len(controls):
         return {}
     keys = ["input", "alpha", "seed", "item_id"]
-    both = items[keys + [metric, "layers_mean"]].merge(controls[keys + [metric, "layers_mean"]], on=keys,
-                                                       suffixes=("", "_control")).dropna(subset=[metric, f"{metric}_control"])
+    both = items[keys + [metric, "layers_mean", "tokens"]].merge(
+        controls[keys + [metric, "layers_mean", "tokens"]], on=keys, suffixes=("", "_control"))
+    both = both.dropna(subset=[metric, f"{metric}_control"])
     both["diff"] = both[metric] - both[f"{metric}_control"]
-    runs = both.groupby(["input", "alpha", "seed"])[["diff", "layers_mean", "layers_mean_control"]].mean().reset_index()
+    for side in ("", "_control"):  # token-weighted: a run's layers per token pooled over its tokens
+        both[f"layer_tokens{side}"] = both[f"layers_mean{side}"] * both[f"tokens{side}"]
+    runs = both.groupby(["input", "alpha", "seed"]).sum(numeric_only=True).reset_index()
+    runs["diff"] = both.groupby(["input", "alpha", "seed"])["diff"].mean().to_numpy()
+    for side in ("", "_control"):
+        runs[f"layers{side}"] = runs[f"layer_tokens{side}"] / runs[f"tokens{side}"].clip(lower=1)
+    trained = items.groupby("input")[["alpha", "seed"]].apply(lambda g: len(g.drop_duplicates()))
     out = {}
     for input_kind, g in runs.groupby("input"):
         diff, lo, hi = t_interval(g["diff"].to_numpy())
+        per_alpha = []
+        for alpha, a in g.groupby("alpha"):
+            d, l, h = t_interval(a["diff"].to_numpy())
+            per_alpha.append({"alpha": float(alpha), "diff": d, "lo": l, "hi": h, "runs": len(a),
+                              "layers": float(a["layers"].mean()), "control_layers": float(a["layers_control"].mean())})
         out[input_kind] = {"metric": metric, "diff": diff, "lo": lo, "hi": hi, "runs": len(g),
-                           "layers": float(g["layers_mean"].mean()), "control_layers": float(g["layers_mean_control"].mean()),
+                           "layers": float(g["layers"].mean()), "control_layers": float(g["layers_control"].mean()),
+                           "without_control": int(trained.get(input_kind, len(g)) - len(g)), "by_alpha": per_alpha,
                            "unit": "training run (its mean over items)"}
     return out
 
