@@ -85,7 +85,10 @@ def test_track_runs_the_default_methods_and_the_searched_draft_unless_methods_ar
     record(track)
     invoke("track")
     cfg = seen["cfg"]  # the defaults the 20-minute figure in docs/BENCHMARKS.md was measured with
-    assert cfg.drafts == () and cfg.draft_search and (cfg.per_category, cfg.max_new_tokens) == (1, 64)
+    assert cfg.drafts is None and cfg.draft_search and (cfg.per_category, cfg.max_new_tokens) == (1, 64)
+    assert cfg.out == "results/track-smollm2-135m-spec-bench.parquet"  # the report's section reads it
+    invoke("track", "--draft", "auto")
+    assert seen["cfg"].drafts == () and seen["cfg"].draft_search  # the searched set alone
     invoke("track", "--draft", "early-exit:3,del", "--per-category", 2, "--max-new-tokens", 128)
     cfg = seen["cfg"]
     assert [d.label for d in cfg.drafts] == ["early-exit:3", "del"] and not cfg.draft_search

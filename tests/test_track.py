@@ -21,8 +21,9 @@ def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tin
     assert res.exit_code == 0, res.output
     df = pd.read_parquet(out)
     searched = json.loads(out.with_suffix(".json").read_text())["draft_search"]  # the layer set found (manifest)
-    assert searched.startswith("layers:0,") and f"searched draft: {searched}" in res.output
-    methods = {"full", "early-exit:3", "clasp:3", "del", "knapspec", searched}
+    name = f"auto ({searched.count(',') + 1} layers)"  # its method name: the set's size
+    assert searched.startswith("layers:0,") and f"searched draft: {name} = {searched}" in res.output
+    methods = {"full", "early-exit:3", "clasp:3", "del", "knapspec", name}
     assert set(df["method"]) == methods and (df.groupby("method").size() == 13).all()  # one prompt per category
     assert df["lossless"].all()  # greedy self-speculation gives full depth's output on every prompt
     full = df[df["method"] == "full"]
@@ -43,11 +44,33 @@ def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tin
     assert overall.loc["full", "speedup"] == 1.0 and overall.loc["full", "tokens_per_round"] == 1.0
     assert overall.loc["early-exit:3", "tokens_per_round"] > 1.0  # some drafts were accepted
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert "per category" in res.stdout
+    assert "per category: mean speedup" in res.stdout and "per category: mean tokens per round" in res.stdout
     res = CliRunner().invoke(app, ["report", "--results", str(tmp_path), "--out", str(tmp_path / "REPORT.md")])
     assert res.exit_code == 0, res.output
     text = (tmp_path / "REPORT.md").read_text()
     assert "## Self-speculative methods on the same prompts (`track.parquet`)" in text and "13/13" in text
+    assert "Tokens per round per category" in text and f"| {name} |" in text
+
+
+def test_the_context_length_is_checked_before_the_draft_search(tiny_dirs, monkeypatch):
+    import skipbench.evaluation.draft_search as draft_search
+
+    def never(*args, **kwargs):
+        raise AssertionError("the search ran before the length check")
+
+    monkeypatch.setattr(draft_search, "search", never)
+    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--max-new-tokens", "100000000"])
+    assert res.exit_code == 1 and "exceeds the model's 1024 positions" in res.stderr  # the search never ran
+
+
+def test_auto_alone_runs_the_searched_draft_alone(tiny_dirs, tmp_path):
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--dataset", "spec-bench/coding",
+                                   "--draft", "auto", "--max-new-tokens", "4", "--max-prompt-tokens", "24",
+                                   "--warmup", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    methods = set(pd.read_parquet(out)["method"])
+    assert len(methods) == 2 and "full" in methods and any(m.startswith("auto (") for m in methods)
 
 
 def test_the_figures_are_spec_benchs_and_a_method_that_differs_is_flagged_not_dropped():

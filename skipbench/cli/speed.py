@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from skipbench.cli import display
+from skipbench.store.paths import default_out
 from skipbench.cli.options import (
     POLICIES, DeviceOpt, DraftThreshold, DtypeOpt, KvMode, KvOpt, Model, OracleMetric, PolicyOptions, Device, Dtype,
     drafts, for_policies, int_list, plain, specs, speculation, speculations,
@@ -89,9 +90,9 @@ def track(
     dataset: str = typer.Option("spec-bench", "--dataset", "-d", help="the prompts: spec-bench (Spec-Bench's 480, "
                                 "shipped), spec-bench/CATEGORY, or any dataset"),
     per_category: int = typer.Option(1, help="prompts of each category taken in order (0: every prompt)"),
-    draft: Optional[list[str]] = typer.Option(None, help="the methods (draft specs, repeatable; default: early exit, "
-                                              "uniform and CLaSp at 3/4 of the depth, DEL, KnapSpec and the searched "
-                                              "layer set); 'auto' is the searched layer set"),
+    draft: Optional[list[str]] = typer.Option(None, help="the methods (draft specs, repeatable; 'auto': the searched "
+                                              "layer set); default: early exit and CLaSp at 3/4 of the depth, DEL, "
+                                              "KnapSpec and the searched layer set"),
     speculate: str = typer.Option("4", help="draft tokens per round, or 'auto'"),
     draft_threshold: float = DraftThreshold,
     max_new_tokens: int = typer.Option(64, help="tokens generated per prompt at most (EOS stops it)"),
@@ -100,7 +101,8 @@ def track(
     device: Device = DeviceOpt,
     dtype: Dtype = DtypeOpt,
     seed: int = typer.Option(0, help="seed of random drafts"),
-    out: Optional[str] = typer.Option(None, help="parquet of per-prompt rows (manifest, -agg table and figure beside it)"),
+    out: Optional[str] = typer.Option(None, help="parquet of per-prompt rows, with its manifest, -agg table and figure "
+                                      "(default results/track-<model>-<dataset>.parquet)"),
     policy_option: Optional[list[str]] = PolicyOptions,
 ) -> None:
     """The self-speculative track: every draft method on the same prompts (batch 1, greedy), timed against full
@@ -114,10 +116,11 @@ def track(
     given = [d for d in draft or [] if d.strip() and d.strip() != "auto"]
     specs_, _ = drafts(given, seed, policy_option) if given else ((), False)
     for_policies(policy_option, [], given, seed)
-    cfg = TrackConfig(model=model, dataset=dataset, per_category=per_category, drafts=specs_,
+    cfg = TrackConfig(model=model, dataset=dataset, per_category=per_category, drafts=tuple(specs_) if draft else None,
                       draft_search=not draft or "auto" in [d.strip() for d in draft],
                       speculation=speculation(speculate, draft_threshold), max_new_tokens=max_new_tokens,
-                      max_prompt_tokens=max_prompt_tokens, warmup=warmup, device=device, dtype=dtype, seed=seed, out=out)
+                      max_prompt_tokens=max_prompt_tokens, warmup=warmup, device=device, dtype=dtype, seed=seed,
+                      out=out or default_out("track", model, dataset))
     with display.Bar("track") as bar:
         display.result(run(cfg, progress=bar.advance, start=bar.start))
 

@@ -384,14 +384,16 @@ def section_track(folder: Path) -> tuple[list[str], list]:
         lines += [f"## Self-speculative methods on the same prompts (`{path.name}`)", "",
                   f"![track]({path.stem}.png)", "",
                   f"{meta.get('prompts', '?')} prompts of `{meta.get('config', {}).get('dataset', '?')}`, batch 1, "
-                  f"greedy; each method's wall-clock speedup over full depth on the same prompt (mean, 95% t-interval "
-                  f"over the prompts), Spec-Bench's mean tokens per round (accepted drafts + the verifier's), and on "
-                  f"how many prompts its output was full depth's (`lossless`). Device: "
+                  f"greedy; Spec-Bench's two figures: each method's speedup (its mean tokens/s over full depth's on "
+                  f"the same prompts, each timed whole) and its tokens per round (accepted drafts + the verifier's, "
+                  f"pooled over the prompts), each with a 95% paired bootstrap interval over the prompts; and on how "
+                  f"many prompts its output was full depth's (`lossless`). Device: "
                   f"{device.get('cpu_model') or device.get('processor', '?')}"
                   f"{', ' + device['cuda_device'] if device.get('cuda_device') else ''}.", "",
-                  _table(overall), "", "Mean speedup per category:", "",
-                  _table(s[s["category"] != "all"].pivot(index="category", columns="method", values="speedup")
-                         .reset_index()), ""]
+                  _table(overall), ""]
+        for column, what in (("speedup", "Speedup"), ("tokens_per_round", "Tokens per round")):
+            lines += [f"{what} per category:", "", _table(s[s["category"] != "all"].pivot(
+                index="category", columns="method", values=column).reset_index()), ""]
     return lines, []
 
 

@@ -41,7 +41,7 @@ class TrackConfig:
     model: str = EMBEDDED
     dataset: str = "spec-bench"
     per_category: int = 1  # prompts of each category (subtask) taken in the dataset's order (0: every one)
-    drafts: tuple[PolicySpec, ...] = ()  # empty: `default_drafts` at the model's depth
+    drafts: tuple[PolicySpec, ...] | None = None  # None: `default_drafts` at the model's depth
     draft_search: bool = True  # add the layer set `bench --draft auto` searches (evaluation/draft_search)
     speculation: Speculation = Speculation()
     max_new_tokens: int = 64  # the defaults fit the issue's 20 minutes on the 2-core machine: docs/BENCHMARKS.md
@@ -54,11 +54,12 @@ class TrackConfig:
 
 
 def default_drafts(num_layers: int) -> tuple[PolicySpec, ...]:
-    """The static drafts and CLaSp at three quarters of the depth (a draft that skips more agrees too rarely on a
-    small model: docs/BENCHMARKS.md), and DEL and KnapSpec, which choose their own depth; the searched layer set
-    (`draft_search`, on by default) joins them in `run`."""
+    """Early exit and CLaSp at three quarters of the depth (a draft that skips more agrees too rarely on a small
+    model: docs/BENCHMARKS.md), and DEL and KnapSpec, which choose their own depth; the searched layer set
+    (`draft_search`, on by default) joins them in `run`. `uniform` at the same depth is left out: it trailed early
+    exit in every track run measured (docs/BENCHMARKS.md) and cost a fifth of the default run's time."""
     c = max(1, round(0.75 * num_layers))
-    return tuple(parse_policies(f"early-exit:{c},uniform:{c},clasp:{c},del,knapspec"))
+    return tuple(parse_policies(f"early-exit:{c},clasp:{c},del,knapspec"))
 
 
 def prompts_of(cfg: TrackConfig) -> list:
@@ -86,7 +87,9 @@ class TrackResult(Written):
 def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
     if cfg.max_new_tokens < 2 or cfg.warmup < 0 or cfg.max_prompt_tokens < 0:
         raise SkipbenchError("track needs --max-new-tokens >= 2, --warmup >= 0 and --max-prompt-tokens >= 0 (0: no cut)")
-    labels = [s.label for s in cfg.drafts]
+    labels = [s.label for s in cfg.drafts or ()]
+    if cfg.drafts is not None and not cfg.drafts and not cfg.draft_search:
+        raise SkipbenchError("track: no method to run; give --draft (or leave it out for every method)")
     if "full" in labels or len(set(labels)) < len(labels):
         raise SkipbenchError("track: give each method once; full depth is the baseline of every run already")
     if cfg.out:
@@ -95,7 +98,7 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
     lm = load_model(cfg.model, cfg.device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     encoded, truncated = encode_items(lm, items, cfg.max_prompt_tokens)
-    specs = [s.check_draft() for s in cfg.drafts or default_drafts(lm.num_layers)]
+    specs = [s.check_draft() for s in (default_drafts(lm.num_layers) if cfg.drafts is None else cfg.drafts)]
     check_room(lm, max(map(len, encoded)), cfg.max_new_tokens)  # before the search and the first method
     found = None
     if cfg.draft_search:
@@ -104,8 +107,9 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
         found = search(lm, encoded[0], cfg.speculation.k)
         if found.label in {s.label for s in specs}:
             raise SkipbenchError(f"track: the searched draft {found.label} is also among the methods; give it once")
-        specs += parse_policies(found.label)
-    methods = {"full": None, **{s.label: s.check_draft().build(lm.num_layers, lm, draft=True) for s in specs}}
+    methods = {"full": None, **{s.label: s.build(lm.num_layers, lm, draft=True) for s in specs}}
+    if found is not None:  # named by its size; its layers are in the manifest (`draft_search`) and said
+        methods[searched_name(found)] = parse_policies(found.label)[0].build(lm.num_layers, lm, draft=True)
 
     def once(name: str, ids: list[int]):
         draft = methods[name]
@@ -146,27 +150,35 @@ def run(cfg: TrackConfig, progress=None, start=None) -> TrackResult:
                          "exit_mean": _exit_mean(methods[name])})
     df = pd.DataFrame(rows)
     summary = summarise(df)
-    df = tidy(df, cfg, skip=("out", "drafts"), lm=lm, drafts=",".join(s.label for s in specs))
+    drafted = [s.label for s in specs] + ([found.label] if found is not None else [])
+    df = tidy(df, cfg, skip=("out", "drafts"), lm=lm, drafts=",".join(drafted))
     shown = [Shown(f"skipbench track · {cfg.model} · {cfg.dataset} · {len(items)} prompts, batch 1, greedy, "
                    f"{cfg.max_new_tokens} new tokens at most, K={cfg.speculation.label}",
                    summary[summary["category"] == "all"].drop(columns="category"),
                    {"speedup": "{:.3f}", "speedup_lo": "{:.3f}", "speedup_hi": "{:.3f}", "tokens_per_round": "{:.2f}"}),
-             Shown("per category: mean speedup over full depth", summary[summary["category"] != "all"].pivot(
-                 index="category", columns="method", values="speedup").reset_index())]
-    said = [] if found is None else [f"searched draft: {found.label}"]
+             *[Shown(f"per category: {what}", summary[summary["category"] != "all"].pivot(
+                 index="category", columns="method", values=column).reset_index())
+               for column, what in (("speedup", "mean speedup over full depth"),
+                                    ("tokens_per_round", "mean tokens per round"))]]
+    said = [] if found is None else [f"searched draft: {searched_name(found)} = {found.label}"]
     if not cfg.out:
         return TrackResult(rows=df, summary=summary, shown=shown, said=said)
     from pathlib import Path
 
     from skipbench.analysis.plots import track_figure
 
-    meta = manifest(cfg, lm=lm, drafts=[s.label for s in specs], prompts=len(items), truncated_prompts=truncated,
+    meta = manifest(cfg, lm=lm, drafts=drafted, prompts=len(items), truncated_prompts=truncated,
                     draft_search=None if found is None else found.label, summary=summary.to_dict("records"))
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     figure = track_figure(summary, Path(cfg.out).with_suffix(".png"))
     paths = write_tables(df, cfg.out, meta, agg=summary)
     return TrackResult(rows=df, summary=summary, path=paths["rows"], tables={"agg": summary}, files={"figure": figure},
                        shown=shown, said=said + [f"wrote {paths['rows']}"])
+
+
+def searched_name(found) -> str:
+    """The searched layer set's method name (its label lists every layer it keeps)."""
+    return f"auto ({len(found.chosen)} layers)"
 
 
 def _exit_mean(draft) -> float:
