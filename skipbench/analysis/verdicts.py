@@ -190,13 +190,15 @@ def control_line(input_kind: str, c: dict) -> str:
         return ("above the control" if c["lo"] > 0 else "below the control" if c["hi"] < 0
                 else "not distinguishable from the control")
 
-    alphas = "; ".join(f"alpha {a['alpha']:g}: {a['diff']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}] over {a['runs']} "
-                       f"seed(s), {said(a)} ({a['layers']:.2f} vs {a['control_layers']:.2f} layers)"
-                       for a in c.get("by_alpha", ()))
+    def value(c):
+        return f"{c['diff']:+.3f}" + (f" [{c['lo']:+.3f}, {c['hi']:+.3f}]" if c["runs"] > 1 else "")
+
+    alphas = "; ".join(f"alpha {a['alpha']:g}: {value(a)} over {a['runs']} seed(s), {said(a)} ({a['layers']:.2f} vs "
+                       f"{a['control_layers']:.2f} layers)" for a in c.get("by_alpha", ()))
     missing = c.get("without_control", 0)
     return (f"{input_kind} controllers vs random-token skipping of the layers they realized "
             f"({c['layers']:.2f} vs {c['control_layers']:.2f} layers per token, pooled over tokens): {c['metric']} "
-            f"{c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] over {c['runs']} training runs, {said(c)}"
+            f"{value(c)} over {c['runs']} training runs, {said(c)}"
             + (f"; {alphas}" if alphas else "")
             + (f"; {missing} run(s) had no control (every layer run, or fewer than 2)" if missing else ""))
 
