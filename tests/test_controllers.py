@@ -374,3 +374,15 @@ def test_sweep_sets_each_run_beside_random_skipping_of_the_layers_it_realized(ti
     assert trained and all(f.stat().st_mtime_ns == t for f, t in trained.items())  # not trained again
     assert not (tmp_path / "controllers-arith-controls.parquet").exists() and json.loads((tmp_path / "controllers-arith.json").read_text())["versus_control"] == {}
     assert set(pd.read_parquet(tmp_path / "controllers-arith-agg.parquet")["input"]) == {"hidden", "constant"}
+
+
+def test_a_control_line_of_one_run_gives_no_interval():
+    from skipbench.analysis.verdicts import control_line
+
+    one = {"metric": "full_rougeL", "diff": 0.2, "lo": float("nan"), "hi": float("nan"), "runs": 1, "layers": 20.0,
+           "control_layers": 20.01, "without_control": 1,
+           "by_alpha": [{"alpha": 2.0, "diff": 0.2, "lo": float("nan"), "hi": float("nan"), "runs": 1, "layers": 20.0,
+                         "control_layers": 20.01}]}
+    line = control_line("hidden", one)
+    assert "nan" not in line and "+0.200 over 1 training runs, one run: no interval" in line
+    assert "1 run(s) had no control" in line

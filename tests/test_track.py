@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from skipbench.cli import app
+from skipbench.errors import SkipbenchError
 from skipbench.experiments.track import TrackConfig, prompts_of, summarise
 
 
@@ -52,14 +53,15 @@ def test_track_times_every_method_on_the_same_prompts_and_checks_each_output(tin
     assert "Tokens per round per category" in text and f"| {name} |" in text
 
 
-def test_the_context_length_is_checked_before_the_draft_search(tiny_dirs, monkeypatch):
+def test_the_context_length_is_checked_before_the_draft_search(tiny_dirs, tmp_path, monkeypatch):
     import skipbench.evaluation.draft_search as draft_search
 
     def never(*args, **kwargs):
         raise AssertionError("the search ran before the length check")
 
     monkeypatch.setattr(draft_search, "search", never)
-    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--max-new-tokens", "100000000"])
+    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--max-new-tokens", "100000000",
+                                   "--out", str(tmp_path / "t.parquet")])
     assert res.exit_code == 1 and "exceeds the model's 1024 positions" in res.stderr  # the search never ran
 
 
@@ -101,6 +103,17 @@ def test_prompts_per_category_and_bad_settings():
     (["--max-prompt-tokens", "-5"], "--max-prompt-tokens >= 0"),
     (["--max-new-tokens", "100000000", "--per-category", "1"], "exceeds the model's 1024 positions"),  # a Llama too
 ])
-def test_bad_track_options_exit_1_with_one_line(tiny_dirs, args, message):
-    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), *args])
+def test_bad_track_options_exit_1_with_one_line(tiny_dirs, tmp_path, args, message):
+    out = tmp_path / "t.parquet"
+    res = CliRunner().invoke(app, ["track", "--model", str(tiny_dirs["llama"]), "--out", str(out), *args])
     assert res.exit_code == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert not out.exists()
+
+
+def test_the_default_methods_are_the_timed_set_and_some_method_is_needed():
+    from skipbench.experiments.track import default_drafts, run
+
+    # the set BENCHMARKS.md timed within 20 minutes (with the searched layer set beside it)
+    assert [s.label for s in default_drafts(30)] == ["early-exit:22", "clasp:22", "del", "knapspec"]
+    with pytest.raises(SkipbenchError, match="no method to run"):
+        run(TrackConfig(drafts=(), draft_search=False))

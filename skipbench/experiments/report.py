@@ -391,6 +391,8 @@ def section_track(folder: Path) -> tuple[list[str], list]:
                   f"{device.get('cpu_model') or device.get('processor', '?')}"
                   f"{', ' + device['cuda_device'] if device.get('cuda_device') else ''}.", "",
                   _table(overall), ""]
+        if meta.get("draft_search"):  # the searched set's name gives its size; its layers:
+            lines += [f"`auto` is the searched layer set `{meta['draft_search']}`.", ""]
         for column, what in (("speedup", "Speedup"), ("tokens_per_round", "Tokens per round")):
             lines += [f"{what} per category:", "", _table(s[s["category"] != "all"].pivot(
                 index="category", columns="method", values=column).reset_index()), ""]
