@@ -95,6 +95,8 @@ def test_track_runs_the_default_methods_and_the_searched_draft_unless_methods_ar
     assert (cfg.per_category, cfg.max_new_tokens) == (2, 128)
     invoke("track", "--draft", "clasp:3", "--draft", "auto")
     assert [d.label for d in seen["cfg"].drafts] == ["clasp:3"] and seen["cfg"].draft_search
+    invoke("track", "--draft", "del,auto,layers:0,2,3")  # auto as an item of a list; a layer list keeps its numbers
+    assert [d.label for d in seen["cfg"].drafts] == ["del", "layers:0,2,3"] and seen["cfg"].draft_search
 
 
 def test_compare_takes_the_presets_settings_only_where_no_flag_is_given(captured):

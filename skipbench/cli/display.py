@@ -29,8 +29,9 @@ LISTENERS.append(note)
 
 
 def say(message: str, markup: bool = True) -> None:
-    """A line for the person running the command (stderr; rich markup unless `markup` is False)."""
-    console.print(message, markup=markup, highlight=markup)
+    """A line for the person running the command (stderr; rich markup unless `markup` is False). Piped, it is one
+    line however long (a path or a layer list is not broken at 80 columns)."""
+    console.print(message, markup=markup, highlight=markup, soft_wrap=not console.is_terminal)
 
 
 def show(df, title: str, formats: dict | None = None, width: int | None = None) -> None:

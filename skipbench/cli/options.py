@@ -197,6 +197,20 @@ def drafts(values: list[str] | None, seed: int, policy_options=None) -> tuple[tu
     return tuple(s for d in given for s in drafted(d, seed, policy_options)), False
 
 
+def split_auto(values: list[str] | None) -> tuple[list[str], bool]:
+    """track's --draft: each value without its `auto` items (a comma list may hold one: `del,auto`), and whether one
+    was given. `auto` is always a name of its own in a list (a layer list holds numbers), so dropping it leaves the
+    other specs as written."""
+    texts, search = [], False
+    for value in values or []:
+        items = [t for t in value.replace(";", ",").split(",") if t.strip()]
+        search |= any(t.strip() == "auto" for t in items)
+        kept = ",".join(t for t in items if t.strip() != "auto")
+        if kept:
+            texts.append(kept)
+    return texts, search
+
+
 def speculations(text: str, threshold: float, vocabs: str = "0") -> tuple:
     """bench's --speculate and --draft-vocab: one speculation setting per comma-separated K (or auto) and draft
     vocabulary size."""

@@ -11,7 +11,7 @@ from skipbench.cli import display
 from skipbench.store.paths import default_out
 from skipbench.cli.options import (
     POLICIES, DeviceOpt, DraftThreshold, DtypeOpt, KvMode, KvOpt, Model, OracleMetric, PolicyOptions, Device, Dtype,
-    drafts, for_policies, int_list, plain, specs, speculation, speculations,
+    drafts, for_policies, int_list, plain, specs, speculation, speculations, split_auto,
 )
 
 
@@ -113,11 +113,11 @@ def track(
     """
     from skipbench.experiments.track import TrackConfig, run
 
-    given = [d for d in draft or [] if d.strip() and d.strip() != "auto"]
+    given, search = split_auto(draft)
     specs_, _ = drafts(given, seed, policy_option) if given else ((), False)
     for_policies(policy_option, [], given, seed)
     cfg = TrackConfig(model=model, dataset=dataset, per_category=per_category, drafts=tuple(specs_) if draft else None,
-                      draft_search=not draft or "auto" in [d.strip() for d in draft],
+                      draft_search=not draft or search,
                       speculation=speculation(speculate, draft_threshold), max_new_tokens=max_new_tokens,
                       max_prompt_tokens=max_prompt_tokens, warmup=warmup, device=device, dtype=dtype, seed=seed,
                       out=out or default_out("track", model, dataset))
