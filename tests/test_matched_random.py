@@ -4,6 +4,8 @@ realized; the report compares them per item."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,6 +68,9 @@ def test_evaluate_puts_a_matched_control_beside_each_learned_point(tiny_dirs, tm
     assert counts == {cost} if whole else counts == {cost, cost - 1}  # C, or C and C - 1 (the fraction: unit test)
     assert abs(drawn.map(sum).sum() / drawn.map(len).sum() - realized) < 0.5  # the same compute, up to the draws
     assert df.loc[df["policy_spec"] == "uniform:3", "matched_to"].isna().all()  # only learned points get one
+    # the progress total grew by the control's items: the last count is the whole (full, two points, the control)
+    counts = re.findall(r"^evaluate: (\d+)/(\d+) ", res.stderr, re.M)
+    assert counts and counts[-1] == (str(4 * 6), str(4 * 6))
     report = tmp_path / "REPORT.md"
     res = runner.invoke(app, ["report", "--results", str(tmp_path), "--out", str(report)])
     assert res.exit_code == 0, res.output

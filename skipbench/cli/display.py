@@ -92,6 +92,13 @@ class Bar:
         self.done, self.total, self.began, self.logged = 0, None, 0.0, 0.0
 
     def start(self, total: int | None) -> None:
+        """The work's size; called again once started, the new total (work found on the way, such as the matched
+        controls evaluate decides after the learned points) with the count and clock kept."""
+        if self.began:
+            self.total = total
+            if self.progress is not None:
+                self.progress.update(self.task, total=total)
+            return
         self.total, self.began = total, time.perf_counter()
         if piped():
             return

@@ -298,8 +298,9 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
     todo = [p for p in pts if not (cfg.resume and reusable(part_path(cfg, p)))]  # a damaged part: a note, then again
     mine_todo = [p for p in todo if not (d.enabled and cfg.resume and reusable(d.part(part_path(cfg, p)), "cached share"))]
     reused_shares = int(d.sum([len(todo) - len(mine_todo)])[0])
+    total = len(mine_todo) * len(mine)
     if start:
-        start(len(mine_todo) * len(mine))
+        start(total)
     def run_part(p) -> None:
         df = run_point(lm, [items[i] for i in mine], [encoded[i] for i in mine], cfg, p, built[p], batch_size, progress)
         write_atomic(df if d.enabled else finish_part(df, p, lm.num_layers), d.part(part_path(cfg, p)), {})
@@ -325,6 +326,9 @@ def run(cfg: EvalConfig, progress: Callable | None = None, on_part: Callable | N
             built[q] = build_checked(q, lm, cfg.model, cfg.data, cfg.kv_mode)
             pts.append(q)
             if not (cfg.resume and reusable(part_path(cfg, q))):
+                total += len(mine)  # the control's items join the progress total
+                if start:
+                    start(total)
                 run_part(q)
                 controls_run += 1
 
