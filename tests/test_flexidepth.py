@@ -283,6 +283,15 @@ def test_a_run_that_uses_its_steps_keeps_its_lowest_router_and_continues_from_it
     assert [r["val_loss"] for r in logs[0]] == [r["val_loss"] for r in logs[1]]
 
 
+def test_a_patience_the_run_cannot_reach_is_said(tiny_dirs, tmp_path, capsys):
+    from skipbench.experiments.flexidepth import run_train
+
+    run_train(_early_stopping(tiny_dirs, tmp_path / "short", steps=3, patience=3))  # 3 evaluations: never 3 after one
+    assert "--patience 3: 3 steps make 3 held-out evaluation(s), so this run cannot stop early" in capsys.readouterr().err
+    run_train(_early_stopping(tiny_dirs, tmp_path / "long", steps=4, patience=3))
+    assert "cannot stop early" not in capsys.readouterr().err
+
+
 def test_a_run_without_early_stopping_is_not_resumed_with_it(tiny_dirs, tmp_path):
     from dataclasses import replace
 

@@ -264,6 +264,10 @@ def train(lm: LoadedModel, method: Method, cfg: TrainConfig, progress: Callable 
         raise SkipbenchError(f"--eval-every and --patience must be >= 0, got {cfg.eval_every} and {cfg.patience}")
     if cfg.patience and (not cfg.eval_every or cfg.val_data is None):
         raise SkipbenchError("--patience stops on the held-out loss: give --eval-every N too")
+    evaluations = -(-cfg.steps // cfg.eval_every) if cfg.eval_every else 0  # every N steps and at the last
+    if cfg.patience and evaluations <= cfg.patience:  # allowed: a resume with more --steps may still stop
+        note(f"--patience {cfg.patience}: {cfg.steps} steps make {evaluations} held-out evaluation(s), so this run "
+             "cannot stop early; it keeps the router of its lowest held-out loss")
     if cfg.patience and cfg.train_backbone:  # the kept router would sit on the last step's backbone
         raise SkipbenchError("--patience keeps the router of the lowest held-out loss, not the backbone trained with "
                              "it: train without --train-backbone, or without --patience")
