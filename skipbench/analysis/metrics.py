@@ -46,3 +46,12 @@ def exact_match(subtask: str, output: str, answer: str | None) -> float:
     if subtask == "repeat":
         return float(integers(output) == [int(x) for x in answer.split(",")])
     return float(answer.lower() in output.lower())
+
+
+def pooled_per_token(rows, attention: bool = False) -> float:
+    """Layers (or, with `attention`, attention sub-layers) per generated token, pooled over the rows' tokens: the
+    compute a matched random control is matched to (evaluate --matched-random) and the report states."""
+    tokens = rows["layers_per_token"].map(len)
+    if attention:
+        return float((rows["attention_mean"].fillna(0) * tokens).sum() / max(tokens.sum(), 1))
+    return float(rows["layers_per_token"].map(sum).sum() / max(tokens.sum(), 1))

@@ -376,10 +376,9 @@ MATCHED_UNIT = {"mindskip": "attention sub-layers"}  # what is matched, where no
 def realized_compute(part: pd.DataFrame, p) -> float:
     """The compute a point spent, pooled over every item's generated tokens: layers per token, or attention
     sub-layers per token for an attention-only router (MATCHED_UNIT)."""
-    if p.name in MATCHED_UNIT:
-        tokens = part["layers_per_token"].map(len)
-        return float((part["attention_mean"].fillna(0) * tokens).sum() / tokens.sum())
-    return float(part["layers_per_token"].map(sum).sum() / part["layers_per_token"].map(len).sum())
+    from skipbench.analysis.metrics import pooled_per_token
+
+    return pooled_per_token(part, attention=p.name in MATCHED_UNIT)
 
 
 def matches(p) -> bool:

@@ -18,6 +18,7 @@ from skipbench.analysis import verdicts
 from skipbench.analysis.spread import first_sample, retain_rankings
 from skipbench.errors import SkipbenchError
 from skipbench.analysis.lmeval_tables import CONTROL
+from skipbench.analysis.metrics import pooled_per_token
 from skipbench.store.results import COMPANIONS, check_writable, companion
 from skipbench.analysis.stats import Verdict
 
@@ -122,15 +123,6 @@ def section_evaluate(folder: Path) -> tuple[list[str], list]:
     return lines, []
 
 
-def _pooled_layers(rows: pd.DataFrame, attention: bool = False) -> float:
-    """Layers (or attention sub-layers) per generated token, pooled over the rows' tokens (the compute a matched
-    control is matched to)."""
-    tokens = rows["layers_per_token"].map(len)
-    if attention:
-        return float((rows["attention_mean"].fillna(0) * tokens).sum() / max(tokens.sum(), 1))
-    return float(rows["layers_per_token"].map(sum).sum() / max(tokens.sum(), 1))
-
-
 def _matched_lines(df: pd.DataFrame) -> list[str]:
     """Each learned point beside its random control of the same realized layers per token (evaluate
     --matched-random): the paired difference of full_rougeL over the items both ran, with a 95% t-interval."""
@@ -156,8 +148,8 @@ def _matched_lines(df: pd.DataFrame) -> list[str]:
                 "not distinguishable from the control")
         attention = str(control).startswith("random-attention")  # MindSkip's: attention sub-layers matched
         unit = "attention sub-layers" if attention else "layers"
-        lines.append(f"* {dataset}/{split}: {learned} ({_pooled_layers(mine, attention):.2f} {unit} per token) against "
-                     f"{control} ({_pooled_layers(g, attention):.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
+        lines.append(f"* {dataset}/{split}: {learned} ({pooled_per_token(mine, attention):.2f} {unit} per token) against "
+                     f"{control} ({pooled_per_token(g, attention):.2f}): {diff:+.3f} [{lo:+.3f}, {hi:+.3f}] over "
                      f"{len(both)} items, {said}")
     return lines + [""]
 
