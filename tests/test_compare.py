@@ -275,6 +275,13 @@ def test_compare_mindskip_and_layerskip_on_a_tiny_model(tiny_dirs, tmp_path):
     page = write_report(str(tmp_path), str(tmp_path / "REPORT.md")).read_text()
     pair = pairs[(pairs["method_a"] == f"mindskip:{mind}") & (pairs["method_b"] == control)].iloc[0]
     assert "Against chance" in page and f"* mindskip:{mind} at K=2: {pair['diff_pct']:+.1f} [{pair['diff_lo']:+.1f}, " in page
+    # --no-resume computes every part again, the controls' too (they run in a second pass that reuses the others)
+    parts = {f: f.stat().st_mtime_ns for f in (tmp_path / ".skipbench-parts").glob("lmeval-*random-attention*.parquet")}
+    res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},layerskip:{model},early-exit",
+                              "--skip", "2", "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template",
+                              "--no-resume", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert parts and all(f.stat().st_mtime_ns != t for f, t in parts.items())
     res = runner.invoke(app, ["compare", "--model", model, "--policy", f"mindskip:{mind},early-exit", "--skip", "2",
                               "--tasks", "skipbench_choice", "--limit", "8", "--no-chat-template", "--no-matched-random",
                               "--out", str(tmp_path / "n.parquet")])

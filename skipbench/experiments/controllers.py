@@ -80,6 +80,9 @@ def run_sweep(cfg: SweepConfig, progress: Callable | None = None, start: Callabl
         raise SkipbenchError(f"sweep needs inputs from {', '.join(INPUTS)}, at least one alpha and --num-seeds >= 1")
     if cfg.metric not in METRICS:
         raise SkipbenchError(f"--metric must be one of {', '.join(METRICS)}, got '{cfg.metric}'")
+    for flag, limit in (("--train-limit", cfg.train.data.limit), ("--eval-limit", cfg.eval_data.limit)):
+        if limit is not None and limit < 1:  # before the model loads and the runs' folder is made
+            raise SkipbenchError(f"{flag} must be >= 0 (0: the whole split), got {limit}")
     lm = load_model(cfg.train.model, cfg.train.device, cfg.train.dtype)
     grid = [(i, a, s) for i in cfg.inputs for a in cfg.alphas for s in range(cfg.num_seeds)]
     Path(cfg.out).with_name(Path(cfg.out).stem + ".runs").mkdir(parents=True, exist_ok=True)
